@@ -1,0 +1,39 @@
+// The op schemas of the `minilm` namespace, and the Python module that carries them.
+//
+// Each kernel file adds its implementation with TORCH_LIBRARY_IMPL(minilm, CPU|CUDA, m);
+// minilm/ops/*.py registers the fake (meta) functions and the autograd formulas.
+// A schema `float` is a C++ double; `int` an int64_t.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(minilm, m) {
+  // out [B,H,T,D] (input dtype), lse [B,H,T] (fp32; fp64 for fp64 inputs): row log-sum-exp of scale·QKᵀ.
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  // -> dq, dk, dv
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // ELMo's character CNN, fused: embedding lookup -> every width's 1-D convolution -> max over time
+  // -> + bias -> activation ("relu" | "tanh"). char_ids [N, L] int64; embedding [V, E];
+  // weights[i] [F_i, E, W_i]; biases[i] [F_i].
+  // out [N, sum F_i] (embedding's dtype); argmax [N, sum F_i] int32, the time step of each max.
+  m.def("char_cnn(Tensor char_ids, Tensor embedding, Tensor[] weights, Tensor[] biases, str activation) "
+        "-> (Tensor out, Tensor argmax)");
+  // -> grad_embedding [V, E], grad_weights (one per width), grad_bias [sum F_i] (split per width in Python)
+  m.def("char_cnn_backward(Tensor grad_out, Tensor char_ids, Tensor embedding, Tensor[] weights, Tensor out, "
+        "Tensor argmax, str activation) -> (Tensor, Tensor[], Tensor)");
+}
+
+// An empty Python module: importing it loads this library, and loading it runs the registrations.
+// TORCH_EXTENSION_NAME is `_C` when setup.py builds it and `minilm_C` when the JIT does.
+#define MINILM_CONCAT2(a, b) a##b
+#define MINILM_CONCAT(a, b) MINILM_CONCAT2(a, b)
+#define MINILM_STR2(a) #a
+#define MINILM_STR(a) MINILM_STR2(a)
+
+extern "C" PyMODINIT_FUNC MINILM_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, MINILM_STR(TORCH_EXTENSION_NAME),
+                                      "minilm's compiled ops (registered under torch.ops.minilm)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,112 @@
+"""How the extension ``minilm._C`` is built — shared by ``setup.py`` and the JIT fallback.
+
+Two ways to get the compiled ops:
+
+* ``pip install --no-build-isolation -e .`` runs ``setup.py``, which compiles ``csrc/`` into
+  ``minilm/_C*.so`` (CUDA sources too when a CUDA-enabled torch and nvcc are present, or
+  ``FORCE_CUDA=1``).
+* In a plain checkout with no ``minilm/_C``, ``import minilm`` compiles the same sources with
+  ``torch.utils.cpp_extension.load`` into a cache directory (``$MINILM_CACHE`` or
+  ``~/.cache/minilm``). torch re-hashes the sources on every load, so editing ``csrc/`` triggers a
+  rebuild on the next import.
+
+This file imports nothing from ``minilm`` so that ``setup.py`` can load it on its own.
+"""
+import glob
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def cpu_sources():
+    return sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+
+
+def cuda_sources():
+    return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+
+
+def cxx_flags(with_cuda=False):
+    # -march=native: the extension is compiled on the machine that runs it (pip install -e . or
+    # the JIT), so the compiler may use every vector unit it has (AVX2/AVX-512 on x86).
+    # MINILM_ARCH_FLAGS overrides it, e.g. for a wheel that must run on older CPUs.
+    arch = os.environ.get("MINILM_ARCH_FLAGS", "-march=native").split()
+    flags = ["-O3", "-std=c++17", "-fopenmp", *arch]
+    if with_cuda:
+        flags.append("-DMINILM_WITH_CUDA")
+    return flags
+
+
+def nvcc_flags():
+    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+            "-DMINILM_WITH_CUDA"]
+
+
+def want_cuda():
+    """CUDA sources are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1."""
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def cache_dir():
+    import torch
+    base = os.environ.get("MINILM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minilm")
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(base, "ext", tag)
+
+
+def _missing_tools():
+    from torch.utils.cpp_extension import is_ninja_available
+    missing = []
+    if not is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ('{cxx}' is not on PATH; install g++ or clang, or set CXX)")
+    return missing
+
+
+def _clear_stale_lock(build_dir, max_age_s=900):
+    # torch's JIT guards a build with a 'lock' file; a build that was killed leaves it behind and the
+    # next load waits for it forever. A lock older than any real build is stale.
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > max_age_s:
+        print(f"minilm: removing a stale build lock left by an interrupted build: {lock}", file=sys.stderr)
+        os.remove(lock)
+
+
+def load_jit(verbose=False):
+    """Compile csrc/ with torch.utils.cpp_extension.load and return the module."""
+    missing = _missing_tools()
+    if missing:
+        raise RuntimeError("minilm: the compiled extension is not installed and cannot be JIT-built: missing "
+                           + " and ".join(missing) + ". Or install it with: pip install --no-build-isolation -e .")
+    from torch.utils.cpp_extension import load
+    with_cuda = want_cuda()
+    sources = cpu_sources() + (cuda_sources() if with_cuda else [])
+    build_dir = cache_dir() + ("-cuda" if with_cuda else "")
+    os.makedirs(build_dir, exist_ok=True)
+    _clear_stale_lock(build_dir)
+    print(f"minilm: no prebuilt extension found; JIT-compiling csrc/ into {build_dir} "
+          "(once; again only after csrc/ changes)", file=sys.stderr)
+    return load(name="minilm_C", sources=sources, build_directory=build_dir,
+                extra_cflags=cxx_flags(with_cuda), extra_cuda_cflags=nvcc_flags(),
+                extra_ldflags=["-fopenmp"], with_cuda=with_cuda, verbose=verbose)
+
+
+def load_extension():
+    """Import the prebuilt ``minilm._C``; fall back to the JIT build. MINILM_FORCE_JIT=1 skips the first."""
+    if os.environ.get("MINILM_FORCE_JIT", "0") != "1":
+        try:
+            from minilm import _C  # noqa: F401  (registers the ops as a side effect)
+            return _C
+        except ImportError:
+            pass
+    return load_jit()

@@ -1,0 +1,121 @@
+"""Timing and memory helpers shared by the benchmarks."""
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device="cpu", warmup=2, iters=10, min_time_s=0.0):
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - t_start < min_time_s:
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def _read_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def peak_mib(fn, device="cpu"):
+    """Peak memory that one call of fn() adds on top of what was already held, in MiB.
+
+    On a GPU: torch.cuda.max_memory_allocated. On a Linux CPU: the resident-set high-water mark
+    (VmHWM), reset by writing 5 to /proc/self/clear_refs, minus the resident set before the call.
+    Returns None where neither is available.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        base = _read_status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        return max(0, _read_status_kib("VmHWM") - base) / 1024
+    except OSError:
+        return None
+
+
+def device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    name = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+class Reporter:
+    """Prints rows as an aligned table, or as JSON lines with --json."""
+
+    def __init__(self, as_json=False):
+        self.as_json = as_json
+        self.header_done = False
+
+    def row(self, record):
+        if self.as_json:
+            print(json.dumps(record), flush=True)
+            return
+        cols = [("op", 10), ("dtype", 9), ("shape", 20), ("pass", 7), ("impl", 22), ("ms", 10),
+                ("gflops", 9), ("peak_mib", 9)]
+        if not self.header_done:
+            print(" ".join(f"{name:>{w}}" for name, w in cols), flush=True)
+            self.header_done = True
+        cells = []
+        for name, w in cols:
+            val = record.get(name)
+            if isinstance(val, float):
+                val = f"{val:.1f}" if val >= 10 else f"{val:.3g}"
+            elif isinstance(val, (list, tuple)):
+                val = ",".join(map(str, val))
+            cells.append(f"{'-' if val is None else val!s:>{w}}")
+        print(" ".join(cells), flush=True)
+
+    def note(self, text):
+        if not self.as_json:
+            print(text, flush=True)
+
+
+def threads_note():
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
