@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
