@@ -299,6 +299,10 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     """
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise DataError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    if os.path.isdir(data):
+        src, out = os.path.realpath(data), os.path.realpath(data_dir)
+        if os.path.commonpath([src, out]) == src:
+            raise DataError(f"data_dir {data_dir} is inside the corpus directory {data}: its files would be read as text")
     t0 = time.perf_counter()
     docs = load_documents(data, cache_dir)
     fingerprint = _fingerprint(docs)

@@ -183,6 +183,12 @@ def test_prepare_writes_reuses_and_redoes(tmp_path):
     assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
 
 
+def test_prepare_refuses_an_output_inside_the_corpus(tmp_path):
+    _write(tmp_path / "t.txt", PLAY)
+    with pytest.raises(DataError, match="inside the corpus directory"):
+        D.prepare_gpt1(str(tmp_path), str(tmp_path / "prepared"), vocab_size=100)
+
+
 def test_prepare_with_a_vocab_larger_than_the_text_allows(tmp_path):
     src = _write(tmp_path / "t.txt", "to be or not\nto be")
     meta = D.prepare_gpt1(str(src), str(tmp_path / "out"), vocab_size=5000)
