@@ -29,6 +29,7 @@
 // CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
 // the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
 // memory, deterministic, slow: they exist for fp32/fp64 (gradcheck) and head dims the mma path lacks.
+#include "common.cuh"
 #include "kernels.h"
 
 #include <cuda_bf16.h>
@@ -45,26 +46,6 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
-
-// Conversions spelled out: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ double to_f(double x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T>
-struct FromF {
-  template <typename A>
-  static __device__ __forceinline__ T cvt(A x) { return static_cast<T>(x); }
-};
-template <>
-struct FromF<__nv_bfloat16> {
-  static __device__ __forceinline__ __nv_bfloat16 cvt(float x) { return __float2bfloat16(x); }
-};
-template <>
-struct FromF<__half> {
-  static __device__ __forceinline__ __half cvt(float x) { return __float2half(x); }
-};
 
 // ------------------------------------------------------------------------------------------ PTX helpers
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
