@@ -24,7 +24,7 @@ trap 'rm -rf "$probe_dir"' EXIT
 echo '__global__ void k() {}' > "$probe_dir/p.cu"
 top=$(nvcc --dryrun -c "$probe_dir/p.cu" -o "$probe_dir/p.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
 [ -n "$top" ] || die "could not find the CUDA toolkit from 'nvcc --dryrun'"
-export CUDA_HOME=${CUDA_HOME:-$(cd "$top/.." && pwd -P)}
+export CUDA_HOME=${CUDA_HOME:-$(cd "$top" && pwd -P)}  # TOP is <toolkit>/bin/..
 nvcc_ver=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9]*\).*/\1/p')
 echo "check_cuda_build: CUDA_HOME=$CUDA_HOME (nvcc $nvcc_ver)"
 
