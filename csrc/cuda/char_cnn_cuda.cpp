@@ -72,6 +72,9 @@ std::vector<minilm_cuda::CharCnnWidth> check_inputs(const at::Tensor& ids, const
     TORCH_CHECK(L >= w.size(2), "char_cnn: the words are ", L, " characters long, shorter than the width ",
                 w.size(2), " of weights[", i, "]");
     TORCH_CHECK(w.size(0) * E * w.size(2) <= kIntMax, "char_cnn: weights[", i, "] is too large");
+    // the backward gives each thread of a CTA at most 8 of a filter's E·W + 1 parameters (256 threads)
+    TORCH_CHECK(E * w.size(2) + 1 <= 2048, "char_cnn (CUDA): E·W + 1 must be at most 2048, got E=", E, ", W=",
+                w.size(2), " for weights[", i, "]");
     widths.push_back({nullptr, nullptr, static_cast<int>(w.size(0)), static_cast<int>(w.size(2)),
                       static_cast<int>(total)});
     total += w.size(0);
