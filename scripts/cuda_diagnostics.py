@@ -16,7 +16,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]  # the checkout's minilm, and the test helpers
 import test_cuda as tc  # noqa: E402  (the test helpers; importing it loads minilm)
 
 from minilm.ops import causal_attention  # noqa: E402
