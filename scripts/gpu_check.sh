@@ -32,7 +32,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; p
 export MAX_JOBS=${MAX_JOBS:-16}
 build_log=${OUT:-/tmp}/gpu_check_build.log
 build() {
-  if pip install --no-build-isolation --no-deps -e . > "$build_log" 2>&1; then return 0; fi
+  if python -m pip install --no-build-isolation --no-deps -e . > "$build_log" 2>&1; then return 0; fi
   echo "pip install -e . failed; its last lines:"; tail -40 "$build_log"
   echo "trying: python setup.py build_ext --inplace"
   python setup.py build_ext --inplace > "$build_log" 2>&1 || { grep -E "error" "$build_log" | head -40; tail -20 "$build_log"; return 1; }

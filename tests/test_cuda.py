@@ -74,7 +74,9 @@ def _check_attention(B, H, T, D, dtype):
         scale_t = truth[name].abs().max().item()
         if dtype in _UNIT:
             ref_err = (base[name].double() - truth[name]).abs().max().item()
-            bound = 2 * ref_err + _UNIT[dtype] * scale_t
+            # The floor covers gradients that are exactly zero in exact arithmetic (T = 1: dq = dk = 0),
+            # where our kernel and SDPA each leave different rounding residue of ~1e-7.
+            bound = 2 * ref_err + _UNIT[dtype] * scale_t + 1e-3 * _UNIT[dtype]
             report.append(f"{name}: err {err:.3g} sdpa {ref_err:.3g} bound {bound:.3g}")
         else:
             bound = _ABS[dtype] * max(1.0, scale_t)
