@@ -31,6 +31,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from minilm.bpe import BPETokenizer
+from minilm.data import DataError, load_tokens, prepare_gpt1
+from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset
+
 # -----------------------------------------------------------------------------------------------------
 # Defaults. "auto" and None mean: chosen below from the device and the preset.
 DEFAULTS = dict(
@@ -149,8 +153,6 @@ def main(argv):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         cfg = {**ckpt["options"], **given, "resume": True, "device": cfg["device"]}
 
-    from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset
-
     preset = cfg["preset"] if cfg["preset"] != "auto" else ("gpt1" if device_type == "cuda" else "cpu-small")
     if preset not in PRESETS:
         raise UserError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
@@ -180,17 +182,20 @@ def main(argv):
     micro = B // n_slices
 
     # --- data: tokenized once into out_dir/data, reused after -----------------------------------------
-    from minilm.data import DataError, load_tokens, prepare_gpt1
-
     data_dir = os.path.join(out_dir, "data")
+    error = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         try:
+            os.makedirs(out_dir, exist_ok=True)
             meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"])
-        except DataError as e:
-            raise UserError(str(e)) from None
-    if ddp:
-        torch.distributed.barrier()  # rank 0 wrote the files; the others now find them ready
+        except (DataError, OSError) as e:
+            error = str(e)
+    if ddp:  # rank 0 wrote the files (or failed): tell the others, rather than leave them waiting
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
     if not master:
         meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"])
     meta = {k: v for k, v in meta.items() if k != "reused"}
@@ -319,8 +324,8 @@ def main(argv):
                 tps = tokens_interval / train_time if train_time > 0 else None
                 record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                           "tokens_per_s": tps}
-                if device_type == "cuda":
-                    record["mfu"] = flops_per_token * tps / peak_flops if tps else None
+                if device_type == "cuda":  # per GPU
+                    record["mfu"] = flops_per_token * tps / (peak_flops * world) if tps else None
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
@@ -362,7 +367,7 @@ def main(argv):
             tps = B * T / dt
             line = f"iter {iter_num}: loss {float(step_loss):.4f}, lr {lr:.2e}, {dt * 1e3:.0f} ms, {tps:,.0f} tok/s"
             if device_type == "cuda":
-                line += f", mfu {100 * flops_per_token * tps / peak_flops:.1f}%"
+                line += f", mfu {100 * flops_per_token * tps / (peak_flops * world):.1f}%"
             print(line, flush=True)
 
     if ddp:
@@ -442,9 +447,6 @@ def plot_losses(log_path, png_path):
 
 
 def sample_from_checkpoint(cfg, ckpt_path, device, model=None, data_dir=None):
-    from minilm.bpe import BPETokenizer
-    from minilm.gpt1 import GPT1, GPT1Config
-
     if model is None:
         if not os.path.exists(ckpt_path):
             raise UserError(f"--sample True: no checkpoint at {ckpt_path}")
@@ -463,7 +465,6 @@ def sample_from_checkpoint(cfg, ckpt_path, device, model=None, data_dir=None):
         if not prompt:
             raise UserError(f"--start {cfg['start']!r} encodes to no tokens")
     else:  # no prompt given: condition on the first few tokens of the validation text
-        from minilm.data import load_tokens
         prompt = [int(t) for t in load_tokens(data_dir, "val")[:8]]
     prompt = prompt[-model.config.n_ctx:]
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
@@ -480,11 +481,7 @@ def sample_from_checkpoint(cfg, ckpt_path, device, model=None, data_dir=None):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except UserError as e:
-        print(f"train_gpt1.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:  # the data module's errors are user errors too
-        if type(e).__name__ == "DataError":
+    except (UserError, DataError) as e:  # DataError: a bad path, non-UTF-8 or empty text, ...
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
             print(f"train_gpt1.py: error: {e}", file=sys.stderr)
-            sys.exit(1)
-        raise
+        sys.exit(1)
