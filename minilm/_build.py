@@ -34,15 +34,19 @@ def cxx_flags(with_cuda=False):
     # -march=native: the extension is compiled on the machine that runs it (pip install -e . or
     # the JIT), so the compiler may use every vector unit it has (AVX2/AVX-512 on x86).
     # MINILM_ARCH_FLAGS overrides it, e.g. for a wheel that must run on older CPUs.
+    # -fno-math-errno -fno-trapping-math: as PyTorch's own build; without them GCC will not vectorise
+    # loops that call floor() or convert float to int (the kernels' exp). They do not reorder
+    # arithmetic (unlike -ffast-math), so results stay IEEE-exact.
+    # No -std=: torch's cpp_extension adds the standard its headers need (C++17 or C++20 by version).
     arch = os.environ.get("MINILM_ARCH_FLAGS", "-march=native").split()
-    flags = ["-O3", "-std=c++17", "-fopenmp", *arch]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *arch]
     if with_cuda:
         flags.append("-DMINILM_WITH_CUDA")
     return flags
 
 
 def nvcc_flags():
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    return ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DMINILM_WITH_CUDA"]
 
 
