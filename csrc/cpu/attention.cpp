@@ -116,7 +116,7 @@ template <typename T>
 T row_max(const T* s, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) m = std::max(m, s[c]);
+  for (int64_t c = 0; c < n; ++c) m = m > s[c] ? m : s[c];  // GCC vectorises this form, not std::max
   return m;
 }
 
