@@ -45,7 +45,6 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 // The Fortran BLAS entry points that libtorch_cpu exports (MKL, or OpenBLAS on other builds).
 // at::native::cpublas::gemm would be the natural call, but its float/double overloads are not
@@ -170,6 +169,23 @@ const acc_t* load_tile(const scalar_t* src, int64_t ld, int64_t n, int64_t D, ac
   }
 }
 
+// Per-thread fp32 scratch: one tensor of [threads, n], allocated by the calling thread (so that
+// torch's allocator and memory profilers see it) and sliced by thread id inside at::parallel_for.
+// Each call allocates its own, so concurrent calls never share one.
+template <typename acc_t>
+struct ThreadScratch {
+  at::Tensor buf;
+  int64_t n;
+  explicit ThreadScratch(int64_t n_)
+      : buf(at::empty({at::get_num_threads(), n_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))),
+        n(n_) {}
+  acc_t* get() {
+    const int64_t t = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(t < buf.size(0), "causal_attention: thread id ", t, " out of range");
+    return buf.data_ptr<acc_t>() + t * n;
+  }
+};
+
 // Block sizes. Query blocks grow with T so that each K/V tile is reused by more rows (fewer passes
 // over K and V) while short sequences still split into enough work items for every thread; 512
 // keys per tile keep the S tile (Bq×512 floats, ≤ 512 KiB) within a core's L2. As in PyTorch's
@@ -189,10 +205,17 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
                     int64_t H, int64_t T, int64_t D, acc_t scale) {
   const int64_t Bq = q_block_fwd(T), Bk = kKvBlock;
   const int64_t nq = (T + Bq - 1) / Bq;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  // per thread: S/P tile, acc, m, l, and for bf16/fp16 the fp32 copies of the Q, K, V tiles
+  ThreadScratch<acc_t> scratch(Bq * Bk + Bq * D + 2 * Bq + (convert ? (Bq + 2 * Bk) * D : 0));
   at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
-    constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> S(Bq * Bk), acc(Bq * D), m(Bq), l(Bq);
-    std::vector<acc_t> qbuf(convert ? Bq * D : 0), kbuf(convert ? Bk * D : 0), vbuf(convert ? Bk * D : 0);
+    acc_t* const S = scratch.get();                                    // (Bq, Bk)
+    acc_t* const acc = S + Bq * Bk;                                    // (Bq, D)
+    acc_t* const m = acc + Bq * D;                                     // (Bq,)
+    acc_t* const l = m + Bq;                                           // (Bq,)
+    acc_t* const qbuf = l + Bq;                                        // (Bq, D) if convert
+    acc_t* const kbuf = qbuf + Bq * D;                                 // (Bk, D) if convert
+    acc_t* const vbuf = kbuf + Bk * D;                                 // (Bk, D) if convert
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nq, b = bh / H, h = bh % H;
       // at::parallel_for hands each thread one contiguous range of items, and a late query block
@@ -201,20 +224,20 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
       const int64_t r = item % nq, blk = (r % 2 == 0) ? r / 2 : nq - 1 - r / 2;
       const int64_t i0 = blk * Bq, qb = std::min(Bq, T - i0);
       int64_t ldq, ldk, ldv;
-      const acc_t* Q = load_tile(q.head(b, h) + i0 * q.st, q.st, qb, D, qbuf.data(), &ldq);  // (qb, D)
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(l.begin(), l.end(), acc_t(0));
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const acc_t* Q = load_tile(q.head(b, h) + i0 * q.st, q.st, qb, D, qbuf, &ldq);  // (qb, D)
+      std::fill(m, m + qb, -std::numeric_limits<acc_t>::infinity());
+      std::fill(l, l + qb, acc_t(0));
+      std::fill(acc, acc + qb * D, acc_t(0));
 
       const int64_t kv_end = i0 + qb;  // keys after the block's last query are masked for all its rows
       for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
         const int64_t kb = std::min(Bk, kv_end - j0);
-        const acc_t* K = load_tile(k.head(b, h) + j0 * k.st, k.st, kb, D, kbuf.data(), &ldk);  // (kb, D)
-        const acc_t* V = load_tile(v.head(b, h) + j0 * v.st, v.st, kb, D, vbuf.data(), &ldv);  // (kb, D)
-        gemm<acc_t>(false, true, qb, kb, D, scale, Q, ldq, K, ldk, acc_t(0), S.data(), kb);  // S = scale·Q Kᵀ (qb, kb)
+        const acc_t* K = load_tile(k.head(b, h) + j0 * k.st, k.st, kb, D, kbuf, &ldk);  // (kb, D)
+        const acc_t* V = load_tile(v.head(b, h) + j0 * v.st, v.st, kb, D, vbuf, &ldv);  // (kb, D)
+        gemm<acc_t>(false, true, qb, kb, D, scale, Q, ldq, K, ldk, acc_t(0), S, kb);  // S = scale·Q Kᵀ (qb, kb)
         const bool diagonal = j0 + kb - 1 > i0;  // does any key of this tile lie after some query row?
         for (int64_t r = 0; r < qb; ++r) {
-          acc_t* s = S.data() + r * kb;
+          acc_t* s = S + r * kb;
           const int64_t n = diagonal ? visible_keys(i0 + r, j0, kb) : kb;
           const acc_t m_new = std::max(m[r], row_max(s, n));
           if (n == 0 || m_new == -std::numeric_limits<acc_t>::infinity()) {  // nothing visible (yet)
@@ -226,12 +249,12 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
           l[r] = l[r] * corr + row_sum;
           m[r] = m_new;
           if (corr != acc_t(1)) {
-            acc_t* a = acc.data() + r * D;
+            acc_t* a = acc + r * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) a[d] *= corr;
           }
         }
-        gemm<acc_t>(false, false, qb, D, kb, acc_t(1), S.data(), kb, V, ldv, acc_t(1), acc.data(), D);  // acc += P V
+        gemm<acc_t>(false, false, qb, D, kb, acc_t(1), S, kb, V, ldv, acc_t(1), acc, D);  // acc += P V
       }
 
       scalar_t* o = out + (bh * T + i0) * D;  // (qb, D), contiguous
@@ -253,24 +276,40 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
                      const acc_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B, int64_t H, int64_t T,
                      int64_t D, acc_t scale) {
   const int64_t Bq = q_block_bwd(T), Bk = kKvBlock;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  // per thread: P and dS tiles, dQ, D; for bf16/fp16 also fp32 dK, dV accumulators and fp32 copies of
+  // K, V (whole head) and the Q, dO tiles. fp32 accumulates dK, dV straight into the outputs.
+  ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (convert ? 4 * T * D + 2 * Bq * D : 0));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> P(Bq * Bk), dS(Bq * Bk), dQ(Bq * D), Di(Bq);
-    std::vector<acc_t> dK(T * D), dV(T * D);  // this head's gradients, accumulated over query blocks
-    std::vector<acc_t> qbuf(convert ? Bq * D : 0), dobuf(convert ? Bq * D : 0);
-    std::vector<acc_t> khead(convert ? T * D : 0), vhead(convert ? T * D : 0);  // K, V converted once per head
+    acc_t* const P = scratch.get();         // (Bq, Bk)
+    acc_t* const dS = P + Bq * Bk;          // (Bq, Bk), first dP
+    acc_t* const dQ = dS + Bq * Bk;         // (Bq, D)
+    acc_t* const Di = dQ + Bq * D;          // (Bq,)
+    acc_t* const dK_buf = Di + Bq;          // (T, D) if convert
+    acc_t* const dV_buf = dK_buf + T * D;   // (T, D) if convert
+    acc_t* const khead = dV_buf + T * D;    // (T, D) if convert
+    acc_t* const vhead = khead + T * D;     // (T, D) if convert
+    acc_t* const qbuf = vhead + T * D;      // (Bq, D) if convert
+    acc_t* const dobuf = qbuf + Bq * D;     // (Bq, D) if convert
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       int64_t ldk, ldv, ldq, lddo;
-      const acc_t* Kh = load_tile(k.head(b, h), k.st, T, D, khead.data(), &ldk);  // (T, D)
-      const acc_t* Vh = load_tile(v.head(b, h), v.st, T, D, vhead.data(), &ldv);  // (T, D)
-      std::fill(dK.begin(), dK.end(), acc_t(0));
-      std::fill(dV.begin(), dV.end(), acc_t(0));
+      const acc_t* Kh = load_tile(k.head(b, h), k.st, T, D, khead, &ldk);  // (T, D)
+      const acc_t* Vh = load_tile(v.head(b, h), v.st, T, D, vhead, &ldv);  // (T, D)
+      acc_t* dK;  // (T, D), this head's gradients, accumulated over all query blocks
+      acc_t* dV;
+      if constexpr (convert) {
+        dK = dK_buf, dV = dV_buf;
+      } else {
+        dK = dk + bh * T * D, dV = dv + bh * T * D;
+      }
+      std::fill(dK, dK + T * D, acc_t(0));
+      std::fill(dV, dV + T * D, acc_t(0));
 
       for (int64_t i0 = 0; i0 < T; i0 += Bq) {
         const int64_t qb = std::min(Bq, T - i0);
-        const acc_t* Q = load_tile(q.head(b, h) + i0 * q.st, q.st, qb, D, qbuf.data(), &ldq);         // (qb, D)
-        const acc_t* dO = load_tile(dout.head(b, h) + i0 * dout.st, dout.st, qb, D, dobuf.data(), &lddo);  // (qb, D)
+        const acc_t* Q = load_tile(q.head(b, h) + i0 * q.st, q.st, qb, D, qbuf, &ldq);               // (qb, D)
+        const acc_t* dO = load_tile(dout.head(b, h) + i0 * dout.st, dout.st, qb, D, dobuf, &lddo);  // (qb, D)
         const scalar_t* O = out.head(b, h) + i0 * out.st;
         const acc_t* lse_i = lse + bh * T + i0;
         for (int64_t r = 0; r < qb; ++r) {  // Dᵢ = rowsum(dOᵢ ∘ Oᵢ)
@@ -278,39 +317,41 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
           for (int64_t d = 0; d < D; ++d) s += dO[r * lddo + d] * acc_t(O[r * out.st + d]);
           Di[r] = s;
         }
-        std::fill(dQ.begin(), dQ.end(), acc_t(0));
+        std::fill(dQ, dQ + qb * D, acc_t(0));
 
         const int64_t kv_end = i0 + qb;
         for (int64_t j0 = 0; j0 < kv_end; j0 += Bk) {
           const int64_t kb = std::min(Bk, kv_end - j0);
           const acc_t* K = Kh + j0 * ldk;  // (kb, D)
           const acc_t* V = Vh + j0 * ldv;  // (kb, D)
-          gemm<acc_t>(false, true, qb, kb, D, scale, Q, ldq, K, ldk, acc_t(0), P.data(), kb);  // S = scale·Q Kᵀ
+          gemm<acc_t>(false, true, qb, kb, D, scale, Q, ldq, K, ldk, acc_t(0), P, kb);  // S = scale·Q Kᵀ
           const bool diagonal = j0 + kb - 1 > i0;
           for (int64_t r = 0; r < qb; ++r) {  // P = exp(S − lse), 0 where masked
-            acc_t* p = P.data() + r * kb;
+            acc_t* p = P + r * kb;
             exp_rows(p, p, diagonal ? visible_keys(i0 + r, j0, kb) : kb, kb, lse_i[r]);
           }
-          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), P.data(), kb, dO, lddo, acc_t(1), dV.data() + j0 * D, D);  // dV += Pᵀ dO
-          gemm<acc_t>(false, true, qb, kb, D, acc_t(1), dO, lddo, V, ldv, acc_t(0), dS.data(), kb);  // dP = dO Vᵀ
+          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), P, kb, dO, lddo, acc_t(1), dV + j0 * D, D);  // dV += Pᵀ dO
+          gemm<acc_t>(false, true, qb, kb, D, acc_t(1), dO, lddo, V, ldv, acc_t(0), dS, kb);  // dP = dO Vᵀ
           for (int64_t r = 0; r < qb; ++r) {  // dS = P ∘ (dP − D)
-            const acc_t* p = P.data() + r * kb;
-            acc_t* ds = dS.data() + r * kb;
+            const acc_t* p = P + r * kb;
+            acc_t* ds = dS + r * kb;
             const acc_t di = Di[r];
 #pragma omp simd
             for (int64_t c = 0; c < kb; ++c) ds[c] = p[c] * (ds[c] - di);
           }
-          gemm<acc_t>(false, false, qb, D, kb, scale, dS.data(), kb, K, ldk, acc_t(1), dQ.data(), D);  // dQ += scale·dS K
-          gemm<acc_t>(true, false, kb, D, qb, scale, dS.data(), kb, Q, ldq, acc_t(1), dK.data() + j0 * D, D);  // dK += scale·dSᵀ Q
+          gemm<acc_t>(false, false, qb, D, kb, scale, dS, kb, K, ldk, acc_t(1), dQ, D);  // dQ += scale·dS K
+          gemm<acc_t>(true, false, kb, D, qb, scale, dS, kb, Q, ldq, acc_t(1), dK + j0 * D, D);  // dK += scale·dSᵀ Q
         }
         scalar_t* dq_out = dq + (bh * T + i0) * D;
         for (int64_t x = 0; x < qb * D; ++x) dq_out[x] = scalar_t(dQ[x]);
       }
-      scalar_t* dk_out = dk + bh * T * D;
-      scalar_t* dv_out = dv + bh * T * D;
-      for (int64_t x = 0; x < T * D; ++x) {
-        dk_out[x] = scalar_t(dK[x]);
-        dv_out[x] = scalar_t(dV[x]);
+      if constexpr (convert) {
+        scalar_t* dk_out = dk + bh * T * D;
+        scalar_t* dv_out = dv + bh * T * D;
+        for (int64_t x = 0; x < T * D; ++x) {
+          dk_out[x] = scalar_t(dK[x]);
+          dv_out[x] = scalar_t(dV[x]);
+        }
       }
     }
   });
