@@ -86,7 +86,7 @@ def _clear_stale_lock(build_dir, max_age_s=900):
         os.remove(lock)
 
 
-def load_jit(verbose=False):
+def load_jit(verbose=False, reason="no prebuilt extension found"):
     """Compile csrc/ with torch.utils.cpp_extension.load and return the module."""
     missing = _missing_tools()
     if missing:
@@ -98,7 +98,7 @@ def load_jit(verbose=False):
     build_dir = cache_dir() + ("-cuda" if with_cuda else "")
     os.makedirs(build_dir, exist_ok=True)
     _clear_stale_lock(build_dir)
-    print(f"minilm: no prebuilt extension found; JIT-compiling csrc/ into {build_dir} "
+    print(f"minilm: {reason}; JIT-compiling csrc/ into {build_dir} "
           "(once; again only after csrc/ changes)", file=sys.stderr)
     return load(name="minilm_C", sources=sources, build_directory=build_dir,
                 extra_cflags=cxx_flags(with_cuda), extra_cuda_cflags=nvcc_flags(),
@@ -107,10 +107,15 @@ def load_jit(verbose=False):
 
 def load_extension():
     """Import the prebuilt ``minilm._C``; fall back to the JIT build. MINILM_FORCE_JIT=1 skips the first."""
-    if os.environ.get("MINILM_FORCE_JIT", "0") != "1":
-        try:
-            from minilm import _C  # noqa: F401  (registers the ops as a side effect)
-            return _C
-        except ImportError:
-            pass
-    return load_jit()
+    if os.environ.get("MINILM_FORCE_JIT", "0") == "1":
+        return load_jit(reason="MINILM_FORCE_JIT=1")
+    try:
+        from minilm import _C  # noqa: F401  (registers the ops as a side effect)
+        return _C
+    except ImportError as e:
+        # A minilm/_C*.so that exists but does not load was built against another torch or Python:
+        # say so, rather than let the user think it was never built.
+        prebuilt = glob.glob(os.path.join(ROOT, "minilm", "_C*.so")) + glob.glob(os.path.join(ROOT, "minilm", "_C*.pyd"))
+        reason = (f"the prebuilt extension {os.path.basename(prebuilt[0])} does not load ({e}); rebuild it with "
+                  "pip install --no-build-isolation -e .") if prebuilt else "no prebuilt extension found"
+    return load_jit(reason=reason)

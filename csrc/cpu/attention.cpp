@@ -194,6 +194,10 @@ int64_t q_block_fwd(int64_t T) { return T >= 768 ? 256 : (T >= 192 ? 64 : 32); }
 int64_t q_block_bwd(int64_t T) { return T >= 768 ? 128 : (T >= 192 ? 64 : 32); }
 constexpr int64_t kKvBlock = 512;
 
+// Work items per thread at least: waking the thread pool costs microseconds (far more on a loaded
+// machine), so a tiny problem runs on the calling thread. `work` is in multiply-adds, roughly.
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work_per_item)); }
+
 // Number of keys (from the tile's first key j0) that query row i may see: min(kb, i − j0 + 1), ≥ 0.
 inline int64_t visible_keys(int64_t i, int64_t j0, int64_t kb) { return std::clamp<int64_t>(i - j0 + 1, 0, kb); }
 
@@ -208,7 +212,7 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   // per thread: S/P tile, acc, m, l, and for bf16/fp16 the fp32 copies of the Q, K, V tiles
   ThreadScratch<acc_t> scratch(Bq * Bk + Bq * D + 2 * Bq + (convert ? (Bq + 2 * Bk) * D : 0));
-  at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H * nq, grain_for(2 * Bq * T * D), [&](int64_t begin, int64_t end) {
     acc_t* const S = scratch.get();                                    // (Bq, Bk)
     acc_t* const acc = S + Bq * Bk;                                    // (Bq, D)
     acc_t* const m = acc + Bq * D;                                     // (Bq,)
@@ -280,7 +284,7 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
   // per thread: P and dS tiles, dQ, D; for bf16/fp16 also fp32 dK, dV accumulators and fp32 copies of
   // K, V (whole head) and the Q, dO tiles. fp32 accumulates dK, dV straight into the outputs.
   ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (convert ? 4 * T * D + 2 * Bq * D : 0));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain_for(5 * T * T * D / 2), [&](int64_t begin, int64_t end) {
     acc_t* const P = scratch.get();         // (Bq, Bk)
     acc_t* const dS = P + Bq * Bk;          // (Bq, Bk), first dP
     acc_t* const dQ = dS + Bq * Bk;         // (Bq, D)
