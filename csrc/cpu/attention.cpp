@@ -57,6 +57,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's C name for mkl_set_num_threads_local (mkl_service.h maps one to the other with a macro).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace minilm {
@@ -87,6 +89,20 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
     }
   }
 }
+
+// The kernels parallelise over tiles themselves, so each BLAS call must stay on its own thread.
+// MKL would otherwise start its own thread team for a tile product issued outside a parallel
+// region (a tiny problem runs on the calling thread): a wake-up per call, which on a busy machine
+// costs milliseconds. mkl_set_num_threads_local is per thread; the destructor restores the setting.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 // exp(x) for fp32 in straight-line code that the compiler vectorises (std::exp is a library call
 // per element). exp(x) = 2ⁿ · exp(r) with n = round(x / ln 2) and |r| ≤ ln2/2; exp(r) by its
@@ -213,6 +229,7 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
   // per thread: S/P tile, acc, m, l, and for bf16/fp16 the fp32 copies of the Q, K, V tiles
   ThreadScratch<acc_t> scratch(Bq * Bk + Bq * D + 2 * Bq + (convert ? (Bq + 2 * Bk) * D : 0));
   at::parallel_for(0, B * H * nq, grain_for(2 * Bq * T * D), [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     acc_t* const S = scratch.get();                                    // (Bq, Bk)
     acc_t* const acc = S + Bq * Bk;                                    // (Bq, D)
     acc_t* const m = acc + Bq * D;                                     // (Bq,)
@@ -285,6 +302,7 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
   // K, V (whole head) and the Q, dO tiles. fp32 accumulates dK, dV straight into the outputs.
   ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (convert ? 4 * T * D + 2 * Bq * D : 0));
   at::parallel_for(0, B * H, grain_for(5 * T * T * D / 2), [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     acc_t* const P = scratch.get();         // (Bq, Bk)
     acc_t* const dS = P + Bq * Bk;          // (Bq, Bk), first dP
     acc_t* const dQ = dS + Bq * Bk;         // (Bq, D)
