@@ -13,8 +13,9 @@
 //     l    = l · exp(m − m') + rowsum P
 //     acc  = acc · exp(m − m') + P V           [Bq×D]   GEMM
 //   then out = acc / l and lse = m + log l (saved for the backward, [B, H, T] fp32).
-//   Fast memory holds Q's block, the S/P tile, acc, m, l: O(Bq·(Bk + D)) floats per thread.
-//   K and V tiles are streamed from memory (L2/L3); they are read once per query block.
+//   Fast memory (L1/L2) holds Q's block, the S/P tile, acc, m, l: O(Bq·(Bk + D)) floats per thread.
+//   K and V tiles are streamed from L3/DRAM, once per query block. Bq = 32, 64 or 256 (grows with
+//   T), Bk = 512; any T and any D ≥ 1 (partial last blocks are just smaller GEMMs).
 //
 // Backward (parallel over batch × heads): recompute P from the saved lse instead of storing it:
 //   Dᵢ = rowsum(dOᵢ ∘ Oᵢ)   (= Σ_j P_ij dP_ij, the softmax Jacobian's correction term)
@@ -24,8 +25,9 @@
 //     dQᵢ += scale · dS Kⱼ                   dKⱼ += scale · dSᵀ Qᵢ
 //   One thread owns a whole head: every query block adds into the same dK, dV rows, so splitting a
 //   head's query blocks across threads would race (or need atomics / per-thread copies of dK, dV).
-//   With B·H ≥ threads (the usual case) the heads are enough parallelism. Scratch per thread:
-//   the head's dK, dV accumulators (O(T·D)) and O(Bq·Bk) tiles.
+//   With B·H ≥ threads (the usual case) the heads are enough parallelism; with fewer heads than
+//   threads some threads idle. fp32 accumulates dK, dV in the output tensors; bf16/fp16 use fp32
+//   accumulators (O(T·D) per thread). The other scratch is O(Bq·Bk) per thread. Bq = 32/64/128.
 //
 // Precision: everything is computed in fp32 (fp64 for fp64 inputs, for gradcheck). bf16/fp16 tiles
 // are converted to fp32 when loaded; results are rounded to the input dtype once, at the end.
