@@ -286,3 +286,28 @@ def test_jit_without_ninja_gives_clear_error(monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"cannot be JIT-built: missing ninja \(pip install ninja\)"):
         minilm._build.load_jit()
+
+
+# --- the benchmark's own logic (not its timings) ---------------------------------------------------------
+
+def test_bench_rows_and_shape_parsing(capsys):
+    import argparse
+    import json
+
+    from minilm.bench import attention as bench
+    from minilm.bench.common import Reporter
+    results = bench.bench_shape((1, 2, 24, 16), torch.device("cpu"), torch.float32, Reporter(as_json=True),
+                                min_time_s=0.0)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("minilm", "sdpa", "naive")
+                                                      for p in ("fwd", "fwdbwd")}
+    for r in rows:
+        assert r["op"] == "attention" and r["shape"] == [1, 2, 24, 16] and r["dtype"] == "fp32"
+        assert r["ms"] > 0 and r["gflops"] > 0 and r["peak_mib"] >= 0
+    assert set(results) == {(r["impl"], r["pass"]) for r in rows}
+    assert bench.parse_shape("4,12,256,64") == (4, 12, 256, 64)
+    from minilm.bench.common import peak_mib
+    assert 3.99 < peak_mib(lambda: torch.ones(1 << 20).sum()) < 4.01  # a 4 MiB temporary, freed on return
+    for bad in ("4,12,256", "4,12,x,64", "0,1,2,3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_shape(bad)

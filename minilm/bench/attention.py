@@ -41,6 +41,8 @@ def add_arguments(parser):
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="B,H,T,D",
                         help="shapes to time (default: 3 CPU shapes or 4 CUDA shapes)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also draw a bar chart (matplotlib)")
+    parser.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS",
+                        help="time each case for at least this long (default 1.0; the median is reported)")
 
 
 # --- the implementations ---------------------------------------------------------------------------
@@ -93,7 +95,7 @@ def dtype_name(dtype):
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def bench_shape(shape, device, dtype, reporter):
+def bench_shape(shape, device, dtype, reporter, min_time_s=1.0):
     B, H, T, D = shape
     flops = {"fwd": 2 * B * H * T * T * D, "fwdbwd": 3.5 * 2 * B * H * T * T * D}
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -120,7 +122,7 @@ def bench_shape(shape, device, dtype, reporter):
 
         for pass_name, call in (("fwd", fwd), ("fwdbwd", fwdbwd)):
             try:
-                ms = time_ms(call, device, warmup=2, iters=5, min_time_s=1.0)
+                ms = time_ms(call, device, warmup=2, iters=5, min_time_s=min_time_s)
                 mib = peak_mib(call, device)
             except torch.OutOfMemoryError:
                 reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
@@ -185,7 +187,7 @@ def run(args):
     mm_dtype = torch.float32 if device.type == "cpu" else dtype
     matmul_reference(device, mm_dtype, reporter)
     for shape in shapes:
-        bench_shape(shape, device, dtype, reporter)
+        bench_shape(shape, device, dtype, reporter, args.min_time)
     matmul_reference(device, mm_dtype, reporter)
     records = [r for r in rows if r["op"] == "attention"]
     if args.plot and records:
