@@ -41,12 +41,17 @@ def cxx_std():
         return "-std=c++17"
 
 
+def openmp_flags():
+    """-fopenmp, unless MINILM_OPENMP=0 (a diagnosis switch: the CPU kernels then run on one thread)."""
+    return [] if os.environ.get("MINILM_OPENMP", "1") == "0" else ["-fopenmp"]
+
+
 def cxx_flags(with_cuda=False):
     # -march=native: the extension is compiled on the machine that runs it (pip install -e . or
     # the JIT), so the compiler may use every vector unit it has (AVX2/AVX-512 on x86).
     # MINILM_ARCH_FLAGS overrides it, e.g. for a wheel that must run on older CPUs.
     arch = os.environ.get("MINILM_ARCH_FLAGS", "-march=native").split()
-    flags = ["-O3", cxx_std(), "-fopenmp", *arch]
+    flags = ["-O3", cxx_std(), *openmp_flags(), *arch]
     if with_cuda:
         flags.append("-DMINILM_WITH_CUDA")
     return flags
@@ -109,7 +114,7 @@ def load_jit(verbose=False):
           "(once; again only after csrc/ changes)", file=sys.stderr)
     return load(name="minilm_C", sources=sources, build_directory=build_dir,
                 extra_cflags=cxx_flags(with_cuda), extra_cuda_cflags=nvcc_flags(),
-                extra_ldflags=["-fopenmp"], with_cuda=with_cuda, verbose=verbose)
+                extra_ldflags=openmp_flags(), with_cuda=with_cuda, verbose=verbose)
 
 
 def load_extension():
