@@ -193,7 +193,8 @@ void forward_kernel(const int64_t* ids, const at::Tensor& emb_t, at::TensorList 
           for (int64_t t = 1; t < Tn; ++t) {
             const acc_t* st = s + t * F;
             for (int64_t f = 0; f < F; ++f) {  // branch-free, so that it vectorises
-              const bool gt = st[f] > best[f];
+              // a NaN wins and stays, as in torch.max: NaN inputs give NaN outputs, not a silent max
+              const bool gt = st[f] > best[f] || (st[f] != st[f] && best[f] == best[f]);
               best[f] = gt ? st[f] : best[f];
               best_t[f] = gt ? int32_t(t) : best_t[f];
             }
