@@ -115,16 +115,20 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
 // Rows of the score tile S [P, F] a thread keeps per GEMM: ~512 KiB, so S and the patches stay in L2.
 constexpr int64_t kTileBytes = 512 * 1024;
 
-// S[P, F] = patches[P, K] · filtersᵀ (filters [F, K]) on raw per-thread buffers, through MKL/BLAS.
-// (at::native::cpublas::gemm's float overload is not exported from libtorch_cpu, so this goes through
-// at::mm_out on tensor views of the buffers: the same sgemm/dgemm, a few µs of dispatch per call.)
+// A matrix view of a raw buffer, for at::mm_out. (at::native::cpublas::gemm's float overload is not
+// exported from libtorch_cpu, so the GEMMs go through at::mm_out on views of per-thread buffers: the
+// same MKL sgemm/dgemm, plus a few µs of dispatch per call.)
+template <typename acc_t>
+at::Tensor view(const acc_t* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// S [P, F] = patches [P, K] · filtersᵀ (filters [F, K], read transposed in place).
 template <typename acc_t>
 void gemm_patches_filters(const acc_t* patches, const acc_t* filters, acc_t* S, int64_t P, int64_t F, int64_t K) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor a = at::from_blob(const_cast<acc_t*>(patches), {P, K}, {K, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<acc_t*>(filters), {K, F}, {1, K}, opts);  // filtersᵀ, no copy
-  at::Tensor c = at::from_blob(S, {P, F}, {F, 1}, opts);
-  at::mm_out(c, a, b);
+  at::Tensor c = view(S, P, F, F, 1);
+  at::mm_out(c, view(patches, P, K, K, 1), view(filters, K, F, 1, K));
 }
 
 // Where each token's trailing run of one repeated id (its padding) begins: every window that lies
@@ -241,13 +245,6 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
                              argmax.data_ptr<int32_t>(), N, L);
   });
   return {out, argmax};
-}
-
-// A matrix view of a raw buffer, for at::mm_out.
-template <typename acc_t>
-at::Tensor view(const acc_t* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
-  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {row_stride, col_stride},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
 // The backward, by character id. Both gradients read the characters only through their ids:

@@ -73,6 +73,11 @@ def run(args):
     dtypes = args.dtype or (["fp32", "bf16"] if cuda else ["fp32"])
     tokens = args.tokens or ([32768] if cuda else [640, 2560])
     iters = args.iters or (20 if cuda else 5)
+    if min(tokens) < 1 or iters < 1:
+        sys.exit("minilm.bench charcnn: --tokens and --iters must be positive")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("minilm::char_cnn", device.type.upper()):
+        sys.exit(f"minilm.bench charcnn: minilm was built without a {device.type} kernel for char_cnn "
+                 "(rebuild the extension where nvcc and a CUDA torch are present)")
     warmup = 3 if cuda else 1
     rep = Reporter(args.json)
     if not cuda:
