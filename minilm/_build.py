@@ -56,7 +56,9 @@ def nvcc_flags():
 
 
 def want_cuda():
-    """CUDA sources are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1."""
+    """CUDA sources are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1 (never with MINILM_CPU_ONLY=1)."""
+    if os.environ.get("MINILM_CPU_ONLY", "0") == "1":
+        return False
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
     import torch

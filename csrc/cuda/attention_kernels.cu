@@ -844,11 +844,13 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; may spill for D = 128)
 // THE DEFAULT (set it from `python scripts/cuda_diagnostics.py attn-sweep`):
-constexpr const char* kDefaultBwdVariant = "fused";
-
-int bwd_variant() {
+// Default backward scheme by head dim, from the attn-sweep on an H200 (scripts/cuda_diagnostics.py
+// attn-sweep; bf16 fwd+bwd vs SDPA flash): at D=64 "split2" was fastest (1.01x / 0.89x / 0.83x at
+// T = 512 / 2048 / 8192, "split" 0.99 / 0.85 / 0.79, "fused" 0.86 / 0.75 / 0.74); at D=128 "split"
+// (0.70x; "fused" 0.64x, "split2" 0.48x: it spills). MINILM_ATTN_BWD=fused|split|split2 overrides.
+int bwd_variant(int D) {
   const char* v = std::getenv("MINILM_ATTN_BWD");
-  if (v == nullptr || *v == '\0') v = kDefaultBwdVariant;
+  if (v == nullptr || *v == '\0') return D <= 64 ? 2 : 1;
   if (std::strcmp(v, "split") == 0) return 1;
   if (std::strcmp(v, "split2") == 0) return 2;
   return 0;
@@ -879,7 +881,7 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
       static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int variant = bwd_variant();
+  const int variant = bwd_variant(D);
   if (variant != 0) {
     err = variant == 2 ? launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream)
                        : launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
