@@ -251,8 +251,9 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
 //   dW_f[k, :]      = Σ_n g'_nf · emb[id(n, t*_nf + k)]               = Σ_v H_f[k, v] · emb[v]
 //   dembedding[v]   = Σ_{n,f,k: id(n, t*_nf + k) = v} g'_nf · W_f[k]   = Σ_{f,k} H_f[k, v] · W_f[k]
 // with H_f[k, v] = Σ_n g'_nf · [id(n, t*_nf + k) = v], a histogram of the gradient by character id.
-// So one pass over (token, filter) adds w scalars into H, and two small GEMMs per chunk of filters
-// (H·emb for dW, Hᵀ·W for dembedding) finish the job. H for a chunk of filters is C·w × V.
+// So one pass over (token, filter) adds w scalars into H (instead of 2·w·E multiply-adds into dW and
+// dx), and two small products per chunk of filters (H·emb for dW, Hᵀ·W for dembedding) finish the
+// job. H for a chunk of C filters is C·w × V. Extra memory: a few MiB, whatever N.
 // Parallel over chunks of filters; each chunk owns its dW rows and bias entries (no races), and its
 // dembedding contribution goes into the partial buffer of the range of chunks it belongs to; the
 // partials are summed in range order. The ranges come from at::parallel_for's static split, so the
