@@ -251,8 +251,9 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
 //   dW_f[k, :]      = Σ_n g'_nf · emb[id(n, t*_nf + k)]               = Σ_v H_f[k, v] · emb[v]
 //   dembedding[v]   = Σ_{n,f,k: id(n, t*_nf + k) = v} g'_nf · W_f[k]   = Σ_{f,k} H_f[k, v] · W_f[k]
 // with H_f[k, v] = Σ_n g'_nf · [id(n, t*_nf + k) = v], a histogram of the gradient by character id.
-// So one pass over (token, filter) adds w scalars into H, and two small GEMMs per chunk of filters
-// (H·emb for dW, Hᵀ·W for dembedding) finish the job. H for a chunk of filters is C·w × V.
+// So one pass over (token, filter) adds w scalars into H (instead of 2·w·E multiply-adds into dW and
+// dx), and two small products per chunk of filters (H·emb for dW, Hᵀ·W for dembedding) finish the
+// job. H for a chunk of C filters is C·w × V. Extra memory: a few MiB, whatever N.
 // Parallel over chunks of filters; each chunk owns its dW rows and bias entries (no races), and its
 // dembedding contribution goes into the partial buffer of the range of chunks it belongs to; the
 // partials are summed in range order. The ranges come from at::parallel_for's static split, so the
@@ -313,17 +314,30 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
         }
       }
       for (int64_t f = f0; f < f1; ++f) grad_b[off + f] = scalar_t(db[f - f0]);
-      // dW [C·w, E] = H [C·w, V] · emb [V, E], then to the [F, E, w] layout of the weights.
-      dw.resize(C * W * E);
-      at::Tensor dw_v = view(dw.data(), C * W, E, E, 1);
-      at::mm_out(dw_v, view(H.data(), C * W, V, V, 1), view(emb.data(), V, E, E, 1));
-      scalar_t* dst = grad_w_t[i].data_ptr<scalar_t>();
+      // dW [C·w, E] = H [C·w, V] · emb [V, E] and dembedding [V, E] += Hᵀ [V, C·w] · W [C·w, E]. Plain
+      // loops, not BLAS: H is sparse (only the ids that occur), the products are small, and this runs
+      // on the autograd engine's thread, where every BLAS call would start and sync its own threads.
+      dw.assign(C * W * E, acc_t(0));
+      const acc_t* wc = fs.w[i].data() + f0 * W * E;  // this chunk's filters, [C·w, E]
+      for (int64_t r = 0; r < C * W; ++r) {
+        const acc_t* h = H.data() + r * V;
+        acc_t* d = dw.data() + r * E;
+        for (int64_t v = 0; v < V; ++v) {
+          const acc_t hv = h[v];
+          if (hv == acc_t(0)) continue;
+          const acc_t* x = emb.data() + v * E;
+          const acc_t* wr = wc + r * E;
+          acc_t* g = ge.data() + v * E;
+          for (int64_t e = 0; e < E; ++e) {
+            d[e] += hv * x[e];
+            g[e] += hv * wr[e];
+          }
+        }
+      }
+      scalar_t* dst = grad_w_t[i].data_ptr<scalar_t>();  // [F, E, w]
       for (int64_t f = f0; f < f1; ++f)
         for (int64_t e = 0; e < E; ++e)
           for (int64_t k = 0; k < W; ++k) dst[(f * E + e) * W + k] = scalar_t(dw[((f - f0) * W + k) * E + e]);
-      // dembedding [V, E] += Hᵀ [V, C·w] · W [C·w, E]
-      at::Tensor ge_v = view(ge.data(), V, E, E, 1);
-      at::addmm_out(ge_v, ge_v, view(H.data(), V, C * W, 1, V), view(fs.w[i].data() + f0 * W * E, C * W, E, E, 1));
     }
   });
   std::vector<acc_t> ge(V * E, acc_t(0));

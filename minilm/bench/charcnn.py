@@ -118,7 +118,7 @@ def run(args):
                     ms = time_ms(f, device, warmup=warmup, iters=iters)
                     mib = peak_mib(f, device)
                     res[impl, pname] = (ms, mib)
-                    rep.row({"op": "charcnn", "device": device_name(device), "dtype": dname,
+                    rep.row({"op": "charcnn", "device": device.type, "device_name": device_name(device), "dtype": dname,
                              "shape": [n, MAX_CHARS], "pass": pname, "impl": impl, "ms": ms,
                              "gflops": mult * flops / ms / 1e6, "peak_mib": mib, "chars": args.chars})
             for pname in ("fwd", "fwdbwd"):
