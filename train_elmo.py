@@ -41,9 +41,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 preset = "tiny"            # tiny | small | medium | original (minilm.elmo.PRESETS)
 batch_size = 32            # windows per iteration, over all processes together
 unroll_steps = 20          # tokens per window (bilm-tf: 20)
-max_iters = 1500
-eval_interval = 250
-eval_iters = 20            # batches per split at each evaluation
+max_iters = 500
+eval_interval = 100
+eval_iters = 10            # batches per split at each evaluation
 log_interval = 25
 optimizer = "adagrad"      # adagrad (the paper's) | adam
 learning_rate = 0.0        # 0 means the optimizer's default here: adagrad 0.2 (bilm-tf), adam 1e-3
@@ -136,7 +136,8 @@ def setup_device(cfg):
 
 def train(cfg):
     from minilm.data import load_documents, split_documents
-    from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, ELMoConfig, preset as make_preset, word_to_char_ids
+    from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, ELMoConfig, estimate_flops_per_token,
+                             preset as make_preset, word_to_char_ids)
 
     ddp, rank, world, dev = setup_device(cfg)
     master = rank == 0
@@ -303,18 +304,6 @@ def train(cfg):
     if ddp:
         torch.distributed.destroy_process_group()
     return 0
-
-
-def estimate_flops_per_token(config, vocab_size):
-    """Training FLOPs per token (forward + backward ≈ 3 × forward; 2 FLOPs per multiply-add)."""
-    c = config
-    L, E, D, P, C = c.max_characters_per_token, c.char_embed_dim, c.n_filters, c.projection_dim, c.lstm_dim
-    cnn = sum(2 * (L - w + 1) * w * E * n for w, n in c.filters)
-    dense = 2 * (2 * D * D * c.n_highway + D * P)
-    lstm = 2 * 2 * c.n_layers * ((P + P) * 4 * C + C * P)             # two directions
-    k = c.n_negative_samples if 0 < c.n_negative_samples < vocab_size else vocab_size
-    softmax = 2 * 2 * P * k
-    return 3 * (cnn + dense + lstm + softmax)
 
 
 # -----------------------------------------------------------------------------------------------

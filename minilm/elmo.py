@@ -372,6 +372,22 @@ class BiLM(nn.Module):
         return F.cross_entropy(logits, torch.zeros_like(targets))
 
 
+def estimate_flops_per_token(config, vocab_size, training=True):
+    """Model FLOPs per token (2 per multiply-add; backward ≈ 2 × forward) for throughput figures.
+
+    Counts every convolution position, both directions, and the softmax rows actually scored
+    (the K samples when training with sampled softmax, else the whole vocabulary).
+    """
+    c = config
+    L, E, D, P, C = c.max_characters_per_token, c.char_embed_dim, c.n_filters, c.projection_dim, c.lstm_dim
+    cnn = sum(2 * (L - w + 1) * w * E * n for w, n in c.filters)
+    dense = 2 * (2 * D * D * c.n_highway + D * P)
+    lstm = 2 * 2 * c.n_layers * ((P + P) * 4 * C + C * P)
+    sampled = training and 0 < c.n_negative_samples < vocab_size
+    softmax = 2 * 2 * P * (c.n_negative_samples if sampled else vocab_size)
+    return (3 if training else 1) * (cnn + dense + lstm + softmax)
+
+
 # ----------------------------------------------------------------------------------------------
 # ELMo: a task-specific combination of the frozen biLM's layers
 

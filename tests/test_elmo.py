@@ -308,3 +308,22 @@ def test_load_bilm_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match="pip install h5py"):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
+def test_lstmp_stack_equals_torch_lstm_with_projection_when_clips_are_off():
+    # An independent implementation of the same cell: nn.LSTM(proj_size=P) given our weights (gate
+    # order i, f, g, o, forget bias 1.0 folded into its bias). The benchmark's peer is built this way.
+    from minilm.bench.elmo import CompositeBiLM
+    cfg = tiny_config(vocab_size=30, cell_clip=None, proj_clip=None)
+    torch.manual_seed(0)
+    ours = BiLM(cfg)
+    base = BiLM(cfg)
+    base.load_state_dict(ours.state_dict())
+    peer = CompositeBiLM(base)
+    chars = batch_to_ids([["some", "words", "to", "read", "here", "now"]] * 2)
+    nxt, prv = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
+    a, b = ours(chars, nxt, prv)[2], peer(chars, nxt, prv)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(a.sum(), ours.projection.weight)[0]
+    gb = torch.autograd.grad(b.sum(), base.projection.weight)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
