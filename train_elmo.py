@@ -122,8 +122,8 @@ def setup_device(cfg):
     dev = cfg["device"]
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
-    if dev not in ("cpu",) and not dev.startswith("cuda") and dev != "mps":
-        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {dev!r}")
+    if dev not in ("cpu", "mps") and not dev.startswith("cuda"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {dev!r}")
     if ddp:
         import torch.distributed as dist
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -223,7 +223,7 @@ class BiLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        # token encoder, shared by both directions (bilm-tf: char_embed, CNN, CNN_high_k, CNN_proj)
+        # token encoder Θ_x, shared by both directions (bilm-tf: char_embed, CNN, CNN_high_k, CNN_proj)
         self.char_embed = nn.Embedding(c.n_characters, c.char_embed_dim)             # (262, E)
         self.char_cnn = nn.ModuleList(nn.Conv1d(c.char_embed_dim, n, w) for w, n in c.filters)
         self.highway = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
@@ -235,7 +235,7 @@ class BiLM(nn.Module):
         self.backward_layers = nn.ModuleList(
             LSTMP(P, c.lstm_dim, P, c.cell_clip, c.proj_clip) for _ in range(c.n_layers))
         self.dropout = nn.Dropout(c.dropout)
-        # one softmax shared by both directions (the paper ties it: "Θ_s" in eq. of section 3.1)
+        # one softmax shared by both directions: eq. (3) ties Θ_x (the token encoder) and Θ_s (the softmax)
         self.softmax = nn.Linear(P, c.vocab_size) if c.vocab_size > 0 else None
         self._init_weights()
 
