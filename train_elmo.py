@@ -381,6 +381,7 @@ def show_contexts(cfg, sentences, top, bilm):
             print(f"  [{a}] {ctx[:70]!r}\n      nearest: [{b}] {near[:70]!r} (cos {sim[a, b].item():.2f})")
         else:
             print(f"  [{a}] {ctx[:70]!r}")
+    print("  cosine matrix:\n" + "\n".join("   " + " ".join(f"{v:5.2f}" for v in row) for row in sim.tolist()))
     try:
         import matplotlib
         matplotlib.use("Agg")
