@@ -310,6 +310,7 @@ def test_load_bilm_errors_are_one_line(tmp_path, monkeypatch):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_lstmp_stack_equals_torch_lstm_with_projection_when_clips_are_off():
     # An independent implementation of the same cell: nn.LSTM(proj_size=P) given our weights (gate
     # order i, f, g, o, forget bias 1.0 folded into its bias). The benchmark's peer is built this way.
