@@ -171,7 +171,8 @@ class LSTMP(nn.Module):
         m = clip((σ(o)·tanh(c)) W_P, ±proj_clip)   m is both the output and the recurrent state
 
     W is kept as two Linear maps (its first `in` rows act on x, the rest on m_prev), so the input
-    part is one matmul over all time steps and only m_prev W_rec runs inside the loop.
+    part (with B and the forget bias) is one matmul over all time steps and only m_prev W_rec runs
+    inside the loop.
     """
 
     def __init__(self, input_size, cell_size, proj_size, cell_clip=None, proj_clip=None):
@@ -184,14 +185,19 @@ class LSTMP(nn.Module):
 
     def forward(self, x):                         # x (B, T, in) -> m (B, T, P)
         B, T, _ = x.shape
-        xw = self.input_linearity(x)              # (B, T, 4C): the input part of z for every step
+        C = self.cell_size
+        # the input part of z for every step at once, plus B and TF's forget bias 1.0 on the f block
+        forget_bias = torch.zeros(4 * C, dtype=x.dtype, device=x.device)
+        forget_bias[2 * C: 3 * C] = 1.0
+        xw = (self.input_linearity(x) + self.state_linearity.bias + forget_bias).transpose(0, 1)   # (T, B, 4C)
+        W_rec = self.state_linearity.weight.t()   # (P, 4C)
         m = x.new_zeros(B, self.proj_size)        # zero initial state (state is not carried across batches)
-        c = x.new_zeros(B, self.cell_size)
+        c = x.new_zeros(B, C)
         outputs = []
         for t in range(T):
-            z = xw[:, t] + self.state_linearity(m)          # (B, 4C)
+            z = torch.addmm(xw[t], m, W_rec)                # (B, 4C) = [x_t, m_prev] W + B (+ forget bias)
             i, j, f, o = z.chunk(4, dim=1)                  # (B, C) each
-            c = torch.sigmoid(f + 1.0) * c + torch.sigmoid(i) * torch.tanh(j)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(j)
             if self.cell_clip:
                 c = c.clamp(-self.cell_clip, self.cell_clip)
             m = self.state_projection(torch.sigmoid(o) * torch.tanh(c))   # (B, P)
