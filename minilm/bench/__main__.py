@@ -8,6 +8,7 @@ BENCHMARKS = {
     "attention": "minilm.bench.attention",
     "charcnn": "minilm.bench.charcnn",
     "gpt1": "minilm.bench.gpt1",
+    "elmo": "minilm.bench.elmo",
 }
 
 

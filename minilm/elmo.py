@@ -1,0 +1,530 @@
+"""ELMo (Peters et al. 2018, "Deep Contextualized Word Representations"), as allenai/bilm-tf builds it.
+
+Data flows top to bottom through this file:
+
+    words ──batch_to_ids──► char ids (B, T, 50)
+          ──char_embed + char-CNN (minilm.ops.char_cnn)──► (B, T, ΣF) ──highway──► ──projection──► x (B, T, P)
+          ──forward_layers  (LSTMP × n_layers, left to right)──► h_fwd per layer (B, T, P)
+          ──backward_layers (LSTMP × n_layers, right to left)──► h_bwd per layer (B, T, P)
+          ──softmax (one, shared by both directions)──► loss = ½ (fwd + bwd)
+    ELMo features = scalar mix of the layers [x; x], [h_fwd_1; h_bwd_1], ... (eq. 1).
+
+Names follow bilm-tf and its weight dump (`char_embed`, `CNN/W_cnn_i`, `CNN_high_k`, `CNN_proj`,
+`RNN_0` forward, `RNN_1` backward), so `load_bilm` is a key map; the LSTM cell is TF's
+`LSTMCell(num_proj=..., cell_clip=..., proj_clip=...)` written out.
+
+Why not `nn.LSTM(E, H, num_layers=2, bidirectional=True)`? In a stacked bidirectional LSTM, layer 2
+reads the concatenation [forward; backward] of layer 1, so layer 2's "forward" state at position t
+has already seen every token after t through layer 1's backward half. Trained as a language model it
+would just copy the next word. A biLM is two *independent* stacks, one reading left to right and one
+right to left, each predicting the next token in its own direction; their outputs are only
+concatenated per layer, afterwards, to make features (tests/test_elmo.py shows both facts).
+
+Character ids: bilm-tf numbers UTF-8 bytes 0–255, BOS 256, EOS 257, BOW 258, EOW 259, PAD 260.
+Like allennlp we store every id **+1**, so that an all-zero row of 50 ids means "no token here"
+(padding of a batch) and the mask is simply `(char_ids > 0).any(-1)`. The embedding table therefore
+has 262 rows; `load_bilm` prepends a row to bilm-tf's (261, E) `char_embed`.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm import ops
+
+# ----------------------------------------------------------------------------------------------
+# Character vocabulary (bilm-tf UnicodeCharsVocabulary; allennlp ELMoCharacterMapper)
+
+MAX_CHARS = 50           # characters per token: BOW + up to 48 bytes + EOW (+ PAD)
+BOS_CHAR, EOS_CHAR, BOW_CHAR, EOW_CHAR, PAD_CHAR = 256, 257, 258, 259, 260   # bilm-tf ids
+N_CHARACTERS = 262       # 261 bilm-tf symbols, shifted by +1 so that 0 can mark padding tokens
+BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<S>", "</S>", "<UNK>"
+
+
+def word_to_char_ids(word):
+    """One token → 50 character ids, already shifted by +1. `<S>` and `</S>` get their own symbols."""
+    if not isinstance(word, str):
+        raise TypeError(f"word_to_char_ids: tokens must be str, got {type(word).__name__}")
+    if word == BOS_TOKEN:
+        body = [BOS_CHAR]
+    elif word == EOS_TOKEN:
+        body = [EOS_CHAR]
+    else:
+        # 48 bytes: Hangul and CJK take 3 bytes per character, so a Korean word keeps 16 syllables
+        body = list(word.encode("utf-8", errors="replace")[: MAX_CHARS - 2])
+    ids = [BOW_CHAR] + body + [EOW_CHAR]
+    ids += [PAD_CHAR] * (MAX_CHARS - len(ids))
+    return [i + 1 for i in ids]
+
+
+def batch_to_ids(sentences):
+    """list of B sentences (lists of str tokens) → LongTensor (B, T+2, 50), T the longest sentence.
+
+    Adds `<S>` and `</S>` around every sentence; shorter sentences are padded with all-zero rows.
+    """
+    if not isinstance(sentences, (list, tuple)) or not sentences:
+        raise ValueError("batch_to_ids: expected a non-empty list of sentences (lists of str tokens)")
+    for s in sentences:
+        if isinstance(s, str) or not isinstance(s, (list, tuple)):
+            raise TypeError("batch_to_ids: each sentence must be a list of str tokens, "
+                            f"got {type(s).__name__} (split strings into words first)")
+    T = max(len(s) for s in sentences) + 2
+    ids = torch.zeros(len(sentences), T, MAX_CHARS, dtype=torch.long)
+    for b, s in enumerate(sentences):
+        rows = [word_to_char_ids(w) for w in [BOS_TOKEN, *s, EOS_TOKEN]]
+        ids[b, : len(rows)] = torch.tensor(rows, dtype=torch.long)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class ELMoConfig:
+    # token encoder: options.json "char_cnn"
+    n_characters: int = N_CHARACTERS
+    max_characters_per_token: int = MAX_CHARS
+    char_embed_dim: int = 16
+    filters: tuple = ((1, 32), (2, 32), (3, 64), (4, 128), (5, 256), (6, 512), (7, 1024))  # (width, n)
+    activation: str = "relu"          # after max-pooling each filter; relu in the paper's models
+    n_highway: int = 2
+    # biLM: options.json "lstm"
+    projection_dim: int = 512
+    lstm_dim: int = 4096
+    n_layers: int = 2
+    cell_clip: float | None = 3.0
+    proj_clip: float | None = 3.0
+    use_skip_connections: bool = True
+    dropout: float = 0.1              # on each layer's input and on the top output (training only)
+    # softmax: not part of the released weights; 0 makes a feature extractor without one
+    vocab_size: int = 0
+    n_negative_samples: int = 8192    # training uses sampled softmax when vocab_size > this
+
+    def __post_init__(self):
+        self.filters = tuple((int(w), int(n)) for w, n in self.filters)
+        if self.activation not in ("relu", "tanh"):
+            raise ValueError(f"ELMoConfig: activation must be 'relu' or 'tanh', got {self.activation!r}")
+
+    @property
+    def n_filters(self):
+        return sum(n for _, n in self.filters)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["filters"] = [list(f) for f in self.filters]
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The three released bilm-tf models (all: 2048-filter CNN, clips 3/3, skip connections) and a tiny one.
+PRESETS = {
+    "tiny": dict(filters=((1, 16), (2, 16), (3, 32), (4, 64), (5, 128)), n_highway=1,
+                 lstm_dim=256, projection_dim=64),
+    "small": dict(lstm_dim=1024, projection_dim=128, n_highway=1),       # 13,593,312 params
+    "medium": dict(lstm_dim=2048, projection_dim=256, n_highway=1),      # 28,027,744
+    "original": dict(lstm_dim=4096, projection_dim=512, n_highway=2),    # 93,600,864
+}
+
+
+def preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown ELMo preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ELMoConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Token encoder parts
+
+
+class Highway(nn.Module):
+    """Srivastava et al. 2015, as bilm-tf: g = σ(x W_carry + b_carry), y = g·relu(x W_transform + b_transform) + (1−g)·x.
+
+    (bilm-tf calls g the "transform gate" and 1−g the "carry gate", but names the weights of g
+    W_carry; we keep the checkpoint's names.)
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.carry = nn.Linear(dim, dim)       # CNN_high_k/W_carry, b_carry
+        self.transform = nn.Linear(dim, dim)   # CNN_high_k/W_transform, b_transform
+
+    def forward(self, x):                      # (N, D) -> (N, D)
+        g = torch.sigmoid(self.carry(x))
+        return g * F.relu(self.transform(x)) + (1.0 - g) * x
+
+
+class LSTMP(nn.Module):
+    """One layer of LSTM with a projection (Sak et al. 2014), TF's LSTMCell(num_proj, cell_clip, proj_clip).
+
+        z = [x, m_prev] W + B                      split into i, j, f, o (TF's gate order)
+        c = σ(f + 1.0)·c_prev + σ(i)·tanh(j)       forget bias 1.0 added here, not stored in B
+        c = clip(c, ±cell_clip)
+        m = clip((σ(o)·tanh(c)) W_P, ±proj_clip)   m is both the output and the recurrent state
+
+    W is kept as two Linear maps (its first `in` rows act on x, the rest on m_prev), so the input
+    part (with B and the forget bias) is one matmul over all time steps and only m_prev W_rec runs
+    inside the loop.
+    """
+
+    def __init__(self, input_size, cell_size, proj_size, cell_clip=None, proj_clip=None):
+        super().__init__()
+        self.cell_size, self.proj_size = cell_size, proj_size
+        self.cell_clip, self.proj_clip = cell_clip, proj_clip
+        self.input_linearity = nn.Linear(input_size, 4 * cell_size, bias=False)   # W_0[:in]
+        self.state_linearity = nn.Linear(proj_size, 4 * cell_size, bias=True)     # W_0[in:], B
+        self.state_projection = nn.Linear(cell_size, proj_size, bias=False)       # W_P_0
+
+    def forward(self, x):                         # x (B, T, in) -> m (B, T, P)
+        B, T, _ = x.shape
+        C = self.cell_size
+        # the input part of z for every step at once, plus B and TF's forget bias 1.0 on the f block
+        forget_bias = torch.zeros(4 * C, dtype=x.dtype, device=x.device)
+        forget_bias[2 * C: 3 * C] = 1.0
+        xw = (self.input_linearity(x) + self.state_linearity.bias + forget_bias).transpose(0, 1)   # (T, B, 4C)
+        W_rec = self.state_linearity.weight.t()   # (P, 4C)
+        m = x.new_zeros(B, self.proj_size)        # zero initial state (state is not carried across batches)
+        c = x.new_zeros(B, C)
+        outputs = []
+        for t in range(T):
+            z = torch.addmm(xw[t], m, W_rec)                # (B, 4C) = [x_t, m_prev] W + B (+ forget bias)
+            i, j, f, o = z.chunk(4, dim=1)                  # (B, C) each
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(j)
+            if self.cell_clip:
+                c = c.clamp(-self.cell_clip, self.cell_clip)
+            m = self.state_projection(torch.sigmoid(o) * torch.tanh(c))   # (B, P)
+            if self.proj_clip:
+                m = m.clamp(-self.proj_clip, self.proj_clip)
+            outputs.append(m)
+        return torch.stack(outputs, dim=1)        # (B, T, P)
+
+
+def reverse_padded(x, lengths):
+    """Reverse each row of x (B, T, ...) within its own length; padding stays where it is.
+
+    The backward LM must start from each sentence's *own* last token, not from the batch's padding.
+    Applying it twice gives x back.
+    """
+    B, T = x.shape[:2]
+    t = torch.arange(T, device=x.device).expand(B, T)
+    L = lengths.view(B, 1)
+    index = torch.where(t < L, L - 1 - t, t)      # (B, T)
+    index = index.view(B, T, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
+
+
+# ----------------------------------------------------------------------------------------------
+# The biLM
+
+
+class BiLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        # token encoder Θ_x, shared by both directions (bilm-tf: char_embed, CNN, CNN_high_k, CNN_proj)
+        self.char_embed = nn.Embedding(c.n_characters, c.char_embed_dim)             # (262, E)
+        self.char_cnn = nn.ModuleList(nn.Conv1d(c.char_embed_dim, n, w) for w, n in c.filters)
+        self.highway = nn.ModuleList(Highway(c.n_filters) for _ in range(c.n_highway))
+        self.projection = nn.Linear(c.n_filters, c.projection_dim)
+        # two independent LSTM stacks (bilm-tf RNN_0, RNN_1)
+        P = c.projection_dim
+        self.forward_layers = nn.ModuleList(
+            LSTMP(P, c.lstm_dim, P, c.cell_clip, c.proj_clip) for _ in range(c.n_layers))
+        self.backward_layers = nn.ModuleList(
+            LSTMP(P, c.lstm_dim, P, c.cell_clip, c.proj_clip) for _ in range(c.n_layers))
+        self.dropout = nn.Dropout(c.dropout)
+        # one softmax shared by both directions: eq. (3) ties Θ_x (the token encoder) and Θ_s (the softmax)
+        self.softmax = nn.Linear(P, c.vocab_size) if c.vocab_size > 0 else None
+        self._init_weights()
+
+    def _init_weights(self):
+        """bilm-tf's initialisers (bilm/training.py), so training from scratch behaves like the original."""
+        c = self.config
+        nn.init.uniform_(self.char_embed.weight, -1.0, 1.0)
+        for conv, (w, _) in zip(self.char_cnn, c.filters):
+            if c.activation == "relu":
+                nn.init.normal_(conv.weight, 0.0, math.sqrt(1.0 / (w * c.char_embed_dim)))
+            else:
+                nn.init.uniform_(conv.weight, -0.05, 0.05)
+            nn.init.zeros_(conv.bias)
+        for hw in self.highway:
+            nn.init.normal_(hw.carry.weight, 0.0, math.sqrt(1.0 / c.n_filters))
+            nn.init.constant_(hw.carry.bias, -2.0)          # start by mostly carrying x through
+            nn.init.normal_(hw.transform.weight, 0.0, math.sqrt(1.0 / c.n_filters))
+            nn.init.zeros_(hw.transform.bias)
+        nn.init.normal_(self.projection.weight, 0.0, math.sqrt(1.0 / c.n_filters))
+        nn.init.zeros_(self.projection.bias)
+        for layer in [*self.forward_layers, *self.backward_layers]:
+            # TF's default glorot_uniform over the whole W_0 (in + P, 4C), then over W_P_0 (C, P)
+            fan_in, fan_out = layer.input_linearity.in_features + layer.proj_size, 4 * layer.cell_size
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(layer.input_linearity.weight, -bound, bound)
+            nn.init.uniform_(layer.state_linearity.weight, -bound, bound)
+            nn.init.zeros_(layer.state_linearity.bias)
+            nn.init.xavier_uniform_(layer.state_projection.weight)
+        if self.softmax is not None:
+            nn.init.normal_(self.softmax.weight, 0.0, 1.0 / math.sqrt(c.projection_dim))
+            nn.init.zeros_(self.softmax.bias)
+
+    def _check(self, char_ids):
+        c = self.config
+        if not isinstance(char_ids, torch.Tensor):
+            raise TypeError(f"BiLM: char_ids must be a torch.Tensor, got {type(char_ids).__name__}")
+        if char_ids.dim() != 3 or char_ids.shape[-1] != c.max_characters_per_token:
+            raise ValueError(f"BiLM: char_ids must be (B, T, {c.max_characters_per_token}) as made by "
+                             f"batch_to_ids, got shape {tuple(char_ids.shape)}")
+        if char_ids.dtype != torch.long:
+            raise TypeError(f"BiLM: char_ids must be int64, got {char_ids.dtype}")
+        if char_ids.numel() and (char_ids.min() < 0 or char_ids.max() >= c.n_characters):
+            raise ValueError(f"BiLM: character ids must lie in [0, {c.n_characters}), got "
+                             f"[{char_ids.min().item()}, {char_ids.max().item()}]")
+
+    def token_embedding(self, char_ids):
+        """(B, T, 50) char ids → (B, T, P) context-independent token representations."""
+        B, T, L = char_ids.shape
+        # char-CNN (paper section 3.4; Kim et al. 2015): per filter, conv over characters → max over
+        # time → + bias → activation, concatenated. One fused op; minilm.ops.char_cnn_reference is the
+        # same thing in plain PyTorch.
+        x = ops.char_cnn(char_ids.reshape(B * T, L), self.char_embed.weight,
+                         [conv.weight for conv in self.char_cnn], [conv.bias for conv in self.char_cnn],
+                         activation=self.config.activation)          # (B·T, ΣF)
+        for hw in self.highway:
+            x = hw(x)                                                # (B·T, ΣF)
+        x = self.projection(x)                                       # (B·T, P), no activation
+        return x.view(B, T, -1)
+
+    def _run_stack(self, layers, x):
+        """One direction's LSTM stack; returns every layer's output, each (B, T, P)."""
+        outputs = []
+        for k, layer in enumerate(layers):
+            x = self.dropout(x)          # bilm-tf DropoutWrapper(input_keep_prob) around every cell
+            h = layer(x)
+            if self.config.use_skip_connections and k > 0:
+                h = h + x                # ResidualWrapper inside the DropoutWrapper: adds the dropped input
+            outputs.append(h)
+            x = h
+        return outputs
+
+    def forward(self, char_ids, next_ids=None, previous_ids=None):
+        """char_ids (B, T, 50) from batch_to_ids → (layers, mask, losses).
+
+        layers: n_layers + 1 tensors (B, T, 2P): [x; x] for the token layer, then [h_fwd; h_bwd];
+                zero at padding positions.
+        mask:   (B, T) bool, True at real tokens (including <S> and </S>).
+        losses: None, or with next_ids and previous_ids (B, T) word ids (−1 = no target), a (2,)
+                tensor [forward, backward] of mean cross-entropies in nats.
+        """
+        self._check(char_ids)
+        mask = (char_ids > 0).any(-1)                                # (B, T)
+        lengths = mask.sum(1)                                        # (B,)
+        x = self.token_embedding(char_ids)                           # (B, T, P)
+        h_fwd = self._run_stack(self.forward_layers, x)              # [(B, T, P)] × n_layers
+        h_bwd = self._run_stack(self.backward_layers, reverse_padded(x, lengths))
+        h_bwd = [reverse_padded(h, lengths) for h in h_bwd]          # back to left-to-right order
+        m = mask.unsqueeze(-1).to(x.dtype)
+        layers = [torch.cat([x, x], -1) * m] + [torch.cat([f, b], -1) * m for f, b in zip(h_fwd, h_bwd)]
+        losses = None
+        if next_ids is not None or previous_ids is not None:
+            if next_ids is None or previous_ids is None:
+                raise ValueError("BiLM: give both next_ids and previous_ids, or neither")
+            # paper eq. (3): maximise log p(t_k | t_1..t_k-1) + log p(t_k | t_k+1..t_N); we report both
+            losses = torch.stack([self.lm_loss(self.dropout(h_fwd[-1]), next_ids),
+                                  self.lm_loss(self.dropout(h_bwd[-1]), previous_ids)])
+        return layers, mask, losses
+
+    def lm_loss(self, h, targets):
+        """Mean cross-entropy (nats) of the shared softmax over h (B, T, P) against targets (B, T), −1 ignored."""
+        if self.softmax is None:
+            raise ValueError("BiLM: this model has no softmax (vocab_size=0); it can only make features")
+        if targets.shape != h.shape[:2]:
+            raise ValueError(f"BiLM: targets must be {tuple(h.shape[:2])}, got {tuple(targets.shape)}")
+        keep = targets >= 0
+        h, targets = h[keep], targets[keep]                          # (N, P), (N,)
+        c = self.config
+        if self.training and 0 < c.n_negative_samples < c.vocab_size:
+            return self._sampled_softmax_loss(h, targets)
+        return F.cross_entropy(self.softmax(h), targets)             # full softmax: a true perplexity
+
+    def _sampled_softmax_loss(self, h, targets):
+        """TF's sampled_softmax_loss with a log-uniform sampler (Jean et al. 2015), as bilm-tf trains.
+
+        K candidates are drawn for the whole batch from P(k) = log((k+2)/(k+1)) / log(V+1), which
+        approximates word frequency when ids are sorted by frequency. Every logit is corrected by
+        −log(expected count of that id among the K draws); draws equal to the true id are masked.
+        The result estimates the full-softmax loss only roughly: exp() of it is not a perplexity.
+        """
+        V, K = self.config.vocab_size, self.config.n_negative_samples
+        log_range = math.log(V + 1)
+        u = torch.rand(K, device=h.device)
+        sampled = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)    # (K,)
+
+        def log_expected_count(ids):
+            p = torch.log1p(1.0 / (ids.to(h.dtype) + 1.0)) / log_range             # log((k+2)/(k+1)) / log(V+1)
+            return torch.log(K * p)
+
+        W, b = self.softmax.weight, self.softmax.bias
+        true_logits = (h * W[targets]).sum(-1) + b[targets] - log_expected_count(targets)        # (N,)
+        sampled_logits = h @ W[sampled].t() + b[sampled] - log_expected_count(sampled)            # (N, K)
+        sampled_logits = sampled_logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([true_logits[:, None], sampled_logits], dim=1)                        # (N, 1+K)
+        return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def estimate_flops_per_token(config, vocab_size, training=True):
+    """Model FLOPs per token (2 per multiply-add; backward ≈ 2 × forward) for throughput figures.
+
+    Counts every convolution position, both directions, and the softmax rows actually scored
+    (the K samples when training with sampled softmax, else the whole vocabulary).
+    """
+    c = config
+    L, E, D, P, C = c.max_characters_per_token, c.char_embed_dim, c.n_filters, c.projection_dim, c.lstm_dim
+    cnn = sum(2 * (L - w + 1) * w * E * n for w, n in c.filters)
+    dense = 2 * (2 * D * D * c.n_highway + D * P)
+    lstm = 2 * 2 * c.n_layers * ((P + P) * 4 * C + C * P)
+    sampled = training and 0 < c.n_negative_samples < vocab_size
+    softmax = 2 * 2 * P * (c.n_negative_samples if sampled else vocab_size)
+    return (3 if training else 1) * (cnn + dense + lstm + softmax)
+
+
+# ----------------------------------------------------------------------------------------------
+# ELMo: a task-specific combination of the frozen biLM's layers
+
+
+class ScalarMix(nn.Module):
+    """ELMo eq. (1): ELMo_k = γ Σ_j s_j h_kj with s = softmax(w); w starts at 0 (an average), γ at 1.
+
+    do_layer_norm (bilm-tf weight_layers): normalise each layer by one mean and one variance over
+    all its unmasked elements (positions × features) before mixing — not nn.LayerNorm.
+    """
+
+    def __init__(self, n_layers, do_layer_norm=False):
+        super().__init__()
+        self.do_layer_norm = do_layer_norm
+        self.scalar_parameters = nn.Parameter(torch.zeros(n_layers))   # w
+        self.gamma = nn.Parameter(torch.ones(1))                        # γ
+
+    def forward(self, layers, mask):               # layers: [(B, T, D)] × n_layers, mask (B, T)
+        if len(layers) != self.scalar_parameters.numel():
+            raise ValueError(f"ScalarMix: expected {self.scalar_parameters.numel()} layers, got {len(layers)}")
+        s = torch.softmax(self.scalar_parameters, dim=0)
+        m = mask.unsqueeze(-1).to(layers[0].dtype)                      # (B, T, 1)
+        mixed = 0
+        for s_j, h in zip(s, layers):
+            if self.do_layer_norm:
+                n = (m.sum() * h.shape[-1]).clamp(min=1)
+                mean = (h * m).sum() / n
+                var = (((h - mean) * m) ** 2).sum() / n
+                h = (h - mean) / torch.sqrt(var + 1e-12)
+            mixed = mixed + s_j * h
+        return self.gamma * mixed
+
+    def l2(self):
+        """bilm-tf's optional regulariser on w: add l2_coef · Σ w² to the task loss."""
+        return (self.scalar_parameters ** 2).sum()
+
+
+class ELMo(nn.Module):
+    """Frozen biLM + scalar mix + dropout: representations for a downstream model (paper section 3.3).
+
+    forward(char_ids (B, T+2, 50)) → (representations (B, T, 2P), mask (B, T)), with <S> and </S>
+    removed. The task model concatenates [x_k; ELMo_k] with its own word vectors.
+    """
+
+    def __init__(self, bilm, dropout=0.5, do_layer_norm=False):
+        super().__init__()
+        self.bilm = bilm
+        for p in self.bilm.parameters():
+            p.requires_grad_(False)
+        self.bilm.eval()
+        self.scalar_mix = ScalarMix(bilm.config.n_layers + 1, do_layer_norm)
+        self.dropout = nn.Dropout(dropout)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bilm.eval()           # the biLM is frozen: never apply its own dropout
+        return self
+
+    def forward(self, char_ids):
+        with torch.no_grad():
+            layers, mask, _ = self.bilm(char_ids)                  # [(B, T+2, 2P)], (B, T+2)
+        mixed = self.scalar_mix(layers, mask)                      # (B, T+2, 2P)
+        # drop <S> (position 0) and each sentence's </S> (its last real position)
+        mask = mask[:, 2:]                                         # position t here is t+1 there
+        representations = mixed[:, 1:-1] * mask.unsqueeze(-1).to(mixed.dtype)     # (B, T, 2P)
+        return self.dropout(representations), mask
+
+
+# ----------------------------------------------------------------------------------------------
+# bilm-tf / allennlp weights
+
+
+def load_bilm(options_file, weight_file):
+    """Build a BiLM from bilm-tf's options.json and its hdf5 weight dump (allennlp's downloads).
+
+    The dump has no softmax, so the model makes features only. Needs h5py.
+    """
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("load_bilm needs h5py to read bilm-tf weight files: pip install h5py") from None
+    for path in (options_file, weight_file):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_bilm: no such file: {path}")
+    try:
+        with open(options_file, encoding="utf-8") as f:
+            options = json.load(f)
+        lstm, cnn = options["lstm"], options["char_cnn"]
+        config = ELMoConfig(
+            n_characters=N_CHARACTERS, max_characters_per_token=cnn.get("max_characters_per_token", MAX_CHARS),
+            char_embed_dim=cnn["embedding"]["dim"], filters=cnn["filters"],
+            activation=cnn.get("activation", "relu"), n_highway=cnn.get("n_highway", 0),
+            projection_dim=lstm["projection_dim"], lstm_dim=lstm["dim"],
+            n_layers=lstm.get("n_layers", 1), cell_clip=lstm.get("cell_clip"), proj_clip=lstm.get("proj_clip"),
+            use_skip_connections=lstm.get("use_skip_connections", False), dropout=0.0, vocab_size=0)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"load_bilm: {options_file} is not a bilm-tf options file ({type(e).__name__}: {e})") from None
+    if config.max_characters_per_token != MAX_CHARS:
+        raise ValueError(f"load_bilm: max_characters_per_token must be {MAX_CHARS}, got {config.max_characters_per_token}")
+    model = BiLM(config)
+
+    with h5py.File(weight_file, "r") as f:
+        def get(name, shape):
+            if name not in f:
+                raise ValueError(f"load_bilm: {weight_file} has no dataset {name!r}")
+            a = torch.from_numpy(f[name][...]).float()
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"load_bilm: {name} has shape {tuple(a.shape)}, options.json implies {tuple(shape)}")
+            return a
+
+        E, D, P, C = config.char_embed_dim, config.n_filters, config.projection_dim, config.lstm_dim
+        sd = {}
+        # bilm-tf ids are one lower than ours: row 0 (our "no token" id) is new and zero
+        sd["char_embed.weight"] = torch.cat([torch.zeros(1, E), get("char_embed", (N_CHARACTERS - 1, E))])
+        for i, (w, n) in enumerate(config.filters):
+            W = get(f"CNN/W_cnn_{i}", (1, w, E, n))                            # TF conv2d (1, w, E, n)
+            sd[f"char_cnn.{i}.weight"] = W[0].permute(2, 1, 0).contiguous()    # Conv1d (n, E, w)
+            sd[f"char_cnn.{i}.bias"] = get(f"CNN/b_cnn_{i}", (n,))
+        for k in range(config.n_highway):                                     # TF [in, out] → Linear [out, in]
+            for ours, theirs in (("carry", "carry"), ("transform", "transform")):
+                sd[f"highway.{k}.{ours}.weight"] = get(f"CNN_high_{k}/W_{theirs}", (D, D)).t()
+                sd[f"highway.{k}.{ours}.bias"] = get(f"CNN_high_{k}/b_{theirs}", (D,))
+        sd["projection.weight"] = get("CNN_proj/W_proj", (D, P)).t()
+        sd["projection.bias"] = get("CNN_proj/b_proj", (P,))
+        for d, stack in ((0, "forward_layers"), (1, "backward_layers")):      # RNN_0 forward, RNN_1 backward
+            for l in range(config.n_layers):
+                prefix = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
+                W = get(prefix + "W_0", (P + P, 4 * C))      # rows: input weights, then recurrent; gates i, j, f, o
+                sd[f"{stack}.{l}.input_linearity.weight"] = W[:P].t()
+                sd[f"{stack}.{l}.state_linearity.weight"] = W[P:].t()
+                sd[f"{stack}.{l}.state_linearity.bias"] = get(prefix + "B", (4 * C,))   # forget bias 1.0 added at run time
+                sd[f"{stack}.{l}.state_projection.weight"] = get(prefix + "W_P_0", (C, P)).t()
+    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True)
+    return model.eval()

@@ -1,0 +1,330 @@
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from minilm.elmo import (BiLM, ELMo, ELMoConfig, ScalarMix, batch_to_ids, load_bilm, preset, reverse_padded,
+                         word_to_char_ids)
+
+
+def tiny_config(**kw):
+    base = dict(char_embed_dim=4, filters=((1, 4), (2, 8), (3, 8)), n_highway=2, lstm_dim=24, projection_dim=8,
+                n_layers=2, cell_clip=3.0, proj_clip=3.0, dropout=0.0)
+    return ELMoConfig(**{**base, **kw})
+
+
+def make_model(**kw):
+    torch.manual_seed(0)
+    return BiLM(tiny_config(**kw)).eval()
+
+
+# -- character vocabulary ----------------------------------------------------------------------
+
+def test_word_char_ids_are_bytes_between_bow_and_eow_shifted_by_one():
+    ids = word_to_char_ids("cat")
+    assert len(ids) == 50
+    # bilm-tf: [BOW 258, c, a, t, EOW 259, PAD 260 ...]; +1 everywhere so 0 can mark a padding token
+    assert ids[:6] == [259, ord("c") + 1, ord("a") + 1, ord("t") + 1, 260, 261]
+    assert set(ids[5:]) == {261}
+
+
+def test_sentence_markers_and_multibyte_words():
+    assert word_to_char_ids("<S>")[:4] == [259, 257, 260, 261]      # BOW, BOS, EOW, PAD
+    assert word_to_char_ids("</S>")[:4] == [259, 258, 260, 261]     # BOW, EOS, EOW, PAD
+    han = word_to_char_ids("한")                                     # 3 UTF-8 bytes
+    assert han[:5] == [259] + [b + 1 for b in "한".encode()] + [260]
+    long = word_to_char_ids("가" * 30)                                # 90 bytes → first 48 kept (16 syllables)
+    assert long[0] == 259 and long[1:49] == [b + 1 for b in ("가" * 16).encode()] and long[49] == 260
+
+
+def test_batch_to_ids_adds_markers_and_pads_with_zero_rows():
+    ids = batch_to_ids([["a", "b", "c"], ["d"]])
+    assert ids.shape == (2, 5, 50) and ids.dtype == torch.long
+    assert ids[1, 0].tolist() == word_to_char_ids("<S>") and ids[1, 2].tolist() == word_to_char_ids("</S>")
+    assert (ids[1, 3:] == 0).all() and (ids[0] > 0).any(-1).all()
+    with pytest.raises(TypeError, match="list of str tokens"):
+        batch_to_ids(["not split"])
+    with pytest.raises(ValueError, match="non-empty"):
+        batch_to_ids([])
+
+
+# -- sizes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected", [("small", 13_593_312), ("medium", 28_027_744), ("original", 93_600_864)])
+def test_released_model_sizes_without_softmax(name, expected):
+    with torch.device("meta"):
+        model = BiLM(preset(name))
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_bad_input_is_a_clear_error():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"\(B, T, 50\)"):
+        model(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 3, 50, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[0, 262\)"):
+        model(torch.full((1, 3, 50), 262))
+    with pytest.raises(ValueError, match="no softmax"):
+        model(batch_to_ids([["a"]]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+# -- the biLM is two language models, not a bidirectional LSTM ----------------------------------
+
+def test_no_direction_peeks():
+    model = make_model()
+    words = "the quick brown fox jumps over the lazy dog".split()
+    t = 5                                                   # position in the (B, T+2) sequence
+    changed_after = words[:t] + ["CHANGED", "words", "here"]             # positions 1..t kept (0 is <S>)
+    changed_before = ["Other", "start", "ok", "then"] + words[t - 1:]   # positions t.. kept, same length
+    with torch.no_grad():
+        base, _, _ = model(batch_to_ids([words]))
+        after, _, _ = model(batch_to_ids([changed_after]))
+        before, _, _ = model(batch_to_ids([changed_before]))
+    P = model.config.projection_dim
+    for j in range(1, 3):
+        # forward half up to t unchanged by later tokens; the backward half does change
+        torch.testing.assert_close(after[j][0, : t + 1, :P], base[j][0, : t + 1, :P], rtol=0, atol=0)
+        assert not torch.allclose(after[j][0, t, P:], base[j][0, t, P:])
+        # backward half from t on unchanged by earlier tokens; the forward half does change
+        torch.testing.assert_close(before[j][0, t:, P:], base[j][0, t:, P:], rtol=0, atol=0)
+        assert not torch.allclose(before[j][0, t, :P], base[j][0, t, :P])
+
+
+def test_stacked_bidirectional_nn_lstm_would_peek():
+    # The reason BiLM keeps two stacks: in nn.LSTM(bidirectional=True, num_layers=2) the layer-2 forward
+    # output at t depends on x[t+1:] (through layer 1's backward half). With one layer it does not.
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 4, requires_grad=True)
+    for num_layers, peeks in ((2, True), (1, False)):
+        lstm = nn.LSTM(4, 5, num_layers=num_layers, bidirectional=True, batch_first=True)
+        out, _ = lstm(x)
+        (grad,) = torch.autograd.grad(out[0, 2, :5].sum(), x)      # forward half at t = 2
+        assert (grad[0, 3:].abs().sum() > 0).item() is peeks
+
+
+def test_padding_never_changes_a_real_tokens_output():
+    model = make_model()
+    short, long = "a short one".split(), "a much longer sentence with many more words in it".split()
+    with torch.no_grad():
+        alone, _, _ = model(batch_to_ids([short]))
+        batched, mask, _ = model(batch_to_ids([long, short]))
+    n = len(short) + 2
+    assert mask[1].tolist() == [True] * n + [False] * (len(long) - len(short))
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b[1, :n], a[0], rtol=1e-5, atol=1e-6)   # same math, different batch shapes
+        assert (b[1, n:] == 0).all()
+
+
+def test_reverse_padded_reverses_within_each_length():
+    x = torch.arange(10.0).view(2, 5, 1)
+    out = reverse_padded(x, torch.tensor([5, 3]))
+    assert out[:, :, 0].tolist() == [[4, 3, 2, 1, 0], [7, 6, 5, 8, 9]]
+    torch.testing.assert_close(reverse_padded(out, torch.tensor([5, 3])), x)
+
+
+# -- loss ------------------------------------------------------------------------------------
+
+def test_eval_loss_is_full_softmax_cross_entropy_and_training_lowers_it():
+    torch.manual_seed(0)
+    V = 12
+    model = BiLM(tiny_config(vocab_size=V, n_negative_samples=0))
+    # a repetitive "corpus": each word id determines its neighbours
+    words = [f"w{i}" for i in range(V)]
+    seq = torch.tensor([list(range(s, s + 8)) for s in range(4)]) % V               # (4, 8) word ids
+    ids = batch_to_ids([[words[i] for i in row[1:-1]] for row in seq.tolist()])[:, 1:-1]   # no markers
+    nxt, prv = seq[:, 2:], seq[:, :-2]                                              # (4, 6)
+    model.eval()
+    layers, _, losses = model(ids, nxt, prv)
+    P = model.config.projection_dim
+    manual_fwd = nn.functional.cross_entropy(model.softmax(layers[-1][..., :P]).reshape(-1, V), nxt.reshape(-1))
+    manual_bwd = nn.functional.cross_entropy(model.softmax(layers[-1][..., P:]).reshape(-1, V), prv.reshape(-1))
+    torch.testing.assert_close(losses, torch.stack([manual_fwd, manual_bwd]))
+    start = losses.mean().item()
+    model.train()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.2, initial_accumulator_value=1.0)
+    for _ in range(30):
+        _, _, losses = model(ids, nxt, prv)
+        opt.zero_grad()
+        (losses.mean() * nxt.shape[1]).backward()     # bilm-tf: gradient of loss × unroll_steps
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        end = model(ids, nxt, prv)[2].mean().item()
+    assert end < 0.5 * start
+
+
+def test_sampled_softmax_trains_the_full_softmax_loss_down():
+    torch.manual_seed(0)
+    V = 200
+    model = BiLM(tiny_config(vocab_size=V, n_negative_samples=20))
+    words = [f"w{i}" for i in range(V)]
+    seq = torch.randint(0, 10, (8, 12))                                             # frequent ids only
+    seq[:, 1::2] = (seq[:, 0::2] + 1) % 10                                          # some structure
+    ids = batch_to_ids([[words[i] for i in row[1:-1]] for row in seq.tolist()])[:, 1:-1]
+    nxt, prv = seq[:, 2:], seq[:, :-2]
+    model.eval()
+    with torch.no_grad():
+        start = model(ids, nxt, prv)[2].mean().item()
+    model.train()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.2, initial_accumulator_value=1.0)
+    for _ in range(30):
+        loss = model(ids, nxt, prv)[2].mean()
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        (loss * nxt.shape[1]).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        end = model(ids, nxt, prv)[2].mean().item()
+    assert end < start - 1.0
+
+
+# -- ELMo --------------------------------------------------------------------------------------
+
+def test_scalar_mix_starts_as_an_average_and_layer_norm_uses_unmasked_elements():
+    layers = [torch.randn(2, 4, 6) * (j + 1) + j for j in range(3)]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    mix = ScalarMix(3)
+    torch.testing.assert_close(mix(layers, mask), sum(layers) / 3)
+    with torch.no_grad():
+        mix.scalar_parameters.copy_(torch.tensor([0.0, 1.0, 2.0]))
+        mix.gamma.fill_(2.0)
+    s = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    torch.testing.assert_close(mix(layers, mask), 2.0 * sum(w * h for w, h in zip(s, layers)))
+    ln = ScalarMix(3, do_layer_norm=True)
+    expected = 0
+    for h in layers:
+        real = h[mask]                                            # (n_real, 6): every unmasked element
+        expected = expected + (h - real.mean()) / real.var(unbiased=False).sqrt() / 3
+    torch.testing.assert_close(ln(layers, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_elmo_strips_markers_and_trains_only_the_mix():
+    bilm = make_model()
+    elmo = ELMo(bilm, dropout=0.0)
+    sents = [["I", "saw", "a", "play"], ["Let", "us", "play"]]
+    ids = batch_to_ids(sents)
+    reps, mask = elmo(ids)
+    assert reps.shape == (2, 4, 2 * bilm.config.projection_dim)
+    assert mask.sum(1).tolist() == [4, 3] and (reps[1, 3] == 0).all()
+    layers, _, _ = bilm(ids)
+    torch.testing.assert_close(reps[1, :3], (sum(layers) / 3)[1, 1:4])   # w = 0, γ = 1: plain average
+    reps.sum().backward()
+    assert elmo.scalar_mix.scalar_parameters.grad is not None and elmo.scalar_mix.gamma.grad is not None
+    assert all(p.grad is None for p in bilm.parameters())
+    elmo.train()
+    assert not bilm.training
+
+
+# -- bilm-tf weight files ------------------------------------------------------------------------
+
+def _tf_arrays(cfg, rng):
+    """Random weights in bilm-tf's hdf5 layout (the format of allennlp's downloads)."""
+    E, D, P, C = cfg.char_embed_dim, cfg.n_filters, cfg.projection_dim, cfg.lstm_dim
+    a = {"char_embed": rng.normal(size=(261, E))}
+    for i, (w, n) in enumerate(cfg.filters):
+        a[f"CNN/W_cnn_{i}"] = rng.normal(scale=0.5, size=(1, w, E, n))
+        a[f"CNN/b_cnn_{i}"] = rng.normal(scale=0.1, size=(n,))
+    for k in range(cfg.n_highway):
+        for name, shape in (("W_carry", (D, D)), ("W_transform", (D, D)), ("b_carry", (D,)), ("b_transform", (D,))):
+            a[f"CNN_high_{k}/{name}"] = rng.normal(scale=0.3, size=shape)
+    a["CNN_proj/W_proj"] = rng.normal(scale=0.3, size=(D, P))
+    a["CNN_proj/b_proj"] = rng.normal(scale=0.1, size=(P,))
+    for d in range(2):
+        for l in range(cfg.n_layers):
+            p = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
+            a[p + "W_0"] = rng.normal(scale=0.4, size=(2 * P, 4 * C))
+            a[p + "B"] = rng.normal(scale=0.2, size=(4 * C,))
+            a[p + "W_P_0"] = rng.normal(scale=0.4, size=(C, P))
+    return {k: v.astype(np.float32) for k, v in a.items()}
+
+
+def _numpy_bilm_top_layer(a, cfg, words):
+    """bilm-tf's forward pass written independently in NumPy, TF layouts as stored: (T, 2P) top layer."""
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))
+    chars = np.array([word_to_char_ids(w) for w in ["<S>", *words, "</S>"]]) - 1   # bilm-tf ids
+    emb = a["char_embed"][chars]                                                    # (T, 50, E)
+    feats = []
+    for i, (w, n) in enumerate(cfg.filters):
+        W = a[f"CNN/W_cnn_{i}"][0]                                                  # (w, E, n)
+        conv = np.stack([np.einsum("tke,ken->tn", emb[:, s:s + w], W) for s in range(50 - w + 1)], 1)
+        feats.append(np.maximum(conv.max(1) + a[f"CNN/b_cnn_{i}"], 0))            # relu after max
+    x = np.concatenate(feats, -1)
+    for k in range(cfg.n_highway):
+        g = sig(x @ a[f"CNN_high_{k}/W_carry"] + a[f"CNN_high_{k}/b_carry"])
+        x = g * np.maximum(x @ a[f"CNN_high_{k}/W_transform"] + a[f"CNN_high_{k}/b_transform"], 0) + (1 - g) * x
+    x = x @ a["CNN_proj/W_proj"] + a["CNN_proj/b_proj"]
+    C, P = cfg.lstm_dim, cfg.projection_dim
+    tops = []
+    for d in range(2):
+        h = x if d == 0 else x[::-1]
+        for l in range(cfg.n_layers):
+            p = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
+            m, c, out = np.zeros(P), np.zeros(C), []
+            for t in range(len(h)):
+                z = np.concatenate([h[t], m]) @ a[p + "W_0"] + a[p + "B"]
+                i, j, f, o = np.split(z, 4)
+                c = np.clip(sig(f + 1.0) * c + sig(i) * np.tanh(j), -3, 3)
+                m = np.clip((sig(o) * np.tanh(c)) @ a[p + "W_P_0"], -3, 3)
+                out.append(m)
+            h = np.array(out) + (h if l > 0 else 0)                                 # skip connection from layer 2 on
+        tops.append(h if d == 0 else h[::-1])
+    return np.concatenate(tops, -1)
+
+
+def test_load_bilm_matches_an_independent_numpy_bilm_on_a_synthetic_weight_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    cfg = tiny_config()
+    a = _tf_arrays(cfg, np.random.default_rng(0))
+    with h5py.File(tmp_path / "weights.hdf5", "w") as f:
+        for name, arr in a.items():
+            f.create_dataset(name, data=arr)
+    options = {"lstm": {"dim": cfg.lstm_dim, "projection_dim": cfg.projection_dim, "n_layers": 2, "cell_clip": 3,
+                        "proj_clip": 3, "use_skip_connections": True},
+               "char_cnn": {"activation": "relu", "embedding": {"dim": cfg.char_embed_dim},
+                            "filters": [list(f) for f in cfg.filters], "n_highway": cfg.n_highway,
+                            "n_characters": 262, "max_characters_per_token": 50}}
+    (tmp_path / "options.json").write_text(json.dumps(options))
+    model = load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
+    sents = [["Hello", "world", "!"], ["A", "longer", "sentence", "in", "this", "batch", "."]]
+    with torch.no_grad():
+        layers, _, _ = model(batch_to_ids(sents))
+    for b, words in enumerate(sents):
+        expected = _numpy_bilm_top_layer(a, cfg, words)
+        np.testing.assert_allclose(layers[-1][b, : len(words) + 2].numpy(), expected, rtol=1e-4, atol=2e-5)
+
+
+def test_load_bilm_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+    (tmp_path / "options.json").write_text("{}")
+    (tmp_path / "w.hdf5").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a bilm-tf options file"):
+        load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(ImportError, match="pip install h5py"):
+        load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_lstmp_stack_equals_torch_lstm_with_projection_when_clips_are_off():
+    # An independent implementation of the same cell: nn.LSTM(proj_size=P) given our weights (gate
+    # order i, f, g, o, forget bias 1.0 folded into its bias). The benchmark's peer is built this way.
+    from minilm.bench.elmo import CompositeBiLM
+    cfg = tiny_config(vocab_size=30, cell_clip=None, proj_clip=None)
+    torch.manual_seed(0)
+    ours = BiLM(cfg)
+    base = BiLM(cfg)
+    base.load_state_dict(ours.state_dict())
+    peer = CompositeBiLM(base)
+    chars = batch_to_ids([["some", "words", "to", "read", "here", "now"]] * 2)
+    nxt, prv = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
+    a, b = ours(chars, nxt, prv)[2], peer(chars, nxt, prv)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(a.sum(), ours.projection.weight)[0]
+    gb = torch.autograd.grad(b.sum(), base.projection.weight)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,147 @@
+"""train_elmo.py end to end, as a user runs it: subprocesses on a small corpus the tests write themselves."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_elmo.py")
+# a small, fast run: the tiny preset on 8 windows of 8 tokens, no dropout so runs can be compared
+SMALL = ["--preset", "tiny", "--batch_size", "8", "--unroll_steps", "8", "--eval_iters", "2",
+         "--log_interval", "1000", "--device", "cpu", "--dropout", "0.0"]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1")          # one thread per process: deterministic and quick
+    e.pop("RANK", None)
+    return e
+
+
+def run(*args, check=True, **kw):
+    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train_elmo.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Sentences from a little grammar: predictable enough that a biLM's loss visibly falls."""
+    rng = random.Random(0)
+    subjects = ["The king", "A fool", "My lord", "The queen", "Her daughter", "That knave"]
+    verbs = ["loves", "fears", "betrays", "serves", "mocks", "follows"]
+    objects = ["the crown", "his brother", "the sea", "a play", "the night", "our cause"]
+    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} ." for _ in range(3000)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One uninterrupted run, shared by the tests below."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    run("--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL)
+    return out
+
+
+def test_loss_falls_and_every_evaluation_is_logged(trained):
+    log = read_log(trained)
+    assert [r["iter"] for r in log] == [0, 10, 20, 30, 40]
+    for r in log:
+        assert set(r) == {"iter", "train_loss", "val_loss", "val_ppl_fwd", "val_ppl_bwd", "val_ppl"}
+        assert r["val_ppl"] == pytest.approx(np.exp(r["val_loss"]))
+        assert r["val_ppl"] == pytest.approx(np.sqrt(r["val_ppl_fwd"] * r["val_ppl_bwd"]))   # exp of the mean loss
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0
+    ckpt = load_ckpt(trained)                                                # weights_only=True loads it
+    assert ckpt["iter"] == 40 and ckpt["vocab"][:3] == ["<S>", "</S>", "<UNK>"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
+    out = str(tmp_path / "out")
+    args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(out, "ckpt.pt")):     # the checkpoint of iter 10 (or later) is in place
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert read_log(out)[-1]["iter"] < 40
+    run(*args, "--resume", "True")
+    a, b = load_ckpt(trained), load_ckpt(out)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_log(out) == read_log(trained)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
+    common = ["--data", corpus, "--max_iters", "6", "--eval_interval", "3", *SMALL]
+    run("--out_dir", str(tmp_path / "one"), *common)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        SCRIPT, "--out_dir", str(tmp_path / "two"), *common],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    one, two = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    for k in one["model"]:
+        torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-4, atol=1e-5)   # all-reduce order only
+    for r1, r2 in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
+        assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "corpus.txt"), (b"", ""), (b"\xff\xfe bad bytes \xc3\x28\n", "UTF-8")])
+def test_bad_corpus_is_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    p = run("--data", str(path), "--out_dir", str(tmp_path / "out"), check=False)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr and lines[0].startswith("train_elmo.py: ")
+    assert message.lower() in lines[0].lower()
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    for args, message in ((["--no_such_option", "1"], "unknown option"), (["--compile", "yes"], "True or False"),
+                          (["--resume", "True", "--out_dir", str(tmp_path)], "no checkpoint"),
+                          (["--embed", "x.txt", "--out_dir", str(tmp_path)], "needs a trained model")):
+        p = run(*args, check=False)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert message in p.stderr
+
+
+def test_embed_writes_features_and_context_changes_a_words_vector(trained, tmp_path):
+    text = tmp_path / "sentences.txt"
+    text.write_text("The king loves a play .\nA fool mocks the king .\nMy lord serves the king .\n", encoding="utf-8")
+    p = run("--out_dir", trained, "--embed", str(text), "--word", "king", "--device", "cpu")
+    assert "'king' in 3 contexts" in p.stdout
+    f = np.load(os.path.join(trained, "elmo_features.npz"))
+    assert int(f["n_sentences"]) == 3
+    layers, tokens = f["layers_1"], list(f["tokens_1"])
+    assert tokens == ["A", "fool", "mocks", "the", "king", "."]
+    assert layers.shape == (3, 6, 128) and f["elmo_1"].shape == (6, 128)
+    np.testing.assert_allclose(f["elmo_1"], layers.mean(0), rtol=1e-5, atol=1e-6)
+    king = [f["layers_0"][:, 1], f["layers_1"][:, 4], f["layers_2"][:, 4]]        # (3, 128) each
+    np.testing.assert_allclose(king[0][0], king[1][0], rtol=1e-6)                 # layer 0: context-free
+    assert not np.allclose(king[0][2], king[1][2], atol=1e-3)                     # top layer: depends on context

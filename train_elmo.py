@@ -1,0 +1,413 @@
+"""Train an ELMo biLM from scratch (Peters et al. 2018; allenai/bilm-tf's bin/train_elmo.py), or embed text with one.
+
+    python train_elmo.py                                        # Shakespeare, tiny model: ~3 min on a CPU, val ppl ~94
+    python train_elmo.py --data my_corpus.txt --preset small --device cuda
+    torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
+    python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
+
+Options are the names below, given as `--name value` or `--name=value` (booleans: True/False).
+
+The corpus is read one sentence per line, split into words (case kept, punctuation split off), and
+every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's LMDataset does. A batch
+is `batch_size` windows of `unroll_steps` tokens at random places in the stream; the forward LM
+predicts each window token's right neighbour, the backward LM its left neighbour (so a window reads
+unroll_steps + 2 tokens). Unlike bilm-tf, which carries the LSTM state from one batch to the next,
+every window starts from a zero state: windows are independent, so a resumed or multi-process run
+sees exactly the same batches, and the state matches what `--embed` (and the released features) use.
+Inputs are characters, so any word has a representation; only the softmax has a word vocabulary
+(`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the order the log-uniform
+sampler of the sampled softmax assumes).
+
+Everything random in an iteration (window places, dropout, softmax samples) is seeded from
+(seed, iteration, rank), so `--resume True` after a kill replays the run exactly.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------------------------
+# defaults (bilm-tf's where they make sense on a laptop; the paper's run: --preset original
+# --batch_size 128 per GPU --unroll_steps 20 --n_negative_samples 8192, 10 epochs of 1B Word Benchmark)
+data = "shakespeare"       # "shakespeare", "korean", or a UTF-8 text file / directory of them
+out_dir = "out-elmo"
+device = "cuda" if torch.cuda.is_available() else "cpu"
+preset = "tiny"            # tiny | small | medium | original (minilm.elmo.PRESETS)
+batch_size = 32            # windows per iteration, over all processes together
+unroll_steps = 20          # tokens per window (bilm-tf: 20)
+max_iters = 500
+eval_interval = 100
+eval_iters = 10            # batches per split at each evaluation
+log_interval = 25
+optimizer = "adagrad"      # adagrad (the paper's) | adam
+learning_rate = 0.0        # 0 means the optimizer's default here: adagrad 0.2 (bilm-tf), adam 1e-3
+grad_clip = 10.0           # global gradient-norm clip (bilm-tf: 10)
+dropout = 0.1
+max_vocab = 10000          # softmax vocabulary, specials included (0 = every training word)
+n_negative_samples = 2048  # sampled softmax when the vocabulary is larger than this (bilm-tf: 8192)
+val_fraction = 0.1
+seed = 1337
+compile = False            # torch.compile the model
+resume = False             # continue from out_dir/ckpt.pt
+embed = ""                 # a text file: write ELMo features of its lines (needs a trained out_dir)
+word = ""                  # --embed: the word whose contexts to compare (default: picked from the file)
+# -----------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Something the user got wrong: printed as one line, exit status 1."""
+
+
+def parse_args(argv, defaults):
+    """`--name value` / `--name=value` overrides for the defaults above, typed like the default."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r} (options look like --name value)")
+        if "=" in arg:
+            key, val = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{arg} needs a value")
+            key, val = arg[2:], argv[i + 1]
+            i += 2
+        if key not in defaults:
+            raise UsageError(f"unknown option --{key}; options: {', '.join('--' + k for k in defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if val not in ("True", "False"):
+                raise UsageError(f"--{key} must be True or False, got {val!r}")
+            out[key] = val == "True"
+        else:
+            try:
+                out[key] = kind(val)
+            except ValueError:
+                raise UsageError(f"--{key} must be a {kind.__name__}, got {val!r}") from None
+    return out
+
+
+TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")   # words (with inner apostrophes: "o'er", "I'll") or single symbols
+
+
+def tokenize(line):
+    """Case-sensitive word-level split: ELMo reads characters, so "King" and "king" stay distinct."""
+    return TOKEN.findall(line)
+
+
+def sentences_of(text):
+    return [words for words in map(tokenize, text.splitlines()) if words]
+
+
+def main(argv):
+    defaults = {k: globals()[k] for k in _CONFIG_KEYS}
+    cfg = {**defaults, **parse_args(argv, defaults)}
+    try:
+        return embed_file(cfg) if cfg["embed"] else train(cfg)
+    except (ValueError, FileNotFoundError) as e:    # minilm.data.DataError is a ValueError; library checks raise these
+        raise UsageError(str(e)) from None
+
+
+def setup_device(cfg):
+    """DDP when launched by torchrun (RANK in the environment), else one process."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = 0, 1
+    dev = cfg["device"]
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    if dev not in ("cpu", "mps") and not dev.startswith("cuda"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {dev!r}")
+    if ddp:
+        import torch.distributed as dist
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return ddp, rank, world, dev
+
+
+def train(cfg):
+    from minilm.data import load_documents, split_documents
+    from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, ELMoConfig, estimate_flops_per_token,
+                             preset as make_preset, word_to_char_ids)
+
+    ddp, rank, world, dev = setup_device(cfg)
+    master = rank == 0
+    B, T = cfg["batch_size"], cfg["unroll_steps"]
+    if B % world:
+        raise UsageError(f"--batch_size {B} must be divisible by the number of processes ({world})")
+    if T < 1 or cfg["max_iters"] < 0 or cfg["eval_interval"] < 1 or cfg["eval_iters"] < 1:
+        raise UsageError("--unroll_steps, --eval_interval and --eval_iters must be ≥ 1, --max_iters ≥ 0")
+    if cfg["optimizer"] not in ("adagrad", "adam"):
+        raise UsageError(f"--optimizer must be adagrad or adam, got {cfg['optimizer']!r}")
+    lr = cfg["learning_rate"] or {"adagrad": 0.2, "adam": 1e-3}[cfg["optimizer"]]
+    out_dir = cfg["out_dir"]
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if cfg["resume"] and not os.path.isfile(ckpt_path):
+        raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
+
+    # -- data: token stream of each split, char ids of every word type, softmax ids ----------------
+    docs = load_documents(cfg["data"])
+    train_text, val_text = split_documents(docs, cfg["val_fraction"])
+    streams = {}
+    for split, text in (("train", train_text), ("val", val_text)):
+        streams[split] = [w for s in sentences_of(text) for w in (BOS_TOKEN, *s, EOS_TOKEN)]
+        if len(streams[split]) < T + 2:
+            raise UsageError(f"the {split} split of {cfg['data']} has {len(streams[split])} tokens; "
+                             f"a window needs unroll_steps + 2 = {T + 2} (give more text or a smaller --unroll_steps)")
+    counts = Counter(w for w in streams["train"] if w not in (BOS_TOKEN, EOS_TOKEN))
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN] + ranked[: (cfg["max_vocab"] - 3) if cfg["max_vocab"] else None]
+    word_id = {w: i for i, w in enumerate(vocab)}
+    types = sorted(set(streams["train"]) | set(streams["val"]))        # every word the model reads
+    type_id = {w: i for i, w in enumerate(types)}
+    type_chars = torch.tensor([word_to_char_ids(w) for w in types], dtype=torch.long)      # (n_types, 50)
+    type_to_word = torch.tensor([word_id.get(w, word_id[UNK_TOKEN]) for w in types])        # (n_types,)
+    data = {split: torch.tensor([type_id[w] for w in s]) for split, s in streams.items()}   # type ids
+    del streams
+
+    def get_batch(split, generator, rows):
+        """The rows of one global batch (every rank draws the same starts, keeps its own rows)."""
+        d = data[split]
+        starts = torch.randint(len(d) - T - 1, (B,), generator=generator)[rows]    # (b,)
+        window = d[starts[:, None] + torch.arange(T + 2)]                     # (b, T+2) type ids
+        chars = type_chars[window[:, 1:-1]]                                   # (b, T, 50): the inputs
+        words = type_to_word[window]                                          # (b, T+2) softmax ids
+        nxt, prev = words[:, 2:], words[:, :-2]                               # (b, T) each
+        return chars.to(dev), nxt.to(dev), prev.to(dev)
+
+    rows = slice(rank * (B // world), (rank + 1) * (B // world))
+
+    # -- model and optimizer ------------------------------------------------------------------------
+    checkpoint = None
+    if cfg["resume"]:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if checkpoint["vocab"] != vocab:
+            raise UsageError(f"{ckpt_path} was trained with another vocabulary: resume it with the same --data and --max_vocab")
+        config = ELMoConfig.from_dict(checkpoint["config"])
+    else:
+        config = make_preset(cfg["preset"], vocab_size=len(vocab), dropout=cfg["dropout"],
+                             n_negative_samples=cfg["n_negative_samples"])
+    torch.manual_seed(cfg["seed"])
+    model = BiLM(config).to(dev)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+    if cfg["optimizer"] == "adagrad":   # bilm-tf: AdagradOptimizer(lr, initial_accumulator_value=1.0)
+        opt = torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=1.0)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if checkpoint:
+        opt.load_state_dict(checkpoint["optimizer"])
+    raw_model = model
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model)
+    start_iter = checkpoint["iter"] if checkpoint else 0
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    softmax = "full" if not 0 < config.n_negative_samples < len(vocab) else f"sampled ({config.n_negative_samples})"
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"data {cfg['data']}: {len(data['train']):,} train / {len(data['val']):,} val tokens, "
+              f"{len(types):,} word types, softmax vocabulary {len(vocab):,} ({softmax} softmax in training)")
+        print(f"model {cfg['preset'] if not checkpoint else 'from checkpoint'}: {n_params:,} parameters "
+              f"({n_params - (len(vocab) * (config.projection_dim + 1)):,} without the softmax); "
+              f"{world} process(es), device {dev}, global batch {B} × {T} tokens")
+    flops_per_token = estimate_flops_per_token(config, len(vocab))
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean full-softmax loss per direction on eval_iters fixed batches of each split (the same every time)."""
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            g = torch.Generator().manual_seed(cfg["seed"] + (1 if split == "train" else 2))
+            total = torch.zeros(2, device=dev)
+            for _ in range(cfg["eval_iters"]):
+                chars, nxt, prev = get_batch(split, g, rows)
+                total += raw_model(chars, nxt, prev)[2]
+            if ddp:
+                torch.distributed.all_reduce(total)
+            out[split] = (total / (cfg["eval_iters"] * world)).tolist()     # [fwd, bwd], nats
+        model.train()
+        return out
+
+    def save_checkpoint(it):
+        """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
+        state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
+                 "vocab": vocab, "iter": it, "train_config": {k: v for k, v in cfg.items()}}
+        tmp = ckpt_path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt_path)
+
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master and checkpoint and os.path.exists(log_path):
+        # drop evaluations logged after the checkpoint (a kill between logging and saving): they are redone
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= start_iter]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    elif master and not checkpoint and os.path.exists(log_path):
+        os.remove(log_path)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    model.train()
+    t0, tokens_since = time.time(), 0
+    for it in range(start_iter, cfg["max_iters"] + 1):
+        if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_iter):
+            losses = estimate_loss()
+            if master:
+                (tf, tb), (vf, vb) = losses["train"], losses["val"]
+                record = {"iter": it, "train_loss": (tf + tb) / 2, "val_loss": (vf + vb) / 2,
+                          "val_ppl_fwd": math.exp(vf), "val_ppl_bwd": math.exp(vb), "val_ppl": math.exp((vf + vb) / 2)}
+                print(f"eval {it}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                      f"val ppl {record['val_ppl']:.1f} (fwd {record['val_ppl_fwd']:.1f}, bwd {record['val_ppl_bwd']:.1f})",
+                      flush=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if it > 0:
+                    save_checkpoint(it)
+            t0, tokens_since = time.time(), 0
+        if it == cfg["max_iters"]:
+            break
+
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)         # window places: same on every rank
+        torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank + 1)      # dropout and softmax samples: per rank
+        chars, nxt, prev = get_batch("train", g, rows)
+        _, _, losses = model(chars, nxt, prev)
+        loss = losses.mean()                          # paper: ½ (forward + backward) negative log-likelihood
+        opt.zero_grad(set_to_none=True)
+        (loss * T).backward()                         # bilm-tf differentiates loss × unroll_steps (a sum over time)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+
+        tokens_since += B * T
+        if master and (it + 1) % cfg["log_interval"] == 0:
+            dt = time.time() - t0
+            tok_s = tokens_since / max(dt, 1e-9)
+            print(f"iter {it + 1}: loss {loss.item():.4f} (fwd {losses[0].item():.3f}, bwd {losses[1].item():.3f}), "
+                  f"grad norm {grad_norm.item():.2f}, {tok_s:,.0f} tokens/s, "
+                  f"{tok_s * flops_per_token / 1e9:.1f} model GFLOP/s", flush=True)
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# --embed: ELMo features of a text file, and a look at how context changes a word's vector
+
+
+def embed_file(cfg):
+    from minilm.data import load_documents
+    from minilm.elmo import BiLM, ELMo, ELMoConfig, batch_to_ids
+
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"--embed needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
+    dev = cfg["device"]
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    bilm = BiLM(ELMoConfig.from_dict(checkpoint["config"]))
+    bilm.load_state_dict(checkpoint["model"])
+    elmo = ELMo(bilm.to(dev), dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
+
+    text = "\n".join(t for _, t in load_documents(cfg["embed"]))
+    sentences = sentences_of(text)
+    if not sentences:
+        raise UsageError(f"{cfg['embed']} has no words to embed")
+    arrays, top = {}, []
+    with torch.no_grad():
+        for i in range(0, len(sentences), 64):
+            batch = sentences[i: i + 64]
+            ids = batch_to_ids(batch).to(dev)
+            layers, _, _ = bilm(ids)                                   # [(b, T+2, 2P)] × (n_layers + 1)
+            mixed, _ = elmo(ids)                                       # (b, T, 2P)
+            for b, words in enumerate(batch):
+                n = len(words)
+                k = i + b
+                arrays[f"tokens_{k}"] = np.array(words)
+                arrays[f"layers_{k}"] = torch.stack([h[b, 1:n + 1] for h in layers]).cpu().numpy()   # (L+1, n, 2P)
+                arrays[f"elmo_{k}"] = mixed[b, :n].cpu().numpy()                                     # (n, 2P)
+                top.append(layers[-1][b, 1:n + 1].cpu())
+    out_path = os.path.join(cfg["out_dir"], "elmo_features.npz")
+    np.savez(out_path, n_sentences=len(sentences), **arrays)
+    print(f"wrote ELMo features of {len(sentences)} sentences to {out_path}: per sentence i, tokens_i, "
+          f"layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}) and elmo_i (their average)")
+    show_contexts(cfg, sentences, top, bilm)
+    return 0
+
+
+def show_contexts(cfg, sentences, top, bilm):
+    """The same word in different sentences: one vector in layer 0, different ones in the top biLM layer."""
+    where = {}
+    for s, words in enumerate(sentences):
+        for t, w in enumerate(words):
+            where.setdefault(w, []).append((s, t))
+    if cfg["word"]:
+        if cfg["word"] not in where:
+            raise UsageError(f"--word {cfg['word']!r} does not occur in {cfg['embed']}")
+        target = cfg["word"]
+    else:   # the alphabetic word found in the most different sentences
+        candidates = [w for w in where if w.isalpha() and len({s for s, _ in where[w]}) >= 2]
+        if not candidates:
+            print("no word occurs in two different sentences: nothing to compare")
+            return
+        target = max(candidates, key=lambda w: (len({s for s, _ in where[w]}), w))
+    occ = where[target][:12]
+    vecs = torch.nn.functional.normalize(torch.stack([top[s][t] for s, t in occ]), dim=-1)
+    sim = vecs @ vecs.t()                                                  # (n, n) cosine similarity
+    print(f"\n{target!r} in {len(occ)} contexts (cosine similarity of top-layer biLM vectors; "
+          f"the context-free layer 0 gives 1.00 for every pair):")
+    for a, (s, t) in enumerate(occ):
+        others = [b for b in range(len(occ)) if occ[b][0] != s]
+        ctx = " ".join(sentences[s][max(0, t - 6): t + 7])
+        if others:
+            b = max(others, key=lambda b: sim[a, b].item())
+            near = " ".join(sentences[occ[b][0]][max(0, occ[b][1] - 6): occ[b][1] + 7])
+            print(f"  [{a}] {ctx[:70]!r}\n      nearest: [{b}] {near[:70]!r} (cos {sim[a, b].item():.2f})")
+        else:
+            print(f"  [{a}] {ctx[:70]!r}")
+    print("  cosine matrix:\n" + "\n".join("   " + " ".join(f"{v:5.2f}" for v in row) for row in sim.tolist()))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(sim.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_title(f"'{target}': cosine similarity across contexts (top biLM layer)", fontsize=8)
+    ax.set_xlabel("occurrence")
+    ax.set_ylabel("occurrence")
+    fig.colorbar(im)
+    path = os.path.join(cfg["out_dir"], "elmo_contexts.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"plot: {path}")
+
+
+_CONFIG_KEYS = [k for k, v in list(globals().items())
+                if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UsageError as e:
+        print(f"train_elmo.py: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("train_elmo.py: interrupted", file=sys.stderr)
+        sys.exit(130)
