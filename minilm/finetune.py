@@ -420,6 +420,8 @@ def builtin_task(task, seed=1337, docs=None, sizes=BUILTIN_SIZES):
             starts = {g: _windows(works, width, g) for g in range(len(GENRES))}
         else:
             starts = _windows(works, width)
+        if not all((starts.values() if isinstance(starts, dict) else [starts])):
+            raise DataError(f"the corpus is too small to make {task} examples from its {split} split")
         result.append([_builtin_example(task, works, starts, rng) for _ in range(sizes[split])])
     return result[0], result[1]
 
@@ -466,3 +468,277 @@ def _builtin_example(task, works, starts, rng):
     order = list(range(4))
     rng.shuffle(order)
     return ("\n".join(ls[i:i + 4]), [choices[k] for k in order]), order.index(0)
+
+
+# --------------------------------------------------------------------------------------------
+# The fine-tuning loop (train_gpt1.py --task ...)
+
+# The paper's fine-tuning recipe (§4.1 "Fine-tuning details"; train.py defaults): lr 6.25e-5, batch 32,
+# 3 epochs, linear warmup over 0.2% of training then linear decay, clipping at 1, clf dropout 0.1, λ 0.5.
+DEFAULTS = dict(
+    task=None,  # classification | entailment | similarity | multiple_choice
+    task_data="builtin",  # "builtin" (= "shakespeare"), a JSONL file, or a directory with train.jsonl + val.jsonl
+    init_from=None,  # a pre-training out_dir (ckpt.pt + tokenizer); None = train from scratch (no pre-training)
+    out_dir=None,  # default: out-finetune-<task>
+    lm_coef=0.5, clf_pdrop=0.1, n_class=None,  # n_class None: the largest label + 1
+    learning_rate=6.25e-5, batch_size=32, epochs=3, max_iters=None,  # max_iters None: epochs over the train set
+    warmup_fraction=0.002, weight_decay=0.01, beta1=0.9, beta2=0.999, grad_clip=1.0,
+    eval_interval=None, log_interval=10,  # eval_interval None: once an epoch
+    val_fraction=0.1,  # held out of a single JSONL file
+    seed=1337, device="auto", dtype="auto", resume=False,
+    # from scratch only (no --init_from): the model and the tokenizer trained on the task's train text
+    preset="auto", vocab_size=None, n_layer=None, n_head=None, n_embd=None, block_size=None,
+    dropout=None,  # the Transformer's dropout; with --init_from, the pre-trained config's unless given
+)
+SCRATCH_VOCAB = {"gpt1": 40478, "cpu-small": 2048, "cpu-tiny": 256}  # as train_gpt1.py's TRAIN_PRESETS
+CKPT = "ckpt.pt"
+
+
+def lr_at(it, total, opts):
+    """opt.py's warmup_linear: up linearly over the first warmup_fraction of the updates (at least one),
+    then down linearly, reaching 0 after the last update."""
+    warmup = max(1, math.ceil(opts["warmup_fraction"] * total))
+    lr = opts["learning_rate"]
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    return lr * (total - it) / max(1, total - warmup)
+
+
+def _save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash leaves the old checkpoint or the new one, never half of one
+
+
+def _load_checkpoint(path, what):
+    if not os.path.isfile(path):
+        raise DataError(f"{what}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise DataError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _pretrained(init_from, opts):
+    """(GPT1, tokenizer) of a pre-training out_dir: ckpt.pt's model_config and weights, its tokenizer files."""
+    ckpt = _load_checkpoint(os.path.join(init_from, CKPT), f"--init_from {init_from}")
+    if "task_config" in ckpt:
+        raise DataError(f"--init_from {init_from} is a fine-tuning run, not a pre-training one")
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise DataError(f"--init_from {init_from}: {CKPT} has no model or model_config (not a train_gpt1.py checkpoint)")
+    tok_dir = next((d for d in (init_from, os.path.join(init_from, ckpt.get("data_dir", "data")))
+                    if os.path.isfile(os.path.join(d, "vocab.json"))), None)
+    if tok_dir is None:
+        raise DataError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) beside the checkpoint")
+    tokenizer = BPETokenizer.load(tok_dir)
+    gconf = GPT1Config(**ckpt["model_config"])
+    if tokenizer.vocab_size != gconf.vocab_size:
+        raise DataError(f"--init_from {init_from}: the tokenizer has {tokenizer.vocab_size} tokens, the model {gconf.vocab_size}")
+    model = GPT1(gconf)
+    model.load_state_dict(ckpt["model"])
+    if opts["dropout"] is not None:
+        p = opts["dropout"]
+        for mod in model.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = p
+        model.config.embd_pdrop = model.config.attn_pdrop = model.config.resid_pdrop = p
+    return model, tokenizer
+
+
+def _scratch_config(opts, vocab_size, device_type):
+    preset = opts["preset"] if opts["preset"] != "auto" else ("gpt1" if device_type == "cuda" else "cpu-small")
+    overrides = {"vocab_size": vocab_size}
+    for opt, field in (("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"), ("block_size", "n_ctx")):
+        if opts[opt] is not None:
+            overrides[field] = opts[opt]
+    if opts["dropout"] is not None:
+        overrides.update(embd_pdrop=opts["dropout"], attn_pdrop=opts["dropout"], resid_pdrop=opts["dropout"])
+    return config_from_preset(preset, **overrides)
+
+
+def finetune(options, print_fn=print):
+    """Fine-tune GPT-1 on a task; options are DEFAULTS' names (train_gpt1.py passes its command line's).
+
+    Writes out_dir/ckpt.pt (atomically, at every evaluation), the tokenizer (vocab.json + merges.txt)
+    and log.jsonl (one line per evaluation, with val_accuracy). resume=True continues exactly: the batches
+    of step `it` are a function of (seed, epoch), and the checkpoint holds the optimizer and RNG state.
+    Returns the last evaluation's record.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"option(s) not used when fine-tuning: {', '.join('--' + k for k in unknown)}")
+    given = dict(options)
+    opts = {**DEFAULTS, **given}
+    out_dir = opts["out_dir"] or f"out-finetune-{opts['task']}"
+    ckpt_path = os.path.join(out_dir, CKPT)
+    ckpt = None
+    if opts["resume"]:
+        ckpt = _load_checkpoint(ckpt_path, "--resume True")
+        if "task_config" not in ckpt:
+            raise DataError(f"--resume True: {ckpt_path} is not a fine-tuning checkpoint")
+        opts = {**ckpt["options"], **given, "resume": True}
+    opts["out_dir"] = out_dir
+    task = opts["task"]
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    for name in ("batch_size", "epochs", "log_interval"):
+        if not _is_int(opts[name]) or opts[name] < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {opts[name]!r}")
+    if opts["lm_coef"] < 0 or not 0 <= opts["clf_pdrop"] < 1:
+        raise ValueError("--lm_coef must be >= 0 and --clf_pdrop in [0, 1)")
+
+    device = opts["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = opts["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {dtype}: fine-tuning runs in float32 or bfloat16")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else torch.autocast(device_type, enabled=False))
+
+    # --- data and tokenizer --------------------------------------------------------------------------
+    train_ex, val_ex = load_task(task, opts["task_data"], opts["seed"], opts["val_fraction"])
+    torch.manual_seed(opts["seed"])
+    if ckpt:  # the run's own tokenizer and model shape
+        tokenizer = BPETokenizer.load(out_dir)
+        gconf = GPT1Config(**ckpt["model_config"])
+        base = GPT1(gconf)
+    elif opts["init_from"]:
+        base, tokenizer = _pretrained(opts["init_from"], opts)
+        base.add_tokens(len(SPECIAL_TOKENS))
+    else:  # no pre-training: a tokenizer learned on the task's training text, a randomly initialised model
+        preset = opts["preset"] if opts["preset"] != "auto" else ("gpt1" if device_type == "cuda" else "cpu-small")
+        tokenizer = BPETokenizer.train(task_text(train_ex), opts["vocab_size"] or SCRATCH_VOCAB.get(preset, 2048))
+        base = GPT1(_scratch_config(opts, tokenizer.vocab_size + len(SPECIAL_TOKENS), device_type))
+    sp = Specials.after(tokenizer.vocab_size)
+    n_ctx = base.config.n_ctx
+    train_seqs, train_labels = encode_examples(train_ex, task, tokenizer, n_ctx, sp)
+    val_seqs, val_labels = encode_examples(val_ex, task, tokenizer, n_ctx, sp)
+
+    if task in ("classification", "entailment"):
+        n_class = opts["n_class"] or max(train_labels + val_labels) + 1
+        if n_class < 2:
+            raise DataError(f"--task {task} needs at least two classes; every label is 0")
+        if max(train_labels + val_labels) >= n_class:
+            raise DataError(f"a label is out of range for --n_class {n_class} (largest label {max(train_labels + val_labels)})")
+    else:
+        n_class = 2 if task == "similarity" else len(train_seqs[0])
+    tconf = TaskConfig(task=task, n_class=n_class, clf_pdrop=opts["clf_pdrop"], lm_coef=opts["lm_coef"])
+    model = GPT1Classifier(base, tconf).to(device)
+
+    B = opts["batch_size"]
+    steps_per_epoch = math.ceil(len(train_seqs) / B)
+    total = opts["max_iters"] or opts["epochs"] * steps_per_epoch
+    eval_interval = opts["eval_interval"] or steps_per_epoch
+
+    # AdamW: weight decay decoupled from the gradient (opt.py: p -= lr·(adam_step + l2·p)) on matrices only.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=opts["learning_rate"], betas=(opts["beta1"], opts["beta2"]), eps=1e-8)
+    iter_num = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num = ckpt["iter_num"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        tokenizer.save(out_dir)
+
+    def train_batch(it):
+        """Step `it`'s examples: epoch it // steps_per_epoch visits the train set in a (seed, epoch) order."""
+        epoch, j = divmod(it, steps_per_epoch)
+        order = np.random.default_rng([opts["seed"], epoch]).permutation(len(train_seqs))
+        chosen = order[j * B:(j + 1) * B]
+        idx, mask = collate([train_seqs[i] for i in chosen], device)
+        return idx, mask, torch.tensor([train_labels[i] for i in chosen], device=device)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        correct, loss_sum = 0, 0.0
+        for i in range(0, len(val_seqs), B):
+            idx, mask = collate(val_seqs[i:i + B], device)
+            labels = torch.tensor(val_labels[i:i + B], device=device)
+            with autocast:
+                logits, _ = model(idx, mask)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+        model.train()
+        return correct / len(val_seqs), loss_sum / len(val_seqs)
+
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if ckpt:  # forget what the interrupted run logged after its last checkpoint
+        keep = []
+        if os.path.exists(log_path):
+            with open(log_path, encoding="utf-8") as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
+        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(log_path + ".tmp", log_path)
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    chance = max(np.bincount(val_labels)) / len(val_labels)
+    print_fn(f"fine-tuning GPT-1 ({base.num_params():,} parameters, {base.config.n_layer} layers × {base.config.n_embd}, "
+             f"n_ctx {n_ctx}) for {task}: {len(train_seqs):,} train / {len(val_seqs):,} val examples, "
+             f"{n_class if task != 'multiple_choice' else str(n_class) + ' choices'}, majority class {chance:.1%}; "
+             f"{'from ' + opts['init_from'] if opts['init_from'] else 'no pre-training'}, λ = {opts['lm_coef']}; "
+             f"{total} steps of {B}" + (f"; resuming at step {iter_num}" if ckpt else ""))
+
+    model.train()
+    sums, n_sum, record, first_iter = np.zeros(3), 0, None, iter_num
+    while True:
+        if (iter_num % eval_interval == 0 or iter_num == total) and not (ckpt and iter_num == first_iter):
+            acc, val_loss = evaluate()
+            record = {"iter": iter_num, "epoch": round(iter_num / steps_per_epoch, 3),
+                      "train_loss": float(sums[0] / n_sum) if n_sum else None,
+                      "train_clf_loss": float(sums[1] / n_sum) if n_sum else None,
+                      "train_lm_loss": float(sums[2] / n_sum) if n_sum and opts["lm_coef"] else None,
+                      "val_loss": val_loss, "val_accuracy": acc}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            print_fn(f"eval step {iter_num}: val accuracy {acc:.4f}, val loss {val_loss:.4f}")
+            sums, n_sum = np.zeros(3), 0
+            if iter_num > first_iter:
+                _save_atomic({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                    "rng": {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                    "model_config": asdict(base.config), "task_config": asdict(tconf),
+                    "special_tokens": {name: base.config.vocab_size - len(SPECIAL_TOKENS) + k
+                                       for k, name in enumerate(SPECIAL_TOKENS)},
+                    "options": {k: opts[k] for k in DEFAULTS},
+                }, ckpt_path)
+        if iter_num >= total:
+            break
+
+        lr = lr_at(iter_num, total, opts)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        idx, mask, labels = train_batch(iter_num)
+        with autocast:
+            logits, clf_loss, lm_loss = model.losses(idx, mask, labels)
+            loss = clf_loss if lm_loss is None else clf_loss + tconf.lm_coef * lm_loss  # L3 (paper eq. 5)
+        loss.backward()
+        if opts["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opts["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums += [loss.item(), clf_loss.item(), lm_loss.item() if lm_loss is not None else 0.0]
+        n_sum += 1
+        iter_num += 1
+        if iter_num % opts["log_interval"] == 0:
+            print_fn(f"step {iter_num}/{total}: loss {loss.item():.4f} (clf {clf_loss.item():.4f}"
+                     + (f", lm {lm_loss.item():.4f}" if lm_loss is not None else "")
+                     + f"), lr {lr:.2e}, {(time.time() - t0) * 1e3:.0f} ms")
+    return record
