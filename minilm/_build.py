@@ -30,19 +30,30 @@ def cuda_sources():
     return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
 
 
+def cxx_std():
+    """The C++ standard that the installed torch's headers ask for: C++17 up to torch 2.13, C++20 after."""
+    import torch
+    aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten, encoding="utf-8", errors="replace") as f:
+            return "-std=c++20" if "C++20 or later" in f.read(4096) else "-std=c++17"
+    except OSError:
+        return "-std=c++17"
+
+
 def cxx_flags(with_cuda=False):
     # -march=native: the extension is compiled on the machine that runs it (pip install -e . or
     # the JIT), so the compiler may use every vector unit it has (AVX2/AVX-512 on x86).
     # MINILM_ARCH_FLAGS overrides it, e.g. for a wheel that must run on older CPUs.
     arch = os.environ.get("MINILM_ARCH_FLAGS", "-march=native").split()
-    flags = ["-O3", "-std=c++17", "-fopenmp", *arch]
+    flags = ["-O3", cxx_std(), "-fopenmp", *arch]
     if with_cuda:
         flags.append("-DMINILM_WITH_CUDA")
     return flags
 
 
 def nvcc_flags():
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    return ["-O3", cxx_std(), "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DMINILM_WITH_CUDA"]
 
 
