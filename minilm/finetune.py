@@ -60,9 +60,13 @@ TASK_FIELDS = {  # the fields of one JSONL example, label last
 }
 
 
+class FinetuneError(DataError):
+    """A wrong option or task file: a one-line message for the user (train_gpt1.py prints it and exits 1)."""
+
+
 def _check_task(task):
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise FinetuneError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +89,7 @@ def max_part_len(n_ctx, n_parts):
     """How many tokens of each part a sequence keeps (see the module docstring)."""
     max_len = n_ctx - 2 if n_parts == 1 else n_ctx // 2 - 2
     if max_len < 1:
-        raise ValueError(f"n_ctx={n_ctx} leaves no room for text between the special tokens")
+        raise FinetuneError(f"n_ctx={n_ctx} leaves no room for text between the special tokens")
     return max_len
 
 
@@ -512,28 +516,28 @@ def _save_atomic(obj, path):
 
 def _load_checkpoint(path, what):
     if not os.path.isfile(path):
-        raise DataError(f"{what}: no checkpoint at {path}")
+        raise FinetuneError(f"{what}: no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
-        raise DataError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise FinetuneError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _pretrained(init_from, opts):
     """(GPT1, tokenizer) of a pre-training out_dir: ckpt.pt's model_config and weights, its tokenizer files."""
     ckpt = _load_checkpoint(os.path.join(init_from, CKPT), f"--init_from {init_from}")
     if "task_config" in ckpt:
-        raise DataError(f"--init_from {init_from} is a fine-tuning run, not a pre-training one")
+        raise FinetuneError(f"--init_from {init_from} is a fine-tuning run, not a pre-training one")
     if "model" not in ckpt or "model_config" not in ckpt:
-        raise DataError(f"--init_from {init_from}: {CKPT} has no model or model_config (not a train_gpt1.py checkpoint)")
+        raise FinetuneError(f"--init_from {init_from}: {CKPT} has no model or model_config (not a train_gpt1.py checkpoint)")
     tok_dir = next((d for d in (init_from, os.path.join(init_from, ckpt.get("data_dir", "data")))
                     if os.path.isfile(os.path.join(d, "vocab.json"))), None)
     if tok_dir is None:
-        raise DataError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) beside the checkpoint")
+        raise FinetuneError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) beside the checkpoint")
     tokenizer = BPETokenizer.load(tok_dir)
     gconf = GPT1Config(**ckpt["model_config"])
     if tokenizer.vocab_size != gconf.vocab_size:
-        raise DataError(f"--init_from {init_from}: the tokenizer has {tokenizer.vocab_size} tokens, the model {gconf.vocab_size}")
+        raise FinetuneError(f"--init_from {init_from}: the tokenizer has {tokenizer.vocab_size} tokens, the model {gconf.vocab_size}")
     model = GPT1(gconf)
     model.load_state_dict(ckpt["model"])
     if opts["dropout"] is not None:
@@ -566,7 +570,7 @@ def finetune(options, print_fn=print):
     """
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"option(s) not used when fine-tuning: {', '.join('--' + k for k in unknown)}")
+        raise FinetuneError(f"option(s) not used when fine-tuning: {', '.join('--' + k for k in unknown)}")
     given = dict(options)
     opts = {**DEFAULTS, **given}
     out_dir = opts["out_dir"] or f"out-finetune-{opts['task']}"
@@ -575,29 +579,34 @@ def finetune(options, print_fn=print):
     if opts["resume"]:
         ckpt = _load_checkpoint(ckpt_path, "--resume True")
         if "task_config" not in ckpt:
-            raise DataError(f"--resume True: {ckpt_path} is not a fine-tuning checkpoint")
+            raise FinetuneError(f"--resume True: {ckpt_path} is not a fine-tuning checkpoint")
         opts = {**ckpt["options"], **given, "resume": True}
     opts["out_dir"] = out_dir
     task = opts["task"]
+    if opts["init_from"] or ckpt:
+        fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size") if k in given]
+        if fixed:
+            raise FinetuneError(f"--{fixed[0]}: the model's shape and tokenizer come from "
+                                + ("the checkpoint being resumed" if ckpt else f"--init_from {opts['init_from']}"))
     if task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise FinetuneError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     for name in ("batch_size", "epochs", "log_interval"):
         if not _is_int(opts[name]) or opts[name] < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {opts[name]!r}")
+            raise FinetuneError(f"--{name} must be a positive integer, got {opts[name]!r}")
     if opts["lm_coef"] < 0 or not 0 <= opts["clf_pdrop"] < 1:
-        raise ValueError("--lm_coef must be >= 0 and --clf_pdrop in [0, 1)")
+        raise FinetuneError("--lm_coef must be >= 0 and --clf_pdrop in [0, 1)")
 
     device = opts["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA device")
+        raise FinetuneError(f"--device {device}: torch sees no CUDA device")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = opts["dtype"]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {dtype}: fine-tuning runs in float32 or bfloat16")
+        raise FinetuneError(f"--dtype {dtype}: fine-tuning runs in float32 or bfloat16")
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else torch.autocast(device_type, enabled=False))
 
@@ -614,7 +623,10 @@ def finetune(options, print_fn=print):
     else:  # no pre-training: a tokenizer learned on the task's training text, a randomly initialised model
         preset = opts["preset"] if opts["preset"] != "auto" else ("gpt1" if device_type == "cuda" else "cpu-small")
         tokenizer = BPETokenizer.train(task_text(train_ex), opts["vocab_size"] or SCRATCH_VOCAB.get(preset, 2048))
-        base = GPT1(_scratch_config(opts, tokenizer.vocab_size + len(SPECIAL_TOKENS), device_type))
+        try:
+            base = GPT1(_scratch_config(opts, tokenizer.vocab_size + len(SPECIAL_TOKENS), device_type))
+        except ValueError as e:  # an unknown preset, n_embd not divisible by n_head, ...
+            raise FinetuneError(str(e)) from None
     sp = Specials.after(tokenizer.vocab_size)
     n_ctx = base.config.n_ctx
     train_seqs, train_labels = encode_examples(train_ex, task, tokenizer, n_ctx, sp)
@@ -623,9 +635,9 @@ def finetune(options, print_fn=print):
     if task in ("classification", "entailment"):
         n_class = opts["n_class"] or max(train_labels + val_labels) + 1
         if n_class < 2:
-            raise DataError(f"--task {task} needs at least two classes; every label is 0")
+            raise FinetuneError(f"--task {task} needs at least two classes; every label is 0")
         if max(train_labels + val_labels) >= n_class:
-            raise DataError(f"a label is out of range for --n_class {n_class} (largest label {max(train_labels + val_labels)})")
+            raise FinetuneError(f"a label is out of range for --n_class {n_class} (largest label {max(train_labels + val_labels)})")
     else:
         n_class = 2 if task == "similarity" else len(train_seqs[0])
     tconf = TaskConfig(task=task, n_class=n_class, clf_pdrop=opts["clf_pdrop"], lm_coef=opts["lm_coef"])

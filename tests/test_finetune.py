@@ -333,3 +333,44 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert open(tmp_path / "a" / "log.jsonl").read() == open(tmp_path / "b" / "log.jsonl").read()
+
+
+# --- through train_gpt1.py ------------------------------------------------------------------------------
+
+def test_train_gpt1_finetunes_a_pretrained_run_and_reports_a_bad_task_file_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+
+    def run(*args):
+        return subprocess.run([sys.executable, os.path.join(root, "train_gpt1.py"), *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(json.loads(line)["text"] for line in open(tmp_path / "data" / "train.jsonl")) * 4)
+    pre = run("--data", str(corpus), "--out_dir", str(tmp_path / "pre"), "--preset", "cpu-tiny", "--vocab_size", "60",
+              "--max_iters", "2", "--eval_iters", "1", "--max_new_tokens", "0")
+    assert pre.returncode == 0, pre.stderr[-2000:]
+
+    # lr 0: the fine-tuned Transformer must still be exactly the pre-trained one, plus three rows
+    ft_run = run("--task", "classification", "--task_data", data, "--init_from", str(tmp_path / "pre"),
+                 "--out_dir", str(tmp_path / "ft"), "--learning_rate", "0", "--max_iters", "2", "--batch_size", "16")
+    assert ft_run.returncode == 0, ft_run.stderr[-2000:]
+    pre_sd = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)["model"]
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    for k, v in pre_sd.items():
+        w = ckpt["model"]["transformer." + k]
+        assert torch.equal(w[:v.shape[0]], v), k
+    assert ckpt["model"]["transformer.tokens_embed.weight"].shape[0] == pre_sd["tokens_embed.weight"].shape[0] + 3
+    assert "val_accuracy" in json.loads(open(tmp_path / "ft" / "log.jsonl").readlines()[-1])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n{"text": "e", "lab": 1}\n')
+    err = run("--task", "classification", "--task_data", str(bad), "--out_dir", str(tmp_path / "bad"))
+    assert err.returncode == 1
+    assert err.stderr.strip() == f"train_gpt1.py: error: {bad}:3: missing field 'label' (a classification example has text, label)"
