@@ -702,7 +702,7 @@ def finetune(options, print_fn=print):
     chance = max(np.bincount(val_labels)) / len(val_labels)
     print_fn(f"fine-tuning GPT-1 ({base.num_params():,} parameters, {base.config.n_layer} layers × {base.config.n_embd}, "
              f"n_ctx {n_ctx}) for {task}: {len(train_seqs):,} train / {len(val_seqs):,} val examples, "
-             f"{n_class if task != 'multiple_choice' else str(n_class) + ' choices'}, majority class {chance:.1%}; "
+             f"{n_class} {'choices' if task == 'multiple_choice' else 'classes'}, majority class {chance:.1%}; "
              f"{'from ' + opts['init_from'] if opts['init_from'] else 'no pre-training'}, λ = {opts['lm_coef']}; "
              f"{total} steps of {B}" + (f"; resuming at step {iter_num}" if ckpt else ""))
 
