@@ -5,6 +5,7 @@
     python train_gpt1.py --resume True --out_dir out-mine   # continue exactly where it stopped
     python train_gpt1.py --sample True --out_dir out-mine --start "To be"
     torchrun --standalone --nproc_per_node 4 train_gpt1.py  # DDP: the same run, split four ways
+    python train_gpt1.py --task classification --init_from out-gpt1   # fine-tune it (minilm/finetune.py)
 
 Options are `--name value` or `--name=value` (booleans True/False); every name in DEFAULTS below is one.
 The recipe is the paper's (Radford et al. 2018, §4.1; opt.py): Adam(W) with β = (0.9, 0.999),
@@ -62,10 +63,17 @@ DEFAULTS = dict(
     resume=False,  # continue from out_dir/ckpt.pt
     # sampling (at the end of training, or alone with --sample True)
     sample=False, start="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
+    # fine-tuning (paper §3.2-3.3): --task switches to minilm.finetune, whose defaults are the paper's
+    # (lr 6.25e-5, batch 32, 3 epochs, warmup 0.2%, λ 0.5); see minilm/finetune.py's DEFAULTS
+    task=None,  # classification | entailment | similarity | multiple_choice
+    task_data="builtin",  # "builtin" (Shakespeare tasks), a JSONL file, or a directory with train/val.jsonl
+    init_from=None,  # a pre-training out_dir; without it, the "no pre-training" ablation
+    lm_coef=0.5, clf_pdrop=0.1, n_class=None, epochs=None, warmup_fraction=0.002,
 )
 TYPES = dict(vocab_size=int, n_layer=int, n_head=int, n_embd=int, block_size=int, dropout=float,
              batch_size=int, gradient_accumulation_steps=int, max_iters=int, learning_rate=float,
-             warmup_iters=int, lr_decay_iters=int, eval_interval=int, eval_iters=int, log_interval=int)
+             warmup_iters=int, lr_decay_iters=int, eval_interval=int, eval_iters=int, log_interval=int,
+             task=str, init_from=str, n_class=int, epochs=int)
 
 # Training settings per model preset. gpt1: the paper's batch (64 × 512) and peak lr; cpu-small: tuned to
 # learn visibly in ~5 minutes on a 2-core CPU; cpu-tiny: seconds, for tests.
@@ -122,6 +130,15 @@ def main(argv):
     cfg = {**DEFAULTS, **given}
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+    if cfg["task"] or (cfg["resume"] and is_finetune_checkpoint(ckpt_path)):
+        from functools import partial
+        from minilm.finetune import finetune
+
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UserError("fine-tuning runs in one process: start it without torchrun")
+        finetune(given, print_fn=partial(print, flush=True))  # given only: the rest are fine-tuning's defaults
+        return
 
     # --- setup: device, processes, precision ------------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
@@ -388,6 +405,15 @@ def write_atomic(path, payload):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
+
+
+def is_finetune_checkpoint(path):
+    if not os.path.isfile(path):
+        return False
+    try:
+        return "task_config" in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # unreadable: the pre-training path reports it
 
 
 def save_checkpoint(path, state):

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -174,11 +174,9 @@ class GPT1(nn.Module):
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"GPT1: token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
 
-    def forward(self, idx, targets=None):
-        """idx: (B, T) token ids, T <= n_ctx. Returns (logits (B, T, vocab_size), loss or None).
-
-        targets: (B, T) next-token ids; -1 marks positions to leave out of the loss.
-        """
+    def hidden_states(self, idx):
+        """h_n, the last block's output (B, T, n_embd) for idx (B, T): what the LM head reads, and what the
+        fine-tuning heads read at the [extract] token (minilm/finetune.py)."""
         self._check_input(idx)
         B, T = idx.size()
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
@@ -186,6 +184,32 @@ class GPT1(nn.Module):
         x = self.drop(self.tokens_embed(idx) + self.positions_embed(pos))  # (B, T, C)
         for block in self.h:
             x = block(x)  # h_l = transformer_block(h_{l-1})
+        return x
+
+    def add_tokens(self, n):
+        """Append n rows to the token embedding, drawn N(0, 0.02) like every other weight; the old rows are
+        kept as they are. The output layer is tied, so the logits grow by n columns too. Fine-tuning adds
+        _start_, _delimiter_ and _classify_ this way (paper §3.3; ids vocab_size, +1, +2). Returns the first new id."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"GPT1.add_tokens: n must be a positive integer, got {n!r}")
+        old = self.tokens_embed.weight
+        V, C = old.shape
+        new = nn.Embedding(V + n, C, device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            nn.init.normal_(new.weight[V:], mean=0.0, std=0.02)
+            new.weight[:V] = old
+        self.tokens_embed = new
+        self.lm_head = nn.Linear(C, V + n, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = self.tokens_embed.weight
+        self.config = replace(self.config, vocab_size=V + n)
+        return V
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids, T <= n_ctx. Returns (logits (B, T, vocab_size), loss or None).
+
+        targets: (B, T) next-token ids; -1 marks positions to leave out of the loss.
+        """
+        x = self.hidden_states(idx)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab_size); no final LayerNorm in GPT-1
         loss = None
         if targets is not None:

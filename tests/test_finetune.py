@@ -1,0 +1,376 @@
+"""GPT-1 fine-tuning (minilm/finetune.py): special tokens, the input transformations, the heads, L3 = L2 + λ·L1,
+task files, the built-in tasks, and training end to end (learning, exact resume)."""
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minilm.finetune as ft
+from minilm.bpe import DataError
+from minilm.gpt1 import GPT1, config_from_preset
+
+SP = ft.Specials(100, 101, 102)  # a vocabulary of 100 ordinary tokens, then the three specials
+
+
+def _classifier(task, n_class=2, vocab=100, lm_coef=0.5, clf_pdrop=0.0, n_ctx=32):
+    base = GPT1(config_from_preset("cpu-tiny", vocab_size=vocab, n_ctx=n_ctx))
+    base.add_tokens(3)
+    return ft.GPT1Classifier(base, ft.TaskConfig(task=task, n_class=n_class, clf_pdrop=clf_pdrop, lm_coef=lm_coef))
+
+
+# --- special tokens -------------------------------------------------------------------------------------
+
+def test_add_tokens_appends_n002_rows_and_leaves_the_old_rows_untouched():
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, n_embd=64, n_head=2))
+    old = model.tokens_embed.weight.detach().clone()
+    x = torch.randint(0, 50, (2, 8))
+    old_logits, _ = model(x)
+    first = model.add_tokens(300)  # many rows, so the sample's mean and std are pinned down
+    assert first == 50 and model.config.vocab_size == 350
+    w = model.tokens_embed.weight
+    assert w.shape == (350, 64)
+    assert torch.equal(w[:50], old)
+    new = w[50:].detach()
+    assert abs(new.mean().item()) < 0.002  # 19,200 draws of N(0, 0.02): the mean's std is 1.4e-4
+    assert abs(new.std().item() - 0.02) < 0.001  # the std's std is 1e-4
+    assert model.lm_head.weight is model.tokens_embed.weight  # still tied: the logits grew too
+    logits, _ = model(x)
+    assert logits.shape == (2, 8, 350)
+    torch.testing.assert_close(logits[..., :50], old_logits, rtol=0, atol=0)
+
+
+def test_special_tokens_are_the_three_ids_after_the_vocabulary():
+    assert ft.Specials.after(40478) == ft.Specials(40478, 40479, 40480)
+    assert ft.SPECIAL_TOKENS == ("_start_", "_delimiter_", "_classify_")
+
+
+# --- input transformations ------------------------------------------------------------------------------
+
+def test_classification_is_start_text_extract_and_keeps_the_first_n_ctx_minus_2_tokens():
+    assert ft.transform("classification", ([5, 6, 7],), 32, SP) == [[100, 5, 6, 7, 102]]
+    (seq,) = ft.transform("classification", (list(range(50)),), 16, SP)
+    assert seq == [100] + list(range(14)) + [102] and len(seq) == 16
+
+
+def test_entailment_is_start_premise_delim_hypothesis_extract_each_part_cut_to_n_ctx_half_minus_2():
+    assert ft.transform("entailment", ([1, 2], [3]), 32, SP) == [[100, 1, 2, 101, 3, 102]]
+    (seq,) = ft.transform("entailment", (list(range(40)), list(range(60, 90))), 16, SP)
+    m = 16 // 2 - 2
+    assert seq == [100] + list(range(m)) + [101] + list(range(60, 60 + m)) + [102]
+    assert len(seq) <= 16
+    (seq,) = ft.transform("entailment", ([1], list(range(60, 90))), 16, SP)  # a short premise gives no room away
+    assert seq == [100, 1, 101] + list(range(60, 60 + m)) + [102]
+
+
+def test_similarity_builds_both_orders():
+    assert ft.transform("similarity", ([1, 2], [3]), 32, SP) == [[100, 1, 2, 101, 3, 102], [100, 3, 101, 1, 2, 102]]
+
+
+def test_multiple_choice_builds_one_sequence_per_choice():
+    seqs = ft.transform("multiple_choice", ([1, 2], [[3], [4, 5], [6]]), 32, SP)
+    assert seqs == [[100, 1, 2, 101, 3, 102], [100, 1, 2, 101, 4, 5, 102], [100, 1, 2, 101, 6, 102]]
+
+
+@pytest.mark.parametrize("n_ctx", [6, 7, 16, 33])
+def test_long_inputs_never_exceed_n_ctx_and_the_model_accepts_them(n_ctx):
+    long = list(range(1, 99))
+    for task, parts in (("classification", (long,)), ("entailment", (long, long)),
+                        ("similarity", (long, long)), ("multiple_choice", (long, [long, long[:3]]))):
+        seqs = ft.transform(task, parts, n_ctx, SP)
+        assert all(len(s) <= n_ctx and s[0] == 100 and s[-1] == 102 for s in seqs)
+        model = _classifier(task, n_ctx=n_ctx).eval()
+        idx, mask = ft.collate([seqs])
+        model(idx, mask)  # no index error
+
+
+def test_a_context_too_small_for_the_specials_is_refused():
+    with pytest.raises(ValueError, match="no room"):
+        ft.transform("entailment", ([1], [2]), 5, SP)
+
+
+# --- heads ----------------------------------------------------------------------------------------------
+
+def test_head_reads_the_hidden_state_at_the_extract_token_of_each_padded_sequence():
+    model = _classifier("classification", n_class=3).eval()
+    seqs = [[[100, 5, 6, 102]], [[100, 7, 8, 9, 10, 11, 102]]]
+    idx, mask = ft.collate(seqs)
+    logits, _ = model(idx, mask)
+    for b, (s,) in enumerate(seqs):  # independently: the sequence alone, no padding, its last position
+        h = model.transformer.hidden_states(torch.tensor([s]))
+        torch.testing.assert_close(logits[b], model.clf(h[0, -1]), rtol=1e-5, atol=1e-6)
+    idx2 = idx.clone()
+    idx2[0, 0, 4:] = 42  # whatever lies in the padding changes nothing
+    torch.testing.assert_close(model(idx2, mask)[0], logits, rtol=0, atol=0)
+
+
+def test_a_sequence_that_does_not_end_with_the_extract_token_is_refused():
+    model = _classifier("classification")
+    idx, mask = ft.collate([[[100, 5, 6]]])
+    with pytest.raises(ValueError, match="_classify_"):
+        model(idx, mask)
+
+
+def test_similarity_is_symmetric_in_its_two_inputs():
+    model = _classifier("similarity").eval()
+    a, b = [5, 6, 7, 8], [9, 10]
+    idx_ab, mask_ab = ft.collate([ft.transform("similarity", (a, b), 32, SP)])
+    idx_ba, mask_ba = ft.collate([ft.transform("similarity", (b, a), 32, SP)])
+    torch.testing.assert_close(model(idx_ab, mask_ab)[0], model(idx_ba, mask_ba)[0], rtol=1e-6, atol=1e-7)
+    h = model.transformer.hidden_states  # and it is W_y(h_ab + h_ba), computed here sequence by sequence
+    s_ab, s_ba = (torch.tensor([s]) for s in ft.transform("similarity", (a, b), 32, SP))
+    torch.testing.assert_close(model(idx_ab, mask_ab)[0][0], model.clf(h(s_ab)[0, -1] + h(s_ba)[0, -1]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_multiple_choice_gives_one_logit_per_choice_and_its_loss_normalises_over_the_choices():
+    model = _classifier("multiple_choice", lm_coef=0.0).eval()
+    examples = [([1, 2, 3], [[4], [5, 6], [7, 8, 9], [10]]), ([11], [[12, 13], [14], [15], [16, 17]])]
+    idx, mask = ft.collate([ft.transform("multiple_choice", e, 32, SP) for e in examples])
+    labels = torch.tensor([2, 0])
+    logits, loss = model(idx, mask, labels)
+    assert logits.shape == (2, 4)
+    for b, (ctx, choices) in enumerate(examples):  # each choice's logit on its own
+        for k, c in enumerate(choices):
+            s = torch.tensor([[100] + ctx + [101] + c + [102]])
+            torch.testing.assert_close(logits[b, k], model.clf(model.transformer.hidden_states(s)[0, -1])[0],
+                                       rtol=1e-5, atol=1e-6)
+    expected = -(logits.log_softmax(-1)[0, 2] + logits.log_softmax(-1)[1, 0]) / 2  # softmax over k
+    torch.testing.assert_close(loss, expected)
+
+
+def test_multiple_choice_dropout_mask_is_shared_by_the_choices_of_an_example():
+    model = _classifier("multiple_choice", clf_pdrop=0.5).train()
+    same = ft.transform("multiple_choice", ([1, 2], [[3, 4]] * 4), 32, SP)  # four identical choices
+    idx, mask = ft.collate([same, same])
+    logits, _ = model(idx, mask)
+    assert torch.equal(logits[:, 1:], logits[:, :1].expand(-1, 3))  # one mask for the four
+    assert not torch.equal(logits[0], logits[1])  # but a different mask for the next example
+
+
+# --- L3 = L2 + λ·L1 ---------------------------------------------------------------------------------------
+
+def test_lm_coef_adds_lambda_times_the_lm_loss_on_the_real_tokens_of_the_transformed_sequences():
+    seqs = [ft.transform("entailment", ([1, 2, 3], [4, 5]), 32, SP), ft.transform("entailment", ([6], [7]), 32, SP)]
+    idx, mask = ft.collate(seqs)
+    labels = torch.tensor([1, 0])
+    torch.manual_seed(0)
+    model = _classifier("entailment", lm_coef=0.0).eval()
+    logits, l2 = model(idx, mask, labels)
+    torch.testing.assert_close(l2, F.cross_entropy(logits, labels))  # λ = 0: the task loss alone
+    # L1 independently: GPT1's own LM loss on each sequence alone (no padding), averaged over sequences.
+    l1 = sum(model.transformer(torch.tensor([s[0][:-1]]), torch.tensor([s[0][1:]]))[1] for s in seqs) / 2
+    for lam in (0.5, 2.0):
+        model.config.lm_coef = lam
+        _, l3 = model(idx, mask, labels)
+        torch.testing.assert_close(l3, l2 + lam * l1, rtol=1e-5, atol=1e-6)
+    _, clf_loss, lm_loss = model.losses(idx, mask, labels)
+    torch.testing.assert_close(lm_loss, l1, rtol=1e-5, atol=1e-6)
+
+
+def test_the_lm_loss_does_not_see_the_padding():
+    model = _classifier("classification", lm_coef=1.0).eval()
+    idx, mask = ft.collate([[[100, 5, 102]], [[100, 1, 2, 3, 4, 5, 6, 102]]])
+    labels = torch.tensor([0, 1])
+    _, loss = model(idx, mask, labels)
+    idx[0, 0, 3:] = 77
+    torch.testing.assert_close(model(idx, mask, labels)[1], loss, rtol=0, atol=0)
+
+
+# --- task files -----------------------------------------------------------------------------------------
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_examples_are_read_for_each_task(tmp_path):
+    p = _write(tmp_path / "c.jsonl", ['{"text": "a b", "label": 1}', "", '{"text": "c", "label": 0}'])
+    assert ft.read_jsonl(p, "classification") == [(("a b",), 1), (("c",), 0)]
+    p = _write(tmp_path / "m.jsonl", ['{"context": "x", "choices": ["y", "z"], "label": 1}'])
+    assert ft.read_jsonl(p, "multiple_choice") == [(("x", ["y", "z"]), 1)]
+
+
+@pytest.mark.parametrize("task,bad,message", [
+    ("classification", '{"text": "a", "label": 1', "not valid JSON"),
+    ("classification", '{"text": "a"}', "missing field 'label'"),
+    ("entailment", '{"premise": "a", "label": 0}', "missing field 'hypothesis'"),
+    ("classification", '{"text": 3, "label": 0}', "'text' must be a string"),
+    ("classification", '{"text": "a", "label": -1}', "out of range"),
+    ("classification", '{"text": "a", "label": "pos"}', "must be an integer"),
+    ("similarity", '{"a": "x", "b": "y", "label": 2}', "out of range"),
+    ("multiple_choice", '{"context": "x", "choices": ["a", "b"], "label": 2}', "out of range"),
+    ("multiple_choice", '{"context": "x", "choices": ["a", "b", "c"], "label": 0}', "same number"),
+    ("classification", '["a", 1]', "JSON object"),
+])
+def test_a_malformed_jsonl_line_is_reported_with_its_file_and_line_number(tmp_path, task, bad, message):
+    good = {"classification": '{"text": "ok", "label": 0}', "entailment": '{"premise": "p", "hypothesis": "h", "label": 0}',
+            "similarity": '{"a": "x", "b": "y", "label": 1}',
+            "multiple_choice": '{"context": "c", "choices": ["a", "b"], "label": 1}'}[task]
+    p = _write(tmp_path / "task.jsonl", [good, good, bad, good])
+    with pytest.raises(DataError, match=message) as e:
+        ft.read_jsonl(p, task)
+    assert str(e.value).startswith(f"{p}:3: ") and "\n" not in str(e.value)
+
+
+def test_an_empty_or_missing_or_non_utf8_task_file_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="no examples"):
+        ft.read_jsonl(str(tmp_path / "empty.jsonl"), "classification")
+    with pytest.raises(DataError, match="no such task file"):
+        ft.read_jsonl(str(tmp_path / "nope.jsonl"), "classification")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok", "label": 0}\n{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8"):
+        ft.read_jsonl(str(tmp_path / "latin1.jsonl"), "classification")
+
+
+# --- built-in tasks -------------------------------------------------------------------------------------
+
+def _fake_corpus():
+    """The 42 works' names with made-up lines: each line names its work and its number."""
+    docs = []
+    for w in sorted(ft.GENRE_OF_WORK):
+        lines = []
+        for i in range(120):
+            lines += [f"SPEAKER{i % 3}.", f"{w} says line number {i} here"]
+            if i == 60:
+                lines += ["[Enter a messenger", "and some lords.]"]
+        docs.append((w, "\n".join(lines)))
+    return docs
+
+
+@pytest.mark.parametrize("task", ft.TASKS)
+def test_builtin_tasks_are_deterministic_and_hold_out_the_tail_of_every_work(task):
+    docs = _fake_corpus()
+    sizes = {"train": 300, "val": 100}
+    train, val = ft.builtin_task(task, seed=3, docs=docs, sizes=sizes)
+    assert (train, val) == ft.builtin_task(task, seed=3, docs=docs, sizes=sizes)
+    assert train != ft.builtin_task(task, seed=4, docs=docs, sizes=sizes)[0]
+    assert len(train) == 300 and len(val) == 100
+
+    def lines(example):
+        parts = example[0]
+        flat = [p for part in parts for p in (part if isinstance(part, list) else [part])]
+        return {line for p in flat for line in p.split("\n")}
+
+    train_lines = set().union(*map(lines, train))
+    val_lines = set().union(*map(lines, val))
+    assert not train_lines & val_lines  # no leakage
+    numbers = {int(line.split()[-2]) for line in val_lines}
+    assert min(numbers) >= 100  # the val lines are each work's last 10%
+    assert not any("SPEAKER" in line or "Enter" in line or "lords" in line for line in train_lines)
+    for parts, label in train[:50]:
+        if task == "classification":
+            work = parts[0].split()[0]
+            assert ft.GENRES[label] == ft.GENRE_OF_WORK[work]
+        elif task == "entailment":
+            (wa, *_, na, _), (wb, *_, nb, _) = (p.split() for p in parts)
+            assert label == (wa == wb and int(nb) == int(na) + 1)
+        elif task == "similarity":
+            assert label == (parts[0].split()[0] == parts[1].split()[0])
+        else:
+            last = int(parts[0].split("\n")[-1].split()[-2])
+            assert [int(c.split()[-2]) == last + 1 for c in parts[1]].index(True) == label
+    counts = [sum(1 for _, y in train if y == k) for k in range(4 if task in ("classification", "multiple_choice") else 2)]
+    assert min(counts) > 0.6 * max(counts)  # roughly balanced
+
+
+# --- training end to end ----------------------------------------------------------------------------------
+
+def _separable_task(tmp_path, n_train=320, n_val=80):
+    """Label 1 iff the text holds one of a few 'marker' words; the other words are shared noise."""
+    rng = random.Random(0)
+    noise = "the of and to in that is was he for it with as his on be at by".split()
+    markers = "apple pear plum".split()
+    (tmp_path).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rows = []
+        for _ in range(n):
+            words = rng.choices(noise, k=rng.randint(4, 8))
+            label = rng.randrange(2)
+            if label:
+                words.insert(rng.randrange(len(words) + 1), rng.choice(markers))
+            rows.append(json.dumps({"text": " ".join(words), "label": label}))
+        _write(tmp_path / f"{split}.jsonl", rows)
+    return str(tmp_path)
+
+
+def _tiny_run(data, out_dir, **kw):
+    return dict(task="classification", task_data=data, out_dir=str(out_dir), preset="cpu-tiny", vocab_size=60,
+                batch_size=32, learning_rate=3e-3, log_interval=1000, **kw)
+
+
+def test_a_tiny_finetune_from_scratch_beats_chance_on_a_separable_task(tmp_path):
+    data = _separable_task(tmp_path / "data")
+    record = ft.finetune(_tiny_run(data, tmp_path / "out", epochs=4), print_fn=lambda *a: None)
+    assert record["iter"] == 40 and record["val_accuracy"] >= 0.9  # chance: 50%
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert [r["iter"] for r in log] == [0, 10, 20, 30, 40] and all("val_accuracy" in r for r in log)
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = _separable_task(tmp_path / "data", n_train=96, n_val=32)
+    opts = dict(epochs=3, eval_interval=2, lm_coef=0.5, clf_pdrop=0.1, dropout=0.1)
+    quiet = lambda *a: None  # noqa: E731
+    whole = ft.finetune(_tiny_run(data, tmp_path / "a", **opts), print_fn=quiet)
+
+    real_lr_at = ft.lr_at
+
+    def crash_at_5(it, total, o):
+        if it == 5:
+            raise KeyboardInterrupt  # after the checkpoint of step 4, before step 5
+        return real_lr_at(it, total, o)
+
+    monkeypatch.setattr(ft, "lr_at", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(_tiny_run(data, tmp_path / "b", **opts), print_fn=quiet)
+    monkeypatch.setattr(ft, "lr_at", real_lr_at)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 4
+    resumed = ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True), print_fn=quiet)
+    assert resumed == whole
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert open(tmp_path / "a" / "log.jsonl").read() == open(tmp_path / "b" / "log.jsonl").read()
+
+
+# --- through train_gpt1.py ------------------------------------------------------------------------------
+
+def test_train_gpt1_finetunes_a_pretrained_run_and_reports_a_bad_task_file_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+
+    def run(*args):
+        return subprocess.run([sys.executable, os.path.join(root, "train_gpt1.py"), *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(json.loads(line)["text"] for line in open(tmp_path / "data" / "train.jsonl")) * 4)
+    pre = run("--data", str(corpus), "--out_dir", str(tmp_path / "pre"), "--preset", "cpu-tiny", "--vocab_size", "60",
+              "--max_iters", "2", "--eval_iters", "1", "--max_new_tokens", "0")
+    assert pre.returncode == 0, pre.stderr[-2000:]
+
+    # lr 0: the fine-tuned Transformer must still be exactly the pre-trained one, plus three rows
+    ft_run = run("--task", "classification", "--task_data", data, "--init_from", str(tmp_path / "pre"),
+                 "--out_dir", str(tmp_path / "ft"), "--learning_rate", "0", "--max_iters", "2", "--batch_size", "16")
+    assert ft_run.returncode == 0, ft_run.stderr[-2000:]
+    pre_sd = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)["model"]
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    for k, v in pre_sd.items():
+        w = ckpt["model"]["transformer." + k]
+        assert torch.equal(w[:v.shape[0]], v), k
+    assert ckpt["model"]["transformer.tokens_embed.weight"].shape[0] == pre_sd["tokens_embed.weight"].shape[0] + 3
+    assert "val_accuracy" in json.loads(open(tmp_path / "ft" / "log.jsonl").readlines()[-1])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n{"text": "e", "lab": 1}\n')
+    err = run("--task", "classification", "--task_data", str(bad), "--out_dir", str(tmp_path / "bad"))
+    assert err.returncode == 1
+    assert err.stderr.strip() == f"train_gpt1.py: error: {bad}:3: missing field 'label' (a classification example has text, label)"
