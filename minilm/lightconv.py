@@ -124,19 +124,34 @@ class LightConvLayer(nn.Module):
 
     The GLU (Dauphin et al. 2017) gates the input: GLU([a, b]) = a ⊗ σ(b), with a and b the two
     halves of linear1's output. The convolution mixes positions, linear2 mixes channels.
-    Dropout after linear2 is the caller's business (the residual dropout of the block).
+    `dropout` is applied to the output, before the residual add (fairseq's `dropout_module`; the
+    place of GPT-1's residual dropout after attention's c_proj). fairseq also has an input dropout
+    before linear1, 0 by default; it is left out.
     """
 
-    def __init__(self, n_embd, n_head, kernel_size, weight_dropout=0.0):
+    def __init__(self, n_embd, n_head, kernel_size, weight_dropout=0.0, dropout=0.0):
         super().__init__()
         self.linear1 = nn.Linear(n_embd, 2 * n_embd)
         self.conv = LightweightConv1d(n_embd, n_head, kernel_size, weight_dropout)
         self.linear2 = nn.Linear(n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):  # (B, T, d)
         x = F.glu(self.linear1(x), dim=-1)  # (B, T, 2d) → (B, T, d)
         x = self.conv(x)  # (B, T, d)
-        return self.linear2(x)  # (B, T, d)
+        return self.dropout(self.linear2(x))  # (B, T, d)
+
+
+def resolve_kernel_sizes(kernel_sizes, n_layer):
+    """The kernel width of each layer: `kernel_sizes` if given (one positive int per layer),
+    else `default_kernel_sizes(n_layer)`. Raises ValueError with a clear message otherwise."""
+    if kernel_sizes is None:
+        return default_kernel_sizes(n_layer)
+    sizes = tuple(kernel_sizes)
+    if len(sizes) != n_layer or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
+        raise ValueError(f"lightconv: kernel_sizes must be {n_layer} positive ints (one per layer), "
+                         f"got {list(sizes)}")
+    return sizes
 
 
 def default_kernel_sizes(n_layer):
