@@ -47,7 +47,7 @@ class GPT1Config:
     # arch="lightconv": each block's self-attention becomes a lightweight convolution (Wu et al. 2019,
     # minilm/lightconv.py) with n_head kernel heads; the rest of the block is unchanged.
     arch: str = "attention"  # "attention" or "lightconv"
-    kernel_sizes: tuple | None = None  # lightconv: width per layer; None = 3, 7, 15, 31, 31, ...
+    kernel_sizes: tuple | None = None  # lightconv: width per layer (or one for all); None = 3, 7, 15, 31, 31, ...
     weight_dropout: float = 0.1  # lightconv: DropConnect on the normalised kernels (the paper's 0.1)
 
 
@@ -58,9 +58,9 @@ class GPT1Config:
 PRESETS = {
     "gpt1": dict(),  # the paper: 12 layers, 12 heads, 768 wide, 512 context, 116,534,784 parameters
     "cpu-small": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128,  # the default run on a CPU
-                      embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+                      embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, weight_dropout=0.0),
     "cpu-tiny": dict(n_layer=2, n_head=2, n_embd=32, n_ctx=32,  # tests: seconds on a laptop
-                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, weight_dropout=0.0),
 }
 
 

@@ -143,14 +143,17 @@ class LightConvLayer(nn.Module):
 
 
 def resolve_kernel_sizes(kernel_sizes, n_layer):
-    """The kernel width of each layer: `kernel_sizes` if given (one positive int per layer),
-    else `default_kernel_sizes(n_layer)`. Raises ValueError with a clear message otherwise."""
+    """The kernel width of each layer: `kernel_sizes` if given (one positive int per layer, or a single
+    one for every layer, as fairseq's `--decoder-kernel-size-list` allows), else
+    `default_kernel_sizes(n_layer)`. Raises ValueError with a clear message otherwise."""
     if kernel_sizes is None:
         return default_kernel_sizes(n_layer)
     sizes = tuple(kernel_sizes)
+    if len(sizes) == 1:
+        sizes = sizes * n_layer
     if len(sizes) != n_layer or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
-        raise ValueError(f"lightconv: kernel_sizes must be {n_layer} positive ints (one per layer), "
-                         f"got {list(sizes)}")
+        raise ValueError(f"lightconv: kernel_sizes must be {n_layer} positive ints (one per layer) or a single "
+                         f"one, got {list(kernel_sizes)}")
     return sizes
 
 

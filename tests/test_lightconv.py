@@ -158,6 +158,8 @@ def test_model_uses_lightconv_blocks_with_growing_kernels():
     assert not any("attn" in name for name, _ in model.named_parameters())
     model = _lightconv_gpt(kernel_sizes=(5, 3, 1))
     assert [b.lightconv.conv.kernel_size for b in model.h] == [5, 3, 1]
+    model = _lightconv_gpt(kernel_sizes=(9,))  # one width for every layer
+    assert [b.lightconv.conv.kernel_size for b in model.h] == [9, 9, 9]
 
 
 def test_model_sees_no_future_tokens():
