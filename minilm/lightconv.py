@@ -6,7 +6,7 @@ original code, fairseq's `LightweightConv1dTBC` and `LightConvDecoderLayer`. Nam
 side.
 
 A lightweight convolution is a depthwise convolution (one kernel per channel, no mixing across
-channels) with two twists (paper §3.2, eq. 2–3):
+channels) with two twists (paper §3):
 
 * **weight sharing**: only H kernels ("heads") for d channels; channel c uses kernel ⌈cH/d⌉, i.e.
   the d channels are cut into H contiguous groups of d/H channels that share one kernel of width K.
@@ -15,8 +15,8 @@ channels) with two twists (paper §3.2, eq. 2–3):
   the K inputs it sees: the scale of the output does not depend on K, and the kernel is as easy to
   read as an attention row.
 
-    DepthwiseConv(X, W, i, c) = Σ_{j=1..K} W_{c,j} · X_{i+j−⌈(K+1)/2⌉, c}              (eq. 2)
-    LightConv(X, W_{⌈cH/d⌉,:}, i, c) = DepthwiseConv(X, softmax(W_{⌈cH/d⌉,:}), i, c)     (eq. 3)
+    DepthwiseConv(X, W, i, c) = Σ_{j=1..K} W_{c,j} · X_{i+j−⌈(K+1)/2⌉, c}
+    LightConv(X, W_{⌈cH/d⌉,:}, i, c) = DepthwiseConv(X, softmax(W_{⌈cH/d⌉,:}), i, c)
 
 The paper's equation centres the kernel on position i. A decoder must not see the future, so here
 (as in fairseq's decoder, `padding_l = K − 1`) the window ends at i instead:
@@ -24,7 +24,7 @@ The paper's equation centres the kernel on position i. A decoder must not see th
     LightConv_causal(X, W, i, c) = Σ_{j=1..K} softmax(W_h)_j · X_{i+j−K, c},  h = ⌈cH/d⌉
 
 with X_{t,c} = 0 for t < 1 (left zero padding). The last kernel tap, j = K, multiplies the current
-position. Training regularises the kernels with DropConnect (§3.2, "weight_dropout" in fairseq):
+position. Training regularises the kernels with DropConnect ("weight_dropout" in fairseq):
 every entry of softmax(W) is dropped with probability p and the rest divided by 1 − p. Here, as in
 fairseq's CUDA layer (`LightconvLayer`), one (H, K) mask is drawn per forward pass and shared by all
 sequences and positions of the batch; fairseq's pure-PyTorch path (`LightweightConv1dTBC`) draws
@@ -33,8 +33,9 @@ one per sequence, position and head instead, which needs a K-times larger unfold
 
 The cost is O(T·d·K) per sequence, linear in the length T, against attention's O(T²·d).
 
-In the paper's decoder block the convolution sits between two linear layers and a GLU (Fig. 2b):
-`Linear(d, 2d) → GLU → LightConv → Linear(d, d)`; that is `LightConvLayer` below.
+In the paper's blocks the convolution sits between two linear layers and a GLU:
+`Linear(d, 2d) → GLU → LightConv → Linear(d, d)`, then the usual feed-forward sublayer; the first
+part is `LightConvLayer` below.
 """
 import torch
 import torch.nn as nn
@@ -148,12 +149,15 @@ def resolve_kernel_sizes(kernel_sizes, n_layer):
     `default_kernel_sizes(n_layer)`. Raises ValueError with a clear message otherwise."""
     if kernel_sizes is None:
         return default_kernel_sizes(n_layer)
-    sizes = tuple(kernel_sizes)
+    try:
+        sizes = (kernel_sizes,) if isinstance(kernel_sizes, int) else tuple(kernel_sizes)
+    except TypeError:
+        sizes = (kernel_sizes,)  # not a sequence: reported by the check below
     if len(sizes) == 1:
         sizes = sizes * n_layer
     if len(sizes) != n_layer or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
         raise ValueError(f"lightconv: kernel_sizes must be {n_layer} positive ints (one per layer) or a single "
-                         f"one, got {list(kernel_sizes)}")
+                         f"one, got {kernel_sizes!r}")
     return sizes
 
 
