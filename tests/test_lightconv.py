@@ -218,3 +218,86 @@ def test_model_generates():
     model = _lightconv_gpt(n_ctx=8)
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=12)  # beyond n_ctx = 8
     assert out.shape == (1, 13) and int(out.max()) < 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# train_gpt1.py --arch lightconv: the same training, evaluation, checkpoints, resume and sampling
+
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, os.path.join(ROOT, "train_gpt1.py"), "--preset", "cpu-tiny", "--vocab_size", "200",
+         "--eval_iters", "2", "--log_interval", "1000", "--arch", "lightconv"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+def _run(*args):
+    return subprocess.run([*TRAIN, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def _log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    words = "the king and queen rode to a castle where a knight waited with his sword and horse".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) + "." for _ in range(1000)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_train_gpt1_lightconv_learns_resumes_after_sigkill_and_samples(corpus, tmp_path):
+    # Weight dropout on, so the resumed run only matches if the RNG state is restored with the weights.
+    args = ["--data", corpus, "--max_iters", "40", "--eval_interval", "10", "--kernel_sizes", "3,5",
+            "--weight_dropout", "0.1", "--max_new_tokens", "8"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    proc = _run(*args, "--out_dir", ref)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(lightconv)" in proc.stdout and "-" * 60 in proc.stdout  # banner, and the sample at the end
+    want = _log(ref)
+    assert [r["iter"] for r in want] == [0, 10, 20, 30, 40]
+    assert want[-1]["val_loss"] < want[0]["val_loss"] - 1.0
+    ckpt = torch.load(os.path.join(ref, "ckpt.pt"), weights_only=True)
+    assert ckpt["model_config"]["arch"] == "lightconv" and tuple(ckpt["model_config"]["kernel_sizes"]) == (3, 5)
+    assert "h.1.lightconv.conv.weight" in ckpt["model"]
+
+    killed = subprocess.Popen([*TRAIN, *args, "--out_dir", cut], cwd=ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not os.path.exists(os.path.join(cut, "ckpt.pt")) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert _log(cut)[-1]["iter"] < 40, "the run finished before it could be killed"
+    proc = _run("--resume", "True", "--out_dir", cut)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _log(cut)
+    assert [(r["iter"], r["train_loss"], r["val_loss"]) for r in got] == \
+           [(r["iter"], r["train_loss"], r["val_loss"]) for r in want]
+
+    proc = _run("--sample", "True", "--out_dir", cut, "--start", "the king", "--max_new_tokens", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("-" * 60)[1].strip().startswith("the king")
+
+
+@pytest.mark.parametrize("bad", [["--arch", "rnn"], ["--kernel_sizes", "3,x"], ["--kernel_sizes", "3,5,7"]])
+def test_train_gpt1_bad_lightconv_options_are_one_line_errors(bad, corpus, tmp_path):
+    proc = _run("--data", corpus, "--out_dir", str(tmp_path / "out"), "--max_iters", "1", *bad)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_gpt1.py: error: "), proc.stderr
