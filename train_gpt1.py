@@ -78,7 +78,7 @@ TRAIN_PRESETS = {
     "gpt1": dict(vocab_size=40478, batch_size=64, gradient_accumulation_steps=2, max_iters=5000,
                  learning_rate=2.5e-4, warmup_iters=200, eval_interval=250, eval_iters=20, log_interval=10),
     "cpu-small": dict(vocab_size=2048, batch_size=16, gradient_accumulation_steps=1, max_iters=600,
-                      learning_rate=2e-3, warmup_iters=50, eval_interval=100, eval_iters=10, log_interval=20),
+                      learning_rate=1e-3, warmup_iters=100, eval_interval=100, eval_iters=10, log_interval=20),
     "cpu-tiny": dict(vocab_size=256, batch_size=8, gradient_accumulation_steps=1, max_iters=100,
                      learning_rate=3e-3, warmup_iters=10, eval_interval=20, eval_iters=4, log_interval=10),
 }

@@ -30,6 +30,11 @@ def cuda_sources():
     return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
 
 
+def openmp_flags():
+    """-fopenmp, unless MINILM_OPENMP=0 (a diagnosis switch: the CPU kernels then run on one thread)."""
+    return [] if os.environ.get("MINILM_OPENMP", "1") == "0" else ["-fopenmp"]
+
+
 def cxx_flags(with_cuda=False):
     # -march=native: the extension is compiled on the machine that runs it (pip install -e . or
     # the JIT), so the compiler may use every vector unit it has (AVX2/AVX-512 on x86).
@@ -39,7 +44,7 @@ def cxx_flags(with_cuda=False):
     # arithmetic (unlike -ffast-math), so results stay IEEE-exact.
     # No -std=: torch's cpp_extension adds the standard its headers need (C++17 or C++20 by version).
     arch = os.environ.get("MINILM_ARCH_FLAGS", "-march=native").split()
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *arch]
+    flags = ["-O3", *openmp_flags(), "-fno-math-errno", "-fno-trapping-math", *arch]
     if with_cuda:
         flags.append("-DMINILM_WITH_CUDA")
     return flags
@@ -102,7 +107,7 @@ def load_jit(verbose=False, reason="no prebuilt extension found"):
           "(once; again only after csrc/ changes)", file=sys.stderr)
     return load(name="minilm_C", sources=sources, build_directory=build_dir,
                 extra_cflags=cxx_flags(with_cuda), extra_cuda_cflags=nvcc_flags(),
-                extra_ldflags=["-fopenmp"], with_cuda=with_cuda, verbose=verbose)
+                extra_ldflags=openmp_flags(), with_cuda=with_cuda, verbose=verbose)
 
 
 def load_extension():

@@ -1,6 +1,10 @@
 """One-line-per-case diagnostics of the CUDA kernels, for a GPU run where every minute counts.
 
-    python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | cnn-perf
+    python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | cnn-perf | attn-sweep | cnn-determinism
+
+attn-sweep: for every tensor-core backward variant (MINILM_ATTN_BWD = fused | split | split2, see
+csrc/cuda/attention_kernels.cu), correctness on two shapes, then fwd and fwd+bwd times on the four target
+shapes next to SDPA's flash and cuDNN backends: one line per (variant, shape).
 
 Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
 failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
@@ -168,7 +172,82 @@ def cnn_perf(N=32768):
         torch.cuda.empty_cache()
 
 
-PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "cnn-perf": cnn_perf}
+BWD_VARIANTS = ("fused", "split", "split2")
+SWEEP_SHAPES = ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16, 4096, 128))
+
+
+def attn_sweep():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ok = True
+    base = {}  # shape -> {name: (fwd ms, fwd+bwd ms)} of the SDPA backends
+    for B, H, T, D in SWEEP_SHAPES:
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def fwd():
+                with torch.no_grad(), sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            def fb():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+            try:
+                base.setdefault((B, H, T, D), {})[name] = (time_ms(fwd), time_ms(fb))
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {name} {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:150]}", flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+    for variant in BWD_VARIANTS:
+        os.environ["MINILM_ATTN_BWD"] = variant  # read by the extension at every backward call
+        for shape in ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48)):
+            ok &= case(f"sweep {variant} correct bf16 {shape}", lambda: tc._check_attention(*shape, torch.bfloat16))
+        ok &= case(f"sweep {variant} correct fp16 (1,2,300,80)", lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
+        for B, H, T, D in SWEEP_SHAPES:
+            q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            g = torch.randn_like(q)
+            flops = 2 * B * H * T * T * D
+
+            def fwd():
+                with torch.no_grad():
+                    causal_attention(q, k, v)
+
+            def fb():
+                causal_attention(q, k, v).backward(g)
+            try:
+                f_ms, fb_ms = time_ms(fwd), time_ms(fb)
+                line = (f"sweep {variant:6s} {B},{H},{T},{D}: fwd {f_ms:.3f} ms {flops / f_ms / 1e9:.0f} TF/s, "
+                        f"fwd+bwd {fb_ms:.3f} ms {3.5 * flops / fb_ms / 1e9:.0f} TF/s")
+                for name, (bf, bfb) in base.get((B, H, T, D), {}).items():
+                    line += f" | {name} fwd {bf:.3f} fwd+bwd {bfb:.3f} -> ours/{name} fwd+bwd {bfb / fb_ms:.2f}x"
+                print(line, flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {variant} {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+                ok = False
+            del q, k, v, g
+            torch.cuda.empty_cache()
+    os.environ.pop("MINILM_ATTN_BWD", None)
+    return ok
+
+
+def cnn_determinism():
+    """The char-CNN backward has no atomics: two runs must agree bitwise (ELMo filters, 3000 tokens)."""
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        def run():
+            ids, emb, weights, biases = tc._char_inputs(3000, 50, 262, 16, tc.ELMO_FILTERS, dtype)
+            out, am = ops.char_cnn(ids, emb, weights, biases, "relu")
+            g = torch.randn_like(out)
+            a = ops.char_cnn_backward(g, ids, emb, weights, out, am, "relu")
+            b = ops.char_cnn_backward(g, ids, emb, weights, out, am, "relu")
+            for x, y in zip([a[0], *a[1], a[2]], [b[0], *b[1], b[2]]):
+                assert torch.equal(x, y), "two backward runs differ"
+            return "bitwise equal"
+        ok &= case(f"char_cnn backward deterministic {str(dtype)[6:]}", run)
+    return ok
+
+
+PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "cnn-perf": cnn_perf,
+         "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in PARTS:

@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace minilm_cuda {
@@ -341,8 +342,8 @@ struct BwdCfg {
   }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(BwdCfg<D>::NT)
+template <typename T, int D, bool WITH_DQ, int MINB>
+__global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
                 T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
@@ -481,6 +482,7 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT)
         Half<T>::mma(dk[2 * dp + 1], a, b[2], b[3]);
       }
     }
+    if constexpr (WITH_DQ) {
     // dSᵀ -> shared memory, for dQ, which contracts over the keys of all warps
 #pragma unroll
     for (int nt = 0; nt < BR / 8; ++nt) {
@@ -517,6 +519,7 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT)
         }
       }
     }
+    }  // WITH_DQ
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
   }
 
@@ -533,6 +536,139 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT)
           Half<T>::pack(dk[dt][2] * scale, dk[dt][3] * scale);
       *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(key_b) * D + col) = Half<T>::pack(dv[dt][2], dv[dt][3]);
     }
+  }
+}
+
+// dQ alone (the "split" backward): a CTA of NW warps owns BR = 16·NW query rows and walks the key tiles up
+// to the diagonal like the forward, with Q and dO fragments in registers:
+//     P = 2^(S·scale·log2e − LSE·log2e),  dP = dO Vᵀ,  dS = P ∘ (dP − Delta),  dQ += dS K,
+// so dQ needs no atomics and is deterministic; the dK/dV kernel (attn_bwd_tc<..., WITH_DQ = false>) skips it.
+template <int D>
+struct DqCfg {
+  static constexpr int NW = 4, NT = NW * 32, BR = 16 * NW, BC = 64, S = D + 8;
+  static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BR + 4 * BC) * S * elem; }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DqCfg<D>::NT)
+    attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                   const T* __restrict__ dO, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                   T* __restrict__ dQ, int T_, float scale, float scale_log2) {
+  using C = DqCfg<D>;
+  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]: Q, then dO (fragments are read once into registers)
+  T* sK = sQ + BR * S;                      // [2][BC][S]
+  T* sV = sK + 2 * BC * S;                  // [2][BC][S]
+
+  const int bh = blockIdx.x;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
+  const size_t base = static_cast<size_t>(bh) * T_ * D;
+  Q += base, K += base, V += base, dO += base, dQ += base;
+  LSE += static_cast<size_t>(bh) * T_;
+  Delta += static_cast<size_t>(bh) * T_;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int wrow0 = q0 + warp * 16;
+  const int row_a = wrow0 + g, row_b = row_a + 8;
+  const float lse_a = row_a < T_ ? LSE[row_a] * kLog2e : 0.f, lse_b = row_b < T_ ? LSE[row_b] * kLog2e : 0.f;
+  const float dl_a = row_a < T_ ? Delta[row_a] : 0.f, dl_b = row_b < T_ ? Delta[row_b] : 0.f;
+
+  const int kv_end = min(T_, q0 + BR);
+  const int nkb = (kv_end + BC - 1) / BC;
+  uint32_t qf[D / 16][4], of[D / 16][4];
+  load_tile_async<T, BR, D, S, NT>(sQ, Q, q0, T_);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+  __syncthreads();
+  load_tile_async<T, BR, D, S, NT>(sQ, dO, q0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, 0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
+  cp_async_commit();
+
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int kb = 0; kb < nkb; ++kb) {
+    const int buf = kb & 1;
+    if (kb + 1 < nkb) {
+      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (kb == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(of[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+    }
+    const T* sKb = sK + buf * BC * S;
+    const T* sVb = sV + buf * BC * S;
+
+    // S = Q Kᵀ and dP = dO Vᵀ (16 rows x BC keys per warp)
+    float s[BC / 8][4], dp[BC / 8][4];
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i) {
+      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BC / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
+        Half<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+        ldsm_x4(b, sVb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(dp[2 * np], of[kk], b[0], b[1]);
+        Half<T>::mma(dp[2 * np + 1], of[kk], b[2], b[3]);
+      }
+    }
+    // dS = P ∘ (dP − Delta), P = 0 for keys after the query (keys >= T lie after every valid query)
+    const int k0 = kb * BC;
+    const bool diag = k0 + BC - 1 > wrow0;
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float p = exp2f(s[nt][i] * scale_log2 - (i < 2 ? lse_a : lse_b));
+        if (diag) {
+          const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
+          if (key > (i < 2 ? row_a : row_b)) p = 0.f;
+        }
+        s[nt][i] = p * (dp[nt][i] - (i < 2 ? dl_a : dl_b));
+      }
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < D / 16; ++dt) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sKb + (kk * 16 + bt_row(lane)) * S + dt * 16 + bt_col(lane));
+        Half<T>::mma(dq[2 * dt], a, b[0], b[1]);
+        Half<T>::mma(dq[2 * dt + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int col = dt * 8 + t4 * 2;
+    if (row_a < T_)
+      *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_a) * D + col) =
+          Half<T>::pack(dq[dt][0] * scale, dq[dt][1] * scale);
+    if (row_b < T_)
+      *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_b) * D + col) =
+          Half<T>::pack(dq[dt][2] * scale, dq[dt][3] * scale);
   }
 }
 
@@ -703,27 +839,64 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
   return cudaGetLastError();
 }
 
-template <typename T, int D>
-cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
-                   float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
-                   cudaStream_t stream) {
+// Which tensor-core backward runs (MINILM_ATTN_BWD, read at every call so that a benchmark can switch):
+//   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
+//   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
+//   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; may spill for D = 128)
+// THE DEFAULT (set it from `python scripts/cuda_diagnostics.py attn-sweep`):
+constexpr const char* kDefaultBwdVariant = "fused";
+
+int bwd_variant() {
+  const char* v = std::getenv("MINILM_ATTN_BWD");
+  if (v == nullptr || *v == '\0') v = kDefaultBwdVariant;
+  if (std::strcmp(v, "split") == 0) return 1;
+  if (std::strcmp(v, "split2") == 0) return 2;
+  return 0;
+}
+
+template <typename T, int D, bool WITH_DQ, int MINB>
+cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
+                          const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
+                          float scale, cudaStream_t stream) {
   using C = BwdCfg<D>;
-  const int64_t rows = BH * T_;
-  attn_bwd_delta<T, float><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-      static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_bwd_tc<T, D>;
-  err = with_smem(kernel, smem);
+  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB>;
+  cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BC - 1) / C::BC));
   kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                                         static_cast<const T*>(dout), lse, delta, dq_accum, static_cast<T*>(dk),
                                         static_cast<T*>(dv), static_cast<int>(T_), scale, scale * kLog2e);
-  err = cudaGetLastError();
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
+                   float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
+                   cudaStream_t stream) {
+  const int64_t rows = BH * T_;
+  attn_bwd_delta<T, float><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+      static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int variant = bwd_variant();
+  if (variant != 0) {
+    err = variant == 2 ? launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream)
+                       : launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
+    if (err != cudaSuccess) return err;
+    using C = DqCfg<D>;
+    const size_t smem = C::smem_bytes(sizeof(T));
+    auto kernel = attn_bwd_dq_tc<T, D>;
+    if ((err = with_smem(kernel, smem)) != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
+    kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                          static_cast<const T*>(v), static_cast<const T*>(dout), lse, delta,
+                                          static_cast<T*>(dq), static_cast<int>(T_), scale, scale * kLog2e);
+    return cudaGetLastError();
+  }
+  err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  err = launch_bwd_tc<T, D, true, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, BH, T_, scale, stream);
   if (err != cudaSuccess) return err;
   const int64_t n = rows * D;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536));

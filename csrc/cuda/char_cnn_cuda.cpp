@@ -72,9 +72,6 @@ std::vector<minilm_cuda::CharCnnWidth> check_inputs(const at::Tensor& ids, const
     TORCH_CHECK(L >= w.size(2), "char_cnn: the words are ", L, " characters long, shorter than the width ",
                 w.size(2), " of weights[", i, "]");
     TORCH_CHECK(w.size(0) * E * w.size(2) <= kIntMax, "char_cnn: weights[", i, "] is too large");
-    // the backward gives each thread of a CTA at most 8 of a filter's E·W + 1 parameters (256 threads)
-    TORCH_CHECK(E * w.size(2) + 1 <= 2048, "char_cnn (CUDA): E·W + 1 must be at most 2048, got E=", E, ", W=",
-                w.size(2), " for weights[", i, "]");
     widths.push_back({nullptr, nullptr, static_cast<int>(w.size(0)), static_cast<int>(w.size(2)),
                       static_cast<int>(total)});
     total += w.size(0);
@@ -136,6 +133,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
     TORCH_CHECK(t->device() == embedding.device(), "char_cnn_backward: all tensors must be on ", embedding.device());
   }
   TORCH_CHECK(argmax.scalar_type() == at::kInt, "char_cnn_backward: argmax must be int32, got ", argmax.scalar_type());
+  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(kernel_dtype(embedding.scalar_type()), static_cast<int>(L),
+                                                      static_cast<int>(V), static_cast<int>(E)),
+              "char_cnn_backward (CUDA): one word's gradient [L, E] = [", L, ", ", E,
+              "] does not fit in shared memory");
   const c10::cuda::CUDAGuard guard(char_ids.device());
   const auto dtype = embedding.scalar_type();
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -156,8 +157,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
     check_ids(char_ids, V);
     const at::Tensor ids = char_ids.contiguous(), emb = embedding.contiguous();
     const at::Tensor go = grad_out.to(dtype).contiguous(), y = out.to(dtype).contiguous(), am = argmax.contiguous();
-    const int64_t partial_elems =
-        minilm_cuda::char_cnn_backward_partial_elems(N, static_cast<int>(E), widths.data(), static_cast<int>(widths.size()));
+    const int64_t partial_elems = minilm_cuda::char_cnn_backward_partial_elems(
+        kernel_dtype(dtype), N, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E), widths.data(),
+        static_cast<int>(widths.size()));
     at::Tensor partial = at::empty({partial_elems}, acc_opts);
     grad_params = at::empty({P}, acc_opts);
     grad_emb = at::empty({V, E}, acc_opts);

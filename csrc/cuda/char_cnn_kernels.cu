@@ -15,16 +15,21 @@
 //
 // Backward (the max passes the gradient to its argmax only): with g = grad_out · act'(out)
 // (relu: out > 0; tanh: 1 − out²),
-//     dW_f[e][w] = Σ_n g[n,f] · x_n[t*+w][e],   db_f = Σ_n g[n,f],   dx_n[t*+w][e] += g[n,f] · W_f[e][w].
-// * dW, db: CTAs own (a block of filters, a chunk of 1024 tokens); each thread owns up to 8 (filter, k)
-//   pairs, k = (e, w) or the bias, and sums over its chunk's tokens (g, t* and char ids staged in shared
-//   memory). Per-chunk partial sums go to a workspace and a last kernel adds them in chunk order:
-//   deterministic.
-// * d(embedding): CTAs own 32 tokens and walk all the filters of a width (weights staged in shared
-//   memory); a warp takes a (token, filter) pair with g != 0 and its lanes scatter g·W_f into the rows of
-//   the characters under the filter's window, with shared-memory atomicAdd into a per-CTA copy of the
-//   [V, E] gradient, which is then added to the global one with atomicAdd. Float atomics make the order
-//   of additions, and so the last bits of grad_embedding, vary from run to run (documented).
+//     dW_f[e][w] = Σ_n g[n,f] · x_n[t*+w][e],   db_f = Σ_n g[n,f],   dx_n[t*+w][e] += g[n,f] · W_f[e][w],
+// and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The work is small
+// (per token and filter, E·W multiply-adds for dW and as many for dx); what matters is to feed the FMA
+// units from registers and shared memory and to avoid atomics, so that the result is bitwise reproducible.
+// * dW, db (charcnn_bwd_dw): a CTA owns 128 filters (lane = filter: the loads of g and t* coalesce), an
+//   8-wide slice of e and up to 8 w, and a chunk of tokens. Each thread keeps its filter's dW slice in
+//   registers and walks the chunk's tokens in order; the tokens' embedded characters are staged in shared
+//   memory (32 tokens at a time). The chunk count is picked for ~2 waves of CTAs (at most 64 chunks, so the
+//   workspace stays a few MB); charcnn_bwd_reduce then adds the chunks' partial sums in chunk order.
+// * d(embedding) (charcnn_bwd_demb): a CTA owns token blocks b, b + G, ... (TB = 256 / E tokens each) and a
+//   private [V, E] table (shared memory when V·E is small, as ELMo's 262 x 16; else its slice of the
+//   workspace, with fewer CTAs). Per block, dx [TB, L, E] lives in shared memory; thread (token, e) alone adds
+//   g·W_f[e][·] for every filter in order into its token's column e; then thread (e, v mod NG) alone adds
+//   the rows of dx into the table rows of their characters. A last charcnn_bwd_reduce sums the G tables in
+//   CTA order. No atomics anywhere: the same inputs give the same bits.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -178,162 +183,188 @@ __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __
   argmax[o] = arg;
 }
 
-// ------------------------------------------------------------------------------- backward: dW and db
-constexpr int kBwdThreads = 256;
-constexpr int kPairsPerThread = 8;
-constexpr int kSub = 16;                 // tokens staged in shared memory at a time
-constexpr int64_t kChunkTokens = 1024;   // tokens per partial sum
-
+// ---------------------------------------------------------------------------------- backward: common
 template <typename A>
 __device__ __forceinline__ A act_grad(A y, int act) {
   return act == 0 ? (y > A(0) ? A(1) : A(0)) : A(1) - y * y;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kBwdThreads)
-    charcnn_bwd_params(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
-                       const int64_t* __restrict__ ids, const T* __restrict__ emb, int64_t N, int L, int E, int W,
-                       int F, int FB, int out_stride, int out_off, int act,
-                       typename AccOf<T>::type* __restrict__ partial, int64_t part_stride) {
+// ------------------------------------------------------------------------------- backward: dW and db
+constexpr int kDwThreads = 128;  // filters per CTA: lane = filter, so the loads of g and t* coalesce
+constexpr int kDwEC = 8;         // embedding dims per thread
+constexpr int kDwTS = 32;        // tokens staged in shared memory at a time
+
+// CTA (filter block, (e-chunk, w-chunk), token chunk). Thread = one filter f; it owns dW_f[e0..e0+8)[w0..w0+WC)
+// (and db_f in the CTA with e0 = w0 = 0) in registers and walks the tokens of its chunk in order.
+template <typename T, int WC>
+__global__ void __launch_bounds__(kDwThreads)
+    charcnn_bwd_dw(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+                   const int64_t* __restrict__ ids, const T* __restrict__ emb, int64_t N, int L, int E, int W, int F,
+                   int out_stride, int out_off, int act, int64_t chunk_tokens, int TS,
+                   typename AccOf<T>::type* __restrict__ partial, int64_t part_stride) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* gs = reinterpret_cast<A*>(smem_raw);          // [kSub][FB]: g = grad_out · act'(out)
-  int* ts = reinterpret_cast<int*>(gs + kSub * FB);  // [kSub][FB]: t*
-  int* is = ts + kSub * FB;                          // [kSub][L]: char ids
-  const int K = E * W, K1 = K + 1;
-  const int f0 = blockIdx.x * FB;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kChunkTokens;
-  const int64_t n1 = std::min<int64_t>(N, n0 + kChunkTokens);
-
-  int p_fl[kPairsPerThread], p_e[kPairsPerThread], p_w[kPairsPerThread];  // p_w = -1: the bias; -2: none
-  A acc[kPairsPerThread];
+  A* xs = reinterpret_cast<A*>(smem_raw);  // [TS][L][kDwEC]: the staged tokens' embedded characters
+  A* gs = xs + TS * L * kDwEC;             // [TS][kDwThreads]: g = grad_out · act'(out)
+  int* ts = reinterpret_cast<int*>(gs + TS * kDwThreads);  // [TS][kDwThreads]: t*
+  const int n_ec = (E + kDwEC - 1) / kDwEC;
+  const int e0 = (blockIdx.y % n_ec) * kDwEC, w0 = (blockIdx.y / n_ec) * WC;
+  const int f0 = blockIdx.x * kDwThreads, f = f0 + threadIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * chunk_tokens;
+  const int64_t n1 = std::min<int64_t>(N, n0 + chunk_tokens);
+  A acc[WC][kDwEC];
 #pragma unroll
-  for (int j = 0; j < kPairsPerThread; ++j) {
-    const int p = threadIdx.x + j * kBwdThreads;
-    const int fl = p / K1, k = p % K1;
-    p_fl[j] = fl;
-    p_e[j] = k / W;
-    p_w[j] = (p >= FB * K1 || f0 + fl >= F) ? -2 : (k == K ? -1 : k % W);
-    acc[j] = 0;
-  }
-  for (int64_t s0 = n0; s0 < n1; s0 += kSub) {
-    __syncthreads();  // the previous sub-tile is no longer read
-    for (int idx = threadIdx.x; idx < kSub * FB; idx += kBwdThreads) {
-      const int s = idx / FB, fl = idx % FB;
-      const int64_t n = s0 + s;
+  for (int w = 0; w < WC; ++w)
+#pragma unroll
+    for (int e = 0; e < kDwEC; ++e) acc[w][e] = 0;
+  A acc_b = 0;
+  for (int64_t s0 = n0; s0 < n1; s0 += TS) {
+    const int ns = static_cast<int>(std::min<int64_t>(TS, n1 - s0));
+    __syncthreads();  // the previous tokens are no longer read
+    for (int idx = threadIdx.x; idx < ns * L * kDwEC; idx += kDwThreads) {
+      const int s = idx / (L * kDwEC), r = idx % (L * kDwEC), t = r / kDwEC, e = e0 + r % kDwEC;
+      xs[idx] = e < E ? static_cast<A>(to_f(emb[ids[(s0 + s) * L + t] * E + e])) : A(0);
+    }
+    for (int idx = threadIdx.x; idx < ns * kDwThreads; idx += kDwThreads) {
+      const int s = idx / kDwThreads, fl = idx % kDwThreads;
       A gv = 0;
       int tv = 0;
-      if (n < n1 && f0 + fl < F) {
-        const size_t o = static_cast<size_t>(n) * out_stride + out_off + f0 + fl;
+      if (f0 + fl < F) {
+        const size_t o = static_cast<size_t>(s0 + s) * out_stride + out_off + f0 + fl;
         gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
         tv = argmax[o];
       }
       gs[idx] = gv;
       ts[idx] = tv;
     }
-    for (int idx = threadIdx.x; idx < kSub * L; idx += kBwdThreads) {
-      const int64_t n = s0 + idx / L;
-      is[idx] = n < n1 ? static_cast<int>(ids[n * L + idx % L]) : 0;
-    }
     __syncthreads();
-    const int ns = static_cast<int>(std::min<int64_t>(kSub, n1 - s0));
-    for (int s = 0; s < ns; ++s) {
+    if (f < F) {
+      for (int s = 0; s < ns; ++s) {
+        const A gv = gs[s * kDwThreads + threadIdx.x];
+        if (gv == A(0)) continue;  // relu filters that did not fire
+        acc_b += gv;
+        // clamped so that a corrupt argmax cannot read outside the token (the forward never makes one)
+        const int t = min(max(ts[s * kDwThreads + threadIdx.x], 0), L - W);
+        const A* xr = xs + (s * L + t + w0) * kDwEC;
 #pragma unroll
-      for (int j = 0; j < kPairsPerThread; ++j) {
-        if (p_w[j] == -2) continue;
-        const A gv = gs[s * FB + p_fl[j]];
-        if (p_w[j] == -1) {
-          acc[j] += gv;
-        } else {
-          const int t = min(max(ts[s * FB + p_fl[j]], 0), L - W);  // see charcnn_bwd_emb
-          const int id = is[s * L + t + p_w[j]];
-          acc[j] += gv * static_cast<A>(to_f(emb[static_cast<int64_t>(id) * E + p_e[j]]));
+        for (int w = 0; w < WC; ++w) {
+          if (w0 + w < W) {
+#pragma unroll
+            for (int e = 0; e < kDwEC; ++e) acc[w][e] += gv * xr[w * kDwEC + e];
+          }
         }
       }
     }
   }
+  if (f >= F) return;
+  const int K = E * W;
+  A* dst = partial + static_cast<int64_t>(blockIdx.z) * part_stride + static_cast<int64_t>(f) * (K + 1);
 #pragma unroll
-  for (int j = 0; j < kPairsPerThread; ++j) {
-    if (p_w[j] == -2) continue;
-    const int p = threadIdx.x + j * kBwdThreads;
-    partial[static_cast<int64_t>(blockIdx.y) * part_stride + static_cast<int64_t>(f0) * K1 + p] = acc[j];
-  }
+  for (int w = 0; w < WC; ++w)
+#pragma unroll
+    for (int e = 0; e < kDwEC; ++e)
+      if (w0 + w < W && e0 + e < E) dst[(e0 + e) * W + w0 + w] = acc[w][e];
+  if (blockIdx.y == 0) dst[K] = acc_b;
 }
 
+// grad[p] = Σ_c partial[c·P + p] over the chunks in increasing c: a fixed order, so bitwise reproducible.
 template <typename A>
-__global__ void charcnn_bwd_reduce(const A* __restrict__ partial, A* __restrict__ grad_params, int64_t P,
-                                   int nchunks) {
+__global__ void charcnn_bwd_reduce(const A* __restrict__ partial, A* __restrict__ grad, int64_t P, int nchunks) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < P;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     A s = 0;
-    for (int c = 0; c < nchunks; ++c) s += partial[static_cast<int64_t>(c) * P + p];  // fixed order
-    grad_params[p] = s;
+    for (int c = 0; c < nchunks; ++c) s += partial[static_cast<int64_t>(c) * P + p];
+    grad[p] = s;
   }
 }
 
 // ---------------------------------------------------------------------------- backward: d(embedding)
-constexpr int kEmbTokens = 32;
+constexpr int kDxThreads = 256;
+constexpr int kDxFC = 64;         // filters staged at a time
+constexpr int kDxMaxWidths = 16;  // widths per launch (more: several launches, see backward_all)
 
-size_t emb_smem_bytes(int FB, int K, int L, int V, int E, bool smem_accum, size_t acc_size) {
-  return (static_cast<size_t>(smem_accum ? V * E : 0) + static_cast<size_t>(FB) * K + kEmbTokens * FB) * acc_size +
-         (static_cast<size_t>(kEmbTokens) * FB + static_cast<size_t>(kEmbTokens) * L) * sizeof(int);
-}
+struct DxWidths {
+  const void* weight[kDxMaxWidths];
+  int filters[kDxMaxWidths], width[kDxMaxWidths], offset[kDxMaxWidths];
+  int n;
+};
 
+// CTA b owns token blocks b, b + G, b + 2G, ... of TB tokens, and a private [V, E] table (shared memory, or
+// its slice of `tables` when V·E is large). Per token block: dx[TB][L][E] = 0 in shared memory; thread
+// (slot, e) alone adds, for its token and every filter in order, g·W_f[e][w] into dx[t*+w][e]; then thread
+// (e, v mod NG) alone adds the rows of dx into the table rows of their characters, in increasing position.
+// No atomics: every sum has a fixed order. `accumulate`: the table continues a previous launch.
 template <typename T>
-__global__ void __launch_bounds__(kBwdThreads)
-    charcnn_bwd_emb(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
-                    const int64_t* __restrict__ ids, const T* __restrict__ weight, int64_t N, int L, int V, int E,
-                    int W, int F, int FB, int out_stride, int out_off, int act, int smem_accum,
-                    typename AccOf<T>::type* __restrict__ grad_emb) {
+__global__ void __launch_bounds__(kDxThreads)
+    charcnn_bwd_demb(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+                     const int64_t* __restrict__ ids, int64_t N, int L, int V, int E, int TB, int out_stride,
+                     int act, DxWidths ws, int smem_table, int accumulate,
+                     typename AccOf<T>::type* __restrict__ tables) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int K = E * W;
-  A* gE = reinterpret_cast<A*>(smem_raw);          // [V][E] if smem_accum
-  A* sW = gE + (smem_accum ? V * E : 0);            // [FB][K]
-  A* gs = sW + FB * K;                              // [kEmbTokens][FB]
-  int* ts = reinterpret_cast<int*>(gs + kEmbTokens * FB);  // [kEmbTokens][FB]
-  int* is = ts + kEmbTokens * FB;                          // [kEmbTokens][L]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = kBwdThreads / 32;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kEmbTokens;
-  const int ns = static_cast<int>(std::min<int64_t>(kEmbTokens, N - n0));
+  A* dx = reinterpret_cast<A*>(smem_raw);                     // [TB][L][E]
+  A* gs = dx + static_cast<size_t>(TB) * L * E;               // [TB][kDxFC]
+  A* tab_s = gs + TB * kDxFC;                                 // [V][E] if smem_table
+  int* ts = reinterpret_cast<int*>(tab_s + (smem_table ? static_cast<size_t>(V) * E : 0));  // [TB][kDxFC]
+  int* sid = ts + TB * kDxFC;                                 // [TB][L]
+  A* tab_g = tables + static_cast<int64_t>(blockIdx.x) * V * E;
+  A* tab = smem_table ? tab_s : tab_g;
+  const int EW = min(E, kDxThreads), slot = threadIdx.x / EW, ec = threadIdx.x % EW;
+  const int NG = kDxThreads / EW;  // table row groups in the scatter
 
-  if (smem_accum)
-    for (int i = threadIdx.x; i < V * E; i += kBwdThreads) gE[i] = 0;
-  for (int idx = threadIdx.x; idx < ns * L; idx += kBwdThreads) is[idx] = static_cast<int>(ids[n0 * L + idx]);
-
-  for (int f0 = 0; f0 < F; f0 += FB) {
-    const int nf = std::min(FB, F - f0);
-    __syncthreads();  // the previous filter block is no longer read
-    for (int idx = threadIdx.x; idx < nf * K; idx += kBwdThreads)
-      sW[idx] = static_cast<A>(to_f(weight[static_cast<size_t>(f0) * K + idx]));
-    for (int idx = threadIdx.x; idx < ns * nf; idx += kBwdThreads) {
-      const int s = idx / nf, fl = idx % nf;
-      const size_t o = static_cast<size_t>(n0 + s) * out_stride + out_off + f0 + fl;
-      gs[s * FB + fl] = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
-      ts[s * FB + fl] = argmax[o];
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(V) * E; i += kDxThreads)
+    tab[i] = accumulate ? tab_g[i] : A(0);
+  for (int64_t blk = blockIdx.x; blk * TB < N; blk += gridDim.x) {
+    const int64_t n0 = blk * TB;
+    const int ns = static_cast<int>(std::min<int64_t>(TB, N - n0));
+    __syncthreads();  // the previous block's scatter is done
+    for (int i = threadIdx.x; i < ns * L * E; i += kDxThreads) dx[i] = 0;
+    for (int i = threadIdx.x; i < ns * L; i += kDxThreads) sid[i] = static_cast<int>(ids[n0 * L + i]);
+    for (int wi = 0; wi < ws.n; ++wi) {
+      const T* weight = static_cast<const T*>(ws.weight[wi]);
+      const int F = ws.filters[wi], W = ws.width[wi], off = ws.offset[wi], K = E * W;
+      for (int fc0 = 0; fc0 < F; fc0 += kDxFC) {
+        const int nf = min(kDxFC, F - fc0);
+        __syncthreads();  // gs/ts are no longer read (and dx is zeroed)
+        for (int i = threadIdx.x; i < ns * kDxFC; i += kDxThreads) {
+          const int s = i / kDxFC, fl = i % kDxFC;
+          A gv = 0;
+          int tv = 0;
+          if (fl < nf) {
+            const size_t o = static_cast<size_t>(n0 + s) * out_stride + off + fc0 + fl;
+            gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
+            tv = min(max(argmax[o], 0), L - W);  // a corrupt argmax cannot write outside the token
+          }
+          gs[i] = gv;
+          ts[i] = tv;
+        }
+        __syncthreads();
+        if (slot < ns) {
+          A* dxs = dx + static_cast<size_t>(slot) * L * E;
+          for (int fl = 0; fl < nf; ++fl) {
+            const A gv = gs[slot * kDxFC + fl];
+            if (gv == A(0)) continue;
+            A* d = dxs + ts[slot * kDxFC + fl] * E;
+            const T* wf = weight + static_cast<size_t>(fc0 + fl) * K;
+            for (int e = ec; e < E; e += EW)
+              for (int w = 0; w < W; ++w) d[w * E + e] += gv * static_cast<A>(to_f(wf[e * W + w]));
+          }
+        }
+      }
     }
-    __syncthreads();
-    for (int pair = warp; pair < ns * nf; pair += nwarps) {
-      const int s = pair / nf, fl = pair % nf;
-      const A gv = gs[s * FB + fl];
-      if (gv == A(0)) continue;  // warp-uniform: relu filters that did not fire
-      // clamped so that a corrupt argmax cannot read outside the token (the forward never makes one)
-      const int* window = is + s * L + min(max(ts[s * FB + fl], 0), L - W);
-      for (int k = lane; k < K; k += 32) {
-        const int e = k / W, w = k % W;
-        const int64_t row = window[w];
-        const A c = gv * sW[fl * K + k];
-        if (smem_accum)
-          atomicAdd(gE + row * E + e, c);
-        else
-          atomicAdd(grad_emb + row * E + e, c);
+    __syncthreads();  // dx complete
+    const int grp = threadIdx.x / EW;
+    if (grp < NG) {
+      for (int r = 0; r < ns * L; ++r) {
+        const int v = sid[r];
+        if (v % NG != grp) continue;
+        for (int e = ec; e < E; e += EW) tab[static_cast<int64_t>(v) * E + e] += dx[static_cast<size_t>(r) * E + e];
       }
     }
   }
-  if (smem_accum) {
+  if (smem_table) {
     __syncthreads();
-    for (int i = threadIdx.x; i < V * E; i += kBwdThreads)
-      if (gE[i] != A(0)) atomicAdd(grad_emb + i, gE[i]);
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(V) * E; i += kDxThreads) tab_g[i] = tab_s[i];
   }
 }
 
@@ -404,14 +435,98 @@ cudaError_t forward_all(const int64_t* ids, const void* emb, int64_t N, int L, i
   return cudaSuccess;
 }
 
-// Filters per CTA of the dW/db kernel: each thread owns at most kPairsPerThread (filter, k) pairs.
-int params_fb(int E, int W, int F) {
-  return std::max(1, std::min(F, kBwdThreads * kPairsPerThread / (E * W + 1)));
+int sm_count() {
+  int dev = 0, v = 132;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+  return v;
 }
-int64_t n_chunks(int64_t N) { return (N + kChunkTokens - 1) / kChunkTokens; }
+
+// ---- backward plan: the same functions size the workspace (char_cnn_backward_partial_elems) and launch.
+int dw_wc(int W) { return W <= 8 ? W : 8; }  // w per thread (W > 8: several w-chunks)
+// Token chunks of width `cw` in the dW kernel: enough CTAs for ~2 waves, each chunk >= 256 tokens, at most
+// 64 partial sums per parameter (the workspace is chunks x parameters).
+int64_t dw_chunk_tokens(int64_t N, int E, const CharCnnWidth& cw) {
+  const int64_t base = static_cast<int64_t>((cw.filters + kDwThreads - 1) / kDwThreads) *
+                       ((E + kDwEC - 1) / kDwEC) * ((cw.width + dw_wc(cw.width) - 1) / dw_wc(cw.width));
+  int64_t c = (2 * sm_count() + base - 1) / base;
+  c = std::max<int64_t>(1, std::min<int64_t>({c, 64, (N + 255) / 256}));
+  return (N + c - 1) / c;
+}
+int64_t dw_chunks(int64_t N, int E, const CharCnnWidth& cw) {
+  const int64_t ct = dw_chunk_tokens(N, E, cw);
+  return (N + ct - 1) / ct;
+}
+int dw_tokens_staged(int L, size_t acc) {  // kDwTS, halved until the staging fits in shared memory
+  int ts = kDwTS;
+  while (ts > 1 && static_cast<size_t>(ts) * (L * kDwEC * acc + kDwThreads * (acc + sizeof(int))) >
+                       static_cast<size_t>(max_smem_optin()))
+    ts /= 2;
+  return ts;
+}
+
+struct EmbPlan {
+  int TB = 0;              // tokens per block (0: does not fit)
+  bool smem_table = true;  // the CTA's [V, E] table in shared memory
+  int64_t G = 0;           // CTAs = private tables
+  size_t smem = 0;
+};
+EmbPlan emb_plan(int64_t N, int L, int V, int E, size_t acc) {
+  EmbPlan p;
+  const int EW = std::min(E, kDxThreads);
+  const size_t optin = static_cast<size_t>(max_smem_optin());
+  auto bytes = [&](int tb, bool tab) {
+    return (static_cast<size_t>(tb) * L * E + static_cast<size_t>(tb) * kDxFC +
+            (tab ? static_cast<size_t>(V) * E : 0)) * acc +
+           (static_cast<size_t>(tb) * kDxFC + static_cast<size_t>(tb) * L) * sizeof(int);
+  };
+  const size_t two_per_sm = std::min<size_t>(optin, 110 * 1024);
+  p.smem_table = static_cast<size_t>(V) * E * acc <= 64 * 1024;
+  for (int pass = 0; pass < 2 && p.TB == 0; ++pass) {
+    for (int tb = kDxThreads / EW; tb >= 1; --tb)
+      if (bytes(tb, p.smem_table) <= two_per_sm || (tb == 1 && bytes(tb, p.smem_table) <= optin)) {
+        p.TB = tb;
+        break;
+      }
+    if (p.TB == 0) p.smem_table = false;
+  }
+  if (p.TB == 0) return p;
+  p.smem = bytes(p.TB, p.smem_table);
+  p.G = std::min<int64_t>((N + p.TB - 1) / p.TB, 2 * sm_count());
+  if (!p.smem_table)  // tables in global memory: keep them under ~256 MiB
+    p.G = std::min<int64_t>(p.G, std::max<int64_t>(1, (int64_t{256} << 20) / (static_cast<int64_t>(V) * E * acc)));
+  return p;
+}
+
+int64_t backward_workspace(int64_t N, int L, int V, int E, const CharCnnWidth* widths, int n_widths, size_t acc) {
+  int64_t elems = 0;
+  for (int i = 0; i < n_widths; ++i)
+    elems += dw_chunks(N, E, widths[i]) * widths[i].filters * (static_cast<int64_t>(E) * widths[i].width + 1);
+  return elems + emb_plan(N, L, V, E, acc).G * V * E;
+}
+
+template <typename T, int WC>
+cudaError_t launch_dw(const T* go, const T* y, const int32_t* argmax, const int64_t* ids, const T* emb, int64_t N,
+                      int L, int E, const CharCnnWidth& cw, int total, int act, typename AccOf<T>::type* partial,
+                      cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int ts = dw_tokens_staged(L, sizeof(A));
+  const size_t smem = static_cast<size_t>(ts) * (L * kDwEC * sizeof(A) + kDwThreads * (sizeof(A) + sizeof(int)));
+  auto kernel = charcnn_bwd_dw<T, WC>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t ct = dw_chunk_tokens(N, E, cw);
+  const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1);
+  const dim3 grid(static_cast<unsigned>((cw.filters + kDwThreads - 1) / kDwThreads),
+                  static_cast<unsigned>(((E + kDwEC - 1) / kDwEC) * ((cw.width + WC - 1) / WC)),
+                  static_cast<unsigned>((N + ct - 1) / ct));
+  kernel<<<grid, kDwThreads, smem, stream>>>(go, y, argmax, ids, emb, N, L, E, cw.width, cw.filters, total,
+                                             cw.offset, act, ct, ts, partial, P);
+  return cudaGetLastError();
+}
 
 template <typename T>
-cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
+cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* emb_, int64_t N, int L, int V, int E,
                          const CharCnnWidth* widths, int n_widths, int total, int act, const void* out,
                          const int32_t* argmax, void* partial_, void* grad_params_, void* grad_emb_,
                          cudaStream_t stream) {
@@ -421,48 +536,51 @@ cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* e
   A* grad_emb = static_cast<A*>(grad_emb_);
   const T* go = static_cast<const T*>(grad_out);
   const T* y = static_cast<const T*>(out);
-  const int smem_limit = max_smem_optin();
-  int64_t P = 0;
-  for (int i = 0; i < n_widths; ++i) P += static_cast<int64_t>(widths[i].filters) * (E * widths[i].width + 1);
-  const int64_t chunks = n_chunks(N);
-  cudaError_t err = cudaMemsetAsync(grad_emb, 0, static_cast<size_t>(V) * E * sizeof(A), stream);
-  if (err != cudaSuccess) return err;
+  const T* emb = static_cast<const T*>(emb_);
+  cudaError_t err = cudaSuccess;
 
-  int64_t off = 0;
+  // dW, db: per width, chunk partial sums, then their fixed-order sum
+  int64_t off = 0;  // into grad_params
+  A* part = partial;
   for (int i = 0; i < n_widths; ++i) {
     const CharCnnWidth& cw = widths[i];
-    const int K = E * cw.width;
-    // dW, db partial sums
-    const int fb = params_fb(E, cw.width, cw.filters);
-    const size_t smem_p = static_cast<size_t>(kSub) * fb * (sizeof(A) + sizeof(int)) + static_cast<size_t>(kSub) * L * sizeof(int);
-    if (smem_p > static_cast<size_t>(smem_limit)) return cudaErrorInvalidConfiguration;
-    auto kp = charcnn_bwd_params<T>;
-    if ((err = allow_smem(kp, smem_p)) != cudaSuccess) return err;
-    const dim3 grid_p(static_cast<unsigned>((cw.filters + fb - 1) / fb), static_cast<unsigned>(chunks));
-    kp<<<grid_p, kBwdThreads, smem_p, stream>>>(go, y, argmax, ids, static_cast<const T*>(emb), N, L, E, cw.width,
-                                                 cw.filters, fb, total, cw.offset, act, partial + off, P);
+    switch (dw_wc(cw.width)) {
+#define MINILM_DW(WC) \
+  case WC: err = launch_dw<T, WC>(go, y, argmax, ids, emb, N, L, E, cw, total, act, part, stream); break
+      MINILM_DW(1); MINILM_DW(2); MINILM_DW(3); MINILM_DW(4); MINILM_DW(5); MINILM_DW(6); MINILM_DW(7); MINILM_DW(8);
+#undef MINILM_DW
+      default: return cudaErrorInvalidValue;
+    }
+    if (err != cudaSuccess) return err;
+    const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1), chunks = dw_chunks(N, E, cw);
+    charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 2048)), 256, 0, stream>>>(
+        part, grad_params + off, P, static_cast<int>(chunks));
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    off += static_cast<int64_t>(cw.filters) * (K + 1);
+    off += P;
+    part += chunks * P;
+  }
 
-    // d(embedding): the largest filter block that fits, with the per-CTA [V, E] copy if it fits too
-    int fbe = std::min(cw.filters, 64);
-    bool smem_accum = static_cast<size_t>(V) * E * sizeof(A) <= 48 * 1024;
-    auto fits = [&](int fb_, bool acc_) {
-      return emb_smem_bytes(fb_, K, L, V, E, acc_, sizeof(A)) <= static_cast<size_t>(std::min(smem_limit, 100 * 1024));
-    };
-    while (fbe > 1 && !fits(fbe, smem_accum)) fbe /= 2;
-    if (!fits(fbe, smem_accum)) smem_accum = false;
-    if (!fits(fbe, smem_accum)) return cudaErrorInvalidConfiguration;
-    const size_t smem_e = emb_smem_bytes(fbe, K, L, V, E, smem_accum, sizeof(A));
-    auto ke = charcnn_bwd_emb<T>;
-    if ((err = allow_smem(ke, smem_e)) != cudaSuccess) return err;
-    ke<<<static_cast<unsigned>((N + kEmbTokens - 1) / kEmbTokens), kBwdThreads, smem_e, stream>>>(
-        go, y, argmax, ids, static_cast<const T*>(cw.weight), N, L, V, E, cw.width, cw.filters, fbe, total,
-        cw.offset, act, smem_accum ? 1 : 0, grad_emb);
+  // d(embedding): per-CTA tables (all widths per token block, kDxMaxWidths per launch), then their sum
+  const EmbPlan plan = emb_plan(N, L, V, E, sizeof(A));
+  if (plan.TB == 0) return cudaErrorInvalidConfiguration;
+  auto kd = charcnn_bwd_demb<T>;
+  if ((err = allow_smem(kd, plan.smem)) != cudaSuccess) return err;
+  for (int i0 = 0; i0 < n_widths; i0 += kDxMaxWidths) {
+    DxWidths ws{};
+    ws.n = std::min(kDxMaxWidths, n_widths - i0);
+    for (int j = 0; j < ws.n; ++j) {
+      ws.weight[j] = widths[i0 + j].weight;
+      ws.filters[j] = widths[i0 + j].filters;
+      ws.width[j] = widths[i0 + j].width;
+      ws.offset[j] = widths[i0 + j].offset;
+    }
+    kd<<<static_cast<unsigned>(plan.G), kDxThreads, plan.smem, stream>>>(
+        go, y, argmax, ids, N, L, V, E, plan.TB, total, act, ws, plan.smem_table ? 1 : 0, i0 > 0 ? 1 : 0, part);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 4096));
-  charcnn_bwd_reduce<A><<<blocks, 256, 0, stream>>>(partial, grad_params, P, static_cast<int>(chunks));
+  const int64_t VE = static_cast<int64_t>(V) * E;
+  charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((VE + 255) / 256, 2048)), 256, 0, stream>>>(
+      part, grad_emb, VE, static_cast<int>(plan.G));
   return cudaGetLastError();
 }
 
@@ -486,10 +604,13 @@ cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, i
   return cudaErrorInvalidValue;
 }
 
-int64_t char_cnn_backward_partial_elems(int64_t N, int E, const CharCnnWidth* widths, int n_widths) {
-  int64_t P = 0;
-  for (int i = 0; i < n_widths; ++i) P += static_cast<int64_t>(widths[i].filters) * (E * widths[i].width + 1);
-  return n_chunks(N) * P;
+int64_t char_cnn_backward_partial_elems(Dtype dtype, int64_t N, int L, int V, int E, const CharCnnWidth* widths,
+                                        int n_widths) {
+  return backward_workspace(N, L, V, E, widths, n_widths, dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float));
+}
+
+bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E) {
+  return emb_plan(1, L, V, E, dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float)).TB > 0;
 }
 
 cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,

@@ -11,7 +11,8 @@ every implementation, one implementation after the other in this process:
   hf                 transformers' OpenAIGPTLMHeadModel (eager attention)
 
 CUDA: the paper's GPT-1 (116,534,784 parameters), B=32, T=512, bf16 autocast, fused AdamW.
-CPU: a small GPT-1 (4 layers × 256, 4 heads, n_ctx 256, vocab 8192: 5.3M parameters), B=8, T=256, fp32.
+CPU: the default CPU run's model, preset cpu-small (4 layers × 128, 4 heads, n_ctx 128, vocab 2048:
+1,071,616 parameters), B=16, T=128, fp32.
 Dropout is 0 in every implementation (as in nanoGPT's bench.py): with attention-probability dropout,
 minilm must leave its fused kernel (see minilm/gpt1.py) and SDPA takes its dropout path, so the step
 would no longer time the attention kernels being compared.
@@ -35,8 +36,8 @@ PEAK_FLOPS = {"cuda": 989e12}  # H100/H200 dense bf16; no meaningful single figu
 
 def add_arguments(p):
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    p.add_argument("--batch_size", type=int, default=None, help="sequences per step (cuda 32, cpu 8)")
-    p.add_argument("--block_size", type=int, default=None, help="tokens per sequence (cuda 512, cpu 256)")
+    p.add_argument("--batch_size", type=int, default=None, help="sequences per step (cuda 32, cpu 16)")
+    p.add_argument("--block_size", type=int, default=None, help="tokens per sequence (cuda 512, cpu 128)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per implementation (cuda 20, cpu 5)")
 
 
@@ -97,7 +98,9 @@ class HFWrapper(nn.Module):
 
     def __init__(self, c):
         super().__init__()
+        import transformers
         from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+        transformers.logging.set_verbosity_error()  # its loss_type notice would break the table
         self.model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(
             vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
             embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, layer_norm_epsilon=c.layer_norm_epsilon))
@@ -133,9 +136,9 @@ def run(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        config = config_from_preset("gpt1", vocab_size=8192, n_layer=4, n_head=4, n_embd=256, n_ctx=256,
-                                    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-        B, T, iters, dtype = args.batch_size or 8, args.block_size or 256, args.iters or 5, torch.float32
+        # The model and batch of the default CPU training run (train_gpt1.py, preset cpu-small).
+        config = config_from_preset("cpu-small", vocab_size=2048, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        B, T, iters, dtype = args.batch_size or 16, args.block_size or 128, args.iters or 5, torch.float32
     if T > config.n_ctx:
         config.n_ctx = T
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
@@ -189,7 +192,7 @@ def run(args):
             if args.json:
                 print(json.dumps(record), flush=True)
             else:
-                print(f"{impl:>16} {ms:10.1f} {tps:12,.0f} {record['model_tflops']:14.3f} "
+                print(f"{impl:>16} {ms:10.1f} {tps:12,.0f} {record['model_tflops']:14.3g} "
                       f"{'-' if mfu is None else f'{100 * mfu:.1f}%':>7} {'-' if mem is None else f'{mem:.0f}':>9}",
                       flush=True)
         del model, optimizer, fwd, step
