@@ -4,6 +4,7 @@
     python train_gpt1.py --data my_text.txt --out_dir out-mine --max_iters 2000
     python train_gpt1.py --resume True --out_dir out-mine   # continue exactly where it stopped
     python train_gpt1.py --sample True --out_dir out-mine --start "To be"
+    python train_gpt1.py --arch lightconv --out_dir out-lc  # LightConv (Wu et al. 2019) instead of attention
     torchrun --standalone --nproc_per_node 4 train_gpt1.py  # DDP: the same run, split four ways
     python train_gpt1.py --task classification --init_from out-gpt1   # fine-tune it (minilm/finetune.py)
 
@@ -48,6 +49,9 @@ DEFAULTS = dict(
     preset="auto",  # "gpt1" on a GPU, "cpu-small" otherwise; see minilm.gpt1.PRESETS
     n_layer=None, n_head=None, n_embd=None, block_size=None,  # block_size is GPT-1's n_ctx
     dropout=None,  # embd_pdrop = attn_pdrop = resid_pdrop (preset: 0.1 for gpt1, 0 for cpu-*)
+    arch="attention",  # or "lightconv": lightweight convolutions in place of attention (minilm/lightconv.py)
+    kernel_sizes=None,  # lightconv: widths per layer, "3,7,15,31", or one for all (default 3,7,15,31,31,...)
+    weight_dropout=None,  # lightconv: DropConnect on the kernels (default: --dropout, else the preset's)
     # optimization (None: from the preset, TRAIN_PRESETS below)
     batch_size=None,  # sequences per optimizer step, over all processes
     gradient_accumulation_steps=None,
@@ -71,6 +75,7 @@ DEFAULTS = dict(
     lm_coef=0.5, clf_pdrop=0.1, n_class=None, epochs=None, warmup_fraction=0.002,
 )
 TYPES = dict(vocab_size=int, n_layer=int, n_head=int, n_embd=int, block_size=int, dropout=float,
+             kernel_sizes=str, weight_dropout=float,
              batch_size=int, gradient_accumulation_steps=int, max_iters=int, learning_rate=float,
              warmup_iters=int, lr_decay_iters=int, eval_interval=int, eval_iters=int, log_interval=int,
              task=str, init_from=str, n_class=int, epochs=int)
@@ -224,7 +229,16 @@ def main(argv):
         if cfg[opt] is not None:
             overrides[field] = cfg[opt]
     if cfg["dropout"] is not None:
-        overrides.update(embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"], resid_pdrop=cfg["dropout"])
+        overrides.update(embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"], resid_pdrop=cfg["dropout"],
+                         weight_dropout=cfg["dropout"])
+    overrides["arch"] = cfg["arch"]
+    if cfg["weight_dropout"] is not None:
+        overrides["weight_dropout"] = cfg["weight_dropout"]
+    if cfg["kernel_sizes"] is not None:
+        try:
+            overrides["kernel_sizes"] = tuple(int(k) for k in cfg["kernel_sizes"].split(","))
+        except ValueError:
+            raise UserError(f"--kernel_sizes takes integers separated by commas, got {cfg['kernel_sizes']!r}") from None
     try:
         gconf = GPT1Config(**ckpt["model_config"]) if ckpt else config_from_preset(preset, **overrides)
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -308,8 +322,11 @@ def main(argv):
         ratio = (it - warmup) / max(1, decay_iters - warmup)
         return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - cfg["min_lr"])
 
-    # Model FLOPs per token: 6N for the matmuls forward and backward, 12·L·H·Q·T for attention (PaLM, App. B).
+    # Model FLOPs per token: 6N for the matmuls forward and backward, 12·L·H·Q·T for attention (PaLM, App. B);
+    # LightConv instead: 2·K·d forward per layer for the convolution, times 3 with the backward.
     flops_per_token = 6 * raw_model.num_params() + 12 * gconf.n_layer * gconf.n_head * (gconf.n_embd // gconf.n_head) * T
+    if gconf.arch == "lightconv":
+        flops_per_token = 6 * raw_model.num_params() + 6 * gconf.n_embd * sum(b.lightconv.conv.kernel_size for b in raw_model.h)
     peak_flops = 989e12  # H100/H200 dense bf16; MFU is only printed on a GPU
 
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -322,7 +339,7 @@ def main(argv):
             write_atomic(log_path, "".join(keep).encode("utf-8"))
         elif os.path.exists(log_path):
             os.remove(log_path)
-        print(f"GPT-1 preset {preset}: {raw_model.num_params():,} parameters, {gconf.n_layer} layers × {gconf.n_embd}, "
+        print(f"GPT-1 preset {preset}{' (lightconv)' if gconf.arch == 'lightconv' else ''}: {raw_model.num_params():,} parameters, {gconf.n_layer} layers × {gconf.n_embd}, "
               f"n_ctx {T}, vocab {gconf.vocab_size}; {len(train_data):,} train / {len(val_data):,} val tokens; "
               f"{device}, {dtype}, {world} process(es), batch {B} = {n_slices} × {micro}"
               + (f"; resuming at iter {iter_num}" if ckpt else ""), flush=True)

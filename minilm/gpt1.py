@@ -15,6 +15,9 @@ T×T probabilities -- and so cannot drop them out. While training with attn_pdro
 computes attention step by step (scores, mask, softmax, dropout on the probabilities, weighted sum), which
 is the paper's regularizer exactly; in eval mode, or when attn_pdrop == 0, it takes the fused kernel. The
 small CPU presets set attn_pdrop = 0 (see PRESETS) so that their training uses the kernel too.
+
+`GPT1Config(arch="lightconv")` swaps each block's self-attention for the lightweight convolution of
+Wu et al. 2019 (minilm/lightconv.py): same post-LN block, MLP, embeddings and head.
 """
 import json
 import math
@@ -26,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilm.lightconv import LightConvLayer, resolve_kernel_sizes
 from minilm.ops import causal_attention
 
 
@@ -40,6 +44,11 @@ class GPT1Config:
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
     layer_norm_epsilon: float = 1e-5
+    # arch="lightconv": each block's self-attention becomes a lightweight convolution (Wu et al. 2019,
+    # minilm/lightconv.py) with n_head kernel heads; the rest of the block is unchanged.
+    arch: str = "attention"  # "attention" or "lightconv"
+    kernel_sizes: tuple | None = None  # lightconv: width per layer (or one for all); None = 3, 7, 15, 31, 31, ...
+    weight_dropout: float = 0.1  # lightconv: DropConnect on the normalised kernels (the paper's 0.1)
 
 
 # Model shapes by purpose. vocab_size comes from the tokenizer, so the presets leave it at the default.
@@ -49,9 +58,9 @@ class GPT1Config:
 PRESETS = {
     "gpt1": dict(),  # the paper: 12 layers, 12 heads, 768 wide, 512 context, 116,534,784 parameters
     "cpu-small": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128,  # the default run on a CPU
-                      embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+                      embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, weight_dropout=0.0),
     "cpu-tiny": dict(n_layer=2, n_head=2, n_embd=32, n_ctx=32,  # tests: seconds on a laptop
-                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0),
+                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, weight_dropout=0.0),
 }
 
 
@@ -116,16 +125,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.arch = config.arch
+        if config.arch == "lightconv":  # Linear → GLU → LightConv → Linear in place of attention
+            kernel_size = resolve_kernel_sizes(config.kernel_sizes, config.n_layer)[layer_idx]
+            self.lightconv = LightConvLayer(config.n_embd, config.n_head, kernel_size,
+                                            config.weight_dropout, config.resid_pdrop)
+        else:
+            self.attn = CausalSelfAttention(config)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, x):
         # Post-LN, as in the original Transformer and GPT-1 (GPT-2 moved the LayerNorms to the inputs).
-        n = self.ln_1(x + self.attn(x))
+        n = self.ln_1(x + (self.lightconv(x) if self.arch == "lightconv" else self.attn(x)))
         return self.ln_2(n + self.mlp(n))
 
 
@@ -133,11 +148,13 @@ class GPT1(nn.Module):
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or GPT1Config()
+        if config.arch not in ("attention", "lightconv"):
+            raise ValueError(f"GPT1: arch must be 'attention' or 'lightconv', got {config.arch!r}")
         self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.positions_embed = nn.Embedding(config.n_ctx, config.n_embd)
         # HF drops the summed embeddings; the TF code dropped rows of the embedding matrix. We follow HF.
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         # P(u) = softmax(h_n W_eᵀ) (paper eq. 2): the output layer is the token embedding, transposed.
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tokens_embed.weight
