@@ -172,7 +172,9 @@ def run(args):
 
         try:
             ms = time_ms(step, device, warmup=3 if impl.endswith("+compile") else 2, iters=iters)
-            mem = peak_mib(step, device)
+            # Activation memory of a step on top of weights and optimizer state. On a CPU the resident-set
+            # high-water mark no longer moves after the warm-up steps, so there is nothing to report.
+            mem = peak_mib(step, device) if on_cuda else None
         except Exception as e:  # e.g. torch.compile without a working compiler: report, go on with the rest
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if args.json:
