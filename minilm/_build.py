@@ -30,19 +30,28 @@ def cuda_sources():
     return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
 
 
+def openmp_flags():
+    """-fopenmp, unless MINILM_OPENMP=0 (a diagnosis switch: the CPU kernels then run on one thread)."""
+    return [] if os.environ.get("MINILM_OPENMP", "1") == "0" else ["-fopenmp"]
+
+
 def cxx_flags(with_cuda=False):
     # -march=native: the extension is compiled on the machine that runs it (pip install -e . or
     # the JIT), so the compiler may use every vector unit it has (AVX2/AVX-512 on x86).
     # MINILM_ARCH_FLAGS overrides it, e.g. for a wheel that must run on older CPUs.
+    # -fno-math-errno -fno-trapping-math: as PyTorch's own build; without them GCC will not vectorise
+    # loops that call floor() or convert float to int (the kernels' exp). They do not reorder
+    # arithmetic (unlike -ffast-math), so results stay IEEE-exact.
+    # No -std=: torch's cpp_extension adds the standard its headers need (C++17 or C++20 by version).
     arch = os.environ.get("MINILM_ARCH_FLAGS", "-march=native").split()
-    flags = ["-O3", "-std=c++17", "-fopenmp", *arch]
+    flags = ["-O3", *openmp_flags(), "-fno-math-errno", "-fno-trapping-math", *arch]
     if with_cuda:
         flags.append("-DMINILM_WITH_CUDA")
     return flags
 
 
 def nvcc_flags():
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    return ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DMINILM_WITH_CUDA"]
 
 
@@ -82,7 +91,7 @@ def _clear_stale_lock(build_dir, max_age_s=900):
         os.remove(lock)
 
 
-def load_jit(verbose=False):
+def load_jit(verbose=False, reason="no prebuilt extension found"):
     """Compile csrc/ with torch.utils.cpp_extension.load and return the module."""
     missing = _missing_tools()
     if missing:
@@ -94,19 +103,24 @@ def load_jit(verbose=False):
     build_dir = cache_dir() + ("-cuda" if with_cuda else "")
     os.makedirs(build_dir, exist_ok=True)
     _clear_stale_lock(build_dir)
-    print(f"minilm: no prebuilt extension found; JIT-compiling csrc/ into {build_dir} "
+    print(f"minilm: {reason}; JIT-compiling csrc/ into {build_dir} "
           "(once; again only after csrc/ changes)", file=sys.stderr)
     return load(name="minilm_C", sources=sources, build_directory=build_dir,
                 extra_cflags=cxx_flags(with_cuda), extra_cuda_cflags=nvcc_flags(),
-                extra_ldflags=["-fopenmp"], with_cuda=with_cuda, verbose=verbose)
+                extra_ldflags=openmp_flags(), with_cuda=with_cuda, verbose=verbose)
 
 
 def load_extension():
     """Import the prebuilt ``minilm._C``; fall back to the JIT build. MINILM_FORCE_JIT=1 skips the first."""
-    if os.environ.get("MINILM_FORCE_JIT", "0") != "1":
-        try:
-            from minilm import _C  # noqa: F401  (registers the ops as a side effect)
-            return _C
-        except ImportError:
-            pass
-    return load_jit()
+    if os.environ.get("MINILM_FORCE_JIT", "0") == "1":
+        return load_jit(reason="MINILM_FORCE_JIT=1")
+    try:
+        from minilm import _C  # noqa: F401  (registers the ops as a side effect)
+        return _C
+    except ImportError as e:
+        # A minilm/_C*.so that exists but does not load was built against another torch or Python:
+        # say so, rather than let the user think it was never built.
+        prebuilt = glob.glob(os.path.join(ROOT, "minilm", "_C*.so")) + glob.glob(os.path.join(ROOT, "minilm", "_C*.pyd"))
+        reason = (f"the prebuilt extension {os.path.basename(prebuilt[0])} does not load ({e}); rebuild it with "
+                  "pip install --no-build-isolation -e .") if prebuilt else "no prebuilt extension found"
+    return load_jit(reason=reason)

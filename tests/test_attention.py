@@ -1,22 +1,313 @@
+"""The fused causal-attention op against its reference and torch SDPA.
+
+Tolerances (why these numbers):
+* fp32: the kernel accumulates in fp32 like the reference and SDPA, but in another order (tiles of
+  512 keys, BLAS blocking) and with its own exp (≤ 2e-7 relative). Outputs are convex combinations
+  of rows of v (|out| ≲ 3 for randn inputs), so the error is a few fp32 ulps of those values:
+  ~1e-6 observed; atol 2e-5 / rtol 1e-4 leaves margin for T up to ~1000 and D up to 128. Gradients
+  sum T terms more (dK, dV add over every query): atol 1e-4 / rtol 1e-4.
+* bf16: everything inside is fp32 and the results are rounded to bf16 once, so the output must be
+  within about one bf16 ulp (2⁻⁸ relative) of the exact result: rtol 1e-2, atol 1e-2 (values near
+  zero). The backward reads the bf16-rounded out to form D = rowsum(dO∘O) (as SDPA and FA2 do), which
+  moves the gradients by up to ~1 % of their scale: rtol/atol 3e-2.
+* fp64 (gradcheck): the kernel's fp64 path is exact up to rounding, so gradcheck's default
+  finite-difference tolerances apply.
+The exact reference is causal_attention_reference evaluated in float64.
+"""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import minilm._build
 from minilm.ops import causal_attention, causal_attention_reference
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-@pytest.mark.parametrize("T", [1, 37, 128])
-def test_forward_and_grads_match_sdpa_fp32(T):
-    q, k, v = (torch.randn(2, 3, T, 48, requires_grad=True) for _ in range(3))
+FP32_TOL = dict(out=dict(atol=2e-5, rtol=1e-4), grad=dict(atol=1e-4, rtol=1e-4))
+BF16_TOL = dict(out=dict(atol=1e-2, rtol=1e-2), grad=dict(atol=3e-2, rtol=3e-2))
+
+
+def qkv(shape, dtype=torch.float32, requires_grad=True):
+    return [torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def exact(q, k, v, grad_out, scale=None):
+    """Output and gradients of the reference in float64, from the same (possibly bf16) inputs."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = causal_attention_reference(q64, k64, v64, scale)
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
+    return out, grads
+
+
+def check_against_exact(shape, dtype, tol, scale=None):
+    q, k, v = qkv(shape, dtype)
+    out = causal_attention(q, k, v, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, ref_grads = exact(q, k, v, g, scale)
+    torch.testing.assert_close(out.double(), ref_out, **tol["out"])
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.double(), b, **tol["grad"], msg=lambda m: f"d{name}: {m}")
+
+
+# Lengths around every block edge: forward query blocks are 32 (T < 192), 64 (T < 768), 256
+# (longer), backward ones 32 / 64 / 128, key blocks 512. D includes sizes that are not multiples of 8.
+SHAPES = [
+    (1, 1, 1, 64), (2, 3, 2, 16), (1, 2, 7, 48), (2, 2, 31, 80), (1, 2, 32, 64), (1, 3, 33, 128),
+    (2, 1, 65, 48), (1, 2, 191, 64), (1, 1, 193, 80), (1, 1, 511, 16), (1, 2, 513, 64),
+    (1, 1, 767, 48), (1, 1, 769, 64), (1, 1, 1025, 32),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_forward_and_grads_match_exact(shape):
+    check_against_exact(shape, torch.float32, FP32_TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 48), (2, 2, 37, 64), (1, 2, 300, 80), (1, 1, 800, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bf16_forward_and_grads_match_exact(shape):
+    check_against_exact(shape, torch.bfloat16, BF16_TOL)
+
+
+def test_fp16_forward_and_grads_match_exact():
+    # fp16 has 3 more mantissa bits than bf16, so the bf16 bounds hold with room to spare.
+    check_against_exact((2, 2, 70, 48), torch.float16, BF16_TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 48), (2, 3, 37, 64), (1, 4, 256, 80), (1, 2, 600, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_sdpa(shape):
+    q, k, v = qkv(shape)
     out = causal_attention(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **FP32_TOL["out"])
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, **FP32_TOL["grad"])
+
+
+def test_bf16_matches_sdpa():
+    q, k, v = qkv((2, 2, 100, 64), torch.bfloat16)
+    out = causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # Two bf16 results, each within about an ulp of the exact one.
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 2.5])
+def test_custom_scale(scale):
+    check_against_exact((1, 2, 45, 32), torch.float32, FP32_TOL, scale=scale)
+    q, k, v = qkv((1, 2, 45, 32), requires_grad=False)
+    torch.testing.assert_close(causal_attention(q, k, v, scale),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), **FP32_TOL["out"])
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = qkv((1, 1, 9, 25), requires_grad=False)
+    torch.testing.assert_close(causal_attention(q, k, v), causal_attention(q, k, v, 0.2))
+
+
+def test_first_row_attends_only_to_itself_and_future_does_not_leak():
+    q, k, v = qkv((1, 2, 40, 16), requires_grad=False)
+    out = causal_attention(q, k, v)
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 20:] += 100.0  # change only the keys/values after position 19
+    v2[:, :, 20:] -= 50.0
+    torch.testing.assert_close(causal_attention(q, k2, v2)[:, :, :20], out[:, :, :20], atol=0, rtol=0)
+
+
+def test_large_scores_do_not_overflow():
+    # Scores of ±1e4 would overflow exp() without the running-max subtraction.
+    q, k, v = qkv((1, 1, 70, 16), requires_grad=False)
+    out = causal_attention(q * 100, k * 100, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, causal_attention_reference((q * 100).double(), (k * 100).double(), v.double()).float(),
+                               **FP32_TOL["out"])
+
+
+def test_saved_lse_is_the_row_logsumexp():
+    q, k, v = qkv((2, 2, 50, 24), requires_grad=False)
+    scale = 0.3
+    _, lse = torch.ops.minilm.causal_attention(q, k, v, scale)
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    s = s.masked_fill(torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 50)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 5, 3), (2, 1, 9, 4)])
+def test_gradcheck_fp64(shape):
+    q, k, v = qkv(shape, torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, 0.7), (q, k, v))
+
+
+def test_opcheck_forward_and_backward():
+    q, k, v = qkv((2, 2, 19, 8))
+    torch.library.opcheck(torch.ops.minilm.causal_attention.default, (q, k, v, 0.35))
+    with torch.no_grad():
+        out, lse = torch.ops.minilm.causal_attention(q, k, v, 0.35)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.35)
+    torch.library.opcheck(torch.ops.minilm.causal_attention_backward.default, args)
+
+
+def test_non_contiguous_inputs():
+    B, T, H, D = 2, 45, 3, 32
+    # q, k as the model makes them: a [B, T, H, D] view transposed to [B, H, T, D] (rows of D are
+    # contiguous, row stride H·D); v with a non-unit last stride (copied by the kernel).
+    q = torch.randn(B, T, H, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, 3 * H, D)[:, :, ::3].transpose(1, 2).requires_grad_()
+    v = torch.randn(B, H, T, 2 * D)[..., ::2].requires_grad_()
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = causal_attention(q, k, v)
+    g = torch.randn(B, T, H, D).transpose(1, 2)  # a non-contiguous grad_out
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, ref_grads = exact(q, k, v, g)
+    torch.testing.assert_close(out.double(), ref_out, **FP32_TOL["out"])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, **FP32_TOL["grad"])
+
+
+def test_empty_inputs():
+    for shape in [(0, 2, 5, 8), (2, 2, 0, 8)]:
+        q, k, v = qkv(shape)
+        out = causal_attention(q, k, v)
+        assert out.shape == shape
+        out.sum().backward()
+        assert q.grad.shape == shape
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda: causal_attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)), ValueError, "4-D"),
+    (lambda: causal_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 4, 8)),
+     ValueError, "same shape"),
+    (lambda: causal_attention(*(torch.ones(1, 1, 4, 8, dtype=torch.int64),) * 3), TypeError, "floating dtype"),
+    (lambda: causal_attention(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8).double(), torch.randn(1, 1, 4, 8)),
+     TypeError, "floating dtype"),
+    (lambda: causal_attention(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8, device="meta"), torch.randn(1, 1, 4, 8)),
+     ValueError, "one device"),
+    (lambda: causal_attention(torch.randn(1, 1, 4, 8), [[1.0]], torch.randn(1, 1, 4, 8)), TypeError, "torch.Tensor"),
+    (lambda: causal_attention(*(torch.randn(1, 1, 4, 0),) * 3), ValueError, "head dim"),
+])
+def test_bad_input_python(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        bad()
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(2, 4, 8),) * 3, "4-D"),
+    ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 4, 8)), "same shape"),
+    ((torch.ones(1, 1, 4, 8, dtype=torch.int32),) * 3, "floating dtype"),
+    ((torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8).double(), torch.randn(1, 1, 4, 8)), "same dtype"),
+    ((torch.randn(1, 1, 4, 0),) * 3, "head dim"),
+])
+def test_bad_input_cpp(args, match):
+    # The op itself (torch.ops.minilm.*), without the Python wrapper's checks.
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.minilm.causal_attention(*args, 1.0)
+
+
+def test_bad_input_cpp_backward():
+    q, k, v = qkv((1, 2, 6, 8), requires_grad=False)
+    out, lse = torch.ops.minilm.causal_attention(q, k, v, 1.0)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.minilm.causal_attention_backward(out, q, k, v, out, lse[:, :, :3], 1.0)
+    with pytest.raises(RuntimeError, match="grad_out and out"):
+        torch.ops.minilm.causal_attention_backward(out[:, :1], q, k, v, out, lse, 1.0)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+
+    def block(x, w):  # a projection into q, k, v around the op, as in a transformer layer
+        B, T, C = x.shape
+        q, k, v = (x @ w).view(B, T, 3, 2, C // 2).permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hs)
+        return causal_attention(q, k, v).transpose(1, 2).reshape(B, T, C).relu().sum()
+
+    x = torch.randn(2, 21, 32)
+    w1 = torch.randn(32, 96, requires_grad=True)
+    w2 = w1.detach().clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True)
+    out_c = compiled(x, w1)
+    out_c.backward()
+    out_e = block(x, w2)
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_reference_matches_sdpa():
-    q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))
+    q, k, v = qkv((1, 2, 20, 16), requires_grad=False)
     torch.testing.assert_close(causal_attention_reference(q, k, v),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+# --- how the extension is built -----------------------------------------------------------------------
+
+def _run_python(code, env_extra, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_jit_build_compiles_and_runs(tmp_path):
+    code = ("import torch, minilm; from minilm.ops import causal_attention, causal_attention_reference\n"
+            "assert minilm._C.__name__ == 'minilm_C', minilm._C\n"
+            "q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))\n"
+            "torch.testing.assert_close(causal_attention(q, k, v), causal_attention_reference(q, k, v), atol=2e-5, rtol=1e-4)\n"
+            "print('JIT OK')")
+    r = _run_python(code, {"MINILM_FORCE_JIT": "1", "MINILM_CACHE": str(tmp_path)}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "JIT-compiling" in r.stderr and "JIT OK" in r.stdout
+    assert any(f.endswith(".so") for _, _, files in os.walk(tmp_path) for f in files)
+
+
+def test_jit_without_compiler_gives_clear_error(tmp_path):
+    r = _run_python("import minilm", {"MINILM_FORCE_JIT": "1", "MINILM_CACHE": str(tmp_path),
+                                      "CXX": "no-such-compiler-minilm"}, cwd=tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "RuntimeError" in last and "a C++ compiler ('no-such-compiler-minilm' is not on PATH" in last
+
+
+def test_jit_without_ninja_gives_clear_error(monkeypatch):
+    import torch.utils.cpp_extension
+    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"cannot be JIT-built: missing ninja \(pip install ninja\)"):
+        minilm._build.load_jit()
+
+
+# --- the benchmark's own logic (not its timings) ---------------------------------------------------------
+
+def test_bench_rows_and_shape_parsing(capsys):
+    import argparse
+    import json
+
+    from minilm.bench import attention as bench
+    from minilm.bench.common import Reporter
+    results = bench.bench_shape((1, 2, 24, 16), torch.device("cpu"), torch.float32, Reporter(as_json=True),
+                                min_time_s=0.0)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("minilm", "sdpa", "naive")
+                                                      for p in ("fwd", "fwdbwd")}
+    for r in rows:
+        assert r["op"] == "attention" and r["shape"] == [1, 2, 24, 16] and r["dtype"] == "fp32"
+        assert r["ms"] > 0 and r["gflops"] > 0 and r["peak_mib"] >= 0
+    assert set(results) == {(r["impl"], r["pass"]) for r in rows}
+    assert bench.parse_shape("4,12,256,64") == (4, 12, 256, 64)
+    from minilm.bench.common import peak_mib
+    assert 3.99 < peak_mib(lambda: torch.ones(1 << 20).sum()) < 4.01  # a 4 MiB temporary, freed on return
+    for bad in ("4,12,256", "4,12,x,64", "0,1,2,3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_shape(bad)

@@ -1,14 +1,26 @@
-// ELMo's character CNN on the CPU, fused — first, plain version (direct loops).
+// ELMo's character CNN on the CPU, fused: embedding lookup -> every width's convolution -> max over
+// time -> + bias -> activation, without ever storing the (N, F, L−w+1) convolution outputs.
 //
 // What it computes: for each token n (a row of L character ids), x = embedding[ids] (L × E); for each
 // filter width w_i and each of its F_i filters f, the VALID convolution s[t] = Σ_{k<w, e<E} W[f,e,k]·x[t+k,e]
 // for t = 0 … L−w; out[n, f] = act(max_t s[t] + b[f]) and argmax[n, f] = the first t of that max.
-// What it keeps: only out and argmax (one int per token and filter) — never the (L−w+1)-long maps.
-// Backward, through t* only: g' = grad_out·act'(out) (relu: out > 0; tanh: 1 − out²);
-//   dW_f[e,k] += g'·x[t*+k, e];   dx[t*+k, e] += g'·W_f[e,k];   db_f += g';   dembedding[id] += dx.
-// Race-free and deterministic without atomics: dW and db are computed in parallel over filters (each
-// filter's sum runs over tokens in order); dx in parallel over tokens (each token owns its rows), then
-// scattered into dembedding by one loop in token order. fp32 and bf16 accumulate in fp32; fp64 in fp64.
+//
+// How it tiles (forward): threads take contiguous ranges of tokens (at::parallel_for). For one width at
+// a time, a thread unfolds the windows x[t:t+w] of as many tokens as fill a ~512 KiB tile into a
+// patch matrix [P, w·E] (with the filters stored [F, w, E], a window is w·E contiguous values of x),
+// scores all P windows against all F filters with one GEMM (MKL) into S [P, F], and reduces S to
+// each token's running max and argmax, adds the bias and applies the activation. Windows lying wholly
+// inside a token's trailing run of one repeated id (its padding) are identical, so only the first is
+// computed: exact, and on real words (5 bytes + BOW/EOW in 50 slots) it skips most of the work.
+//
+// What it keeps: out and argmax (an int32 per token and filter) — nothing else survives the call.
+//
+// What the backward needs: argmax, out (for the activation's derivative: relu: out > 0; tanh:
+// 1 − out²), the ids, the embedding and the filters. The gradient goes through t* only:
+//   g' = grad_out·act'(out);  dW_f[e,k] += g'·x[t*+k, e];  dx[t*+k, e] += g'·W_f[e,k];  db_f += g'.
+// Since x is a lookup, both are computed from a histogram of g' by character id (see backward_kernel).
+// Parallel over chunks of filters, race-free; deterministic for a given thread count (partial sums of
+// the embedding gradient are added in a fixed order). fp32, bf16 and fp16 accumulate in fp32; fp64 in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -37,6 +49,7 @@ void check_inputs(const at::Tensor& ids, const at::Tensor& emb, at::TensorList w
   TORCH_CHECK(emb.dim() == 2, "char_cnn: embedding must be 2-D [V, E], got ", emb.sizes());
   TORCH_CHECK(at::isFloatingType(emb.scalar_type()), "char_cnn: embedding must be floating, got ", emb.scalar_type());
   TORCH_CHECK(!weights.empty(), "char_cnn: weights must hold at least one filter width");
+  TORCH_CHECK(emb.size(0) > 0, "char_cnn: the embedding has no rows");
   TORCH_CHECK(ids.device() == emb.device(), "char_cnn: char_ids and embedding must be on one device");
   int64_t w_max = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -99,6 +112,39 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
   return std::vector<acc_t>(p, p + c.numel());
 }
 
+// Rows of the score tile S [P, F] a thread keeps per GEMM: ~512 KiB, so S and the patches stay in L2.
+constexpr int64_t kTileBytes = 512 * 1024;
+
+// A matrix view of a raw buffer, for at::mm_out. (at::native::cpublas::gemm's float overload is not
+// exported from libtorch_cpu, so the GEMMs go through at::mm_out on views of per-thread buffers: the
+// same MKL sgemm/dgemm, plus a few µs of dispatch per call.)
+template <typename acc_t>
+at::Tensor view(const acc_t* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// S [P, F] = patches [P, K] · filtersᵀ (filters [F, K], read transposed in place).
+template <typename acc_t>
+void gemm_patches_filters(const acc_t* patches, const acc_t* filters, acc_t* S, int64_t P, int64_t F, int64_t K) {
+  at::Tensor c = view(S, P, F, F, 1);
+  at::mm_out(c, view(patches, P, K, K, 1), view(filters, K, F, 1, K));
+}
+
+// Where each token's trailing run of one repeated id (its padding) begins: every window that lies
+// wholly inside the run sees the same characters and scores the same, so only the first is computed,
+// and it is also the first t of any tie among them. Exact; it saves most of the work on real words.
+std::vector<int64_t> trailing_run_starts(const int64_t* ids, int64_t N, int64_t L) {
+  std::vector<int64_t> r(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* tok = ids + n * L;
+    int64_t t = L - 1;
+    while (t > 0 && tok[t - 1] == tok[L - 1]) --t;
+    r[n] = t;
+  }
+  return r;
+}
+
 template <typename scalar_t>
 void forward_kernel(const int64_t* ids, const at::Tensor& emb_t, at::TensorList weights, at::TensorList biases,
                     Act act, scalar_t* out, int32_t* argmax, int64_t N, int64_t L) {
@@ -109,31 +155,66 @@ void forward_kernel(const int64_t* ids, const at::Tensor& emb_t, at::TensorList 
   std::vector<std::vector<acc_t>> bias;
   for (const at::Tensor& b : biases) bias.push_back(to_acc<acc_t>(b));
   const int64_t Ftot = fs.total;
+  const std::vector<int64_t> run = trailing_run_starts(ids, N, L);
 
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> x(L * E);  // this token's embedded characters, (L, E)
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t t = 0; t < L; ++t) {
-        const acc_t* row = emb.data() + ids[n * L + t] * E;
-        std::copy(row, row + E, x.data() + t * E);
-      }
-      for (size_t i = 0; i < fs.w.size(); ++i) {
-        const int64_t W = fs.width[i], T = L - W + 1, K = W * E;
-        for (int64_t f = 0; f < fs.F[i]; ++f) {
-          const acc_t* wf = fs.w[i].data() + f * K;  // (w, E)
-          acc_t best = -std::numeric_limits<acc_t>::infinity();
-          int32_t best_t = 0;
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t* xt = x.data() + t * E;  // the window x[t:t+w] is K contiguous values
-            acc_t s = 0;
-            for (int64_t j = 0; j < K; ++j) s += wf[j] * xt[j];
-            if (s > best) { best = s; best_t = int32_t(t); }  // strict: the first t wins ties
+  // Enough tokens per thread to amortise starting threads (~4 MFLOP); one token for ELMo's 17.6 MFLOP.
+  int64_t flops_per_token = 0;
+  for (size_t i = 0; i < fs.w.size(); ++i) flops_per_token += 2 * fs.F[i] * fs.width[i] * E * (L - fs.width[i] + 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, flops_per_token));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x(L * E);            // one token's embedded characters, (L, E)
+    std::vector<acc_t> patches, S, best;    // (P, w·E) windows, (P, F) scores, (F,) running max
+    std::vector<int32_t> best_t;
+    for (size_t i = 0; i < fs.w.size(); ++i) {
+      const int64_t F = fs.F[i], W = fs.width[i], K = W * E, T = L - W + 1;
+      const int64_t P_max = std::min((end - begin) * T, std::max<int64_t>(T, kTileBytes / int64_t(sizeof(acc_t) * F)));
+      patches.resize(P_max * K);
+      S.resize(P_max * F);
+      best.resize(F);
+      best_t.resize(F);
+      for (int64_t n0 = begin; n0 < end;) {
+        // 1. Unfold the windows of as many tokens as fit the tile: row p of `patches` is x[t:t+w]
+        //    flattened, which in the (L, E) layout is the K values starting at x[t].
+        int64_t P = 0, n1 = n0;
+        for (; n1 < end; ++n1) {
+          const int64_t Tn = std::min(run[n1], T - 1) + 1;
+          if (P + Tn > P_max) break;
+          for (int64_t t = 0; t < L; ++t) {
+            const acc_t* row = emb.data() + ids[n1 * L + t] * E;
+            std::copy(row, row + E, x.data() + t * E);
           }
-          acc_t y = best + bias[i][f];
-          y = act == Act::Relu ? std::max(y, acc_t(0)) : std::tanh(y);
-          out[n * Ftot + fs.offset[i] + f] = scalar_t(y);
-          argmax[n * Ftot + fs.offset[i] + f] = best_t;
+          for (int64_t t = 0; t < Tn; ++t) std::copy(x.data() + t * E, x.data() + t * E + K, patches.data() + (P + t) * K);
+          P += Tn;
         }
+        // 2. Every window against every filter of this width in one GEMM.
+        gemm_patches_filters(patches.data(), fs.w[i].data(), S.data(), P, F, K);
+        // 3. Per token, the max over its windows (first t on ties), + bias, activation.
+        int64_t p0 = 0;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t Tn = std::min(run[n], T - 1) + 1;
+          const acc_t* s = S.data() + p0 * F;
+          for (int64_t f = 0; f < F; ++f) { best[f] = s[f]; best_t[f] = 0; }
+          for (int64_t t = 1; t < Tn; ++t) {
+            const acc_t* st = s + t * F;
+            for (int64_t f = 0; f < F; ++f) {  // branch-free, so that it vectorises
+              // a NaN wins and stays, as in torch.max: NaN inputs give NaN outputs, not a silent max
+              const bool gt = st[f] > best[f] || (st[f] != st[f] && best[f] == best[f]);
+              best[f] = gt ? st[f] : best[f];
+              best_t[f] = gt ? int32_t(t) : best_t[f];
+            }
+          }
+          scalar_t* o = out + n * Ftot + fs.offset[i];
+          int32_t* a = argmax + n * Ftot + fs.offset[i];
+          const acc_t* b = bias[i].data();
+          if (act == Act::Relu) {
+            for (int64_t f = 0; f < F; ++f) o[f] = scalar_t(std::max(best[f] + b[f], acc_t(0)));
+          } else {
+            for (int64_t f = 0; f < F; ++f) o[f] = scalar_t(std::tanh(best[f] + b[f]));
+          }
+          std::copy(best_t.begin(), best_t.end(), a);
+          p0 += Tn;
+        }
+        n0 = n1;
       }
     }
   });
@@ -166,6 +247,19 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   return {out, argmax};
 }
 
+// The backward, by character id. Both gradients read the characters only through their ids:
+//   dW_f[k, :]      = Σ_n g'_nf · emb[id(n, t*_nf + k)]               = Σ_v H_f[k, v] · emb[v]
+//   dembedding[v]   = Σ_{n,f,k: id(n, t*_nf + k) = v} g'_nf · W_f[k]   = Σ_{f,k} H_f[k, v] · W_f[k]
+// with H_f[k, v] = Σ_n g'_nf · [id(n, t*_nf + k) = v], a histogram of the gradient by character id.
+// So one pass over (token, filter) adds w scalars into H, and two small GEMMs per chunk of filters
+// (H·emb for dW, Hᵀ·W for dembedding) finish the job. H for a chunk of filters is C·w × V.
+// Parallel over chunks of filters; each chunk owns its dW rows and bias entries (no races), and its
+// dembedding contribution goes into the partial buffer of the range of chunks it belongs to; the
+// partials are summed in range order. The ranges come from at::parallel_for's static split, so the
+// result is the same run after run for a given thread count.
+constexpr int64_t kChunkTaps = 448;       // C·w per chunk: chunks of equal work whatever the width
+constexpr int64_t kHistFloats = 1 << 20;  // at most 4 MiB of histogram per chunk (large V: smaller C)
+
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at::Tensor& emb_t,
                      at::TensorList weights, const at::Tensor& out_t, const int32_t* argmax, Act act,
@@ -178,62 +272,63 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
   const int64_t Ftot = fs.total;
   const scalar_t* gout = grad_out_t.data_ptr<scalar_t>();
   const scalar_t* out = out_t.data_ptr<scalar_t>();
-  // g' = grad_out · act'(out), the gradient at the pre-activation max.
-  auto gprime = [&](int64_t idx) -> acc_t {
-    const acc_t g = acc_t(gout[idx]), y = acc_t(out[idx]);
-    return act == Act::Relu ? (y > acc_t(0) ? g : acc_t(0)) : g * (acc_t(1) - y * y);
-  };
-  // Which width owns global filter column c.
-  std::vector<int64_t> width_of(Ftot);
-  for (size_t i = 0; i < fs.F.size(); ++i)
-    for (int64_t f = 0; f < fs.F[i]; ++f) width_of[fs.offset[i] + f] = int64_t(i);
-
-  // dW and db: parallel over filters, each summing over tokens in order (deterministic, no races).
   scalar_t* grad_b = grad_b_t.data_ptr<scalar_t>();
-  at::parallel_for(0, Ftot, 8, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dw;  // one filter's gradient, [w, E]
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t i = width_of[c], f = c - fs.offset[i], W = fs.width[i];
-      dw.assign(W * E, acc_t(0));
-      acc_t db = 0;
+
+  struct Chunk { int64_t i, f0, f1; };
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < fs.F.size(); ++i) {
+    const int64_t W = fs.width[i];
+    const int64_t C = std::max<int64_t>(1, std::min(kChunkTaps / W, kHistFloats / (W * V)));
+    for (int64_t f0 = 0; f0 < fs.F[i]; f0 += C) chunks.push_back({int64_t(i), f0, std::min(fs.F[i], f0 + C)});
+  }
+  const int64_t n_chunks = int64_t(chunks.size());
+  std::vector<std::vector<acc_t>> ge_partial(n_chunks);  // indexed by the first chunk of a range
+
+  // Small problems (fewer than ~64k token-filter pairs) run on the calling thread alone.
+  const int64_t grain = N * Ftot < (int64_t(1) << 16) ? n_chunks : 1;
+  at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t>& ge = ge_partial[begin];
+    ge.assign(V * E, acc_t(0));
+    std::vector<acc_t> H, dw, db;
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t i = chunks[ch].i, f0 = chunks[ch].f0, f1 = chunks[ch].f1;
+      const int64_t W = fs.width[i], T = L - W + 1, C = f1 - f0, off = fs.offset[i];
+      H.assign(C * W * V, acc_t(0));
+      db.assign(C, acc_t(0));
       for (int64_t n = 0; n < N; ++n) {
-        const acc_t g = gprime(n * Ftot + c);
-        if (g == acc_t(0)) continue;
-        db += g;
-        const int64_t* tok = ids + n * L + argmax[n * Ftot + c];
-        for (int64_t k = 0; k < W; ++k) {
-          const acc_t* xk = emb.data() + tok[k] * E;
-          for (int64_t e = 0; e < E; ++e) dw[k * E + e] += g * xk[e];
+        const int64_t row = n * Ftot + off;
+        const int64_t* tok_n = ids + n * L;
+        for (int64_t f = f0; f < f1; ++f) {
+          const int32_t t = argmax[row + f];
+          TORCH_CHECK(t >= 0 && t < T, "char_cnn_backward: argmax ", t, " is outside [0, ", T, ") for width ", W);
+          const acc_t g = acc_t(gout[row + f]), y = acc_t(out[row + f]);
+          // g' = grad_out · act'(out), the gradient at the pre-activation max
+          const acc_t gp = act == Act::Relu ? (y > acc_t(0) ? g : acc_t(0)) : g * (acc_t(1) - y * y);
+          // no skip on gp == 0: relu zeroes about half at random, and a mispredicted branch costs
+          // more than the w additions of zero it would save
+          db[f - f0] += gp;
+          acc_t* h = H.data() + (f - f0) * W * V;
+          const int64_t* tok = tok_n + t;
+          for (int64_t k = 0; k < W; ++k) h[k * V + tok[k]] += gp;
         }
       }
-      grad_b[c] = scalar_t(db);
-      scalar_t* dst = grad_w_t[i].data_ptr<scalar_t>() + f * E * W;  // [E, w]
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t k = 0; k < W; ++k) dst[e * W + k] = scalar_t(dw[k * E + e]);
-    }
-  });
-
-  // dx per token (parallel over tokens: each owns its L × E rows), then one ordered scatter by id.
-  std::vector<acc_t> dx(N * L * E, acc_t(0));
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      acc_t* dxn = dx.data() + n * L * E;
-      for (int64_t c = 0; c < Ftot; ++c) {
-        const acc_t g = gprime(n * Ftot + c);
-        if (g == acc_t(0)) continue;
-        const int64_t i = width_of[c], f = c - fs.offset[i], K = fs.width[i] * E;
-        const acc_t* wf = fs.w[i].data() + f * K;  // (w, E), matching dx[t*:t*+w]
-        acc_t* d = dxn + argmax[n * Ftot + c] * E;
-        for (int64_t j = 0; j < K; ++j) d[j] += g * wf[j];
-      }
+      for (int64_t f = f0; f < f1; ++f) grad_b[off + f] = scalar_t(db[f - f0]);
+      // dW [C·w, E] = H [C·w, V] · emb [V, E], then to the [F, E, w] layout of the weights.
+      dw.resize(C * W * E);
+      at::Tensor dw_v = view(dw.data(), C * W, E, E, 1);
+      at::mm_out(dw_v, view(H.data(), C * W, V, V, 1), view(emb.data(), V, E, E, 1));
+      scalar_t* dst = grad_w_t[i].data_ptr<scalar_t>();
+      for (int64_t f = f0; f < f1; ++f)
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t k = 0; k < W; ++k) dst[(f * E + e) * W + k] = scalar_t(dw[((f - f0) * W + k) * E + e]);
+      // dembedding [V, E] += Hᵀ [V, C·w] · W [C·w, E]
+      at::Tensor ge_v = view(ge.data(), V, E, E, 1);
+      at::addmm_out(ge_v, ge_v, view(H.data(), V, C * W, 1, V), view(fs.w[i].data() + f0 * W * E, C * W, E, E, 1));
     }
   });
   std::vector<acc_t> ge(V * E, acc_t(0));
-  for (int64_t r = 0; r < N * L; ++r) {
-    acc_t* dst = ge.data() + ids[r] * E;
-    const acc_t* src = dx.data() + r * E;
-    for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
-  }
+  for (const auto& part : ge_partial)
+    for (size_t j = 0; j < part.size(); ++j) ge[j] += part[j];
   scalar_t* grad_emb = grad_emb_t.data_ptr<scalar_t>();
   for (int64_t j = 0; j < V * E; ++j) grad_emb[j] = scalar_t(ge[j]);
 }
@@ -254,20 +349,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cp
               "char_cnn_backward: grad_out and out must have the embedding's dtype ", embedding.scalar_type());
   TORCH_CHECK(argmax.scalar_type() == at::kInt, "char_cnn_backward: argmax must be int32, got ", argmax.scalar_type());
   const at::Tensor am = argmax.contiguous();
-  {  // the positions come from the forward, but a foreign tensor must not make us read out of bounds
-    const int32_t* a = am.data_ptr<int32_t>();
-    int64_t c = 0;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const int64_t T = L - weights[i].size(2) + 1, F = weights[i].size(0);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t f = 0; f < F; ++f) {
-          const int32_t t = a[n * Ftot + c + f];
-          TORCH_CHECK(t >= 0 && t < T, "char_cnn_backward: argmax ", t, " is outside [0, ", T, ") for width ",
-                      weights[i].size(2));
-        }
-      c += F;
-    }
-  }
   at::Tensor grad_emb = at::empty_like(embedding, at::MemoryFormat::Contiguous);
   std::vector<at::Tensor> grad_w;
   for (const at::Tensor& w : weights) grad_w.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));

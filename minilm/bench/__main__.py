@@ -6,6 +6,7 @@ import sys
 # name -> module in minilm.bench that defines add_arguments(parser) and run(args)
 BENCHMARKS = {
     "attention": "minilm.bench.attention",
+    "charcnn": "minilm.bench.charcnn",
     "gpt1": "minilm.bench.gpt1",
 }
 

@@ -1,8 +1,10 @@
 """Timing and memory helpers shared by the benchmarks."""
+import contextlib
 import gc
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -37,20 +39,42 @@ def time_ms(fn, device="cpu", warmup=2, iters=10, min_time_s=0.0):
     return statistics.median(times)
 
 
-def _read_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ side logs a line at every start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn):
+    # torch's CPU allocator reports every allocation and free to the profiler when profile_memory is
+    # on; the running sum of those events, in time order, peaks at the call's extra memory.
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def peak_mib(fn, device="cpu"):
-    """Peak memory that one call of fn() adds on top of what was already held, in MiB.
+    """Peak memory that one call of fn() allocates on top of what was already held, in MiB.
 
-    On a GPU: torch.cuda.max_memory_allocated. On a Linux CPU: the resident-set high-water mark
-    (VmHWM), reset by writing 5 to /proc/self/clear_refs, minus the resident set before the call.
-    Returns None where neither is available.
+    Counts tensors (torch's allocator), the same on both devices: on a GPU through
+    torch.cuda.max_memory_allocated, on the CPU through the profiler's memory events. (The process's
+    resident set is no measure on the CPU: glibc keeps freed blocks resident and reuses them, so a
+    call that allocates a lot can leave the high-water mark unchanged.) None if it cannot be measured.
     """
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -62,12 +86,8 @@ def peak_mib(fn, device="cpu"):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
-        base = _read_status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        fn()
-        return max(0, _read_status_kib("VmHWM") - base) / 1024
-    except OSError:
+        return _cpu_peak_bytes(fn) / 2**20
+    except (RuntimeError, AttributeError):  # a torch without the profiler's memory events
         return None
 
 

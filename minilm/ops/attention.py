@@ -40,6 +40,8 @@ def _check(q, k, v):
         raise TypeError(f"causal_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"causal_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] < 1:
+        raise ValueError("causal_attention: the head dim D (last dim) must be at least 1")
 
 
 def causal_attention(q, k, v, scale=None):
@@ -56,6 +58,7 @@ def _lse_dtype(dtype):
 
 @torch.library.register_fake("minilm::causal_attention")
 def _(q, k, v, scale):
+    _check(q, k, v)  # so that torch.compile reports bad inputs at trace time, as eager does
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
 

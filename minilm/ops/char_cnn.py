@@ -71,6 +71,8 @@ def _check(char_ids, embedding, weights, biases, activation):
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: embedding must have a floating dtype, got {dtype}")
     V, E = embedding.shape
+    if V == 0:
+        raise ValueError(f"{name}: the embedding has no rows")
     L = char_ids.shape[1]
     for i, (w, b) in enumerate(zip(weights, biases)):
         if w.dim() != 3:

@@ -1,0 +1,152 @@
+// Torch glue for the CUDA causal-attention kernels (attention_kernels.cu): input checks, allocation,
+// head-dim padding, dtype dispatch, the current stream, and registration for the CUDA dispatch key.
+//
+// Which kernel runs:
+//   bf16/fp16, D <= 128: the tensor-core flash kernels, built for D = 64 and 128; other head dims are
+//     zero-padded to the next of these (zero columns change neither q·k nor the first D output columns,
+//     and `scale` is passed explicitly), then the result is cut back to D.
+//   fp32, fp64, or bf16/fp16 with 128 < D <= 256: the CUDA-core kernels (exact, slower).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "kernels.h"
+
+namespace minilm {
+namespace {
+
+minilm_cuda::Dtype kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return minilm_cuda::Dtype::kFloat32;
+    case at::kDouble: return minilm_cuda::Dtype::kFloat64;
+    case at::kBFloat16: return minilm_cuda::Dtype::kBFloat16;
+    case at::kHalf: return minilm_cuda::Dtype::kFloat16;
+    default: TORCH_CHECK(false, "causal_attention: expected float32, float64, bfloat16 or float16, got ", t);
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "causal_attention: q, k, v must be 4-D [B, H, T, D], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(),
+              "causal_attention: q, k, v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "causal_attention: q, k, v must have the same dtype");
+  kernel_dtype(q.scalar_type());
+  TORCH_CHECK(q.is_cuda() && q.device() == k.device() && q.device() == v.device(),
+              "causal_attention: q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  const int64_t D = q.size(3);
+  TORCH_CHECK(q.numel() == 0 || (D >= 1 && D <= minilm_cuda::kSimpleMaxHeadDim),
+              "causal_attention (CUDA): head dim must be in 1..", minilm_cuda::kSimpleMaxHeadDim, ", got ", D);
+  TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max(), "causal_attention (CUDA): T is too large");
+}
+
+at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+bool use_tensor_cores(const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  return (t == at::kBFloat16 || t == at::kHalf) && q.size(3) <= 128;
+}
+
+int64_t padded_head_dim(int64_t D) { return D <= 64 ? 64 : 128; }
+
+// Contiguous, 16-byte aligned (cp.async), and zero-padded to head dim Dp.
+at::Tensor prepare(const at::Tensor& x, int64_t Dp) {
+  at::Tensor c = x.contiguous();
+  if (c.size(3) != Dp) return at::constant_pad_nd(c, {0, Dp - c.size(3)}, 0);
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) return c.clone();
+  return c;
+}
+
+at::Tensor unpad(const at::Tensor& x, int64_t D) { return x.size(3) == D ? x : x.narrow(3, 0, D).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, const at::Tensor& k_,
+                                                         const at::Tensor& v_, double scale) {
+  check_inputs(q_, k_, v_);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const int64_t B = q_.size(0), H = q_.size(1), T = q_.size(2), D = q_.size(3);
+  const auto lse_opts = q_.options().dtype(lse_dtype(q_.scalar_type()));
+  if (q_.numel() == 0)
+    return {at::empty(q_.sizes(), q_.options()), at::empty({B, H, T}, lse_opts)};
+  const auto dt = kernel_dtype(q_.scalar_type());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (use_tensor_cores(q_)) {
+    const int64_t Dp = padded_head_dim(D);
+    at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
+    at::Tensor out = at::empty(q.sizes(), q.options());
+    at::Tensor lse = at::empty({B, H, T}, lse_opts);
+    C10_CUDA_CHECK(minilm_cuda::attention_forward_tc(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                                     lse.data_ptr<float>(), B * H, T, static_cast<int>(Dp),
+                                                     static_cast<float>(scale), stream));
+    return {unpad(out, D), lse};
+  }
+  at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, H, T}, lse_opts);
+  C10_CUDA_CHECK(minilm_cuda::attention_forward_simple(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                                       lse.data_ptr(), B * H, T, static_cast<int>(D), scale, stream));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, double scale) {
+  check_inputs(q_, k_, v_);
+  TORCH_CHECK(dout_.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
+              "causal_attention_backward: grad_out and out must have q's shape ", q_.sizes(), ", got ",
+              dout_.sizes(), " and ", out_.sizes());
+  const int64_t B = q_.size(0), H = q_.size(1), T = q_.size(2), D = q_.size(3);
+  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == B && lse_.size(1) == H && lse_.size(2) == T,
+              "causal_attention_backward: lse must have shape [B, H, T] = [", B, ", ", H, ", ", T, "], got ",
+              lse_.sizes());
+  TORCH_CHECK(dout_.device() == q_.device() && out_.device() == q_.device() && lse_.device() == q_.device(),
+              "causal_attention_backward: all tensors must be on ", q_.device());
+  const c10::cuda::CUDAGuard guard(q_.device());
+  if (q_.numel() == 0)
+    return {at::zeros(q_.sizes(), q_.options()), at::zeros(q_.sizes(), q_.options()),
+            at::zeros(q_.sizes(), q_.options())};
+  const auto dt = kernel_dtype(q_.scalar_type());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor dout_t = dout_.to(q_.scalar_type()), out_t = out_.to(q_.scalar_type());
+  if (use_tensor_cores(q_)) {
+    const int64_t Dp = padded_head_dim(D);
+    at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
+    at::Tensor dout = prepare(dout_t, Dp), out = prepare(out_t, Dp);
+    at::Tensor lse = lse_.to(at::kFloat).contiguous();
+    at::Tensor delta = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+    at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+    at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
+               dv = at::empty(q.sizes(), q.options());
+    C10_CUDA_CHECK(minilm_cuda::attention_backward_tc(
+        dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
+        delta.data_ptr<float>(), dq_accum.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
+        static_cast<int>(Dp), static_cast<float>(scale), stream));
+    return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
+  }
+  at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  at::Tensor dout = dout_t.contiguous(), out = out_t.contiguous();
+  at::Tensor lse = lse_.to(lse_dtype(q.scalar_type())).contiguous();
+  at::Tensor delta = at::empty({B, H, T}, lse.options());
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
+             dv = at::empty(q.sizes(), q.options());
+  C10_CUDA_CHECK(minilm_cuda::attention_backward_simple(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                                        out.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+                                                        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
+                                                        static_cast<int>(D), scale, stream));
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minilm, CUDA, m) {
+  m.impl("causal_attention", &causal_attention_cuda);
+  m.impl("causal_attention_backward", &causal_attention_backward_cuda);
+}
+
+}  // namespace minilm

@@ -1,0 +1,1004 @@
+// Causal self-attention on NVIDIA GPUs: FlashAttention-2 (Dao 2023) with tensor cores, plus a plain
+// CUDA-core version for fp32/fp64 and unusual head dims.
+//
+// Tensor-core forward (bf16/fp16, head dim D = 64 or 128): one CTA of 8 warps owns a tile of
+// BR = 128 query rows of one (batch, head); each warp owns 16 of those rows. The CTA walks the key/value
+// tiles of BC = 64 rows from the first up to the diagonal (later tiles are fully masked and skipped),
+// copying the next tile into shared memory with cp.async while computing on the current one. Per tile a
+// warp computes S = Q Kᵀ for its 16 rows with mma.sync m16n8k16 (fp32 accumulate), masks keys > query on
+// the diagonal tiles only, and updates the running row max m and row sum l of the online softmax:
+//     m' = max(m, rowmax S),  O ← O·2^(m−m'),  l ← l·2^(m−m') + rowsum P,  P = 2^(S·scale·log2e − m').
+// P never leaves registers: the accumulator layout of an m16n8 tile is exactly the operand layout of
+// the next mma, so P (rounded to bf16/fp16) multiplies V directly. At the end O /= l and
+// LSE = (m + log2 l)·ln 2 are written. Q fragments stay in registers for the whole key loop.
+// CTAs are ordered heaviest-first (the last query tiles see the most keys) for the causal imbalance.
+//
+// Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
+// BC = 128 keys (16 per warp) and walks the query tiles (BR = 64 rows for D = 64, 32 for D = 128) from
+// the diagonal to the end, double-buffering Q, dO, LSE and Delta. Per query tile each warp recomputes
+// the transposed scores Sᵀ = K Qᵀ for its keys (so that Pᵀ is already an mma operand), then
+//     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
+//     dK += dSᵀ Q   (dK and dV stay in registers for the whole query loop),
+// writes dSᵀ to shared memory, and the CTA computes dQ_tile = dS K, added into an fp32 [B,H,T,D]
+// buffer with atomicAdd (as FlashAttention-2 does: several key tiles add into one query row, so dQ is
+// not bitwise deterministic run to run). A last kernel writes dQ = scale · buffer in the input dtype.
+//
+// Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix
+// fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
+//
+// CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
+// the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
+// memory, deterministic, slow: they exist for fp32/fp64 (gradcheck) and head dims the mma path lacks.
+#include "common.cuh"
+#include "kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace minilm_cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFull = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------------ PTX helpers
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses registers; pred == false fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices; lane l gives the address of row (l % 8) of matrix (l / 8), and receives
+// row l/4, columns 2(l%4), 2(l%4)+1 of each matrix (transposed with .trans).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Element type traits: mma on bf16 or fp16 operands, fp32 accumulators.
+template <typename T>
+struct Half;
+template <>
+struct Half<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo -> low 16 bits (the lower column)
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+  // D = A·B + D for an m16n8k16 tile (A row-major 16x16, B column-major 16x8).
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+template <>
+struct Half<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+};
+
+// Copies rows [row0, row0 + ROWS) of a [T, D] matrix into shared memory rows of STRIDE elements.
+template <typename T, int ROWS, int D, int STRIDE, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(T* s, const T* g, int row0, int T_) {
+  constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
+    const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+    const int gr = row0 + r;
+    const bool ok = gr < T_;
+    cp_async16(s + r * STRIDE + col, g + static_cast<size_t>(ok ? gr : 0) * D + col, ok);
+  }
+}
+
+// Lane offsets for ldmatrix (see ldsm_x4): A operand (16 rows x 16 k, row-major in smem) ...
+__device__ __forceinline__ int a_row(int lane) { return lane & 15; }
+__device__ __forceinline__ int a_col(int lane) { return (lane >> 4) * 8; }
+// ... B operand for two n8 tiles stored as [n][k] (non-transposed load): r0,r1 -> tile 0, r2,r3 -> tile 1
+__device__ __forceinline__ int bn_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+__device__ __forceinline__ int bn_col(int lane) { return ((lane >> 3) & 1) * 8; }
+// ... B operand for two n8 tiles stored as [k][n] (transposed load): r0,r1 -> tile 0, r2,r3 -> tile 1
+__device__ __forceinline__ int bt_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
+__device__ __forceinline__ int bt_col(int lane) { return (lane >> 4) * 8; }
+
+// Accumulator tiles (m16n8, 4 floats: rows g, g, g+8, g+8; columns 2t, 2t+1) of two adjacent n8
+// tiles -> the A operand (m16 k16) of the next mma.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = Half<T>::pack(c0[0], c0[1]);
+  a[1] = Half<T>::pack(c0[2], c0[3]);
+  a[2] = Half<T>::pack(c1[0], c1[1]);
+  a[3] = Half<T>::pack(c1[2], c1[3]);
+}
+
+// ------------------------------------------------------------------------------- tensor-core forward
+template <int D>
+struct FwdCfg {
+  static constexpr int NW = 8, NT = NW * 32, BR = 16 * NW, BC = 64, S = D + 8;
+  static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BR + 4 * BC) * S * elem; }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdCfg<D>::NT) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
+                                                             const T* __restrict__ V, T* __restrict__ O,
+                                                             float* __restrict__ LSE, int T_, float scale_log2) {
+  using C = FwdCfg<D>;
+  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]
+  T* sK = sQ + BR * S;                      // [2][BC][S]
+  T* sV = sK + 2 * BC * S;                  // [2][BC][S]
+
+  const int bh = blockIdx.x;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
+  const size_t base = static_cast<size_t>(bh) * T_ * D;
+  Q += base, K += base, V += base, O += base;
+  LSE += static_cast<size_t>(bh) * T_;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int wrow0 = q0 + warp * 16;            // first query row of this warp
+  const int row_a = wrow0 + g, row_b = row_a + 8;  // the two rows this thread's accumulators hold
+
+  const int kv_end = min(T_, q0 + BR);
+  const int nkb = (kv_end + BC - 1) / BC;
+  load_tile_async<T, BR, D, S, NT>(sQ, Q, q0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, 0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
+  cp_async_commit();
+
+  uint32_t qf[D / 16][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int kb = 0; kb < nkb; ++kb) {
+    const int buf = kb & 1;
+    if (kb + 1 < nkb) {
+      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (kb == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+    }
+    const T* sKb = sK + buf * BC * S;
+    const T* sVb = sV + buf * BC * S;
+
+    // S = Q Kᵀ (16 rows x BC keys per warp)
+    float s[BC / 8][4];
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BC / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
+        Half<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    }
+
+    // scale into the log2 domain; mask keys after the query (only tiles that cross this warp's diagonal;
+    // keys >= T are always after every valid query, so they are masked here too)
+    const int k0 = kb * BC;
+    const bool diag = k0 + BC - 1 > wrow0;
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float x = s[nt][i] * scale_log2;
+        if (diag) {
+          const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
+          if (key > (i < 2 ? row_a : row_b)) x = -INFINITY;
+        }
+        s[nt][i] = x;
+      }
+    }
+
+    // online softmax. Every row sees key 0 in the first tile, so m is finite from then on.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float alpha[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));  // the 4 lanes of a quad share a row
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
+      alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
+      m[r] = mx[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - m[0]);
+      s[nt][1] = exp2f(s[nt][1] - m[0]);
+      s[nt][2] = exp2f(s[nt][2] - m[1]);
+      s[nt][3] = exp2f(s[nt][3] - m[1]);
+      rs[0] += s[nt][0] + s[nt][1];
+      rs[1] += s[nt][2] + s[nt][3];
+    }
+    // l stays a per-thread partial sum (each lane of a quad holds different columns); summed at the end
+    l[0] = l[0] * alpha[0] + rs[0];
+    l[1] = l[1] * alpha[1] + rs[1];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+
+    // O += P V
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sVb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+        Half<T>::mma(o[2 * dp], a, b[0], b[1]);
+        Half<T>::mma(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFull, l[r], 1);
+    l[r] += __shfl_xor_sync(kFull, l[r], 2);
+  }
+  const float inv_a = 1.f / l[0], inv_b = 1.f / l[1];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int col = dt * 8 + t4 * 2;
+    if (row_a < T_)
+      *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_a) * D + col) =
+          Half<T>::pack(o[dt][0] * inv_a, o[dt][1] * inv_a);
+    if (row_b < T_)
+      *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_b) * D + col) =
+          Half<T>::pack(o[dt][2] * inv_b, o[dt][3] * inv_b);
+  }
+  if (t4 == 0) {
+    if (row_a < T_) LSE[row_a] = (m[0] + log2f(l[0])) * kLn2;
+    if (row_b < T_) LSE[row_b] = (m[1] + log2f(l[1])) * kLn2;
+  }
+}
+
+// ------------------------------------------------------------------------------ tensor-core backward
+// Delta[row] = sum_d dO[row, d] * O[row, d]: one warp per row.
+template <typename T, typename A>
+__global__ void attn_bwd_delta(const T* __restrict__ dO, const T* __restrict__ O, A* __restrict__ delta,
+                               int64_t rows, int D) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  A acc = 0;
+  for (int d = lane; d < D; d += 32) acc += static_cast<A>(to_f(dO[row * D + d])) * static_cast<A>(to_f(O[row * D + d]));
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
+  if (lane == 0) delta[row] = acc;
+}
+
+template <typename T>
+__global__ void attn_bwd_dq_convert(const float* __restrict__ acc, T* __restrict__ dq, int64_t n, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dq[i] = FromF<T>::cvt(acc[i] * scale);
+}
+
+template <int D>
+struct BwdCfg {
+  static constexpr int NW = 8, NT = NW * 32, BC = 16 * NW, BR = D <= 64 ? 64 : 32, S = D + 8, SS = BR + 8;
+  static constexpr size_t smem_bytes(size_t elem) {
+    return (static_cast<size_t>(2 * BC * S) + 4 * BR * S + static_cast<size_t>(BC) * SS) * elem +
+           4 * BR * sizeof(float);
+  }
+};
+
+template <typename T, int D, bool WITH_DQ, int MINB>
+__global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
+    attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
+                const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
+                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
+  using C = BwdCfg<D>;
+  constexpr int NW = C::NW, NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SS = C::SS;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [BC][S]
+  T* sV = sK + BC * S;                      // [BC][S]
+  T* sQ = sV + BC * S;                      // [2][BR][S]
+  T* sdO = sQ + 2 * BR * S;                 // [2][BR][S]
+  T* sdS = sdO + 2 * BR * S;                // [BC][SS]: dSᵀ, keys x queries
+  float* sL = reinterpret_cast<float*>(sdS + BC * SS);  // [2][BR]: LSE · log2e
+  float* sDl = sL + 2 * BR;                              // [2][BR]: Delta
+
+  const int bh = blockIdx.x;
+  const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
+  const size_t base = static_cast<size_t>(bh) * T_ * D;
+  Q += base, K += base, V += base, dO += base, dQacc += base, dK += base, dV += base;
+  LSE += static_cast<size_t>(bh) * T_;
+  Delta += static_cast<size_t>(bh) * T_;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;  // rows of this thread's Sᵀ accumulators
+
+  const int nqb = (T_ + BR - 1) / BR;
+  const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
+  auto load_q_tile = [&](int qb, int buf) {
+    load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, qb * BR, T_);
+    load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, qb * BR, T_);
+    for (int i = threadIdx.x; i < BR; i += NT) {
+      const int q = qb * BR + i;
+      sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
+      sDl[buf * BR + i] = q < T_ ? Delta[q] : 0.f;
+    }
+  };
+  load_tile_async<T, BC, D, S, NT>(sK, K, k0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, k0, T_);
+  load_q_tile(qb0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+
+  for (int qb = qb0; qb < nqb; ++qb) {
+    const int buf = (qb - qb0) & 1;
+    const int q0 = qb * BR;
+    if (qb + 1 < nqb) {
+      load_q_tile(qb + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sQb = sQ + buf * BR * S;
+    const T* sdOb = sdO + buf * BR * S;
+    const float* sLb = sL + buf * BR;
+    const float* sDb = sDl + buf * BR;
+
+    // Sᵀ = K Qᵀ (16 keys x BR queries per warp)
+    float st[BR / 8][4];
+#pragma unroll
+    for (int i = 0; i < BR / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4];
+      ldsm_x4(ka, sK + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < BR / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sQb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(st[2 * np], ka, b[0], b[1]);
+        Half<T>::mma(st[2 * np + 1], ka, b[2], b[3]);
+      }
+    }
+    // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile)
+#pragma unroll
+    for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int qi = nt * 8 + t4 * 2 + (i & 1);
+        const int q = q0 + qi;
+        const int key = i < 2 ? key_a : key_b;
+        const float p = exp2f(st[nt][i] * scale_log2 - sLb[qi]);
+        st[nt][i] = (q < key || q >= T_) ? 0.f : p;
+      }
+    }
+    // dV += Pᵀ dO
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sdOb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+        Half<T>::mma(dv[2 * dp], a, b[0], b[1]);
+        Half<T>::mma(dv[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    // dPᵀ = V dOᵀ
+    float dpt[BR / 8][4];
+#pragma unroll
+    for (int i = 0; i < BR / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t va[4];
+      ldsm_x4(va, sV + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < BR / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sdOb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(dpt[2 * np], va, b[0], b[1]);
+        Half<T>::mma(dpt[2 * np + 1], va, b[2], b[3]);
+      }
+    }
+    // dSᵀ = Pᵀ ∘ (dPᵀ − Delta)
+#pragma unroll
+    for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dpt[nt][i] = st[nt][i] * (dpt[nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
+    }
+    // dK += dSᵀ Q  (scaled by `scale` at the end)
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sQb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+        Half<T>::mma(dk[2 * dp], a, b[0], b[1]);
+        Half<T>::mma(dk[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    if constexpr (WITH_DQ) {
+    // dSᵀ -> shared memory, for dQ, which contracts over the keys of all warps
+#pragma unroll
+    for (int nt = 0; nt < BR / 8; ++nt) {
+      const int col = nt * 8 + t4 * 2;
+      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * SS + col) = Half<T>::pack(dpt[nt][0], dpt[nt][1]);
+      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * SS + col) = Half<T>::pack(dpt[nt][2], dpt[nt][3]);
+    }
+    __syncthreads();
+    // dQ_tile (BR x D) += dS (BR x BC) K (BC x D): units of 16 rows x 16 columns spread over the warps
+    constexpr int MT = BR / 16, NP = D / 16;
+    for (int u = warp; u < MT * NP; u += NW) {
+      const int mt = u % MT, np = u / MT;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        uint32_t a[4], b[4];
+        // A = dS rows (queries) x k (keys), stored transposed as [key][query]
+        ldsm_x4_trans(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS + mt * 16 + ((lane >> 3) & 1) * 8);
+        ldsm_x4_trans(b, sK + (kk * 16 + bt_row(lane)) * S + np * 16 + bt_col(lane));
+        Half<T>::mma(acc[0], a, b[0], b[1]);
+        Half<T>::mma(acc[1], a, b[2], b[3]);
+      }
+      const int qa = q0 + mt * 16 + g, qb2 = qa + 8;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int col = np * 16 + j * 8 + t4 * 2;
+        if (qa < T_) {
+          atomicAdd(dQacc + static_cast<size_t>(qa) * D + col, acc[j][0]);
+          atomicAdd(dQacc + static_cast<size_t>(qa) * D + col + 1, acc[j][1]);
+        }
+        if (qb2 < T_) {
+          atomicAdd(dQacc + static_cast<size_t>(qb2) * D + col, acc[j][2]);
+          atomicAdd(dQacc + static_cast<size_t>(qb2) * D + col + 1, acc[j][3]);
+        }
+      }
+    }
+    }  // WITH_DQ
+    __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
+  }
+
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int col = dt * 8 + t4 * 2;
+    if (key_a < T_) {
+      *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(key_a) * D + col) =
+          Half<T>::pack(dk[dt][0] * scale, dk[dt][1] * scale);
+      *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(key_a) * D + col) = Half<T>::pack(dv[dt][0], dv[dt][1]);
+    }
+    if (key_b < T_) {
+      *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(key_b) * D + col) =
+          Half<T>::pack(dk[dt][2] * scale, dk[dt][3] * scale);
+      *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(key_b) * D + col) = Half<T>::pack(dv[dt][2], dv[dt][3]);
+    }
+  }
+}
+
+// dQ alone (the "split" backward): a CTA of NW warps owns BR = 16·NW query rows and walks the key tiles up
+// to the diagonal like the forward, with Q and dO fragments in registers:
+//     P = 2^(S·scale·log2e − LSE·log2e),  dP = dO Vᵀ,  dS = P ∘ (dP − Delta),  dQ += dS K,
+// so dQ needs no atomics and is deterministic; the dK/dV kernel (attn_bwd_tc<..., WITH_DQ = false>) skips it.
+template <int D>
+struct DqCfg {
+  static constexpr int NW = 4, NT = NW * 32, BR = 16 * NW, BC = 64, S = D + 8;
+  static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BR + 4 * BC) * S * elem; }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DqCfg<D>::NT)
+    attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                   const T* __restrict__ dO, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                   T* __restrict__ dQ, int T_, float scale, float scale_log2) {
+  using C = DqCfg<D>;
+  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]: Q, then dO (fragments are read once into registers)
+  T* sK = sQ + BR * S;                      // [2][BC][S]
+  T* sV = sK + 2 * BC * S;                  // [2][BC][S]
+
+  const int bh = blockIdx.x;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
+  const size_t base = static_cast<size_t>(bh) * T_ * D;
+  Q += base, K += base, V += base, dO += base, dQ += base;
+  LSE += static_cast<size_t>(bh) * T_;
+  Delta += static_cast<size_t>(bh) * T_;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int wrow0 = q0 + warp * 16;
+  const int row_a = wrow0 + g, row_b = row_a + 8;
+  const float lse_a = row_a < T_ ? LSE[row_a] * kLog2e : 0.f, lse_b = row_b < T_ ? LSE[row_b] * kLog2e : 0.f;
+  const float dl_a = row_a < T_ ? Delta[row_a] : 0.f, dl_b = row_b < T_ ? Delta[row_b] : 0.f;
+
+  const int kv_end = min(T_, q0 + BR);
+  const int nkb = (kv_end + BC - 1) / BC;
+  uint32_t qf[D / 16][4], of[D / 16][4];
+  load_tile_async<T, BR, D, S, NT>(sQ, Q, q0, T_);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+  __syncthreads();
+  load_tile_async<T, BR, D, S, NT>(sQ, dO, q0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, 0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
+  cp_async_commit();
+
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int kb = 0; kb < nkb; ++kb) {
+    const int buf = kb & 1;
+    if (kb + 1 < nkb) {
+      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (kb == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(of[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+    }
+    const T* sKb = sK + buf * BC * S;
+    const T* sVb = sV + buf * BC * S;
+
+    // S = Q Kᵀ and dP = dO Vᵀ (16 rows x BC keys per warp)
+    float s[BC / 8][4], dp[BC / 8][4];
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i) {
+      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BC / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
+        Half<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+        ldsm_x4(b, sVb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+        Half<T>::mma(dp[2 * np], of[kk], b[0], b[1]);
+        Half<T>::mma(dp[2 * np + 1], of[kk], b[2], b[3]);
+      }
+    }
+    // dS = P ∘ (dP − Delta), P = 0 for keys after the query (keys >= T lie after every valid query)
+    const int k0 = kb * BC;
+    const bool diag = k0 + BC - 1 > wrow0;
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float p = exp2f(s[nt][i] * scale_log2 - (i < 2 ? lse_a : lse_b));
+        if (diag) {
+          const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
+          if (key > (i < 2 ? row_a : row_b)) p = 0.f;
+        }
+        s[nt][i] = p * (dp[nt][i] - (i < 2 ? dl_a : dl_b));
+      }
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < D / 16; ++dt) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sKb + (kk * 16 + bt_row(lane)) * S + dt * 16 + bt_col(lane));
+        Half<T>::mma(dq[2 * dt], a, b[0], b[1]);
+        Half<T>::mma(dq[2 * dt + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int col = dt * 8 + t4 * 2;
+    if (row_a < T_)
+      *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_a) * D + col) =
+          Half<T>::pack(dq[dt][0] * scale, dq[dt][1] * scale);
+    if (row_b < T_)
+      *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_b) * D + col) =
+          Half<T>::pack(dq[dt][2] * scale, dq[dt][3] * scale);
+  }
+}
+
+// ------------------------------------------------------------------------------- CUDA-core kernels
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
+  return x;
+}
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+template <typename A>
+__device__ __forceinline__ A neg_inf() { return -INFINITY; }
+
+
+// Lane `lane` holds elements d = lane + 32 j (j < PER) of a row of D values.
+template <typename T, typename A, int PER>
+__device__ __forceinline__ void load_row(A (&r)[PER], const T* p, int D, int lane) {
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int d = lane + 32 * j;
+    r[j] = d < D ? static_cast<A>(to_f(p[d])) : A(0);
+  }
+}
+template <typename T, typename A, int PER>
+__device__ __forceinline__ A dot_row(const A (&r)[PER], const T* p, int D, int lane) {
+  A s = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int d = lane + 32 * j;
+    if (d < D) s += r[j] * static_cast<A>(to_f(p[d]));
+  }
+  return warp_sum(s);
+}
+
+template <typename T, typename A, int PER>
+__global__ void attn_fwd_simple(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                                T* __restrict__ O, A* __restrict__ LSE, int64_t rows, int T_, int D, A scale) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % T_);
+  const size_t base = static_cast<size_t>(row - i) * D;  // start of this (batch, head)
+  A q[PER], acc[PER];
+  load_row<T, A, PER>(q, Q + static_cast<size_t>(row) * D, D, lane);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) acc[j] = 0;
+  A m = neg_inf<A>(), l = 0;
+  for (int key = 0; key <= i; ++key) {
+    const A s = dot_row<T, A, PER>(q, K + base + static_cast<size_t>(key) * D, D, lane) * scale;
+    const A m_new = s > m ? s : m;
+    const A corr = exp_acc(m - m_new), p = exp_acc(s - m_new);
+    l = l * corr + p;
+    const T* v = V + base + static_cast<size_t>(key) * D;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int d = lane + 32 * j;
+      acc[j] = acc[j] * corr + (d < D ? p * static_cast<A>(to_f(v[d])) : A(0));
+    }
+    m = m_new;
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int d = lane + 32 * j;
+    if (d < D) O[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(acc[j] / l);
+  }
+  if (lane == 0) LSE[row] = m + log_acc(l);
+}
+
+// dQ_i = scale · sum_{j <= i} P_ij (dP_ij − Delta_i) k_j: one warp per query row
+template <typename T, typename A, int PER>
+__global__ void attn_bwd_dq_simple(const T* __restrict__ dO, const T* __restrict__ Q, const T* __restrict__ K,
+                                   const T* __restrict__ V, const A* __restrict__ LSE, const A* __restrict__ Delta,
+                                   T* __restrict__ dQ, int64_t rows, int T_, int D, A scale) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % T_);
+  const size_t base = static_cast<size_t>(row - i) * D;
+  A q[PER], g[PER], acc[PER];
+  load_row<T, A, PER>(q, Q + static_cast<size_t>(row) * D, D, lane);
+  load_row<T, A, PER>(g, dO + static_cast<size_t>(row) * D, D, lane);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) acc[j] = 0;
+  const A lse = LSE[row], delta = Delta[row];
+  for (int key = 0; key <= i; ++key) {
+    const T* k = K + base + static_cast<size_t>(key) * D;
+    const A s = dot_row<T, A, PER>(q, k, D, lane);
+    const A dp = dot_row<T, A, PER>(g, V + base + static_cast<size_t>(key) * D, D, lane);
+    const A ds = exp_acc(s * scale - lse) * (dp - delta);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int d = lane + 32 * j;
+      if (d < D) acc[j] += ds * static_cast<A>(to_f(k[d]));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int d = lane + 32 * j;
+    if (d < D) dQ[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(acc[j] * scale);
+  }
+}
+
+// dV_j = sum_{i >= j} P_ij dO_i, dK_j = scale · sum_{i >= j} P_ij (dP_ij − Delta_i) q_i: one warp per key row
+template <typename T, typename A, int PER>
+__global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restrict__ Q, const T* __restrict__ K,
+                                     const T* __restrict__ V, const A* __restrict__ LSE,
+                                     const A* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
+                                     int64_t rows, int T_, int D, A scale) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int j0 = static_cast<int>(row % T_);
+  const int64_t brow = row - j0;  // row index of query 0 of this (batch, head)
+  const size_t base = static_cast<size_t>(brow) * D;
+  A k[PER], v[PER], dk[PER], dv[PER];
+  load_row<T, A, PER>(k, K + static_cast<size_t>(row) * D, D, lane);
+  load_row<T, A, PER>(v, V + static_cast<size_t>(row) * D, D, lane);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) dk[j] = dv[j] = 0;
+  for (int i = j0; i < T_; ++i) {
+    const T* q = Q + base + static_cast<size_t>(i) * D;
+    const T* g = dO + base + static_cast<size_t>(i) * D;
+    const A s = dot_row<T, A, PER>(k, q, D, lane);
+    const A dp = dot_row<T, A, PER>(v, g, D, lane);
+    const A p = exp_acc(s * scale - LSE[brow + i]);
+    const A ds = p * (dp - Delta[brow + i]);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int d = lane + 32 * j;
+      if (d < D) {
+        dv[j] += p * static_cast<A>(to_f(g[d]));
+        dk[j] += ds * static_cast<A>(to_f(q[d]));
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int d = lane + 32 * j;
+    if (d < D) {
+      dK[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(dk[j] * scale);
+      dV[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(dv[j]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ launchers
+template <typename F>
+cudaError_t with_smem(F kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, int D>
+cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
+                   float scale, cudaStream_t stream) {
+  using C = FwdCfg<D>;
+  const size_t smem = C::smem_bytes(sizeof(T));
+  auto kernel = attn_fwd_tc<T, D>;
+  cudaError_t err = with_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
+  kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                        static_cast<T*>(out), lse, static_cast<int>(T_), scale * kLog2e);
+  return cudaGetLastError();
+}
+
+// Which tensor-core backward runs (MINILM_ATTN_BWD, read at every call so that a benchmark can switch):
+//   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
+//   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
+//   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; may spill for D = 128)
+// THE DEFAULT (set it from `python scripts/cuda_diagnostics.py attn-sweep`):
+constexpr const char* kDefaultBwdVariant = "fused";
+
+int bwd_variant() {
+  const char* v = std::getenv("MINILM_ATTN_BWD");
+  if (v == nullptr || *v == '\0') v = kDefaultBwdVariant;
+  if (std::strcmp(v, "split") == 0) return 1;
+  if (std::strcmp(v, "split2") == 0) return 2;
+  return 0;
+}
+
+template <typename T, int D, bool WITH_DQ, int MINB>
+cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
+                          const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
+                          float scale, cudaStream_t stream) {
+  using C = BwdCfg<D>;
+  const size_t smem = C::smem_bytes(sizeof(T));
+  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB>;
+  cudaError_t err = with_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BC - 1) / C::BC));
+  kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                        static_cast<const T*>(dout), lse, delta, dq_accum, static_cast<T*>(dk),
+                                        static_cast<T*>(dv), static_cast<int>(T_), scale, scale * kLog2e);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
+                   float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
+                   cudaStream_t stream) {
+  const int64_t rows = BH * T_;
+  attn_bwd_delta<T, float><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+      static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int variant = bwd_variant();
+  if (variant != 0) {
+    err = variant == 2 ? launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream)
+                       : launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
+    if (err != cudaSuccess) return err;
+    using C = DqCfg<D>;
+    const size_t smem = C::smem_bytes(sizeof(T));
+    auto kernel = attn_bwd_dq_tc<T, D>;
+    if ((err = with_smem(kernel, smem)) != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
+    kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                          static_cast<const T*>(v), static_cast<const T*>(dout), lse, delta,
+                                          static_cast<T*>(dq), static_cast<int>(T_), scale, scale * kLog2e);
+    return cudaGetLastError();
+  }
+  err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  err = launch_bwd_tc<T, D, true, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, BH, T_, scale, stream);
+  if (err != cudaSuccess) return err;
+  const int64_t n = rows * D;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536));
+  attn_bwd_dq_convert<T><<<blocks, 256, 0, stream>>>(dq_accum, static_cast<T*>(dq), n, scale);
+  return cudaGetLastError();
+}
+
+template <typename T, typename A, int PER>
+cudaError_t fwd_simple(const void* q, const void* k, const void* v, void* out, void* lse, int64_t BH, int64_t T_,
+                       int D, double scale, cudaStream_t stream) {
+  const int64_t rows = BH * T_;
+  attn_fwd_simple<T, A, PER><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out),
+      static_cast<A*>(lse), rows, static_cast<int>(T_), D, static_cast<A>(scale));
+  return cudaGetLastError();
+}
+
+template <typename T, typename A, int PER>
+cudaError_t bwd_simple(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                       const void* lse, void* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, int D,
+                       double scale, cudaStream_t stream) {
+  const int64_t rows = BH * T_;
+  const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
+  attn_bwd_delta<T, A><<<blocks, 256, 0, stream>>>(static_cast<const T*>(dout), static_cast<const T*>(out),
+                                                   static_cast<A*>(delta), rows, D);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  attn_bwd_dq_simple<T, A, PER><<<blocks, 256, 0, stream>>>(
+      static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+      static_cast<const A*>(lse), static_cast<const A*>(delta), static_cast<T*>(dq), rows, static_cast<int>(T_), D,
+      static_cast<A>(scale));
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  attn_bwd_dkdv_simple<T, A, PER><<<blocks, 256, 0, stream>>>(
+      static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+      static_cast<const A*>(lse), static_cast<const A*>(delta), static_cast<T*>(dk), static_cast<T*>(dv), rows,
+      static_cast<int>(T_), D, static_cast<A>(scale));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool attention_tc_supported(Dtype dtype, int head_dim) {
+  return (dtype == Dtype::kBFloat16 || dtype == Dtype::kFloat16) && (head_dim == 64 || head_dim == 128);
+}
+
+cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
+                                 int64_t BH, int64_t T, int D, float scale, cudaStream_t stream) {
+  if (dtype == Dtype::kBFloat16) {
+    if (D == 64) return fwd_tc<__nv_bfloat16, 64>(q, k, v, out, lse, BH, T, scale, stream);
+    if (D == 128) return fwd_tc<__nv_bfloat16, 128>(q, k, v, out, lse, BH, T, scale, stream);
+  } else if (dtype == Dtype::kFloat16) {
+    if (D == 64) return fwd_tc<__half, 64>(q, k, v, out, lse, BH, T, scale, stream);
+    if (D == 128) return fwd_tc<__half, 128>(q, k, v, out, lse, BH, T, scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
+                                  const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
+                                  void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
+                                  cudaStream_t stream) {
+  if (dtype == Dtype::kBFloat16) {
+    if (D == 64)
+      return bwd_tc<__nv_bfloat16, 64>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
+    if (D == 128)
+      return bwd_tc<__nv_bfloat16, 128>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
+  } else if (dtype == Dtype::kFloat16) {
+    if (D == 64) return bwd_tc<__half, 64>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
+    if (D == 128)
+      return bwd_tc<__half, 128>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+#define MINILM_SIMPLE_DISPATCH(FN, ...)                                                      \
+  switch (dtype) {                                                                           \
+    case Dtype::kFloat32:                                                                    \
+      return D <= 128 ? FN<float, float, 4>(__VA_ARGS__) : FN<float, float, 8>(__VA_ARGS__); \
+    case Dtype::kFloat64:                                                                    \
+      return D <= 128 ? FN<double, double, 4>(__VA_ARGS__) : FN<double, double, 8>(__VA_ARGS__); \
+    case Dtype::kBFloat16:                                                                   \
+      return D <= 128 ? FN<__nv_bfloat16, float, 4>(__VA_ARGS__)                             \
+                      : FN<__nv_bfloat16, float, 8>(__VA_ARGS__);                            \
+    case Dtype::kFloat16:                                                                    \
+      return D <= 128 ? FN<__half, float, 4>(__VA_ARGS__) : FN<__half, float, 8>(__VA_ARGS__); \
+  }                                                                                          \
+  return cudaErrorInvalidValue;
+
+cudaError_t attention_forward_simple(Dtype dtype, const void* q, const void* k, const void* v, void* out,
+                                     void* lse, int64_t BH, int64_t T, int D, double scale, cudaStream_t stream) {
+  if (D < 1 || D > kSimpleMaxHeadDim) return cudaErrorInvalidValue;
+  MINILM_SIMPLE_DISPATCH(fwd_simple, q, k, v, out, lse, BH, T, D, scale, stream)
+}
+
+cudaError_t attention_backward_simple(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
+                                      const void* out, const void* lse, void* delta, void* dq, void* dk, void* dv,
+                                      int64_t BH, int64_t T, int D, double scale, cudaStream_t stream) {
+  if (D < 1 || D > kSimpleMaxHeadDim) return cudaErrorInvalidValue;
+  MINILM_SIMPLE_DISPATCH(bwd_simple, dout, q, k, v, out, lse, delta, dq, dk, dv, BH, T, D, scale, stream)
+}
+
+#undef MINILM_SIMPLE_DISPATCH
+
+}  // namespace minilm_cuda

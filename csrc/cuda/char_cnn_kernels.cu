@@ -1,0 +1,634 @@
+// ELMo's character CNN on NVIDIA GPUs, fused: embedding lookup -> 1-D convolution -> max over time
+// -> + bias -> activation, without ever storing the [N, F, L − W + 1] activation map.
+//
+// Forward, fast kernel (one launch per filter width W <= 7, fp32 arithmetic on CUDA cores): a CTA of
+// 8 warps owns 128 filters of one width and 64 tokens. It copies its filters into shared memory once,
+// as a [E·W][128] fp32 matrix. Each warp then takes one token at a time: it gathers the token's
+// embedded characters into its own [E][L] fp32 buffer in shared memory, and each lane computes 4
+// filters x 16 time steps of the convolution in registers (an outer product per (e, w): one float4 of
+// weights times a sliding window of 16 + W − 1 characters), for time chunks 0..15, 16..31, ...; after
+// each chunk it folds the 16 values into a running max and argmax (strict '>' in increasing t: the first
+// time step wins ties). Finally out = act(max + bias) and argmax = t*. Arithmetic intensity per lane is
+// 64 FMAs per float4 of weights read, so the kernel runs on the FMA units rather than on shared memory.
+// Other widths (or shapes whose filters do not fit in shared memory, or fp64) use a plain kernel:
+// one thread per (token, filter), same accumulation order.
+//
+// Backward (the max passes the gradient to its argmax only): with g = grad_out · act'(out)
+// (relu: out > 0; tanh: 1 − out²),
+//     dW_f[e][w] = Σ_n g[n,f] · x_n[t*+w][e],   db_f = Σ_n g[n,f],   dx_n[t*+w][e] += g[n,f] · W_f[e][w],
+// and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The work is small
+// (per token and filter, E·W multiply-adds for dW and as many for dx); what matters is to feed the FMA
+// units from registers and shared memory and to avoid atomics, so that the result is bitwise reproducible.
+// * dW, db (charcnn_bwd_dw): a CTA owns 128 filters (lane = filter: the loads of g and t* coalesce), an
+//   8-wide slice of e and up to 8 w, and a chunk of tokens. Each thread keeps its filter's dW slice in
+//   registers and walks the chunk's tokens in order; the tokens' embedded characters are staged in shared
+//   memory (32 tokens at a time). The chunk count is picked for ~2 waves of CTAs (at most 64 chunks, so the
+//   workspace stays a few MB); charcnn_bwd_reduce then adds the chunks' partial sums in chunk order.
+// * d(embedding) (charcnn_bwd_demb): a CTA owns token blocks b, b + G, ... (TB = 256 / E tokens each) and a
+//   private [V, E] table (shared memory when V·E is small, as ELMo's 262 x 16; else its slice of the
+//   workspace, with fewer CTAs). Per block, dx [TB, L, E] lives in shared memory; thread (token, e) alone adds
+//   g·W_f[e][·] for every filter in order into its token's column e; then thread (e, v mod NG) alone adds
+//   the rows of dx into the table rows of their characters. A last charcnn_bwd_reduce sums the G tables in
+//   CTA order. No atomics anywhere: the same inputs give the same bits.
+#include "common.cuh"
+#include "kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace minilm_cuda {
+namespace {
+
+__device__ __forceinline__ float act_fwd(float x, int act) { return act == 0 ? fmaxf(x, 0.f) : tanhf(x); }
+__device__ __forceinline__ double act_fwd(double x, int act) { return act == 0 ? (x > 0 ? x : 0.0) : tanh(x); }
+
+// ------------------------------------------------------------------------------------- forward, fast
+constexpr int kTF = 4;               // filters per lane
+constexpr int kTT = 16;              // time steps per lane and chunk
+constexpr int kFwdWarps = 8;
+constexpr int kFB = 32 * kTF;        // filters per CTA
+constexpr int kFBP = kFB + 4;        // padded row of the shared weight matrix (keeps float4 alignment)
+constexpr int kFwdTokens = 64;       // tokens per CTA
+constexpr int kMaxFastWidth = 7;
+
+// Shared row length of one embedded token: long enough for the float4 windows of the last chunk.
+int fast_row_len(int L, int W) {
+  const int t_out = L - W + 1;
+  const int chunks = (t_out + kTT - 1) / kTT;
+  const int nx4 = (kTT + W - 1 + 3) / 4;
+  const int need = std::max(L, (chunks - 1) * kTT + 4 * nx4);
+  return (need + 3) / 4 * 4;
+}
+size_t fast_smem_bytes(int E, int W, int L) {
+  return (static_cast<size_t>(E) * W * kFBP + static_cast<size_t>(kFwdWarps) * E * fast_row_len(L, W)) * sizeof(float);
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kFwdWarps * 32)
+    charcnn_fwd_fast(const int64_t* __restrict__ ids, const T* __restrict__ emb, const T* __restrict__ weight,
+                     const T* __restrict__ bias, T* __restrict__ out, int32_t* __restrict__ argmax, int64_t N, int L,
+                     int E, int F, int out_stride, int out_off, int Lp, int n_chunks, int act) {
+  extern __shared__ __align__(16) float smem[];
+  const int K = E * W;
+  float* sW = smem;             // [K][kFBP]: sW[k][fl] = weight[f0 + fl][k], k = e·W + w
+  float* sX = smem + K * kFBP;  // [kFwdWarps][E][Lp]
+  const int f0 = blockIdx.y * kFB;
+  for (int idx = threadIdx.x; idx < K * kFB; idx += blockDim.x) {
+    const int fl = idx / K, k = idx % K;  // consecutive threads read consecutive weights
+    const int f = f0 + fl;
+    sW[k * kFBP + fl] = f < F ? to_f(weight[static_cast<size_t>(f) * K + k]) : 0.f;
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* xs = sX + warp * E * Lp;
+  const int t_out = L - W + 1;
+  float b[kTF];
+#pragma unroll
+  for (int f = 0; f < kTF; ++f) {
+    const int fg = f0 + lane * kTF + f;
+    b[f] = fg < F ? to_f(bias[fg]) : 0.f;
+  }
+  const int64_t n_end = std::min<int64_t>(N, (static_cast<int64_t>(blockIdx.x) + 1) * kFwdTokens);
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kFwdTokens + warp; n < n_end; n += kFwdWarps) {
+    __syncwarp();  // the previous token's buffer is no longer read
+    const int64_t* idn = ids + n * L;
+    for (int idx = lane; idx < E * Lp; idx += 32) {
+      const int e = idx / Lp, t = idx % Lp;
+      xs[idx] = t < L ? to_f(emb[idn[t] * E + e]) : 0.f;
+    }
+    __syncwarp();
+
+    float best[kTF];
+    int arg[kTF];
+#pragma unroll
+    for (int f = 0; f < kTF; ++f) best[f] = -INFINITY, arg[f] = 0;
+    for (int c = 0; c < n_chunks; ++c) {
+      const int t0 = c * kTT;
+      float acc[kTF][kTT];
+#pragma unroll
+      for (int f = 0; f < kTF; ++f)
+#pragma unroll
+        for (int tt = 0; tt < kTT; ++tt) acc[f][tt] = 0.f;
+      for (int e = 0; e < E; ++e) {
+        constexpr int NX4 = (kTT + W - 1 + 3) / 4;
+        float xw[NX4 * 4];  // x[t0 .. t0 + 16 + W − 2][e]
+        const float4* xp = reinterpret_cast<const float4*>(xs + e * Lp + t0);
+#pragma unroll
+        for (int j = 0; j < NX4; ++j) {
+          const float4 v = xp[j];
+          xw[4 * j] = v.x, xw[4 * j + 1] = v.y, xw[4 * j + 2] = v.z, xw[4 * j + 3] = v.w;
+        }
+#pragma unroll
+        for (int w = 0; w < W; ++w) {
+          const float4 wv = *reinterpret_cast<const float4*>(sW + (e * W + w) * kFBP + lane * kTF);
+#pragma unroll
+          for (int tt = 0; tt < kTT; ++tt) {
+            acc[0][tt] = fmaf(wv.x, xw[tt + w], acc[0][tt]);
+            acc[1][tt] = fmaf(wv.y, xw[tt + w], acc[1][tt]);
+            acc[2][tt] = fmaf(wv.z, xw[tt + w], acc[2][tt]);
+            acc[3][tt] = fmaf(wv.w, xw[tt + w], acc[3][tt]);
+          }
+        }
+      }
+#pragma unroll
+      for (int tt = 0; tt < kTT; ++tt) {
+        if (t0 + tt < t_out) {
+#pragma unroll
+          for (int f = 0; f < kTF; ++f)
+            if (acc[f][tt] > best[f]) best[f] = acc[f][tt], arg[f] = t0 + tt;
+        }
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < kTF; ++f) {
+      const int fg = f0 + lane * kTF + f;
+      if (fg < F) {
+        const size_t o = static_cast<size_t>(n) * out_stride + out_off + fg;
+        out[o] = FromF<T>::cvt(act_fwd(best[f] + b[f], act));
+        argmax[o] = arg[f];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- forward, generic
+template <typename T>
+__global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __restrict__ emb,
+                                    const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out,
+                                    int32_t* __restrict__ argmax, int64_t N, int L, int E, int W, int F,
+                                    int out_stride, int out_off, int act) {
+  using A = typename AccOf<T>::type;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * F) return;
+  const int64_t n = idx / F;
+  const int f = static_cast<int>(idx % F);
+  const T* wf = weight + static_cast<size_t>(f) * E * W;
+  const int64_t* idn = ids + n * L;
+  A best = -INFINITY;
+  int arg = 0;
+  for (int t = 0; t + W <= L; ++t) {
+    A s = 0;
+    for (int e = 0; e < E; ++e)
+      for (int w = 0; w < W; ++w) s += static_cast<A>(to_f(wf[e * W + w])) * static_cast<A>(to_f(emb[idn[t + w] * E + e]));
+    if (s > best) best = s, arg = t;
+  }
+  const size_t o = static_cast<size_t>(n) * out_stride + out_off + f;
+  out[o] = FromF<T>::cvt(act_fwd(best + static_cast<A>(to_f(bias[f])), act));
+  argmax[o] = arg;
+}
+
+// ---------------------------------------------------------------------------------- backward: common
+template <typename A>
+__device__ __forceinline__ A act_grad(A y, int act) {
+  return act == 0 ? (y > A(0) ? A(1) : A(0)) : A(1) - y * y;
+}
+
+// ------------------------------------------------------------------------------- backward: dW and db
+constexpr int kDwThreads = 128;  // filters per CTA: lane = filter, so the loads of g and t* coalesce
+constexpr int kDwEC = 8;         // embedding dims per thread
+constexpr int kDwTS = 32;        // tokens staged in shared memory at a time
+
+// CTA (filter block, (e-chunk, w-chunk), token chunk). Thread = one filter f; it owns dW_f[e0..e0+8)[w0..w0+WC)
+// (and db_f in the CTA with e0 = w0 = 0) in registers and walks the tokens of its chunk in order.
+template <typename T, int WC>
+__global__ void __launch_bounds__(kDwThreads)
+    charcnn_bwd_dw(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+                   const int64_t* __restrict__ ids, const T* __restrict__ emb, int64_t N, int L, int E, int W, int F,
+                   int out_stride, int out_off, int act, int64_t chunk_tokens, int TS,
+                   typename AccOf<T>::type* __restrict__ partial, int64_t part_stride) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* xs = reinterpret_cast<A*>(smem_raw);  // [TS][L][kDwEC]: the staged tokens' embedded characters
+  A* gs = xs + TS * L * kDwEC;             // [TS][kDwThreads]: g = grad_out · act'(out)
+  int* ts = reinterpret_cast<int*>(gs + TS * kDwThreads);  // [TS][kDwThreads]: t*
+  const int n_ec = (E + kDwEC - 1) / kDwEC;
+  const int e0 = (blockIdx.y % n_ec) * kDwEC, w0 = (blockIdx.y / n_ec) * WC;
+  const int f0 = blockIdx.x * kDwThreads, f = f0 + threadIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * chunk_tokens;
+  const int64_t n1 = std::min<int64_t>(N, n0 + chunk_tokens);
+  A acc[WC][kDwEC];
+#pragma unroll
+  for (int w = 0; w < WC; ++w)
+#pragma unroll
+    for (int e = 0; e < kDwEC; ++e) acc[w][e] = 0;
+  A acc_b = 0;
+  for (int64_t s0 = n0; s0 < n1; s0 += TS) {
+    const int ns = static_cast<int>(std::min<int64_t>(TS, n1 - s0));
+    __syncthreads();  // the previous tokens are no longer read
+    for (int idx = threadIdx.x; idx < ns * L * kDwEC; idx += kDwThreads) {
+      const int s = idx / (L * kDwEC), r = idx % (L * kDwEC), t = r / kDwEC, e = e0 + r % kDwEC;
+      xs[idx] = e < E ? static_cast<A>(to_f(emb[ids[(s0 + s) * L + t] * E + e])) : A(0);
+    }
+    for (int idx = threadIdx.x; idx < ns * kDwThreads; idx += kDwThreads) {
+      const int s = idx / kDwThreads, fl = idx % kDwThreads;
+      A gv = 0;
+      int tv = 0;
+      if (f0 + fl < F) {
+        const size_t o = static_cast<size_t>(s0 + s) * out_stride + out_off + f0 + fl;
+        gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
+        tv = argmax[o];
+      }
+      gs[idx] = gv;
+      ts[idx] = tv;
+    }
+    __syncthreads();
+    if (f < F) {
+      for (int s = 0; s < ns; ++s) {
+        const A gv = gs[s * kDwThreads + threadIdx.x];
+        if (gv == A(0)) continue;  // relu filters that did not fire
+        acc_b += gv;
+        // clamped so that a corrupt argmax cannot read outside the token (the forward never makes one)
+        const int t = min(max(ts[s * kDwThreads + threadIdx.x], 0), L - W);
+        const A* xr = xs + (s * L + t + w0) * kDwEC;
+#pragma unroll
+        for (int w = 0; w < WC; ++w) {
+          if (w0 + w < W) {
+#pragma unroll
+            for (int e = 0; e < kDwEC; ++e) acc[w][e] += gv * xr[w * kDwEC + e];
+          }
+        }
+      }
+    }
+  }
+  if (f >= F) return;
+  const int K = E * W;
+  A* dst = partial + static_cast<int64_t>(blockIdx.z) * part_stride + static_cast<int64_t>(f) * (K + 1);
+#pragma unroll
+  for (int w = 0; w < WC; ++w)
+#pragma unroll
+    for (int e = 0; e < kDwEC; ++e)
+      if (w0 + w < W && e0 + e < E) dst[(e0 + e) * W + w0 + w] = acc[w][e];
+  if (blockIdx.y == 0) dst[K] = acc_b;
+}
+
+// grad[p] = Σ_c partial[c·P + p] over the chunks in increasing c: a fixed order, so bitwise reproducible.
+template <typename A>
+__global__ void charcnn_bwd_reduce(const A* __restrict__ partial, A* __restrict__ grad, int64_t P, int nchunks) {
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < P;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    A s = 0;
+    for (int c = 0; c < nchunks; ++c) s += partial[static_cast<int64_t>(c) * P + p];
+    grad[p] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------- backward: d(embedding)
+constexpr int kDxThreads = 256;
+constexpr int kDxFC = 64;         // filters staged at a time
+constexpr int kDxMaxWidths = 16;  // widths per launch (more: several launches, see backward_all)
+
+struct DxWidths {
+  const void* weight[kDxMaxWidths];
+  int filters[kDxMaxWidths], width[kDxMaxWidths], offset[kDxMaxWidths];
+  int n;
+};
+
+// CTA b owns token blocks b, b + G, b + 2G, ... of TB tokens, and a private [V, E] table (shared memory, or
+// its slice of `tables` when V·E is large). Per token block: dx[TB][L][E] = 0 in shared memory; thread
+// (slot, e) alone adds, for its token and every filter in order, g·W_f[e][w] into dx[t*+w][e]; then thread
+// (e, v mod NG) alone adds the rows of dx into the table rows of their characters, in increasing position.
+// No atomics: every sum has a fixed order. `accumulate`: the table continues a previous launch.
+template <typename T>
+__global__ void __launch_bounds__(kDxThreads)
+    charcnn_bwd_demb(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+                     const int64_t* __restrict__ ids, int64_t N, int L, int V, int E, int TB, int out_stride,
+                     int act, DxWidths ws, int smem_table, int accumulate,
+                     typename AccOf<T>::type* __restrict__ tables) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* dx = reinterpret_cast<A*>(smem_raw);                     // [TB][L][E]
+  A* gs = dx + static_cast<size_t>(TB) * L * E;               // [TB][kDxFC]
+  A* tab_s = gs + TB * kDxFC;                                 // [V][E] if smem_table
+  int* ts = reinterpret_cast<int*>(tab_s + (smem_table ? static_cast<size_t>(V) * E : 0));  // [TB][kDxFC]
+  int* sid = ts + TB * kDxFC;                                 // [TB][L]
+  A* tab_g = tables + static_cast<int64_t>(blockIdx.x) * V * E;
+  A* tab = smem_table ? tab_s : tab_g;
+  const int EW = min(E, kDxThreads), slot = threadIdx.x / EW, ec = threadIdx.x % EW;
+  const int NG = kDxThreads / EW;  // table row groups in the scatter
+
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(V) * E; i += kDxThreads)
+    tab[i] = accumulate ? tab_g[i] : A(0);
+  for (int64_t blk = blockIdx.x; blk * TB < N; blk += gridDim.x) {
+    const int64_t n0 = blk * TB;
+    const int ns = static_cast<int>(std::min<int64_t>(TB, N - n0));
+    __syncthreads();  // the previous block's scatter is done
+    for (int i = threadIdx.x; i < ns * L * E; i += kDxThreads) dx[i] = 0;
+    for (int i = threadIdx.x; i < ns * L; i += kDxThreads) sid[i] = static_cast<int>(ids[n0 * L + i]);
+    for (int wi = 0; wi < ws.n; ++wi) {
+      const T* weight = static_cast<const T*>(ws.weight[wi]);
+      const int F = ws.filters[wi], W = ws.width[wi], off = ws.offset[wi], K = E * W;
+      for (int fc0 = 0; fc0 < F; fc0 += kDxFC) {
+        const int nf = min(kDxFC, F - fc0);
+        __syncthreads();  // gs/ts are no longer read (and dx is zeroed)
+        for (int i = threadIdx.x; i < ns * kDxFC; i += kDxThreads) {
+          const int s = i / kDxFC, fl = i % kDxFC;
+          A gv = 0;
+          int tv = 0;
+          if (fl < nf) {
+            const size_t o = static_cast<size_t>(n0 + s) * out_stride + off + fc0 + fl;
+            gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
+            tv = min(max(argmax[o], 0), L - W);  // a corrupt argmax cannot write outside the token
+          }
+          gs[i] = gv;
+          ts[i] = tv;
+        }
+        __syncthreads();
+        if (slot < ns) {
+          A* dxs = dx + static_cast<size_t>(slot) * L * E;
+          for (int fl = 0; fl < nf; ++fl) {
+            const A gv = gs[slot * kDxFC + fl];
+            if (gv == A(0)) continue;
+            A* d = dxs + ts[slot * kDxFC + fl] * E;
+            const T* wf = weight + static_cast<size_t>(fc0 + fl) * K;
+            for (int e = ec; e < E; e += EW)
+              for (int w = 0; w < W; ++w) d[w * E + e] += gv * static_cast<A>(to_f(wf[e * W + w]));
+          }
+        }
+      }
+    }
+    __syncthreads();  // dx complete
+    const int grp = threadIdx.x / EW;
+    if (grp < NG) {
+      for (int r = 0; r < ns * L; ++r) {
+        const int v = sid[r];
+        if (v % NG != grp) continue;
+        for (int e = ec; e < E; e += EW) tab[static_cast<int64_t>(v) * E + e] += dx[static_cast<size_t>(r) * E + e];
+      }
+    }
+  }
+  if (smem_table) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(V) * E; i += kDxThreads) tab_g[i] = tab_s[i];
+  }
+}
+
+// ------------------------------------------------------------------------------------------ launchers
+int max_smem_optin() {
+  int dev = 0, v = 48 * 1024;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 48 * 1024;
+  return v;
+}
+
+template <typename F>
+cudaError_t allow_smem(F kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, int W>
+cudaError_t launch_fast(const int64_t* ids, const T* emb, const CharCnnWidth& cw, int64_t N, int L, int E,
+                        int total, int act, T* out, int32_t* argmax, cudaStream_t stream) {
+  const size_t smem = fast_smem_bytes(E, W, L);
+  auto kernel = charcnn_fwd_fast<T, W>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int t_out = L - W + 1;
+  const dim3 grid(static_cast<unsigned>((N + kFwdTokens - 1) / kFwdTokens),
+                  static_cast<unsigned>((cw.filters + kFB - 1) / kFB));
+  kernel<<<grid, kFwdWarps * 32, smem, stream>>>(ids, emb, static_cast<const T*>(cw.weight),
+                                                 static_cast<const T*>(cw.bias), out, argmax, N, L, E, cw.filters,
+                                                 total, cw.offset, fast_row_len(L, W), (t_out + kTT - 1) / kTT, act);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t forward_width(const int64_t* ids, const T* emb, const CharCnnWidth& cw, int64_t N, int L, int E,
+                          int total, int act, T* out, int32_t* argmax, cudaStream_t stream) {
+  const bool fast = !std::is_same<T, double>::value && cw.width <= kMaxFastWidth &&
+                    fast_smem_bytes(E, cw.width, L) <= static_cast<size_t>(max_smem_optin());
+  if (fast) {
+    if constexpr (!std::is_same<T, double>::value) {
+      switch (cw.width) {
+        case 1: return launch_fast<T, 1>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        case 2: return launch_fast<T, 2>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        case 3: return launch_fast<T, 3>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        case 4: return launch_fast<T, 4>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        case 5: return launch_fast<T, 5>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        case 6: return launch_fast<T, 6>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        case 7: return launch_fast<T, 7>(ids, emb, cw, N, L, E, total, act, out, argmax, stream);
+        default: break;
+      }
+    }
+  }
+  const int64_t threads = N * cw.filters;
+  charcnn_fwd_generic<T><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+      ids, emb, static_cast<const T*>(cw.weight), static_cast<const T*>(cw.bias), out, argmax, N, L, E, cw.width,
+      cw.filters, total, cw.offset, act);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t forward_all(const int64_t* ids, const void* emb, int64_t N, int L, int E, const CharCnnWidth* widths,
+                        int n_widths, int total, int act, void* out, int32_t* argmax, cudaStream_t stream) {
+  for (int i = 0; i < n_widths; ++i) {
+    cudaError_t err = forward_width<T>(ids, static_cast<const T*>(emb), widths[i], N, L, E, total, act,
+                                       static_cast<T*>(out), argmax, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+int sm_count() {
+  int dev = 0, v = 132;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+  return v;
+}
+
+// ---- backward plan: the same functions size the workspace (char_cnn_backward_partial_elems) and launch.
+int dw_wc(int W) { return W <= 8 ? W : 8; }  // w per thread (W > 8: several w-chunks)
+// Token chunks of width `cw` in the dW kernel: enough CTAs for ~2 waves, each chunk >= 256 tokens, at most
+// 64 partial sums per parameter (the workspace is chunks x parameters).
+int64_t dw_chunk_tokens(int64_t N, int E, const CharCnnWidth& cw) {
+  const int64_t base = static_cast<int64_t>((cw.filters + kDwThreads - 1) / kDwThreads) *
+                       ((E + kDwEC - 1) / kDwEC) * ((cw.width + dw_wc(cw.width) - 1) / dw_wc(cw.width));
+  int64_t c = (2 * sm_count() + base - 1) / base;
+  c = std::max<int64_t>(1, std::min<int64_t>({c, 64, (N + 255) / 256}));
+  return (N + c - 1) / c;
+}
+int64_t dw_chunks(int64_t N, int E, const CharCnnWidth& cw) {
+  const int64_t ct = dw_chunk_tokens(N, E, cw);
+  return (N + ct - 1) / ct;
+}
+int dw_tokens_staged(int L, size_t acc) {  // kDwTS, halved until the staging fits in shared memory
+  int ts = kDwTS;
+  while (ts > 1 && static_cast<size_t>(ts) * (L * kDwEC * acc + kDwThreads * (acc + sizeof(int))) >
+                       static_cast<size_t>(max_smem_optin()))
+    ts /= 2;
+  return ts;
+}
+
+struct EmbPlan {
+  int TB = 0;              // tokens per block (0: does not fit)
+  bool smem_table = true;  // the CTA's [V, E] table in shared memory
+  int64_t G = 0;           // CTAs = private tables
+  size_t smem = 0;
+};
+EmbPlan emb_plan(int64_t N, int L, int V, int E, size_t acc) {
+  EmbPlan p;
+  const int EW = std::min(E, kDxThreads);
+  const size_t optin = static_cast<size_t>(max_smem_optin());
+  auto bytes = [&](int tb, bool tab) {
+    return (static_cast<size_t>(tb) * L * E + static_cast<size_t>(tb) * kDxFC +
+            (tab ? static_cast<size_t>(V) * E : 0)) * acc +
+           (static_cast<size_t>(tb) * kDxFC + static_cast<size_t>(tb) * L) * sizeof(int);
+  };
+  const size_t two_per_sm = std::min<size_t>(optin, 110 * 1024);
+  p.smem_table = static_cast<size_t>(V) * E * acc <= 64 * 1024;
+  for (int pass = 0; pass < 2 && p.TB == 0; ++pass) {
+    for (int tb = kDxThreads / EW; tb >= 1; --tb)
+      if (bytes(tb, p.smem_table) <= two_per_sm || (tb == 1 && bytes(tb, p.smem_table) <= optin)) {
+        p.TB = tb;
+        break;
+      }
+    if (p.TB == 0) p.smem_table = false;
+  }
+  if (p.TB == 0) return p;
+  p.smem = bytes(p.TB, p.smem_table);
+  p.G = std::min<int64_t>((N + p.TB - 1) / p.TB, 2 * sm_count());
+  if (!p.smem_table)  // tables in global memory: keep them under ~256 MiB
+    p.G = std::min<int64_t>(p.G, std::max<int64_t>(1, (int64_t{256} << 20) / (static_cast<int64_t>(V) * E * acc)));
+  return p;
+}
+
+int64_t backward_workspace(int64_t N, int L, int V, int E, const CharCnnWidth* widths, int n_widths, size_t acc) {
+  int64_t elems = 0;
+  for (int i = 0; i < n_widths; ++i)
+    elems += dw_chunks(N, E, widths[i]) * widths[i].filters * (static_cast<int64_t>(E) * widths[i].width + 1);
+  return elems + emb_plan(N, L, V, E, acc).G * V * E;
+}
+
+template <typename T, int WC>
+cudaError_t launch_dw(const T* go, const T* y, const int32_t* argmax, const int64_t* ids, const T* emb, int64_t N,
+                      int L, int E, const CharCnnWidth& cw, int total, int act, typename AccOf<T>::type* partial,
+                      cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int ts = dw_tokens_staged(L, sizeof(A));
+  const size_t smem = static_cast<size_t>(ts) * (L * kDwEC * sizeof(A) + kDwThreads * (sizeof(A) + sizeof(int)));
+  auto kernel = charcnn_bwd_dw<T, WC>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t ct = dw_chunk_tokens(N, E, cw);
+  const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1);
+  const dim3 grid(static_cast<unsigned>((cw.filters + kDwThreads - 1) / kDwThreads),
+                  static_cast<unsigned>(((E + kDwEC - 1) / kDwEC) * ((cw.width + WC - 1) / WC)),
+                  static_cast<unsigned>((N + ct - 1) / ct));
+  kernel<<<grid, kDwThreads, smem, stream>>>(go, y, argmax, ids, emb, N, L, E, cw.width, cw.filters, total,
+                                             cw.offset, act, ct, ts, partial, P);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* emb_, int64_t N, int L, int V, int E,
+                         const CharCnnWidth* widths, int n_widths, int total, int act, const void* out,
+                         const int32_t* argmax, void* partial_, void* grad_params_, void* grad_emb_,
+                         cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  A* partial = static_cast<A*>(partial_);
+  A* grad_params = static_cast<A*>(grad_params_);
+  A* grad_emb = static_cast<A*>(grad_emb_);
+  const T* go = static_cast<const T*>(grad_out);
+  const T* y = static_cast<const T*>(out);
+  const T* emb = static_cast<const T*>(emb_);
+  cudaError_t err = cudaSuccess;
+
+  // dW, db: per width, chunk partial sums, then their fixed-order sum
+  int64_t off = 0;  // into grad_params
+  A* part = partial;
+  for (int i = 0; i < n_widths; ++i) {
+    const CharCnnWidth& cw = widths[i];
+    switch (dw_wc(cw.width)) {
+#define MINILM_DW(WC) \
+  case WC: err = launch_dw<T, WC>(go, y, argmax, ids, emb, N, L, E, cw, total, act, part, stream); break
+      MINILM_DW(1); MINILM_DW(2); MINILM_DW(3); MINILM_DW(4); MINILM_DW(5); MINILM_DW(6); MINILM_DW(7); MINILM_DW(8);
+#undef MINILM_DW
+      default: return cudaErrorInvalidValue;
+    }
+    if (err != cudaSuccess) return err;
+    const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1), chunks = dw_chunks(N, E, cw);
+    charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 2048)), 256, 0, stream>>>(
+        part, grad_params + off, P, static_cast<int>(chunks));
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    off += P;
+    part += chunks * P;
+  }
+
+  // d(embedding): per-CTA tables (all widths per token block, kDxMaxWidths per launch), then their sum
+  const EmbPlan plan = emb_plan(N, L, V, E, sizeof(A));
+  if (plan.TB == 0) return cudaErrorInvalidConfiguration;
+  auto kd = charcnn_bwd_demb<T>;
+  if ((err = allow_smem(kd, plan.smem)) != cudaSuccess) return err;
+  for (int i0 = 0; i0 < n_widths; i0 += kDxMaxWidths) {
+    DxWidths ws{};
+    ws.n = std::min(kDxMaxWidths, n_widths - i0);
+    for (int j = 0; j < ws.n; ++j) {
+      ws.weight[j] = widths[i0 + j].weight;
+      ws.filters[j] = widths[i0 + j].filters;
+      ws.width[j] = widths[i0 + j].width;
+      ws.offset[j] = widths[i0 + j].offset;
+    }
+    kd<<<static_cast<unsigned>(plan.G), kDxThreads, plan.smem, stream>>>(
+        go, y, argmax, ids, N, L, V, E, plan.TB, total, act, ws, plan.smem_table ? 1 : 0, i0 > 0 ? 1 : 0, part);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  const int64_t VE = static_cast<int64_t>(V) * E;
+  charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((VE + 255) / 256, 2048)), 256, 0, stream>>>(
+      part, grad_emb, VE, static_cast<int>(plan.G));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
+                             const CharCnnWidth* widths, int n_widths, int total_filters, Activation act,
+                             void* out, int32_t* argmax, cudaStream_t stream) {
+  (void)V;
+  const int a = static_cast<int>(act);
+  switch (dtype) {
+    case Dtype::kFloat32:
+      return forward_all<float>(ids, emb, N, L, E, widths, n_widths, total_filters, a, out, argmax, stream);
+    case Dtype::kFloat64:
+      return forward_all<double>(ids, emb, N, L, E, widths, n_widths, total_filters, a, out, argmax, stream);
+    case Dtype::kBFloat16:
+      return forward_all<__nv_bfloat16>(ids, emb, N, L, E, widths, n_widths, total_filters, a, out, argmax, stream);
+    case Dtype::kFloat16:
+      return forward_all<__half>(ids, emb, N, L, E, widths, n_widths, total_filters, a, out, argmax, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t char_cnn_backward_partial_elems(Dtype dtype, int64_t N, int L, int V, int E, const CharCnnWidth* widths,
+                                        int n_widths) {
+  return backward_workspace(N, L, V, E, widths, n_widths, dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float));
+}
+
+bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E) {
+  return emb_plan(1, L, V, E, dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float)).TB > 0;
+}
+
+cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,
+                              int L, int V, int E, const CharCnnWidth* widths, int n_widths, int total_filters,
+                              Activation act, const void* out, const int32_t* argmax, void* partial,
+                              void* grad_params, void* grad_emb, cudaStream_t stream) {
+  const int a = static_cast<int>(act);
+#define MINILM_BWD(T)                                                                                          \
+  return backward_all<T>(grad_out, ids, emb, N, L, V, E, widths, n_widths, total_filters, a, out, argmax, partial, \
+                         grad_params, grad_emb, stream)
+  switch (dtype) {
+    case Dtype::kFloat32: MINILM_BWD(float);
+    case Dtype::kFloat64: MINILM_BWD(double);
+    case Dtype::kBFloat16: MINILM_BWD(__nv_bfloat16);
+    case Dtype::kFloat16: MINILM_BWD(__half);
+  }
+#undef MINILM_BWD
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace minilm_cuda

@@ -1,0 +1,71 @@
+// Launchers of minilm's CUDA kernels: raw pointers and a cudaStream_t, no torch types, so that the
+// .cu files compile with nvcc alone (scripts/check_cuda_kernels.sh). The torch glue (input checks,
+// allocation, the current stream, dtype dispatch, registration) is in attention_cuda.cpp and
+// char_cnn_cuda.cpp. Every tensor is contiguous; every launcher returns the launch's cudaError_t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace minilm_cuda {
+
+enum class Dtype { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// ---------------------------------------------------------------- causal attention (attention_kernels.cu)
+// q, k, v, out, dout, dq, dk, dv: [BH, T, D] in `dtype`.
+
+// Tensor-core (mma.sync) flash kernels: bf16/fp16 with head dim 64 or 128 only (the glue pads other
+// head dims up to these with zeros). lse: [BH, T] fp32.
+bool attention_tc_supported(Dtype dtype, int head_dim);
+cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
+                                 int64_t BH, int64_t T, int D, float scale, cudaStream_t stream);
+// delta: [BH, T] fp32 workspace; dq_accum: [BH, T, D] fp32 workspace (zeroed here).
+cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
+                                  const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
+                                  void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
+                                  cudaStream_t stream);
+
+// CUDA-core kernels for every dtype and 1 <= D <= kSimpleMaxHeadDim (fp32/fp64, and half types with
+// other head dims). lse and delta are fp64 for fp64 inputs, fp32 otherwise.
+constexpr int kSimpleMaxHeadDim = 256;
+cudaError_t attention_forward_simple(Dtype dtype, const void* q, const void* k, const void* v, void* out,
+                                     void* lse, int64_t BH, int64_t T, int D, double scale, cudaStream_t stream);
+cudaError_t attention_backward_simple(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
+                                      const void* out, const void* lse, void* delta, void* dq, void* dk, void* dv,
+                                      int64_t BH, int64_t T, int D, double scale, cudaStream_t stream);
+
+// ---------------------------------------------------------------- char-CNN (char_cnn_kernels.cu)
+// One convolution width: weight [F, E, W] and bias [F] in the embedding's dtype; its F output columns
+// start at `offset` in out [N, total_filters].
+struct CharCnnWidth {
+  const void* weight;
+  const void* bias;
+  int filters;  // F
+  int width;    // W
+  int offset;
+};
+
+enum class Activation { kRelu = 0, kTanh = 1 };
+
+// ids [N, L] int64 (already checked to lie in [0, V)); emb [V, E]; out [N, total]; argmax [N, total] int32.
+cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
+                             const CharCnnWidth* widths, int n_widths, int total_filters, Activation act,
+                             void* out, int32_t* argmax, cudaStream_t stream);
+
+// Workspace of char_cnn_backward, in elements of the accumulation type (fp64 for fp64 inputs, fp32
+// otherwise): the dW/db partial sums of every token chunk and the per-CTA [V, E] d(embedding) tables.
+int64_t char_cnn_backward_partial_elems(Dtype dtype, int64_t N, int L, int V, int E, const CharCnnWidth* widths,
+                                        int n_widths);
+// Whether one token's [L, E] gradient fits in shared memory (else the backward cannot run).
+bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E);
+// grad_params: [sum_i F_i * (E*W_i + 1)] accumulation type; for width i, starting at sum_{j<i} F_j*(E*W_j+1),
+//   row f holds dW[f] (E*W values, [E][W] order) followed by db[f].
+// grad_emb: [V, E] accumulation type (every element written).
+// Deterministic: no atomics; every sum runs in a fixed order.
+cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,
+                              int L, int V, int E, const CharCnnWidth* widths, int n_widths, int total_filters,
+                              Activation act, const void* out, const int32_t* argmax, void* partial,
+                              void* grad_params, void* grad_emb, cudaStream_t stream);
+
+}  // namespace minilm_cuda

@@ -1,0 +1,260 @@
+"""One-line-per-case diagnostics of the CUDA kernels, for a GPU run where every minute counts.
+
+    python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | cnn-perf | attn-sweep | cnn-determinism
+
+attn-sweep: for every tensor-core backward variant (MINILM_ATTN_BWD = fused | split | split2, see
+csrc/cuda/attention_kernels.cu), correctness on two shapes, then fwd and fwd+bwd times on the four target
+shapes next to SDPA's flash and cuDNN backends: one line per (variant, shape).
+
+Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
+failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
+user would otherwise call (SDPA's flash backend; the PyTorch composite with cuDNN), side by side in one
+run, with CUDA events. Run each part in its own process: an illegal memory access kills the CUDA context.
+"""
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]  # the checkout's minilm, and the test helpers
+import test_cuda as tc  # noqa: E402  (the test helpers; importing it loads minilm)
+
+from minilm.ops import causal_attention  # noqa: E402
+
+ops = torch.ops.minilm
+
+
+def case(name, fn):
+    t0 = time.perf_counter()
+    try:
+        report = fn()
+        print(f"PASS {name}: {report} [{time.perf_counter() - t0:.1f} s]", flush=True)
+        return True
+    except Exception as e:  # noqa: BLE001  (report and go on)
+        msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        print(f"FAIL {name}: {type(e).__name__}: {msg}", flush=True)
+        if not isinstance(e, AssertionError):
+            traceback.print_exc(limit=3)
+        return False
+
+
+def attn_correct():
+    ok = True
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for D in (64, 128, 16, 48, 80):
+            for T in (1, 37, 130, 257):
+                ok &= case(f"attention {str(dtype)[6:]} B=2 H=3 T={T} D={D}",
+                           lambda: tc._check_attention(2, 3, T, D, dtype))
+    for D, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16), (64, torch.float32)):
+        ok &= case(f"attention {str(dtype)[6:]} B=1 H=2 T=2048 D={D}", lambda: tc._check_attention(1, 2, 2048, D, dtype))
+    ok &= case("attention fp64 gradcheck", lambda: tc.test_attention_fp64_gradcheck() or "ok")
+    ok &= case("attention current stream", lambda: tc.test_attention_runs_on_the_current_stream() or "ok")
+    return ok
+
+
+def cnn_correct():
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        for act in ("relu", "tanh"):
+            ok &= case(f"char_cnn ELMo {str(dtype)[6:]} {act} N=70",
+                       lambda: tc._check_char_cnn(70, 50, 262, 16, tc.ELMO_FILTERS, dtype, act))
+    odd = [[1, 3], [2, 5], [9, 7], [3, 130], [4, 33]]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        ok &= case(f"char_cnn odd filters {str(dtype)[6:]}", lambda: tc._check_char_cnn(37, 11, 20, 5, odd, dtype, "tanh"))
+        ok &= case(f"char_cnn E=40 W=5,9 {str(dtype)[6:]}",
+                   lambda: tc._check_char_cnn(3, 9, 7, 40, [[5, 17], [9, 2]], dtype, "relu"))
+    ok &= case("char_cnn many tokens", lambda: tc.test_char_cnn_many_tokens() or "ok")
+    ok &= case("char_cnn ties", lambda: tc.test_char_cnn_first_max_wins_ties() or "ok")
+    ok &= case("char_cnn bad input", lambda: tc.test_char_cnn_bad_input() or "ok")
+    ok &= case("char_cnn current stream", lambda: tc.test_char_cnn_runs_on_the_current_stream() or "ok")
+    return ok
+
+
+def time_ms(fn, warmup=3, iters=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def attn_perf():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for B, H, T, D in ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16, 4096, 128)):
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        flops = 2 * B * H * T * T * D  # causal forward (half of the 4·B·H·T²·D of full attention)
+
+        def ours_fwd():
+            with torch.no_grad():
+                causal_attention(q, k, v)
+
+        def ours_fb():
+            causal_attention(q, k, v).backward(g)
+
+        def sdpa_fwd():
+            with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def sdpa_fb():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+        res = {}
+        for name, fn, f in (("ours fwd", ours_fwd, flops), ("sdpa-flash fwd", sdpa_fwd, flops),
+                            ("ours fwd+bwd", ours_fb, 3.5 * flops), ("sdpa-flash fwd+bwd", sdpa_fb, 3.5 * flops)):
+            try:
+                ms = time_ms(fn)
+                res[name] = f / ms / 1e9
+                print(f"attention bf16 {B},{H},{T},{D} {name}: {ms:.3f} ms, {res[name]:.1f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"attention bf16 {B},{H},{T},{D} {name}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+        if "ours fwd+bwd" in res and "sdpa-flash fwd+bwd" in res:
+            print(f"attention bf16 {B},{H},{T},{D} fwd+bwd ours/sdpa-flash = "
+                  f"{res['ours fwd+bwd'] / res['sdpa-flash fwd+bwd']:.2f}x (target >= 1.0)", flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+
+
+def cnn_perf(N=32768):
+    L, V, E = 50, 262, 16
+    for dtype in (torch.float32, torch.bfloat16):
+        ids, emb, weights, biases = tc._char_inputs(N, L, V, E, tc.ELMO_FILTERS, torch.float32)
+        total = sum(f for _, f in tc.ELMO_FILTERS)
+        g = torch.randn(N, total, device="cuda")
+        params = [emb, *weights, *biases]
+        for p in params:
+            p.requires_grad_()
+
+        def composite():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                y = tc._composite(ids, emb, weights, biases, "relu")
+            torch.autograd.grad(y, params, g.to(y.dtype))
+
+        e2, w2, b2 = emb.detach().to(dtype), [w.detach().to(dtype) for w in weights], [b.detach().to(dtype) for b in biases]
+        g2 = g.to(dtype)
+
+        def fused():
+            out, argmax = ops.char_cnn(ids, e2, w2, b2, "relu")
+            ops.char_cnn_backward(g2, ids, e2, w2, out, argmax, "relu")
+
+        def fused_fwd():
+            ops.char_cnn(ids, e2, w2, b2, "relu")
+
+        res = {}
+        for name, fn in (("fused fwd", fused_fwd), ("fused fwd+bwd", fused), ("composite fwd+bwd", composite)):
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                ms = time_ms(fn, warmup=2, iters=5)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                res[name] = (ms, peak)
+                print(f"char_cnn {str(dtype)[6:]} N={N} {name}: {ms:.2f} ms, peak extra {peak:.0f} MiB", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"char_cnn {str(dtype)[6:]} N={N} {name}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+            torch.cuda.empty_cache()
+        if "fused fwd+bwd" in res and "composite fwd+bwd" in res:
+            (a, pa), (b, pb) = res["fused fwd+bwd"], res["composite fwd+bwd"]
+            print(f"char_cnn {str(dtype)[6:]} N={N}: speed-up {b / a:.2f}x (target >= 3), "
+                  f"memory {pb / max(pa, 1e-9):.1f}x less (target >= 20)", flush=True)
+        del ids, emb, weights, biases, g, params
+        torch.cuda.empty_cache()
+
+
+BWD_VARIANTS = ("fused", "split", "split2")
+SWEEP_SHAPES = ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16, 4096, 128))
+
+
+def attn_sweep():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ok = True
+    base = {}  # shape -> {name: (fwd ms, fwd+bwd ms)} of the SDPA backends
+    for B, H, T, D in SWEEP_SHAPES:
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def fwd():
+                with torch.no_grad(), sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            def fb():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+            try:
+                base.setdefault((B, H, T, D), {})[name] = (time_ms(fwd), time_ms(fb))
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {name} {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:150]}", flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+    for variant in BWD_VARIANTS:
+        os.environ["MINILM_ATTN_BWD"] = variant  # read by the extension at every backward call
+        for shape in ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48)):
+            ok &= case(f"sweep {variant} correct bf16 {shape}", lambda: tc._check_attention(*shape, torch.bfloat16))
+        ok &= case(f"sweep {variant} correct fp16 (1,2,300,80)", lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
+        for B, H, T, D in SWEEP_SHAPES:
+            q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            g = torch.randn_like(q)
+            flops = 2 * B * H * T * T * D
+
+            def fwd():
+                with torch.no_grad():
+                    causal_attention(q, k, v)
+
+            def fb():
+                causal_attention(q, k, v).backward(g)
+            try:
+                f_ms, fb_ms = time_ms(fwd), time_ms(fb)
+                line = (f"sweep {variant:6s} {B},{H},{T},{D}: fwd {f_ms:.3f} ms {flops / f_ms / 1e9:.0f} TF/s, "
+                        f"fwd+bwd {fb_ms:.3f} ms {3.5 * flops / fb_ms / 1e9:.0f} TF/s")
+                for name, (bf, bfb) in base.get((B, H, T, D), {}).items():
+                    line += f" | {name} fwd {bf:.3f} fwd+bwd {bfb:.3f} -> ours/{name} fwd+bwd {bfb / fb_ms:.2f}x"
+                print(line, flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {variant} {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+                ok = False
+            del q, k, v, g
+            torch.cuda.empty_cache()
+    os.environ.pop("MINILM_ATTN_BWD", None)
+    return ok
+
+
+def cnn_determinism():
+    """The char-CNN backward has no atomics: two runs must agree bitwise (ELMo filters, 3000 tokens)."""
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        def run():
+            ids, emb, weights, biases = tc._char_inputs(3000, 50, 262, 16, tc.ELMO_FILTERS, dtype)
+            out, am = ops.char_cnn(ids, emb, weights, biases, "relu")
+            g = torch.randn_like(out)
+            a = ops.char_cnn_backward(g, ids, emb, weights, out, am, "relu")
+            b = ops.char_cnn_backward(g, ids, emb, weights, out, am, "relu")
+            for x, y in zip([a[0], *a[1], a[2]], [b[0], *b[1], b[2]]):
+                assert torch.equal(x, y), "two backward runs differ"
+            return "bitwise equal"
+        ok &= case(f"char_cnn backward deterministic {str(dtype)[6:]}", run)
+    return ok
+
+
+PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "cnn-perf": cnn_perf,
+         "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in PARTS:
+        sys.exit(f"usage: python scripts/cuda_diagnostics.py {{{'|'.join(PARTS)}}}")
+    if not torch.cuda.is_available():
+        sys.exit("cuda_diagnostics: torch sees no CUDA device")
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    result = PARTS[sys.argv[1]]()
+    sys.exit(0 if result in (None, True) else 1)

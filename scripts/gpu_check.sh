@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
+# crash diagnosis -> build (timed) -> import -> diagnostics -> pytest tests/test_cuda.py -> attention variant
+# sweep -> char-CNN timings -> benchmarks.
+# Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
+# log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
+#   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+passed=() failed=()
+t_all=$SECONDS
+step() {  # step NAME TIMEOUT_S CMD...: run, time, record; never stop the script
+  local name=$1 limit=$2; shift 2
+  echo; echo "=== [$name] $* (limit ${limit} s)"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  echo "=== [$name] rc=$rc in $((SECONDS - t0)) s"
+  if [ $rc -eq 0 ]; then passed+=("$name"); else failed+=("$name(rc=$rc)"); fi
+}
+
+echo "=== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
+python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0), 'sm_%d%d' % torch.cuda.get_device_capability(0))" \
+  || { echo "torch sees no CUDA device: nothing to check"; exit 1; }
+nvcc --version 2>/dev/null | tail -1 || echo "nvcc not on PATH (torch's CUDA_HOME: $(python -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)'))"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
+export MAX_JOBS=${MAX_JOBS:-16}
+build_log=${OUT:-/tmp}/gpu_check_build.log
+export build_log
+# `timeout` runs programs, not shell functions: the build runs in its own bash.
+build_cmd='python -m pip install --no-build-isolation --no-deps -e . > "$build_log" 2>&1 && exit 0
+echo "pip install -e . failed; its last lines:"; tail -40 "$build_log"
+echo "trying: python setup.py build_ext --inplace"
+python setup.py build_ext --inplace > "$build_log" 2>&1 || { grep -E "error" "$build_log" | head -40; tail -20 "$build_log"; exit 1; }'
+left() { echo $(( ${GPU_CHECK_BUDGET_S:-450} - (SECONDS - t_all) )); }  # the whole check's time budget
+
+# 1. The regular build (minilm/_C*.so, used by every later step).
+step build 240 bash -c "$build_cmd"
+# 2. The crash of run 1 (a C++ error from the CUDA ops segfaulted): probes in separate processes with the
+#    prebuilt module; on a crash also JIT builds with fewer flags and a cuda-gdb backtrace.
+step crash-diag 200 python scripts/crash_diag.py
+step import 60 python -c "
+import torch, minilm
+for op in ('causal_attention', 'causal_attention_backward', 'char_cnn', 'char_cnn_backward'):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key('minilm::' + op, 'CUDA'), 'no CUDA kernel for ' + op
+print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
+step bad-input 60 python -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "bad_input"
+# 3. Correctness, then the tests.
+step diag-attention 120 python scripts/cuda_diagnostics.py attn-correct
+step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
+step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
+step pytest 180 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
+# 4. Speed: every attention backward variant (picks the default), the char-CNN.
+step attn-sweep 150 python scripts/cuda_diagnostics.py attn-sweep
+step perf-char-cnn 90 python scripts/cuda_diagnostics.py cnn-perf
+# 5. The project's benchmarks, if there is time left.
+if python -c "import minilm.bench.attention" 2>/dev/null; then
+  if [ "$(left)" -gt 40 ]; then step bench-attention "$(left)" python -m minilm.bench attention --device cuda --json
+  else echo "=== [bench-attention] skipped: out of time"; fi
+else echo "=== [bench-attention] skipped: minilm.bench.attention is not in this checkout"; fi
+if python -c "import minilm.bench.charcnn" 2>/dev/null || python -c "import minilm.bench.char_cnn" 2>/dev/null; then
+  if [ "$(left)" -gt 30 ]; then step bench-charcnn "$(left)" python -m minilm.bench charcnn --device cuda --json
+  else echo "=== [bench-charcnn] skipped: out of time"; fi
+else echo "=== [bench-charcnn] skipped: no char-CNN benchmark module in this checkout"; fi
+
+if [ "$(left)" -gt 60 ]; then step bench-gpt1 "$(left)" python -m minilm.bench gpt1 --device cuda --json
+else echo "=== [bench-gpt1] skipped: out of time"; fi
+
+echo
+echo "=== summary after $((SECONDS - t_all)) s: passed: ${passed[*]:-none}; failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]

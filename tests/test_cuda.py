@@ -1,0 +1,319 @@
+"""The CUDA kernels against their references (skipped without a CUDA device).
+
+Tolerances. The truth is the reference evaluated in float64 on the same (already rounded) inputs.
+* Attention, bf16/fp16: the kernel's error must be at most 2x the error of PyTorch's own flash
+  attention (SDPA) in the same dtype, plus one unit of the dtype's rounding at the tensor's scale
+  (FlashAttention's own test criterion: both round P to 16 bits before P·V and accumulate in fp32).
+  fp32/fp64 (CUDA-core kernels, fp32/fp64 accumulation): absolute 2e-5 / 1e-10 at unit scale.
+* Char-CNN: fp32 accumulates the same products as the reference, in another order: 1e-4 of the
+  tensor's scale; bf16 rounds outputs and gradients to 8 bits of mantissa: 2e-2. Gradients are compared
+  with the reference evaluated at the kernel's own argmax (checked separately to be a maximum), so that a
+  near-tie resolved differently in the last bit cannot make the test flaky.
+"""
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minilm.ops
+from minilm.ops import causal_attention, causal_attention_reference
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEV = "cuda"
+ops = torch.ops.minilm
+
+# ---------------------------------------------------------------------------------------------- attention
+_UNIT = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+_ABS = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def _qkv(B, H, T, D, dtype):
+    return [torch.randn(B, H, T, D, device=DEV, dtype=dtype) for _ in range(3)]
+
+
+def _truth(q, k, v, g, scale):
+    """out, lse and (dq, dk, dv) in float64 from the reference."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = causal_attention_reference(q64, k64, v64, scale)
+    grads = torch.autograd.grad(out, (q64, k64, v64), g.double())
+    T = q.shape[-2]
+    att = (q64 @ k64.transpose(-2, -1)).detach() * scale
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=DEV).tril(), float("-inf"))
+    return out.detach(), torch.logsumexp(att, dim=-1), grads
+
+
+def _sdpa(q, k, v, g):
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    return (out.detach(), *torch.autograd.grad(out, (qs, ks, vs), g))
+
+
+def _check_attention(B, H, T, D, dtype):
+    q, k, v = _qkv(B, H, T, D, dtype)
+    g = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = ops.causal_attention(q, k, v, scale)
+    dq, dk, dv = ops.causal_attention_backward(g, q, k, v, out, lse, scale)
+    t_out, t_lse, (t_dq, t_dk, t_dv) = _truth(q, k, v, g, scale)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == q.shape[:-1]
+    lse_tol = 1e-3 if dtype in _UNIT else 1e-5
+    lse_err = (lse.double() - t_lse).abs().max().item()
+    assert lse_err <= lse_tol * (1 + t_lse.abs().max().item()), f"lse error {lse_err:.3g}"
+    ours = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+    truth = {"out": t_out, "dq": t_dq, "dk": t_dk, "dv": t_dv}
+    if dtype in _UNIT:
+        base = dict(zip(("out", "dq", "dk", "dv"), _sdpa(q, k, v, g)))
+    report, ok = [], True
+    for name in ours:
+        assert torch.isfinite(ours[name]).all(), f"{name} has non-finite values"
+        err = (ours[name].double() - truth[name]).abs().max().item()
+        scale_t = truth[name].abs().max().item()
+        if dtype in _UNIT:
+            ref_err = (base[name].double() - truth[name]).abs().max().item()
+            # The floor covers gradients that are exactly zero in exact arithmetic (T = 1: dq = dk = 0),
+            # where our kernel and SDPA each leave different rounding residue of ~1e-7.
+            bound = 2 * ref_err + _UNIT[dtype] * scale_t + 1e-3 * _UNIT[dtype]
+            report.append(f"{name}: err {err:.3g} sdpa {ref_err:.3g} bound {bound:.3g}")
+        else:
+            bound = _ABS[dtype] * max(1.0, scale_t)
+            report.append(f"{name}: err {err:.3g} bound {bound:.3g}")
+        ok &= err <= bound
+    report.append(f"lse: err {lse_err:.3g}")
+    assert ok, f"B={B} H={H} T={T} D={D} {dtype}: " + "; ".join(report)
+    return "; ".join(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [16, 48, 64, 80, 128])
+@pytest.mark.parametrize("T", [1, 37, 130, 257])
+def test_attention_matches_reference_and_sdpa(T, D, dtype):
+    _check_attention(2, 3, T, D, dtype)
+
+
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16),
+                                     (64, torch.float32)])
+def test_attention_long_sequence(D, dtype):
+    _check_attention(1, 2, 2048, D, dtype)
+
+
+def test_attention_fp64_gradcheck():
+    for shape in [(1, 2, 5, 16), (1, 1, 9, 48)]:
+        q, k, v = (torch.randn(*shape, device=DEV, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        assert torch.autograd.gradcheck(causal_attention, (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def test_attention_autograd_and_noncontiguous_inputs():
+    # (B, T, H, D) transposed to (B, H, T, D), as a model produces them
+    q, k, v = (torch.randn(2, 70, 4, 64, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    out = causal_attention(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    scale = 1 / 8
+    out2, lse2 = ops.causal_attention(q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous(), scale)
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+    direct = ops.causal_attention_backward(g, q.detach().contiguous(), k.detach().contiguous(),
+                                           v.detach().contiguous(), out2, lse2, scale)
+    for a, b in zip(grads, direct):  # dq sums fp32 atomics: order may vary, so not bitwise
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.float16, 80), (torch.float32, 48)])
+def test_attention_opcheck(dtype, D):
+    q, k, v = (torch.randn(1, 2, 33, D, device=DEV, dtype=dtype, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(ops.causal_attention.default, (q, k, v, 1.0 / math.sqrt(D)))
+
+
+def test_attention_runs_on_the_current_stream():
+    # The side stream first sleeps, then writes q. A kernel launched on another stream would read q early.
+    q, k, v = _qkv(1, 2, 256, 64, torch.bfloat16)
+    expected, _ = ops.causal_attention(q, k, v, 0.125)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    q_late = torch.zeros_like(q)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        q_late.copy_(q)
+        out, _ = ops.causal_attention(q_late, k, v, 0.125)
+    side.synchronize()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_attention_bad_input():
+    q = torch.randn(1, 2, 8, 16, device=DEV)
+    with pytest.raises(RuntimeError, match="same shape"):
+        ops.causal_attention(q, q[:, :, :4], q, 0.25)
+    with pytest.raises(RuntimeError, match="head dim"):
+        x = torch.randn(1, 1, 4, 300, device=DEV)
+        ops.causal_attention(x, x, x, 0.1)
+    with pytest.raises(RuntimeError, match="one CUDA device"):
+        ops.causal_attention(q, q.cpu(), q, 0.25)
+    torch.cuda.synchronize()  # the context is still healthy
+
+
+def test_attention_empty():
+    q = torch.randn(0, 2, 5, 64, device=DEV, dtype=torch.bfloat16)
+    out, lse = ops.causal_attention(q, q, q, 0.125)
+    assert out.shape == q.shape and lse.shape == (0, 2, 5)
+
+
+# ---------------------------------------------------------------------------------------------- char-CNN
+ELMO_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
+
+
+def _composite(char_ids, embedding, weights, biases, activation, argmax=None, relu_mask=None):
+    """Embedding -> Conv1d per width -> max over time (or the value at `argmax`) -> + bias -> activation."""
+    x = F.embedding(char_ids, embedding).transpose(1, 2)  # (N, E, L)
+    outs, col = [], 0
+    for w, b in zip(weights, biases):
+        c = F.conv1d(x, w)  # (N, F, L - W + 1)
+        if argmax is None:
+            m = c.max(dim=-1).values
+        else:
+            m = c.gather(-1, argmax[:, col:col + w.shape[0]].long().unsqueeze(-1)).squeeze(-1)
+        col += w.shape[0]
+        outs.append(m + b)
+    pre = torch.cat(outs, dim=-1)
+    if activation == "tanh":
+        return torch.tanh(pre)
+    return pre * relu_mask if relu_mask is not None else torch.relu(pre)
+
+
+def _reference_fn():
+    ref = getattr(minilm.ops, "char_cnn_reference", None)
+    if ref is not None and len(inspect.signature(ref).parameters) == 5:
+        return ref
+    return _composite
+
+
+def _char_inputs(N, L, V, E, filters, dtype):
+    ids = torch.randint(0, V, (N, L), device=DEV)
+    emb = torch.randn(V, E, device=DEV).to(dtype)
+    weights = [(torch.randn(f, E, w, device=DEV) / math.sqrt(E * w)).to(dtype) for w, f in filters]
+    biases = [(0.1 * torch.randn(f, device=DEV)).to(dtype) for _, f in filters]
+    return ids, emb, weights, biases
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _check_char_cnn(N, L, V, E, filters, dtype, activation):
+    ids, emb, weights, biases = _char_inputs(N, L, V, E, filters, dtype)
+    out, argmax = ops.char_cnn(ids, emb, weights, biases, activation)
+    total = sum(f for _, f in filters)
+    assert out.shape == (N, total) and out.dtype == dtype and argmax.dtype == torch.int32
+    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    if dtype == torch.float64:
+        tol = 1e-10
+    d = lambda ts: [t.double() for t in ts]  # noqa: E731
+    # values, against the composite at its own max
+    ref = _reference_fn()(ids, emb.double(), d(weights), d(biases), activation)
+    assert _rel_err(out, ref) <= tol, f"out: rel err {_rel_err(out, ref):.3g}"
+    # argmax: in range, and a maximum of the float64 convolution up to rounding
+    x = F.embedding(ids, emb.double()).transpose(1, 2)
+    col = 0
+    for (w_, f), w in zip(filters, weights):
+        c = F.conv1d(x, w.double())
+        a = argmax[:, col:col + f].long()
+        assert a.min() >= 0 and a.max() <= L - w_
+        at = c.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        gap = (c.max(-1).values - at).max().item()
+        assert gap <= 1e-5 * max(1.0, c.abs().max().item()), f"width {w_}: argmax is {gap:.3g} below the max"
+        col += f
+    # gradients, against autograd of the composite at the kernel's argmax (float64)
+    g = torch.randn(N, total, device=DEV).to(dtype)
+    g_emb, g_w, g_b = ops.char_cnn_backward(g, ids, emb, weights, out, argmax, activation)
+    e64 = emb.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in weights]
+    b64 = [b.detach().double().requires_grad_() for b in biases]
+    mask = (out > 0).double() if activation == "relu" else None
+    y = _composite(ids, e64, w64, b64, activation, argmax=argmax, relu_mask=mask)
+    if activation == "tanh":  # the kernel's act' is 1 - out², with `out` in the data's dtype
+        y = y.detach() + (y - y.detach()) * (1 - out.double() ** 2) / (1 - y.detach() ** 2)
+    r = torch.autograd.grad(y, [e64, *w64, *b64], g.double())
+    r_emb, r_w, r_b = r[0], r[1:1 + len(filters)], torch.cat(r[1 + len(filters):])
+    assert g_emb.shape == emb.shape and g_emb.dtype == dtype
+    errs = {"d_embedding": _rel_err(g_emb, r_emb), "d_bias": _rel_err(g_b, r_b)}
+    for i, (a, b) in enumerate(zip(g_w, r_w)):
+        assert a.shape == b.shape and a.dtype == dtype
+        errs[f"d_weight[{i}]"] = _rel_err(a, b)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"gradient errors above {tol}: " + ", ".join(f"{k} {v:.3g}" for k, v in bad.items())
+    return f"out {_rel_err(out, ref):.3g}, " + ", ".join(f"{k} {v:.3g}" for k, v in errs.items()) + f" (tol {tol})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_char_cnn_elmo_filters(dtype, activation):
+    _check_char_cnn(N=70, L=50, V=262, E=16, filters=ELMO_FILTERS, dtype=dtype, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_char_cnn_odd_filters(dtype):
+    # width 9 > 7 and E*W large take the generic kernels; 130 filters span two blocks of 128
+    filters = [[1, 3], [2, 5], [9, 7], [3, 130], [4, 33]]
+    _check_char_cnn(N=37, L=11, V=20, E=5, filters=filters, dtype=dtype, activation="tanh")
+    _check_char_cnn(N=3, L=9, V=7, E=40, filters=[[5, 17], [9, 2]], dtype=dtype, activation="relu")
+
+
+def test_char_cnn_many_tokens():
+    # several CTAs of tokens and of filters, and a word length that is a whole number of chunks
+    _check_char_cnn(N=300, L=32, V=100, E=16, filters=[[3, 64], [7, 256]], dtype=torch.float32,
+                    activation="relu")
+
+
+def test_char_cnn_first_max_wins_ties():
+    ids = torch.zeros(4, 12, dtype=torch.long, device=DEV)  # every window sees the same characters
+    emb = torch.randn(3, 16, device=DEV)
+    weights = [torch.randn(8, 16, w, device=DEV) for w in (1, 3, 9)]
+    biases = [torch.zeros(8, device=DEV) for _ in range(3)]
+    _, argmax = ops.char_cnn(ids, emb, weights, biases, "relu")
+    assert (argmax == 0).all()
+
+
+def test_char_cnn_bad_input():
+    ids = torch.randint(0, 10, (4, 12), device=DEV)
+    emb = torch.randn(10, 16, device=DEV)
+    weights, biases = [torch.randn(8, 16, 3, device=DEV)], [torch.zeros(8, device=DEV)]
+    for bad in (10, -1):
+        wrong = ids.clone()
+        wrong[2, 5] = bad
+        with pytest.raises(RuntimeError, match=r"char_ids must lie in \[0, 10\)"):
+            ops.char_cnn(wrong, emb, weights, biases, "relu")
+    with pytest.raises(RuntimeError, match="shorter than the width"):
+        ops.char_cnn(ids[:, :2], emb, weights, biases, "relu")
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.char_cnn(ids.int(), emb, weights, biases, "relu")
+    with pytest.raises(RuntimeError, match="activation"):
+        ops.char_cnn(ids, emb, weights, biases, "gelu")
+    with pytest.raises(RuntimeError, match="biases"):
+        ops.char_cnn(ids, emb, weights, [torch.zeros(7, device=DEV)], "relu")
+    torch.cuda.synchronize()  # no illegal memory access happened
+
+
+def test_char_cnn_runs_on_the_current_stream():
+    ids, emb, weights, biases = _char_inputs(64, 50, 262, 16, ELMO_FILTERS[:4], torch.float32)
+    expected, _ = ops.char_cnn(ids, emb, weights, biases, "relu")
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    emb_late = torch.zeros_like(emb)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        emb_late.copy_(emb)
+        out, _ = ops.char_cnn(ids, emb_late, weights, biases, "relu")
+    side.synchronize()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_char_cnn_opcheck():
+    if not hasattr(minilm.ops, "char_cnn"):
+        pytest.skip("minilm.ops.char_cnn (fake and autograd registration) is not in this checkout")
+    ids, emb, weights, biases = _char_inputs(5, 9, 12, 4, [[2, 3], [3, 5]], torch.float32)
+    for t in (emb, *weights, *biases):
+        t.requires_grad_()
+    torch.library.opcheck(ops.char_cnn.default, (ids, emb, weights, biases, "tanh"))
