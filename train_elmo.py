@@ -302,6 +302,7 @@ def train(cfg):
                   f"grad norm {grad_norm.item():.2f}, {tok_s:,.0f} tokens/s, "
                   f"{tok_s * flops_per_token / 1e9:.1f} model GFLOP/s", flush=True)
     if ddp:
+        torch.distributed.barrier()  # every rank done before teardown: gloo aborts a rank that leaves early
         torch.distributed.destroy_process_group()
     return 0
 

@@ -405,6 +405,7 @@ def main(argv):
             print(line, flush=True)
 
     if ddp:
+        torch.distributed.barrier()  # every rank done before teardown: gloo aborts a rank that leaves early
         torch.distributed.destroy_process_group()
     if master:
         plot_losses(log_path, os.path.join(out_dir, "loss.png"))
