@@ -11,7 +11,6 @@ failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fus
 user would otherwise call (SDPA's flash backend; the PyTorch composite with cuDNN), side by side in one
 run, with CUDA events. Run each part in its own process: an illegal memory access kills the CUDA context.
 """
-import math
 import os
 import sys
 import time
@@ -138,7 +137,7 @@ def cnn_perf(N=32768):
 
         def composite():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                y = tc._composite(ids, emb, weights, biases, "relu")
+                y = tc.char_cnn_reference(ids, emb, weights, biases, "relu")
             torch.autograd.grad(y, params, g.to(y.dtype))
 
         e2, w2, b2 = emb.detach().to(dtype), [w.detach().to(dtype) for w in weights], [b.detach().to(dtype) for b in biases]

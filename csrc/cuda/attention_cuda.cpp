@@ -15,20 +15,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "glue.h"
 #include "kernels.h"
 
 namespace minilm {
 namespace {
-
-minilm_cuda::Dtype kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return minilm_cuda::Dtype::kFloat32;
-    case at::kDouble: return minilm_cuda::Dtype::kFloat64;
-    case at::kBFloat16: return minilm_cuda::Dtype::kBFloat16;
-    case at::kHalf: return minilm_cuda::Dtype::kFloat16;
-    default: TORCH_CHECK(false, "causal_attention: expected float32, float64, bfloat16 or float16, got ", t);
-  }
-}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
@@ -37,7 +28,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "causal_attention: q, k, v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "causal_attention: q, k, v must have the same dtype");
-  kernel_dtype(q.scalar_type());
+  kernel_dtype(q.scalar_type(), "causal_attention: q, k, v");
   TORCH_CHECK(q.is_cuda() && q.device() == k.device() && q.device() == v.device(),
               "causal_attention: q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
@@ -74,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, c
   const auto lse_opts = q_.options().dtype(lse_dtype(q_.scalar_type()));
   if (q_.numel() == 0)
     return {at::empty(q_.sizes(), q_.options()), at::empty({B, H, T}, lse_opts)};
-  const auto dt = kernel_dtype(q_.scalar_type());
+  const auto dt = kernel_dtype(q_.scalar_type(), "causal_attention: q, k, v");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (use_tensor_cores(q_)) {
     const int64_t Dp = padded_head_dim(D);
@@ -111,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   if (q_.numel() == 0)
     return {at::zeros(q_.sizes(), q_.options()), at::zeros(q_.sizes(), q_.options()),
             at::zeros(q_.sizes(), q_.options())};
-  const auto dt = kernel_dtype(q_.scalar_type());
+  const auto dt = kernel_dtype(q_.scalar_type(), "causal_attention: q, k, v");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor dout_t = dout_.to(q_.scalar_type()), out_t = out_.to(q_.scalar_type());
   if (use_tensor_cores(q_)) {

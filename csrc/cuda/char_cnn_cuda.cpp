@@ -13,22 +13,13 @@
 #include <string>
 #include <vector>
 
+#include "glue.h"
 #include "kernels.h"
 
 namespace minilm {
 namespace {
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-
-minilm_cuda::Dtype kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return minilm_cuda::Dtype::kFloat32;
-    case at::kDouble: return minilm_cuda::Dtype::kFloat64;
-    case at::kBFloat16: return minilm_cuda::Dtype::kBFloat16;
-    case at::kHalf: return minilm_cuda::Dtype::kFloat16;
-    default: TORCH_CHECK(false, "char_cnn: embedding must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
 
 minilm_cuda::Activation parse_activation(c10::string_view a) {
   if (a == "relu") return minilm_cuda::Activation::kRelu;
@@ -43,7 +34,7 @@ std::vector<minilm_cuda::CharCnnWidth> check_inputs(const at::Tensor& ids, const
   TORCH_CHECK(ids.dim() == 2, "char_cnn: char_ids must be 2-D [N, L], got shape ", ids.sizes());
   TORCH_CHECK(ids.scalar_type() == at::kLong, "char_cnn: char_ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK(emb.dim() == 2, "char_cnn: embedding must be 2-D [V, E], got shape ", emb.sizes());
-  kernel_dtype(emb.scalar_type());
+  kernel_dtype(emb.scalar_type(), "char_cnn: embedding");
   TORCH_CHECK(ids.is_cuda() && emb.device() == ids.device(),
               "char_cnn: char_ids and embedding must be on one CUDA device, got ", ids.device(), " and ", emb.device());
   TORCH_CHECK(!weights.empty(), "char_cnn: weights must hold at least one convolution");
@@ -113,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, con
     widths[i].bias = keep[2 * i + 1].data_ptr();
   }
   C10_CUDA_CHECK(minilm_cuda::char_cnn_forward(
-      kernel_dtype(emb.scalar_type()), ids.data_ptr<int64_t>(), emb.data_ptr(), N, static_cast<int>(L),
+      kernel_dtype(emb.scalar_type(), "char_cnn: embedding"), ids.data_ptr<int64_t>(), emb.data_ptr(), N, static_cast<int>(L),
       static_cast<int>(V), static_cast<int>(E), widths.data(), static_cast<int>(widths.size()),
       static_cast<int>(total), act, out.data_ptr(), argmax.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
   return {out, argmax};
@@ -133,12 +124,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
     TORCH_CHECK(t->device() == embedding.device(), "char_cnn_backward: all tensors must be on ", embedding.device());
   }
   TORCH_CHECK(argmax.scalar_type() == at::kInt, "char_cnn_backward: argmax must be int32, got ", argmax.scalar_type());
-  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(kernel_dtype(embedding.scalar_type()), static_cast<int>(L),
-                                                      static_cast<int>(V), static_cast<int>(E)),
+  const auto dtype = embedding.scalar_type();
+  const auto dt = kernel_dtype(dtype, "char_cnn: embedding");
+  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(dt, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E)),
               "char_cnn_backward (CUDA): one word's gradient [L, E] = [", L, ", ", E,
               "] does not fit in shared memory");
   const c10::cuda::CUDAGuard guard(char_ids.device());
-  const auto dtype = embedding.scalar_type();
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = embedding.options().dtype(acc_dtype);
 
@@ -158,13 +149,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
     const at::Tensor ids = char_ids.contiguous(), emb = embedding.contiguous();
     const at::Tensor go = grad_out.to(dtype).contiguous(), y = out.to(dtype).contiguous(), am = argmax.contiguous();
     const int64_t partial_elems = minilm_cuda::char_cnn_backward_partial_elems(
-        kernel_dtype(dtype), N, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E), widths.data(),
-        static_cast<int>(widths.size()));
+        dt, N, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E), widths.data(), static_cast<int>(widths.size()));
     at::Tensor partial = at::empty({partial_elems}, acc_opts);
     grad_params = at::empty({P}, acc_opts);
     grad_emb = at::empty({V, E}, acc_opts);
     C10_CUDA_CHECK(minilm_cuda::char_cnn_backward(
-        kernel_dtype(dtype), go.data_ptr(), ids.data_ptr<int64_t>(), emb.data_ptr(), N, static_cast<int>(L),
+        dt, go.data_ptr(), ids.data_ptr<int64_t>(), emb.data_ptr(), N, static_cast<int>(L),
         static_cast<int>(V), static_cast<int>(E), widths.data(), static_cast<int>(widths.size()),
         static_cast<int>(total), act, y.data_ptr(), am.data_ptr<int32_t>(), partial.data_ptr(),
         grad_params.data_ptr(), grad_emb.data_ptr(), at::cuda::getCurrentCUDAStream()));

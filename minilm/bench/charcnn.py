@@ -9,11 +9,9 @@ since it computes the identical all-padding windows at the end of a token only o
 GFLOP/s count the nominal convolution work, 2·N·Σ_i F_i·E·w_i·(L−w_i+1) for the forward, and 3× that
 for forward+backward (the composite's backward is two convolutions' worth; the fused backward is far
 cheaper, going through one position per filter, so its fwd+bwd figure is an effective rate).
-peak_mib is the memory one call adds, outputs included (CUDA: max_memory_allocated; CPU: the resident-set
-high-water mark, with glibc told to map every block over 64 KiB afresh so that reused heap memory is counted).
+peak_mib is the memory one call adds, outputs included (common.peak_mib: torch's allocator on both devices).
 bf16: both implementations get the same bf16 tensors (the composite runs in bf16, not under autocast).
 """
-import ctypes
 import sys
 
 import torch
@@ -49,20 +47,6 @@ def make_tokens(n, chars, gen):
     return ids
 
 
-def _mmap_every_large_allocation():
-    """Makes the CPU peak (a resident-set high-water mark) count every byte a call allocates.
-
-    glibc serves freed blocks again without asking the OS, and raises its mmap threshold (up to 32 MiB)
-    after large frees, so a repeated call can reuse memory that is already resident and look free of
-    cost. A fixed 64 KiB threshold maps every large tensor fresh and unmaps it when freed.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass
-
-
 def forward_flops(n):
     return 2 * n * sum(f * CHAR_DIM * w * (MAX_CHARS - w + 1) for w, f in ELMO_FILTERS)
 
@@ -80,8 +64,6 @@ def run(args):
                  "(rebuild the extension where nvcc and a CUDA torch are present)")
     warmup = 3 if cuda else 1
     rep = Reporter(args.json)
-    if not cuda:
-        _mmap_every_large_allocation()
     rep.note(f"char-CNN, ELMo filters, E={CHAR_DIM}, L={MAX_CHARS}, V={N_CHARS}, relu, tokens: {args.chars}; "
              f"{device_name(device)}; {threads_note()}")
     gen = torch.Generator().manual_seed(0)
