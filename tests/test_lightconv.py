@@ -223,7 +223,6 @@ def test_model_generates():
 # ---------------------------------------------------------------------------------------------------
 # train_gpt1.py --arch lightconv: the same training, evaluation, checkpoints, resume and sampling
 
-import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
@@ -231,24 +230,15 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+from script_helpers import read_log, script_env  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, os.path.join(ROOT, "train_gpt1.py"), "--preset", "cpu-tiny", "--vocab_size", "200",
          "--eval_iters", "2", "--log_interval", "1000", "--arch", "lightconv"]
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    return env
-
-
 def _run(*args):
-    return subprocess.run([*TRAIN, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-
-
-def _log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return subprocess.run([*TRAIN, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -269,24 +259,24 @@ def test_train_gpt1_lightconv_learns_resumes_after_sigkill_and_samples(corpus, t
     proc = _run(*args, "--out_dir", ref)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(lightconv)" in proc.stdout and "-" * 60 in proc.stdout  # banner, and the sample at the end
-    want = _log(ref)
+    want = read_log(ref)
     assert [r["iter"] for r in want] == [0, 10, 20, 30, 40]
     assert want[-1]["val_loss"] < want[0]["val_loss"] - 1.0
     ckpt = torch.load(os.path.join(ref, "ckpt.pt"), weights_only=True)
     assert ckpt["model_config"]["arch"] == "lightconv" and tuple(ckpt["model_config"]["kernel_sizes"]) == (3, 5)
     assert "h.1.lightconv.conv.weight" in ckpt["model"]
 
-    killed = subprocess.Popen([*TRAIN, *args, "--out_dir", cut], cwd=ROOT, env=_env(),
+    killed = subprocess.Popen([*TRAIN, *args, "--out_dir", cut], cwd=ROOT, env=script_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 200
     while not os.path.exists(os.path.join(cut, "ckpt.pt")) and killed.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert _log(cut)[-1]["iter"] < 40, "the run finished before it could be killed"
+    assert read_log(cut)[-1]["iter"] < 40, "the run finished before it could be killed"
     proc = _run("--resume", "True", "--out_dir", cut)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = _log(cut)
+    got = read_log(cut)
     assert [(r["iter"], r["train_loss"], r["val_loss"]) for r in got] == \
            [(r["iter"], r["train_loss"], r["val_loss"]) for r in want]
 

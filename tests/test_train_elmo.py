@@ -1,5 +1,4 @@
 """train_elmo.py end to end, as a user runs it: subprocesses on a small corpus the tests write themselves."""
-import json
 import os
 import random
 import signal
@@ -10,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from script_helpers import read_log, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
@@ -18,14 +18,8 @@ SMALL = ["--preset", "tiny", "--batch_size", "8", "--unroll_steps", "8", "--eval
          "--log_interval", "1000", "--device", "cpu", "--dropout", "0.0"]
 
 
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1")          # one thread per process: deterministic and quick
-    e.pop("RANK", None)
-    return e
-
-
 def run(*args, check=True, **kw):
-    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
                        timeout=300, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"train_elmo.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -43,11 +37,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def load_ckpt(out_dir):
@@ -77,7 +66,7 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
     args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=env(),
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=script_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -100,7 +89,7 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
     run("--out_dir", str(tmp_path / "one"), *common)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         SCRIPT, "--out_dir", str(tmp_path / "two"), *common],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     one, two = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
     for k in one["model"]:

@@ -1,5 +1,4 @@
 """train_gpt1.py end to end on a tiny corpus: logging, checkpoints, sampling, resume after SIGKILL, DDP, errors."""
-import json
 import os
 import random
 import shutil
@@ -10,29 +9,19 @@ import time
 
 import pytest
 import torch
+from script_helpers import read_log, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt1.py")
 TINY = ["--preset", "cpu-tiny", "--vocab_size", "200", "--eval_iters", "2", "--log_interval", "1000"]
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    return env
-
-
 def _train(*args, check=True, timeout=240):
-    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def test_training_logs_learns_checkpoints_and_samples(corpus, tmp_path):
     out = str(tmp_path / "run")
     proc = _train("--data", corpus, "--out_dir", out, *TINY, "--max_iters", "60", "--eval_interval", "20",
                   "--max_new_tokens", "12")
-    log = _log(out)
+    log = read_log(out)
     assert [r["iter"] for r in log] == [0, 20, 40, 60]
     assert set(log[0]) >= {"iter", "train_loss", "val_loss", "lr", "tokens_per_s"}
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0  # from ~ln(vocab) to clearly better
@@ -71,7 +60,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, tmp_path):
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     _train(*args, "--out_dir", ref)
     # Same run, killed with SIGKILL as soon as its first checkpoint (iter 10) is on disk.
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--out_dir", cut], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--out_dir", cut], cwd=ROOT, env=script_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 200
     while not os.path.exists(os.path.join(cut, "ckpt.pt")) and proc.poll() is None and time.time() < deadline:
@@ -79,10 +68,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = [r["iter"] for r in _log(cut)]
+    killed_at = [r["iter"] for r in read_log(cut)]
     assert killed_at[-1] < 120, "the run finished before it could be killed"
     _train("--resume", "True", "--out_dir", cut)
-    want, got = _log(ref), _log(cut)
+    want, got = read_log(ref), read_log(cut)
     assert [r["iter"] for r in got] == [r["iter"] for r in want]
     for a, b in zip(want, got):
         assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"]), (a, b)
@@ -100,10 +89,10 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     proc = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "2", SCRIPT, *args, "--out_dir", two],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es), batch 8 = 2 × 4" in proc.stdout
-    a, b = _log(one), _log(two)
+    a, b = read_log(one), read_log(two)
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 10, 20, 30]
     for ra, rb in zip(a, b):
         for key in ("train_loss", "val_loss"):
