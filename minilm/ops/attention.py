@@ -75,10 +75,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] stand-in for lse's gradient
 
 
 def _backward(ctx, grad_out, grad_lse):
-    # lse is an internal by-product (marked non-differentiable), so grad_lse is ignored.
+    # lse is an internal by-product (marked non-differentiable), so grad_lse is ignored (None).
+    if grad_out is None:  # not materialised: nothing downstream used the output
+        return None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.minilm.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None

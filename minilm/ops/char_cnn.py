@@ -134,11 +134,17 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.filter_counts = [w.shape[0] for w in weights]
     ctx.mark_non_differentiable(argmax)
+    # No zero-filled stand-in for argmax's gradient: it would be an [N, sum F] tensor as large as the
+    # output, allocated on every backward only to be ignored.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_argmax):
-    # argmax is an integer by-product (non-differentiable), so grad_argmax is ignored.
+    # argmax is an integer by-product (non-differentiable), so grad_argmax is ignored (None).
     char_ids, embedding, out, argmax, *weights = ctx.saved_tensors
+    if grad_out is None:  # not materialised: nothing downstream used the output
+        n = len(ctx.filter_counts)
+        return None, None, [None] * n, [None] * n, None
     grad_embedding, grad_weights, grad_bias = torch.ops.minilm.char_cnn_backward(
         grad_out, char_ids, embedding, weights, out, argmax, ctx.activation)
     grad_biases = list(torch.split(grad_bias, ctx.filter_counts))
