@@ -2,9 +2,10 @@
 
     python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | cnn-perf | attn-sweep | cnn-determinism
 
-attn-sweep: for every tensor-core backward variant (MINILM_ATTN_BWD = fused | split | split2, see
-csrc/cuda/attention_kernels.cu), correctness on two shapes, then fwd and fwd+bwd times on the four target
-shapes next to SDPA's flash and cuDNN backends: one line per (variant, shape).
+attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3) and
+backward configuration (MINILM_ATTN_BWD = fused | split | split2, MINILM_ATTN_DQ = narrow | wide; see
+csrc/cuda/attention_kernels.cu): correctness on a few shapes, then the forward (layouts) or fwd+bwd
+(backward configurations) time on the four target shapes next to SDPA's flash and cuDNN backends.
 
 Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
 failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
@@ -171,17 +172,35 @@ def cnn_perf(N=32768):
         torch.cuda.empty_cache()
 
 
-BWD_VARIANTS = ("fused", "split", "split2")
+# The tilings the extension can switch between at run time (csrc/cuda/attention_kernels.cu reads these
+# environment variables at every call): forward layouts, and backward schemes (+ the dQ kernel's tiling).
 SWEEP_SHAPES = ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16, 4096, 128))
+FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3")
+BWD_CONFIGS = (("fused", "narrow"), ("split", "narrow"), ("split2", "narrow"), ("split", "wide"), ("split2", "wide"))
+SWEEP_CHECKS = ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48), (1, 1, 1, 64), (2, 1, 37, 128))
+
+
+def _sweep_env(fwd=None, bwd=None, dq=None):
+    for key, val in (("MINILM_ATTN_FWD", fwd), ("MINILM_ATTN_BWD", bwd), ("MINILM_ATTN_DQ", dq)):
+        if val is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = val
+
+
+def _sweep_inputs(B, H, T, D):
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    return q, k, v, torch.randn_like(q)
 
 
 def attn_sweep():
+    """Every forward layout (fwd timed) and every backward configuration (fwd+bwd timed with the default
+    forward), each checked first, on the four target shapes next to SDPA's flash and cuDNN backends."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     ok = True
     base = {}  # shape -> {name: (fwd ms, fwd+bwd ms)} of the SDPA backends
     for B, H, T, D in SWEEP_SHAPES:
-        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        g = torch.randn_like(q)
+        q, k, v, g = _sweep_inputs(B, H, T, D)
         for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
             def fwd():
                 with torch.no_grad(), sdpa_kernel(backend):
@@ -192,39 +211,50 @@ def attn_sweep():
                     F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
             try:
                 base.setdefault((B, H, T, D), {})[name] = (time_ms(fwd), time_ms(fb))
+                bf, bfb = base[B, H, T, D][name]
+                flops = 2 * B * H * T * T * D
+                print(f"sweep {name} {B},{H},{T},{D}: fwd {bf:.3f} ms {flops / bf / 1e9:.0f} TF/s, "
+                      f"fwd+bwd {bfb:.3f} ms {3.5 * flops / bfb / 1e9:.0f} TF/s", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"sweep {name} {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:150]}", flush=True)
         del q, k, v, g
         torch.cuda.empty_cache()
-    for variant in BWD_VARIANTS:
-        os.environ["MINILM_ATTN_BWD"] = variant  # read by the extension at every backward call
-        for shape in ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48)):
-            ok &= case(f"sweep {variant} correct bf16 {shape}", lambda: tc._check_attention(*shape, torch.bfloat16))
-        ok &= case(f"sweep {variant} correct fp16 (1,2,300,80)", lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
-        for B, H, T, D in SWEEP_SHAPES:
-            q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-            g = torch.randn_like(q)
+
+    def timed(label, shape, fn, flops, ref_index):
+        nonlocal ok
+        try:
+            ms = time_ms(fn)
+            line = f"{label}: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s"
+            for name, times in base.get(shape, {}).items():
+                line += f" | {name} {times[ref_index]:.3f} ms -> ours/{name} {times[ref_index] / ms:.2f}x"
+            print(line, flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{label}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+            ok = False
+
+    configs = [("fwd", layout, None, None) for layout in FWD_LAYOUTS] + [("bwd", None, b, d) for b, d in BWD_CONFIGS]
+    for kind, layout, bwd, dq in configs:
+        _sweep_env(layout, bwd, dq)
+        name = f"fwd={layout}" if kind == "fwd" else f"bwd={bwd},dq={dq}"
+        for chk in SWEEP_CHECKS:
+            ok &= case(f"sweep {name} correct bf16 {chk}", lambda: tc._check_attention(*chk, torch.bfloat16))
+        ok &= case(f"sweep {name} correct fp16 (1,2,300,80)", lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
+        for shape in SWEEP_SHAPES:
+            B, H, T, D = shape
+            q, k, v, g = _sweep_inputs(*shape)
             flops = 2 * B * H * T * T * D
-
-            def fwd():
-                with torch.no_grad():
-                    causal_attention(q, k, v)
-
-            def fb():
-                causal_attention(q, k, v).backward(g)
-            try:
-                f_ms, fb_ms = time_ms(fwd), time_ms(fb)
-                line = (f"sweep {variant:6s} {B},{H},{T},{D}: fwd {f_ms:.3f} ms {flops / f_ms / 1e9:.0f} TF/s, "
-                        f"fwd+bwd {fb_ms:.3f} ms {3.5 * flops / fb_ms / 1e9:.0f} TF/s")
-                for name, (bf, bfb) in base.get((B, H, T, D), {}).items():
-                    line += f" | {name} fwd {bf:.3f} fwd+bwd {bfb:.3f} -> ours/{name} fwd+bwd {bfb / fb_ms:.2f}x"
-                print(line, flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"sweep {variant} {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
-                ok = False
+            if kind == "fwd":
+                def fwd():
+                    with torch.no_grad():
+                        causal_attention(q, k, v)
+                timed(f"sweep {name:22s} {B},{H},{T},{D} fwd", shape, fwd, flops, 0)
+            else:
+                def fb():
+                    causal_attention(q, k, v).backward(g)
+                timed(f"sweep {name:22s} {B},{H},{T},{D} fwd+bwd", shape, fb, 3.5 * flops, 1)
             del q, k, v, g
             torch.cuda.empty_cache()
-    os.environ.pop("MINILM_ATTN_BWD", None)
+    _sweep_env()
     return ok
 
 

@@ -1,16 +1,18 @@
 // Causal self-attention on NVIDIA GPUs: FlashAttention-2 (Dao 2023) with tensor cores, plus a plain
 // CUDA-core version for fp32/fp64 and unusual head dims.
 //
-// Tensor-core forward (bf16/fp16, head dim D = 64 or 128): one CTA of 8 warps owns a tile of
-// BR = 128 query rows of one (batch, head); each warp owns 16 of those rows. The CTA walks the key/value
-// tiles of BC = 64 rows from the first up to the diagonal (later tiles are fully masked and skipped),
-// copying the next tile into shared memory with cp.async while computing on the current one. Per tile a
-// warp computes S = Q Kᵀ for its 16 rows with mma.sync m16n8k16 (fp32 accumulate), masks keys > query on
-// the diagonal tiles only, and updates the running row max m and row sum l of the online softmax:
+// Tensor-core forward (bf16/fp16, head dim D = 64 or 128): one CTA owns a tile of BR = 128 query rows of
+// one (batch, head); each warp owns 16 (8 warps, "narrow") or 32 (4 warps, "wide", FlashAttention-2's
+// tiling) of those rows. The CTA walks the key/value tiles of BC = 64 (or 32) rows from the first up to
+// the diagonal (later tiles are fully masked and skipped, per CTA and per warp), copying the next tile into
+// shared memory with cp.async while computing on the current one. Per tile a warp computes S = Q Kᵀ for its
+// rows with mma.sync m16n8k16 (fp32 accumulate), masks keys > query on the diagonal tiles only, and updates
+// the running row max m and row sum l of the online softmax:
 //     m' = max(m, rowmax S),  O ← O·2^(m−m'),  l ← l·2^(m−m') + rowsum P,  P = 2^(S·scale·log2e − m').
 // P never leaves registers: the accumulator layout of an m16n8 tile is exactly the operand layout of
 // the next mma, so P (rounded to bf16/fp16) multiplies V directly. At the end O /= l and
-// LSE = (m + log2 l)·ln 2 are written. Q fragments stay in registers for the whole key loop.
+// LSE = (m + log2 l)·ln 2 are written. Q fragments stay in registers for the whole key loop where they
+// fit (see FwdCfg for the layouts and their register budgets).
 // CTAs are ordered heaviest-first (the last query tiles see the most keys) for the causal imbalance.
 //
 // Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
@@ -21,7 +23,10 @@
 //     dK += dSᵀ Q   (dK and dV stay in registers for the whole query loop),
 // writes dSᵀ to shared memory, and the CTA computes dQ_tile = dS K, added into an fp32 [B,H,T,D]
 // buffer with atomicAdd (as FlashAttention-2 does: several key tiles add into one query row, so dQ is
-// not bitwise deterministic run to run). A last kernel writes dQ = scale · buffer in the input dtype.
+// not bitwise deterministic run to run; on sm_90 one 4-wide vector atomic per lane and n8 tile). A last
+// kernel writes dQ = scale · buffer in the input dtype. The "split" schemes instead run this kernel
+// without dQ and a second kernel that owns query rows and recomputes S and dP to get dQ without atomics
+// (deterministic, 7 instead of 5 matrix products); MINILM_ATTN_BWD picks, see bwd_variant.
 //
 // Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix
 // fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
@@ -150,18 +155,35 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
 }
 
 // ------------------------------------------------------------------------------- tensor-core forward
-template <int D>
+// Tile shapes (MINILM_ATTN_FWD picks one, see fwd_layout). A CTA always owns BR = 128 query rows.
+//   narrow : 8 warps x 16 rows, Q fragments in registers; each K/V fragment read from shared memory feeds
+//            2 mma. D = 64: at most 128 registers (2 CTAs per SM); D = 128: ~200 (1 CTA per SM).
+//   narrow2: as narrow, Q re-read from shared memory per key tile, 128 registers (2 CTAs per SM).
+//   wide   : 4 warps x 32 rows (two m16 row tiles: FlashAttention-2's forward tiling); each K/V fragment
+//            feeds 4 mma, halving shared-memory reads per mma. D = 64 with Q in registers and 64-key tiles;
+//            D = 128 with Q re-read and 32-key tiles (O alone takes 128 registers). ~240 registers.
+//   wide3  : as wide with Q re-read, capped at 168 registers for D = 64 (3 CTAs per SM).
+template <int D, int NW_, int MT_, bool QREG_, int MINB_, int BC_>
 struct FwdCfg {
-  static constexpr int NW = 8, NT = NW * 32, BR = 16 * NW, BC = 64, S = D + 8;
+  static constexpr int NW = NW_, MT = MT_, MINB = MINB_, NT = NW * 32, BR = 16 * MT * NW, BC = BC_, S = D + 8;
+  static constexpr bool QREG = QREG_;
   static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BR + 4 * BC) * S * elem; }
 };
+template <int D>
+using FwdNarrow = FwdCfg<D, 8, 1, true, D <= 64 ? 2 : 1, 64>;
+template <int D>
+using FwdNarrow2 = FwdCfg<D, 8, 1, false, 2, 64>;
+template <int D>
+using FwdWide = FwdCfg<D, 4, 2, D <= 64, 1, D <= 64 ? 64 : 32>;
+template <int D>
+using FwdWide3 = FwdCfg<D, 4, 2, false, D <= 64 ? 3 : 2, D <= 64 ? 64 : 32>;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(FwdCfg<D>::NT) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
+template <typename T, int D, typename C>
+__global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
                                                              const T* __restrict__ V, T* __restrict__ O,
                                                              float* __restrict__ LSE, int T_, float scale_log2) {
-  using C = FwdCfg<D>;
-  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT;
+  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
+  constexpr bool QREG = C::QREG;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]
   T* sK = sQ + BR * S;                      // [2][BC][S]
@@ -173,8 +195,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::NT) attn_fwd_tc(const T* __restrict
   Q += base, K += base, V += base, O += base;
   LSE += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
-  const int wrow0 = q0 + warp * 16;            // first query row of this warp
-  const int row_a = wrow0 + g, row_b = row_a + 8;  // the two rows this thread's accumulators hold
+  const int wrow0 = q0 + warp * 16 * MT;  // first query row of this warp; row tile mt starts at wrow0 + 16 mt
+  const T* sQw = sQ + (warp * 16 * MT + a_row(lane)) * S + a_col(lane);  // this lane's ldmatrix address
 
   const int kv_end = min(T_, q0 + BR);
   const int nkb = (kv_end + BC - 1) / BC;
@@ -183,11 +205,16 @@ __global__ void __launch_bounds__(FwdCfg<D>::NT) attn_fwd_tc(const T* __restrict
   load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
   cp_async_commit();
 
-  uint32_t qf[D / 16][4];
-  float o[D / 8][4];
+  uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];  // Q fragments, when they stay in registers
+  float o[MT][D / 8][4];
+  float m[MT][2], l[MT][2];  // running max (log2 domain) and this lane's partial row sums
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
@@ -200,115 +227,150 @@ __global__ void __launch_bounds__(FwdCfg<D>::NT) attn_fwd_tc(const T* __restrict
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (kb == 0) {
+    if constexpr (QREG) {
+      if (kb == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-    }
-    const T* sKb = sK + buf * BC * S;
-    const T* sVb = sV + buf * BC * S;
-
-    // S = Q Kᵀ (16 rows x BC keys per warp)
-    float s[BC / 8][4];
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < BC / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < BC / 16; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-        Half<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
-        Half<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+          for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[mt][kk], sQw + mt * 16 * S + kk * 16);
       }
     }
-
-    // scale into the log2 domain; mask keys after the query (only tiles that cross this warp's diagonal;
-    // keys >= T are always after every valid query, so they are masked here too)
     const int k0 = kb * BC;
-    const bool diag = k0 + BC - 1 > wrow0;
+    // A warp whose rows all lie before this key tile has nothing to add (every key is masked).
+    if (k0 <= wrow0 + 16 * MT - 1) {
+      const T* sKb = sK + buf * BC * S;
+      const T* sVb = sV + buf * BC * S;
+
+      // S = Q Kᵀ (16·MT rows x BC keys per warp)
+      float s[MT][BC / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float x = s[nt][i] * scale_log2;
-        if (diag) {
-          const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
-          if (key > (i < 2 ? row_a : row_b)) x = -INFINITY;
+        for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (QREG) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt][kk][i];
+          } else {
+            ldsm_x4(a[mt], sQw + mt * 16 * S + kk * 16);
+          }
         }
-        s[nt][i] = x;
+#pragma unroll
+        for (int np = 0; np < BC / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            Half<T>::mma(s[mt][2 * np], a[mt], b[0], b[1]);
+            Half<T>::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+          }
+        }
       }
-    }
 
-    // online softmax. Every row sees key 0 in the first tile, so m is finite from then on.
-    float mx[2] = {m[0], m[1]};
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float alpha[2], rs[2] = {0.f, 0.f};
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r0 = wrow0 + mt * 16;          // first row of this row tile
+        const int row_a = r0 + g, row_b = row_a + 8;  // the two rows this thread's accumulators hold
+        // scale into the log2 domain; mask keys after the query (only tiles that cross this row tile's
+        // diagonal; keys >= T are always after every valid query, so they are masked here too)
+        const bool diag = k0 + BC - 1 > r0;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));  // the 4 lanes of a quad share a row
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
-      alpha[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = -inf)
-      m[r] = mx[r];
-    }
+        for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - m[0]);
-      s[nt][1] = exp2f(s[nt][1] - m[0]);
-      s[nt][2] = exp2f(s[nt][2] - m[1]);
-      s[nt][3] = exp2f(s[nt][3] - m[1]);
-      rs[0] += s[nt][0] + s[nt][1];
-      rs[1] += s[nt][2] + s[nt][3];
-    }
-    // l stays a per-thread partial sum (each lane of a quad holds different columns); summed at the end
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
+          for (int i = 0; i < 4; ++i) {
+            float x = s[mt][nt][i] * scale_log2;
+            if (diag) {
+              const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
+              if (key > (i < 2 ? row_a : row_b)) x = -INFINITY;
+            }
+            s[mt][nt][i] = x;
+          }
+        }
 
-    // O += P V
+        // online softmax. Every row sees key 0 in the first tile, so m is finite from then on.
+        float mx[2] = {m[mt][0], m[mt][1]};
 #pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+        for (int nt = 0; nt < BC / 8; ++nt) {
+          mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+          mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
+        }
+        float alpha[2], rs[2] = {0.f, 0.f};
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, sVb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
-        Half<T>::mma(o[2 * dp], a, b[0], b[1]);
-        Half<T>::mma(o[2 * dp + 1], a, b[2], b[3]);
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));  // the 4 lanes of a quad share a row
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
+          alpha[r] = exp2f(m[mt][r] - mx[r]);  // 0 on the first tile (m = -inf)
+          m[mt][r] = mx[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+          s[mt][nt][0] = exp2f(s[mt][nt][0] - mx[0]);
+          s[mt][nt][1] = exp2f(s[mt][nt][1] - mx[0]);
+          s[mt][nt][2] = exp2f(s[mt][nt][2] - mx[1]);
+          s[mt][nt][3] = exp2f(s[mt][nt][3] - mx[1]);
+          rs[0] += s[mt][nt][0] + s[mt][nt][1];
+          rs[1] += s[mt][nt][2] + s[mt][nt][3];
+        }
+        // l stays a per-lane partial sum (each lane of a quad holds different columns); summed at the end
+        l[mt][0] = l[mt][0] * alpha[0] + rs[0];
+        l[mt][1] = l[mt][1] * alpha[1] + rs[1];
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[mt][dt][0] *= alpha[0];
+          o[mt][dt][1] *= alpha[0];
+          o[mt][dt][2] *= alpha[1];
+          o[mt][dt][3] *= alpha[1];
+        }
+      }
+
+      // O += P V
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_trans(b, sVb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            Half<T>::mma(o[mt][2 * dp], a[mt], b[0], b[1]);
+            Half<T>::mma(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          }
+        }
       }
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(kFull, l[r], 1);
-    l[r] += __shfl_xor_sync(kFull, l[r], 2);
-  }
-  const float inv_a = 1.f / l[0], inv_b = 1.f / l[1];
+  for (int mt = 0; mt < MT; ++mt) {
+    const int row_a = wrow0 + mt * 16 + g, row_b = row_a + 8;
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int col = dt * 8 + t4 * 2;
-    if (row_a < T_)
-      *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_a) * D + col) =
-          Half<T>::pack(o[dt][0] * inv_a, o[dt][1] * inv_a);
-    if (row_b < T_)
-      *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_b) * D + col) =
-          Half<T>::pack(o[dt][2] * inv_b, o[dt][3] * inv_b);
-  }
-  if (t4 == 0) {
-    if (row_a < T_) LSE[row_a] = (m[0] + log2f(l[0])) * kLn2;
-    if (row_b < T_) LSE[row_b] = (m[1] + log2f(l[1])) * kLn2;
+    for (int r = 0; r < 2; ++r) {
+      l[mt][r] += __shfl_xor_sync(kFull, l[mt][r], 1);
+      l[mt][r] += __shfl_xor_sync(kFull, l[mt][r], 2);
+    }
+    const float inv_a = 1.f / l[mt][0], inv_b = 1.f / l[mt][1];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int col = dt * 8 + t4 * 2;
+      if (row_a < T_)
+        *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_a) * D + col) =
+            Half<T>::pack(o[mt][dt][0] * inv_a, o[mt][dt][1] * inv_a);
+      if (row_b < T_)
+        *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_b) * D + col) =
+            Half<T>::pack(o[mt][dt][2] * inv_b, o[mt][dt][3] * inv_b);
+    }
+    if (t4 == 0) {
+      if (row_a < T_) LSE[row_a] = (m[mt][0] + log2f(l[mt][0])) * kLn2;
+      if (row_b < T_) LSE[row_b] = (m[mt][1] + log2f(l[mt][1])) * kLn2;
+    }
   }
 }
 
@@ -331,6 +393,31 @@ __global__ void attn_bwd_dq_convert(const float* __restrict__ acc, T* __restrict
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     dq[i] = FromF<T>::cvt(acc[i] * scale);
+}
+
+// Adds an m16n8 accumulator tile (rows row_a and row_a + 8, columns col0 + 2·t4 and +1, see acc_to_a) into
+// an fp32 [T, D] matrix with atomics. On sm_90 and later, lanes t4 = 2u and 2u + 1 swap halves so that each
+// adds 4 consecutive columns of one row (the even lane row_a, the odd lane row_a + 8) with one vector atomic.
+template <int D>
+__device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, int t4, const float (&c)[4], int T_) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const bool even = (t4 & 1) == 0;
+  const float r0 = __shfl_xor_sync(kFull, even ? c[2] : c[0], 1);
+  const float r1 = __shfl_xor_sync(kFull, even ? c[3] : c[1], 1);
+  const int row = even ? row_a : row_a + 8;
+  const float4 v = even ? make_float4(c[0], c[1], r0, r1) : make_float4(r0, r1, c[2], c[3]);
+  if (row < T_) atomicAdd(reinterpret_cast<float4*>(M + static_cast<size_t>(row) * D + col0 + (t4 >> 1) * 4), v);
+#else
+  const int col = col0 + 2 * t4;
+  if (row_a < T_) {
+    atomicAdd(M + static_cast<size_t>(row_a) * D + col, c[0]);
+    atomicAdd(M + static_cast<size_t>(row_a) * D + col + 1, c[1]);
+  }
+  if (row_a + 8 < T_) {
+    atomicAdd(M + static_cast<size_t>(row_a + 8) * D + col, c[2]);
+    atomicAdd(M + static_cast<size_t>(row_a + 8) * D + col + 1, c[3]);
+  }
+#endif
 }
 
 template <int D>
@@ -491,34 +578,29 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
       *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * SS + col) = Half<T>::pack(dpt[nt][2], dpt[nt][3]);
     }
     __syncthreads();
-    // dQ_tile (BR x D) += dS (BR x BC) K (BC x D): units of 16 rows x 16 columns spread over the warps
-    constexpr int MT = BR / 16, NP = D / 16;
-    for (int u = warp; u < MT * NP; u += NW) {
-      const int mt = u % MT, np = u / MT;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // dQ_tile (BR x D) += dS (BR x BC) K (BC x D): warp w owns row tile w % (BR/16) and D/WPM columns,
+    // so each dS fragment read from shared memory feeds 2·NPW mma.
+    constexpr int MTQ = BR / 16, WPM = NW / MTQ, NPW = D / 16 / WPM;
+    static_assert(NW % MTQ == 0 && (D / 16) % WPM == 0, "dQ tiling: warps must cover BR x D evenly");
+    const int mt = warp % MTQ, np0 = (warp / MTQ) * NPW;
+    float acc[2 * NPW][4];
 #pragma unroll
-      for (int kk = 0; kk < BC / 16; ++kk) {
-        uint32_t a[4], b[4];
-        // A = dS rows (queries) x k (keys), stored transposed as [key][query]
-        ldsm_x4_trans(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS + mt * 16 + ((lane >> 3) & 1) * 8);
-        ldsm_x4_trans(b, sK + (kk * 16 + bt_row(lane)) * S + np * 16 + bt_col(lane));
-        Half<T>::mma(acc[0], a, b[0], b[1]);
-        Half<T>::mma(acc[1], a, b[2], b[3]);
-      }
-      const int qa = q0 + mt * 16 + g, qb2 = qa + 8;
+    for (int j = 0; j < 2 * NPW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int col = np * 16 + j * 8 + t4 * 2;
-        if (qa < T_) {
-          atomicAdd(dQacc + static_cast<size_t>(qa) * D + col, acc[j][0]);
-          atomicAdd(dQacc + static_cast<size_t>(qa) * D + col + 1, acc[j][1]);
-        }
-        if (qb2 < T_) {
-          atomicAdd(dQacc + static_cast<size_t>(qb2) * D + col, acc[j][2]);
-          atomicAdd(dQacc + static_cast<size_t>(qb2) * D + col + 1, acc[j][3]);
-        }
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      // A = dS rows (queries) x k (keys), stored transposed as [key][query]
+      ldsm_x4_trans(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS + mt * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int j = 0; j < NPW; ++j) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sK + (kk * 16 + bt_row(lane)) * S + (np0 + j) * 16 + bt_col(lane));
+        Half<T>::mma(acc[2 * j], a, b[0], b[1]);
+        Half<T>::mma(acc[2 * j + 1], a, b[2], b[3]);
       }
     }
+#pragma unroll
+    for (int j = 0; j < 2 * NPW; ++j) atomic_add_acc<D>(dQacc, q0 + mt * 16 + g, np0 * 16 + j * 8, t4, acc[j], T_);
     }  // WITH_DQ
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
   }
@@ -539,23 +621,28 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
   }
 }
 
-// dQ alone (the "split" backward): a CTA of NW warps owns BR = 16·NW query rows and walks the key tiles up
-// to the diagonal like the forward, with Q and dO fragments in registers:
+// dQ alone (the "split" backward): a CTA of NW warps owns BR = 16·MT·NW query rows (MT row tiles of 16 per
+// warp) and walks the key tiles up to the diagonal like the forward, with Q and dO fragments in registers:
 //     P = 2^(S·scale·log2e − LSE·log2e),  dP = dO Vᵀ,  dS = P ∘ (dP − Delta),  dQ += dS K,
 // so dQ needs no atomics and is deterministic; the dK/dV kernel (attn_bwd_tc<..., WITH_DQ = false>) skips it.
-template <int D>
+// MINILM_ATTN_DQ picks the tiling: narrow (MT = 1, 64-key tiles) or wide (MT = 2, 32-key tiles, D = 64 only:
+// each K/V fragment feeds twice the mma).
+template <int D, int NW_, int MT_, int BC_>
 struct DqCfg {
-  static constexpr int NW = 4, NT = NW * 32, BR = 16 * NW, BC = 64, S = D + 8;
+  static constexpr int NW = NW_, MT = MT_, NT = NW * 32, BR = 16 * MT * NW, BC = BC_, S = D + 8;
   static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BR + 4 * BC) * S * elem; }
 };
+template <int D>
+using DqNarrow = DqCfg<D, 4, 1, 64>;
+template <int D>
+using DqWide = DqCfg<D, 4, 2, 32>;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(DqCfg<D>::NT)
+template <typename T, int D, typename C>
+__global__ void __launch_bounds__(C::NT)
     attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                    const T* __restrict__ dO, const float* __restrict__ LSE, const float* __restrict__ Delta,
                    T* __restrict__ dQ, int T_, float scale, float scale_log2) {
-  using C = DqCfg<D>;
-  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT;
+  constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]: Q, then dO (fragments are read once into registers)
   T* sK = sQ + BR * S;                      // [2][BC][S]
@@ -568,29 +655,41 @@ __global__ void __launch_bounds__(DqCfg<D>::NT)
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
-  const int wrow0 = q0 + warp * 16;
-  const int row_a = wrow0 + g, row_b = row_a + 8;
-  const float lse_a = row_a < T_ ? LSE[row_a] * kLog2e : 0.f, lse_b = row_b < T_ ? LSE[row_b] * kLog2e : 0.f;
-  const float dl_a = row_a < T_ ? Delta[row_a] : 0.f, dl_b = row_b < T_ ? Delta[row_b] : 0.f;
+  const int wrow0 = q0 + warp * 16 * MT;  // first query row of this warp; row tile mt starts at wrow0 + 16 mt
+  const T* sQw = sQ + (warp * 16 * MT + a_row(lane)) * S + a_col(lane);
+  float lse[MT][2], dl[MT][2];  // per row this thread holds: LSE·log2e and Delta
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wrow0 + mt * 16 + g + 8 * r;
+      lse[mt][r] = row < T_ ? LSE[row] * kLog2e : 0.f;
+      dl[mt][r] = row < T_ ? Delta[row] : 0.f;
+    }
+  }
 
   const int kv_end = min(T_, q0 + BR);
   const int nkb = (kv_end + BC - 1) / BC;
-  uint32_t qf[D / 16][4], of[D / 16][4];
+  uint32_t qf[MT][D / 16][4], of[MT][D / 16][4];
   load_tile_async<T, BR, D, S, NT>(sQ, Q, q0, T_);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[mt][kk], sQw + mt * 16 * S + kk * 16);
   __syncthreads();
   load_tile_async<T, BR, D, S, NT>(sQ, dO, q0, T_);
   load_tile_async<T, BC, D, S, NT>(sK, K, 0, T_);
   load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
   cp_async_commit();
 
-  float dq[D / 8][4];
+  float dq[MT][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) dq[mt][i][0] = dq[mt][i][1] = dq[mt][i][2] = dq[mt][i][3] = 0.f;
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
@@ -605,70 +704,94 @@ __global__ void __launch_bounds__(DqCfg<D>::NT)
     __syncthreads();
     if (kb == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(of[kk], sQ + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-    }
-    const T* sKb = sK + buf * BC * S;
-    const T* sVb = sV + buf * BC * S;
-
-    // S = Q Kᵀ and dP = dO Vᵀ (16 rows x BC keys per warp)
-    float s[BC / 8][4], dp[BC / 8][4];
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < BC / 8; ++i) {
-      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+        for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(of[mt][kk], sQw + mt * 16 * S + kk * 16);
     }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < BC / 16; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-        Half<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
-        Half<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
-        ldsm_x4(b, sVb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-        Half<T>::mma(dp[2 * np], of[kk], b[0], b[1]);
-        Half<T>::mma(dp[2 * np + 1], of[kk], b[2], b[3]);
-      }
-    }
-    // dS = P ∘ (dP − Delta), P = 0 for keys after the query (keys >= T lie after every valid query)
     const int k0 = kb * BC;
-    const bool diag = k0 + BC - 1 > wrow0;
+    if (k0 <= wrow0 + 16 * MT - 1) {  // else every key of the tile lies after this warp's rows
+      const T* sKb = sK + buf * BC * S;
+      const T* sVb = sV + buf * BC * S;
+
+      // S = Q Kᵀ and dP = dO Vᵀ (16·MT rows x BC keys per warp)
+      float s[MT][BC / 8][4], dp[MT][BC / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float p = exp2f(s[nt][i] * scale_log2 - (i < 2 ? lse_a : lse_b));
-        if (diag) {
-          const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
-          if (key > (i < 2 ? row_a : row_b)) p = 0.f;
+        for (int i = 0; i < BC / 8; ++i) {
+          s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+          dp[mt][i][0] = dp[mt][i][1] = dp[mt][i][2] = dp[mt][i][3] = 0.f;
         }
-        s[nt][i] = p * (dp[nt][i] - (i < 2 ? dl_a : dl_b));
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int np = 0; np < BC / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            Half<T>::mma(s[mt][2 * np], qf[mt][kk], b[0], b[1]);
+            Half<T>::mma(s[mt][2 * np + 1], qf[mt][kk], b[2], b[3]);
+          }
+          ldsm_x4(b, sVb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            Half<T>::mma(dp[mt][2 * np], of[mt][kk], b[0], b[1]);
+            Half<T>::mma(dp[mt][2 * np + 1], of[mt][kk], b[2], b[3]);
+          }
+        }
       }
-    }
-    // dQ += dS K
+      // dS = P ∘ (dP − Delta), P = 0 for keys after the query (keys >= T lie after every valid query)
 #pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r0 = wrow0 + mt * 16, row_a = r0 + g, row_b = row_a + 8;
+        const bool diag = k0 + BC - 1 > r0;
 #pragma unroll
-      for (int dt = 0; dt < D / 16; ++dt) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, sKb + (kk * 16 + bt_row(lane)) * S + dt * 16 + bt_col(lane));
-        Half<T>::mma(dq[2 * dt], a, b[0], b[1]);
-        Half<T>::mma(dq[2 * dt + 1], a, b[2], b[3]);
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            float p = exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
+            if (diag) {
+              const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
+              if (key > (i < 2 ? row_a : row_b)) p = 0.f;
+            }
+            s[mt][nt][i] = p * (dp[mt][nt][i] - dl[mt][i >> 1]);
+          }
+        }
+      }
+      // dQ += dS K
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < D / 16; ++dt) {
+          uint32_t b[4];
+          ldsm_x4_trans(b, sKb + (kk * 16 + bt_row(lane)) * S + dt * 16 + bt_col(lane));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            Half<T>::mma(dq[mt][2 * dt], a[mt], b[0], b[1]);
+            Half<T>::mma(dq[mt][2 * dt + 1], a[mt], b[2], b[3]);
+          }
+        }
       }
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int col = dt * 8 + t4 * 2;
-    if (row_a < T_)
-      *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_a) * D + col) =
-          Half<T>::pack(dq[dt][0] * scale, dq[dt][1] * scale);
-    if (row_b < T_)
-      *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_b) * D + col) =
-          Half<T>::pack(dq[dt][2] * scale, dq[dt][3] * scale);
+  for (int mt = 0; mt < MT; ++mt) {
+    const int row_a = wrow0 + mt * 16 + g, row_b = row_a + 8;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int col = dt * 8 + t4 * 2;
+      if (row_a < T_)
+        *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_a) * D + col) =
+            Half<T>::pack(dq[mt][dt][0] * scale, dq[mt][dt][1] * scale);
+      if (row_b < T_)
+        *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_b) * D + col) =
+            Half<T>::pack(dq[mt][dt][2] * scale, dq[mt][dt][3] * scale);
+    }
   }
 }
 
@@ -825,18 +948,40 @@ cudaError_t with_smem(F kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int D>
-cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
-                   float scale, cudaStream_t stream) {
-  using C = FwdCfg<D>;
+template <typename T, int D, typename C>
+cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
+                          float scale, cudaStream_t stream) {
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_fwd_tc<T, D>;
+  auto kernel = attn_fwd_tc<T, D, C>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
   kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                                         static_cast<T*>(out), lse, static_cast<int>(T_), scale * kLog2e);
   return cudaGetLastError();
+}
+
+// Which forward tiling runs (MINILM_ATTN_FWD = narrow | wide, read at every call so that a benchmark can
+// switch; see FwdCfg). THE DEFAULT: "wide" (FlashAttention-2's tiling; to be confirmed on an H200 by
+// `python scripts/cuda_diagnostics.py attn-sweep`).
+int fwd_layout() {
+  const char* v = std::getenv("MINILM_ATTN_FWD");
+  if (v == nullptr || *v == '\0') return 2;
+  if (std::strcmp(v, "narrow") == 0) return 0;
+  if (std::strcmp(v, "narrow2") == 0) return 1;
+  if (std::strcmp(v, "wide3") == 0) return 3;
+  return 2;
+}
+
+template <typename T, int D>
+cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
+                   float scale, cudaStream_t stream) {
+  switch (fwd_layout()) {
+    case 0: return launch_fwd_tc<T, D, FwdNarrow<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case 1: return launch_fwd_tc<T, D, FwdNarrow2<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case 3: return launch_fwd_tc<T, D, FwdWide3<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    default: return launch_fwd_tc<T, D, FwdWide<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+  }
 }
 
 // Which tensor-core backward runs (MINILM_ATTN_BWD, read at every call so that a benchmark can switch):
@@ -872,6 +1017,25 @@ cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const 
   return cudaGetLastError();
 }
 
+bool dq_wide() {  // MINILM_ATTN_DQ = narrow | wide (see DqCfg). THE DEFAULT: narrow
+  const char* v = std::getenv("MINILM_ATTN_DQ");
+  return v != nullptr && std::strcmp(v, "wide") == 0;
+}
+
+template <typename T, int D, typename C>
+cudaError_t launch_dq_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
+                         const float* delta, void* dq, int64_t BH, int64_t T_, float scale, cudaStream_t stream) {
+  const size_t smem = C::smem_bytes(sizeof(T));
+  auto kernel = attn_bwd_dq_tc<T, D, C>;
+  cudaError_t err = with_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
+  kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                                        static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq),
+                                        static_cast<int>(T_), scale, scale * kLog2e);
+  return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
                    float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
@@ -886,15 +1050,10 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
     err = variant == 2 ? launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream)
                        : launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
     if (err != cudaSuccess) return err;
-    using C = DqCfg<D>;
-    const size_t smem = C::smem_bytes(sizeof(T));
-    auto kernel = attn_bwd_dq_tc<T, D>;
-    if ((err = with_smem(kernel, smem)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
-    kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                          static_cast<const T*>(v), static_cast<const T*>(dout), lse, delta,
-                                          static_cast<T*>(dq), static_cast<int>(T_), scale, scale * kLog2e);
-    return cudaGetLastError();
+    if constexpr (D <= 64) {
+      if (dq_wide()) return launch_dq_tc<T, D, DqWide<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
+    }
+    return launch_dq_tc<T, D, DqNarrow<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
   }
   err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
   if (err != cudaSuccess) return err;
