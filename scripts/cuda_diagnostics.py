@@ -228,17 +228,23 @@ def attn_sweep():
             for name, times in base.get(shape, {}).items():
                 line += f" | {name} {times[ref_index]:.3f} ms -> ours/{name} {times[ref_index] / ms:.2f}x"
             print(line, flush=True)
+            return ms
         except Exception as e:  # noqa: BLE001
             print(f"{label}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
             ok = False
+            return None
 
     configs = [("fwd", layout, None, None) for layout in FWD_LAYOUTS] + [("bwd", None, b, d) for b, d in BWD_CONFIGS]
+    results = {}  # (kind, choice) -> {"ok": bool, "ms": {shape: ms}}
     for kind, layout, bwd, dq in configs:
         _sweep_env(layout, bwd, dq)
         name = f"fwd={layout}" if kind == "fwd" else f"bwd={bwd},dq={dq}"
+        res = results[kind, layout or (bwd, dq)] = {"ok": True, "ms": {}}
         for chk in SWEEP_CHECKS:
-            ok &= case(f"sweep {name} correct bf16 {chk}", lambda: tc._check_attention(*chk, torch.bfloat16))
-        ok &= case(f"sweep {name} correct fp16 (1,2,300,80)", lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
+            res["ok"] &= case(f"sweep {name} correct bf16 {chk}", lambda: tc._check_attention(*chk, torch.bfloat16))
+        res["ok"] &= case(f"sweep {name} correct fp16 (1,2,300,80)",
+                          lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
+        ok &= res["ok"]
         for shape in SWEEP_SHAPES:
             B, H, T, D = shape
             q, k, v, g = _sweep_inputs(*shape)
@@ -247,15 +253,46 @@ def attn_sweep():
                 def fwd():
                     with torch.no_grad():
                         causal_attention(q, k, v)
-                timed(f"sweep {name:22s} {B},{H},{T},{D} fwd", shape, fwd, flops, 0)
+                res["ms"][shape] = timed(f"sweep {name:22s} {B},{H},{T},{D} fwd", shape, fwd, flops, 0)
             else:
                 def fb():
                     causal_attention(q, k, v).backward(g)
-                timed(f"sweep {name:22s} {B},{H},{T},{D} fwd+bwd", shape, fb, 3.5 * flops, 1)
+                res["ms"][shape] = timed(f"sweep {name:22s} {B},{H},{T},{D} fwd+bwd", shape, fb, 3.5 * flops, 1)
             del q, k, v, g
             torch.cuda.empty_cache()
     _sweep_env()
+    _sweep_pick(results)
     return ok
+
+
+def _sweep_pick(results):
+    """Per head dim, the forward layout and the backward configuration that are fastest over the sweep's
+    shapes of that head dim, among those that passed every check: printed, and written as shell
+    exports to $MINILM_SWEEP_ENV when set (scripts/gpu_check.sh runs the tests and benchmarks with them)."""
+    picks = {"MINILM_ATTN_FWD": [], "MINILM_ATTN_BWD": [], "MINILM_ATTN_DQ": []}
+    for D in sorted({s[3] for s in SWEEP_SHAPES}):
+        shapes = [s for s in SWEEP_SHAPES if s[3] == D]
+        for kind in ("fwd", "bwd"):
+            valid = {choice: r["ms"] for (k, choice), r in results.items()
+                     if k == kind and r["ok"] and all(r["ms"].get(s) is not None for s in shapes)}
+            if not valid:
+                print(f"sweep pick D={D} {kind}: no configuration passed every check; keeping the default", flush=True)
+                continue
+            # score: the sum over shapes of time / the best time at that shape (so long shapes do not dominate)
+            best = {s: min(ms[s] for ms in valid.values()) for s in shapes}
+            score, choice = min((sum(ms[s] / best[s] for s in shapes), c) for c, ms in valid.items())
+            print(f"sweep pick D={D} {kind}: {choice} (score {score:.3f}; {len(shapes)} = best everywhere)", flush=True)
+            if kind == "fwd":
+                picks["MINILM_ATTN_FWD"].append(f"{D}:{choice}")
+            else:
+                picks["MINILM_ATTN_BWD"].append(f"{D}:{choice[0]}")
+                picks["MINILM_ATTN_DQ"].append(f"{D}:{choice[1]}")
+    lines = [f"export {var}={','.join(vals)}" for var, vals in picks.items() if vals]
+    print("sweep best: " + " ; ".join(lines), flush=True)
+    path = os.environ.get("MINILM_SWEEP_ENV")
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def cnn_determinism():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
-# build (timed) -> import -> diagnostics -> pytest tests/test_cuda.py -> attention variant
-# sweep -> char-CNN timings -> benchmarks.
+# build (timed) -> import -> attention tiling sweep (picks the fastest correct tilings for the rest of
+# the run) -> pytest tests/test_cuda.py -> char-CNN diagnostics and timings -> benchmarks.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 #   bash scripts/gpu_check.sh
@@ -54,25 +54,25 @@ import torch, minilm
 for op in ('causal_attention', 'causal_attention_backward', 'char_cnn', 'char_cnn_backward'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key('minilm::' + op, 'CUDA'), 'no CUDA kernel for ' + op
 print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
-step bad-input 60 python -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "bad_input"
-# 3. Correctness, then the tests.
-step diag-attention 120 python scripts/cuda_diagnostics.py attn-correct
+# 2. Every attention tiling, checked and timed; the fastest correct ones (per head dim) are exported for
+#    the rest of the run, so that the tests and benchmarks below run what will become the defaults.
+export MINILM_SWEEP_ENV=${OUT:-/tmp}/attn_best.env
+rm -f "$MINILM_SWEEP_ENV"
+step attn-sweep 200 python scripts/cuda_diagnostics.py attn-sweep
+if [ -s "$MINILM_SWEEP_ENV" ]; then
+  # shellcheck disable=SC1090
+  source "$MINILM_SWEEP_ENV"; echo "=== tuning for the rest of the run:"; cat "$MINILM_SWEEP_ENV"
+fi
+# 3. Correctness: the CUDA tests, the char-CNN diagnostics.
+step pytest 150 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
 step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
 step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
-step pytest 180 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
-# 4. Speed: every attention backward variant (picks the default), the char-CNN.
-step attn-sweep 150 python scripts/cuda_diagnostics.py attn-sweep
+# 4. Speed: the char-CNN breakdown, then the project's benchmarks while there is time.
 step perf-char-cnn 90 python scripts/cuda_diagnostics.py cnn-perf
-# 5. The project's benchmarks, if there is time left.
-if python -c "import minilm.bench.attention" 2>/dev/null; then
-  if [ "$(left)" -gt 40 ]; then step bench-attention "$(left)" python -m minilm.bench attention --device cuda --json
-  else echo "=== [bench-attention] skipped: out of time"; fi
-else echo "=== [bench-attention] skipped: minilm.bench.attention is not in this checkout"; fi
-if python -c "import minilm.bench.charcnn" 2>/dev/null || python -c "import minilm.bench.char_cnn" 2>/dev/null; then
-  if [ "$(left)" -gt 30 ]; then step bench-charcnn "$(left)" python -m minilm.bench charcnn --device cuda --json
-  else echo "=== [bench-charcnn] skipped: out of time"; fi
-else echo "=== [bench-charcnn] skipped: no char-CNN benchmark module in this checkout"; fi
-
+for b in attention charcnn; do
+  if [ "$(left)" -gt 40 ]; then step "bench-$b" "$(left)" python -m minilm.bench "$b" --device cuda --json
+  else echo "=== [bench-$b] skipped: out of time"; fi
+done
 if [ "$(left)" -gt 60 ]; then step bench-gpt1 "$(left)" python -m minilm.bench gpt1 --device cuda --json
 else echo "=== [bench-gpt1] skipped: out of time"; fi
 

@@ -45,6 +45,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 
 namespace minilm_cuda {
 namespace {
@@ -470,6 +472,9 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
   load_q_tile(qb0, 0);
   cp_async_commit();
 
+  // split (1 CTA per SM) at D = 64 has the registers to keep this warp's K and V fragments for the whole loop
+  constexpr bool KVREG = !WITH_DQ && MINB == 1 && D <= 64;
+  uint32_t kf[KVREG ? D / 16 : 1][4], vf[KVREG ? D / 16 : 1][4];
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
@@ -493,115 +498,138 @@ __global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
     const float* sLb = sL + buf * BR;
     const float* sDb = sDl + buf * BR;
 
-    // Sᵀ = K Qᵀ (16 keys x BR queries per warp)
-    float st[BR / 8][4];
+    if constexpr (KVREG) {
+      if (qb == qb0) {
 #pragma unroll
-    for (int i = 0; i < BR / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t ka[4];
-      ldsm_x4(ka, sK + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < BR / 16; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, sQb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-        Half<T>::mma(st[2 * np], ka, b[0], b[1]);
-        Half<T>::mma(st[2 * np + 1], ka, b[2], b[3]);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          ldsm_x4(kf[kk], sK + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+          ldsm_x4(vf[kk], sV + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+        }
       }
     }
-    // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile)
+    // Without dQ, a warp whose keys all lie after this query tile has nothing to add (all of Pᵀ is 0);
+    // with dQ every warp goes on (the condition is then always true: the __syncthreads inside are safe).
+    if (WITH_DQ || k0 + warp * 16 <= q0 + BR - 1) {
+      // Sᵀ = K Qᵀ (16 keys x BR queries per warp)
+      float st[BR / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt) {
+      for (int i = 0; i < BR / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int qi = nt * 8 + t4 * 2 + (i & 1);
-        const int q = q0 + qi;
-        const int key = i < 2 ? key_a : key_b;
-        const float p = exp2f(st[nt][i] * scale_log2 - sLb[qi]);
-        st[nt][i] = (q < key || q >= T_) ? 0.f : p;
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ka[4];
+        if constexpr (KVREG) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) ka[i] = kf[kk][i];
+        } else {
+          ldsm_x4(ka, sK + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+        }
+#pragma unroll
+        for (int np = 0; np < BR / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, sQb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+          Half<T>::mma(st[2 * np], ka, b[0], b[1]);
+          Half<T>::mma(st[2 * np + 1], ka, b[2], b[3]);
+        }
       }
-    }
-    // dV += Pᵀ dO
+      // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile)
 #pragma unroll
-    for (int kk = 0; kk < BR / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
+      for (int nt = 0; nt < BR / 8; ++nt) {
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, sdOb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
-        Half<T>::mma(dv[2 * dp], a, b[0], b[1]);
-        Half<T>::mma(dv[2 * dp + 1], a, b[2], b[3]);
+        for (int i = 0; i < 4; ++i) {
+          const int qi = nt * 8 + t4 * 2 + (i & 1);
+          const int q = q0 + qi;
+          const int key = i < 2 ? key_a : key_b;
+          const float p = exp2f(st[nt][i] * scale_log2 - sLb[qi]);
+          st[nt][i] = (q < key || q >= T_) ? 0.f : p;
+        }
       }
-    }
-    // dPᵀ = V dOᵀ
-    float dpt[BR / 8][4];
+      // dV += Pᵀ dO
 #pragma unroll
-    for (int i = 0; i < BR / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        uint32_t a[4];
+        acc_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t va[4];
-      ldsm_x4(va, sV + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < BR / 16; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, sdOb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-        Half<T>::mma(dpt[2 * np], va, b[0], b[1]);
-        Half<T>::mma(dpt[2 * np + 1], va, b[2], b[3]);
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_trans(b, sdOb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+          Half<T>::mma(dv[2 * dp], a, b[0], b[1]);
+          Half<T>::mma(dv[2 * dp + 1], a, b[2], b[3]);
+        }
       }
-    }
-    // dSᵀ = Pᵀ ∘ (dPᵀ − Delta)
+      // dPᵀ = V dOᵀ
+      float dpt[BR / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt) {
+      for (int i = 0; i < BR / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dpt[nt][i] = st[nt][i] * (dpt[nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
-    }
-    // dK += dSᵀ Q  (scaled by `scale` at the end)
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t va[4];
+        if constexpr (KVREG) {
 #pragma unroll
-    for (int kk = 0; kk < BR / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
+          for (int i = 0; i < 4; ++i) va[i] = vf[kk][i];
+        } else {
+          ldsm_x4(va, sV + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+        }
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, sQb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
-        Half<T>::mma(dk[2 * dp], a, b[0], b[1]);
-        Half<T>::mma(dk[2 * dp + 1], a, b[2], b[3]);
+        for (int np = 0; np < BR / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, sdOb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+          Half<T>::mma(dpt[2 * np], va, b[0], b[1]);
+          Half<T>::mma(dpt[2 * np + 1], va, b[2], b[3]);
+        }
       }
-    }
-    if constexpr (WITH_DQ) {
-    // dSᵀ -> shared memory, for dQ, which contracts over the keys of all warps
+      // dSᵀ = Pᵀ ∘ (dPᵀ − Delta)
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt) {
-      const int col = nt * 8 + t4 * 2;
-      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * SS + col) = Half<T>::pack(dpt[nt][0], dpt[nt][1]);
-      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * SS + col) = Half<T>::pack(dpt[nt][2], dpt[nt][3]);
-    }
-    __syncthreads();
-    // dQ_tile (BR x D) += dS (BR x BC) K (BC x D): warp w owns row tile w % (BR/16) and D/WPM columns,
-    // so each dS fragment read from shared memory feeds 2·NPW mma.
-    constexpr int MTQ = BR / 16, WPM = NW / MTQ, NPW = D / 16 / WPM;
-    static_assert(NW % MTQ == 0 && (D / 16) % WPM == 0, "dQ tiling: warps must cover BR x D evenly");
-    const int mt = warp % MTQ, np0 = (warp / MTQ) * NPW;
-    float acc[2 * NPW][4];
+      for (int nt = 0; nt < BR / 8; ++nt) {
 #pragma unroll
-    for (int j = 0; j < 2 * NPW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      // A = dS rows (queries) x k (keys), stored transposed as [key][query]
-      ldsm_x4_trans(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS + mt * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int j = 0; j < NPW; ++j) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, sK + (kk * 16 + bt_row(lane)) * S + (np0 + j) * 16 + bt_col(lane));
-        Half<T>::mma(acc[2 * j], a, b[0], b[1]);
-        Half<T>::mma(acc[2 * j + 1], a, b[2], b[3]);
+        for (int i = 0; i < 4; ++i) dpt[nt][i] = st[nt][i] * (dpt[nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
       }
-    }
+      // dK += dSᵀ Q  (scaled by `scale` at the end)
 #pragma unroll
-    for (int j = 0; j < 2 * NPW; ++j) atomic_add_acc<D>(dQacc, q0 + mt * 16 + g, np0 * 16 + j * 8, t4, acc[j], T_);
-    }  // WITH_DQ
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        uint32_t a[4];
+        acc_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_trans(b, sQb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+          Half<T>::mma(dk[2 * dp], a, b[0], b[1]);
+          Half<T>::mma(dk[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+      if constexpr (WITH_DQ) {
+        // dSᵀ -> shared memory, for dQ, which contracts over the keys of all warps
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; ++nt) {
+          const int col = nt * 8 + t4 * 2;
+          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * SS + col) = Half<T>::pack(dpt[nt][0], dpt[nt][1]);
+          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * SS + col) = Half<T>::pack(dpt[nt][2], dpt[nt][3]);
+        }
+        __syncthreads();
+        // dQ_tile (BR x D) += dS (BR x BC) K (BC x D): warp w owns row tile w % (BR/16) and D/WPM columns,
+        // so each dS fragment read from shared memory feeds 2·NPW mma.
+        constexpr int MTQ = BR / 16, WPM = NW / MTQ, NPW = D / 16 / WPM;
+        static_assert(NW % MTQ == 0 && (D / 16) % WPM == 0, "dQ tiling: warps must cover BR x D evenly");
+        const int mt = warp % MTQ, np0 = (warp / MTQ) * NPW;
+        float acc[2 * NPW][4];
+#pragma unroll
+        for (int j = 0; j < 2 * NPW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+          uint32_t a[4];
+          // A = dS rows (queries) x k (keys), stored transposed as [key][query]
+          ldsm_x4_trans(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS + mt * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int j = 0; j < NPW; ++j) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, sK + (kk * 16 + bt_row(lane)) * S + (np0 + j) * 16 + bt_col(lane));
+            Half<T>::mma(acc[2 * j], a, b[0], b[1]);
+            Half<T>::mma(acc[2 * j + 1], a, b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 2 * NPW; ++j) atomic_add_acc<D>(dQacc, q0 + mt * 16 + g, np0 * 16 + j * 8, t4, acc[j], T_);
+      }  // WITH_DQ
+    }
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
   }
 
@@ -961,22 +989,46 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
   return cudaGetLastError();
 }
 
-// Which forward tiling runs (MINILM_ATTN_FWD = narrow | wide, read at every call so that a benchmark can
-// switch; see FwdCfg). THE DEFAULT: "wide" (FlashAttention-2's tiling; to be confirmed on an H200 by
-// `python scripts/cuda_diagnostics.py attn-sweep`).
-int fwd_layout() {
-  const char* v = std::getenv("MINILM_ATTN_FWD");
-  if (v == nullptr || *v == '\0') return 2;
-  if (std::strcmp(v, "narrow") == 0) return 0;
-  if (std::strcmp(v, "narrow2") == 0) return 1;
-  if (std::strcmp(v, "wide3") == 0) return 3;
-  return 2;
+// ---- Tuning choices. The tensor-core kernels come in several tilings (FwdCfg, DqCfg, the backward
+// schemes); which one runs is fixed per head dim by the defaults below, measured on an H200 with
+// `python scripts/cuda_diagnostics.py attn-sweep`. For such measurements an environment variable, read at
+// every call, overrides a default: one name for every head dim ("wide") or one per head dim
+// ("64:wide,128:narrow2").
+//   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3      (forward layout, see FwdCfg)
+//   MINILM_ATTN_BWD: fused | split | split2               (backward scheme, see bwd_tc)
+//   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
+int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
+  const char* env = std::getenv(var);
+  if (env == nullptr) return fallback;
+  const std::string value(env), key = std::to_string(D) + ":";
+  std::string pick;
+  if (value.find(':') == std::string::npos) {
+    pick = value;
+  } else {
+    for (size_t pos = 0; pos <= value.size();) {
+      size_t end = value.find(',', pos);
+      if (end == std::string::npos) end = value.size();
+      const std::string item = value.substr(pos, end - pos);
+      if (item.compare(0, key.size(), key) == 0) pick = item.substr(key.size());
+      pos = end + 1;
+    }
+  }
+  int i = 0;
+  for (const char* name : names) {
+    if (pick == name) return i;
+    ++i;
+  }
+  return fallback;
 }
+// THE DEFAULTS (index into the name lists above), for D = 64 and D = 128.
+int fwd_layout(int D) { return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3"}, 2); }
+int bwd_variant(int D) { return tuning_choice("MINILM_ATTN_BWD", D, {"fused", "split", "split2"}, D <= 64 ? 2 : 1); }
+bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, 0) == 1; }
 
 template <typename T, int D>
 cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
                    float scale, cudaStream_t stream) {
-  switch (fwd_layout()) {
+  switch (fwd_layout(D)) {
     case 0: return launch_fwd_tc<T, D, FwdNarrow<D>>(q, k, v, out, lse, BH, T_, scale, stream);
     case 1: return launch_fwd_tc<T, D, FwdNarrow2<D>>(q, k, v, out, lse, BH, T_, scale, stream);
     case 3: return launch_fwd_tc<T, D, FwdWide3<D>>(q, k, v, out, lse, BH, T_, scale, stream);
@@ -984,23 +1036,13 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
   }
 }
 
-// Which tensor-core backward runs (MINILM_ATTN_BWD, read at every call so that a benchmark can switch):
+// Backward schemes (MINILM_ATTN_BWD):
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
-//   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; may spill for D = 128)
-// THE DEFAULT (set it from `python scripts/cuda_diagnostics.py attn-sweep`):
-// Default backward scheme by head dim, from the attn-sweep on an H200 (scripts/cuda_diagnostics.py
-// attn-sweep; bf16 fwd+bwd vs SDPA flash): at D=64 "split2" was fastest (1.01x / 0.89x / 0.83x at
-// T = 512 / 2048 / 8192, "split" 0.99 / 0.85 / 0.79, "fused" 0.86 / 0.75 / 0.74); at D=128 "split"
-// (0.70x; "fused" 0.64x, "split2" 0.48x: it spills). MINILM_ATTN_BWD=fused|split|split2 overrides.
-int bwd_variant(int D) {
-  const char* v = std::getenv("MINILM_ATTN_BWD");
-  if (v == nullptr || *v == '\0') return D <= 64 ? 2 : 1;
-  if (std::strcmp(v, "split") == 0) return 1;
-  if (std::strcmp(v, "split2") == 0) return 2;
-  return 0;
-}
-
+//   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
+// Measured in the first GPU session (H200, bf16 fwd+bwd vs SDPA flash, before the wide forward): at D=64
+// split2 1.01x / 0.89x / 0.83x at T = 512 / 2048 / 8192, split 0.99 / 0.85 / 0.79, fused 0.86 / 0.75 / 0.74;
+// at D=128 split 0.70x, fused 0.64x, split2 0.48x.
 template <typename T, int D, bool WITH_DQ, int MINB>
 cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
                           const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
@@ -1015,11 +1057,6 @@ cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const 
                                         static_cast<const T*>(dout), lse, delta, dq_accum, static_cast<T*>(dk),
                                         static_cast<T*>(dv), static_cast<int>(T_), scale, scale * kLog2e);
   return cudaGetLastError();
-}
-
-bool dq_wide() {  // MINILM_ATTN_DQ = narrow | wide (see DqCfg). THE DEFAULT: narrow
-  const char* v = std::getenv("MINILM_ATTN_DQ");
-  return v != nullptr && std::strcmp(v, "wide") == 0;
 }
 
 template <typename T, int D, typename C>
@@ -1051,7 +1088,7 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
                        : launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
     if (err != cudaSuccess) return err;
     if constexpr (D <= 64) {
-      if (dq_wide()) return launch_dq_tc<T, D, DqWide<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
+      if (dq_wide(D)) return launch_dq_tc<T, D, DqWide<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
     }
     return launch_dq_tc<T, D, DqNarrow<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
   }
