@@ -193,7 +193,7 @@ def _check_char_cnn(N, L, V, E, filters, dtype, activation):
     ids, emb, weights, biases = _char_inputs(N, L, V, E, filters, dtype)
     out, argmax = ops.char_cnn(ids, emb, weights, biases, activation)
     total = sum(f for _, f in filters)
-    assert out.shape == (N, total) and out.dtype == dtype and argmax.dtype == torch.int32
+    assert out.shape == (N, total) and out.dtype == dtype and argmax.dtype == torch.int16
     tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     if dtype == torch.float64:
         tol = 1e-10

@@ -71,7 +71,7 @@ size_t fast_smem_bytes(int E, int W, int L) {
 template <typename T, int W>
 __global__ void __launch_bounds__(kFwdWarps * 32)
     charcnn_fwd_fast(const int64_t* __restrict__ ids, const T* __restrict__ emb, const T* __restrict__ weight,
-                     const T* __restrict__ bias, T* __restrict__ out, int32_t* __restrict__ argmax, int64_t N, int L,
+                     const T* __restrict__ bias, T* __restrict__ out, int16_t* __restrict__ argmax, int64_t N, int L,
                      int E, int F, int out_stride, int out_off, int Lp, int n_chunks, int act) {
   extern __shared__ __align__(16) float smem[];
   const int K = E * W;
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
       if (fg < F) {
         const size_t o = static_cast<size_t>(n) * out_stride + out_off + fg;
         out[o] = FromF<T>::cvt(act_fwd(best[f] + b[f], act));
-        argmax[o] = arg[f];
+        argmax[o] = static_cast<int16_t>(arg[f]);
       }
     }
   }
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
 template <typename T>
 __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __restrict__ emb,
                                     const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out,
-                                    int32_t* __restrict__ argmax, int64_t N, int L, int E, int W, int F,
+                                    int16_t* __restrict__ argmax, int64_t N, int L, int E, int W, int F,
                                     int out_stride, int out_off, int act) {
   using A = typename AccOf<T>::type;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -180,7 +180,7 @@ __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __
   }
   const size_t o = static_cast<size_t>(n) * out_stride + out_off + f;
   out[o] = FromF<T>::cvt(act_fwd(best + static_cast<A>(to_f(bias[f])), act));
-  argmax[o] = arg;
+  argmax[o] = static_cast<int16_t>(arg);
 }
 
 // ---------------------------------------------------------------------------------- backward: common
@@ -198,7 +198,7 @@ constexpr int kDwTS = 32;        // tokens staged in shared memory at a time
 // (and db_f in the CTA with e0 = w0 = 0) in registers and walks the tokens of its chunk in order.
 template <typename T, int WC>
 __global__ void __launch_bounds__(kDwThreads)
-    charcnn_bwd_dw(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+    charcnn_bwd_dw(const T* __restrict__ grad_out, const T* __restrict__ out, const int16_t* __restrict__ argmax,
                    const int64_t* __restrict__ ids, const T* __restrict__ emb, int64_t N, int L, int E, int W, int F,
                    int out_stride, int out_off, int act, int64_t chunk_tokens, int TS,
                    typename AccOf<T>::type* __restrict__ partial, int64_t part_stride) {
@@ -296,7 +296,7 @@ struct DxWidths {
 // No atomics: every sum has a fixed order. `accumulate`: the table continues a previous launch.
 template <typename T>
 __global__ void __launch_bounds__(kDxThreads)
-    charcnn_bwd_demb(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+    charcnn_bwd_demb(const T* __restrict__ grad_out, const T* __restrict__ out, const int16_t* __restrict__ argmax,
                      const int64_t* __restrict__ ids, int64_t N, int L, int V, int E, int TB, int out_stride,
                      int act, DxWidths ws, int smem_table, int accumulate,
                      typename AccOf<T>::type* __restrict__ tables) {
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kDxThreads)
           if (fl < nf) {
             const size_t o = static_cast<size_t>(n0 + s) * out_stride + off + fc0 + fl;
             gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
-            tv = min(max(argmax[o], 0), L - W);  // a corrupt argmax cannot write outside the token
+            tv = min(max(static_cast<int>(argmax[o]), 0), L - W);  // a corrupt argmax cannot write outside the token
           }
           gs[i] = gv;
           ts[i] = tv;
@@ -384,7 +384,7 @@ cudaError_t allow_smem(F kernel, size_t bytes) {
 
 template <typename T, int W>
 cudaError_t launch_fast(const int64_t* ids, const T* emb, const CharCnnWidth& cw, int64_t N, int L, int E,
-                        int total, int act, T* out, int32_t* argmax, cudaStream_t stream) {
+                        int total, int act, T* out, int16_t* argmax, cudaStream_t stream) {
   const size_t smem = fast_smem_bytes(E, W, L);
   auto kernel = charcnn_fwd_fast<T, W>;
   cudaError_t err = allow_smem(kernel, smem);
@@ -400,7 +400,7 @@ cudaError_t launch_fast(const int64_t* ids, const T* emb, const CharCnnWidth& cw
 
 template <typename T>
 cudaError_t forward_width(const int64_t* ids, const T* emb, const CharCnnWidth& cw, int64_t N, int L, int E,
-                          int total, int act, T* out, int32_t* argmax, cudaStream_t stream) {
+                          int total, int act, T* out, int16_t* argmax, cudaStream_t stream) {
   const bool fast = !std::is_same<T, double>::value && cw.width <= kMaxFastWidth &&
                     fast_smem_bytes(E, cw.width, L) <= static_cast<size_t>(max_smem_optin());
   if (fast) {
@@ -426,7 +426,7 @@ cudaError_t forward_width(const int64_t* ids, const T* emb, const CharCnnWidth& 
 
 template <typename T>
 cudaError_t forward_all(const int64_t* ids, const void* emb, int64_t N, int L, int E, const CharCnnWidth* widths,
-                        int n_widths, int total, int act, void* out, int32_t* argmax, cudaStream_t stream) {
+                        int n_widths, int total, int act, void* out, int16_t* argmax, cudaStream_t stream) {
   for (int i = 0; i < n_widths; ++i) {
     cudaError_t err = forward_width<T>(ids, static_cast<const T*>(emb), widths[i], N, L, E, total, act,
                                        static_cast<T*>(out), argmax, stream);
@@ -506,7 +506,7 @@ int64_t backward_workspace(int64_t N, int L, int V, int E, const CharCnnWidth* w
 }
 
 template <typename T, int WC>
-cudaError_t launch_dw(const T* go, const T* y, const int32_t* argmax, const int64_t* ids, const T* emb, int64_t N,
+cudaError_t launch_dw(const T* go, const T* y, const int16_t* argmax, const int64_t* ids, const T* emb, int64_t N,
                       int L, int E, const CharCnnWidth& cw, int total, int act, typename AccOf<T>::type* partial,
                       cudaStream_t stream) {
   using A = typename AccOf<T>::type;
@@ -528,7 +528,7 @@ cudaError_t launch_dw(const T* go, const T* y, const int32_t* argmax, const int6
 template <typename T>
 cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* emb_, int64_t N, int L, int V, int E,
                          const CharCnnWidth* widths, int n_widths, int total, int act, const void* out,
-                         const int32_t* argmax, void* partial_, void* grad_params_, void* grad_emb_,
+                         const int16_t* argmax, void* partial_, void* grad_params_, void* grad_emb_,
                          cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   A* partial = static_cast<A*>(partial_);
@@ -588,7 +588,7 @@ cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* e
 
 cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
                              const CharCnnWidth* widths, int n_widths, int total_filters, Activation act,
-                             void* out, int32_t* argmax, cudaStream_t stream) {
+                             void* out, int16_t* argmax, cudaStream_t stream) {
   (void)V;
   const int a = static_cast<int>(act);
   switch (dtype) {
@@ -615,7 +615,7 @@ bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E) {
 
 cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,
                               int L, int V, int E, const CharCnnWidth* widths, int n_widths, int total_filters,
-                              Activation act, const void* out, const int32_t* argmax, void* partial,
+                              Activation act, const void* out, const int16_t* argmax, void* partial,
                               void* grad_params, void* grad_emb, cudaStream_t stream) {
   const int a = static_cast<int>(act);
 #define MINILM_BWD(T)                                                                                          \

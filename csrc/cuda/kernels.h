@@ -48,10 +48,11 @@ struct CharCnnWidth {
 
 enum class Activation { kRelu = 0, kTanh = 1 };
 
-// ids [N, L] int64 (already checked to lie in [0, V)); emb [V, E]; out [N, total]; argmax [N, total] int32.
+// ids [N, L] int64 (already checked to lie in [0, V)); emb [V, E]; out [N, total]; argmax [N, total] int16
+// (t* <= L − W <= 32,767, checked by the glue).
 cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
                              const CharCnnWidth* widths, int n_widths, int total_filters, Activation act,
-                             void* out, int32_t* argmax, cudaStream_t stream);
+                             void* out, int16_t* argmax, cudaStream_t stream);
 
 // Workspace of char_cnn_backward, in elements of the accumulation type (fp64 for fp64 inputs, fp32
 // otherwise): the dW/db partial sums of every token chunk and the per-CTA [V, E] d(embedding) tables.
@@ -65,7 +66,7 @@ bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E);
 // Deterministic: no atomics; every sum runs in a fixed order.
 cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,
                               int L, int V, int E, const CharCnnWidth* widths, int n_widths, int total_filters,
-                              Activation act, const void* out, const int32_t* argmax, void* partial,
+                              Activation act, const void* out, const int16_t* argmax, void* partial,
                               void* grad_params, void* grad_emb, cudaStream_t stream);
 
 }  // namespace minilm_cuda
