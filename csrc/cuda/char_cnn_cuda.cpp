@@ -130,7 +130,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
   TORCH_CHECK(argmax.scalar_type() == at::kShort, "char_cnn_backward: argmax must be int16, got ", argmax.scalar_type());
   const auto dtype = embedding.scalar_type();
   const auto dt = kernel_dtype(dtype, "char_cnn: embedding");
-  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(dt, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E)),
+  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(dt, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E),
+                                                       widths.data(), static_cast<int>(widths.size())),
               "char_cnn_backward (CUDA): one word's gradient [L, E] = [", L, ", ", E,
               "] does not fit in shared memory");
   const c10::cuda::CUDAGuard guard(char_ids.device());

@@ -59,7 +59,7 @@ cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, i
 int64_t char_cnn_backward_partial_elems(Dtype dtype, int64_t N, int L, int V, int E, const CharCnnWidth* widths,
                                         int n_widths);
 // Whether one token's [L, E] gradient fits in shared memory (else the backward cannot run).
-bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E);
+bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E, const CharCnnWidth* widths, int n_widths);
 // grad_params: [sum_i F_i * (E*W_i + 1)] accumulation type; for width i, starting at sum_{j<i} F_j*(E*W_j+1),
 //   row f holds dW[f] (E*W values, [E][W] order) followed by db[f].
 // grad_emb: [V, E] accumulation type (every element written).
