@@ -16,20 +16,36 @@
 // Backward (the max passes the gradient to its argmax only): with g = grad_out · act'(out)
 // (relu: out > 0; tanh: 1 − out²),
 //     dW_f[e][w] = Σ_n g[n,f] · x_n[t*+w][e],   db_f = Σ_n g[n,f],   dx_n[t*+w][e] += g[n,f] · W_f[e][w],
-// and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The work is small
-// (per token and filter, E·W multiply-adds for dW and as many for dx); what matters is to feed the FMA
-// units from registers and shared memory and to avoid atomics, so that the result is bitwise reproducible.
-// * dW, db (charcnn_bwd_dw): a CTA owns 128 filters (lane = filter: the loads of g and t* coalesce), an
-//   8-wide slice of e and up to 8 w, and a chunk of tokens. Each thread keeps its filter's dW slice in
-//   registers and walks the chunk's tokens in order; the tokens' embedded characters are staged in shared
-//   memory (32 tokens at a time). The chunk count is picked for ~2 waves of CTAs (at most 64 chunks, so the
-//   workspace stays a few MB); charcnn_bwd_reduce then adds the chunks' partial sums in chunk order.
-// * d(embedding) (charcnn_bwd_demb): a CTA owns token blocks b, b + G, ... (TB = 256 / E tokens each) and a
-//   private [V, E] table (shared memory when V·E is small, as ELMo's 262 x 16; else its slice of the
-//   workspace, with fewer CTAs). Per block, dx [TB, L, E] lives in shared memory; thread (token, e) alone adds
-//   g·W_f[e][·] for every filter in order into its token's column e; then thread (e, v mod NG) alone adds
-//   the rows of dx into the table rows of their characters. A last charcnn_bwd_reduce sums the G tables in
-//   CTA order. No atomics anywhere: the same inputs give the same bits.
+// and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The arithmetic is small
+// (per token and filter, E·W multiply-adds for dW and as many for dx: ~6.5 GMAC each for ELMo at 32k tokens);
+// what matters is to feed the FMA units from registers and conflict-free shared memory, with enough warps
+// per SM to hide its latency, and to avoid atomics, so that the result is bitwise reproducible.
+//
+// Default: the token-slot kernels. A warp works on NT = 32 / E tokens at once, lane = (slot h, dim e), and
+// keeps its tokens' rows interleaved in shared memory ([t][h][e]), so that the 32 lanes of one access -- each
+// slot at its own t* -- fall in distinct banks (E dividing 32).
+// * dW, db (charcnn_bwd_dw_slots, one launch per width): a CTA owns 64 filters (32 in fp64), a chunk of
+//   taps w and a chunk of tokens; each warp keeps 8 filters' dW_f[e][w-chunk] in registers. Per batch of 16
+//   tokens it stages x = embedding[ids] and [filter][token] tables of g and t*; then each lane adds
+//   g · x[t* + w][e] of its slot's tokens. At the end the slots' sums are added in slot order, and
+//   charcnn_bwd_reduce adds the token chunks' partial sums in chunk order (~one wave of CTAs per width).
+// * d(embedding) (charcnn_bwd_demb_slots, one launch for all widths): a CTA owns token blocks of 8·NT tokens
+//   (16 for E = 16) and a private [V, E] table (in shared memory when small, as ELMo's 262 x 16). Per block
+//   and per chunk of 64 filters, the filters are staged as [f][w][e] (the E lanes of every slot read the same
+//   E consecutive values: a broadcast) and g, t* as [filter][token]. Each lane then adds g · W_f[e][·] into
+//   rows t*..t*+W−1 of its own token's column e, filter after filter: W loads, W FMAs, W stores, unrolled
+//   for W <= 8 (a plain loop beyond). No other lane writes that column, so no atomics. Then the rows of dx
+//   go into the table: lane (slot q, e) owns table rows v ≡ q (mod 8·NT); a warp reads 32 positions' ids at
+//   once, ballots which belong to each of its slots, and each lane adds its rows in increasing (token,
+//   position). A last charcnn_bwd_reduce sums the CTAs' tables in CTA order.
+// The old kernels (MINILM_CNN_BWD=old, and shapes the slot kernels do not take: E > 32, or rows too long
+// for shared memory) map lane = filter instead:
+// * charcnn_bwd_dw: a CTA owns 128 filters (lane = filter), an 8-wide slice of e and up to 8 w, and a chunk
+//   of tokens; each thread walks its chunk's tokens (staged 32 at a time) with its dW slice in registers.
+// * charcnn_bwd_demb: a CTA owns blocks of 256 / E tokens and a private [V, E] table; thread (token, e)
+//   adds g·W_f[e][·] for every filter in order (weights read from global memory); then thread (e, v mod NG)
+//   scans all rows of the block and adds those of its table rows.
+// Either way, no atomics anywhere: the same inputs give the same bits.
 #include "common.cuh"
 #include "kernels.h"
 
