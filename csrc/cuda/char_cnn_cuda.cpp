@@ -64,8 +64,8 @@ std::vector<minilm_cuda::CharCnnWidth> check_inputs(const at::Tensor& ids, const
     }
     TORCH_CHECK(L >= w.size(2), "char_cnn: the words are ", L, " characters long, shorter than the width ",
                 w.size(2), " of weights[", i, "]");
-    TORCH_CHECK(L - w.size(2) <= kMaxArgmax, "char_cnn: argmax is int16, so L − (narrowest width) must be <= ",
-                kMaxArgmax, "; got L = ", L, " with width ", w.size(2));
+    TORCH_CHECK(L - w.size(2) <= kMaxArgmax, "char_cnn: argmax is int16, so L − W must be <= ", kMaxArgmax,
+                " for every width W; got L = ", L, " with width ", w.size(2));
     TORCH_CHECK(w.size(0) * E * w.size(2) <= kIntMax, "char_cnn: weights[", i, "] is too large");
     widths.push_back({nullptr, nullptr, static_cast<int>(w.size(0)), static_cast<int>(w.size(2)),
                       static_cast<int>(total)});
