@@ -16,7 +16,8 @@ TORCH_LIBRARY(minilm, m) {
   // ELMo's character CNN, fused: embedding lookup -> every width's 1-D convolution -> max over time
   // -> + bias -> activation ("relu" | "tanh"). char_ids [N, L] int64; embedding [V, E];
   // weights[i] [F_i, E, W_i]; biases[i] [F_i].
-  // out [N, sum F_i] (embedding's dtype); argmax [N, sum F_i] int32, the time step of each max.
+  // out [N, sum F_i] (embedding's dtype); argmax [N, sum F_i] int16, the time step of each max
+  // (so L − the narrowest width must be <= 32,767).
   m.def("char_cnn(Tensor char_ids, Tensor embedding, Tensor[] weights, Tensor[] biases, str activation) "
         "-> (Tensor out, Tensor argmax)");
   // -> grad_embedding [V, E], grad_weights (one per width), grad_bias [sum F_i] (split per width in Python)

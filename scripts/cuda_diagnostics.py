@@ -2,6 +2,10 @@
 
     python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | cnn-perf | attn-sweep | cnn-determinism
 
+cnn-correct and cnn-determinism check both char-CNN backward variants (the token-slot kernels, and the old
+ones selected by MINILM_CNN_BWD=old); cnn-perf times both, then prints the per-kernel GPU time of one
+fused fwd+bwd at 32,768 tokens (torch.profiler), fp32 and bf16.
+
 attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3) and
 backward configuration (MINILM_ATTN_BWD = fused | split | split2, MINILM_ATTN_DQ = narrow | wide; see
 csrc/cuda/attention_kernels.cu): correctness on a few shapes, then the forward (layouts) or fwd+bwd
@@ -13,6 +17,7 @@ user would otherwise call (SDPA's flash backend; the PyTorch composite with cuDN
 run, with CUDA events. Run each part in its own process: an illegal memory access kills the CUDA context.
 """
 import os
+import re
 import sys
 import time
 import traceback
@@ -58,17 +63,26 @@ def attn_correct():
 
 
 def cnn_correct():
+    """Both backward variants (the slot kernels, and MINILM_CNN_BWD=old) on every case."""
     ok = True
-    for dtype in (torch.float32, torch.bfloat16):
-        for act in ("relu", "tanh"):
-            ok &= case(f"char_cnn ELMo {str(dtype)[6:]} {act} N=70",
-                       lambda: tc._check_char_cnn(70, 50, 262, 16, tc.ELMO_FILTERS, dtype, act))
     odd = [[1, 3], [2, 5], [9, 7], [3, 130], [4, 33]]
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        ok &= case(f"char_cnn odd filters {str(dtype)[6:]}", lambda: tc._check_char_cnn(37, 11, 20, 5, odd, dtype, "tanh"))
-        ok &= case(f"char_cnn E=40 W=5,9 {str(dtype)[6:]}",
-                   lambda: tc._check_char_cnn(3, 9, 7, 40, [[5, 17], [9, 2]], dtype, "relu"))
-    ok &= case("char_cnn many tokens", lambda: tc.test_char_cnn_many_tokens() or "ok")
+    for variant in tc.CNN_BWD_VARIANTS:
+        tc.set_cnn_bwd(variant)
+        for dtype in (torch.float32, torch.bfloat16):
+            for act in ("relu", "tanh"):
+                ok &= case(f"[{variant}] char_cnn ELMo {str(dtype)[6:]} {act} N=70",
+                           lambda: tc._check_char_cnn(70, 50, 262, 16, tc.ELMO_FILTERS, dtype, act))
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            ok &= case(f"[{variant}] char_cnn odd filters {str(dtype)[6:]}",
+                       lambda: tc._check_char_cnn(37, 11, 20, 5, odd, dtype, "tanh"))
+            ok &= case(f"[{variant}] char_cnn E=40 W=5,9 {str(dtype)[6:]}",
+                       lambda: tc._check_char_cnn(3, 9, 7, 40, [[5, 17], [9, 2]], dtype, "relu"))
+        for shape in tc.CNN_ODD_SHAPES:
+            N, L, V, E, filters, dtype, act = shape
+            ok &= case(f"[{variant}] char_cnn N={N} L={L} V={V} E={E} {filters} {str(dtype)[6:]} {act}",
+                       lambda: tc._check_char_cnn(*shape))
+        ok &= case(f"[{variant}] char_cnn many tokens", lambda: tc.test_char_cnn_many_tokens(variant) or "ok")
+    tc.set_cnn_bwd("slots")
     ok &= case("char_cnn ties", lambda: tc.test_char_cnn_first_max_wins_ties() or "ok")
     ok &= case("char_cnn bad input", lambda: tc.test_char_cnn_bad_input() or "ok")
     ok &= case("char_cnn current stream", lambda: tc.test_char_cnn_runs_on_the_current_stream() or "ok")
@@ -126,7 +140,37 @@ def attn_perf():
         torch.cuda.empty_cache()
 
 
+def _short_kernel_name(name):
+    name = re.sub(r"minilm_cuda::\(anonymous namespace\)::|^void |\(.*$", "", name)
+    return name if len(name) <= 100 else name[:97] + "..."
+
+
+def kernel_breakdown(fn, label, top=10):
+    """Per-kernel GPU time of one call of fn (torch.profiler, CUDA activity), summed by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times = {}  # name -> (µs, launches)
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(ev, "self_cuda_time_total", 0)
+        if us > 0:
+            t, n = times.get(_short_kernel_name(ev.key), (0.0, 0))
+            times[_short_kernel_name(ev.key)] = (t + us, n + ev.count)
+    total = sum(t for t, _ in times.values())
+    print(f"{label}: {total / 1e3:.2f} ms of GPU time in {sum(n for _, n in times.values())} kernels/copies; "
+          f"top {top}:", flush=True)
+    for name, (us, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {us / 1e3:8.3f} ms {100 * us / max(total, 1e-9):5.1f}%  x{n:<3d} {name}", flush=True)
+
+
 def cnn_perf(N=32768):
+    """Times (CUDA events) of the fused op with each backward variant and of the composite, then where one
+    fused fwd+bwd spends its GPU time, kernel by kernel (torch.profiler)."""
     L, V, E = 50, 262, 16
     for dtype in (torch.float32, torch.bfloat16):
         ids, emb, weights, biases = tc._char_inputs(N, L, V, E, tc.ELMO_FILTERS, torch.float32)
@@ -152,7 +196,11 @@ def cnn_perf(N=32768):
             ops.char_cnn(ids, e2, w2, b2, "relu")
 
         res = {}
-        for name, fn in (("fused fwd", fused_fwd), ("fused fwd+bwd", fused), ("composite fwd+bwd", composite)):
+        runs = [("fused fwd", "slots", fused_fwd)]
+        runs += [(f"fused fwd+bwd [{v}]", v, fused) for v in tc.CNN_BWD_VARIANTS]
+        runs += [("composite fwd+bwd", "slots", composite)]
+        for name, variant, fn in runs:
+            tc.set_cnn_bwd(variant)
             try:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -164,10 +212,20 @@ def cnn_perf(N=32768):
             except Exception as e:  # noqa: BLE001
                 print(f"char_cnn {str(dtype)[6:]} N={N} {name}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
             torch.cuda.empty_cache()
-        if "fused fwd+bwd" in res and "composite fwd+bwd" in res:
-            (a, pa), (b, pb) = res["fused fwd+bwd"], res["composite fwd+bwd"]
-            print(f"char_cnn {str(dtype)[6:]} N={N}: speed-up {b / a:.2f}x (target >= 3), "
-                  f"memory {pb / max(pa, 1e-9):.1f}x less (target >= 20)", flush=True)
+        for v in tc.CNN_BWD_VARIANTS:
+            name = f"fused fwd+bwd [{v}]"
+            if name in res and "composite fwd+bwd" in res:
+                (a, pa), (b, pb) = res[name], res["composite fwd+bwd"]
+                print(f"char_cnn {str(dtype)[6:]} N={N} [{v}]: speed-up {b / a:.2f}x (target >= 3), "
+                      f"memory {pb / max(pa, 1e-9):.1f}x less (target >= 20)", flush=True)
+        for v in tc.CNN_BWD_VARIANTS:
+            tc.set_cnn_bwd(v)
+            try:
+                kernel_breakdown(fused, f"char_cnn {str(dtype)[6:]} N={N} fused fwd+bwd [{v}], per kernel")
+            except Exception as e:  # noqa: BLE001
+                print(f"char_cnn {str(dtype)[6:]} N={N} profile [{v}]: ERROR {type(e).__name__}: {str(e)[:200]}",
+                      flush=True)
+        tc.set_cnn_bwd("slots")
         del ids, emb, weights, biases, g, params
         torch.cuda.empty_cache()
 
@@ -296,19 +354,12 @@ def _sweep_pick(results):
 
 
 def cnn_determinism():
-    """The char-CNN backward has no atomics: two runs must agree bitwise (ELMo filters, 3000 tokens)."""
+    """The char-CNN backward has no atomics: two runs must agree bitwise (ELMo filters, 3000 tokens), for
+    both backward variants; and the two variants must agree up to rounding."""
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
-        def run():
-            ids, emb, weights, biases = tc._char_inputs(3000, 50, 262, 16, tc.ELMO_FILTERS, dtype)
-            out, am = ops.char_cnn(ids, emb, weights, biases, "relu")
-            g = torch.randn_like(out)
-            a = ops.char_cnn_backward(g, ids, emb, weights, out, am, "relu")
-            b = ops.char_cnn_backward(g, ids, emb, weights, out, am, "relu")
-            for x, y in zip([a[0], *a[1], a[2]], [b[0], *b[1], b[2]]):
-                assert torch.equal(x, y), "two backward runs differ"
-            return "bitwise equal"
-        ok &= case(f"char_cnn backward deterministic {str(dtype)[6:]}", run)
+        ok &= case(f"char_cnn backward deterministic, slots ~ old, {str(dtype)[6:]}",
+                   lambda: tc.test_char_cnn_backward_deterministic_and_variants_agree(dtype) or "bitwise equal")
     return ok
 
 

@@ -111,7 +111,7 @@ def test_argmax_is_the_first_max():
     ids[3] = PAD
     emb, ws, bs = make_params(ELMO_SMALL, 4, torch.float64, requires_grad=False)
     out, argmax = torch.ops.minilm.char_cnn(ids, emb, ws, bs, "relu")
-    assert argmax.dtype == torch.int32
+    assert argmax.dtype == torch.int16
     assert_argmax_is_first_max(ids, emb, ws, argmax)
     assert (argmax[3] == 0).all()
 
@@ -204,6 +204,8 @@ def _bad_cases():
     yield "id too large", (ids.clone().index_fill_(1, torch.tensor([2]), 20), emb, ws, bs, "relu"), IndexError, "ids must lie"
     yield "negative id", (ids.clone().index_fill_(1, torch.tensor([2]), -1), emb, ws, bs, "relu"), IndexError, "ids must lie"
     yield "L < widest", (ids[:, :3], emb, ws, bs, "relu"), ValueError, "fewer than the widest"
+    long_ids = torch.zeros(1, 32770, dtype=torch.int64)  # L - 2 = 32,768: one past int16's range
+    yield "L - w > int16", (long_ids, emb, ws, bs, "relu"), ValueError, "must be <= 32767; got L = 32770 with width 2"
     yield "lengths", (ids, emb, ws, bs[:1], "relu"), ValueError, "2 weights but 1 biases"
     yield "no widths", (ids, emb, [], [], "relu"), ValueError, "at least one"
     yield "char dim", (ids, emb[:, :3], ws, bs, "relu"), ValueError, "input channels"
@@ -235,6 +237,30 @@ def test_kernel_checks_ids_itself(bad_id):
         torch.ops.minilm.char_cnn(ids.clamp(0, 19), emb, ws, bs, "sigmoid")
 
 
+def test_argmax_int16_limit():
+    # argmax is int16: t* = L - w = 32,767 is the largest position it can hold, and is held exactly.
+    L = 32768
+    ids = torch.zeros(2, L, dtype=torch.int64)
+    ids[0, -1] = 1  # token 0's best window is the last one (t* = L - 1 = 32,767), token 1's the first
+    emb = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    w, b = torch.ones(1, 1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    out, argmax = torch.ops.minilm.char_cnn(ids, emb, [w], [b], "relu")
+    assert argmax.dtype == torch.int16 and argmax.tolist() == [[32767], [0]]
+    assert out.tolist() == [[1.0], [0.0]]
+    g_emb, (g_w,), g_b = torch.ops.minilm.char_cnn_backward(torch.ones_like(out), ids, emb, [w], out, argmax, "relu")
+    assert g_emb.tolist() == [[0.0], [1.0]] and g_w.item() == 1.0 and g_b.item() == 1.0
+    # one character more and the C++ op refuses (the Python wrapper raises ValueError first)
+    long_ids = torch.zeros(1, L + 1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="argmax is int16"):
+        torch.ops.minilm.char_cnn(long_ids, emb, [w], [b], "relu")
+    with pytest.raises(ValueError, match="must be <= 32767"):
+        char_cnn(long_ids, emb, [w], [b], "relu")
+    # a wider filter leaves room: L - w = 32,767 again
+    w2 = torch.ones(1, 1, 2, dtype=torch.float64)
+    _, argmax = torch.ops.minilm.char_cnn(long_ids, emb, [w2], [b], "relu")
+    assert argmax.dtype == torch.int16
+
+
 def test_backward_checks_argmax():
     ids = make_ids(4, 8, vocab=20)
     emb, ws, bs = make_params([(2, 3)], 4, torch.float32, vocab=20, requires_grad=False)
@@ -242,6 +268,8 @@ def test_backward_checks_argmax():
     argmax[1, 1] = 7  # L - w + 1 = 7 time steps: 7 is one past the end
     with pytest.raises(RuntimeError, match="argmax"):
         torch.ops.minilm.char_cnn_backward(torch.ones_like(out), ids, emb, ws, out, argmax, "relu")
+    with pytest.raises(RuntimeError, match="argmax must be int16"):
+        torch.ops.minilm.char_cnn_backward(torch.ones_like(out), ids, emb, ws, out, argmax.int(), "relu")
 
 
 def test_nan_propagates():

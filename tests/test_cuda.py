@@ -11,6 +11,7 @@ Tolerances. The truth is the reference evaluated in float64 on the same (already
   near-tie resolved differently in the last bit cannot make the test flaky.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def _check_char_cnn(N, L, V, E, filters, dtype, activation):
     ids, emb, weights, biases = _char_inputs(N, L, V, E, filters, dtype)
     out, argmax = ops.char_cnn(ids, emb, weights, biases, activation)
     total = sum(f for _, f in filters)
-    assert out.shape == (N, total) and out.dtype == dtype and argmax.dtype == torch.int32
+    assert out.shape == (N, total) and out.dtype == dtype and argmax.dtype == torch.int16
     tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     if dtype == torch.float64:
         tol = 1e-10
@@ -234,24 +235,86 @@ def _check_char_cnn(N, L, V, E, filters, dtype, activation):
     return f"out {_rel_err(out, ref):.3g}, " + ", ".join(f"{k} {v:.3g}" for k, v in errs.items()) + f" (tol {tol})"
 
 
+# The two backward implementations (csrc/cuda/char_cnn_kernels.cu): the token-slot kernels (default) and
+# the old ones (MINILM_CNN_BWD=old, read at every call). Every char-CNN gradient test runs both.
+CNN_BWD_VARIANTS = ("slots", "old")
+
+
+def set_cnn_bwd(variant):
+    if variant == "old":
+        os.environ["MINILM_CNN_BWD"] = "old"
+    else:
+        os.environ.pop("MINILM_CNN_BWD", None)
+
+
+@pytest.fixture(params=CNN_BWD_VARIANTS)
+def cnn_bwd(request):
+    set_cnn_bwd(request.param)
+    yield request.param
+    set_cnn_bwd("slots")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_char_cnn_elmo_filters(dtype, activation):
+def test_char_cnn_elmo_filters(dtype, activation, cnn_bwd):
     _check_char_cnn(N=70, L=50, V=262, E=16, filters=ELMO_FILTERS, dtype=dtype, activation=activation)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_char_cnn_odd_filters(dtype):
+def test_char_cnn_odd_filters(dtype, cnn_bwd):
     # width 9 > 7 and E*W large take the generic kernels; 130 filters span two blocks of 128
     filters = [[1, 3], [2, 5], [9, 7], [3, 130], [4, 33]]
     _check_char_cnn(N=37, L=11, V=20, E=5, filters=filters, dtype=dtype, activation="tanh")
+    # E = 40 > 32: the slot kernels do not take it, the old ones run
     _check_char_cnn(N=3, L=9, V=7, E=40, filters=[[5, 17], [9, 2]], dtype=dtype, activation="relu")
 
 
-def test_char_cnn_many_tokens():
+def test_char_cnn_many_tokens(cnn_bwd):
     # several CTAs of tokens and of filters, and a word length that is a whole number of chunks
     _check_char_cnn(N=300, L=32, V=100, E=16, filters=[[3, 64], [7, 256]], dtype=torch.float32,
                     activation="relu")
+
+
+# Shapes that exercise the backward's tiling: (N, L, V, E, filters [[width, count], ...], dtype, activation).
+CNN_ODD_SHAPES = [
+    (33, 1, 9, 16, [[1, 5]], torch.float32, "relu"),                  # L = 1 with w = 1
+    (19, 1, 7, 3, [[1, 4]], torch.float32, "tanh"),                   # ... and E = 3
+    (29, 12, 15, 3, [[10, 9], [1, 2]], torch.float32, "tanh"),        # width 10 > 8 (two tap chunks)
+    (45, 20, 30, 7, [[3, 65], [8, 3], [2, 97]], torch.float32, "tanh"),  # E = 7 (4 slots, 4 idle lanes)
+    (50, 40, 9, 1, [[5, 2], [1, 1]], torch.float32, "tanh"),          # E = 1: 32 tokens per warp
+    (23, 10, 50, 32, [[3, 5], [4, 70]], torch.float32, "relu"),       # E = 32: one token per warp
+    (1, 9, 5, 16, [[2, 3]], torch.float32, "relu"),                   # one token
+    (40, 14, 5000, 16, [[2, 7], [7, 33]], torch.float32, "relu"),     # V·E too large for a shared table
+    (40, 14, 5000, 16, [[2, 7], [7, 33]], torch.bfloat16, "tanh"),
+    (17, 20, 262, 16, [[1, 4], [7, 40], [9, 3]], torch.float64, "tanh"),  # fp64: 4 filters per warp
+    (517, 50, 262, 16, [[1, 32], [7, 100]], torch.float16, "relu"),   # fp16; N not a multiple of 16
+]
+
+
+@pytest.mark.parametrize("shape", CNN_ODD_SHAPES, ids=lambda s: f"N{s[0]}-L{s[1]}-V{s[2]}-E{s[3]}-{str(s[5])[6:]}")
+def test_char_cnn_backward_odd_shapes(shape, cnn_bwd):
+    _check_char_cnn(*shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_char_cnn_backward_deterministic_and_variants_agree(dtype):
+    ids, emb, weights, biases = _char_inputs(3000, 50, 262, 16, ELMO_FILTERS, dtype)
+    out, argmax = ops.char_cnn(ids, emb, weights, biases, "relu")
+    g = torch.randn_like(out)
+    grads = {}
+    try:
+        for variant in CNN_BWD_VARIANTS:
+            set_cnn_bwd(variant)
+            a = ops.char_cnn_backward(g, ids, emb, weights, out, argmax, "relu")
+            b = ops.char_cnn_backward(g, ids, emb, weights, out, argmax, "relu")
+            for x, y in zip([a[0], *a[1], a[2]], [b[0], *b[1], b[2]]):
+                assert torch.equal(x, y), f"{variant}: two backward runs differ"
+            grads[variant] = [a[0], *a[1], a[2]]
+    finally:
+        set_cnn_bwd("slots")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # same sums in other orders (bf16: rounded results)
+    for x, y in zip(grads["slots"], grads["old"]):
+        assert _rel_err(x, y) <= tol, f"slots vs old: rel err {_rel_err(x, y):.3g}"
 
 
 def test_char_cnn_first_max_wins_ties():

@@ -13,7 +13,8 @@
 // inside a token's trailing run of one repeated id (its padding) are identical, so only the first is
 // computed: exact, and on real words (5 bytes + BOW/EOW in 50 slots) it skips most of the work.
 //
-// What it keeps: out and argmax (an int32 per token and filter) — nothing else survives the call.
+// What it keeps: out and argmax (an int16 per token and filter: t* <= L − w, so L − w <= 32,767 is
+// checked) — nothing else survives the call.
 //
 // What the backward needs: argmax, out (for the activation's derivative: relu: out > 0; tanh:
 // 1 − out²), the ids, the embedding and the filters. The gradient goes through t* only:
@@ -27,7 +28,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <vector>
@@ -36,6 +39,9 @@ namespace minilm {
 namespace {
 
 enum class Act { Relu, Tanh };
+
+// argmax holds t* in [0, L − w] as int16 (half the memory of int32): L − w must fit.
+constexpr int64_t kMaxArgmax = std::numeric_limits<int16_t>::max();
 
 Act parse_activation(const std::string& activation) {
   if (activation == "relu") return Act::Relu;
@@ -51,7 +57,7 @@ void check_inputs(const at::Tensor& ids, const at::Tensor& emb, at::TensorList w
   TORCH_CHECK(!weights.empty(), "char_cnn: weights must hold at least one filter width");
   TORCH_CHECK(emb.size(0) > 0, "char_cnn: the embedding has no rows");
   TORCH_CHECK(ids.device() == emb.device(), "char_cnn: char_ids and embedding must be on one device");
-  int64_t w_max = 0;
+  int64_t w_max = 0, w_min = std::numeric_limits<int64_t>::max();
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
     TORCH_CHECK(w.dim() == 3 && w.size(0) > 0 && w.size(2) > 0, "char_cnn: weights[", i,
@@ -62,9 +68,12 @@ void check_inputs(const at::Tensor& ids, const at::Tensor& emb, at::TensorList w
                 " but the embedding is ", emb.scalar_type());
     TORCH_CHECK(w.device() == emb.device(), "char_cnn: weights[", i, "] is not on the embedding's device");
     w_max = std::max(w_max, w.size(2));
+    w_min = std::min(w_min, w.size(2));
   }
   TORCH_CHECK(ids.size(1) >= w_max, "char_cnn: tokens have ", ids.size(1),
               " characters, fewer than the widest filter (", w_max, ")");
+  TORCH_CHECK(ids.size(1) - w_min <= kMaxArgmax, "char_cnn: argmax is int16, so L − (narrowest width) must be <= ",
+              kMaxArgmax, "; got L = ", ids.size(1), " with width ", w_min);
   // Never read outside the embedding: every id is checked before any lookup.
   const int64_t* p = ids.data_ptr<int64_t>();
   const int64_t V = emb.size(0), n = ids.numel();
@@ -147,7 +156,7 @@ std::vector<int64_t> trailing_run_starts(const int64_t* ids, int64_t N, int64_t 
 
 template <typename scalar_t>
 void forward_kernel(const int64_t* ids, const at::Tensor& emb_t, at::TensorList weights, at::TensorList biases,
-                    Act act, scalar_t* out, int32_t* argmax, int64_t N, int64_t L) {
+                    Act act, scalar_t* out, int16_t* argmax, int64_t N, int64_t L) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t E = emb_t.size(1);
   const std::vector<acc_t> emb = to_acc<acc_t>(emb_t);
@@ -164,7 +173,7 @@ void forward_kernel(const int64_t* ids, const at::Tensor& emb_t, at::TensorList 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x(L * E);            // one token's embedded characters, (L, E)
     std::vector<acc_t> patches, S, best;    // (P, w·E) windows, (P, F) scores, (F,) running max
-    std::vector<int32_t> best_t;
+    std::vector<int32_t> best_t;  // int while computing; stored as int16
     for (size_t i = 0; i < fs.w.size(); ++i) {
       const int64_t F = fs.F[i], W = fs.width[i], K = W * E, T = L - W + 1;
       const int64_t P_max = std::min((end - begin) * T, std::max<int64_t>(T, kTileBytes / int64_t(sizeof(acc_t) * F)));
@@ -204,14 +213,14 @@ void forward_kernel(const int64_t* ids, const at::Tensor& emb_t, at::TensorList 
             }
           }
           scalar_t* o = out + n * Ftot + fs.offset[i];
-          int32_t* a = argmax + n * Ftot + fs.offset[i];
+          int16_t* a = argmax + n * Ftot + fs.offset[i];
           const acc_t* b = bias[i].data();
           if (act == Act::Relu) {
             for (int64_t f = 0; f < F; ++f) o[f] = scalar_t(std::max(best[f] + b[f], acc_t(0)));
           } else {
             for (int64_t f = 0; f < F; ++f) o[f] = scalar_t(std::tanh(best[f] + b[f]));
           }
-          std::copy(best_t.begin(), best_t.end(), a);
+          for (int64_t f = 0; f < F; ++f) a[f] = static_cast<int16_t>(best_t[f]);
           p0 += Tn;
         }
         n0 = n1;
@@ -239,10 +248,10 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   }
   const int64_t N = ids.size(0), L = ids.size(1);
   at::Tensor out = at::empty({N, Ftot}, embedding.options());
-  at::Tensor argmax = at::empty({N, Ftot}, embedding.options().dtype(at::kInt));
+  at::Tensor argmax = at::empty({N, Ftot}, embedding.options().dtype(at::kShort));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embedding.scalar_type(), "char_cnn_cpu", [&] {
     forward_kernel<scalar_t>(ids.data_ptr<int64_t>(), embedding, weights, biases, act, out.data_ptr<scalar_t>(),
-                             argmax.data_ptr<int32_t>(), N, L);
+                             argmax.data_ptr<int16_t>(), N, L);
   });
   return {out, argmax};
 }
@@ -263,7 +272,7 @@ constexpr int64_t kHistFloats = 1 << 20;  // at most 4 MiB of histogram per chun
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at::Tensor& emb_t,
-                     at::TensorList weights, const at::Tensor& out_t, const int32_t* argmax, Act act,
+                     at::TensorList weights, const at::Tensor& out_t, const int16_t* argmax, Act act,
                      at::Tensor& grad_emb_t, std::vector<at::Tensor>& grad_w_t, at::Tensor& grad_b_t, int64_t N,
                      int64_t L) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -300,7 +309,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
         const int64_t row = n * Ftot + off;
         const int64_t* tok_n = ids + n * L;
         for (int64_t f = f0; f < f1; ++f) {
-          const int32_t t = argmax[row + f];
+          const int t = argmax[row + f];
           TORCH_CHECK(t >= 0 && t < T, "char_cnn_backward: argmax ", t, " is outside [0, ", T, ") for width ", W);
           const acc_t g = acc_t(gout[row + f]), y = acc_t(out[row + f]);
           // g' = grad_out · act'(out), the gradient at the pre-activation max
@@ -361,7 +370,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cp
                 "char_cnn_backward: grad_out, out and argmax must have shape [", N, ", ", Ftot, "], got ", t->sizes());
   TORCH_CHECK(grad_out.scalar_type() == embedding.scalar_type() && out.scalar_type() == embedding.scalar_type(),
               "char_cnn_backward: grad_out and out must have the embedding's dtype ", embedding.scalar_type());
-  TORCH_CHECK(argmax.scalar_type() == at::kInt, "char_cnn_backward: argmax must be int32, got ", argmax.scalar_type());
+  TORCH_CHECK(argmax.scalar_type() == at::kShort, "char_cnn_backward: argmax must be int16, got ", argmax.scalar_type());
   const at::Tensor am = argmax.contiguous();
   at::Tensor grad_emb = at::empty_like(embedding, at::MemoryFormat::Contiguous);
   std::vector<at::Tensor> grad_w;
@@ -369,7 +378,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cp
   at::Tensor grad_b = at::empty({Ftot}, embedding.options());
   const at::Tensor go = grad_out.contiguous(), o = out.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embedding.scalar_type(), "char_cnn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(go, ids.data_ptr<int64_t>(), embedding, weights, o, am.data_ptr<int32_t>(), act,
+    backward_kernel<scalar_t>(go, ids.data_ptr<int64_t>(), embedding, weights, o, am.data_ptr<int16_t>(), act,
                               grad_emb, grad_w, grad_b, N, L);
   });
   return {grad_emb, grad_w, grad_b};

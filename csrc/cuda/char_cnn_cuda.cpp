@@ -20,6 +20,8 @@ namespace minilm {
 namespace {
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+// argmax holds t* in [0, L − w] as int16 (half the memory of int32): L − w must fit.
+constexpr int64_t kMaxArgmax = std::numeric_limits<int16_t>::max();
 
 minilm_cuda::Activation parse_activation(c10::string_view a) {
   if (a == "relu") return minilm_cuda::Activation::kRelu;
@@ -62,6 +64,8 @@ std::vector<minilm_cuda::CharCnnWidth> check_inputs(const at::Tensor& ids, const
     }
     TORCH_CHECK(L >= w.size(2), "char_cnn: the words are ", L, " characters long, shorter than the width ",
                 w.size(2), " of weights[", i, "]");
+    TORCH_CHECK(L - w.size(2) <= kMaxArgmax, "char_cnn: argmax is int16, so L − W must be <= ", kMaxArgmax,
+                " for every width W; got L = ", L, " with width ", w.size(2));
     TORCH_CHECK(w.size(0) * E * w.size(2) <= kIntMax, "char_cnn: weights[", i, "] is too large");
     widths.push_back({nullptr, nullptr, static_cast<int>(w.size(0)), static_cast<int>(w.size(2)),
                       static_cast<int>(total)});
@@ -92,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, con
   const c10::cuda::CUDAGuard guard(char_ids.device());
   const int64_t N = char_ids.size(0), L = char_ids.size(1), V = embedding.size(0), E = embedding.size(1);
   at::Tensor out = at::empty({N, total}, embedding.options());
-  at::Tensor argmax = at::empty({N, total}, char_ids.options().dtype(at::kInt));
+  at::Tensor argmax = at::empty({N, total}, char_ids.options().dtype(at::kShort));
   if (N == 0) return {out, argmax};
   check_ids(char_ids, V);
   const at::Tensor ids = char_ids.contiguous(), emb = embedding.contiguous();
@@ -106,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, con
   C10_CUDA_CHECK(minilm_cuda::char_cnn_forward(
       kernel_dtype(emb.scalar_type(), "char_cnn: embedding"), ids.data_ptr<int64_t>(), emb.data_ptr(), N, static_cast<int>(L),
       static_cast<int>(V), static_cast<int>(E), widths.data(), static_cast<int>(widths.size()),
-      static_cast<int>(total), act, out.data_ptr(), argmax.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
+      static_cast<int>(total), act, out.data_ptr(), argmax.data_ptr<int16_t>(), at::cuda::getCurrentCUDAStream()));
   return {out, argmax};
 }
 
@@ -123,10 +127,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
                 "], got ", t->sizes());
     TORCH_CHECK(t->device() == embedding.device(), "char_cnn_backward: all tensors must be on ", embedding.device());
   }
-  TORCH_CHECK(argmax.scalar_type() == at::kInt, "char_cnn_backward: argmax must be int32, got ", argmax.scalar_type());
+  TORCH_CHECK(argmax.scalar_type() == at::kShort, "char_cnn_backward: argmax must be int16, got ", argmax.scalar_type());
   const auto dtype = embedding.scalar_type();
   const auto dt = kernel_dtype(dtype, "char_cnn: embedding");
-  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(dt, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E)),
+  TORCH_CHECK(minilm_cuda::char_cnn_backward_supported(dt, static_cast<int>(L), static_cast<int>(V), static_cast<int>(E),
+                                                       widths.data(), static_cast<int>(widths.size())),
               "char_cnn_backward (CUDA): one word's gradient [L, E] = [", L, ", ", E,
               "] does not fit in shared memory");
   const c10::cuda::CUDAGuard guard(char_ids.device());
@@ -156,7 +161,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> char_cnn_backward_cu
     C10_CUDA_CHECK(minilm_cuda::char_cnn_backward(
         dt, go.data_ptr(), ids.data_ptr<int64_t>(), emb.data_ptr(), N, static_cast<int>(L),
         static_cast<int>(V), static_cast<int>(E), widths.data(), static_cast<int>(widths.size()),
-        static_cast<int>(total), act, y.data_ptr(), am.data_ptr<int32_t>(), partial.data_ptr(),
+        static_cast<int>(total), act, y.data_ptr(), am.data_ptr<int16_t>(), partial.data_ptr(),
         grad_params.data_ptr(), grad_emb.data_ptr(), at::cuda::getCurrentCUDAStream()));
   }
   // grad_params holds, per width, rows [dW_f (E·W values), db_f]: split them

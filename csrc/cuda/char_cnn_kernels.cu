@@ -16,20 +16,36 @@
 // Backward (the max passes the gradient to its argmax only): with g = grad_out · act'(out)
 // (relu: out > 0; tanh: 1 − out²),
 //     dW_f[e][w] = Σ_n g[n,f] · x_n[t*+w][e],   db_f = Σ_n g[n,f],   dx_n[t*+w][e] += g[n,f] · W_f[e][w],
-// and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The work is small
-// (per token and filter, E·W multiply-adds for dW and as many for dx); what matters is to feed the FMA
-// units from registers and shared memory and to avoid atomics, so that the result is bitwise reproducible.
-// * dW, db (charcnn_bwd_dw): a CTA owns 128 filters (lane = filter: the loads of g and t* coalesce), an
-//   8-wide slice of e and up to 8 w, and a chunk of tokens. Each thread keeps its filter's dW slice in
-//   registers and walks the chunk's tokens in order; the tokens' embedded characters are staged in shared
-//   memory (32 tokens at a time). The chunk count is picked for ~2 waves of CTAs (at most 64 chunks, so the
-//   workspace stays a few MB); charcnn_bwd_reduce then adds the chunks' partial sums in chunk order.
-// * d(embedding) (charcnn_bwd_demb): a CTA owns token blocks b, b + G, ... (TB = 256 / E tokens each) and a
-//   private [V, E] table (shared memory when V·E is small, as ELMo's 262 x 16; else its slice of the
-//   workspace, with fewer CTAs). Per block, dx [TB, L, E] lives in shared memory; thread (token, e) alone adds
-//   g·W_f[e][·] for every filter in order into its token's column e; then thread (e, v mod NG) alone adds
-//   the rows of dx into the table rows of their characters. A last charcnn_bwd_reduce sums the G tables in
-//   CTA order. No atomics anywhere: the same inputs give the same bits.
+// and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The arithmetic is small
+// (per token and filter, E·W multiply-adds for dW and as many for dx: ~6.5 GMAC each for ELMo at 32k tokens);
+// what matters is to feed the FMA units from registers and conflict-free shared memory, with enough warps
+// per SM to hide its latency, and to avoid atomics, so that the result is bitwise reproducible.
+//
+// Default: the token-slot kernels. A warp works on NT = 32 / E tokens at once, lane = (slot h, dim e), and
+// keeps its tokens' rows interleaved in shared memory ([t][h][e]), so that the 32 lanes of one access -- each
+// slot at its own t* -- fall in distinct banks (E dividing 32).
+// * dW, db (charcnn_bwd_dw_slots, one launch per width): a CTA owns 64 filters (32 in fp64), a chunk of
+//   taps w and a chunk of tokens; each warp keeps 8 filters' dW_f[e][w-chunk] in registers. Per batch of 16
+//   tokens it stages x = embedding[ids] and [filter][token] tables of g and t*; then each lane adds
+//   g · x[t* + w][e] of its slot's tokens. At the end the slots' sums are added in slot order, and
+//   charcnn_bwd_reduce adds the token chunks' partial sums in chunk order (~one wave of CTAs per width).
+// * d(embedding) (charcnn_bwd_demb_slots, one launch for all widths): a CTA owns token blocks of 8·NT tokens
+//   (16 for E = 16) and a private [V, E] table (in shared memory when small, as ELMo's 262 x 16). Per block
+//   and per chunk of 64 filters, the filters are staged as [f][w][e] (the E lanes of every slot read the same
+//   E consecutive values: a broadcast) and g, t* as [filter][token]. Each lane then adds g · W_f[e][·] into
+//   rows t*..t*+W−1 of its own token's column e, filter after filter: W loads, W FMAs, W stores, unrolled
+//   for W <= 8 (a plain loop beyond). No other lane writes that column, so no atomics. Then the rows of dx
+//   go into the table: lane (slot q, e) owns table rows v ≡ q (mod 8·NT); a warp reads 32 positions' ids at
+//   once, ballots which belong to each of its slots, and each lane adds its rows in increasing (token,
+//   position). A last charcnn_bwd_reduce sums the CTAs' tables in CTA order.
+// The old kernels (MINILM_CNN_BWD=old, and shapes the slot kernels do not take: E > 32, or rows too long
+// for shared memory) map lane = filter instead:
+// * charcnn_bwd_dw: a CTA owns 128 filters (lane = filter), an 8-wide slice of e and up to 8 w, and a chunk
+//   of tokens; each thread walks its chunk's tokens (staged 32 at a time) with its dW slice in registers.
+// * charcnn_bwd_demb: a CTA owns blocks of 256 / E tokens and a private [V, E] table; thread (token, e)
+//   adds g·W_f[e][·] for every filter in order (weights read from global memory); then thread (e, v mod NG)
+//   scans all rows of the block and adds those of its table rows.
+// Either way, no atomics anywhere: the same inputs give the same bits.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -39,6 +55,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace minilm_cuda {
@@ -71,7 +89,7 @@ size_t fast_smem_bytes(int E, int W, int L) {
 template <typename T, int W>
 __global__ void __launch_bounds__(kFwdWarps * 32)
     charcnn_fwd_fast(const int64_t* __restrict__ ids, const T* __restrict__ emb, const T* __restrict__ weight,
-                     const T* __restrict__ bias, T* __restrict__ out, int32_t* __restrict__ argmax, int64_t N, int L,
+                     const T* __restrict__ bias, T* __restrict__ out, int16_t* __restrict__ argmax, int64_t N, int L,
                      int E, int F, int out_stride, int out_off, int Lp, int n_chunks, int act) {
   extern __shared__ __align__(16) float smem[];
   const int K = E * W;
@@ -151,7 +169,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
       if (fg < F) {
         const size_t o = static_cast<size_t>(n) * out_stride + out_off + fg;
         out[o] = FromF<T>::cvt(act_fwd(best[f] + b[f], act));
-        argmax[o] = arg[f];
+        argmax[o] = static_cast<int16_t>(arg[f]);
       }
     }
   }
@@ -161,7 +179,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
 template <typename T>
 __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __restrict__ emb,
                                     const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out,
-                                    int32_t* __restrict__ argmax, int64_t N, int L, int E, int W, int F,
+                                    int16_t* __restrict__ argmax, int64_t N, int L, int E, int W, int F,
                                     int out_stride, int out_off, int act) {
   using A = typename AccOf<T>::type;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -180,7 +198,7 @@ __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __
   }
   const size_t o = static_cast<size_t>(n) * out_stride + out_off + f;
   out[o] = FromF<T>::cvt(act_fwd(best + static_cast<A>(to_f(bias[f])), act));
-  argmax[o] = arg;
+  argmax[o] = static_cast<int16_t>(arg);
 }
 
 // ---------------------------------------------------------------------------------- backward: common
@@ -198,7 +216,7 @@ constexpr int kDwTS = 32;        // tokens staged in shared memory at a time
 // (and db_f in the CTA with e0 = w0 = 0) in registers and walks the tokens of its chunk in order.
 template <typename T, int WC>
 __global__ void __launch_bounds__(kDwThreads)
-    charcnn_bwd_dw(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+    charcnn_bwd_dw(const T* __restrict__ grad_out, const T* __restrict__ out, const int16_t* __restrict__ argmax,
                    const int64_t* __restrict__ ids, const T* __restrict__ emb, int64_t N, int L, int E, int W, int F,
                    int out_stride, int out_off, int act, int64_t chunk_tokens, int TS,
                    typename AccOf<T>::type* __restrict__ partial, int64_t part_stride) {
@@ -296,7 +314,7 @@ struct DxWidths {
 // No atomics: every sum has a fixed order. `accumulate`: the table continues a previous launch.
 template <typename T>
 __global__ void __launch_bounds__(kDxThreads)
-    charcnn_bwd_demb(const T* __restrict__ grad_out, const T* __restrict__ out, const int32_t* __restrict__ argmax,
+    charcnn_bwd_demb(const T* __restrict__ grad_out, const T* __restrict__ out, const int16_t* __restrict__ argmax,
                      const int64_t* __restrict__ ids, int64_t N, int L, int V, int E, int TB, int out_stride,
                      int act, DxWidths ws, int smem_table, int accumulate,
                      typename AccOf<T>::type* __restrict__ tables) {
@@ -333,7 +351,7 @@ __global__ void __launch_bounds__(kDxThreads)
           if (fl < nf) {
             const size_t o = static_cast<size_t>(n0 + s) * out_stride + off + fc0 + fl;
             gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
-            tv = min(max(argmax[o], 0), L - W);  // a corrupt argmax cannot write outside the token
+            tv = min(max(static_cast<int>(argmax[o]), 0), L - W);  // a corrupt argmax cannot write outside the token
           }
           gs[i] = gv;
           ts[i] = tv;
@@ -368,6 +386,268 @@ __global__ void __launch_bounds__(kDxThreads)
   }
 }
 
+// ------------------------------------------------------------ backward, token-slot kernels (the default)
+// Both kernels give each warp NT = 32 / E tokens at once ("slots") and each lane one (slot h, dim e):
+// h = lane / E, e = lane % E (when E does not divide 32, the last 32 mod E lanes idle). A warp's NT tokens
+// are stored interleaved in shared memory, row t of slot h at [t][h][e] (a [L][NT][E] block per warp), so
+// that when every slot reads or writes E values of its own row t_h (its own t*), the 32 lanes hit
+// NT·E consecutive-modulo-32 banks: no bank conflicts when E divides 32, whatever the t* are.
+constexpr int kSlotWarps = 8;
+constexpr int kSlotThreads = 32 * kSlotWarps;
+constexpr int kSlotMaxE = 32;       // lanes per token
+constexpr int kSlotMaxW = 8;        // widths with unrolled tap loops (wider: w-chunks in dW, a loop in dx)
+constexpr int kSlotDwBatch = 16;    // dW: tokens staged at a time (rounded up to whole warps of slots)
+
+// dW: filters per warp (their W-tap sums stay in registers); fewer for fp64, whose values take two registers.
+template <typename A>
+struct DwSlots {
+  static constexpr int kFPW = sizeof(A) == 8 ? 4 : 8;
+  static constexpr int kFB = kFPW * kSlotWarps;  // filters per CTA
+};
+
+// Σ over the NT slots of the lanes (h, e), in slot order (a fixed order: deterministic). Every lane calls it.
+template <typename A>
+__device__ __forceinline__ A sum_over_slots(A v, int NT, int E, int e) {
+  A s = 0;
+  for (int q = 0; q < NT; ++q) s += __shfl_sync(0xffffffffu, v, q * E + e);
+  return s;
+}
+
+// dW, db. CTA (block of FB filters of one width, w-chunk [w0, w0 + WC), token chunk). Lane (h, e) of warp k
+// keeps dW_f[e][w0 .. w0 + WC) and db_f of the filters f = f0 + k, f0 + k + 8, ... (kFPW of them) in registers
+// and adds the tokens of slot h: per batch of TS tokens, x = embedding[ids] is staged in the slot layout and
+// g = grad_out · act'(out), t* as [filter][token]; then for each filter and token, acc[w] += g · x[t* + w][e]
+// (E·WC lanes of a warp read their own token's row: conflict-free). At the end the NT slots' sums are added
+// in slot order and written as this chunk's partial sums (charcnn_bwd_reduce adds the chunks in order).
+template <typename T, int WC>
+__global__ void __launch_bounds__(kSlotThreads, 2)
+    charcnn_bwd_dw_slots(const T* __restrict__ grad_out, const T* __restrict__ out,
+                         const int16_t* __restrict__ argmax, const int64_t* __restrict__ ids,
+                         const T* __restrict__ emb, int64_t N, int L, int E, int W, int F, int out_stride,
+                         int out_off, int act, int64_t chunk_tokens, int TS,
+                         typename AccOf<T>::type* __restrict__ partial, int64_t part_stride) {
+  using A = typename AccOf<T>::type;
+  constexpr int FPW = DwSlots<A>::kFPW, FB = DwSlots<A>::kFB;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int NT = 32 / E, TE = NT * E, TSP = TS + 1;  // TS is a multiple of NT
+  A* xs = reinterpret_cast<A*>(smem_raw);                        // [TS / NT][L][NT][E]
+  A* gs = xs + static_cast<size_t>(TS) * L * E;                  // [FB][TSP]
+  int* ts = reinterpret_cast<int*>(gs + FB * TSP);               // [FB][TSP]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = lane / E, e = lane % E;
+  const int w0 = blockIdx.y * WC, f0 = blockIdx.x * FB;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * chunk_tokens;
+  const int64_t n1 = std::min<int64_t>(N, n0 + chunk_tokens);
+  // staging x: thread (row lane r, dim er) copies rows r, r + RS, ... of every token
+  const int er = threadIdx.x % E, RS = kSlotThreads / E, r0 = threadIdx.x / E;
+  A acc[FPW][WC], acc_b[FPW];
+#pragma unroll
+  for (int i = 0; i < FPW; ++i) {
+    acc_b[i] = 0;
+#pragma unroll
+    for (int w = 0; w < WC; ++w) acc[i][w] = 0;
+  }
+  for (int64_t s0 = n0; s0 < n1; s0 += TS) {
+    const int ns = static_cast<int>(std::min<int64_t>(TS, n1 - s0));
+    __syncthreads();  // the previous batch is no longer read
+    if (r0 < RS) {
+      for (int s = 0; s < TS; ++s) {
+        A* x_s = xs + (static_cast<size_t>(s / NT) * L * NT + s % NT) * E + er;
+        if (s < ns) {
+          const int64_t* id_s = ids + (s0 + s) * L;
+          for (int t = r0; t < L; t += RS) x_s[t * TE] = static_cast<A>(to_f(emb[id_s[t] * E + er]));
+        } else {
+          for (int t = r0; t < L; t += RS) x_s[t * TE] = A(0);
+        }
+      }
+    }
+    for (int idx = threadIdx.x; idx < TS * FB; idx += kSlotThreads) {
+      const int s = idx / FB, fl = idx % FB;  // consecutive threads read consecutive filters of a token
+      A gv = 0;
+      int tv = 0;
+      if (s < ns && f0 + fl < F) {
+        const size_t o = static_cast<size_t>(s0 + s) * out_stride + out_off + f0 + fl;
+        gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
+        // clamped so that a corrupt argmax cannot read outside the token (the forward never makes one)
+        tv = min(max(static_cast<int>(argmax[o]), 0), L - W);
+      }
+      gs[fl * TSP + s] = gv;
+      ts[fl * TSP + s] = tv;
+    }
+    __syncthreads();
+    if (h < NT) {
+#pragma unroll
+      for (int i = 0; i < FPW; ++i) {
+        const int fl = i * kSlotWarps + warp;
+        const A* g_f = gs + fl * TSP + h;  // token j·NT + h of filter fl at g_f[j·NT]
+        const int* t_f = ts + fl * TSP + h;
+        const A* x_h = xs + (static_cast<size_t>(w0) * NT + h) * E + e;  // slot h, row w0, dim e
+        for (int j = 0; j < TS / NT; ++j) {
+          const A gv = g_f[j * NT];
+          if (gv == A(0)) continue;  // relu filters that did not fire (and padding tokens)
+          acc_b[i] += gv;
+          const A* xr = x_h + (static_cast<size_t>(j) * L + t_f[j * NT]) * TE;  // x[t* + w0][e] of the token
+#pragma unroll
+          for (int w = 0; w < WC; ++w)
+            if (w0 + w < W) acc[i][w] += gv * xr[w * TE];
+        }
+      }
+    }
+  }
+  const int K = E * W;
+#pragma unroll
+  for (int i = 0; i < FPW; ++i) {
+    const int f = f0 + i * kSlotWarps + warp;
+    A* dst = partial + static_cast<int64_t>(blockIdx.z) * part_stride + static_cast<int64_t>(f) * (K + 1);
+#pragma unroll
+    for (int w = 0; w < WC; ++w) {
+      const A v = sum_over_slots(acc[i][w], NT, E, e);
+      if (h == 0 && f < F && w0 + w < W) dst[e * W + w0 + w] = v;
+    }
+    const A vb = sum_over_slots(acc_b[i], NT, E, e);
+    if (h == 0 && e == 0 && f < F && blockIdx.y == 0) dst[K] = vb;
+  }
+}
+
+// dx[t* + w][e] += g · W_f[e][w] for the chunk's filters fl < nf, in order, into this lane's column of its
+// token's dx (row t at dx_col[t·TE]). The taps' loads come first, then the stores (W unrolled), and the next
+// filter's g and t* are read before this filter's stores: shared-memory latency overlaps within a filter.
+// Filters whose windows overlap update the same rows, so filter fl + 1 reads dx after filter fl wrote it.
+template <typename A, int W>
+__device__ __forceinline__ void dx_add_filters(A* dx_col, const A* w_col, const A* g_s, const int* t_s, int nf,
+                                               int TBP, int E, int TE) {
+  A gv = nf > 0 ? g_s[0] : A(0);
+  int t = nf > 0 ? t_s[0] : 0;
+  for (int fl = 0; fl < nf; ++fl) {
+    const A g_next = fl + 1 < nf ? g_s[(fl + 1) * TBP] : A(0);
+    const int t_next = fl + 1 < nf ? t_s[(fl + 1) * TBP] : 0;
+    if (gv != A(0)) {
+      A* d = dx_col + t * TE;
+      const A* wr = w_col + fl * W * E;  // W_f[e][w] at wr[w·E]
+      A wv[W], dv[W];
+#pragma unroll
+      for (int w = 0; w < W; ++w) wv[w] = wr[w * E], dv[w] = d[w * TE];
+#pragma unroll
+      for (int w = 0; w < W; ++w) d[w * TE] = dv[w] + gv * wv[w];
+    }
+    gv = g_next, t = t_next;
+  }
+}
+// The same for any width (W > kSlotMaxW), one tap at a time.
+template <typename A>
+__device__ __forceinline__ void dx_add_filters_any(A* dx_col, const A* w_col, const A* g_s, const int* t_s, int nf, int TBP, int E,
+                                   int TE, int W) {
+  for (int fl = 0; fl < nf; ++fl) {
+    const A gv = g_s[fl * TBP];
+    if (gv == A(0)) continue;
+    A* d = dx_col + t_s[fl * TBP] * TE;
+    const A* wr = w_col + fl * W * E;
+    for (int w = 0; w < W; ++w) d[w * TE] += gv * wr[w * E];
+  }
+}
+
+// d(embedding). CTA b owns token blocks b, b + G, ... of TB = 8·NT tokens (one slot per token) and a private
+// [V, E] table (shared memory, or its slice of `tables` when V·E is large). Per token block: dx = 0 in the
+// slot layout; for every width and chunk of FC filters, the chunk's weights are staged as [f][w][e] (the E
+// lanes of a slot read E consecutive values, the same for every slot: broadcast) with g and t* as
+// [filter][token]; lane (h, e) then adds g·W_f[e][·] into its own token's column e (no other lane writes
+// it: no atomics). Then the rows of dx go into the table: lane (slot q, e) owns table rows v ≡ q (mod TB);
+// a warp reads 32 positions' ids at once and ballots which belong to each of its slots, and each lane adds
+// its rows in increasing (token, position). Every sum has a fixed order. `accumulate`: the table continues a
+// previous launch (more than kDxMaxWidths widths).
+template <typename T>
+__global__ void __launch_bounds__(kSlotThreads, 2)
+    charcnn_bwd_demb_slots(const T* __restrict__ grad_out, const T* __restrict__ out,
+                           const int16_t* __restrict__ argmax, const int64_t* __restrict__ ids, int64_t N, int L,
+                           int V, int E, int out_stride, int act, DxWidths ws, int FC, int w_max, int smem_table,
+                           int accumulate, typename AccOf<T>::type* __restrict__ tables) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int NT = 32 / E, TE = NT * E, TB = kSlotWarps * NT, TBP = TB + 1;
+  A* dx = reinterpret_cast<A*>(smem_raw);                    // [kSlotWarps][L][NT][E]
+  A* sw = dx + static_cast<size_t>(TB) * L * E;              // [FC][W][E]: the chunk's filters
+  A* gs = sw + static_cast<size_t>(FC) * w_max * E;          // [FC][TBP]
+  A* tab_s = gs + static_cast<size_t>(FC) * TBP;             // [V][E] if smem_table
+  int* ts = reinterpret_cast<int*>(tab_s + (smem_table ? static_cast<size_t>(V) * E : 0));  // [FC][TBP]
+  int* sid = ts + FC * TBP;                                  // [TB][L]
+  A* tab_g = tables + static_cast<int64_t>(blockIdx.x) * V * E;
+  A* tab = smem_table ? tab_s : tab_g;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = lane / E, e = lane % E;
+  const int slot = warp * NT + h;  // this lane's token in the block (when h < NT)
+  A* dx_col = dx + (static_cast<size_t>(warp) * L * NT + h) * E + e;
+
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(V) * E; i += kSlotThreads)
+    tab[i] = accumulate ? tab_g[i] : A(0);
+  for (int64_t blk = blockIdx.x; blk * TB < N; blk += gridDim.x) {
+    const int64_t n0 = blk * TB;
+    const int ns = static_cast<int>(std::min<int64_t>(TB, N - n0));
+    __syncthreads();  // the previous block's scatter is done
+    for (int i = threadIdx.x; i < TB * L * E; i += kSlotThreads) dx[i] = 0;
+    for (int i = threadIdx.x; i < ns * L; i += kSlotThreads) sid[i] = static_cast<int>(ids[n0 * L + i]);
+    for (int wi = 0; wi < ws.n; ++wi) {
+      const T* weight = static_cast<const T*>(ws.weight[wi]);
+      const int F = ws.filters[wi], W = ws.width[wi], off = ws.offset[wi];
+      for (int fc0 = 0; fc0 < F; fc0 += FC) {
+        const int nf = min(FC, F - fc0);
+        __syncthreads();  // sw, gs and ts are no longer read (and dx is zeroed)
+        for (int r = threadIdx.x; r < nf * E; r += kSlotThreads) {  // thread (fl, e) copies W_f[e][0 .. W)
+          const int fl = r / E, ee = r % E;
+          const T* src = weight + (static_cast<size_t>(fc0 + fl) * E + ee) * W;
+          A* dst = sw + static_cast<size_t>(fl) * W * E + ee;
+          for (int w = 0; w < W; ++w) dst[w * E] = static_cast<A>(to_f(src[w]));
+        }
+        for (int i = threadIdx.x; i < TB * FC; i += kSlotThreads) {
+          const int s = i / FC, fl = i % FC;  // consecutive threads read consecutive filters of a token
+          A gv = 0;
+          int tv = 0;
+          if (s < ns && fl < nf) {
+            const size_t o = static_cast<size_t>(n0 + s) * out_stride + off + fc0 + fl;
+            gv = static_cast<A>(to_f(grad_out[o])) * act_grad(static_cast<A>(to_f(out[o])), act);
+            tv = min(max(static_cast<int>(argmax[o]), 0), L - W);  // a corrupt argmax cannot write outside
+          }
+          gs[fl * TBP + s] = gv;
+          ts[fl * TBP + s] = tv;
+        }
+        __syncthreads();
+        if (h < NT) {
+          const A* g_s = gs + slot;
+          const int* t_s = ts + slot;
+          const A* w_col = sw + e;
+          switch (W) {
+#define MINILM_DX(WW) \
+  case WW: dx_add_filters<A, WW>(dx_col, w_col, g_s, t_s, nf, TBP, E, TE); break
+            MINILM_DX(1); MINILM_DX(2); MINILM_DX(3); MINILM_DX(4); MINILM_DX(5); MINILM_DX(6); MINILM_DX(7);
+            MINILM_DX(8);
+#undef MINILM_DX
+            default: dx_add_filters_any<A>(dx_col, w_col, g_s, t_s, nf, TBP, E, TE, W);
+          }
+        }
+      }
+    }
+    __syncthreads();  // dx complete
+    for (int s = 0; s < ns; ++s) {
+      const A* dx_s = dx + (static_cast<size_t>(s / NT) * L * NT + s % NT) * E + e;  // token s, dim e
+      const int* sid_s = sid + s * L;
+      for (int t0 = 0; t0 < L; t0 += 32) {
+        const int owner = t0 + lane < L ? sid_s[t0 + lane] % TB : -1;  // the slot owning row t0 + lane's id
+        unsigned mine = 0;  // bit b: position t0 + b goes into a table row of this lane's slot
+        for (int q = 0; q < NT; ++q) {
+          const unsigned m = __ballot_sync(0xffffffffu, owner == warp * NT + q);
+          if (q == h) mine = m;
+        }
+        while (mine != 0) {
+          const int t = t0 + __ffs(mine) - 1;
+          mine &= mine - 1;
+          tab[static_cast<int64_t>(sid_s[t]) * E + e] += dx_s[t * TE];
+        }
+      }
+    }
+  }
+  if (smem_table) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(V) * E; i += kSlotThreads) tab_g[i] = tab_s[i];
+  }
+}
+
 // ------------------------------------------------------------------------------------------ launchers
 int max_smem_optin() {
   int dev = 0, v = 48 * 1024;
@@ -384,7 +664,7 @@ cudaError_t allow_smem(F kernel, size_t bytes) {
 
 template <typename T, int W>
 cudaError_t launch_fast(const int64_t* ids, const T* emb, const CharCnnWidth& cw, int64_t N, int L, int E,
-                        int total, int act, T* out, int32_t* argmax, cudaStream_t stream) {
+                        int total, int act, T* out, int16_t* argmax, cudaStream_t stream) {
   const size_t smem = fast_smem_bytes(E, W, L);
   auto kernel = charcnn_fwd_fast<T, W>;
   cudaError_t err = allow_smem(kernel, smem);
@@ -400,7 +680,7 @@ cudaError_t launch_fast(const int64_t* ids, const T* emb, const CharCnnWidth& cw
 
 template <typename T>
 cudaError_t forward_width(const int64_t* ids, const T* emb, const CharCnnWidth& cw, int64_t N, int L, int E,
-                          int total, int act, T* out, int32_t* argmax, cudaStream_t stream) {
+                          int total, int act, T* out, int16_t* argmax, cudaStream_t stream) {
   const bool fast = !std::is_same<T, double>::value && cw.width <= kMaxFastWidth &&
                     fast_smem_bytes(E, cw.width, L) <= static_cast<size_t>(max_smem_optin());
   if (fast) {
@@ -426,7 +706,7 @@ cudaError_t forward_width(const int64_t* ids, const T* emb, const CharCnnWidth& 
 
 template <typename T>
 cudaError_t forward_all(const int64_t* ids, const void* emb, int64_t N, int L, int E, const CharCnnWidth* widths,
-                        int n_widths, int total, int act, void* out, int32_t* argmax, cudaStream_t stream) {
+                        int n_widths, int total, int act, void* out, int16_t* argmax, cudaStream_t stream) {
   for (int i = 0; i < n_widths; ++i) {
     cudaError_t err = forward_width<T>(ids, static_cast<const T*>(emb), widths[i], N, L, E, total, act,
                                        static_cast<T*>(out), argmax, stream);
@@ -442,7 +722,11 @@ int sm_count() {
   return v;
 }
 
-// ---- backward plan: the same functions size the workspace (char_cnn_backward_partial_elems) and launch.
+// ---- backward plans: the same functions size the workspace (char_cnn_backward_partial_elems) and launch.
+// Shared memory that lets 2 CTAs share an SM (228 KB per SM, 1 KB reserved per CTA).
+constexpr size_t kTwoPerSm = 110 * 1024;
+
+// -- the old kernels (MINILM_CNN_BWD=old, and shapes the slot kernels do not take)
 int dw_wc(int W) { return W <= 8 ? W : 8; }  // w per thread (W > 8: several w-chunks)
 // Token chunks of width `cw` in the dW kernel: enough CTAs for ~2 waves, each chunk >= 256 tokens, at most
 // 64 partial sums per parameter (the workspace is chunks x parameters).
@@ -480,7 +764,7 @@ EmbPlan emb_plan(int64_t N, int L, int V, int E, size_t acc) {
             (tab ? static_cast<size_t>(V) * E : 0)) * acc +
            (static_cast<size_t>(tb) * kDxFC + static_cast<size_t>(tb) * L) * sizeof(int);
   };
-  const size_t two_per_sm = std::min<size_t>(optin, 110 * 1024);
+  const size_t two_per_sm = std::min(optin, kTwoPerSm);
   p.smem_table = static_cast<size_t>(V) * E * acc <= 64 * 1024;
   for (int pass = 0; pass < 2 && p.TB == 0; ++pass) {
     for (int tb = kDxThreads / EW; tb >= 1; --tb)
@@ -498,15 +782,116 @@ EmbPlan emb_plan(int64_t N, int L, int V, int E, size_t acc) {
   return p;
 }
 
+// -- the slot kernels
+int slot_dw_fb(size_t acc) { return acc == sizeof(double) ? DwSlots<double>::kFB : DwSlots<float>::kFB; }
+int slot_dw_wc(int W) { return W <= kSlotMaxW ? W : kSlotMaxW; }
+size_t slot_dw_smem(int TS, int L, int E, size_t acc) {
+  return static_cast<size_t>(TS) * L * E * acc + static_cast<size_t>(slot_dw_fb(acc)) * (TS + 1) * (acc + sizeof(int));
+}
+// Tokens per staged batch: kSlotDwBatch rounded up to whole slots, halved while 2 CTAs do not fit an SM;
+// 0 if even one warp's slots do not fit (then the old kernels run).
+int slot_dw_batch(int L, int E, size_t acc) {
+  if (E > kSlotMaxE) return 0;
+  const int NT = 32 / E;
+  int groups = (kSlotDwBatch + NT - 1) / NT;
+  while (groups > 1 && slot_dw_smem(NT * groups, L, E, acc) > kTwoPerSm) groups /= 2;
+  return slot_dw_smem(NT * groups, L, E, acc) <= static_cast<size_t>(max_smem_optin()) ? NT * groups : 0;
+}
+// Token chunks of one width: about one wave of CTAs at 2 per SM (rounded down: no small second wave), each
+// chunk >= 256 tokens, at most 64 partial sums per parameter.
+int64_t slot_dw_chunk_tokens(int64_t N, const CharCnnWidth& cw, size_t acc) {
+  const int fb = slot_dw_fb(acc), wc = slot_dw_wc(cw.width);
+  const int64_t base = static_cast<int64_t>((cw.filters + fb - 1) / fb) * ((cw.width + wc - 1) / wc);
+  const int64_t c = std::max<int64_t>(1, std::min<int64_t>({2 * sm_count() / base, 64, (N + 255) / 256}));
+  return (N + c - 1) / c;
+}
+int64_t slot_dw_chunks(int64_t N, const CharCnnWidth& cw, size_t acc) {
+  const int64_t ct = slot_dw_chunk_tokens(N, cw, acc);
+  return (N + ct - 1) / ct;
+}
+
+struct SlotEmbPlan {
+  int FC = 0;              // filters per staged chunk (0: does not fit)
+  bool smem_table = true;  // the CTA's [V, E] table in shared memory
+  int64_t G = 0;           // CTAs = private tables
+  size_t smem = 0;
+};
+SlotEmbPlan slot_emb_plan(int64_t N, int L, int V, int E, int w_max, size_t acc) {
+  SlotEmbPlan p;
+  if (E > kSlotMaxE) return p;
+  const int TB = kSlotWarps * (32 / E);
+  const size_t optin = static_cast<size_t>(max_smem_optin());
+  auto bytes = [&](int fc, bool tab) {
+    return (static_cast<size_t>(TB) * L * E + static_cast<size_t>(fc) * w_max * E +
+            static_cast<size_t>(fc) * (TB + 1) + (tab ? static_cast<size_t>(V) * E : 0)) * acc +
+           (static_cast<size_t>(fc) * (TB + 1) + static_cast<size_t>(TB) * L) * sizeof(int);
+  };
+  // Largest chunk (64, 32, ..., 1 filters) that lets 2 CTAs share an SM, else that fits one; the table in
+  // shared memory if it is small, else (or if nothing fits with it) in global memory.
+  for (int tab = static_cast<size_t>(V) * E * acc <= 64 * 1024 ? 1 : 0; tab >= 0 && p.FC == 0; --tab) {
+    for (size_t limit : {std::min(optin, kTwoPerSm), optin}) {
+      for (int fc = 64; fc >= 1 && p.FC == 0; fc /= 2)
+        if (bytes(fc, tab) <= limit) p.FC = fc, p.smem_table = tab == 1;
+      if (p.FC != 0) break;
+    }
+  }
+  if (p.FC == 0) return p;
+  p.smem = bytes(p.FC, p.smem_table);
+  const int per_sm = p.smem <= kTwoPerSm ? 2 : 1;
+  p.G = std::min<int64_t>((N + TB - 1) / TB, static_cast<int64_t>(per_sm) * sm_count());
+  if (!p.smem_table)  // tables in global memory: keep them under ~256 MiB
+    p.G = std::min<int64_t>(p.G, std::max<int64_t>(1, (int64_t{256} << 20) / (static_cast<int64_t>(V) * E * acc)));
+  return p;
+}
+
+int max_width(const CharCnnWidth* widths, int n_widths) {
+  int w = 1;
+  for (int i = 0; i < n_widths; ++i) w = std::max(w, widths[i].width);
+  return w;
+}
+
+// Which backward runs: the slot kernels, unless MINILM_CNN_BWD=old (read at every call, so that a
+// benchmark can compare) or the shape does not fit them (E > 32, or a token's rows too long for shared
+// memory); then the old kernels.
+bool use_slot_kernels(int L, int V, int E, const CharCnnWidth* widths, int n_widths, size_t acc) {
+  const char* v = std::getenv("MINILM_CNN_BWD");
+  if (v != nullptr && std::strcmp(v, "old") == 0) return false;
+  return slot_dw_batch(L, E, acc) > 0 && slot_emb_plan(1, L, V, E, max_width(widths, n_widths), acc).FC > 0;
+}
+
 int64_t backward_workspace(int64_t N, int L, int V, int E, const CharCnnWidth* widths, int n_widths, size_t acc) {
   int64_t elems = 0;
+  if (use_slot_kernels(L, V, E, widths, n_widths, acc)) {
+    for (int i = 0; i < n_widths; ++i)
+      elems += slot_dw_chunks(N, widths[i], acc) * widths[i].filters * (static_cast<int64_t>(E) * widths[i].width + 1);
+    return elems + slot_emb_plan(N, L, V, E, max_width(widths, n_widths), acc).G * V * E;
+  }
   for (int i = 0; i < n_widths; ++i)
     elems += dw_chunks(N, E, widths[i]) * widths[i].filters * (static_cast<int64_t>(E) * widths[i].width + 1);
   return elems + emb_plan(N, L, V, E, acc).G * V * E;
 }
 
+DxWidths dx_widths(const CharCnnWidth* widths, int i0, int n_widths) {  // widths i0 .. i0 + kDxMaxWidths
+  DxWidths ws{};
+  ws.n = std::min(kDxMaxWidths, n_widths - i0);
+  for (int j = 0; j < ws.n; ++j) {
+    ws.weight[j] = widths[i0 + j].weight;
+    ws.filters[j] = widths[i0 + j].filters;
+    ws.width[j] = widths[i0 + j].width;
+    ws.offset[j] = widths[i0 + j].offset;
+  }
+  return ws;
+}
+
+template <typename A>
+cudaError_t launch_reduce(const A* partial, A* grad, int64_t P, int64_t chunks, cudaStream_t stream) {
+  charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 2048)), 256, 0, stream>>>(
+      partial, grad, P, static_cast<int>(chunks));
+  return cudaGetLastError();
+}
+
 template <typename T, int WC>
-cudaError_t launch_dw(const T* go, const T* y, const int32_t* argmax, const int64_t* ids, const T* emb, int64_t N,
+cudaError_t launch_dw(const T* go, const T* y, const int16_t* argmax, const int64_t* ids, const T* emb, int64_t N,
                       int L, int E, const CharCnnWidth& cw, int total, int act, typename AccOf<T>::type* partial,
                       cudaStream_t stream) {
   using A = typename AccOf<T>::type;
@@ -525,10 +910,31 @@ cudaError_t launch_dw(const T* go, const T* y, const int32_t* argmax, const int6
   return cudaGetLastError();
 }
 
+template <typename T, int WC>
+cudaError_t launch_dw_slots(const T* go, const T* y, const int16_t* argmax, const int64_t* ids, const T* emb,
+                            int64_t N, int L, int E, const CharCnnWidth& cw, int total, int act,
+                            typename AccOf<T>::type* partial, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int TS = slot_dw_batch(L, E, sizeof(A));
+  if (TS == 0) return cudaErrorInvalidConfiguration;
+  const size_t smem = slot_dw_smem(TS, L, E, sizeof(A));
+  auto kernel = charcnn_bwd_dw_slots<T, WC>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t ct = slot_dw_chunk_tokens(N, cw, sizeof(A));
+  const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1);
+  constexpr int FB = DwSlots<A>::kFB;
+  const dim3 grid(static_cast<unsigned>((cw.filters + FB - 1) / FB), static_cast<unsigned>((cw.width + WC - 1) / WC),
+                  static_cast<unsigned>((N + ct - 1) / ct));
+  kernel<<<grid, kSlotThreads, smem, stream>>>(go, y, argmax, ids, emb, N, L, E, cw.width, cw.filters, total,
+                                               cw.offset, act, ct, TS, partial, P);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* emb_, int64_t N, int L, int V, int E,
                          const CharCnnWidth* widths, int n_widths, int total, int act, const void* out,
-                         const int32_t* argmax, void* partial_, void* grad_params_, void* grad_emb_,
+                         const int16_t* argmax, void* partial_, void* grad_params_, void* grad_emb_,
                          cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   A* partial = static_cast<A*>(partial_);
@@ -537,6 +943,7 @@ cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* e
   const T* go = static_cast<const T*>(grad_out);
   const T* y = static_cast<const T*>(out);
   const T* emb = static_cast<const T*>(emb_);
+  const bool slots = use_slot_kernels(L, V, E, widths, n_widths, sizeof(A));
   cudaError_t err = cudaSuccess;
 
   // dW, db: per width, chunk partial sums, then their fixed-order sum
@@ -544,51 +951,69 @@ cudaError_t backward_all(const void* grad_out, const int64_t* ids, const void* e
   A* part = partial;
   for (int i = 0; i < n_widths; ++i) {
     const CharCnnWidth& cw = widths[i];
-    switch (dw_wc(cw.width)) {
+    if (slots) {
+      switch (slot_dw_wc(cw.width)) {
+#define MINILM_DW(WC) \
+  case WC: err = launch_dw_slots<T, WC>(go, y, argmax, ids, emb, N, L, E, cw, total, act, part, stream); break
+        MINILM_DW(1); MINILM_DW(2); MINILM_DW(3); MINILM_DW(4); MINILM_DW(5); MINILM_DW(6); MINILM_DW(7);
+        MINILM_DW(8);
+#undef MINILM_DW
+        default: return cudaErrorInvalidValue;
+      }
+    } else {
+      switch (dw_wc(cw.width)) {
 #define MINILM_DW(WC) \
   case WC: err = launch_dw<T, WC>(go, y, argmax, ids, emb, N, L, E, cw, total, act, part, stream); break
-      MINILM_DW(1); MINILM_DW(2); MINILM_DW(3); MINILM_DW(4); MINILM_DW(5); MINILM_DW(6); MINILM_DW(7); MINILM_DW(8);
+        MINILM_DW(1); MINILM_DW(2); MINILM_DW(3); MINILM_DW(4); MINILM_DW(5); MINILM_DW(6); MINILM_DW(7);
+        MINILM_DW(8);
 #undef MINILM_DW
-      default: return cudaErrorInvalidValue;
+        default: return cudaErrorInvalidValue;
+      }
     }
     if (err != cudaSuccess) return err;
-    const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1), chunks = dw_chunks(N, E, cw);
-    charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 2048)), 256, 0, stream>>>(
-        part, grad_params + off, P, static_cast<int>(chunks));
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    const int64_t P = static_cast<int64_t>(cw.filters) * (E * cw.width + 1);
+    const int64_t chunks = slots ? slot_dw_chunks(N, cw, sizeof(A)) : dw_chunks(N, E, cw);
+    if ((err = launch_reduce<A>(part, grad_params + off, P, chunks, stream)) != cudaSuccess) return err;
     off += P;
     part += chunks * P;
   }
 
   // d(embedding): per-CTA tables (all widths per token block, kDxMaxWidths per launch), then their sum
-  const EmbPlan plan = emb_plan(N, L, V, E, sizeof(A));
-  if (plan.TB == 0) return cudaErrorInvalidConfiguration;
-  auto kd = charcnn_bwd_demb<T>;
-  if ((err = allow_smem(kd, plan.smem)) != cudaSuccess) return err;
-  for (int i0 = 0; i0 < n_widths; i0 += kDxMaxWidths) {
-    DxWidths ws{};
-    ws.n = std::min(kDxMaxWidths, n_widths - i0);
-    for (int j = 0; j < ws.n; ++j) {
-      ws.weight[j] = widths[i0 + j].weight;
-      ws.filters[j] = widths[i0 + j].filters;
-      ws.width[j] = widths[i0 + j].width;
-      ws.offset[j] = widths[i0 + j].offset;
+  int64_t G = 0;
+  if (slots) {
+    const int w_max = max_width(widths, n_widths);
+    const SlotEmbPlan plan = slot_emb_plan(N, L, V, E, w_max, sizeof(A));
+    if (plan.FC == 0) return cudaErrorInvalidConfiguration;
+    auto kd = charcnn_bwd_demb_slots<T>;
+    if ((err = allow_smem(kd, plan.smem)) != cudaSuccess) return err;
+    for (int i0 = 0; i0 < n_widths; i0 += kDxMaxWidths) {
+      kd<<<static_cast<unsigned>(plan.G), kSlotThreads, plan.smem, stream>>>(
+          go, y, argmax, ids, N, L, V, E, total, act, dx_widths(widths, i0, n_widths), plan.FC, w_max,
+          plan.smem_table ? 1 : 0, i0 > 0 ? 1 : 0, part);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
-    kd<<<static_cast<unsigned>(plan.G), kDxThreads, plan.smem, stream>>>(
-        go, y, argmax, ids, N, L, V, E, plan.TB, total, act, ws, plan.smem_table ? 1 : 0, i0 > 0 ? 1 : 0, part);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    G = plan.G;
+  } else {
+    const EmbPlan plan = emb_plan(N, L, V, E, sizeof(A));
+    if (plan.TB == 0) return cudaErrorInvalidConfiguration;
+    auto kd = charcnn_bwd_demb<T>;
+    if ((err = allow_smem(kd, plan.smem)) != cudaSuccess) return err;
+    for (int i0 = 0; i0 < n_widths; i0 += kDxMaxWidths) {
+      kd<<<static_cast<unsigned>(plan.G), kDxThreads, plan.smem, stream>>>(
+          go, y, argmax, ids, N, L, V, E, plan.TB, total, act, dx_widths(widths, i0, n_widths),
+          plan.smem_table ? 1 : 0, i0 > 0 ? 1 : 0, part);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    G = plan.G;
   }
-  const int64_t VE = static_cast<int64_t>(V) * E;
-  charcnn_bwd_reduce<A><<<static_cast<unsigned>(std::min<int64_t>((VE + 255) / 256, 2048)), 256, 0, stream>>>(
-      part, grad_emb, VE, static_cast<int>(plan.G));
-  return cudaGetLastError();
+  return launch_reduce<A>(part, grad_emb, static_cast<int64_t>(V) * E, G, stream);
 }
 
 }  // namespace
 
 cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
                              const CharCnnWidth* widths, int n_widths, int total_filters, Activation act,
-                             void* out, int32_t* argmax, cudaStream_t stream) {
+                             void* out, int16_t* argmax, cudaStream_t stream) {
   (void)V;
   const int a = static_cast<int>(act);
   switch (dtype) {
@@ -609,13 +1034,14 @@ int64_t char_cnn_backward_partial_elems(Dtype dtype, int64_t N, int L, int V, in
   return backward_workspace(N, L, V, E, widths, n_widths, dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float));
 }
 
-bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E) {
-  return emb_plan(1, L, V, E, dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float)).TB > 0;
+bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E, const CharCnnWidth* widths, int n_widths) {
+  const size_t acc = dtype == Dtype::kFloat64 ? sizeof(double) : sizeof(float);
+  return use_slot_kernels(L, V, E, widths, n_widths, acc) || emb_plan(1, L, V, E, acc).TB > 0;
 }
 
 cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,
                               int L, int V, int E, const CharCnnWidth* widths, int n_widths, int total_filters,
-                              Activation act, const void* out, const int32_t* argmax, void* partial,
+                              Activation act, const void* out, const int16_t* argmax, void* partial,
                               void* grad_params, void* grad_emb, cudaStream_t stream) {
   const int a = static_cast<int>(act);
 #define MINILM_BWD(T)                                                                                          \

@@ -48,24 +48,25 @@ struct CharCnnWidth {
 
 enum class Activation { kRelu = 0, kTanh = 1 };
 
-// ids [N, L] int64 (already checked to lie in [0, V)); emb [V, E]; out [N, total]; argmax [N, total] int32.
+// ids [N, L] int64 (already checked to lie in [0, V)); emb [V, E]; out [N, total]; argmax [N, total] int16
+// (t* <= L − W <= 32,767, checked by the glue).
 cudaError_t char_cnn_forward(Dtype dtype, const int64_t* ids, const void* emb, int64_t N, int L, int V, int E,
                              const CharCnnWidth* widths, int n_widths, int total_filters, Activation act,
-                             void* out, int32_t* argmax, cudaStream_t stream);
+                             void* out, int16_t* argmax, cudaStream_t stream);
 
 // Workspace of char_cnn_backward, in elements of the accumulation type (fp64 for fp64 inputs, fp32
 // otherwise): the dW/db partial sums of every token chunk and the per-CTA [V, E] d(embedding) tables.
 int64_t char_cnn_backward_partial_elems(Dtype dtype, int64_t N, int L, int V, int E, const CharCnnWidth* widths,
                                         int n_widths);
 // Whether one token's [L, E] gradient fits in shared memory (else the backward cannot run).
-bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E);
+bool char_cnn_backward_supported(Dtype dtype, int L, int V, int E, const CharCnnWidth* widths, int n_widths);
 // grad_params: [sum_i F_i * (E*W_i + 1)] accumulation type; for width i, starting at sum_{j<i} F_j*(E*W_j+1),
 //   row f holds dW[f] (E*W values, [E][W] order) followed by db[f].
 // grad_emb: [V, E] accumulation type (every element written).
 // Deterministic: no atomics; every sum runs in a fixed order.
 cudaError_t char_cnn_backward(Dtype dtype, const void* grad_out, const int64_t* ids, const void* emb, int64_t N,
                               int L, int V, int E, const CharCnnWidth* widths, int n_widths, int total_filters,
-                              Activation act, const void* out, const int32_t* argmax, void* partial,
+                              Activation act, const void* out, const int16_t* argmax, void* partial,
                               void* grad_params, void* grad_emb, cudaStream_t stream);
 
 }  // namespace minilm_cuda

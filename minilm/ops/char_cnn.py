@@ -14,7 +14,8 @@ per-filter constant does not move the max and relu/tanh are monotonic.
 
 The composite materialises s_i — (N, sum F_i, L - w + 1), 92,128 floats per token for ELMo's
 filters — only to take its max. The kernels (csrc/cpu/char_cnn.cpp, csrc/cuda/) keep a running max
-and its position t* (argmax, int32) instead, and the backward sends the gradient through t* only:
+and its position t* instead (argmax, int16: half the memory of int32; it needs L - w <= 32,767), and
+the backward sends the gradient through t* only:
 
     g'        = grad_out · act'(out)            (relu: out > 0;  tanh: 1 - out²)
     dW_f     += g' · x[t*:t*+w]                 dx[t*:t*+w] += g' · W_f                db_f += g'
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACTIVATIONS = ("relu", "tanh")
+MAX_ARGMAX = torch.iinfo(torch.int16).max  # argmax (t* in [0, L - w]) is stored as int16
 
 
 def char_cnn_reference(char_ids, embedding, weights, biases, activation="relu"):
@@ -95,6 +97,10 @@ def _check(char_ids, embedding, weights, biases, activation):
     w_max = max(w.shape[2] for w in weights)
     if L < w_max:
         raise ValueError(f"{name}: tokens have {L} characters, fewer than the widest filter ({w_max})")
+    w_min = min(w.shape[2] for w in weights)
+    if L - w_min > MAX_ARGMAX:
+        raise ValueError(f"{name}: argmax is int16, so L - (narrowest width) must be <= {MAX_ARGMAX}; "
+                         f"got L = {L} with width {w_min}")
     # Reading the ids' range needs their values: skipped while torch.compile traces (the kernels check it too).
     if char_ids.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(char_ids.min()), int(char_ids.max())
@@ -117,7 +123,7 @@ def char_cnn(char_ids, embedding, weights, biases, activation="relu"):
 def _(char_ids, embedding, weights, biases, activation):
     n_filters = sum(w.shape[0] for w in weights)
     out = embedding.new_empty((char_ids.shape[0], n_filters))
-    return out, embedding.new_empty((char_ids.shape[0], n_filters), dtype=torch.int32)
+    return out, embedding.new_empty((char_ids.shape[0], n_filters), dtype=torch.int16)
 
 
 @torch.library.register_fake("minilm::char_cnn_backward")
