@@ -64,7 +64,7 @@ if [ -s "$MINILM_SWEEP_ENV" ]; then
   source "$MINILM_SWEEP_ENV"; echo "=== tuning for the rest of the run:"; cat "$MINILM_SWEEP_ENV"
 fi
 # 3. Correctness: the CUDA tests, the char-CNN diagnostics.
-step pytest 150 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
+step pytest 200 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
 step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
 step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
 # 4. Speed: the char-CNN breakdown, then the project's benchmarks while there is time.
