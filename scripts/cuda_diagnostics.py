@@ -7,7 +7,7 @@ ones selected by MINILM_CNN_BWD=old); cnn-perf times both, then prints the per-k
 fused fwd+bwd at 32,768 tokens (torch.profiler), fp32 and bf16.
 
 attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3) and
-backward configuration (MINILM_ATTN_BWD = fused | split | split2, MINILM_ATTN_DQ = narrow | wide; see
+backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3, MINILM_ATTN_DQ = narrow | wide; see
 csrc/cuda/attention_kernels.cu): correctness on a few shapes, then the forward (layouts) or fwd+bwd
 (backward configurations) time on the four target shapes next to SDPA's flash and cuDNN backends.
 
@@ -234,7 +234,8 @@ def cnn_perf(N=32768):
 # environment variables at every call): forward layouts, and backward schemes (+ the dQ kernel's tiling).
 SWEEP_SHAPES = ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16, 4096, 128))
 FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3")
-BWD_CONFIGS = (("fused", "narrow"), ("split", "narrow"), ("split2", "narrow"), ("split", "wide"), ("split2", "wide"))
+BWD_CONFIGS = (("fused", "narrow"), ("split", "narrow"), ("split2", "narrow"), ("split", "wide"), ("split2", "wide"),
+               ("split3", "narrow"), ("split3", "wide"))
 SWEEP_CHECKS = ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48), (1, 1, 1, 64), (2, 1, 37, 128))
 
 
@@ -319,7 +320,15 @@ def attn_sweep():
             del q, k, v, g
             torch.cuda.empty_cache()
     _sweep_env()
-    _sweep_pick(results)
+    picks = _sweep_pick(results)
+    # Where the time goes with the picked tilings, kernel by kernel (for the next round of tuning).
+    for var, val in picks.items():
+        os.environ[var] = val
+    for shape in SWEEP_SHAPES:
+        q, k, v, g = _sweep_inputs(*shape)
+        kernel_breakdown(lambda: causal_attention(q, k, v).backward(g), f"sweep profile fwd+bwd {shape}", top=6)
+        del q, k, v, g
+    _sweep_env()
     return ok
 
 
@@ -345,12 +354,14 @@ def _sweep_pick(results):
             else:
                 picks["MINILM_ATTN_BWD"].append(f"{D}:{choice[0]}")
                 picks["MINILM_ATTN_DQ"].append(f"{D}:{choice[1]}")
-    lines = [f"export {var}={','.join(vals)}" for var, vals in picks.items() if vals]
+    picks = {var: ",".join(vals) for var, vals in picks.items() if vals}
+    lines = [f"export {var}={val}" for var, val in picks.items()]
     print("sweep best: " + " ; ".join(lines), flush=True)
     path = os.environ.get("MINILM_SWEEP_ENV")
     if path:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
+    return picks
 
 
 def cnn_determinism():

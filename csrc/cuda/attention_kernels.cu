@@ -422,21 +422,22 @@ __device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, in
 #endif
 }
 
-template <int D>
+template <int D, int BR_>
 struct BwdCfg {
-  static constexpr int NW = 8, NT = NW * 32, BC = 16 * NW, BR = D <= 64 ? 64 : 32, S = D + 8, SS = BR + 8;
+  static constexpr int NW = 8, NT = NW * 32, BC = 16 * NW, BR = BR_, S = D + 8, SS = BR + 8;
   static constexpr size_t smem_bytes(size_t elem) {
     return (static_cast<size_t>(2 * BC * S) + 4 * BR * S + static_cast<size_t>(BC) * SS) * elem +
            4 * BR * sizeof(float);
   }
 };
 
-template <typename T, int D, bool WITH_DQ, int MINB>
-__global__ void __launch_bounds__(BwdCfg<D>::NT, MINB)
+// BR: query rows per step (64 for D = 64, 32 for D = 128; "split3" uses 32 at D = 64 too).
+template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 32)>
+__global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
                 T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
-  using C = BwdCfg<D>;
+  using C = BwdCfg<D, BR_>;
   constexpr int NW = C::NW, NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SS = C::SS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);  // [BC][S]
@@ -995,7 +996,7 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 // every call, overrides a default: one name for every head dim ("wide") or one per head dim
 // ("64:wide,128:narrow2").
 //   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3      (forward layout, see FwdCfg)
-//   MINILM_ATTN_BWD: fused | split | split2               (backward scheme, see bwd_tc)
+//   MINILM_ATTN_BWD: fused | split | split2 | split3      (backward scheme, see bwd_tc)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
   const char* env = std::getenv(var);
@@ -1022,7 +1023,9 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 }
 // THE DEFAULTS (index into the name lists above), for D = 64 and D = 128.
 int fwd_layout(int D) { return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3"}, 2); }
-int bwd_variant(int D) { return tuning_choice("MINILM_ATTN_BWD", D, {"fused", "split", "split2"}, D <= 64 ? 2 : 1); }
+int bwd_variant(int D) {
+  return tuning_choice("MINILM_ATTN_BWD", D, {"fused", "split", "split2", "split3"}, D <= 64 ? 2 : 1);
+}
 bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, 0) == 1; }
 
 template <typename T, int D>
@@ -1040,16 +1043,17 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
+//   split3 : as split2 with 32 query rows per step (fewer live registers, more steps)
 // Measured in the first GPU session (H200, bf16 fwd+bwd vs SDPA flash, before the wide forward): at D=64
 // split2 1.01x / 0.89x / 0.83x at T = 512 / 2048 / 8192, split 0.99 / 0.85 / 0.79, fused 0.86 / 0.75 / 0.74;
 // at D=128 split 0.70x, fused 0.64x, split2 0.48x.
-template <typename T, int D, bool WITH_DQ, int MINB>
+template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32)>
 cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
                           const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
                           float scale, cudaStream_t stream) {
-  using C = BwdCfg<D>;
+  using C = BwdCfg<D, BR>;
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB>;
+  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB, BR>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BC - 1) / C::BC));
@@ -1084,8 +1088,11 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
   if (err != cudaSuccess) return err;
   const int variant = bwd_variant(D);
   if (variant != 0) {
-    err = variant == 2 ? launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream)
-                       : launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
+    switch (variant) {
+      case 1: err = launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream); break;
+      case 2: err = launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream); break;
+      default: err = launch_bwd_tc<T, D, false, 2, 32>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
+    }
     if (err != cudaSuccess) return err;
     if constexpr (D <= 64) {
       if (dq_wide(D)) return launch_dq_tc<T, D, DqWide<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
