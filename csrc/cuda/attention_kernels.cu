@@ -1021,12 +1021,18 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
   }
   return fallback;
 }
-// THE DEFAULTS (index into the name lists above), for D = 64 and D = 128.
+// THE DEFAULTS (index into the name lists above), from two sweeps on one H200 (bf16, fwd+bwd against SDPA's
+// flash backend in the same run; scripts/cuda_diagnostics.py attn-sweep):
+//   forward: wide for both head dims (fwd 1.07x / 0.96x / 0.99x flash at T = 512 / 2048 / 8192, D = 64;
+//            0.90x at D = 128; narrow 1.06 / 0.90 / 0.91 / 0.79, narrow2 and wide3 no better);
+//   backward D = 64: split3 with the wide dQ kernel (0.98x / 0.90x / 0.84x fwd+bwd; split2 + wide dQ
+//            1.00 / 0.89 / 0.82, fused 0.93 / 0.83 / 0.83: all within a few percent);
+//   backward D = 128: split (0.72x; fused 0.74x but not deterministic, split2/split3 0.53x: they spill).
 int fwd_layout(int D) { return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3"}, 2); }
 int bwd_variant(int D) {
-  return tuning_choice("MINILM_ATTN_BWD", D, {"fused", "split", "split2", "split3"}, D <= 64 ? 2 : 1);
+  return tuning_choice("MINILM_ATTN_BWD", D, {"fused", "split", "split2", "split3"}, D <= 64 ? 3 : 1);
 }
-bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, 0) == 1; }
+bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, D <= 64 ? 1 : 0) == 1; }
 
 template <typename T, int D>
 cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
@@ -1039,14 +1045,11 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
   }
 }
 
-// Backward schemes (MINILM_ATTN_BWD):
+// Backward schemes (MINILM_ATTN_BWD; the defaults are above, with the sweep's figures):
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
-//   split3 : as split2 with 32 query rows per step (fewer live registers, more steps)
-// Measured in the first GPU session (H200, bf16 fwd+bwd vs SDPA flash, before the wide forward): at D=64
-// split2 1.01x / 0.89x / 0.83x at T = 512 / 2048 / 8192, split 0.99 / 0.85 / 0.79, fused 0.86 / 0.75 / 0.74;
-// at D=128 split 0.70x, fused 0.64x, split2 0.48x.
+//   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64)
 template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32)>
 cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
                           const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
