@@ -326,7 +326,8 @@ def attn_sweep():
         os.environ[var] = val
     for shape in SWEEP_SHAPES:
         q, k, v, g = _sweep_inputs(*shape)
-        kernel_breakdown(lambda: causal_attention(q, k, v).backward(g), f"sweep profile fwd+bwd {shape}", top=6)
+        case(f"sweep profile fwd+bwd {shape}",
+             lambda: kernel_breakdown(lambda: causal_attention(q, k, v).backward(g), "per kernel", top=6) or "done")
         del q, k, v, g
     _sweep_env()
     return ok
@@ -335,7 +336,9 @@ def attn_sweep():
 def _sweep_pick(results):
     """Per head dim, the forward layout and the backward configuration that are fastest over the sweep's
     shapes of that head dim, among those that passed every check: printed, and written as shell
-    exports to $MINILM_SWEEP_ENV when set (scripts/gpu_check.sh runs the tests and benchmarks with them)."""
+    exports to $MINILM_SWEEP_ENV when set: candidates for the defaults in attention_kernels.cu (which
+    also weigh determinism: "fused" adds dQ with atomics). At D = 128 some names are the same kernel
+    (split3 = split2, wide3 ~ wide, the dQ tiling is always narrow)."""
     picks = {"MINILM_ATTN_FWD": [], "MINILM_ATTN_BWD": [], "MINILM_ATTN_DQ": []}
     for D in sorted({s[3] for s in SWEEP_SHAPES}):
         shapes = [s for s in SWEEP_SHAPES if s[3] == D]

@@ -16,7 +16,7 @@
 // CTAs are ordered heaviest-first (the last query tiles see the most keys) for the causal imbalance.
 //
 // Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
-// BC = 128 keys (16 per warp) and walks the query tiles (BR = 64 rows for D = 64, 32 for D = 128) from
+// BC = 128 keys (16 per warp) and walks the query tiles (BR = 64 or 32 rows, see BwdCfg) from
 // the diagonal to the end, double-buffering Q, dO, LSE and Delta. Per query tile each warp recomputes
 // the transposed scores Sᵀ = K Qᵀ for its keys (so that Pᵀ is already an mma operand), then
 //     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
@@ -26,7 +26,8 @@
 // not bitwise deterministic run to run; on sm_90 one 4-wide vector atomic per lane and n8 tile). A last
 // kernel writes dQ = scale · buffer in the input dtype. The "split" schemes instead run this kernel
 // without dQ and a second kernel that owns query rows and recomputes S and dP to get dQ without atomics
-// (deterministic, 7 instead of 5 matrix products); MINILM_ATTN_BWD picks, see bwd_variant.
+// (deterministic, 7 instead of 5 matrix products); without dQ, a warp skips the query tiles that lie
+// wholly before its keys. MINILM_ATTN_BWD picks the scheme, see bwd_variant.
 //
 // Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix
 // fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
@@ -43,6 +44,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -164,7 +166,8 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
 //   wide   : 4 warps x 32 rows (two m16 row tiles: FlashAttention-2's forward tiling); each K/V fragment
 //            feeds 4 mma, halving shared-memory reads per mma. D = 64 with Q in registers and 64-key tiles;
 //            D = 128 with Q re-read and 32-key tiles (O alone takes 128 registers). ~240 registers.
-//   wide3  : as wide with Q re-read, capped at 168 registers for D = 64 (3 CTAs per SM).
+//   wide3  : as wide with Q re-read, capped at 168 registers for D = 64 (3 CTAs per SM; spills a little).
+//            At D = 128 it is wide in all but name (the register cap binds nothing there).
 template <int D, int NW_, int MT_, bool QREG_, int MINB_, int BC_>
 struct FwdCfg {
   static constexpr int NW = NW_, MT = MT_, MINB = MINB_, NT = NW * 32, BR = 16 * MT * NW, BC = BC_, S = D + 8;
@@ -1001,23 +1004,34 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
   const char* env = std::getenv(var);
   if (env == nullptr) return fallback;
-  const std::string value(env), key = std::to_string(D) + ":";
+  std::string value;
+  for (const char* c = env; *c != '\0'; ++c)
+    if (*c != ' ') value += *c;
+  const std::string key = std::to_string(D) + ":";
   std::string pick;
-  if (value.find(':') == std::string::npos) {
+  bool listed = value.find(':') == std::string::npos;  // one name for every head dim
+  if (listed) {
     pick = value;
   } else {
     for (size_t pos = 0; pos <= value.size();) {
       size_t end = value.find(',', pos);
       if (end == std::string::npos) end = value.size();
       const std::string item = value.substr(pos, end - pos);
-      if (item.compare(0, key.size(), key) == 0) pick = item.substr(key.size());
+      if (item.compare(0, key.size(), key) == 0) pick = item.substr(key.size()), listed = true;
       pos = end + 1;
     }
   }
+  if (!listed || pick.empty()) return fallback;  // no entry for this head dim: the default
   int i = 0;
   for (const char* name : names) {
     if (pick == name) return i;
     ++i;
+  }
+  static bool warned = false;  // a typo should not pass unnoticed, nor flood a training log
+  if (!warned) {
+    warned = true;
+    std::fprintf(stderr, "minilm: %s=%s: unknown choice '%s' for head dim %d; using the default\n", var, env,
+                 pick.c_str(), D);
   }
   return fallback;
 }
@@ -1049,7 +1063,8 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
-//   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64)
+//   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64);
+//            at D = 128 split2 already steps by 32 rows, so there split3 is split2
 template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32)>
 cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
                           const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
