@@ -158,6 +158,29 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = Half<T>::pack(c1[2], c1[3]);
 }
 
+// acc (MT row tiles x D) += P (MT row tiles x BC, in accumulator registers) · B (BC x D, rows of stride S in
+// shared memory): the forward's O += P V and the dQ kernel's dQ += dS K. Each B fragment feeds MT·2 mma.
+template <typename T, int MT, int BC, int D, int S>
+__device__ __forceinline__ void acc_plus_pb(float (&acc)[MT][D / 8][4], const float (&p)[MT][BC / 8][4],
+                                            const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Half<T>::mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
+        Half<T>::mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------- tensor-core forward
 // Tile shapes (MINILM_ATTN_FWD picks one, see fwd_layout). A CTA always owns BR = 128 query rows.
 //   narrow : 8 warps x 16 rows, Q fragments in registers; each K/V fragment read from shared memory feeds
@@ -332,23 +355,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
         }
       }
 
-      // O += P V
-#pragma unroll
-      for (int kk = 0; kk < BC / 16; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t b[4];
-          ldsm_x4_trans(b, sVb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            Half<T>::mma(o[mt][2 * dp], a[mt], b[0], b[1]);
-            Half<T>::mma(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
-          }
-        }
-      }
+      acc_plus_pb<T, MT, BC, D, S>(o, s, sVb, lane);  // O += P V
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
@@ -791,23 +798,7 @@ __global__ void __launch_bounds__(C::NT)
           }
         }
       }
-      // dQ += dS K
-#pragma unroll
-      for (int kk = 0; kk < BC / 16; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
-#pragma unroll
-        for (int dt = 0; dt < D / 16; ++dt) {
-          uint32_t b[4];
-          ldsm_x4_trans(b, sKb + (kk * 16 + bt_row(lane)) * S + dt * 16 + bt_col(lane));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            Half<T>::mma(dq[mt][2 * dt], a[mt], b[0], b[1]);
-            Half<T>::mma(dq[mt][2 * dt + 1], a[mt], b[2], b[3]);
-          }
-        }
-      }
+      acc_plus_pb<T, MT, BC, D, S>(dq, s, sKb, lane);  // dQ += dS K
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
