@@ -158,11 +158,41 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = Half<T>::pack(c1[2], c1[3]);
 }
 
-// acc (MT row tiles x D) += P (MT row tiles x BC, in accumulator registers) · B (BC x D, rows of stride S in
-// shared memory): the forward's O += P V and the dQ kernel's dQ += dS K. Each B fragment feeds MT·2 mma.
+// The two warp-level products every kernel below is made of. A warp holds MT row tiles of 16 rows; a tile
+// of accumulators is float[N / 8][4] (N columns); `acc` and `p` point to the first of MT such tiles (for
+// one tile, pass &tile).
+//
+// acc = A · Bᵀ: A (16·MT x D) comes fragment by fragment from a_frag(mt, kk, a) (registers or shared
+// memory: the caller decides), B (N x D) is rows of stride S in shared memory. S = Q Kᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ.
+template <typename T, int MT, int N, int D, int S, typename AFrag>
+__device__ __forceinline__ void acc_abt(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) a_frag(mt, kk, a[mt]);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Half<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+        Half<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc (16·MT x D) += P (16·MT x BC, in accumulator registers) · B (BC x D, rows of stride S in shared
+// memory): O += P V, dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q. Each B fragment feeds MT·2 mma.
 template <typename T, int MT, int BC, int D, int S>
-__device__ __forceinline__ void acc_plus_pb(float (&acc)[MT][D / 8][4], const float (&p)[MT][BC / 8][4],
-                                            const T* sB, int lane) {
+__device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float (*p)[BC / 8][4], const T* sB,
+                                            int lane) {
 #pragma unroll
   for (int kk = 0; kk < BC / 16; ++kk) {
     uint32_t a[MT][4];
@@ -271,33 +301,17 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
 
       // S = Q Kᵀ (16·MT rows x BC keys per warp)
       float s[MT][BC / 8][4];
+      acc_abt<T, MT, BC, D, S>(
+          s,
+          [&](int mt, int kk, uint32_t(&a)[4]) {
+            if constexpr (QREG) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if constexpr (QREG) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt][kk][i];
-          } else {
-            ldsm_x4(a[mt], sQw + mt * 16 * S + kk * 16);
-          }
-        }
-#pragma unroll
-        for (int np = 0; np < BC / 16; ++np) {
-          uint32_t b[4];
-          ldsm_x4(b, sKb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            Half<T>::mma(s[mt][2 * np], a[mt], b[0], b[1]);
-            Half<T>::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
-          }
-        }
-      }
+              for (int i = 0; i < 4; ++i) a[i] = qf[mt][kk][i];
+            } else {
+              ldsm_x4(a, sQw + mt * 16 * S + kk * 16);
+            }
+          },
+          sKb, lane);
 
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -521,27 +535,20 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
     // Without dQ, a warp whose keys all lie after this query tile has nothing to add (all of Pᵀ is 0);
     // with dQ every warp goes on (the condition is then always true: the __syncthreads inside are safe).
     if (WITH_DQ || k0 + warp * 16 <= q0 + BR - 1) {
+      // A operands from this warp's 16 rows of K or V: kept in registers (KVREG) or read from shared memory.
+      auto rows_frag = [warp, lane](const uint32_t(&reg)[KVREG ? D / 16 : 1][4], const T* sM) {
+        return [&reg, sM, warp, lane](int, int kk, uint32_t(&a)[4]) {
+          if constexpr (KVREG) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = reg[kk][i];
+          } else {
+            ldsm_x4(a, sM + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+          }
+        };
+      };
       // Sᵀ = K Qᵀ (16 keys x BR queries per warp)
       float st[BR / 8][4];
-#pragma unroll
-      for (int i = 0; i < BR / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ka[4];
-        if constexpr (KVREG) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) ka[i] = kf[kk][i];
-        } else {
-          ldsm_x4(ka, sK + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-        }
-#pragma unroll
-        for (int np = 0; np < BR / 16; ++np) {
-          uint32_t b[4];
-          ldsm_x4(b, sQb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-          Half<T>::mma(st[2 * np], ka, b[0], b[1]);
-          Half<T>::mma(st[2 * np + 1], ka, b[2], b[3]);
-        }
-      }
+      acc_abt<T, 1, BR, D, S>(&st, rows_frag(kf, sK), sQb, lane);
       // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile)
 #pragma unroll
       for (int nt = 0; nt < BR / 8; ++nt) {
@@ -554,59 +561,17 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
           st[nt][i] = (q < key || q >= T_) ? 0.f : p;
         }
       }
-      // dV += Pᵀ dO
-#pragma unroll
-      for (int kk = 0; kk < BR / 16; ++kk) {
-        uint32_t a[4];
-        acc_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t b[4];
-          ldsm_x4_trans(b, sdOb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
-          Half<T>::mma(dv[2 * dp], a, b[0], b[1]);
-          Half<T>::mma(dv[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
+      acc_plus_pb<T, 1, BR, D, S>(&dv, &st, sdOb, lane);  // dV += Pᵀ dO
       // dPᵀ = V dOᵀ
       float dpt[BR / 8][4];
-#pragma unroll
-      for (int i = 0; i < BR / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t va[4];
-        if constexpr (KVREG) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) va[i] = vf[kk][i];
-        } else {
-          ldsm_x4(va, sV + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-        }
-#pragma unroll
-        for (int np = 0; np < BR / 16; ++np) {
-          uint32_t b[4];
-          ldsm_x4(b, sdOb + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
-          Half<T>::mma(dpt[2 * np], va, b[0], b[1]);
-          Half<T>::mma(dpt[2 * np + 1], va, b[2], b[3]);
-        }
-      }
+      acc_abt<T, 1, BR, D, S>(&dpt, rows_frag(vf, sV), sdOb, lane);
       // dSᵀ = Pᵀ ∘ (dPᵀ − Delta)
 #pragma unroll
       for (int nt = 0; nt < BR / 8; ++nt) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) dpt[nt][i] = st[nt][i] * (dpt[nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
       }
-      // dK += dSᵀ Q  (scaled by `scale` at the end)
-#pragma unroll
-      for (int kk = 0; kk < BR / 16; ++kk) {
-        uint32_t a[4];
-        acc_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t b[4];
-          ldsm_x4_trans(b, sQb + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
-          Half<T>::mma(dk[2 * dp], a, b[0], b[1]);
-          Half<T>::mma(dk[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
+      acc_plus_pb<T, 1, BR, D, S>(&dk, &dpt, sQb, lane);  // dK += dSᵀ Q  (scaled by `scale` at the end)
       if constexpr (WITH_DQ) {
         // dSᵀ -> shared memory, for dQ, which contracts over the keys of all warps
 #pragma unroll
