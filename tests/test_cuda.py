@@ -127,19 +127,24 @@ def test_attention_opcheck(dtype, D):
     torch.library.opcheck(ops.causal_attention.default, (q, k, v, 1.0 / math.sqrt(D)))
 
 
-def test_attention_runs_on_the_current_stream():
-    # The side stream first sleeps, then writes q. A kernel launched on another stream would read q early.
-    q, k, v = _qkv(1, 2, 256, 64, torch.bfloat16)
-    expected, _ = ops.causal_attention(q, k, v, 0.125)
+def _check_runs_on_the_current_stream(fn, x):
+    """fn(x) again on a side stream that first sleeps, then writes x: a kernel launched on another stream
+    than the current one would read x before it is written."""
+    expected = fn(x)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    q_late = torch.zeros_like(q)
+    x_late = torch.zeros_like(x)
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)
-        q_late.copy_(q)
-        out, _ = ops.causal_attention(q_late, k, v, 0.125)
+        x_late.copy_(x)
+        out = fn(x_late)
     side.synchronize()
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_attention_runs_on_the_current_stream():
+    q, k, v = _qkv(1, 2, 256, 64, torch.bfloat16)
+    _check_runs_on_the_current_stream(lambda q: ops.causal_attention(q, k, v, 0.125)[0], q)
 
 
 def test_attention_bad_input():
@@ -348,16 +353,7 @@ def test_char_cnn_bad_input():
 
 def test_char_cnn_runs_on_the_current_stream():
     ids, emb, weights, biases = _char_inputs(64, 50, 262, 16, ELMO_FILTERS[:4], torch.float32)
-    expected, _ = ops.char_cnn(ids, emb, weights, biases, "relu")
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    emb_late = torch.zeros_like(emb)
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(100_000_000)
-        emb_late.copy_(emb)
-        out, _ = ops.char_cnn(ids, emb_late, weights, biases, "relu")
-    side.synchronize()
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    _check_runs_on_the_current_stream(lambda emb: ops.char_cnn(ids, emb, weights, biases, "relu")[0], emb)
 
 
 def test_char_cnn_opcheck():

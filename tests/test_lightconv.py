@@ -225,12 +225,10 @@ def test_model_generates():
 
 import os  # noqa: E402
 import random  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
-from script_helpers import read_log, script_env  # noqa: E402
+from script_helpers import kill_at_first_checkpoint, read_log, script_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, os.path.join(ROOT, "train_gpt1.py"), "--preset", "cpu-tiny", "--vocab_size", "200",
@@ -266,13 +264,7 @@ def test_train_gpt1_lightconv_learns_resumes_after_sigkill_and_samples(corpus, t
     assert ckpt["model_config"]["arch"] == "lightconv" and tuple(ckpt["model_config"]["kernel_sizes"]) == (3, 5)
     assert "h.1.lightconv.conv.weight" in ckpt["model"]
 
-    killed = subprocess.Popen([*TRAIN, *args, "--out_dir", cut], cwd=ROOT, env=script_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 200
-    while not os.path.exists(os.path.join(cut, "ckpt.pt")) and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_at_first_checkpoint([*TRAIN, *args, "--out_dir", cut], cut)
     assert read_log(cut)[-1]["iter"] < 40, "the run finished before it could be killed"
     proc = _run("--resume", "True", "--out_dir", cut)
     assert proc.returncode == 0, proc.stderr[-3000:]

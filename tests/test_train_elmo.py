@@ -4,12 +4,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from script_helpers import read_log, script_env
+from script_helpers import kill_at_first_checkpoint, read_log, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
@@ -66,15 +65,7 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
     args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(os.path.join(out, "ckpt.pt")):     # the checkpoint of iter 10 (or later) is in place
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = kill_at_first_checkpoint([sys.executable, SCRIPT, *args], out)  # at iter 10's checkpoint (or later)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert read_log(out)[-1]["iter"] < 40
     run(*args, "--resume", "True")

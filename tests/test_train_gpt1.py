@@ -5,11 +5,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from script_helpers import read_log, script_env
+from script_helpers import kill_at_first_checkpoint, read_log, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt1.py")
@@ -60,13 +59,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, tmp_path):
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     _train(*args, "--out_dir", ref)
     # Same run, killed with SIGKILL as soon as its first checkpoint (iter 10) is on disk.
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--out_dir", cut], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 200
-    while not os.path.exists(os.path.join(cut, "ckpt.pt")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = kill_at_first_checkpoint([sys.executable, SCRIPT, *args, "--out_dir", cut], cut)
     assert proc.returncode == -signal.SIGKILL
     killed_at = [r["iter"] for r in read_log(cut)]
     assert killed_at[-1] < 120, "the run finished before it could be killed"
