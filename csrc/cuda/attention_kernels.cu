@@ -446,9 +446,12 @@ __device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, in
 #endif
 }
 
-template <int D, int BR_>
+// A dK/dV CTA: NW warps, each owning MTK row tiles of 16 keys (BC = 16·MTK·NW keys), stepping through the
+// queries BR rows at a time. MTK = 2 ("wide") halves the shared-memory reads per mma of dV += Pᵀ dO and
+// dK += dSᵀ Q (each Q/dO fragment feeds 4 mma instead of 2), as the wide forward does for K and V.
+template <int D, int BR_, int NW_ = 8, int MTK_ = 1>
 struct BwdCfg {
-  static constexpr int NW = 8, NT = NW * 32, BC = 16 * NW, BR = BR_, S = D + 8, SS = BR + 8;
+  static constexpr int NW = NW_, MTK = MTK_, NT = NW * 32, BC = 16 * MTK * NW, BR = BR_, S = D + 8, SS = BR + 8;
   static constexpr size_t smem_bytes(size_t elem) {
     return (static_cast<size_t>(2 * BC * S) + 4 * BR * S + static_cast<size_t>(BC) * SS) * elem +
            4 * BR * sizeof(float);
@@ -456,12 +459,15 @@ struct BwdCfg {
 };
 
 // BR: query rows per step (64 for D = 64, 32 for D = 128; "split3" uses 32 at D = 64 too).
-template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 32)>
-__global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
+// KVREG: this warp's K and V fragments stay in registers for the whole query loop (else they are re-read
+// from shared memory per step); by default only where the registers are there (split at D = 64).
+template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 32), int NW_ = 8, int MTK = 1,
+          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
+__global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
                 T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
-  using C = BwdCfg<D, BR_>;
+  using C = BwdCfg<D, BR_, NW_, MTK>;
   constexpr int NW = C::NW, NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SS = C::SS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);  // [BC][S]
@@ -479,7 +485,10 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
-  const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;  // rows of this thread's Sᵀ accumulators
+  // This warp's keys: tile rows wk0 .. wk0 + 16·MTK − 1. The rows of this thread's Sᵀ accumulators in row
+  // tile mt are the keys key_a + 16 mt and key_b + 16 mt.
+  const int wk0 = warp * 16 * MTK;
+  const int key_a = k0 + wk0 + g, key_b = key_a + 8;
 
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
@@ -497,15 +506,16 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
   load_q_tile(qb0, 0);
   cp_async_commit();
 
-  // split (1 CTA per SM) at D = 64 has the registers to keep this warp's K and V fragments for the whole loop
-  constexpr bool KVREG = !WITH_DQ && MINB == 1 && D <= 64;
-  uint32_t kf[KVREG ? D / 16 : 1][4], vf[KVREG ? D / 16 : 1][4];
-  float dk[D / 8][4], dv[D / 8][4];
+  constexpr int KF = KVREG ? MTK : 1, KK = KVREG ? D / 16 : 1;
+  uint32_t kf[KF][KK][4], vf[KF][KK][4];
+  float dk[MTK][D / 8][4], dv[MTK][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  }
+  for (int mt = 0; mt < MTK; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      dk[mt][i][0] = dk[mt][i][1] = dk[mt][i][2] = dk[mt][i][3] = 0.f;
+      dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.f;
+    }
 
   for (int qb = qb0; qb < nqb; ++qb) {
     const int buf = (qb - qb0) & 1;
@@ -526,60 +536,69 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
     if constexpr (KVREG) {
       if (qb == qb0) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          ldsm_x4(kf[kk], sK + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-          ldsm_x4(vf[kk], sV + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
-        }
+        for (int mt = 0; mt < MTK; ++mt)
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) {
+            ldsm_x4(kf[mt][kk], sK + (wk0 + mt * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+            ldsm_x4(vf[mt][kk], sV + (wk0 + mt * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+          }
       }
     }
     // Without dQ, a warp whose keys all lie after this query tile has nothing to add (all of Pᵀ is 0);
     // with dQ every warp goes on (the condition is then always true: the __syncthreads inside are safe).
-    if (WITH_DQ || k0 + warp * 16 <= q0 + BR - 1) {
-      // A operands from this warp's 16 rows of K or V: kept in registers (KVREG) or read from shared memory.
-      auto rows_frag = [warp, lane](const uint32_t(&reg)[KVREG ? D / 16 : 1][4], const T* sM) {
-        return [&reg, sM, warp, lane](int, int kk, uint32_t(&a)[4]) {
+    if (WITH_DQ || k0 + wk0 <= q0 + BR - 1) {
+      // A operands from this warp's rows of K or V: kept in registers (KVREG) or read from shared memory.
+      auto rows_frag = [wk0, lane](const uint32_t(&reg)[KF][KK][4], const T* sM) {
+        return [&reg, sM, wk0, lane](int mt, int kk, uint32_t(&a)[4]) {
           if constexpr (KVREG) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = reg[kk][i];
+            for (int i = 0; i < 4; ++i) a[i] = reg[mt][kk][i];
           } else {
-            ldsm_x4(a, sM + (warp * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+            ldsm_x4(a, sM + (wk0 + mt * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
           }
         };
       };
-      // Sᵀ = K Qᵀ (16 keys x BR queries per warp)
-      float st[BR / 8][4];
-      acc_abt<T, 1, BR, D, S>(&st, rows_frag(kf, sK), sQb, lane);
+      // Sᵀ = K Qᵀ (16·MTK keys x BR queries per warp)
+      float st[MTK][BR / 8][4];
+      acc_abt<T, MTK, BR, D, S>(st, rows_frag(kf, sK), sQb, lane);
       // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile)
 #pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt) {
+      for (int mt = 0; mt < MTK; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int qi = nt * 8 + t4 * 2 + (i & 1);
-          const int q = q0 + qi;
-          const int key = i < 2 ? key_a : key_b;
-          const float p = exp2f(st[nt][i] * scale_log2 - sLb[qi]);
-          st[nt][i] = (q < key || q >= T_) ? 0.f : p;
+        for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int qi = nt * 8 + t4 * 2 + (i & 1);
+            const int q = q0 + qi;
+            const int key = (i < 2 ? key_a : key_b) + mt * 16;
+            const float p = exp2f(st[mt][nt][i] * scale_log2 - sLb[qi]);
+            st[mt][nt][i] = (q < key || q >= T_) ? 0.f : p;
+          }
         }
-      }
-      acc_plus_pb<T, 1, BR, D, S>(&dv, &st, sdOb, lane);  // dV += Pᵀ dO
+      acc_plus_pb<T, MTK, BR, D, S>(dv, st, sdOb, lane);  // dV += Pᵀ dO
       // dPᵀ = V dOᵀ
-      float dpt[BR / 8][4];
-      acc_abt<T, 1, BR, D, S>(&dpt, rows_frag(vf, sV), sdOb, lane);
+      float dpt[MTK][BR / 8][4];
+      acc_abt<T, MTK, BR, D, S>(dpt, rows_frag(vf, sV), sdOb, lane);
       // dSᵀ = Pᵀ ∘ (dPᵀ − Delta)
 #pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt) {
+      for (int mt = 0; mt < MTK; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dpt[nt][i] = st[nt][i] * (dpt[nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
-      }
-      acc_plus_pb<T, 1, BR, D, S>(&dk, &dpt, sQb, lane);  // dK += dSᵀ Q  (scaled by `scale` at the end)
+        for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            dpt[mt][nt][i] = st[mt][nt][i] * (dpt[mt][nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
+        }
+      acc_plus_pb<T, MTK, BR, D, S>(dk, dpt, sQb, lane);  // dK += dSᵀ Q  (scaled by `scale` at the end)
       if constexpr (WITH_DQ) {
         // dSᵀ -> shared memory, for dQ, which contracts over the keys of all warps
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
-          const int col = nt * 8 + t4 * 2;
-          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * SS + col) = Half<T>::pack(dpt[nt][0], dpt[nt][1]);
-          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * SS + col) = Half<T>::pack(dpt[nt][2], dpt[nt][3]);
-        }
+        for (int mt = 0; mt < MTK; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < BR / 8; ++nt) {
+            const int col = nt * 8 + t4 * 2, row = wk0 + mt * 16 + g;
+            *reinterpret_cast<uint32_t*>(sdS + row * SS + col) = Half<T>::pack(dpt[mt][nt][0], dpt[mt][nt][1]);
+            *reinterpret_cast<uint32_t*>(sdS + (row + 8) * SS + col) = Half<T>::pack(dpt[mt][nt][2], dpt[mt][nt][3]);
+          }
         __syncthreads();
         // dQ_tile (BR x D) += dS (BR x BC) K (BC x D): warp w owns row tile w % (BR/16) and D/WPM columns,
         // so each dS fragment read from shared memory feeds 2·NPW mma.
@@ -610,17 +629,21 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_>::NT, MINB)
   }
 
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int col = dt * 8 + t4 * 2;
-    if (key_a < T_) {
-      *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(key_a) * D + col) =
-          Half<T>::pack(dk[dt][0] * scale, dk[dt][1] * scale);
-      *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(key_a) * D + col) = Half<T>::pack(dv[dt][0], dv[dt][1]);
-    }
-    if (key_b < T_) {
-      *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(key_b) * D + col) =
-          Half<T>::pack(dk[dt][2] * scale, dk[dt][3] * scale);
-      *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(key_b) * D + col) = Half<T>::pack(dv[dt][2], dv[dt][3]);
+  for (int mt = 0; mt < MTK; ++mt) {
+    const int ka = key_a + mt * 16, kb = key_b + mt * 16;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int col = dt * 8 + t4 * 2;
+      if (ka < T_) {
+        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
+            Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(ka) * D + col) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
+      }
+      if (kb < T_) {
+        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(kb) * D + col) =
+            Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
+        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(kb) * D + col) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
+      }
     }
   }
 }
@@ -1021,13 +1044,14 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
 //   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64);
 //            at D = 128 split2 already steps by 32 rows, so there split3 is split2
-template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32)>
+template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32), int NW = 8, int MTK = 1,
+          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
 cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
                           const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
                           float scale, cudaStream_t stream) {
-  using C = BwdCfg<D, BR>;
+  using C = BwdCfg<D, BR, NW, MTK>;
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB, BR>;
+  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB, BR, NW, MTK, KVREG>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BC - 1) / C::BC));
