@@ -6,10 +6,11 @@ cnn-correct and cnn-determinism check both char-CNN backward variants (the token
 ones selected by MINILM_CNN_BWD=old); cnn-perf times both, then prints the per-kernel GPU time of one
 fused fwd+bwd at 32,768 tokens (torch.profiler), fp32 and bf16.
 
-attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3) and
-backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3, MINILM_ATTN_DQ = narrow | wide; see
-csrc/cuda/attention_kernels.cu): correctness on a few shapes, then the forward (layouts) or fwd+bwd
-(backward configurations) time on the four target shapes next to SDPA's flash and cuDNN backends.
+attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3 | wide64)
+and backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3 | splitkv | wide | wide16 |
+fusedwide, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu): correctness on a few shapes,
+then the forward (layouts) or fwd+bwd (backward configurations) time on the four target shapes next to
+SDPA's flash and cuDNN backends.
 
 Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
 failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
@@ -233,9 +234,10 @@ def cnn_perf(N=32768):
 # The tilings the extension can switch between at run time (csrc/cuda/attention_kernels.cu reads these
 # environment variables at every call): forward layouts, and backward schemes (+ the dQ kernel's tiling).
 SWEEP_SHAPES = ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16, 4096, 128))
-FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3")
+FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3", "wide64")
 BWD_CONFIGS = (("fused", "narrow"), ("split", "narrow"), ("split2", "narrow"), ("split", "wide"), ("split2", "wide"),
-               ("split3", "narrow"), ("split3", "wide"))
+               ("split3", "narrow"), ("split3", "wide"), ("splitkv", "wide"), ("wide", "wide"), ("wide16", "wide"),
+               ("fusedwide", "narrow"))
 SWEEP_CHECKS = ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48), (1, 1, 1, 64), (2, 1, 37, 128))
 
 
@@ -338,7 +340,8 @@ def _sweep_pick(results):
     shapes of that head dim, among those that passed every check: printed, and written as shell
     exports to $MINILM_SWEEP_ENV when set: candidates for the defaults in attention_kernels.cu (which
     also weigh determinism: "fused" adds dQ with atomics). At D = 128 some names are the same kernel
-    (split3 = split2, wide3 ~ wide, the dQ tiling is always narrow)."""
+    (split3 = split2, wide3 ~ wide, wide/wide16/fusedwide = split, the dQ tiling is always narrow);
+    at D = 64, splitkv = split and wide64 = wide."""
     picks = {"MINILM_ATTN_FWD": [], "MINILM_ATTN_BWD": [], "MINILM_ATTN_DQ": []}
     for D in sorted({s[3] for s in SWEEP_SHAPES}):
         shapes = [s for s in SWEEP_SHAPES if s[3] == D]

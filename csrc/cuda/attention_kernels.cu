@@ -16,7 +16,7 @@
 // CTAs are ordered heaviest-first (the last query tiles see the most keys) for the causal imbalance.
 //
 // Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
-// BC = 128 keys (16 per warp) and walks the query tiles (BR = 64 or 32 rows, see BwdCfg) from
+// BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys) and walks the query tiles (BR = 64 or 32 rows, see BwdCfg) from
 // the diagonal to the end, double-buffering Q, dO, LSE and Delta. Per query tile each warp recomputes
 // the transposed scores Sᵀ = K Qᵀ for its keys (so that Pᵀ is already an mma operand), then
 //     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
@@ -220,6 +220,8 @@ __device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float 
 //            feeds 4 mma, halving shared-memory reads per mma. D = 64 with Q in registers and 64-key tiles;
 //            D = 128 with Q re-read and 32-key tiles (O alone takes 128 registers). ~240 registers.
 //   wide3  : as wide with Q re-read, capped at 168 registers for D = 64 (3 CTAs per SM; spills a little).
+//   wide64 : at D = 128, wide with 64-key tiles (each Q fragment read feeds twice the mma of wide's 32-key
+//            tiles; 255 registers and a small spill, ~80 bytes). At D = 64 it is wide.
 //            At D = 128 it is wide in all but name (the register cap binds nothing there).
 template <int D, int NW_, int MT_, bool QREG_, int MINB_, int BC_>
 struct FwdCfg {
@@ -235,6 +237,8 @@ template <int D>
 using FwdWide = FwdCfg<D, 4, 2, D <= 64, 1, D <= 64 ? 64 : 32>;
 template <int D>
 using FwdWide3 = FwdCfg<D, 4, 2, false, D <= 64 ? 3 : 2, D <= 64 ? 64 : 32>;
+template <int D>
+using FwdWide64 = FwdCfg<D, 4, 2, D <= 64, 1, 64>;
 
 template <typename T, int D, typename C>
 __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
@@ -977,8 +981,9 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 // `python scripts/cuda_diagnostics.py attn-sweep`. For such measurements an environment variable, read at
 // every call, overrides a default: one name for every head dim ("wide") or one per head dim
 // ("64:wide,128:narrow2").
-//   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3      (forward layout, see FwdCfg)
-//   MINILM_ATTN_BWD: fused | split | split2 | split3      (backward scheme, see bwd_tc)
+//   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3 | wide64   (forward layout, see FwdCfg)
+//   MINILM_ATTN_BWD: fused | split | split2 | split3 | splitkv | wide | wide16 | fusedwide
+//                                                         (backward scheme, see bwd_tc)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
   const char* env = std::getenv(var);
@@ -1021,9 +1026,14 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 //   backward D = 64: split3 with the wide dQ kernel (0.98x / 0.90x / 0.84x fwd+bwd; split2 + wide dQ
 //            1.00 / 0.89 / 0.82, fused 0.93 / 0.83 / 0.83: all within a few percent);
 //   backward D = 128: split (0.72x; fused 0.74x but not deterministic, split2/split3 0.53x: they spill).
-int fwd_layout(int D) { return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3"}, 2); }
+int fwd_layout(int D) {
+  return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, 2);
+}
+enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide };
 int bwd_variant(int D) {
-  return tuning_choice("MINILM_ATTN_BWD", D, {"fused", "split", "split2", "split3"}, D <= 64 ? 3 : 1);
+  return tuning_choice("MINILM_ATTN_BWD", D,
+                       {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide"},
+                       D <= 64 ? kSplit3 : kSplit);
 }
 bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, D <= 64 ? 1 : 0) == 1; }
 
@@ -1034,6 +1044,7 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
     case 0: return launch_fwd_tc<T, D, FwdNarrow<D>>(q, k, v, out, lse, BH, T_, scale, stream);
     case 1: return launch_fwd_tc<T, D, FwdNarrow2<D>>(q, k, v, out, lse, BH, T_, scale, stream);
     case 3: return launch_fwd_tc<T, D, FwdWide3<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case 4: return launch_fwd_tc<T, D, FwdWide64<D>>(q, k, v, out, lse, BH, T_, scale, stream);
     default: return launch_fwd_tc<T, D, FwdWide<D>>(q, k, v, out, lse, BH, T_, scale, stream);
   }
 }
@@ -1044,21 +1055,59 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
 //   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64);
 //            at D = 128 split2 already steps by 32 rows, so there split3 is split2
+//   splitkv: as split with each warp's K and V fragments in registers at D = 128 too (split does that at
+//            D = 64 already, so there splitkv is split): the Sᵀ and dPᵀ products then read only Q and dO
+//            from shared memory. 255 registers, no spills.
+//   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
+//            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, half
+//            the shared-memory traffic per mma of split3 (about 255 registers, 2 CTAs per SM, no spills).
+//   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
+//   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
+//   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
+//   take 256 registers); at D = 128 they run split.
+// The arguments of one dK/dV launch (dq_accum: null for the split schemes).
+struct BwdArgs {
+  const void *dout, *q, *k, *v;
+  const float *lse, *delta;
+  float* dq_accum;
+  void *dk, *dv;
+  int64_t BH, T;
+  float scale;
+  cudaStream_t stream;
+};
+
 template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32), int NW = 8, int MTK = 1,
           bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
-cudaError_t launch_bwd_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
-                          const float* delta, float* dq_accum, void* dk, void* dv, int64_t BH, int64_t T_,
-                          float scale, cudaStream_t stream) {
+cudaError_t launch_bwd_tc(const BwdArgs& a) {
   using C = BwdCfg<D, BR, NW, MTK>;
   const size_t smem = C::smem_bytes(sizeof(T));
   auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB, BR, NW, MTK, KVREG>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BC - 1) / C::BC));
-  kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                                        static_cast<const T*>(dout), lse, delta, dq_accum, static_cast<T*>(dk),
-                                        static_cast<T*>(dv), static_cast<int>(T_), scale, scale * kLog2e);
+  const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BC - 1) / C::BC));
+  kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
+                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
+                                          a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
+                                          static_cast<int>(a.T), a.scale, a.scale * kLog2e);
   return cudaGetLastError();
+}
+
+// The dK/dV kernel of each backward scheme (adding dQ with atomics for the fused ones), as listed above.
+template <typename T, int D>
+cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
+  if constexpr (D <= 64) {  // the wide schemes; at D = 128 they run split (the default case below)
+    if (scheme == kWide) return launch_bwd_tc<T, D, false, 2, 32, 4, 2, true>(a);
+    if (scheme == kWide16) return launch_bwd_tc<T, D, false, 2, 16, 4, 2, true>(a);
+    if (scheme == kFusedWide) return launch_bwd_tc<T, D, true, 2, 32, 4, 2, false>(a);
+  }
+  constexpr int BR = D <= 64 ? 64 : 32;
+  switch (scheme) {
+    case kFused: return launch_bwd_tc<T, D, true, 1>(a);
+    case kSplit2: return launch_bwd_tc<T, D, false, 2>(a);
+    case kSplit3: return launch_bwd_tc<T, D, false, 2, 32>(a);
+    case kSplitKV: return launch_bwd_tc<T, D, false, 1, BR, 8, 1, true>(a);
+    default: return launch_bwd_tc<T, D, false, 1>(a);  // split
+  }
 }
 
 template <typename T, int D, typename C>
@@ -1084,13 +1133,11 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
       static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int variant = bwd_variant(D);
-  if (variant != 0) {
-    switch (variant) {
-      case 1: err = launch_bwd_tc<T, D, false, 1>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream); break;
-      case 2: err = launch_bwd_tc<T, D, false, 2>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream); break;
-      default: err = launch_bwd_tc<T, D, false, 2, 32>(dout, q, k, v, lse, delta, nullptr, dk, dv, BH, T_, scale, stream);
-    }
+  const int scheme = bwd_variant(D);
+  const bool fused = scheme == kFused || (D <= 64 && scheme == kFusedWide);
+  const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, stream};
+  if (!fused) {  // the dK/dV kernel, then the dQ kernel
+    err = launch_bwd_scheme<T, D>(scheme, args);
     if (err != cudaSuccess) return err;
     if constexpr (D <= 64) {
       if (dq_wide(D)) return launch_dq_tc<T, D, DqWide<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
@@ -1099,7 +1146,7 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
   }
   err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  err = launch_bwd_tc<T, D, true, 1>(dout, q, k, v, lse, delta, dq_accum, dk, dv, BH, T_, scale, stream);
+  err = launch_bwd_scheme<T, D>(scheme, args);
   if (err != cudaSuccess) return err;
   const int64_t n = rows * D;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536));
