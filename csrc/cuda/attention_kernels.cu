@@ -16,9 +16,10 @@
 // CTAs are ordered heaviest-first (the last query tiles see the most keys) for the causal imbalance.
 //
 // Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
-// BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys) and walks the query tiles (BR = 64 or 32 rows, see BwdCfg) from
-// the diagonal to the end, double-buffering Q, dO, LSE and Delta. Per query tile each warp recomputes
-// the transposed scores Sᵀ = K Qᵀ for its keys (so that Pᵀ is already an mma operand), then
+// BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys) and walks the query tiles (BR = 64,
+// 32 or 16 rows, see BwdCfg and the schemes above bwd_tc) from the diagonal to the end, double-buffering
+// Q, dO, LSE and Delta. Per query tile each warp recomputes the transposed scores Sᵀ = K Qᵀ for its keys
+// (so that Pᵀ is already an mma operand), then
 //     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
 //     dK += dSᵀ Q   (dK and dV stay in registers for the whole query loop),
 // writes dSᵀ to shared memory, and the CTA computes dQ_tile = dS K, added into an fp32 [B,H,T,D]
@@ -220,9 +221,9 @@ __device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float 
 //            feeds 4 mma, halving shared-memory reads per mma. D = 64 with Q in registers and 64-key tiles;
 //            D = 128 with Q re-read and 32-key tiles (O alone takes 128 registers). ~240 registers.
 //   wide3  : as wide with Q re-read, capped at 168 registers for D = 64 (3 CTAs per SM; spills a little).
+//            At D = 128 it is wide in all but name (the register cap binds nothing there).
 //   wide64 : at D = 128, wide with 64-key tiles (each Q fragment read feeds twice the mma of wide's 32-key
 //            tiles; 255 registers and a small spill, ~80 bytes). At D = 64 it is wide.
-//            At D = 128 it is wide in all but name (the register cap binds nothing there).
 template <int D, int NW_, int MT_, bool QREG_, int MINB_, int BC_>
 struct FwdCfg {
   static constexpr int NW = NW_, MT = MT_, MINB = MINB_, NT = NW * 32, BR = 16 * MT * NW, BC = BC_, S = D + 8;
@@ -462,7 +463,7 @@ struct BwdCfg {
   }
 };
 
-// BR: query rows per step (64 for D = 64, 32 for D = 128; "split3" uses 32 at D = 64 too).
+// BR: query rows per step (64 for D = 64, 32 for D = 128; "split3" and "wide" use 32 at D = 64 too, "wide16" 16).
 // KVREG: this warp's K and V fragments stay in registers for the whole query loop (else they are re-read
 // from shared memory per step); by default only where the registers are there (split at D = 64).
 template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 32), int NW_ = 8, int MTK = 1,
@@ -1057,10 +1058,11 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //            at D = 128 split2 already steps by 32 rows, so there split3 is split2
 //   splitkv: as split with each warp's K and V fragments in registers at D = 128 too (split does that at
 //            D = 64 already, so there splitkv is split): the Sᵀ and dPᵀ products then read only Q and dO
-//            from shared memory. 255 registers, no spills.
+//            from shared memory. 255 registers, no spills (sm_90).
 //   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
-//            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, half
-//            the shared-memory traffic per mma of split3 (about 255 registers, 2 CTAs per SM, no spills).
+//            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, so all
+//            four products read 128 bytes of shared memory per mma (split3: 256 to 384). 255 registers,
+//            2 CTAs per SM; no spills on sm_90 (about 200 bytes on sm_80).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
 //   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
