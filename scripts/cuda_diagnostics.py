@@ -8,9 +8,9 @@ fused fwd+bwd at 32,768 tokens (torch.profiler), fp32 and bf16.
 
 attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3 | wide64)
 and backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3 | splitkv | wide | wide16 |
-fusedwide, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu): correctness on a few shapes,
-then the forward (layouts) or fwd+bwd (backward configurations) time on the four target shapes next to
-SDPA's flash and cuDNN backends.
+fusedwide | fusedkv, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu): correctness on a
+few shapes, then the forward (layouts) or fwd+bwd (backward configurations) time on the four target shapes
+next to SDPA's flash and cuDNN backends.
 
 Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
 failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
@@ -237,7 +237,7 @@ SWEEP_SHAPES = ((32, 12, 512, 64), (8, 12, 2048, 64), (2, 12, 8192, 64), (4, 16,
 FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3", "wide64")
 BWD_CONFIGS = (("fused", "narrow"), ("split", "narrow"), ("split2", "narrow"), ("split", "wide"), ("split2", "wide"),
                ("split3", "narrow"), ("split3", "wide"), ("splitkv", "wide"), ("wide", "wide"), ("wide16", "wide"),
-               ("fusedwide", "narrow"))
+               ("fusedwide", "narrow"), ("fusedkv", "narrow"))
 SWEEP_CHECKS = ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48), (1, 1, 1, 64), (2, 1, 37, 128))
 
 

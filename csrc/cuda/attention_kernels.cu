@@ -983,7 +983,7 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 // every call, overrides a default: one name for every head dim ("wide") or one per head dim
 // ("64:wide,128:narrow2").
 //   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3 | wide64   (forward layout, see FwdCfg)
-//   MINILM_ATTN_BWD: fused | split | split2 | split3 | splitkv | wide | wide16 | fusedwide
+//   MINILM_ATTN_BWD: fused | split | split2 | split3 | splitkv | wide | wide16 | fusedwide | fusedkv
 //                                                         (backward scheme, see bwd_tc)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
@@ -1030,10 +1030,10 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 int fwd_layout(int D) {
   return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, 2);
 }
-enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide };
+enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide, kFusedKV };
 int bwd_variant(int D) {
   return tuning_choice("MINILM_ATTN_BWD", D,
-                       {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide"},
+                       {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide", "fusedkv"},
                        D <= 64 ? kSplit3 : kSplit);
 }
 bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, D <= 64 ? 1 : 0) == 1; }
@@ -1065,6 +1065,8 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //            2 CTAs per SM; no spills on sm_90 (about 200 bytes on sm_80).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
+//   fusedkv: fused with the K/V fragments in registers (243 registers at D = 64; 255 and a 16-byte spill
+//            at D = 128)
 //   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
 //   take 256 registers); at D = 128 they run split.
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
@@ -1108,6 +1110,7 @@ cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
     case kSplit2: return launch_bwd_tc<T, D, false, 2>(a);
     case kSplit3: return launch_bwd_tc<T, D, false, 2, 32>(a);
     case kSplitKV: return launch_bwd_tc<T, D, false, 1, BR, 8, 1, true>(a);
+    case kFusedKV: return launch_bwd_tc<T, D, true, 1, BR, 8, 1, true>(a);
     default: return launch_bwd_tc<T, D, false, 1>(a);  // split
   }
 }
@@ -1136,7 +1139,7 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int scheme = bwd_variant(D);
-  const bool fused = scheme == kFused || (D <= 64 && scheme == kFusedWide);
+  const bool fused = scheme == kFused || scheme == kFusedKV || (D <= 64 && scheme == kFusedWide);
   const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, stream};
   if (!fused) {  // the dK/dV kernel, then the dQ kernel
     err = launch_bwd_scheme<T, D>(scheme, args);
