@@ -159,6 +159,15 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = Half<T>::pack(c1[2], c1[3]);
 }
 
+// Zeroes MT row tiles of N8 m16n8 accumulator tiles (float[MT][N8][4]; for one row tile, pass &tile).
+template <int MT, int N8>
+__device__ __forceinline__ void zero_acc(float (*acc)[N8][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < N8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+}
+
 // The two warp-level products every kernel below is made of. A warp holds MT row tiles of 16 rows; a tile
 // of accumulators is float[N / 8][4] (N columns); `acc` and `p` point to the first of MT such tiles (for
 // one tile, pass &tile).
@@ -167,10 +176,7 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
 // memory: the caller decides), B (N x D) is rows of stride S in shared memory. S = Q Kᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ.
 template <typename T, int MT, int N, int D, int S, typename AFrag>
 __device__ __forceinline__ void acc_abt(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+  zero_acc<MT>(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[MT][4];
@@ -271,10 +277,9 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
   uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];  // Q fragments, when they stay in registers
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];  // running max (log2 domain) and this lane's partial row sums
+  zero_acc<MT>(o);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
     m[mt][0] = m[mt][1] = -INFINITY;
     l[mt][0] = l[mt][1] = 0.f;
   }
@@ -514,13 +519,8 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   constexpr int KF = KVREG ? MTK : 1, KK = KVREG ? D / 16 : 1;
   uint32_t kf[KF][KK][4], vf[KF][KK][4];
   float dk[MTK][D / 8][4], dv[MTK][D / 8][4];
-#pragma unroll
-  for (int mt = 0; mt < MTK; ++mt)
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      dk[mt][i][0] = dk[mt][i][1] = dk[mt][i][2] = dk[mt][i][3] = 0.f;
-      dv[mt][i][0] = dv[mt][i][1] = dv[mt][i][2] = dv[mt][i][3] = 0.f;
-    }
+  zero_acc<MTK>(dk);
+  zero_acc<MTK>(dv);
 
   for (int qb = qb0; qb < nqb; ++qb) {
     const int buf = (qb - qb0) & 1;
@@ -611,8 +611,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
         static_assert(NW % MTQ == 0 && (D / 16) % WPM == 0, "dQ tiling: warps must cover BR x D evenly");
         const int mt = warp % MTQ, np0 = (warp / MTQ) * NPW;
         float acc[2 * NPW][4];
-#pragma unroll
-        for (int j = 0; j < 2 * NPW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        zero_acc<1>(&acc);
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
           uint32_t a[4];
@@ -718,10 +717,7 @@ __global__ void __launch_bounds__(C::NT)
   cp_async_commit();
 
   float dq[MT][D / 8][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) dq[mt][i][0] = dq[mt][i][1] = dq[mt][i][2] = dq[mt][i][3] = 0.f;
+  zero_acc<MT>(dq);
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
@@ -747,13 +743,8 @@ __global__ void __launch_bounds__(C::NT)
 
       // S = Q Kᵀ and dP = dO Vᵀ (16·MT rows x BC keys per warp)
       float s[MT][BC / 8][4], dp[MT][BC / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < BC / 8; ++i) {
-          s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-          dp[mt][i][0] = dp[mt][i][1] = dp[mt][i][2] = dp[mt][i][3] = 0.f;
-        }
+      zero_acc<MT>(s);
+      zero_acc<MT>(dp);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
