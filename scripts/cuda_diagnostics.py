@@ -240,6 +240,9 @@ FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3", "wide64")
 # dQ kernel). MINILM_ATTN_DQ=narrow remains selectable.
 BWD_CONFIGS = (("fused", "narrow"), ("split", "wide"), ("split2", "wide"), ("split3", "wide"), ("splitkv", "wide"),
                ("wide", "wide"), ("wide16", "wide"), ("fusedwide", "narrow"), ("fusedkv", "narrow"))
+# Names that run the very same kernels as another swept name at that head dim: not timed there (so never
+# picked there), to save GPU time. Their correctness is still checked.
+SWEEP_SAME = {64: {"wide64", "splitkv"}, 128: {"split3", "wide", "wide16", "fusedwide"}}
 SWEEP_CHECKS = ((2, 3, 257, 64), (1, 2, 1000, 128), (2, 3, 130, 48), (1, 1, 1, 64), (2, 1, 37, 128))
 
 
@@ -310,6 +313,8 @@ def attn_sweep():
         ok &= res["ok"]
         for shape in SWEEP_SHAPES:
             B, H, T, D = shape
+            if (layout or bwd) in SWEEP_SAME.get(D, ()):
+                continue
             q, k, v, g = _sweep_inputs(*shape)
             flops = 2 * B * H * T * T * D
             if kind == "fwd":
@@ -341,9 +346,9 @@ def _sweep_pick(results):
     """Per head dim, the forward layout and the backward configuration that are fastest over the sweep's
     shapes of that head dim, among those that passed every check: printed, and written as shell
     exports to $MINILM_SWEEP_ENV when set: candidates for the defaults in attention_kernels.cu (which
-    also weigh determinism: "fused" adds dQ with atomics). At D = 128 some names are the same kernel
-    (split3 = split2, wide3 ~ wide, wide/wide16/fusedwide = split, the dQ tiling is always narrow);
-    at D = 64, splitkv = split and wide64 = wide."""
+    also weigh determinism: "fused" adds dQ with atomics). Names in SWEEP_SAME are the same kernels as
+    another name at that head dim and are not timed there; wide3 at D = 128 differs from wide only in its
+    launch bounds, and the dQ tiling is always narrow at D = 128."""
     picks = {"MINILM_ATTN_FWD": [], "MINILM_ATTN_BWD": [], "MINILM_ATTN_DQ": []}
     for D in sorted({s[3] for s in SWEEP_SHAPES}):
         shapes = [s for s in SWEEP_SHAPES if s[3] == D]
