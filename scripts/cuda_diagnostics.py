@@ -8,9 +8,9 @@ fused fwd+bwd at 32,768 tokens (torch.profiler), fp32 and bf16.
 
 attn-sweep: for every tensor-core forward layout (MINILM_ATTN_FWD = narrow | narrow2 | wide | wide3 | wide64)
 and backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3 | splitkv | wide | wide16 |
-fusedwide | fusedkv, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu): correctness on a
-few shapes, then the forward (layouts) or fwd+bwd (backward configurations) time on the four target shapes
-next to SDPA's flash and cuDNN backends.
+fusedwide | fusedkv | fused2d | split2d, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu):
+correctness on a few shapes, then the forward (layouts) or fwd+bwd (backward configurations) time on the four
+target shapes next to SDPA's flash and cuDNN backends.
 
 Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
 failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
@@ -239,7 +239,8 @@ FWD_LAYOUTS = ("narrow", "narrow2", "wide", "wide3", "wide64")
 # earlier H200 sweeps and is the default, so the split schemes are swept with it alone (the fused ones have no
 # dQ kernel). MINILM_ATTN_DQ=narrow remains selectable.
 BWD_CONFIGS = (("fused", "narrow"), ("split", "wide"), ("split2", "wide"), ("split3", "wide"), ("splitkv", "wide"),
-               ("wide", "wide"), ("wide16", "wide"), ("fusedwide", "narrow"), ("fusedkv", "narrow"))
+               ("wide", "wide"), ("wide16", "wide"), ("fusedwide", "narrow"), ("fusedkv", "narrow"),
+               ("fused2d", "narrow"), ("split2d", "wide"))
 # Names that run the very same kernels as another swept name at that head dim: not timed there (so never
 # picked there), to save GPU time. Their correctness is still checked.
 SWEEP_SAME = {64: {"wide64", "splitkv"}, 128: {"split3", "wide", "wide16", "fusedwide"}}

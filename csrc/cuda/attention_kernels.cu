@@ -195,27 +195,45 @@ __device__ __forceinline__ void acc_abt(float (*acc)[N / 8][4], AFrag a_frag, co
   }
 }
 
-// acc (16·MT x D) += P (16·MT x BC, in accumulator registers) · B (BC x D, rows of stride S in shared
-// memory): O += P V, dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q. Each B fragment feeds MT·2 mma.
-template <typename T, int MT, int BC, int D, int S>
-__device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float (*p)[BC / 8][4], const T* sB,
-                                            int lane) {
+// acc (16·MT x N) += A (16·MT x K) · B (K x N): A comes fragment by fragment from a_frag(mt, kk, a) as in
+// acc_abt, B is stored [k][n] in shared memory (rows of stride S) and read with ldmatrix.trans. Each B fragment
+// feeds MT·2 mma.
+template <typename T, int MT, int K, int N, int S, typename AFrag>
+__device__ __forceinline__ void acc_plus_ab(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < BC / 16; ++kk) {
+  for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
+    for (int mt = 0; mt < MT; ++mt) a_frag(mt, kk, a[mt]);
 #pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
+    for (int np = 0; np < N / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * S + dp * 16 + bt_col(lane));
+      ldsm_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * S + np * 16 + bt_col(lane));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        Half<T>::mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
-        Half<T>::mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        Half<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
+        Half<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
       }
     }
   }
+}
+
+// A fragments of a 16·MT x K matrix stored transposed, [k][m] (rows of stride S, first column at sA), read with
+// ldmatrix.trans: e.g. Pᵀ from a [query][key] tile, or dS from a [key][query] one.
+template <typename T, int S>
+__device__ __forceinline__ auto a_trans_frag(const T* sA, int lane) {
+  return [sA, lane](int mt, int kk, uint32_t(&a)[4]) {
+    ldsm_x4_trans(a, sA + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * S + mt * 16 + ((lane >> 3) & 1) * 8);
+  };
+}
+
+// acc (16·MT x D) += P (16·MT x BC, in accumulator registers) · B (BC x D, rows of stride S in shared
+// memory): O += P V, dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q.
+template <typename T, int MT, int BC, int D, int S>
+__device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float (*p)[BC / 8][4], const T* sB,
+                                            int lane) {
+  acc_plus_ab<T, MT, BC, D, S>(
+      acc, [p](int mt, int kk, uint32_t(&a)[4]) { acc_to_a<T>(a, p[mt][2 * kk], p[mt][2 * kk + 1]); }, sB, lane);
 }
 
 // ------------------------------------------------------------------------------- tensor-core forward
@@ -612,19 +630,8 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
         const int mt = warp % MTQ, np0 = (warp / MTQ) * NPW;
         float acc[2 * NPW][4];
         zero_acc<1>(&acc);
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-          uint32_t a[4];
-          // A = dS rows (queries) x k (keys), stored transposed as [key][query]
-          ldsm_x4_trans(a, sdS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS + mt * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-          for (int j = 0; j < NPW; ++j) {
-            uint32_t b[4];
-            ldsm_x4_trans(b, sK + (kk * 16 + bt_row(lane)) * S + (np0 + j) * 16 + bt_col(lane));
-            Half<T>::mma(acc[2 * j], a, b[0], b[1]);
-            Half<T>::mma(acc[2 * j + 1], a, b[2], b[3]);
-          }
-        }
+        // A = dS rows (queries) x k (keys), stored transposed as [key][query]
+        acc_plus_ab<T, 1, BC, 16 * NPW, S>(&acc, a_trans_frag<T, SS>(sdS + mt * 16, lane), sK + np0 * 16, lane);
 #pragma unroll
         for (int j = 0; j < 2 * NPW; ++j) atomic_add_acc<D>(dQacc, q0 + mt * 16 + g, np0 * 16 + j * 8, t4, acc[j], T_);
       }  // WITH_DQ
@@ -638,6 +645,177 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
+      if (ka < T_) {
+        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
+            Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(ka) * D + col) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
+      }
+      if (kb < T_) {
+        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(kb) * D + col) =
+            Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
+        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(kb) * D + col) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
+      }
+    }
+  }
+}
+
+// The "2d" backward schemes (FlashAttention-2's own backward tiling; meant for D = 128, where a warp cannot
+// hold the dK and dV accumulators of 32 keys beside its scores). A CTA of 8 warps owns BC = 128 keys and
+// walks query tiles of BR = 64 rows from the diagonal; per tile it runs three phases, each with its own
+// 2-D grid of warps, handing P and dS over through shared memory:
+//   1. S = Q Kᵀ and dP = dO Vᵀ (BR x BC): warps in 2 (queries) x 4 (keys), 32 x 32 each. P and
+//      dS = P ∘ (dP − Delta) go to shared memory as [query][key] tiles.
+//   2. dV += Pᵀ dO and dK += dSᵀ Q (BC x D): warps in 4 (keys) x 2 (columns), 32 keys x D/2 each, the
+//      A operands Pᵀ and dSᵀ read with ldmatrix.trans from the [query][key] tiles. dK and dV stay in
+//      registers for the whole query loop (2 x 64 registers at D = 128).
+//   3. With dQ ("fused2d"): dQ_tile = dS K (BR x D): warps in 2 (queries) x 4 (columns), 32 x D/4 each,
+//      added into the fp32 buffer with atomics, as in the fused scheme. Without ("split2d"), the dQ kernel
+//      computes dQ afterwards.
+// Every product's warp tile is 32 x 32 or larger, so each fragment read from shared memory feeds at least
+// 2 mma and at D = 128 about 200 bytes of shared memory are read per mma, against 256 to 384 in the 1-D
+// schemes above.
+template <int D>
+struct Bwd2dCfg {
+  static constexpr int NW = 8, NT = NW * 32, BC = 128, BR = 64, S = D + 8, SP = BC + 8;
+  static constexpr size_t smem_bytes(size_t elem) {
+    return (static_cast<size_t>(2 * BC * S) + 4 * BR * S + 2 * BR * SP) * elem + 4 * BR * sizeof(float);
+  }
+};
+
+template <typename T, int D, bool WITH_DQ>
+__global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
+    attn_bwd_2d(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
+                const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
+                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
+  using C = Bwd2dCfg<D>;
+  constexpr int NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SP = C::SP;
+  constexpr int DH = D / 2, DQ = D / 4;  // columns per warp in phases 2 and 3
+  static_assert(DQ % 16 == 0, "the 2d schemes need D to be a multiple of 64");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [BC][S]
+  T* sV = sK + BC * S;                      // [BC][S]
+  T* sQ = sV + BC * S;                      // [2][BR][S]
+  T* sdO = sQ + 2 * BR * S;                 // [2][BR][S]
+  T* sP = sdO + 2 * BR * S;                 // [BR][SP]: P, queries x keys
+  T* sdS = sP + BR * SP;                    // [BR][SP]: dS, queries x keys
+  float* sL = reinterpret_cast<float*>(sdS + BR * SP);  // [2][BR]: LSE · log2e
+  float* sDl = sL + 2 * BR;                              // [2][BR]: Delta
+
+  const int bh = blockIdx.x;
+  const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
+  const size_t base = static_cast<size_t>(bh) * T_ * D;
+  Q += base, K += base, V += base, dO += base, dK += base, dV += base;
+  if constexpr (WITH_DQ) dQacc += base;
+  LSE += static_cast<size_t>(bh) * T_;
+  Delta += static_cast<size_t>(bh) * T_;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int r1 = (warp / 4) * 32, c1 = (warp % 4) * 32;  // phase 1: query rows r1.., keys c1.. of the tile
+  const int r2 = (warp / 2) * 32, c2 = (warp % 2) * DH;  // phase 2: keys r2.., columns c2..
+  const int r3 = (warp / 4) * 32, c3 = (warp % 4) * DQ;  // phase 3: query rows r3.., columns c3..
+
+  const int nqb = (T_ + BR - 1) / BR;
+  const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
+  auto load_q_tile = [&](int qb, int buf) {
+    load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, qb * BR, T_);
+    load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, qb * BR, T_);
+    for (int i = threadIdx.x; i < BR; i += NT) {
+      const int q = qb * BR + i;
+      sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
+      sDl[buf * BR + i] = q < T_ ? Delta[q] : 0.f;
+    }
+  };
+  load_tile_async<T, BC, D, S, NT>(sK, K, k0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, k0, T_);
+  load_q_tile(qb0, 0);
+  cp_async_commit();
+
+  float dk[2][DH / 8][4], dv[2][DH / 8][4];
+  zero_acc<2>(dk);
+  zero_acc<2>(dv);
+
+  for (int qb = qb0; qb < nqb; ++qb) {
+    const int buf = (qb - qb0) & 1;
+    const int q0 = qb * BR;
+    if (qb + 1 < nqb) {
+      load_q_tile(qb + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sQb = sQ + buf * BR * S;
+    const T* sdOb = sdO + buf * BR * S;
+    const float* sLb = sL + buf * BR;
+    const float* sDb = sDl + buf * BR;
+
+    // 1. S and dP for query rows r1.. and keys c1.. (a warp whose keys all lie after its rows skips the
+    //    products: its P and dS are all zero, which the mask below writes)
+    float s[2][4][4], dp[2][4][4];
+    if (k0 + c1 <= q0 + r1 + 31) {
+      auto rows_of = [lane](const T* sM) {
+        return [sM, lane](int mt, int kk, uint32_t(&a)[4]) {
+          ldsm_x4(a, sM + (mt * 16 + a_row(lane)) * S + kk * 16 + a_col(lane));
+        };
+      };
+      acc_abt<T, 2, 32, D, S>(s, rows_of(sQb + r1 * S), sK + c1 * S, lane);
+      acc_abt<T, 2, 32, D, S>(dp, rows_of(sdOb + r1 * S), sV + c1 * S, lane);
+    } else {
+      zero_acc<2>(s);
+      zero_acc<2>(dp);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        float p[4], ds[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int qi = r1 + mt * 16 + g + (i < 2 ? 0 : 8);  // row of the tile
+          const int q = q0 + qi, key = k0 + c1 + nt * 8 + t4 * 2 + (i & 1);
+          p[i] = (q < key || q >= T_) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - sLb[qi]);
+          ds[i] = p[i] * (dp[mt][nt][i] - sDb[qi]);
+        }
+        const int row = r1 + mt * 16 + g, col = c1 + nt * 8 + t4 * 2;
+        *reinterpret_cast<uint32_t*>(sP + row * SP + col) = Half<T>::pack(p[0], p[1]);
+        *reinterpret_cast<uint32_t*>(sP + (row + 8) * SP + col) = Half<T>::pack(p[2], p[3]);
+        *reinterpret_cast<uint32_t*>(sdS + row * SP + col) = Half<T>::pack(ds[0], ds[1]);
+        *reinterpret_cast<uint32_t*>(sdS + (row + 8) * SP + col) = Half<T>::pack(ds[2], ds[3]);
+      }
+    __syncthreads();
+
+    // 2. dV += Pᵀ dO and dK += dSᵀ Q for keys r2.. and columns c2.. (nothing to add when every key of
+    //    the warp lies after the last query of the tile)
+    if (k0 + r2 <= q0 + BR - 1) {
+      acc_plus_ab<T, 2, BR, DH, S>(dv, a_trans_frag<T, SP>(sP + r2, lane), sdOb + c2, lane);
+      acc_plus_ab<T, 2, BR, DH, S>(dk, a_trans_frag<T, SP>(sdS + r2, lane), sQb + c2, lane);
+    }
+
+    // 3. dQ_tile += dS K for query rows r3.. and columns c3.., into the fp32 buffer
+    if constexpr (WITH_DQ) {
+      float dq[2][DQ / 8][4];
+      zero_acc<2>(dq);
+      const T* sA = sdS + r3 * SP;
+      acc_plus_ab<T, 2, BC, DQ, S>(
+          dq, [sA, lane](int mt, int kk, uint32_t(&a)[4]) {
+            ldsm_x4(a, sA + (mt * 16 + a_row(lane)) * SP + kk * 16 + a_col(lane));
+          },
+          sK + c3, lane);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < DQ / 8; ++j)
+          atomic_add_acc<D>(dQacc, q0 + r3 + mt * 16 + g, c3 + j * 8, t4, dq[mt][j], T_);
+    }
+    __syncthreads();  // sP, sdS and this Q/dO buffer are rewritten next iteration
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    const int ka = k0 + r2 + mt * 16 + g, kb = ka + 8;
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt) {
+      const int col = c2 + dt * 8 + t4 * 2;
       if (ka < T_) {
         *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
             Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
@@ -974,7 +1152,8 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 // every call, overrides a default: one name for every head dim ("wide") or one per head dim
 // ("64:wide,128:narrow2").
 //   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3 | wide64   (forward layout, see FwdCfg)
-//   MINILM_ATTN_BWD: fused | split | split2 | split3 | splitkv | wide | wide16 | fusedwide | fusedkv
+//   MINILM_ATTN_BWD: fused | split | split2 | split3 | splitkv | wide | wide16 | fusedwide | fusedkv |
+//                    fused2d | split2d
 //                                                         (backward scheme, see bwd_tc)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
@@ -1024,10 +1203,11 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 int fwd_layout(int D) {
   return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, 2);
 }
-enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide, kFusedKV };
+enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide, kFusedKV, kFused2d, kSplit2d };
 int bwd_variant(int D) {
   return tuning_choice("MINILM_ATTN_BWD", D,
-                       {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide", "fusedkv"},
+                       {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide", "fusedkv",
+                        "fused2d", "split2d"},
                        D <= 64 ? kSplit3 : kSplit);
 }
 bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, D <= 64 ? 1 : 0) == 1; }
@@ -1061,6 +1241,8 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
 //   fusedkv: fused with the K/V fragments in registers (243 registers at D = 64; 255 and a 16-byte spill
 //            at D = 128)
+//   fused2d: FlashAttention-2's backward tiling (attn_bwd_2d: 2-D warp grids, P and dS through shared
+//            memory, dQ by atomics); split2d: the same without dQ, plus the dQ kernel (deterministic).
 //   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
 //   take 256 registers); at D = 128 they run split.
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
@@ -1090,6 +1272,21 @@ cudaError_t launch_bwd_tc(const BwdArgs& a) {
   return cudaGetLastError();
 }
 
+template <typename T, int D, bool WITH_DQ>
+cudaError_t launch_bwd_2d(const BwdArgs& a) {
+  using C = Bwd2dCfg<D>;
+  const size_t smem = C::smem_bytes(sizeof(T));
+  auto kernel = attn_bwd_2d<T, D, WITH_DQ>;
+  cudaError_t err = with_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BC - 1) / C::BC));
+  kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
+                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
+                                          a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
+                                          static_cast<int>(a.T), a.scale, a.scale * kLog2e);
+  return cudaGetLastError();
+}
+
 // The dK/dV kernel of each backward scheme (adding dQ with atomics for the fused ones), as listed above.
 template <typename T, int D>
 cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
@@ -1105,6 +1302,8 @@ cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
     case kSplit3: return launch_bwd_tc<T, D, false, 2, 32>(a);
     case kSplitKV: return launch_bwd_tc<T, D, false, 1, BR, 8, 1, true>(a);
     case kFusedKV: return launch_bwd_tc<T, D, true, 1, BR, 8, 1, true>(a);
+    case kFused2d: return launch_bwd_2d<T, D, true>(a);
+    case kSplit2d: return launch_bwd_2d<T, D, false>(a);
     default: return launch_bwd_tc<T, D, false, 1>(a);  // split
   }
 }
@@ -1133,7 +1332,8 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int scheme = bwd_variant(D);
-  const bool fused = scheme == kFused || scheme == kFusedKV || (D <= 64 && scheme == kFusedWide);
+  const bool fused =
+      scheme == kFused || scheme == kFusedKV || scheme == kFused2d || (D <= 64 && scheme == kFusedWide);
   const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, stream};
   if (!fused) {  // the dK/dV kernel, then the dQ kernel
     err = launch_bwd_scheme<T, D>(scheme, args);
