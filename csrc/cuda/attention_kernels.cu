@@ -1198,7 +1198,7 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 //            1.00 / 0.89 / 0.82, fused 0.93 / 0.83 / 0.83: all within a few percent);
 //   backward D = 128: split (0.72x; fused 0.74x but not deterministic, split2/split3 0.53x: they spill).
 // Not yet timed on a GPU (written and compile-checked in a session without one): the forward wide64 and
-// the backward splitkv, wide, wide16, fusedwide and fusedkv. The next sweep decides whether they replace
+// the backward splitkv, wide, wide16, fusedwide, fusedkv, fused2d and split2d. The next sweep decides whether they replace
 // a default.
 int fwd_layout(int D) {
   return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, 2);
