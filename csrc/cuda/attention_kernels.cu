@@ -672,8 +672,8 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 //      added into the fp32 buffer with atomics, as in the fused scheme. Without ("split2d"), the dQ kernel
 //      computes dQ afterwards.
 // Every product's warp tile is 32 x 32 or larger, so each fragment read from shared memory feeds at least
-// 2 mma and at D = 128 about 200 bytes of shared memory are read per mma, against 256 to 384 in the 1-D
-// schemes above.
+// 2 mma: phases 1 and 3 read 256 bytes of shared memory per mma, phase 2 192 (at D = 128; the 1-D schemes
+// above read 256 to 384 there).
 template <int D>
 struct Bwd2dCfg {
   static constexpr int NW = 8, NT = NW * 32, BC = 128, BR = 64, S = D + 8, SP = BC + 8;
