@@ -1243,6 +1243,8 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //            at D = 128)
 //   fused2d: FlashAttention-2's backward tiling (attn_bwd_2d: 2-D warp grids, P and dS through shared
 //            memory, dQ by atomics); split2d: the same without dQ, plus the dQ kernel (deterministic).
+//            At D = 128 a CTA takes 171 KB of shared memory: Hopper has it (227 KB), an A100 (163 KB) does
+//            not, and the launch then fails with a CUDA error.
 //   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
 //   take 256 registers); at D = 128 they run split.
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
