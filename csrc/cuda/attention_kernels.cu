@@ -1247,6 +1247,27 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //            not, and the launch then fails with a CUDA error.
 //   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
 //   take 256 registers); at D = 128 they run split.
+// A model to read the schemes by (a model, not a measurement: occupancy, the exp throughput and the dQ
+// atomics count too). mma.sync takes its operands through ldmatrix from shared memory, which delivers 128
+// bytes per clock per SM, while the tensor cores can finish up to about one m16n8k16 per clock per SM; so a
+// product whose warp tile reads much more than ~150 bytes of shared memory per mma waits on shared memory.
+// A warp tile of M x N reads, per 16-deep step, 32·M bytes for an A operand in shared memory and 32·N for a
+// B operand in shared memory, for M·N/128 mma. Bytes per mma for Sᵀ, dPᵀ, dV, dK | the dQ product(s), and
+// the sum (+: plus the dQ atomics):
+//                D = 64                                 D = 128
+//   split      256 256 256 256 | 128 128 128 = 1408     384 384 256 256 | 256 256 256 = 2048
+//   split3     384 384 256 256 | 128 128 128 = 1664     (split2)
+//   splitkv    (split)                                  256 256 256 256 | 256 256 256 = 1792
+//   wide       128 128 128 128 | 128 128 128 =  896     (split)
+//   fused      320 320 256 256 | 384         = 1536+    384 384 256 256 | 384         = 1664+
+//   fusedkv    256 256 256 256 | 384         = 1408+    256 256 256 256 | 384         = 1408+
+//   fusedwide  256 256 128 128 | 384         = 1152+    (split)
+//   fused2d    256 256 256 256 | 384         = 1408+    256 256 192 192 | 256         = 1152+
+//   split2d    256 256 256 256 | 128 128 128 = 1408     256 256 192 192 | 256 256 256 = 1664
+// The same count for FlashAttention-2's backward tiling (our reading of its kernel traits) gives 1152+ at
+// both head dims. The second session's sweep does not contradict it (split and split3 measured within a few
+// percent of each other, split3 at twice split's occupancy); wide at D = 64 and fused2d at D = 128 are the
+// schemes the model favours.
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
 struct BwdArgs {
   const void *dout, *q, *k, *v;
