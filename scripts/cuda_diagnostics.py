@@ -317,26 +317,31 @@ def attn_sweep():
             ok = False
             return None
 
-    configs = [("fwd", layout, None, None) for layout in FWD_LAYOUTS] + [("bwd", None, b, d) for b, d in BWD_CONFIGS]
-    configs.sort(key=lambda c: (c[0], c[1] or c[2]) in SWEEP_UNTRIED)  # stable: the tried ones first, in order
+    configs = [("fwd", layout) for layout in FWD_LAYOUTS] + [("bwd", bwd_dq) for bwd_dq in BWD_CONFIGS]
+    configs.sort(key=lambda c: (c[0], c[1] if c[0] == "fwd" else c[1][0]) in SWEEP_UNTRIED)  # stable: tried first
     results = {}  # (kind, choice) -> {"ok": bool, "ms": {shape: ms}}
-    for kind, layout, bwd, dq in configs:
-        if not _cuda_alive():
-            print(f"sweep: the CUDA context is gone (a fault in an earlier configuration); skipping {layout or bwd} "
-                  "and the rest: rerun the sweep without the faulting name", flush=True)
-            ok = False
-            break
-        _sweep_env(layout, bwd, dq)
-        name = f"fwd={layout}" if kind == "fwd" else f"bwd={bwd},dq={dq}"
-        res = results[kind, layout or (bwd, dq)] = {"ok": True, "ms": {}}
+    for kind, choice in configs:
+        name = choice if kind == "fwd" else choice[0]  # the MINILM_ATTN_FWD / MINILM_ATTN_BWD name
+        label = f"fwd={choice}" if kind == "fwd" else f"bwd={choice[0]},dq={choice[1]}"
+        if kind == "fwd":
+            _sweep_env(fwd=choice)
+        else:
+            _sweep_env(bwd=choice[0], dq=choice[1])
+        res = results[kind, choice] = {"ok": True, "ms": {}}
         for chk in SWEEP_CHECKS:
-            res["ok"] &= case(f"sweep {name} correct bf16 {chk}", lambda: tc._check_attention(*chk, torch.bfloat16))
-        res["ok"] &= case(f"sweep {name} correct fp16 (1,2,300,80)",
+            res["ok"] &= case(f"sweep {label} correct bf16 {chk}", lambda: tc._check_attention(*chk, torch.bfloat16))
+        res["ok"] &= case(f"sweep {label} correct fp16 (1,2,300,80)",
                           lambda: tc._check_attention(1, 2, 300, 80, torch.float16))
         ok &= res["ok"]
+        if not _cuda_alive():  # a fault (illegal address, ...) leaves the CUDA context unusable: stop here
+            print(f"sweep: {label} left the CUDA context unusable; the configurations after it are not run. "
+                  f"Take {name!r} out of FWD_LAYOUTS / BWD_CONFIGS and sweep again.", flush=True)
+            break
+        if not res["ok"]:
+            continue  # a failed check rules it out: no timing
         for shape in SWEEP_SHAPES:
             B, H, T, D = shape
-            if (kind, layout or bwd) in SWEEP_SAME.get(D, ()):
+            if (kind, name) in SWEEP_SAME.get(D, ()):
                 continue
             q, k, v, g = _sweep_inputs(*shape)
             flops = 2 * B * H * T * T * D
@@ -344,24 +349,30 @@ def attn_sweep():
                 def fwd():
                     with torch.no_grad():
                         causal_attention(q, k, v)
-                res["ms"][shape] = timed(f"sweep {name:22s} {B},{H},{T},{D} fwd", shape, fwd, flops, 0)
+                res["ms"][shape] = timed(f"sweep {label:22s} {B},{H},{T},{D} fwd", shape, fwd, flops, 0)
             else:
                 def fb():
                     causal_attention(q, k, v).backward(g)
-                res["ms"][shape] = timed(f"sweep {name:22s} {B},{H},{T},{D} fwd+bwd", shape, fb, 3.5 * flops, 1)
+                res["ms"][shape] = timed(f"sweep {label:22s} {B},{H},{T},{D} fwd+bwd", shape, fb, 3.5 * flops, 1)
             del q, k, v, g
             torch.cuda.empty_cache()
+        if not _cuda_alive():
+            print(f"sweep: {label} left the CUDA context unusable while timed; the configurations after it are "
+                  f"not run. Take {name!r} out of FWD_LAYOUTS / BWD_CONFIGS and sweep again.", flush=True)
+            ok = False
+            break
     _sweep_env()
     picks = _sweep_pick(results)
     # Where the time goes with the picked tilings, kernel by kernel (for the next round of tuning).
-    for var, val in picks.items():
-        os.environ[var] = val
-    for shape in SWEEP_SHAPES:
-        q, k, v, g = _sweep_inputs(*shape)
-        case(f"sweep profile fwd+bwd {shape}",
-             lambda: kernel_breakdown(lambda: causal_attention(q, k, v).backward(g), "per kernel", top=6) or "done")
-        del q, k, v, g
-    _sweep_env()
+    if _cuda_alive():
+        for var, val in picks.items():
+            os.environ[var] = val
+        for shape in SWEEP_SHAPES:
+            q, k, v, g = _sweep_inputs(*shape)
+            case(f"sweep profile fwd+bwd {shape}",
+                 lambda: kernel_breakdown(lambda: causal_attention(q, k, v).backward(g), "per kernel", top=6) or "done")
+            del q, k, v, g
+        _sweep_env()
     return ok
 
 
@@ -394,7 +405,7 @@ def _sweep_pick(results):
     lines = [f"export {var}={val}" for var, val in picks.items()]
     print("sweep best: " + " ; ".join(lines), flush=True)
     path = os.environ.get("MINILM_SWEEP_ENV")
-    if path:
+    if path and lines:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
     return picks
