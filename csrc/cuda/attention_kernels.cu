@@ -474,6 +474,33 @@ __device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, in
 #endif
 }
 
+// Writes a warp's dK (times `scale`) and dV accumulators to the [T, D] outputs: MT row tiles of 16 keys (this
+// lane's rows: key_a + 16 mt and key_a + 16 mt + 8) by N columns from col0; keys >= T are not written.
+template <typename T, int MT, int N, int D>
+__device__ __forceinline__ void store_dkdv(T* dK, T* dV, const float (*dk)[N / 8][4], const float (*dv)[N / 8][4],
+                                           int key_a, int col0, int t4, float scale, int T_) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int ka = key_a + mt * 16, kb = ka + 8;
+#pragma unroll
+    for (int dt = 0; dt < N / 8; ++dt) {
+      const int col = col0 + dt * 8 + t4 * 2;
+      if (ka < T_) {
+        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
+            Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(ka) * D + col) =
+            Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
+      }
+      if (kb < T_) {
+        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(kb) * D + col) =
+            Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
+        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(kb) * D + col) =
+            Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
+      }
+    }
+  }
+}
+
 // A dK/dV CTA: NW warps, each owning MTK row tiles of 16 keys (BC = 16·MTK·NW keys), stepping through the
 // queries BR rows at a time. MTK = 2 ("wide") halves the shared-memory reads per mma of dV += Pᵀ dO and
 // dK += dSᵀ Q (each Q/dO fragment feeds 4 mma instead of 2), as the wide forward does for K and V.
@@ -639,24 +666,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
   }
 
-#pragma unroll
-  for (int mt = 0; mt < MTK; ++mt) {
-    const int ka = key_a + mt * 16, kb = key_b + mt * 16;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const int col = dt * 8 + t4 * 2;
-      if (ka < T_) {
-        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
-            Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
-        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(ka) * D + col) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
-      }
-      if (kb < T_) {
-        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(kb) * D + col) =
-            Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
-        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(kb) * D + col) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
-      }
-    }
-  }
+  store_dkdv<T, MTK, D, D>(dK, dV, dk, dv, key_a, 0, t4, scale, T_);
 }
 
 // The "2d" backward schemes (FlashAttention-2's own backward tiling; meant for D = 128, where a warp cannot
@@ -810,24 +820,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     __syncthreads();  // sP, sdS and this Q/dO buffer are rewritten next iteration
   }
 
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-    const int ka = k0 + r2 + mt * 16 + g, kb = ka + 8;
-#pragma unroll
-    for (int dt = 0; dt < DH / 8; ++dt) {
-      const int col = c2 + dt * 8 + t4 * 2;
-      if (ka < T_) {
-        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
-            Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
-        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(ka) * D + col) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
-      }
-      if (kb < T_) {
-        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(kb) * D + col) =
-            Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
-        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(kb) * D + col) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
-      }
-    }
-  }
+  store_dkdv<T, 2, DH, D>(dK, dV, dk, dv, k0 + r2 + g, c2, t4, scale, T_);
 }
 
 // dQ alone (the "split" backward): a CTA of NW warps owns BR = 16·MT·NW query rows (MT row tiles of 16 per
