@@ -17,7 +17,7 @@
 //
 // Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
 // BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys) and walks the query tiles (BR = 64,
-// 32 or 16 rows, see BwdCfg and the schemes above bwd_tc) from the diagonal to the end, double-buffering
+// 32 or 16 rows, see BwdCfg and "Backward schemes" below) from the diagonal to the end, double-buffering
 // Q, dO, LSE and Delta. Per query tile each warp recomputes the transposed scores Sᵀ = K Qᵀ for its keys
 // (so that Pᵀ is already an mma operand), then
 //     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
@@ -28,7 +28,8 @@
 // kernel writes dQ = scale · buffer in the input dtype. The "split" schemes instead run this kernel
 // without dQ and a second kernel that owns query rows and recomputes S and dP to get dQ without atomics
 // (deterministic, 7 instead of 5 matrix products); without dQ, a warp skips the query tiles that lie
-// wholly before its keys. MINILM_ATTN_BWD picks the scheme, see bwd_variant.
+// wholly before its keys. The "2d" schemes tile the same work differently (see attn_bwd_2d).
+// MINILM_ATTN_BWD picks the scheme, see bwd_variant.
 //
 // Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix
 // fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
@@ -513,7 +514,8 @@ struct BwdCfg {
   }
 };
 
-// BR: query rows per step (64 for D = 64, 32 for D = 128; "split3" and "wide" use 32 at D = 64 too, "wide16" 16).
+// BR: query rows per step (64 for D = 64, 32 for D = 128; split3, wide and fusedwide use 32 at D = 64 too,
+// wide16 16).
 // KVREG: this warp's K and V fragments stay in registers for the whole query loop (else they are re-read
 // from shared memory per step); by default only where the registers are there (split at D = 64).
 template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 32), int NW_ = 8, int MTK = 1,
@@ -681,9 +683,9 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 //   3. With dQ ("fused2d"): dQ_tile = dS K (BR x D): warps in 2 (queries) x 4 (columns), 32 x D/4 each,
 //      added into the fp32 buffer with atomics, as in the fused scheme. Without ("split2d"), the dQ kernel
 //      computes dQ afterwards.
-// Every product's warp tile is 32 x 32 or larger, so each fragment read from shared memory feeds at least
-// 2 mma: phases 1 and 3 read 256 bytes of shared memory per mma, phase 2 192 (at D = 128; the 1-D schemes
-// above read 256 to 384 there).
+// At D = 128 every product's warp tile is 32 x 32 or larger, so each fragment read from shared memory feeds
+// at least 2 mma: phases 1 and 3 read 256 bytes of shared memory per mma, phase 2 192 (the 1-D schemes above
+// read 256 to 384 there). At D = 64 phase 3's tiles are 32 x 16 (384 bytes per mma).
 template <int D>
 struct Bwd2dCfg {
   static constexpr int NW = 8, NT = NW * 32, BC = 128, BR = 64, S = D + 8, SP = BC + 8;
@@ -1147,7 +1149,7 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 //   MINILM_ATTN_FWD: narrow | narrow2 | wide | wide3 | wide64   (forward layout, see FwdCfg)
 //   MINILM_ATTN_BWD: fused | split | split2 | split3 | splitkv | wide | wide16 | fusedwide | fusedkv |
 //                    fused2d | split2d
-//                                                         (backward scheme, see bwd_tc)
+//                                                         (backward scheme, see "Backward schemes" below)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
   const char* env = std::getenv(var);
@@ -1190,13 +1192,19 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 //   backward D = 64: split3 with the wide dQ kernel (0.98x / 0.90x / 0.84x fwd+bwd; split2 + wide dQ
 //            1.00 / 0.89 / 0.82, fused 0.93 / 0.83 / 0.83: all within a few percent);
 //   backward D = 128: split (0.72x; fused 0.74x but not deterministic, split2/split3 0.53x: they spill).
-// Not yet timed on a GPU (written and compile-checked in a session without one): the forward wide64 and
-// the backward splitkv, wide, wide16, fusedwide, fusedkv, fused2d and split2d. The next sweep decides whether they replace
-// a default.
+// Not yet timed on a GPU (written and compile-checked without one): the forward wide64 and the backward
+// splitkv, wide, wide16, fusedwide, fusedkv, fused2d and split2d. The next sweep decides whether they
+// replace a default.
+enum FwdLayout { kFwdNarrow, kFwdNarrow2, kFwdWide, kFwdWide3, kFwdWide64 };
 int fwd_layout(int D) {
-  return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, 2);
+  return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, kFwdWide);
 }
 enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide, kFusedKV, kFused2d, kSplit2d };
+// Whether a scheme adds dQ with atomics in its dK/dV kernel (else the dQ kernel runs after it). The wide
+// schemes exist for D = 64 only: at D = 128 fusedwide runs split (see launch_bwd_scheme).
+constexpr bool is_fused(int scheme, int D) {
+  return scheme == kFused || scheme == kFusedKV || scheme == kFused2d || (D <= 64 && scheme == kFusedWide);
+}
 int bwd_variant(int D) {
   return tuning_choice("MINILM_ATTN_BWD", D,
                        {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide", "fusedkv",
@@ -1209,10 +1217,10 @@ template <typename T, int D>
 cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
                    float scale, cudaStream_t stream) {
   switch (fwd_layout(D)) {
-    case 0: return launch_fwd_tc<T, D, FwdNarrow<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    case 1: return launch_fwd_tc<T, D, FwdNarrow2<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    case 3: return launch_fwd_tc<T, D, FwdWide3<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    case 4: return launch_fwd_tc<T, D, FwdWide64<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case kFwdNarrow: return launch_fwd_tc<T, D, FwdNarrow<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case kFwdNarrow2: return launch_fwd_tc<T, D, FwdNarrow2<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case kFwdWide3: return launch_fwd_tc<T, D, FwdWide3<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case kFwdWide64: return launch_fwd_tc<T, D, FwdWide64<D>>(q, k, v, out, lse, BH, T_, scale, stream);
     default: return launch_fwd_tc<T, D, FwdWide<D>>(q, k, v, out, lse, BH, T_, scale, stream);
   }
 }
@@ -1232,7 +1240,7 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //            2 CTAs per SM; no spills on sm_90 (about 200 bytes on sm_80).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
-//   fusedkv: fused with the K/V fragments in registers (243 registers at D = 64; 255 and a 16-byte spill
+//   fusedkv: fused with the K/V fragments in registers (247 registers at D = 64; 255 and a 16-byte spill
 //            at D = 128)
 //   fused2d: FlashAttention-2's backward tiling (attn_bwd_2d: 2-D warp grids, P and dS through shared
 //            memory, dQ by atomics); split2d: the same without dQ, plus the dQ kernel (deterministic).
@@ -1243,13 +1251,13 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 // A model to read the schemes by (a model, not a measurement: occupancy, the exp throughput and the dQ
 // atomics count too). mma.sync takes its operands through ldmatrix from shared memory, which delivers 128
 // bytes per clock per SM, while the tensor cores can finish up to about one m16n8k16 per clock per SM; so a
-// product whose warp tile reads much more than ~150 bytes of shared memory per mma waits on shared memory.
+// product whose warp tile reads more than about 128 bytes of shared memory per mma waits on shared memory.
 // A warp tile of M x N reads, per 16-deep step, 32·M bytes for an A operand in shared memory and 32·N for a
 // B operand in shared memory, for M·N/128 mma. Bytes per mma for Sᵀ, dPᵀ, dV, dK | the dQ product(s), and
 // the sum (+: plus the dQ atomics):
 //                D = 64                                 D = 128
 //   split      256 256 256 256 | 128 128 128 = 1408     384 384 256 256 | 256 256 256 = 2048
-//   split3     384 384 256 256 | 128 128 128 = 1664     (split2)
+//   split3     384 384 256 256 | 128 128 128 = 1664     (split2 = split's reads)
 //   splitkv    (split)                                  256 256 256 256 | 256 256 256 = 1792
 //   wide       128 128 128 128 | 128 128 128 =  896     (split)
 //   fused      320 320 256 256 | 384         = 1536+    384 384 256 256 | 384         = 1664+
@@ -1258,9 +1266,10 @@ cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float
 //   fused2d    256 256 256 256 | 384         = 1408+    256 256 192 192 | 256         = 1152+
 //   split2d    256 256 256 256 | 128 128 128 = 1408     256 256 192 192 | 256 256 256 = 1664
 // The same count for FlashAttention-2's backward tiling (our reading of its kernel traits) gives 1152+ at
-// both head dims. The second session's sweep does not contradict it (split and split3 measured within a few
+// both head dims. The H200 sweeps behind the defaults do not contradict it (split and split3 measured within a few
 // percent of each other, split3 at twice split's occupancy); wide at D = 64 and fused2d at D = 128 are the
 // schemes the model favours.
+
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
 struct BwdArgs {
   const void *dout, *q, *k, *v;
@@ -1272,12 +1281,10 @@ struct BwdArgs {
   cudaStream_t stream;
 };
 
-template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32), int NW = 8, int MTK = 1,
-          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
-cudaError_t launch_bwd_tc(const BwdArgs& a) {
-  using C = BwdCfg<D, BR, NW, MTK>;
+// One dK/dV kernel: a CTA of C::NT threads per C::BC keys of one (batch, head).
+template <typename T, typename C, typename Kernel>
+cudaError_t launch_dkdv(Kernel kernel, const BwdArgs& a) {
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_bwd_tc<T, D, WITH_DQ, MINB, BR, NW, MTK, KVREG>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BC - 1) / C::BC));
@@ -1288,19 +1295,15 @@ cudaError_t launch_bwd_tc(const BwdArgs& a) {
   return cudaGetLastError();
 }
 
+template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32), int NW = 8, int MTK = 1,
+          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
+cudaError_t launch_bwd_tc(const BwdArgs& a) {
+  return launch_dkdv<T, BwdCfg<D, BR, NW, MTK>>(attn_bwd_tc<T, D, WITH_DQ, MINB, BR, NW, MTK, KVREG>, a);
+}
+
 template <typename T, int D, bool WITH_DQ>
 cudaError_t launch_bwd_2d(const BwdArgs& a) {
-  using C = Bwd2dCfg<D>;
-  const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_bwd_2d<T, D, WITH_DQ>;
-  cudaError_t err = with_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BC - 1) / C::BC));
-  kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
-                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
-                                          a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
-                                          static_cast<int>(a.T), a.scale, a.scale * kLog2e);
-  return cudaGetLastError();
+  return launch_dkdv<T, Bwd2dCfg<D>>(attn_bwd_2d<T, D, WITH_DQ>, a);
 }
 
 // The dK/dV kernel of each backward scheme (adding dQ with atomics for the fused ones), as listed above.
@@ -1348,8 +1351,7 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int scheme = bwd_variant(D);
-  const bool fused =
-      scheme == kFused || scheme == kFusedKV || scheme == kFused2d || (D <= 64 && scheme == kFusedWide);
+  const bool fused = is_fused(scheme, D);
   const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, stream};
   if (!fused) {  // the dK/dV kernel, then the dQ kernel
     err = launch_bwd_scheme<T, D>(scheme, args);
