@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
-# build (timed) -> import -> attention tiling sweep (reports the fastest correct tilings) -> the attention
-# tests with those picks -> pytest tests/test_cuda.py (defaults) -> char-CNN diagnostics and timings ->
-# benchmarks.
+# build (timed) -> import -> attention tiling sweep (reports the fastest correct tilings) -> pytest
+# tests/test_cuda.py (defaults) -> the attention tests with the sweep's picks -> char-CNN diagnostics and
+# timings -> benchmarks.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 #   bash scripts/gpu_check.sh
@@ -61,15 +61,16 @@ print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
 export MINILM_SWEEP_ENV=${OUT:-/tmp}/attn_best.env
 rm -f "$MINILM_SWEEP_ENV"
 step attn-sweep 200 python scripts/cuda_diagnostics.py attn-sweep
-# 2b. The attention tests once more with the sweep's picks, so that a pick that beats a default can become
-#     the default on this run's evidence (the environment is set for this step only).
-if [ -s "$MINILM_SWEEP_ENV" ]; then
-  step pytest-picks 120 bash -c '. "$MINILM_SWEEP_ENV" && echo "picks: $MINILM_ATTN_FWD / $MINILM_ATTN_BWD / ${MINILM_ATTN_DQ:-}" &&
-    python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py -k attention'
-fi
-unset MINILM_SWEEP_ENV
-# 3. Correctness: the CUDA tests, the char-CNN diagnostics.
+# 3. Correctness: the CUDA tests (built-in defaults), then the attention tests once more with the sweep's
+#    picks (the environment set for that step only), so that a pick that beats a default can become the
+#    default on this run's evidence; then the char-CNN diagnostics.
 step pytest 200 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
+if grep -q '^export' "$MINILM_SWEEP_ENV" 2>/dev/null && [ "$(left)" -gt 100 ]; then
+  step pytest-picks 120 bash -c '. "$MINILM_SWEEP_ENV" &&
+    echo "picks: $MINILM_ATTN_FWD / $MINILM_ATTN_BWD / ${MINILM_ATTN_DQ:-}" &&
+    python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py -k attention'
+else echo "=== [pytest-picks] skipped: no picks, or out of time"; fi
+unset MINILM_SWEEP_ENV
 step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
 step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
 # 4. Speed: the char-CNN breakdown, then the project's benchmarks while there is time.
