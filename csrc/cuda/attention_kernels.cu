@@ -128,6 +128,20 @@ struct Half<__half> {
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 };
 
+// One step of a double-buffered loop over tiles: start copying the next tile into the other buffer (if there
+// is one), then wait until this step's tile has landed and every thread of the CTA sees it.
+template <typename LoadNext>
+__device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next) {
+  if (has_next) {
+    load_next();
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // Copies rows [row0, row0 + ROWS) of a [T, D] matrix into shared memory rows of STRIDE elements.
 template <typename T, int ROWS, int D, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int row0, int T_) {
@@ -305,15 +319,10 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
-    if (kb + 1 < nkb) {
+    pipeline_step(kb + 1 < nkb, [&] {
       load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
       load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    });
     if constexpr (QREG) {
       if (kb == 0) {
 #pragma unroll
@@ -475,6 +484,20 @@ __device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, in
 #endif
 }
 
+// Query tile qb of the dK/dV kernels into double-buffer slot buf: its Q and dO rows (cp.async; the caller
+// commits) and its LSE · log2e and Delta (rows past T: zeros).
+template <typename T, int BR, int D, int S, int NT>
+__device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, float* sDl, const T* Q, const T* dO,
+                                                    const float* LSE, const float* Delta, int qb, int buf, int T_) {
+  load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, qb * BR, T_);
+  load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, qb * BR, T_);
+  for (int i = threadIdx.x; i < BR; i += NT) {
+    const int q = qb * BR + i;
+    sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
+    sDl[buf * BR + i] = q < T_ ? Delta[q] : 0.f;
+  }
+}
+
 // Writes a warp's dK (times `scale`) and dV accumulators to the [T, D] outputs: MT row tiles of 16 keys (this
 // lane's rows: key_a + 16 mt and key_a + 16 mt + 8) by N columns from col0; keys >= T are not written.
 template <typename T, int MT, int N, int D>
@@ -550,13 +573,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
   auto load_q_tile = [&](int qb, int buf) {
-    load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, qb * BR, T_);
-    load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, qb * BR, T_);
-    for (int i = threadIdx.x; i < BR; i += NT) {
-      const int q = qb * BR + i;
-      sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
-      sDl[buf * BR + i] = q < T_ ? Delta[q] : 0.f;
-    }
+    load_bwd_query_tile<T, BR, D, S, NT>(sQ, sdO, sL, sDl, Q, dO, LSE, Delta, qb, buf, T_);
   };
   load_tile_async<T, BC, D, S, NT>(sK, K, k0, T_);
   load_tile_async<T, BC, D, S, NT>(sV, V, k0, T_);
@@ -572,14 +589,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   for (int qb = qb0; qb < nqb; ++qb) {
     const int buf = (qb - qb0) & 1;
     const int q0 = qb * BR;
-    if (qb + 1 < nqb) {
-      load_q_tile(qb + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(qb + 1 < nqb, [&] { load_q_tile(qb + 1, buf ^ 1); });
     const T* sQb = sQ + buf * BR * S;
     const T* sdOb = sdO + buf * BR * S;
     const float* sLb = sL + buf * BR;
@@ -728,13 +738,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
   auto load_q_tile = [&](int qb, int buf) {
-    load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, qb * BR, T_);
-    load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, qb * BR, T_);
-    for (int i = threadIdx.x; i < BR; i += NT) {
-      const int q = qb * BR + i;
-      sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
-      sDl[buf * BR + i] = q < T_ ? Delta[q] : 0.f;
-    }
+    load_bwd_query_tile<T, BR, D, S, NT>(sQ, sdO, sL, sDl, Q, dO, LSE, Delta, qb, buf, T_);
   };
   load_tile_async<T, BC, D, S, NT>(sK, K, k0, T_);
   load_tile_async<T, BC, D, S, NT>(sV, V, k0, T_);
@@ -748,14 +752,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   for (int qb = qb0; qb < nqb; ++qb) {
     const int buf = (qb - qb0) & 1;
     const int q0 = qb * BR;
-    if (qb + 1 < nqb) {
-      load_q_tile(qb + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(qb + 1 < nqb, [&] { load_q_tile(qb + 1, buf ^ 1); });
     const T* sQb = sQ + buf * BR * S;
     const T* sdOb = sdO + buf * BR * S;
     const float* sLb = sL + buf * BR;
@@ -894,15 +891,10 @@ __global__ void __launch_bounds__(C::NT)
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
-    if (kb + 1 < nkb) {
+    pipeline_step(kb + 1 < nkb, [&] {
       load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
       load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    });
     if (kb == 0) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
