@@ -60,7 +60,7 @@ print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
 #    run tests and times the built-in defaults.
 export MINILM_SWEEP_ENV=${OUT:-/tmp}/attn_best.env
 rm -f "$MINILM_SWEEP_ENV"
-step attn-sweep 200 python scripts/cuda_diagnostics.py attn-sweep
+step attn-sweep 240 python scripts/cuda_diagnostics.py attn-sweep
 # 3. Correctness: the CUDA tests (built-in defaults), then the attention tests once more with the sweep's
 #    picks (the environment set for that step only), so that a pick that beats a default can become the
 #    default on this run's evidence; then the char-CNN diagnostics.
