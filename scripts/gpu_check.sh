@@ -2,7 +2,7 @@
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
 # build (timed) -> import -> attention tiling sweep (reports the fastest correct tilings) -> pytest
 # tests/test_cuda.py (defaults) -> the attention tests with the sweep's picks -> char-CNN diagnostics and
-# timings -> benchmarks.
+# timings -> benchmarks (with the picks if their tests passed).
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 #   bash scripts/gpu_check.sh
@@ -70,16 +70,22 @@ if grep -q '^export' "$MINILM_SWEEP_ENV" 2>/dev/null && [ "$(left)" -gt 100 ]; t
     echo "picks: $MINILM_ATTN_FWD / $MINILM_ATTN_BWD / ${MINILM_ATTN_DQ:-}" &&
     python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py -k attention'
 else echo "=== [pytest-picks] skipped: no picks, or out of time"; fi
+# The attention and GPT-1 benchmarks below run with the picks when their tests passed, so that their figures
+# are those of the tilings that would become the defaults; else with the defaults. Each says which.
+export PICKS=$MINILM_SWEEP_ENV PICKS_OK=
+[[ " ${passed[*]:-} " == *" pytest-picks "* ]] && PICKS_OK=1
 unset MINILM_SWEEP_ENV
+with_tilings='if [ -n "$PICKS_OK" ]; then . "$PICKS"; fi
+echo "tilings: ${MINILM_ATTN_FWD:-default} / ${MINILM_ATTN_BWD:-default} / ${MINILM_ATTN_DQ:-default}"; exec "$@"'
 step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
 step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
 # 4. Speed: the char-CNN breakdown, then the project's benchmarks while there is time.
 step perf-char-cnn 90 python scripts/cuda_diagnostics.py cnn-perf
 for b in attention charcnn; do
-  if [ "$(left)" -gt 40 ]; then step "bench-$b" "$(left)" python -m minilm.bench "$b" --device cuda --json
+  if [ "$(left)" -gt 40 ]; then step "bench-$b" "$(left)" bash -c "$with_tilings" _ python -m minilm.bench "$b" --device cuda --json
   else echo "=== [bench-$b] skipped: out of time"; fi
 done
-if [ "$(left)" -gt 60 ]; then step bench-gpt1 "$(left)" python -m minilm.bench gpt1 --device cuda --json
+if [ "$(left)" -gt 60 ]; then step bench-gpt1 "$(left)" bash -c "$with_tilings" _ python -m minilm.bench gpt1 --device cuda --json
 else echo "=== [bench-gpt1] skipped: out of time"; fi
 
 echo
