@@ -183,24 +183,28 @@ __device__ __forceinline__ void zero_acc(float (*acc)[N8][4]) {
     for (int i = 0; i < N8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
 }
 
-// The two warp-level products every kernel below is made of. A warp holds MT row tiles of 16 rows; a tile
-// of accumulators is float[N / 8][4] (N columns); `acc` and `p` point to the first of MT such tiles (for
-// one tile, pass &tile).
+// The warp-level products every kernel below is made of. A warp holds MT row tiles of 16 rows; a tile of
+// accumulators is float[N / 8][4] (N columns); `acc` and `p` point to the first of MT such tiles (for one
+// tile, pass &tile).
 //
-// acc = A · Bᵀ: A (16·MT x D) comes fragment by fragment from a_frag(mt, kk, a) (registers or shared
-// memory: the caller decides), B (N x D) is rows of stride S in shared memory. S = Q Kᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ.
-template <typename T, int MT, int N, int D, int S, typename AFrag>
-__device__ __forceinline__ void acc_abt(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
-  zero_acc<MT>(acc);
+// acc (16·MT x N) += A (16·MT x K) · B (K x N), the loop both products below run: A comes fragment by fragment
+// from a_frag(mt, kk, a) (registers or shared memory: the caller decides); B is in shared memory (rows of
+// stride S), stored [n][k] (read with ldmatrix) or, with B_KN, [k][n] (read with ldmatrix.trans). Each B
+// fragment feeds MT·2 mma.
+template <typename T, int MT, int K, int N, int S, bool B_KN, typename AFrag>
+__device__ __forceinline__ void acc_mma(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
+  for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) a_frag(mt, kk, a[mt]);
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4(b, sB + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
+      if constexpr (B_KN)
+        ldsm_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * S + np * 16 + bt_col(lane));
+      else
+        ldsm_x4(b, sB + (np * 16 + bn_row(lane)) * S + kk * 16 + bn_col(lane));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         Half<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -210,27 +214,18 @@ __device__ __forceinline__ void acc_abt(float (*acc)[N / 8][4], AFrag a_frag, co
   }
 }
 
-// acc (16·MT x N) += A (16·MT x K) · B (K x N): A comes fragment by fragment from a_frag(mt, kk, a) as in
-// acc_abt, B is stored [k][n] in shared memory (rows of stride S) and read with ldmatrix.trans. Each B fragment
-// feeds MT·2 mma.
+// acc = A · Bᵀ: A (16·MT x D) from a_frag, B (N x D) is rows of stride S in shared memory.
+// S = Q Kᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ.
+template <typename T, int MT, int N, int D, int S, typename AFrag>
+__device__ __forceinline__ void acc_abt(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
+  zero_acc<MT>(acc);
+  acc_mma<T, MT, D, N, S, false>(acc, a_frag, sB, lane);
+}
+
+// acc (16·MT x N) += A (16·MT x K) · B (K x N), B stored [k][n] in shared memory (rows of stride S).
 template <typename T, int MT, int K, int N, int S, typename AFrag>
 __device__ __forceinline__ void acc_plus_ab(float (*acc)[N / 8][4], AFrag a_frag, const T* sB, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) a_frag(mt, kk, a[mt]);
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      ldsm_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * S + np * 16 + bt_col(lane));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Half<T>::mma(acc[mt][2 * np], a[mt], b[0], b[1]);
-        Half<T>::mma(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-      }
-    }
-  }
+  acc_mma<T, MT, K, N, S, true>(acc, a_frag, sB, lane);
 }
 
 // A fragments of a 16·MT x K matrix stored transposed, [k][m] (rows of stride S, first column at sA), read with
