@@ -8,10 +8,13 @@
 
 TORCH_LIBRARY(minilm, m) {
   // out [B,H,T,D] (input dtype), lse [B,H,T] (fp32; fp64 for fp64 inputs): row log-sum-exp of scale·QKᵀ.
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
-  // -> dq, dk, dv
+  // dropout_p > 0: the probabilities are dropped out with the mask of csrc/attention_dropout.h, made from
+  // seed (int64 [2] on the CPU: two 32-bit words); lse stays that of the undropped scores.
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0., Tensor? seed=None) "
+        "-> (Tensor out, Tensor lse)");
+  // -> dq, dk, dv (the same dropout_p and seed as the forward)
   m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor lse, float scale, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
 
   // ELMo's character CNN, fused: embedding lookup -> every width's 1-D convolution -> max over time
   // -> + bias -> activation ("relu" | "tanh"). char_ids [N, L] int64; embedding [V, E];

@@ -6,24 +6,70 @@ The C++/CUDA kernels (csrc/cpu/attention.cpp, csrc/cuda/) compute, for q, k, v o
     lse = logsumexp(scale · q kᵀ + causal mask, dim=-1)  (saved for the backward)
 
 and the backward op recomputes the probabilities from lse (FlashAttention, Dao et al. 2022).
+With dropout_p > 0 the probabilities are dropped out after the softmax, as nn.Dropout on them would,
+from a mask that is never stored either: every kernel regenerates it from a hash of (seed, batch·head,
+query, key) -- csrc/attention_dropout.h, spelled out in PyTorch by dropout_keep_mask below.
 Here, in Python: the input checks, the fake (shape) function that torch.compile needs, and the
 autograd formula that calls the backward op.
 """
 import math
+import os
 
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def causal_attention_reference(q, k, v, scale=None):
-    """The math, step by step: what the fused kernel must equal. Materialises the (B, H, T, T) scores."""
-    T, D = q.shape[-2], q.shape[-1]
+# ---- attention dropout's mask, the steps of csrc/attention_dropout.h on uint32 values held in int64 tensors
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """x · c mod 2³² for x in [0, 2³²) and a 32-bit constant c, without overflowing int64."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(dropout_p):
+    """p -> (threshold, scale): a 16-bit uniform number u keeps its probability iff u >= threshold, and kept
+    probabilities are multiplied by scale = 65536 / (65536 − threshold) (0 when everything is dropped)."""
+    threshold = min(max(int(dropout_p * 65536.0 + 0.5), 0), 65536)
+    return threshold, (0.0 if threshold == 65536 else 65536.0 / (65536 - threshold))
+
+
+def dropout_keep_mask(seed, B, H, T, dropout_p, device=None):
+    """(B, H, T, T) bool: which attention probabilities the kernels keep for this seed (an int64 tensor of two
+    32-bit words). Entry [b, h, i, j] depends only on (seed, b·H + h, i, j), not on how a kernel tiles."""
+    seed = seed.to(device="cpu", dtype=torch.int64).reshape(-1)
+    seed0, seed1 = int(seed[0]) & _M32, int(seed[1]) & _M32
+    bh = torch.arange(B * H, dtype=torch.int64, device=device)
+    head = _mix32(seed0 ^ _mix32(seed1 ^ _mul32(bh, 0x85EBCA6B)))  # (BH,)
+    i = torch.arange(T, dtype=torch.int64, device=device)
+    row = _mix32(head[:, None] ^ _mul32(i, 0x9E3779B9)[None, :])  # (BH, T): one key per query row
+    bits = _mix32(row[:, :, None] ^ (i >> 1)[None, None, :])  # (BH, T, T): one hash per pair of keys
+    u16 = torch.where((i & 1).bool()[None, None, :], bits >> 16, bits & 0xFFFF)
+    return (u16 >= dropout_threshold(dropout_p)[0]).view(B, H, T, T)
+
+
+def causal_attention_reference(q, k, v, scale=None, dropout_p=0.0, seed=None):
+    """The math, step by step: what the fused kernel must equal. Materialises the (B, H, T, T) scores
+    (and, with dropout, the mask)."""
+    B, H, T, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     att = att.masked_fill(~causal, float("-inf"))
     att = torch.softmax(att, dim=-1)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, B, H, T, dropout_p, q.device)  # (B, H, T, T)
+        att = att * keep * dropout_threshold(dropout_p)[1]
     return (att @ v.float()).to(q.dtype)  # (B, H, T, D)
 
 
@@ -44,12 +90,38 @@ def _check(q, k, v):
         raise ValueError("causal_attention: the head dim D (last dim) must be at least 1")
 
 
-def causal_attention(q, k, v, scale=None):
-    """Fused causal self-attention. q, k, v: [B, H, T, D]; scale defaults to 1/sqrt(D). Returns [B, H, T, D]."""
+def _check_dropout(dropout_p, seed):
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"causal_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 2
+                             or seed.device.type != "cpu"):
+        raise ValueError("causal_attention: seed must be an int64 CPU tensor of 2 elements")
+
+
+def causal_attention(q, k, v, scale=None, dropout_p=0.0, seed=None):
+    """Fused causal self-attention. q, k, v: [B, H, T, D]; scale defaults to 1/sqrt(D). Returns [B, H, T, D].
+
+    dropout_p > 0 drops attention probabilities (after the softmax) with that probability and scales the
+    rest by 1 / (1 − p), as nn.Dropout on them would. The mask comes from `seed` (an int64 CPU tensor of two
+    32-bit words; by default drawn from torch's CPU generator, so torch.manual_seed makes it reproducible)."""
     _check(q, k, v)
+    dropout_p = float(dropout_p)
+    _check_dropout(dropout_p, seed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.minilm.causal_attention(q, k, v, scale)
+    if dropout_p > 0 and seed is None:
+        seed = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    out, _ = torch.ops.minilm.causal_attention(q, k, v, scale, dropout_p, seed if dropout_p > 0 else None)
     return out
+
+
+def fused_dropout_available(device):
+    """Whether models may train with attention dropout through the fused kernel on `device`.
+
+    The CPU kernel's dropout is tested everywhere. The CUDA kernels have it too, but they were written and
+    compile-checked on a machine without a GPU: until tests/test_cuda.py has passed them on one, a model
+    training on CUDA with attention dropout computes attention step by step instead (MINILM_FUSED_DROPOUT=1
+    opts in to the kernels)."""
+    return torch.device(device).type == "cpu" or os.environ.get("MINILM_FUSED_DROPOUT", "0") == "1"
 
 
 def _lse_dtype(dtype):
@@ -57,23 +129,23 @@ def _lse_dtype(dtype):
 
 
 @torch.library.register_fake("minilm::causal_attention")
-def _(q, k, v, scale):
+def _(q, k, v, scale, dropout_p=0.0, seed=None):
     _check(q, k, v)  # so that torch.compile reports bad inputs at trace time, as eager does
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("minilm::causal_attention_backward")
-def _(grad_out, q, k, v, out, lse, scale):
+def _(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, seed=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] stand-in for lse's gradient
 
@@ -81,10 +153,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     # lse is an internal by-product (marked non-differentiable), so grad_lse is ignored (None).
     if grad_out is None:  # not materialised: nothing downstream used the output
-        return None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.minilm.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+        return None, None, None, None, None, None
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.minilm.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.dropout_p,
+                                                            seed)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd("minilm::causal_attention", _backward, setup_context=_setup_context)
