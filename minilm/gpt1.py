@@ -11,10 +11,10 @@ What makes it GPT-1 and not GPT-2 (paper §4.1):
   * every weight initialised N(0, 0.02).
 
 Attention runs through minilm's fused kernel, `minilm.ops.causal_attention`, which never stores the
-T×T probabilities -- and so cannot drop them out. While training with attn_pdrop > 0 the model therefore
-computes attention step by step (scores, mask, softmax, dropout on the probabilities, weighted sum), which
-is the paper's regularizer exactly; in eval mode, or when attn_pdrop == 0, it takes the fused kernel. The
-small CPU presets set attn_pdrop = 0 (see PRESETS) so that their training uses the kernel too.
+T×T probabilities, and drops them out (attn_pdrop, the paper's regularizer) from a mask it regenerates
+from a hash instead of storing it. One exception: on CUDA, until the kernels' dropout has been tested on a
+GPU (`minilm.ops.fused_dropout_available`), training with attn_pdrop > 0 computes attention step by step
+(scores, mask, softmax, dropout on the probabilities, weighted sum), the same math with torch's dropout.
 
 `GPT1Config(arch="lightconv")` swaps each block's self-attention for the lightweight convolution of
 Wu et al. 2019 (minilm/lightconv.py): same post-LN block, MLP, embeddings and head.
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.lightconv import LightConvLayer, resolve_kernel_sizes
-from minilm.ops import causal_attention
+from minilm.ops import causal_attention, fused_dropout_available
 
 
 @dataclass
@@ -53,8 +53,7 @@ class GPT1Config:
 
 # Model shapes by purpose. vocab_size comes from the tokenizer, so the presets leave it at the default.
 # The CPU presets train for minutes, seeing each token only a few times: there is nothing to regularize
-# yet, and dropping the attention probabilities would force the slow unfused path (see the docstring),
-# so their dropout is 0. The paper's dropout stays in "gpt1".
+# yet, so their dropout is 0. The paper's dropout stays in "gpt1".
 PRESETS = {
     "gpt1": dict(),  # the paper: 12 layers, 12 heads, 768 wide, 512 context, 116,534,784 parameters
     "cpu-small": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=128,  # the default run on a CPU
@@ -99,16 +98,17 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs); heads are contiguous hs-wide chunks
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.training and self.attn_dropout.p > 0:
-            # Attention(Q, K, V) = softmax(QKᵀ/√d_k) V  (Vaswani et al. eq. 1), with dropout on the softmax:
-            # the fused kernel has no place to drop probabilities, so spell it out.
+        p = self.attn_dropout.p if self.training else 0.0
+        if p > 0 and not fused_dropout_available(x.device):
+            # Attention(Q, K, V) = softmax(QKᵀ/√d_k) V  (Vaswani et al. eq. 1), with dropout on the softmax,
+            # step by step (see the module docstring).
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~causal, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, T, hs)
         else:
-            y = causal_attention(q, k, v)  # (B, nh, T, hs), the T×T matrix never stored
+            y = causal_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs), the T×T matrix never stored
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

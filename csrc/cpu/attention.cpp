@@ -13,6 +13,8 @@
 //     l    = l · exp(m − m') + rowsum P
 //     acc  = acc · exp(m − m') + P V           [Bq×D]   GEMM
 //   then out = acc / l and lse = m + log l (saved for the backward, [B, H, T] fp32).
+//   With dropout, P's dropped entries are zeroed and the kept ones scaled (after l has summed them all):
+//   the mask is a hash of (seed, head, query, key), see ../attention_dropout.h, regenerated per tile.
 //   Fast memory (L1/L2) holds Q's block, the S/P tile, acc, m, l: O(Bq·(Bk + D)) floats per thread.
 //   K and V tiles are streamed from L3/DRAM, once per query block. Bq = 32, 64 or 256 (grows with
 //   T), Bk = 512; any T and any D ≥ 1 (partial last blocks are just smaller GEMMs).
@@ -23,6 +25,8 @@
 //     P   = exp(scale · Qᵢ Kⱼᵀ − lseᵢ)       dVⱼ += Pᵀ dOᵢ
 //     dP  = dOᵢ Vⱼᵀ                          dS   = P ∘ (dP − Dᵢ)
 //     dQᵢ += scale · dS Kⱼ                   dKⱼ += scale · dSᵀ Qᵢ
+//   With dropout, M = keep · (1 / keep rate) is regenerated per tile and
+//     dVⱼ += (P ∘ M)ᵀ dOᵢ                    dS   = P ∘ (dP ∘ M − Dᵢ)
 //   One thread owns a whole head: every query block adds into the same dK, dV rows, so splitting a
 //   head's query blocks across threads would race (or need atomics / per-thread copies of dK, dV).
 //   With B·H ≥ threads (the usual case) the heads are enough parallelism; with fewer heads than
@@ -47,6 +51,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include "../attention_dropout_args.h"
 
 // The Fortran BLAS entry points that libtorch_cpu exports (MKL, or OpenBLAS on other builds).
 // at::native::cpublas::gemm would be the natural call, but its float/double overloads are not
@@ -219,12 +225,22 @@ int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t(
 // Number of keys (from the tile's first key j0) that query row i may see: min(kb, i − j0 + 1), ≥ 0.
 inline int64_t visible_keys(int64_t i, int64_t j0, int64_t kb) { return std::clamp<int64_t>(i - j0 + 1, 0, kb); }
 
+// Attention dropout on one row of a tile: m[c] = x[c] · scale if key j0 + c is kept in this row (`row` is
+// the row's key, minilm_dropout::row_key), else 0, for c < n. x and m may be the same array.
+template <typename T>
+void dropout_row(const T* x, T* m, int64_t n, uint32_t row, int64_t j0, const minilm_dropout::Params& drop) {
+  const T scale = T(drop.scale);
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c)
+    m[c] = minilm_dropout::keep(row, static_cast<uint32_t>(j0 + c), drop.threshold) ? x[c] * scale : T(0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar_t* out, acc_t* lse, int64_t B,
-                    int64_t H, int64_t T, int64_t D, acc_t scale) {
+                    int64_t H, int64_t T, int64_t D, acc_t scale, const minilm_dropout::Params& drop) {
   const int64_t Bq = q_block_fwd(T), Bk = kKvBlock;
   const int64_t nq = (T + Bq - 1) / Bq;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
@@ -246,6 +262,7 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
       // 0, n−1, 1, n−2, ... keeps every range's total work even.
       const int64_t r = item % nq, blk = (r % 2 == 0) ? r / 2 : nq - 1 - r / 2;
       const int64_t i0 = blk * Bq, qb = std::min(Bq, T - i0);
+      const uint32_t head_key = minilm_dropout::head_key(drop.seed0, drop.seed1, static_cast<uint32_t>(bh));
       int64_t ldq, ldk, ldv;
       const acc_t* Q = load_tile(q.head(b, h) + i0 * q.st, q.st, qb, D, qbuf, &ldq);  // (qb, D)
       std::fill(m, m + qb, -std::numeric_limits<acc_t>::infinity());
@@ -271,6 +288,8 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
           const acc_t corr = std::exp(m[r] - m_new);         // rescales the old terms; 0 on the first tile
           l[r] = l[r] * corr + row_sum;
           m[r] = m_new;
+          if (drop.active())  // after l has summed the undropped P
+            dropout_row(s, s, n, minilm_dropout::row_key(head_key, static_cast<uint32_t>(i0 + r)), j0, drop);
           if (corr != acc_t(1)) {
             acc_t* a = acc + r * D;
 #pragma omp simd
@@ -297,19 +316,22 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
 template <typename scalar_t, typename acc_t>
 void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Rows<scalar_t> out,
                      const acc_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B, int64_t H, int64_t T,
-                     int64_t D, acc_t scale) {
+                     int64_t D, acc_t scale, const minilm_dropout::Params& drop) {
   const int64_t Bq = q_block_bwd(T), Bk = kKvBlock;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   // per thread: P and dS tiles, dQ, D; for bf16/fp16 also fp32 dK, dV accumulators and fp32 copies of
-  // K, V (whole head) and the Q, dO tiles. fp32 accumulates dK, dV straight into the outputs.
-  ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (convert ? 4 * T * D + 2 * Bq * D : 0));
+  // K, V (whole head) and the Q, dO tiles. fp32 accumulates dK, dV straight into the outputs. With
+  // dropout, the tile M = keep · scale too.
+  ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (convert ? 4 * T * D + 2 * Bq * D : 0) +
+                               (drop.active() ? Bq * Bk : 0));
   at::parallel_for(0, B * H, grain_for(5 * T * T * D / 2), [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
     acc_t* const P = scratch.get();         // (Bq, Bk)
     acc_t* const dS = P + Bq * Bk;          // (Bq, Bk), first dP
     acc_t* const dQ = dS + Bq * Bk;         // (Bq, D)
     acc_t* const Di = dQ + Bq * D;          // (Bq,)
-    acc_t* const dK_buf = Di + Bq;          // (T, D) if convert
+    acc_t* const M = Di + Bq;               // (Bq, Bk) if dropout
+    acc_t* const dK_buf = M + (drop.active() ? Bq * Bk : 0);  // (T, D) if convert
     acc_t* const dV_buf = dK_buf + T * D;   // (T, D) if convert
     acc_t* const khead = dV_buf + T * D;    // (T, D) if convert
     acc_t* const vhead = khead + T * D;     // (T, D) if convert
@@ -317,6 +339,7 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
     acc_t* const dobuf = qbuf + Bq * D;     // (Bq, D) if convert
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      const uint32_t head_key = minilm_dropout::head_key(drop.seed0, drop.seed1, static_cast<uint32_t>(bh));
       int64_t ldk, ldv, ldq, lddo;
       const acc_t* Kh = load_tile(k.head(b, h), k.st, T, D, khead, &ldk);  // (T, D)
       const acc_t* Vh = load_tile(v.head(b, h), v.st, T, D, vhead, &ldv);  // (T, D)
@@ -352,16 +375,30 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
           const bool diagonal = j0 + kb - 1 > i0;
           for (int64_t r = 0; r < qb; ++r) {  // P = exp(S − lse), 0 where masked
             acc_t* p = P + r * kb;
-            exp_rows(p, p, diagonal ? visible_keys(i0 + r, j0, kb) : kb, kb, lse_i[r]);
+            const int64_t n = diagonal ? visible_keys(i0 + r, j0, kb) : kb;
+            exp_rows(p, p, n, kb, lse_i[r]);
+            if (drop.active()) {  // M = keep · scale; P ∘ M into the dS tile, for dV
+              acc_t* mr = M + r * kb;
+              std::fill(mr, mr + kb, acc_t(1));
+              dropout_row(mr, mr, n, minilm_dropout::row_key(head_key, static_cast<uint32_t>(i0 + r)), j0, drop);
+              for (int64_t c = 0; c < kb; ++c) dS[r * kb + c] = p[c] * mr[c];
+            }
           }
-          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), P, kb, dO, lddo, acc_t(1), dV + j0 * D, D);  // dV += Pᵀ dO
+          // dV += Pᵀ dO (with dropout: (P ∘ M)ᵀ dO)
+          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), drop.active() ? dS : P, kb, dO, lddo, acc_t(1), dV + j0 * D, D);
           gemm<acc_t>(false, true, qb, kb, D, acc_t(1), dO, lddo, V, ldv, acc_t(0), dS, kb);  // dP = dO Vᵀ
-          for (int64_t r = 0; r < qb; ++r) {  // dS = P ∘ (dP − D)
+          for (int64_t r = 0; r < qb; ++r) {  // dS = P ∘ (dP − D) (with dropout: P ∘ (dP ∘ M − D))
             const acc_t* p = P + r * kb;
             acc_t* ds = dS + r * kb;
             const acc_t di = Di[r];
+            if (drop.active()) {
+              const acc_t* mr = M + r * kb;
 #pragma omp simd
-            for (int64_t c = 0; c < kb; ++c) ds[c] = p[c] * (ds[c] - di);
+              for (int64_t c = 0; c < kb; ++c) ds[c] = p[c] * (ds[c] * mr[c] - di);
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < kb; ++c) ds[c] = p[c] * (ds[c] - di);
+            }
           }
           gemm<acc_t>(false, false, qb, D, kb, scale, dS, kb, K, ldk, acc_t(1), dQ, D);  // dQ += scale·dS K
           gemm<acc_t>(true, false, kb, D, qb, scale, dS, kb, Q, ldq, acc_t(1), dK + j0 * D, D);  // dK += scale·dSᵀ Q
@@ -402,8 +439,10 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
-                                                        const at::Tensor& v_, double scale) {
+                                                        const at::Tensor& v_, double scale, double dropout_p,
+                                                        const std::optional<at::Tensor>& seed) {
   check_inputs("causal_attention", q_, k_, v_);
+  const auto drop = attention_dropout_params("causal_attention", dropout_p, seed);
   const auto q = with_contiguous_rows(q_), k = with_contiguous_rows(k_), v = with_contiguous_rows(v_);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   auto out = at::empty({B, H, T, D}, q.options());
@@ -412,16 +451,18 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t>(rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
-                                    out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), B, H, T, D, acc_t(scale));
+                                    out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), B, H, T, D, acc_t(scale), drop);
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, double scale) {
+    const at::Tensor& out_, const at::Tensor& lse_, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   const char* op = "causal_attention_backward";
   check_inputs(op, q_, k_, v_);
+  const auto drop = attention_dropout_params(op, dropout_p, seed);
   TORCH_CHECK(dout_.sizes() == q_.sizes() && out_.sizes() == q_.sizes(), op,
               ": grad_out and out must have q's shape ", q_.sizes(), ", got ", dout_.sizes(), " and ", out_.sizes());
   TORCH_CHECK(lse_.dim() == 3 && lse_.sizes() == q_.sizes().slice(0, 3), op, ": lse must be [B, H, T] = ",
@@ -443,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     backward_kernel<scalar_t, acc_t>(rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k),
                                      rows_of<scalar_t>(v), rows_of<scalar_t>(out), lse.data_ptr<acc_t>(),
                                      dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B,
-                                     H, T, D, acc_t(scale));
+                                     H, T, D, acc_t(scale), drop);
   });
   return {dq, dk, dv};
 }

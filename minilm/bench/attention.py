@@ -1,6 +1,6 @@
 """Causal attention: minilm's fused kernel vs torch SDPA vs the naive composite, fwd and fwd+bwd.
 
-    python -m minilm.bench attention [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+    python -m minilm.bench attention [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--dropout P]
                                      [--shapes B,H,T,D ...] [--json] [--plot FILE.png]
 
 All implementations run on the same q, k, v (shape [B, H, T, D]) in one process, one after the
@@ -9,7 +9,9 @@ other. GFLOP/s counts the useful work of causal attention for every implementati
 (the backward's five products, of which the recomputation of QKᵀ is one). peak_mib is the memory
 one call allocates on top of its inputs (tensors only; see minilm.bench.common.peak_mib).
 On the CPU a 2048³ fp32 matmul is timed first: the machine's practical GEMM rate, the ceiling
-for the GEMM-bound attention kernels.
+for the GEMM-bound attention kernels. --dropout P times training-mode attention: every implementation
+drops the probabilities with probability P (minilm from its hashed mask, SDPA with its dropout_p, the
+composite with F.dropout).
 """
 import argparse
 import math
@@ -40,6 +42,8 @@ def add_arguments(parser):
                         help="fp32 (default on cpu), bf16 (default on cuda) or fp16")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="B,H,T,D",
                         help="shapes to time (default: 3 CPU shapes or 4 CUDA shapes)")
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                        help="attention dropout probability, as in training (default 0: no dropout)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also draw a bar chart (matplotlib)")
     parser.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS",
                         help="time each case for at least this long (default 1.0; the median is reported)")
@@ -47,36 +51,38 @@ def add_arguments(parser):
 
 # --- the implementations ---------------------------------------------------------------------------
 
-def naive_attention(q, k, v, mask):
-    """What one writes without a fused kernel: matmul -> mask -> softmax -> matmul."""
+def naive_attention(q, k, v, mask, dropout_p=0.0):
+    """What one writes without a fused kernel: matmul -> mask -> softmax (-> dropout) -> matmul."""
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
     att = att.masked_fill(mask, float("-inf"))
-    return torch.softmax(att, dim=-1) @ v  # (B, H, T, D)
+    return F.dropout(torch.softmax(att, dim=-1), dropout_p) @ v  # (B, H, T, D)
 
 
-def sdpa_with(backend):
-    """SDPA restricted to one backend (torch.nn.attention.sdpa_kernel)."""
+def sdpa_with(backend, dropout_p=0.0):
+    """SDPA, restricted to one backend (torch.nn.attention.sdpa_kernel) unless backend is None."""
     from torch.nn.attention import sdpa_kernel
 
     def fn(q, k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return fn
 
 
-def implementations(device, T):
+def implementations(device, T, dropout_p=0.0):
     """(name, fn(q, k, v) -> out) for the peers worth timing at this length on this device."""
     import minilm.ops
-    impls = [("minilm", minilm.ops.causal_attention),
-             ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+    impls = [("minilm", lambda q, k, v: minilm.ops.causal_attention(q, k, v, dropout_p=dropout_p)),
+             ("sdpa", sdpa_with(None, dropout_p))]
     if device.type == "cuda":  # SDPA's fused GPU backends one by one (a torch that lacks one skips it)
         from torch.nn.attention import SDPBackend
         for name, backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION")):
             if hasattr(SDPBackend, backend):
-                impls.append((name, sdpa_with(getattr(SDPBackend, backend))))
+                impls.append((name, sdpa_with(getattr(SDPBackend, backend), dropout_p)))
     if T < NAIVE_SKIP_T:
         mask = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
-        impls.append(("naive", lambda q, k, v: naive_attention(q, k, v, mask)))
+        impls.append(("naive", lambda q, k, v: naive_attention(q, k, v, mask, dropout_p)))
     return impls
 
 
@@ -95,14 +101,14 @@ def dtype_name(dtype):
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def bench_shape(shape, device, dtype, reporter, min_time_s=1.0):
+def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
     B, H, T, D = shape
     flops = {"fwd": 2 * B * H * T * T * D, "fwdbwd": 3.5 * 2 * B * H * T * T * D}
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
     results = {}  # (impl, pass) -> ms
-    for name, fn in implementations(device, T):
+    for name, fn in implementations(device, T, dropout_p):
         try:  # a peer that this device/dtype/torch does not support is skipped, not fatal
             with torch.no_grad():
                 fn(q, k, v)
@@ -131,7 +137,7 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0):
                 continue
             results[name, pass_name] = ms
             reporter.row({"op": "attention", "device": device.type, "dtype": dtype_name(dtype), "shape": list(shape),
-                          "pass": pass_name, "impl": name, "ms": ms, "gflops": flops[pass_name] / ms / 1e6,
+                          "dropout": dropout_p, "pass": pass_name, "impl": name, "ms": ms, "gflops": flops[pass_name] / ms / 1e6,
                           "peak_mib": mib})
     for peer in ("sdpa", "sdpa-flash", "sdpa-cudnn", "naive"):
         parts = [f"{p} {results[peer, p] / results['minilm', p]:.2f}×" for p in ("fwd", "fwdbwd")
@@ -165,6 +171,8 @@ def plot(records, path):
 
 def run(args):
     device = torch.device(args.device)
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"minilm.bench attention: --dropout must be in [0, 1), got {args.dropout}")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = args.shapes or (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.plot:
@@ -187,7 +195,7 @@ def run(args):
     mm_dtype = torch.float32 if device.type == "cpu" else dtype
     matmul_reference(device, mm_dtype, reporter)
     for shape in shapes:
-        bench_shape(shape, device, dtype, reporter, args.min_time)
+        bench_shape(shape, device, dtype, reporter, args.min_time, args.dropout)
     matmul_reference(device, mm_dtype, reporter)
     records = [r for r in rows if r["op"] == "attention"]
     if args.plot and records:

@@ -63,14 +63,15 @@ def causal_attention_reference(q, k, v, scale=None, dropout_p=0.0, seed=None):
     (and, with dropout, the mask)."""
     B, H, T, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T, T)
+    ct = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    att = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale  # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     att = att.masked_fill(~causal, float("-inf"))
     att = torch.softmax(att, dim=-1)
     if dropout_p > 0:
         keep = dropout_keep_mask(seed, B, H, T, dropout_p, q.device)  # (B, H, T, T)
         att = att * keep * dropout_threshold(dropout_p)[1]
-    return (att @ v.float()).to(q.dtype)  # (B, H, T, D)
+    return (att @ v.to(ct)).to(q.dtype)  # (B, H, T, D)
 
 
 def _check(q, k, v):
