@@ -94,6 +94,37 @@ def test_mask_depends_on_the_seed_and_not_on_the_shape():
 
 # --- the kernel against the reference ------------------------------------------------------------------------
 
+def check_drops_exactly(device, D, dtype, p=0.3, B=2, H=3):
+    """Inputs that make each kernel's mask readable, entry by entry (T = D): q = 0, so P_ij = 1/(i+1) for
+    j <= i, and k = v = I.
+    * forward: out = P' v = P', nonzero exactly where the kernel kept an entry;
+    * backward with dO = I: dV = P'ᵀ dO = P'ᵀ (the dK/dV kernel's mask);
+    * backward with dO = 1: dP_ij = M_ij (keep · scale), Delta_i = Σ_j P'_ij, dQ = dS k = dS with
+      dS_ij = (M_ij − Delta_i) / (i+1) (the dQ kernel's mask): a wrong entry moves dQ[i, j] by scale/(i+1)
+      or more, while rounding moves it by a few units of the dtype."""
+    T = D
+    eye = torch.eye(T, device=device, dtype=dtype).expand(B, H, T, D).contiguous()
+    q = torch.zeros(B, H, T, D, device=device, dtype=dtype)
+    keep = dropout_keep_mask(SEED, B, H, T, p, device) & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    ops = torch.ops.minilm
+    out, lse = ops.causal_attention(q, eye, eye, 1.0, p, SEED)
+    assert torch.equal(out != 0, keep), "forward: dropped entries differ from dropout_keep_mask"
+    _, _, dv = ops.causal_attention_backward(eye, q, eye, eye, out, lse, 1.0, p, SEED)
+    assert torch.equal(dv.transpose(-2, -1) != 0, keep), "dV: dropped entries differ from dropout_keep_mask"
+    dq, _, _ = ops.causal_attention_backward(torch.ones_like(q), q, eye, eye, out, lse, 1.0, p, SEED)
+    scale = dropout_threshold(p)[1]
+    rows = torch.arange(1, T + 1, device=device, dtype=torch.float64)[:, None]  # i + 1
+    m = keep.double() * scale
+    expected = (m - m.sum(-1, keepdim=True) / rows) / rows * torch.ones(T, T, device=device).tril()
+    err = (dq.double() - expected).abs() * rows / scale  # in units of the gap a wrong entry would open
+    assert err.max().item() < 0.25, f"dQ: an entry is off by {err.max().item():.3g} of a dropped/kept gap"
+
+
+@pytest.mark.parametrize("D, dtype", [(64, torch.float32), (64, torch.bfloat16), (48, torch.float64)])
+def test_kernel_drops_exactly_the_reference_mask(D, dtype):
+    check_drops_exactly("cpu", D, dtype)
+
+
 # Around the CPU kernel's block edges (query blocks 32 / 64 / 256, key blocks 512), odd head dims.
 SHAPES = [(1, 1, 1, 8), (2, 3, 17, 16), (1, 2, 65, 40), (2, 1, 200, 64), (1, 2, 513, 32), (1, 1, 800, 16)]
 

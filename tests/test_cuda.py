@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm.ops import causal_attention, causal_attention_reference, char_cnn_reference
+from test_attention_dropout import SEED, check_drops_exactly
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -163,6 +164,68 @@ def test_attention_empty():
     q = torch.randn(0, 2, 5, 64, device=DEV, dtype=torch.bfloat16)
     out, lse = ops.causal_attention(q, q, q, 0.125)
     assert out.shape == q.shape and lse.shape == (0, 2, 5)
+
+
+# ------------------------------------------------------------------------------------ attention dropout
+# The mask is a hash of (seed, batch·head, query, key) (csrc/attention_dropout.h): every kernel must drop
+# exactly the entries of dropout_keep_mask, whatever its tiling.
+
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16),
+                                     (128, torch.float16), (48, torch.bfloat16), (64, torch.float32),
+                                     (32, torch.float64)])
+def test_attention_dropout_drops_exactly_the_reference_mask(D, dtype):
+    check_drops_exactly(DEV, D, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("T", [1, 37, 130, 257, 1000])
+def test_attention_dropout_matches_reference(T, D, dtype):
+    """Against the reference with the same mask, within twice the error of the same kernel without dropout on the
+    same inputs (itself held to SDPA's error above) plus two units of the dtype at the tensor's scale."""
+    B, H, p = 2, 3, 0.1
+    q, k, v = _qkv(B, H, T, D, dtype)
+    g = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(D)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    errors = {}
+    for drop in (0.0, p):
+        seed = SEED if drop else None
+        out, lse = ops.causal_attention(q, k, v, scale, drop, seed)
+        grads = ops.causal_attention_backward(g, q, k, v, out, lse, scale, drop, seed)
+        t_out = causal_attention_reference(q64, k64, v64, scale, drop, seed)
+        t_grads = torch.autograd.grad(t_out, (q64, k64, v64), g.double())
+        for name, a, t in zip(("out", "dq", "dk", "dv"), (out, *grads), (t_out.detach(), *t_grads)):
+            assert torch.isfinite(a).all(), f"{name} (dropout {drop}) has non-finite values"
+            errors[name, drop] = ((a.double() - t).abs().max().item(), t.abs().max().item())
+        if drop:
+            torch.testing.assert_close(lse, lse_nodrop, atol=1e-5, rtol=1e-5)  # lse of the undropped scores
+        lse_nodrop = lse
+    # A gradient's rounding is relative to the gradients' scale, not its own: at T = 1, dq and dk are 0 in
+    # exact arithmetic, but Delta = rowsum(dO ∘ O) reads the rounded O (the stored output), which with
+    # dropout (O = v / keep rate) is no longer exactly v.
+    grad_size = max(errors[name, p][1] for name in ("dq", "dk", "dv"))
+    report, ok = [], True
+    for name in ("out", "dq", "dk", "dv"):
+        (err, size), (err0, _) = errors[name, p], errors[name, 0.0]
+        size = size if name == "out" else grad_size
+        unit = _UNIT.get(dtype, _ABS.get(dtype))
+        bound = 2 * err0 + 2 * unit * max(size, 1.0 if dtype not in _UNIT else 0.0) + 1e-3 * unit
+        report.append(f"{name}: err {err:.3g} (no dropout {err0:.3g}) bound {bound:.3g}")
+        ok &= err <= bound
+    assert ok, f"B={B} H={H} T={T} D={D} {dtype}: " + "; ".join(report)
+
+
+def test_attention_dropout_autograd_and_seed():
+    q, k, v = (torch.randn(2, 3, 100, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    torch.manual_seed(5)
+    a = causal_attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(5)
+    b = causal_attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(a, b)  # the default seed comes from torch's CPU generator
+    a.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    torch.library.opcheck(ops.causal_attention.default, (q, k, v, 0.125, 0.2, SEED))
 
 
 # ---------------------------------------------------------------------------------------------- char-CNN
