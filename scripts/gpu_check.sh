@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
 # build (timed) -> import -> attention tiling sweep (reports the fastest correct tilings) -> pytest
-# tests/test_cuda.py (defaults) -> the attention tests with the sweep's picks -> char-CNN diagnostics and
-# timings -> benchmarks (with the picks if their tests passed).
+# tests/test_cuda.py (defaults; attention dropout included) -> the attention tests with the sweep's picks ->
+# char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed; attention with
+# dropout last).
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 #   bash scripts/gpu_check.sh
@@ -87,6 +88,9 @@ for b in attention charcnn; do
 done
 if [ "$(left)" -gt 60 ]; then step bench-gpt1 "$(left)" bash -c "$with_tilings" _ python -m minilm.bench gpt1 --device cuda --json
 else echo "=== [bench-gpt1] skipped: out of time"; fi
+# Attention with dropout (training mode) against SDPA with dropout_p, default tilings.
+if [ "$(left)" -gt 40 ]; then step bench-attention-dropout "$(left)" python -m minilm.bench attention --device cuda --dropout 0.1 --json
+else echo "=== [bench-attention-dropout] skipped: out of time"; fi
 
 echo
 echo "=== summary after $((SECONDS - t_all)) s: passed: ${passed[*]:-none}; failed: ${failed[*]:-none}"

@@ -13,9 +13,10 @@ every implementation, one implementation after the other in this process:
 CUDA: the paper's GPT-1 (116,534,784 parameters), B=32, T=512, bf16 autocast, fused AdamW.
 CPU: the default CPU run's model, preset cpu-small (4 layers × 128, 4 heads, n_ctx 128, vocab 2048:
 1,071,616 parameters), B=16, T=128, fp32.
-Dropout is 0 in every implementation (as in nanoGPT's bench.py): with attention-probability dropout,
-minilm must leave its fused kernel (see minilm/gpt1.py) and SDPA takes its dropout path, so the step
-would no longer time the attention kernels being compared.
+Dropout is 0 in every implementation by default (as in nanoGPT's bench.py). --dropout P times the paper's
+training setting instead: dropout P on the embeddings, the attention probabilities and each residual branch
+in all three (minilm drops inside its fused kernel -- on CUDA only with MINILM_FUSED_DROPOUT=1, see
+minilm.ops.fused_dropout_available -- and SDPA takes its dropout_p).
 
 Model FLOPs per token = 6N + 12·L·H·Q·T (N parameters, L layers, H heads, Q head size, T context;
 PaLM appendix B); MFU = that × tokens/s / peak, with 989 TFLOP/s (H100/H200 dense bf16) on a GPU.
@@ -40,6 +41,8 @@ def add_arguments(p):
     p.add_argument("--batch_size", type=int, default=None, help="sequences per step (cuda 32, cpu 16)")
     p.add_argument("--block_size", type=int, default=None, help="tokens per sequence (cuda 512, cpu 128)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per implementation (cuda 20, cpu 5)")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="embedding, attention and residual dropout, as in training (default 0; the paper: 0.1)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -51,13 +54,16 @@ class SDPAAttention(nn.Module):
         self.n_head, self.n_embd = c.n_head, c.n_embd
         self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd)
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.attn_pdrop = c.attn_pdrop
+        self.resid_dropout = nn.Dropout(c.resid_pdrop)
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(self.n_embd, dim=2))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0,
+                                           is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class SDPABlock(nn.Module):
@@ -68,10 +74,11 @@ class SDPABlock(nn.Module):
         self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd)
         self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd)
         self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.dropout = nn.Dropout(c.resid_pdrop)
 
     def forward(self, x):
         n = self.ln_1(x + self.attn(x))
-        return self.ln_2(n + self.c_proj(F.gelu(self.c_fc(n), approximate="tanh")))
+        return self.ln_2(n + self.dropout(self.c_proj(F.gelu(self.c_fc(n), approximate="tanh"))))
 
 
 class SDPAGPT1(nn.Module):
@@ -82,12 +89,13 @@ class SDPAGPT1(nn.Module):
         self.h = nn.ModuleList([SDPABlock(c) for _ in range(c.n_layer)])
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.drop = nn.Dropout(c.embd_pdrop)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device)))
         for block in self.h:
             x = block(x)
         logits = self.lm_head(x)
@@ -104,7 +112,8 @@ class HFWrapper(nn.Module):
         transformers.logging.set_verbosity_error()  # its loss_type notice would break the table
         self.model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(
             vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-            embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, layer_norm_epsilon=c.layer_norm_epsilon))
+            embd_pdrop=c.embd_pdrop, attn_pdrop=c.attn_pdrop, resid_pdrop=c.resid_pdrop,
+            layer_norm_epsilon=c.layer_norm_epsilon))
 
     def forward(self, idx, targets):
         out = self.model(input_ids=idx, labels=targets)  # HF shifts the labels itself; same cost
@@ -131,14 +140,17 @@ def make_optimizer(model, device):
 def run(args):
     device = args.device
     on_cuda = torch.device(device).type == "cuda"
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"minilm.bench gpt1: --dropout must be in [0, 1), got {args.dropout}")
+    drop = dict(embd_pdrop=args.dropout, attn_pdrop=args.dropout, resid_pdrop=args.dropout)
     if on_cuda:
-        config = config_from_preset("gpt1", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        config = config_from_preset("gpt1", **drop)
         B, T, iters, dtype = args.batch_size or 32, args.block_size or 512, args.iters or 20, torch.bfloat16
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
         # The model and batch of the default CPU training run (train_gpt1.py, preset cpu-small).
-        config = config_from_preset("cpu-small", vocab_size=2048, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        config = config_from_preset("cpu-small", vocab_size=2048, **drop)
         B, T, iters, dtype = args.batch_size or 16, args.block_size or 128, args.iters or 5, torch.float32
     if T > config.n_ctx:
         config.n_ctx = T
@@ -151,7 +163,8 @@ def run(args):
     dtype_name = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     if not args.json:
         print(f"GPT-1 training step on {device_name(device)}: {L} layers × {config.n_embd}, {H} heads, "
-              f"vocab {config.vocab_size}, B={B}, T={T}, {dtype_name}, AdamW{' (fused)' if on_cuda else ''}; {threads_note()}")
+              f"vocab {config.vocab_size}, B={B}, T={T}, {dtype_name}, AdamW{' (fused)' if on_cuda else ''}, "
+              f"dropout {args.dropout}; {threads_note()}")
         print(f"{'impl':>16} {'ms':>10} {'tokens/s':>12} {'model TFLOP/s':>14} {'mfu':>7} {'peak MiB':>9}")
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)
@@ -190,7 +203,7 @@ def run(args):
             mfu = flops_per_token * tps / peak if peak else None
             results[impl] = tps
             record = {"op": "gpt1_train_step", "device": device_name(device), "dtype": dtype_name,
-                      "shape": [B, T], "impl": impl, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
+                      "shape": [B, T], "dropout": args.dropout, "impl": impl, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
                       "model_tflops": flops_per_token * tps / 1e12, "params": n_params, "peak_mib": mem}
             if args.json:
                 print(json.dumps(record), flush=True)
