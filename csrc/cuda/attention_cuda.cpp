@@ -6,6 +6,8 @@
 //     zero-padded to the next of these (zero columns change neither q·k nor the first D output columns,
 //     and `scale` is passed explicitly), then the result is cut back to D.
 //   fp32, fp64, or bf16/fp16 with 128 < D <= 256: the CUDA-core kernels (exact, slower).
+// Attention dropout (dropout_p, seed) becomes minilm_dropout::Params for either; its mask depends on
+// (batch·head, query, key) only, so head-dim padding does not change it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,7 +16,9 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 
+#include "../attention_dropout_args.h"
 #include "glue.h"
 #include "kernels.h"
 
@@ -58,8 +62,10 @@ at::Tensor prepare(const at::Tensor& x, int64_t Dp) {
 at::Tensor unpad(const at::Tensor& x, int64_t D) { return x.size(3) == D ? x : x.narrow(3, 0, D).contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, const at::Tensor& k_,
-                                                         const at::Tensor& v_, double scale) {
+                                                         const at::Tensor& v_, double scale, double dropout_p,
+                                                         const std::optional<at::Tensor>& seed) {
   check_inputs(q_, k_, v_);
+  const minilm_dropout::Params dropout = attention_dropout_params("causal_attention", dropout_p, seed);
   const c10::cuda::CUDAGuard guard(q_.device());
   const int64_t B = q_.size(0), H = q_.size(1), T = q_.size(2), D = q_.size(3);
   const auto lse_opts = q_.options().dtype(lse_dtype(q_.scalar_type()));
@@ -74,21 +80,24 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, c
     at::Tensor lse = at::empty({B, H, T}, lse_opts);
     C10_CUDA_CHECK(minilm_cuda::attention_forward_tc(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                                      lse.data_ptr<float>(), B * H, T, static_cast<int>(Dp),
-                                                     static_cast<float>(scale), stream));
+                                                     static_cast<float>(scale), dropout, stream));
     return {unpad(out, D), lse};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, H, T}, lse_opts);
   C10_CUDA_CHECK(minilm_cuda::attention_forward_simple(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                                       lse.data_ptr(), B * H, T, static_cast<int>(D), scale, stream));
+                                                       lse.data_ptr(), B * H, T, static_cast<int>(D), scale, dropout,
+                                                       stream));
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, double scale) {
+    const at::Tensor& out_, const at::Tensor& lse_, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   check_inputs(q_, k_, v_);
+  const minilm_dropout::Params dropout = attention_dropout_params("causal_attention_backward", dropout_p, seed);
   TORCH_CHECK(dout_.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
               "causal_attention_backward: grad_out and out must have q's shape ", q_.sizes(), ", got ",
               dout_.sizes(), " and ", out_.sizes());
@@ -117,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     C10_CUDA_CHECK(minilm_cuda::attention_backward_tc(
         dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
         delta.data_ptr<float>(), dq_accum.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
-        static_cast<int>(Dp), static_cast<float>(scale), stream));
+        static_cast<int>(Dp), static_cast<float>(scale), dropout, stream));
     return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
@@ -129,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   C10_CUDA_CHECK(minilm_cuda::attention_backward_simple(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                                         out.data_ptr(), lse.data_ptr(), delta.data_ptr(),
                                                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
-                                                        static_cast<int>(D), scale, stream));
+                                                        static_cast<int>(D), scale, dropout, stream));
   return {dq, dk, dv};
 }
 

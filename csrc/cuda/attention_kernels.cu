@@ -37,6 +37,17 @@
 // CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
 // the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
 // memory, deterministic, slow: they exist for fp32/fp64 (gradcheck) and head dims the mma path lacks.
+//
+// Attention dropout (dropout_p > 0, the kernels' DROP = true versions): whether P_ij is kept is a hash of
+// (seed, batch·head, query i, key j) (csrc/attention_dropout.h), so no mask is stored: each thread hashes
+// the entries its accumulators hold, from the indices the causal mask uses -- one row key per query (once
+// per row for the whole key loop in the forward and dQ kernels; once per query column and tile in the
+// dK/dV kernel, whose rows are keys), then one hash per key pair (2m, 2m + 1), which is exactly an
+// accumulator's two columns c[0], c[1]. The forward takes m, l and LSE from the undropped P, zeroes the
+// dropped entries only in the P of O += P V, and folds the keep-scale 1/(1 − p) into the final 1/l. The
+// backward keeps Delta; dV += (P ∘ keep)ᵀ dO, scaled when stored (the dK/dV kernel stores a dropped P as
+// −P, so the sign is the keep bit), and dS = P ∘ (dP ∘ keep · scale − Delta): a dropped entry still has
+// dS = −P·Delta. Only the default tilings are built with dropout (see "Tuning choices" below).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -51,6 +62,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 namespace minilm_cuda {
 namespace {
@@ -183,6 +195,15 @@ __device__ __forceinline__ void zero_acc(float (*acc)[N8][4]) {
     for (int i = 0; i < N8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
 }
 
+// Multiplies MT row tiles of N8 m16n8 accumulator tiles by x.
+template <int MT, int N8>
+__device__ __forceinline__ void scale_acc(float (*acc)[N8][4], float x) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < N8; ++i) acc[mt][i][0] *= x, acc[mt][i][1] *= x, acc[mt][i][2] *= x, acc[mt][i][3] *= x;
+}
+
 // The warp-level products every kernel below is made of. A warp holds MT row tiles of 16 rows; a tile of
 // accumulators is float[N / 8][4] (N columns); `acc` and `p` point to the first of MT such tiles (for one
 // tile, pass &tile).
@@ -246,6 +267,37 @@ __device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float 
       acc, [p](int mt, int kk, uint32_t(&a)[4]) { acc_to_a<T>(a, p[mt][2 * kk], p[mt][2 * kk + 1]); }, sB, lane);
 }
 
+// ------------------------------------------------------------------------------------ attention dropout
+// Whether key j of a pair is kept, from the pair's bits (minilm_dropout::pair_bits; j's parity picks the half).
+__device__ __forceinline__ bool kept(uint32_t bits, uint32_t j, uint32_t threshold) {
+  return minilm_dropout::key_u16(bits, j) >= threshold;
+}
+
+// Zeroes the dropped ones of x0, x1: keys j, j + 1 (j even) of the row with row key `row`.
+__device__ __forceinline__ void drop_pair(float& x0, float& x1, uint32_t row, uint32_t j, uint32_t threshold) {
+  const uint32_t bits = minilm_dropout::pair_bits(row, j);
+  if (!kept(bits, j, threshold)) x0 = 0.f;
+  if (!kept(bits, j + 1, threshold)) x1 = 0.f;
+}
+
+// acc_plus_pb for a P whose dropped entries are stored negated (−P: P >= 0, so the sign bit is the keep bit
+// and costs no register): the A operand takes max(x, 0), i.e. P where kept and 0 where dropped.
+template <typename T, int MT, int BC, int D, int S>
+__device__ __forceinline__ void acc_plus_pb_kept(float (*acc)[D / 8][4], const float (*p)[BC / 8][4], const T* sB,
+                                                 int lane) {
+  acc_plus_ab<T, MT, BC, D, S>(
+      acc,
+      [p](int mt, int kk, uint32_t(&a)[4]) {
+        const float(&c0)[4] = p[mt][2 * kk];
+        const float(&c1)[4] = p[mt][2 * kk + 1];
+        a[0] = Half<T>::pack(fmaxf(c0[0], 0.f), fmaxf(c0[1], 0.f));
+        a[1] = Half<T>::pack(fmaxf(c0[2], 0.f), fmaxf(c0[3], 0.f));
+        a[2] = Half<T>::pack(fmaxf(c1[0], 0.f), fmaxf(c1[1], 0.f));
+        a[3] = Half<T>::pack(fmaxf(c1[2], 0.f), fmaxf(c1[3], 0.f));
+      },
+      sB, lane);
+}
+
 // ------------------------------------------------------------------------------- tensor-core forward
 // Tile shapes (MINILM_ATTN_FWD picks one, see fwd_layout). A CTA always owns BR = 128 query rows.
 //   narrow : 8 warps x 16 rows, Q fragments in registers; each K/V fragment read from shared memory feeds
@@ -275,10 +327,11 @@ using FwdWide3 = FwdCfg<D, 4, 2, false, D <= 64 ? 3 : 2, D <= 64 ? 64 : 32>;
 template <int D>
 using FwdWide64 = FwdCfg<D, 4, 2, D <= 64, 1, 64>;
 
-template <typename T, int D, typename C>
+template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
                                                              const T* __restrict__ V, T* __restrict__ O,
-                                                             float* __restrict__ LSE, int T_, float scale_log2) {
+                                                             float* __restrict__ LSE, int T_, float scale_log2,
+                                                             minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
   constexpr bool QREG = C::QREG;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -310,6 +363,14 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
   for (int mt = 0; mt < MT; ++mt) {
     m[mt][0] = m[mt][1] = -INFINITY;
     l[mt][0] = l[mt][1] = 0.f;
+  }
+  uint32_t rkey[DROP ? MT : 1][2];  // dropout: the row keys of this thread's rows, fixed for the key loop
+  if constexpr (DROP) {
+    const uint32_t head = minilm_dropout::head_key(drop.seed0, drop.seed1, bh);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, wrow0 + mt * 16 + g + 8 * r);
   }
 
   for (int kb = 0; kb < nkb; ++kb) {
@@ -389,6 +450,11 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
           s[mt][nt][3] = exp2f(s[mt][nt][3] - mx[1]);
           rs[0] += s[mt][nt][0] + s[mt][nt][1];
           rs[1] += s[mt][nt][2] + s[mt][nt][3];
+          if constexpr (DROP) {  // after the row sums: l sums the undropped P; only O += P V sees the drops
+            const uint32_t key = k0 + nt * 8 + t4 * 2;
+            drop_pair(s[mt][nt][0], s[mt][nt][1], rkey[mt][0], key, drop.threshold);
+            drop_pair(s[mt][nt][2], s[mt][nt][3], rkey[mt][1], key, drop.threshold);
+          }
         }
         // l stays a per-lane partial sum (each lane of a quad holds different columns); summed at the end
         l[mt][0] = l[mt][0] * alpha[0] + rs[0];
@@ -415,7 +481,8 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
       l[mt][r] += __shfl_xor_sync(kFull, l[mt][r], 1);
       l[mt][r] += __shfl_xor_sync(kFull, l[mt][r], 2);
     }
-    const float inv_a = 1.f / l[mt][0], inv_b = 1.f / l[mt][1];
+    const float num = DROP ? static_cast<float>(drop.scale) : 1.f;  // dropout's scale of the kept P
+    const float inv_a = num / l[mt][0], inv_b = num / l[mt][1];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
@@ -537,11 +604,12 @@ struct BwdCfg {
 // KVREG: this warp's K and V fragments stay in registers for the whole query loop (else they are re-read
 // from shared memory per step); by default only where the registers are there (split at D = 64).
 template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 32), int NW_ = 8, int MTK = 1,
-          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
+          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64, bool DROP = false>
 __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
-                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
+                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2,
+                minilm_dropout::Params drop) {
   using C = BwdCfg<D, BR_, NW_, MTK>;
   constexpr int NW = C::NW, NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SS = C::SS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -564,6 +632,9 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   // tile mt are the keys key_a + 16 mt and key_b + 16 mt.
   const int wk0 = warp * 16 * MTK;
   const int key_a = k0 + wk0 + g, key_b = key_a + 8;
+  // dropout: this (batch, head)'s hash key and the scale of the kept P
+  const uint32_t head = DROP ? minilm_dropout::head_key(drop.seed0, drop.seed1, bh) : 0u;
+  const float drop_scale = DROP ? static_cast<float>(drop.scale) : 1.f;
 
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
@@ -632,18 +703,47 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
             st[mt][nt][i] = (q < key || q >= T_) ? 0.f : p;
           }
         }
-      acc_plus_pb<T, MTK, BR, D, S>(dv, st, sdOb, lane);  // dV += Pᵀ dO
+      // Dropout: a dropped entry of Pᵀ is stored as −P (see acc_plus_pb_kept; a keep mask in a register spills
+      // at split3's 128-register cap). The hash's row is the query, a column here: one row key per query
+      // column, then one pair hash per element (this thread's keys key_a + 16 mt and key_b + 16 mt lie in
+      // different key pairs).
+      if constexpr (DROP) {
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const uint32_t rq = minilm_dropout::row_key(head, q0 + nt * 8 + t4 * 2 + c);
+#pragma unroll
+            for (int mt = 0; mt < MTK; ++mt)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const uint32_t key = (r == 0 ? key_a : key_b) + mt * 16;
+                if (!kept(minilm_dropout::pair_bits(rq, key), key, drop.threshold))
+                  st[mt][nt][2 * r + c] = -st[mt][nt][2 * r + c];
+              }
+          }
+        acc_plus_pb_kept<T, MTK, BR, D, S>(dv, st, sdOb, lane);  // dV += (Pᵀ ∘ keep) dO  (· scale at the end)
+      } else {
+        acc_plus_pb<T, MTK, BR, D, S>(dv, st, sdOb, lane);  // dV += Pᵀ dO
+      }
       // dPᵀ = V dOᵀ
       float dpt[MTK][BR / 8][4];
       acc_abt<T, MTK, BR, D, S>(dpt, rows_frag(vf, sV), sdOb, lane);
-      // dSᵀ = Pᵀ ∘ (dPᵀ − Delta)
+      // dSᵀ = Pᵀ ∘ (dPᵀ − Delta); with dropout dPᵀ is first dropped and scaled like P
 #pragma unroll
       for (int mt = 0; mt < MTK; ++mt)
 #pragma unroll
         for (int nt = 0; nt < BR / 8; ++nt) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            dpt[mt][nt][i] = st[mt][nt][i] * (dpt[mt][nt][i] - sDb[nt * 8 + t4 * 2 + (i & 1)]);
+          for (int i = 0; i < 4; ++i) {
+            const float delta = sDb[nt * 8 + t4 * 2 + (i & 1)];
+            if constexpr (DROP) {
+              const float p = st[mt][nt][i];  // −P where dropped
+              dpt[mt][nt][i] = fabsf(p) * ((p > 0.f ? dpt[mt][nt][i] * drop_scale : 0.f) - delta);
+            } else {
+              dpt[mt][nt][i] = st[mt][nt][i] * (dpt[mt][nt][i] - delta);
+            }
+          }
         }
       acc_plus_pb<T, MTK, BR, D, S>(dk, dpt, sQb, lane);  // dK += dSᵀ Q  (scaled by `scale` at the end)
       if constexpr (WITH_DQ) {
@@ -673,6 +773,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
   }
 
+  if constexpr (DROP) scale_acc<MTK>(dv, drop_scale);  // dV = (Pᵀ ∘ keep) dO · dropout's scale
   store_dkdv<T, MTK, D, D>(dK, dV, dk, dv, key_a, 0, t4, scale, T_);
 }
 
@@ -699,11 +800,12 @@ struct Bwd2dCfg {
   }
 };
 
-template <typename T, int D, bool WITH_DQ>
+template <typename T, int D, bool WITH_DQ, bool DROP = false>
 __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     attn_bwd_2d(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
-                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2) {
+                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2,
+                minilm_dropout::Params drop) {
   using C = Bwd2dCfg<D>;
   constexpr int NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SP = C::SP;
   constexpr int DH = D / 2, DQ = D / 4;  // columns per warp in phases 2 and 3
@@ -729,6 +831,9 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   const int r1 = (warp / 4) * 32, c1 = (warp % 4) * 32;  // phase 1: query rows r1.., keys c1.. of the tile
   const int r2 = (warp / 2) * 32, c2 = (warp % 2) * DH;  // phase 2: keys r2.., columns c2..
   const int r3 = (warp / 4) * 32, c3 = (warp % 4) * DQ;  // phase 3: query rows r3.., columns c3..
+  // dropout: this (batch, head)'s hash key and the scale of the kept P
+  const uint32_t head = DROP ? minilm_dropout::head_key(drop.seed0, drop.seed1, bh) : 0u;
+  const float drop_scale = DROP ? static_cast<float>(drop.scale) : 1.f;
 
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
@@ -768,17 +873,38 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
       zero_acc<2>(s);
       zero_acc<2>(dp);
     }
+    // dropout: the row keys of this thread's 4 query rows (r = 0, 1: rows g and g + 8 of row tile mt)
+    uint32_t rkey[DROP ? 2 : 1][2];
+    if constexpr (DROP) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, q0 + r1 + mt * 16 + g + 8 * r);
+    }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         float p[4], ds[4];
+        uint32_t bits[2];  // dropout: this thread's key pair in rows g and g + 8
+        if constexpr (DROP) {
+          const uint32_t key0 = k0 + c1 + nt * 8 + t4 * 2;
+          bits[0] = minilm_dropout::pair_bits(rkey[mt][0], key0);
+          bits[1] = minilm_dropout::pair_bits(rkey[mt][1], key0);
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int qi = r1 + mt * 16 + g + (i < 2 ? 0 : 8);  // row of the tile
           const int q = q0 + qi, key = k0 + c1 + nt * 8 + t4 * 2 + (i & 1);
           p[i] = (q < key || q >= T_) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - sLb[qi]);
-          ds[i] = p[i] * (dp[mt][nt][i] - sDb[qi]);
+          if constexpr (DROP) {
+            // sP gets the dropped P (scaled at the end, with dV); dS = P ∘ (dP ∘ keep · scale − Delta)
+            const bool k = kept(bits[i >> 1], key, drop.threshold);
+            ds[i] = p[i] * ((k ? dp[mt][nt][i] * drop_scale : 0.f) - sDb[qi]);
+            if (!k) p[i] = 0.f;
+          } else {
+            ds[i] = p[i] * (dp[mt][nt][i] - sDb[qi]);
+          }
         }
         const int row = r1 + mt * 16 + g, col = c1 + nt * 8 + t4 * 2;
         *reinterpret_cast<uint32_t*>(sP + row * SP + col) = Half<T>::pack(p[0], p[1]);
@@ -814,6 +940,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     __syncthreads();  // sP, sdS and this Q/dO buffer are rewritten next iteration
   }
 
+  if constexpr (DROP) scale_acc<2>(dv, drop_scale);  // dV = (P ∘ keep)ᵀ dO · dropout's scale
   store_dkdv<T, 2, DH, D>(dK, dV, dk, dv, k0 + r2 + g, c2, t4, scale, T_);
 }
 
@@ -833,11 +960,11 @@ using DqNarrow = DqCfg<D, 4, 1, 64>;
 template <int D>
 using DqWide = DqCfg<D, 4, 2, 32>;
 
-template <typename T, int D, typename C>
+template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT)
     attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                    const T* __restrict__ dO, const float* __restrict__ LSE, const float* __restrict__ Delta,
-                   T* __restrict__ dQ, int T_, float scale, float scale_log2) {
+                   T* __restrict__ dQ, int T_, float scale, float scale_log2, minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]: Q, then dO (fragments are read once into registers)
@@ -862,6 +989,15 @@ __global__ void __launch_bounds__(C::NT)
       lse[mt][r] = row < T_ ? LSE[row] * kLog2e : 0.f;
       dl[mt][r] = row < T_ ? Delta[row] : 0.f;
     }
+  }
+  uint32_t rkey[DROP ? MT : 1][2];  // dropout: the row keys of this thread's rows, fixed for the key loop
+  const float drop_scale = DROP ? static_cast<float>(drop.scale) : 1.f;
+  if constexpr (DROP) {
+    const uint32_t head = minilm_dropout::head_key(drop.seed0, drop.seed1, bh);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, wrow0 + mt * 16 + g + 8 * r);
   }
 
   const int kv_end = min(T_, q0 + BR);
@@ -924,13 +1060,20 @@ __global__ void __launch_bounds__(C::NT)
           }
         }
       }
-      // dS = P ∘ (dP − Delta), P = 0 for keys after the query (keys >= T lie after every valid query)
+      // dS = P ∘ (dP − Delta), P = 0 for keys after the query (keys >= T lie after every valid query);
+      // with dropout dP is first dropped and scaled like P: dS = P ∘ (dP ∘ keep · scale − Delta)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const int r0 = wrow0 + mt * 16, row_a = r0 + g, row_b = row_a + 8;
         const bool diag = k0 + BC - 1 > r0;
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt) {
+          const uint32_t key0 = k0 + nt * 8 + t4 * 2;
+          uint32_t bits[2];  // dropout: this thread's key pair in rows row_a and row_b
+          if constexpr (DROP) {
+            bits[0] = minilm_dropout::pair_bits(rkey[mt][0], key0);
+            bits[1] = minilm_dropout::pair_bits(rkey[mt][1], key0);
+          }
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float p = exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
@@ -938,7 +1081,9 @@ __global__ void __launch_bounds__(C::NT)
               const int key = k0 + nt * 8 + t4 * 2 + (i & 1);
               if (key > (i < 2 ? row_a : row_b)) p = 0.f;
             }
-            s[mt][nt][i] = p * (dp[mt][nt][i] - dl[mt][i >> 1]);
+            float d = dp[mt][nt][i];
+            if constexpr (DROP) d = kept(bits[i >> 1], key0 + (i & 1), drop.threshold) ? d * drop_scale : 0.f;
+            s[mt][nt][i] = p * (d - dl[mt][i >> 1]);
           }
         }
       }
@@ -997,14 +1142,21 @@ __device__ __forceinline__ A dot_row(const A (&r)[PER], const T* p, int D, int l
   return warp_sum(s);
 }
 
-template <typename T, typename A, int PER>
+// Dropout in the CUDA-core kernels: the hash key of the (batch, head) of row `row` of [BH·T, D].
+__device__ __forceinline__ uint32_t simple_head_key(const minilm_dropout::Params& drop, int64_t row, int T_) {
+  return minilm_dropout::head_key(drop.seed0, drop.seed1, static_cast<uint32_t>(row / T_));
+}
+
+template <typename T, typename A, int PER, bool DROP = false>
 __global__ void attn_fwd_simple(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                                T* __restrict__ O, A* __restrict__ LSE, int64_t rows, int T_, int D, A scale) {
+                                T* __restrict__ O, A* __restrict__ LSE, int64_t rows, int T_, int D, A scale,
+                                minilm_dropout::Params drop) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const int i = static_cast<int>(row % T_);
   const size_t base = static_cast<size_t>(row - i) * D;  // start of this (batch, head)
+  const uint32_t rkey = DROP ? minilm_dropout::row_key(simple_head_key(drop, row, T_), i) : 0u;  // dropout
   A q[PER], acc[PER];
   load_row<T, A, PER>(q, Q + static_cast<size_t>(row) * D, D, lane);
 #pragma unroll
@@ -1013,8 +1165,12 @@ __global__ void attn_fwd_simple(const T* __restrict__ Q, const T* __restrict__ K
   for (int key = 0; key <= i; ++key) {
     const A s = dot_row<T, A, PER>(q, K + base + static_cast<size_t>(key) * D, D, lane) * scale;
     const A m_new = s > m ? s : m;
-    const A corr = exp_acc(m - m_new), p = exp_acc(s - m_new);
-    l = l * corr + p;
+    const A corr = exp_acc(m - m_new);
+    A p = exp_acc(s - m_new);
+    l = l * corr + p;  // l sums the undropped P; only O sees the drops
+    if constexpr (DROP) {
+      if (!minilm_dropout::keep(rkey, key, drop.threshold)) p = 0;
+    }
     const T* v = V + base + static_cast<size_t>(key) * D;
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
@@ -1023,19 +1179,22 @@ __global__ void attn_fwd_simple(const T* __restrict__ Q, const T* __restrict__ K
     }
     m = m_new;
   }
+  const A drop_scale = DROP ? static_cast<A>(drop.scale) : A(1);  // O = (P ∘ keep) V · scale / l
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int d = lane + 32 * j;
-    if (d < D) O[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(acc[j] / l);
+    if (d < D) O[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(DROP ? acc[j] / l * drop_scale : acc[j] / l);
   }
   if (lane == 0) LSE[row] = m + log_acc(l);
 }
 
 // dQ_i = scale · sum_{j <= i} P_ij (dP_ij − Delta_i) k_j: one warp per query row
-template <typename T, typename A, int PER>
+// With dropout: dS_ij = P_ij (dP_ij keep_ij · dropout scale − Delta_i).
+template <typename T, typename A, int PER, bool DROP = false>
 __global__ void attn_bwd_dq_simple(const T* __restrict__ dO, const T* __restrict__ Q, const T* __restrict__ K,
                                    const T* __restrict__ V, const A* __restrict__ LSE, const A* __restrict__ Delta,
-                                   T* __restrict__ dQ, int64_t rows, int T_, int D, A scale) {
+                                   T* __restrict__ dQ, int64_t rows, int T_, int D, A scale,
+                                   minilm_dropout::Params drop) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -1047,10 +1206,13 @@ __global__ void attn_bwd_dq_simple(const T* __restrict__ dO, const T* __restrict
 #pragma unroll
   for (int j = 0; j < PER; ++j) acc[j] = 0;
   const A lse = LSE[row], delta = Delta[row];
+  const uint32_t rkey = DROP ? minilm_dropout::row_key(simple_head_key(drop, row, T_), i) : 0u;  // dropout
+  const A drop_scale = DROP ? static_cast<A>(drop.scale) : A(1);
   for (int key = 0; key <= i; ++key) {
     const T* k = K + base + static_cast<size_t>(key) * D;
     const A s = dot_row<T, A, PER>(q, k, D, lane);
-    const A dp = dot_row<T, A, PER>(g, V + base + static_cast<size_t>(key) * D, D, lane);
+    A dp = dot_row<T, A, PER>(g, V + base + static_cast<size_t>(key) * D, D, lane);
+    if constexpr (DROP) dp = minilm_dropout::keep(rkey, key, drop.threshold) ? dp * drop_scale : A(0);
     const A ds = exp_acc(s * scale - lse) * (dp - delta);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
@@ -1066,11 +1228,12 @@ __global__ void attn_bwd_dq_simple(const T* __restrict__ dO, const T* __restrict
 }
 
 // dV_j = sum_{i >= j} P_ij dO_i, dK_j = scale · sum_{i >= j} P_ij (dP_ij − Delta_i) q_i: one warp per key row
-template <typename T, typename A, int PER>
+// With dropout: dV_j = scale_drop · sum_i P_ij keep_ij dO_i and dS as in attn_bwd_dq_simple.
+template <typename T, typename A, int PER, bool DROP = false>
 __global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restrict__ Q, const T* __restrict__ K,
                                      const T* __restrict__ V, const A* __restrict__ LSE,
                                      const A* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
-                                     int64_t rows, int T_, int D, A scale) {
+                                     int64_t rows, int T_, int D, A scale, minilm_dropout::Params drop) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -1082,18 +1245,26 @@ __global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restri
   load_row<T, A, PER>(v, V + static_cast<size_t>(row) * D, D, lane);
 #pragma unroll
   for (int j = 0; j < PER; ++j) dk[j] = dv[j] = 0;
+  const A drop_scale = DROP ? static_cast<A>(drop.scale) : A(1);
+  const uint32_t head = DROP ? simple_head_key(drop, row, T_) : 0u;  // dropout: this (batch, head)'s key
   for (int i = j0; i < T_; ++i) {
     const T* q = Q + base + static_cast<size_t>(i) * D;
     const T* g = dO + base + static_cast<size_t>(i) * D;
     const A s = dot_row<T, A, PER>(k, q, D, lane);
-    const A dp = dot_row<T, A, PER>(v, g, D, lane);
+    A dp = dot_row<T, A, PER>(v, g, D, lane);
     const A p = exp_acc(s * scale - LSE[brow + i]);
+    A pv = p;  // the P that multiplies dO: dropped (scaled at the end) with dropout
+    if constexpr (DROP) {
+      const bool k = minilm_dropout::keep(minilm_dropout::row_key(head, i), j0, drop.threshold);
+      pv = k ? p : A(0);
+      dp = k ? dp * drop_scale : A(0);
+    }
     const A ds = p * (dp - Delta[brow + i]);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       const int d = lane + 32 * j;
       if (d < D) {
-        dv[j] += p * static_cast<A>(to_f(g[d]));
+        dv[j] += pv * static_cast<A>(to_f(g[d]));
         dk[j] += ds * static_cast<A>(to_f(q[d]));
       }
     }
@@ -1103,7 +1274,7 @@ __global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restri
     const int d = lane + 32 * j;
     if (d < D) {
       dK[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(dk[j] * scale);
-      dV[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(dv[j]);
+      dV[static_cast<size_t>(row) * D + d] = FromF<T>::cvt(DROP ? dv[j] * drop_scale : dv[j]);
     }
   }
 }
@@ -1115,16 +1286,27 @@ cudaError_t with_smem(F kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int D, typename C>
-cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
-                          float scale, cudaStream_t stream) {
+// The arguments of one forward launch.
+struct FwdArgs {
+  const void *q, *k, *v;
+  void* out;
+  float* lse;
+  int64_t BH, T;
+  float scale;
+  minilm_dropout::Params dropout;
+  cudaStream_t stream;
+};
+
+template <typename T, int D, typename C, bool DROP = false>
+cudaError_t launch_fwd_tc(const FwdArgs& a) {
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_fwd_tc<T, D, C>;
+  auto kernel = attn_fwd_tc<T, D, C, DROP>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
-  kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                                        static_cast<T*>(out), lse, static_cast<int>(T_), scale * kLog2e);
+  const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BR - 1) / C::BR));
+  kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
+                                          static_cast<const T*>(a.v), static_cast<T*>(a.out), a.lse,
+                                          static_cast<int>(a.T), a.scale * kLog2e, a.dropout);
   return cudaGetLastError();
 }
 
@@ -1138,6 +1320,8 @@ cudaError_t launch_fwd_tc(const void* q, const void* k, const void* v, void* out
 //                    fused2d | split2d
 //                                                         (backward scheme, see "Backward schemes" below)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
+// With attention dropout (dropout_p > 0) they are ignored: only the default tilings are built with dropout
+// (the DROP = true kernels, to bound the build time), so dropout always runs the defaults.
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
   const char* env = std::getenv(var);
   if (env == nullptr) return fallback;
@@ -1182,11 +1366,17 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 // Not yet timed on a GPU (written and compile-checked without one): the forward wide64 and the backward
 // splitkv, wide, wide16, fusedwide, fusedkv, fused2d and split2d. The next sweep decides whether they
 // replace a default.
+// default_fwd_layout, default_bwd_scheme and default_dq_wide below are the one place that names them (the
+// dropout path builds and runs whatever they say).
 enum FwdLayout { kFwdNarrow, kFwdNarrow2, kFwdWide, kFwdWide3, kFwdWide64 };
-int fwd_layout(int D) {
-  return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, kFwdWide);
-}
 enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide, kFusedKV, kFused2d, kSplit2d };
+constexpr int default_fwd_layout(int /*D*/) { return kFwdWide; }
+constexpr int default_bwd_scheme(int D) { return D <= 64 ? kSplit3 : kSplit; }
+constexpr bool default_dq_wide(int D) { return D <= 64; }
+
+int fwd_layout(int D) {
+  return tuning_choice("MINILM_ATTN_FWD", D, {"narrow", "narrow2", "wide", "wide3", "wide64"}, default_fwd_layout(D));
+}
 // Whether a scheme adds dQ with atomics in its dK/dV kernel (else the dQ kernel runs after it). The wide
 // schemes exist for D = 64 only: at D = 128 fusedwide runs split (see launch_bwd_scheme).
 constexpr bool is_fused(int scheme, int D) {
@@ -1196,19 +1386,34 @@ int bwd_variant(int D) {
   return tuning_choice("MINILM_ATTN_BWD", D,
                        {"fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide", "fusedkv",
                         "fused2d", "split2d"},
-                       D <= 64 ? kSplit3 : kSplit);
+                       default_bwd_scheme(D));
 }
-bool dq_wide(int D) { return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, D <= 64 ? 1 : 0) == 1; }
+bool dq_wide(int D) {
+  return tuning_choice("MINILM_ATTN_DQ", D, {"narrow", "wide"}, default_dq_wide(D) ? 1 : 0) == 1;
+}
+
+// The FwdCfg of each forward layout.
+template <int D, int LAYOUT>
+using FwdLayoutCfg = std::conditional_t<
+    LAYOUT == kFwdNarrow, FwdNarrow<D>,
+    std::conditional_t<LAYOUT == kFwdNarrow2, FwdNarrow2<D>,
+                       std::conditional_t<LAYOUT == kFwdWide3, FwdWide3<D>,
+                                          std::conditional_t<LAYOUT == kFwdWide64, FwdWide64<D>, FwdWide<D>>>>>;
+
+template <typename T, int D, int LAYOUT, bool DROP = false>
+cudaError_t launch_fwd_layout(const FwdArgs& a) {
+  return launch_fwd_tc<T, D, FwdLayoutCfg<D, LAYOUT>, DROP>(a);
+}
 
 template <typename T, int D>
-cudaError_t fwd_tc(const void* q, const void* k, const void* v, void* out, float* lse, int64_t BH, int64_t T_,
-                   float scale, cudaStream_t stream) {
+cudaError_t fwd_tc(const FwdArgs& a) {
+  if (a.dropout.active()) return launch_fwd_layout<T, D, default_fwd_layout(D), true>(a);  // MINILM_ATTN_FWD ignored
   switch (fwd_layout(D)) {
-    case kFwdNarrow: return launch_fwd_tc<T, D, FwdNarrow<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    case kFwdNarrow2: return launch_fwd_tc<T, D, FwdNarrow2<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    case kFwdWide3: return launch_fwd_tc<T, D, FwdWide3<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    case kFwdWide64: return launch_fwd_tc<T, D, FwdWide64<D>>(q, k, v, out, lse, BH, T_, scale, stream);
-    default: return launch_fwd_tc<T, D, FwdWide<D>>(q, k, v, out, lse, BH, T_, scale, stream);
+    case kFwdNarrow: return launch_fwd_layout<T, D, kFwdNarrow>(a);
+    case kFwdNarrow2: return launch_fwd_layout<T, D, kFwdNarrow2>(a);
+    case kFwdWide3: return launch_fwd_layout<T, D, kFwdWide3>(a);
+    case kFwdWide64: return launch_fwd_layout<T, D, kFwdWide64>(a);
+    default: return launch_fwd_layout<T, D, kFwdWide>(a);
   }
 }
 
@@ -1265,6 +1470,7 @@ struct BwdArgs {
   void *dk, *dv;
   int64_t BH, T;
   float scale;
+  minilm_dropout::Params dropout;
   cudaStream_t stream;
 };
 
@@ -1278,79 +1484,103 @@ cudaError_t launch_dkdv(Kernel kernel, const BwdArgs& a) {
   kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
                                           static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
                                           a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
-                                          static_cast<int>(a.T), a.scale, a.scale * kLog2e);
+                                          static_cast<int>(a.T), a.scale, a.scale * kLog2e, a.dropout);
   return cudaGetLastError();
 }
 
-template <typename T, int D, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32), int NW = 8, int MTK = 1,
-          bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
+template <typename T, int D, bool DROP, bool WITH_DQ, int MINB, int BR = (D <= 64 ? 64 : 32), int NW = 8,
+          int MTK = 1, bool KVREG = !WITH_DQ && MINB == 1 && D <= 64>
 cudaError_t launch_bwd_tc(const BwdArgs& a) {
-  return launch_dkdv<T, BwdCfg<D, BR, NW, MTK>>(attn_bwd_tc<T, D, WITH_DQ, MINB, BR, NW, MTK, KVREG>, a);
+  return launch_dkdv<T, BwdCfg<D, BR, NW, MTK>>(attn_bwd_tc<T, D, WITH_DQ, MINB, BR, NW, MTK, KVREG, DROP>, a);
 }
 
-template <typename T, int D, bool WITH_DQ>
+template <typename T, int D, bool DROP, bool WITH_DQ>
 cudaError_t launch_bwd_2d(const BwdArgs& a) {
-  return launch_dkdv<T, Bwd2dCfg<D>>(attn_bwd_2d<T, D, WITH_DQ>, a);
+  return launch_dkdv<T, Bwd2dCfg<D>>(attn_bwd_2d<T, D, WITH_DQ, DROP>, a);
 }
 
-// The dK/dV kernel of each backward scheme (adding dQ with atomics for the fused ones), as listed above.
+// The dK/dV kernel of backward scheme SCHEME (adding dQ with atomics for the fused ones), as listed above;
+// DROP: with attention dropout.
+template <typename T, int D, int SCHEME, bool DROP = false>
+cudaError_t launch_bwd_scheme(const BwdArgs& a) {
+  constexpr int BR = D <= 64 ? 64 : 32;
+  // the wide schemes exist for D = 64 only; at D = 128 they run split (the last case)
+  if constexpr (D <= 64 && SCHEME == kWide) return launch_bwd_tc<T, D, DROP, false, 2, 32, 4, 2, true>(a);
+  else if constexpr (D <= 64 && SCHEME == kWide16) return launch_bwd_tc<T, D, DROP, false, 2, 16, 4, 2, true>(a);
+  else if constexpr (D <= 64 && SCHEME == kFusedWide) return launch_bwd_tc<T, D, DROP, true, 2, 32, 4, 2, false>(a);
+  else if constexpr (SCHEME == kFused) return launch_bwd_tc<T, D, DROP, true, 1>(a);
+  else if constexpr (SCHEME == kSplit2) return launch_bwd_tc<T, D, DROP, false, 2>(a);
+  else if constexpr (SCHEME == kSplit3) return launch_bwd_tc<T, D, DROP, false, 2, 32>(a);
+  else if constexpr (SCHEME == kSplitKV) return launch_bwd_tc<T, D, DROP, false, 1, BR, 8, 1, true>(a);
+  else if constexpr (SCHEME == kFusedKV) return launch_bwd_tc<T, D, DROP, true, 1, BR, 8, 1, true>(a);
+  else if constexpr (SCHEME == kFused2d) return launch_bwd_2d<T, D, DROP, true>(a);
+  else if constexpr (SCHEME == kSplit2d) return launch_bwd_2d<T, D, DROP, false>(a);
+  else return launch_bwd_tc<T, D, DROP, false, 1>(a);  // split
+}
+
+// The same for a scheme chosen at run time (without dropout: every scheme is built).
 template <typename T, int D>
 cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
-  if constexpr (D <= 64) {  // the wide schemes; at D = 128 they run split (the default case below)
-    if (scheme == kWide) return launch_bwd_tc<T, D, false, 2, 32, 4, 2, true>(a);
-    if (scheme == kWide16) return launch_bwd_tc<T, D, false, 2, 16, 4, 2, true>(a);
-    if (scheme == kFusedWide) return launch_bwd_tc<T, D, true, 2, 32, 4, 2, false>(a);
-  }
-  constexpr int BR = D <= 64 ? 64 : 32;
   switch (scheme) {
-    case kFused: return launch_bwd_tc<T, D, true, 1>(a);
-    case kSplit2: return launch_bwd_tc<T, D, false, 2>(a);
-    case kSplit3: return launch_bwd_tc<T, D, false, 2, 32>(a);
-    case kSplitKV: return launch_bwd_tc<T, D, false, 1, BR, 8, 1, true>(a);
-    case kFusedKV: return launch_bwd_tc<T, D, true, 1, BR, 8, 1, true>(a);
-    case kFused2d: return launch_bwd_2d<T, D, true>(a);
-    case kSplit2d: return launch_bwd_2d<T, D, false>(a);
-    default: return launch_bwd_tc<T, D, false, 1>(a);  // split
+    case kFused: return launch_bwd_scheme<T, D, kFused>(a);
+    case kSplit2: return launch_bwd_scheme<T, D, kSplit2>(a);
+    case kSplit3: return launch_bwd_scheme<T, D, kSplit3>(a);
+    case kSplitKV: return launch_bwd_scheme<T, D, kSplitKV>(a);
+    case kWide: return launch_bwd_scheme<T, D, kWide>(a);
+    case kWide16: return launch_bwd_scheme<T, D, kWide16>(a);
+    case kFusedWide: return launch_bwd_scheme<T, D, kFusedWide>(a);
+    case kFusedKV: return launch_bwd_scheme<T, D, kFusedKV>(a);
+    case kFused2d: return launch_bwd_scheme<T, D, kFused2d>(a);
+    case kSplit2d: return launch_bwd_scheme<T, D, kSplit2d>(a);
+    default: return launch_bwd_scheme<T, D, kSplit>(a);
   }
 }
 
-template <typename T, int D, typename C>
-cudaError_t launch_dq_tc(const void* dout, const void* q, const void* k, const void* v, const float* lse,
-                         const float* delta, void* dq, int64_t BH, int64_t T_, float scale, cudaStream_t stream) {
+// The DqCfg of the dQ kernel's two tilings (wide exists for D = 64 only: at D = 128 it is narrow).
+template <int D, bool WIDE>
+using DqTiling = std::conditional_t<WIDE && D <= 64, DqWide<D>, DqNarrow<D>>;
+
+template <typename T, int D, typename C, bool DROP = false>
+cudaError_t launch_dq_tc(const BwdArgs& a, void* dq) {
   const size_t smem = C::smem_bytes(sizeof(T));
-  auto kernel = attn_bwd_dq_tc<T, D, C>;
+  auto kernel = attn_bwd_dq_tc<T, D, C, DROP>;
   cudaError_t err = with_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((T_ + C::BR - 1) / C::BR));
-  kernel<<<grid, C::NT, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                                        static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq),
-                                        static_cast<int>(T_), scale, scale * kLog2e);
+  const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BR - 1) / C::BR));
+  kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
+                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
+                                          static_cast<T*>(dq), static_cast<int>(a.T), a.scale, a.scale * kLog2e,
+                                          a.dropout);
   return cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
                    float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
-                   cudaStream_t stream) {
+                   const minilm_dropout::Params& dropout, cudaStream_t stream) {
   const int64_t rows = BH * T_;
   attn_bwd_delta<T, float><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int scheme = bwd_variant(D);
+  // With dropout the default scheme and dQ tiling run (MINILM_ATTN_BWD and MINILM_ATTN_DQ are ignored):
+  // only they are built with dropout.
+  const bool drop = dropout.active();
+  const int scheme = drop ? default_bwd_scheme(D) : bwd_variant(D);
   const bool fused = is_fused(scheme, D);
-  const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, stream};
+  const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, dropout, stream};
+  auto dkdv = [&] {
+    return drop ? launch_bwd_scheme<T, D, default_bwd_scheme(D), true>(args) : launch_bwd_scheme<T, D>(scheme, args);
+  };
   if (!fused) {  // the dK/dV kernel, then the dQ kernel
-    err = launch_bwd_scheme<T, D>(scheme, args);
+    err = dkdv();
     if (err != cudaSuccess) return err;
-    if constexpr (D <= 64) {
-      if (dq_wide(D)) return launch_dq_tc<T, D, DqWide<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
-    }
-    return launch_dq_tc<T, D, DqNarrow<D>>(dout, q, k, v, lse, delta, dq, BH, T_, scale, stream);
+    if (drop) return launch_dq_tc<T, D, DqTiling<D, default_dq_wide(D)>, true>(args, dq);
+    return dq_wide(D) ? launch_dq_tc<T, D, DqTiling<D, true>>(args, dq) : launch_dq_tc<T, D, DqTiling<D, false>>(args, dq);
   }
   err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  err = launch_bwd_scheme<T, D>(scheme, args);
+  err = dkdv();
   if (err != cudaSuccess) return err;
   const int64_t n = rows * D;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536));
@@ -1360,34 +1590,39 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
 
 template <typename T, typename A, int PER>
 cudaError_t fwd_simple(const void* q, const void* k, const void* v, void* out, void* lse, int64_t BH, int64_t T_,
-                       int D, double scale, cudaStream_t stream) {
+                       int D, double scale, const minilm_dropout::Params& dropout, cudaStream_t stream) {
   const int64_t rows = BH * T_;
-  attn_fwd_simple<T, A, PER><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+  const bool drop = dropout.active();
+  auto fwd = drop ? attn_fwd_simple<T, A, PER, true> : attn_fwd_simple<T, A, PER, false>;
+  fwd<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out),
-      static_cast<A*>(lse), rows, static_cast<int>(T_), D, static_cast<A>(scale));
+      static_cast<A*>(lse), rows, static_cast<int>(T_), D, static_cast<A>(scale), dropout);
   return cudaGetLastError();
 }
 
 template <typename T, typename A, int PER>
 cudaError_t bwd_simple(const void* dout, const void* q, const void* k, const void* v, const void* out,
                        const void* lse, void* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, int D,
-                       double scale, cudaStream_t stream) {
+                       double scale, const minilm_dropout::Params& dropout, cudaStream_t stream) {
   const int64_t rows = BH * T_;
   const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
   attn_bwd_delta<T, A><<<blocks, 256, 0, stream>>>(static_cast<const T*>(dout), static_cast<const T*>(out),
                                                    static_cast<A*>(delta), rows, D);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  attn_bwd_dq_simple<T, A, PER><<<blocks, 256, 0, stream>>>(
+  const bool drop = dropout.active();
+  auto dq_kernel = drop ? attn_bwd_dq_simple<T, A, PER, true> : attn_bwd_dq_simple<T, A, PER, false>;
+  auto dkdv_kernel = drop ? attn_bwd_dkdv_simple<T, A, PER, true> : attn_bwd_dkdv_simple<T, A, PER, false>;
+  dq_kernel<<<blocks, 256, 0, stream>>>(
       static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
       static_cast<const A*>(lse), static_cast<const A*>(delta), static_cast<T*>(dq), rows, static_cast<int>(T_), D,
-      static_cast<A>(scale));
+      static_cast<A>(scale), dropout);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  attn_bwd_dkdv_simple<T, A, PER><<<blocks, 256, 0, stream>>>(
+  dkdv_kernel<<<blocks, 256, 0, stream>>>(
       static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
       static_cast<const A*>(lse), static_cast<const A*>(delta), static_cast<T*>(dk), static_cast<T*>(dv), rows,
-      static_cast<int>(T_), D, static_cast<A>(scale));
+      static_cast<int>(T_), D, static_cast<A>(scale), dropout);
   return cudaGetLastError();
 }
 
@@ -1398,13 +1633,15 @@ bool attention_tc_supported(Dtype dtype, int head_dim) {
 }
 
 cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
-                                 int64_t BH, int64_t T, int D, float scale, cudaStream_t stream) {
+                                 int64_t BH, int64_t T, int D, float scale, const minilm_dropout::Params& dropout,
+                                 cudaStream_t stream) {
+  const FwdArgs a{q, k, v, out, lse, BH, T, scale, dropout, stream};
   if (dtype == Dtype::kBFloat16) {
-    if (D == 64) return fwd_tc<__nv_bfloat16, 64>(q, k, v, out, lse, BH, T, scale, stream);
-    if (D == 128) return fwd_tc<__nv_bfloat16, 128>(q, k, v, out, lse, BH, T, scale, stream);
+    if (D == 64) return fwd_tc<__nv_bfloat16, 64>(a);
+    if (D == 128) return fwd_tc<__nv_bfloat16, 128>(a);
   } else if (dtype == Dtype::kFloat16) {
-    if (D == 64) return fwd_tc<__half, 64>(q, k, v, out, lse, BH, T, scale, stream);
-    if (D == 128) return fwd_tc<__half, 128>(q, k, v, out, lse, BH, T, scale, stream);
+    if (D == 64) return fwd_tc<__half, 64>(a);
+    if (D == 128) return fwd_tc<__half, 128>(a);
   }
   return cudaErrorInvalidValue;
 }
@@ -1412,16 +1649,16 @@ cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, cons
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                   const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
                                   void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
-                                  cudaStream_t stream) {
+                                  const minilm_dropout::Params& dropout, cudaStream_t stream) {
+  auto run = [&](auto bwd) {
+    return bwd(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, dropout, stream);
+  };
   if (dtype == Dtype::kBFloat16) {
-    if (D == 64)
-      return bwd_tc<__nv_bfloat16, 64>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
-    if (D == 128)
-      return bwd_tc<__nv_bfloat16, 128>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
+    if (D == 64) return run(bwd_tc<__nv_bfloat16, 64>);
+    if (D == 128) return run(bwd_tc<__nv_bfloat16, 128>);
   } else if (dtype == Dtype::kFloat16) {
-    if (D == 64) return bwd_tc<__half, 64>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
-    if (D == 128)
-      return bwd_tc<__half, 128>(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, stream);
+    if (D == 64) return run(bwd_tc<__half, 64>);
+    if (D == 128) return run(bwd_tc<__half, 128>);
   }
   return cudaErrorInvalidValue;
 }
@@ -1441,16 +1678,18 @@ cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, 
   return cudaErrorInvalidValue;
 
 cudaError_t attention_forward_simple(Dtype dtype, const void* q, const void* k, const void* v, void* out,
-                                     void* lse, int64_t BH, int64_t T, int D, double scale, cudaStream_t stream) {
+                                     void* lse, int64_t BH, int64_t T, int D, double scale,
+                                     const minilm_dropout::Params& dropout, cudaStream_t stream) {
   if (D < 1 || D > kSimpleMaxHeadDim) return cudaErrorInvalidValue;
-  MINILM_SIMPLE_DISPATCH(fwd_simple, q, k, v, out, lse, BH, T, D, scale, stream)
+  MINILM_SIMPLE_DISPATCH(fwd_simple, q, k, v, out, lse, BH, T, D, scale, dropout, stream)
 }
 
 cudaError_t attention_backward_simple(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                       const void* out, const void* lse, void* delta, void* dq, void* dk, void* dv,
-                                      int64_t BH, int64_t T, int D, double scale, cudaStream_t stream) {
+                                      int64_t BH, int64_t T, int D, double scale,
+                                      const minilm_dropout::Params& dropout, cudaStream_t stream) {
   if (D < 1 || D > kSimpleMaxHeadDim) return cudaErrorInvalidValue;
-  MINILM_SIMPLE_DISPATCH(bwd_simple, dout, q, k, v, out, lse, delta, dq, dk, dv, BH, T, D, scale, stream)
+  MINILM_SIMPLE_DISPATCH(bwd_simple, dout, q, k, v, out, lse, delta, dq, dk, dv, BH, T, D, scale, dropout, stream)
 }
 
 #undef MINILM_SIMPLE_DISPATCH

@@ -8,32 +8,38 @@
 
 #include <cstdint>
 
+#include "../attention_dropout.h"
+
 namespace minilm_cuda {
 
 enum class Dtype { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // ---------------------------------------------------------------- causal attention (attention_kernels.cu)
-// q, k, v, out, dout, dq, dk, dv: [BH, T, D] in `dtype`.
+// q, k, v, out, dout, dq, dk, dv: [BH, T, D] in `dtype`. `dropout`: attention dropout's mask and scale
+// (csrc/attention_dropout.h); inactive (threshold 0) = no dropout. The backward takes the forward's.
 
 // Tensor-core (mma.sync) flash kernels: bf16/fp16 with head dim 64 or 128 only (the glue pads other
 // head dims up to these with zeros). lse: [BH, T] fp32.
 bool attention_tc_supported(Dtype dtype, int head_dim);
 cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
-                                 int64_t BH, int64_t T, int D, float scale, cudaStream_t stream);
+                                 int64_t BH, int64_t T, int D, float scale, const minilm_dropout::Params& dropout,
+                                 cudaStream_t stream);
 // delta: [BH, T] fp32 workspace; dq_accum: [BH, T, D] fp32 workspace (zeroed here).
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                   const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
                                   void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
-                                  cudaStream_t stream);
+                                  const minilm_dropout::Params& dropout, cudaStream_t stream);
 
 // CUDA-core kernels for every dtype and 1 <= D <= kSimpleMaxHeadDim (fp32/fp64, and half types with
 // other head dims). lse and delta are fp64 for fp64 inputs, fp32 otherwise.
 constexpr int kSimpleMaxHeadDim = 256;
 cudaError_t attention_forward_simple(Dtype dtype, const void* q, const void* k, const void* v, void* out,
-                                     void* lse, int64_t BH, int64_t T, int D, double scale, cudaStream_t stream);
+                                     void* lse, int64_t BH, int64_t T, int D, double scale,
+                                     const minilm_dropout::Params& dropout, cudaStream_t stream);
 cudaError_t attention_backward_simple(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                       const void* out, const void* lse, void* delta, void* dq, void* dk, void* dv,
-                                      int64_t BH, int64_t T, int D, double scale, cudaStream_t stream);
+                                      int64_t BH, int64_t T, int D, double scale,
+                                      const minilm_dropout::Params& dropout, cudaStream_t stream);
 
 // ---------------------------------------------------------------- char-CNN (char_cnn_kernels.cu)
 // One convolution width: weight [F, E, W] and bias [F] in the embedding's dtype; its F output columns
