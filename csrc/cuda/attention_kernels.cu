@@ -273,6 +273,18 @@ __device__ __forceinline__ bool kept(uint32_t bits, uint32_t j, uint32_t thresho
   return minilm_dropout::key_u16(bits, j) >= threshold;
 }
 
+// The row keys (minilm_dropout::row_key) of a thread's accumulator rows in MT row tiles of 16: rows
+// row_g + 16 mt and row_g + 16 mt + 8 of (batch, head) bh.
+template <int MT>
+__device__ __forceinline__ void dropout_row_keys(uint32_t (&rkey)[MT][2], const minilm_dropout::Params& drop, int bh,
+                                                 int row_g) {
+  const uint32_t head = minilm_dropout::head_key(drop.seed0, drop.seed1, bh);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, row_g + mt * 16 + 8 * r);
+}
+
 // Zeroes the dropped ones of x0, x1: keys j, j + 1 (j even) of the row with row key `row`.
 __device__ __forceinline__ void drop_pair(float& x0, float& x1, uint32_t row, uint32_t j, uint32_t threshold) {
   const uint32_t bits = minilm_dropout::pair_bits(row, j);
@@ -365,13 +377,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
     l[mt][0] = l[mt][1] = 0.f;
   }
   uint32_t rkey[DROP ? MT : 1][2];  // dropout: the row keys of this thread's rows, fixed for the key loop
-  if constexpr (DROP) {
-    const uint32_t head = minilm_dropout::head_key(drop.seed0, drop.seed1, bh);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, wrow0 + mt * 16 + g + 8 * r);
-  }
+  if constexpr (DROP) dropout_row_keys(rkey, drop, bh, wrow0 + g);
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
@@ -831,9 +837,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   const int r1 = (warp / 4) * 32, c1 = (warp % 4) * 32;  // phase 1: query rows r1.., keys c1.. of the tile
   const int r2 = (warp / 2) * 32, c2 = (warp % 2) * DH;  // phase 2: keys r2.., columns c2..
   const int r3 = (warp / 4) * 32, c3 = (warp % 4) * DQ;  // phase 3: query rows r3.., columns c3..
-  // dropout: this (batch, head)'s hash key and the scale of the kept P
-  const uint32_t head = DROP ? minilm_dropout::head_key(drop.seed0, drop.seed1, bh) : 0u;
-  const float drop_scale = DROP ? static_cast<float>(drop.scale) : 1.f;
+  const float drop_scale = DROP ? static_cast<float>(drop.scale) : 1.f;  // dropout: the scale of the kept P
 
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
@@ -875,12 +879,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     }
     // dropout: the row keys of this thread's 4 query rows (r = 0, 1: rows g and g + 8 of row tile mt)
     uint32_t rkey[DROP ? 2 : 1][2];
-    if constexpr (DROP) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, q0 + r1 + mt * 16 + g + 8 * r);
-    }
+    if constexpr (DROP) dropout_row_keys(rkey, drop, bh, q0 + r1 + g);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -992,13 +991,7 @@ __global__ void __launch_bounds__(C::NT)
   }
   uint32_t rkey[DROP ? MT : 1][2];  // dropout: the row keys of this thread's rows, fixed for the key loop
   const float drop_scale = DROP ? static_cast<float>(drop.scale) : 1.f;
-  if constexpr (DROP) {
-    const uint32_t head = minilm_dropout::head_key(drop.seed0, drop.seed1, bh);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) rkey[mt][r] = minilm_dropout::row_key(head, wrow0 + mt * 16 + g + 8 * r);
-  }
+  if constexpr (DROP) dropout_row_keys(rkey, drop, bh, wrow0 + g);
 
   const int kv_end = min(T_, q0 + BR);
   const int nkb = (kv_end + BC - 1) / BC;
