@@ -250,3 +250,29 @@ def test_gpt1_attention_drops_through_the_fused_kernel():
     attn.eval()
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 16, 32)
     torch.testing.assert_close(attn(x), attn.c_proj(ref), **FP32_TOL["out"])
+
+
+# --- the C++ parameters agree with the spec's exactly ----------------------------------------------------------
+
+def test_fp64_matches_reference_tightly():
+    # fp64 leaves no rounding to hide a kernel scale of 1/(1 − p) instead of the spec's 65536/(65536 − threshold)
+    # (relative difference 7e-6 at p = 0.1, inside the fp32 tolerances above).
+    check_against_exact((2, 3, 70, 16), torch.float64,
+                        dict(out=dict(atol=1e-12, rtol=1e-12), grad=dict(atol=1e-11, rtol=1e-11)), 0.1)
+
+
+def test_threshold_rounding_agrees_with_the_spec():
+    # p = (u ± 0.4) / 65536 and (u + 0.6) / 65536 around one entry's own 16-bit number u: the kernel must round
+    # p · 65536 to the threshold exactly as dropout_threshold does (keep, keep, drop).
+    T = 8
+    from minilm.ops.attention import _mul32
+    seed0, seed1 = int(SEED[0]), int(SEED[1])
+    head = _mix32(seed0 ^ _mix32(seed1 ^ _mul32(torch.tensor([0]), 0x85EBCA6B)))
+    row = _mix32(head ^ _mul32(torch.tensor([5]), 0x9E3779B9))
+    u = int((_mix32(row ^ (3 >> 1)) >> 16).item())  # query 5, key 3 (odd: the high half)
+    q = torch.zeros(1, 1, T, T, dtype=torch.float64)
+    eye = torch.eye(T, dtype=torch.float64)[None, None]
+    for frac, kept in ((-0.4, True), (0.4, True), (0.6, False)):
+        p = (u + frac) / 65536
+        out, _ = torch.ops.minilm.causal_attention(q, eye, eye, 1.0, p, SEED)
+        assert bool(out[0, 0, 5, 3] != 0) == kept == bool(dropout_keep_mask(SEED, 1, 1, T, p)[0, 0, 5, 3])

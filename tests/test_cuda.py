@@ -216,6 +216,21 @@ def test_attention_dropout_matches_reference(T, D, dtype):
     assert ok, f"B={B} H={H} T={T} D={D} {dtype}: " + "; ".join(report)
 
 
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.float16), (48, torch.float32)])
+def test_attention_dropout_edge_probabilities(D, dtype):
+    # p = 1 drops everything (scale 0: out and every gradient exactly 0); a p below 1/131072 rounds to threshold 0,
+    # which must be bitwise the kernel without dropout.
+    q, k, v = _qkv(2, 3, 70, D, dtype)
+    g = torch.randn_like(q)
+    out, lse = ops.causal_attention(q, k, v, 0.125, 1.0, SEED)
+    assert torch.equal(out, torch.zeros_like(out))
+    for t in ops.causal_attention_backward(g, q, k, v, out, lse, 0.125, 1.0, SEED):
+        assert torch.equal(t, torch.zeros_like(t))
+    out0, lse0 = ops.causal_attention(q, k, v, 0.125)
+    out1, lse1 = ops.causal_attention(q, k, v, 0.125, 1e-7, SEED)
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+
+
 def test_attention_dropout_autograd_and_seed():
     q, k, v = (torch.randn(2, 3, 100, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     torch.manual_seed(5)

@@ -8,8 +8,9 @@ round of each (the one least disturbed by other work) and the ratio. A second ta
 Linear → GLU → LightConv → Linear, forward + backward), which is where the models differ: at a small
 width the tied output layer (vocab × n_embd) dominates the whole step and hides the difference.
 
-Dropout is off in both models (the CPU presets have none anyway): with attention dropout on, the GPT-1
-model trains through the unfused T×T path, and this benchmark is about the architectures.
+Dropout is off in both models (the CPU presets have none anyway): this benchmark is about the architectures,
+not about dropout (which the GPT-1 model applies inside its fused kernel on the CPU, and on CUDA through the
+step-by-step T×T path unless MINILM_FUSED_DROPOUT=1).
 """
 import torch
 

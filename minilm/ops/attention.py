@@ -69,6 +69,8 @@ def causal_attention_reference(q, k, v, scale=None, dropout_p=0.0, seed=None):
     att = att.masked_fill(~causal, float("-inf"))
     att = torch.softmax(att, dim=-1)
     if dropout_p > 0:
+        if seed is None:
+            raise ValueError("causal_attention_reference: dropout_p > 0 needs the seed (int64 CPU tensor of 2 elements)")
         keep = dropout_keep_mask(seed, B, H, T, dropout_p, q.device)  # (B, H, T, T)
         att = att * keep * dropout_threshold(dropout_p)[1]
     return (att @ v.to(ct)).to(q.dtype)  # (B, H, T, D)
