@@ -105,8 +105,11 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0, seed=None):
     """Fused causal self-attention. q, k, v: [B, H, T, D]; scale defaults to 1/sqrt(D). Returns [B, H, T, D].
 
     dropout_p > 0 drops attention probabilities (after the softmax) with that probability and scales the
-    rest by 1 / (1 − p), as nn.Dropout on them would. The mask comes from `seed` (an int64 CPU tensor of two
-    32-bit words; by default drawn from torch's CPU generator, so torch.manual_seed makes it reproducible)."""
+    rest by 1 / (1 − p), as nn.Dropout on them would (exactly: p is rounded to a multiple of 1/65536 and the
+    scale is the inverse of the rounded keep rate, see dropout_threshold). The mask comes from `seed` (an
+    int64 CPU tensor of two 32-bit words; by default drawn from torch's CPU generator, so torch.manual_seed
+    makes it reproducible). The same seed gives the same mask: pass a new one to every call (every layer).
+    The seed is read when the op is called, so a captured CUDA graph replays the mask of its capture."""
     _check(q, k, v)
     dropout_p = float(dropout_p)
     _check_dropout(dropout_p, seed)
