@@ -91,6 +91,10 @@ else echo "=== [bench-gpt1] skipped: out of time"; fi
 # Attention with dropout (training mode) against SDPA with dropout_p, default tilings.
 if [ "$(left)" -gt 40 ]; then step bench-attention-dropout "$(left)" python -m minilm.bench attention --device cuda --dropout 0.1 --json
 else echo "=== [bench-attention-dropout] skipped: out of time"; fi
+# The paper's training step (dropout 0.1) with the kernels' dropout (MINILM_FUSED_DROPOUT=1) against SDPA's.
+if [ "$(left)" -gt 60 ]; then step bench-gpt1-dropout "$(left)" env MINILM_FUSED_DROPOUT=1 python -m minilm.bench gpt1 \
+  --device cuda --dropout 0.1 --impls minilm,sdpa,hf --json
+else echo "=== [bench-gpt1-dropout] skipped: out of time"; fi
 
 echo
 echo "=== summary after $((SECONDS - t_all)) s: passed: ${passed[*]:-none}; failed: ${failed[*]:-none}"

@@ -231,6 +231,25 @@ def test_attention_dropout_edge_probabilities(D, dtype):
     assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
 
 
+def test_gpt1_attention_drops_through_the_fused_kernel(monkeypatch):
+    # With MINILM_FUSED_DROPOUT=1 (until this file has passed on a GPU, CUDA training takes the step-by-step
+    # path by default) the model's attention drops inside the kernel, with a seed from torch's CPU generator.
+    from minilm.gpt1 import CausalSelfAttention, GPT1Config
+    monkeypatch.setenv("MINILM_FUSED_DROPOUT", "1")
+    attn = CausalSelfAttention(GPT1Config(n_embd=128, n_head=2, n_ctx=96, attn_pdrop=0.3, resid_pdrop=0.0))
+    attn = attn.to(DEV, torch.bfloat16).train()
+    x = torch.randn(2, 96, 128, device=DEV, dtype=torch.bfloat16)
+    torch.manual_seed(11)
+    y = attn(x)
+    torch.manual_seed(11)
+    seed = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    with torch.no_grad():
+        q, k, v = (t.view(2, 96, 2, 64).transpose(1, 2).double() for t in attn.c_attn(x).split(128, dim=2))
+        ref = causal_attention_reference(q, k, v, dropout_p=0.3, seed=seed).transpose(1, 2).reshape(2, 96, 128)
+        ref = attn.c_proj(ref.to(torch.bfloat16))
+    torch.testing.assert_close(y, ref, atol=3e-2, rtol=3e-2)
+
+
 def test_attention_dropout_autograd_and_seed():
     q, k, v = (torch.randn(2, 3, 100, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     torch.manual_seed(5)
