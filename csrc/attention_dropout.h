@@ -53,9 +53,10 @@ MINILM_HOST_DEVICE uint32_t pair_bits(uint32_t row, uint32_t j) { return mix32(r
 // Key j's 16-bit uniform number, from its pair's bits.
 MINILM_HOST_DEVICE uint32_t key_u16(uint32_t bits, uint32_t j) { return (j & 1u) ? bits >> 16 : bits & 0xffffu; }
 
-MINILM_HOST_DEVICE bool keep(uint32_t row, uint32_t j, uint32_t threshold) {
-  return key_u16(pair_bits(row, j), j) >= threshold;
-}
+// Whether key j is kept, from its pair's bits (for kernels that hash a pair once and use both halves).
+MINILM_HOST_DEVICE bool kept(uint32_t bits, uint32_t j, uint32_t threshold) { return key_u16(bits, j) >= threshold; }
+
+MINILM_HOST_DEVICE bool keep(uint32_t row, uint32_t j, uint32_t threshold) { return kept(pair_bits(row, j), j, threshold); }
 
 // What a kernel needs: the two seed words, the threshold (0 = no dropout, 65536 = drop everything) and
 // the scale of the kept values.

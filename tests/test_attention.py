@@ -35,21 +35,21 @@ def qkv(shape, dtype=torch.float32, requires_grad=True):
     return [torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
 
 
-def exact(q, k, v, grad_out, scale=None):
+def exact(q, k, v, grad_out, scale=None, dropout_p=0.0, seed=None):
     """Output and gradients of the reference in float64, from the same (possibly bf16) inputs."""
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = causal_attention_reference(q64, k64, v64, scale)
+    out = causal_attention_reference(q64, k64, v64, scale, dropout_p, seed)
     grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
     return out, grads
 
 
-def check_against_exact(shape, dtype, tol, scale=None):
+def check_against_exact(shape, dtype, tol, scale=None, dropout_p=0.0, seed=None):
     q, k, v = qkv(shape, dtype)
-    out = causal_attention(q, k, v, scale)
+    out = causal_attention(q, k, v, scale, dropout_p, seed)
     assert out.shape == q.shape and out.dtype == dtype
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    ref_out, ref_grads = exact(q, k, v, g, scale)
+    ref_out, ref_grads = exact(q, k, v, g, scale, dropout_p, seed)
     torch.testing.assert_close(out.double(), ref_out, **tol["out"])
     for name, a, b in zip("qkv", grads, ref_grads):
         assert a.dtype == dtype, name

@@ -14,27 +14,9 @@ import torch.nn.functional as F
 from minilm.gpt1 import GPT1Config, CausalSelfAttention
 from minilm.ops import causal_attention, causal_attention_reference, dropout_keep_mask
 from minilm.ops.attention import _mix32, dropout_threshold
+from test_attention import BF16_TOL, FP32_TOL, check_against_exact, qkv
 
-FP32_TOL = dict(out=dict(atol=2e-5, rtol=1e-4), grad=dict(atol=1e-4, rtol=1e-4))
-BF16_TOL = dict(out=dict(atol=1e-2, rtol=1e-2), grad=dict(atol=3e-2, rtol=3e-2))
 SEED = torch.tensor([20181, 3141592653])
-
-
-def qkv(shape, dtype=torch.float32):
-    return [torch.randn(shape, dtype=dtype).requires_grad_() for _ in range(3)]
-
-
-def check_against_exact(shape, dtype, tol, p, seed=SEED):
-    q, k, v = qkv(shape, dtype)
-    out = causal_attention(q, k, v, dropout_p=p, seed=seed)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = causal_attention_reference(q64, k64, v64, dropout_p=p, seed=seed)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
-    torch.testing.assert_close(out.double(), ref, **tol["out"])
-    for name, a, b in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(a.double(), b, **tol["grad"], msg=lambda m: f"d{name}: {m}")
 
 
 # --- the mask -------------------------------------------------------------------------------------------
@@ -132,12 +114,12 @@ SHAPES = [(1, 1, 1, 8), (2, 3, 17, 16), (1, 2, 65, 40), (2, 1, 200, 64), (1, 2, 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_fp32_matches_reference(shape, p):
-    check_against_exact(shape, torch.float32, FP32_TOL, p)
+    check_against_exact(shape, torch.float32, FP32_TOL, dropout_p=p, seed=SEED)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_types_match_reference(dtype):
-    check_against_exact((2, 2, 300, 64), dtype, BF16_TOL, 0.1)
+    check_against_exact((2, 2, 300, 64), dtype, BF16_TOL, dropout_p=0.1, seed=SEED)
 
 
 def test_gradcheck_fp64():
@@ -260,7 +242,8 @@ def test_fp64_matches_reference_tightly():
     # fp64 leaves no rounding to hide a kernel scale of 1/(1 − p) instead of the spec's 65536/(65536 − threshold)
     # (relative difference 7e-6 at p = 0.1, inside the fp32 tolerances above).
     check_against_exact((2, 3, 70, 16), torch.float64,
-                        dict(out=dict(atol=1e-12, rtol=1e-12), grad=dict(atol=1e-11, rtol=1e-11)), 0.1)
+                        dict(out=dict(atol=1e-12, rtol=1e-12), grad=dict(atol=1e-11, rtol=1e-11)), dropout_p=0.1,
+                        seed=SEED)
 
 
 def test_threshold_rounding_agrees_with_the_spec():

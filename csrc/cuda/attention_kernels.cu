@@ -268,11 +268,6 @@ __device__ __forceinline__ void acc_plus_pb(float (*acc)[D / 8][4], const float 
 }
 
 // ------------------------------------------------------------------------------------ attention dropout
-// Whether key j of a pair is kept, from the pair's bits (minilm_dropout::pair_bits; j's parity picks the half).
-__device__ __forceinline__ bool kept(uint32_t bits, uint32_t j, uint32_t threshold) {
-  return minilm_dropout::key_u16(bits, j) >= threshold;
-}
-
 // The row keys (minilm_dropout::row_key) of a thread's accumulator rows in MT row tiles of 16: rows
 // row_g + 16 mt and row_g + 16 mt + 8 of (batch, head) bh.
 template <int MT>
@@ -288,8 +283,8 @@ __device__ __forceinline__ void dropout_row_keys(uint32_t (&rkey)[MT][2], const 
 // Zeroes the dropped ones of x0, x1: keys j, j + 1 (j even) of the row with row key `row`.
 __device__ __forceinline__ void drop_pair(float& x0, float& x1, uint32_t row, uint32_t j, uint32_t threshold) {
   const uint32_t bits = minilm_dropout::pair_bits(row, j);
-  if (!kept(bits, j, threshold)) x0 = 0.f;
-  if (!kept(bits, j + 1, threshold)) x1 = 0.f;
+  if (!minilm_dropout::kept(bits, j, threshold)) x0 = 0.f;
+  if (!minilm_dropout::kept(bits, j + 1, threshold)) x1 = 0.f;
 }
 
 // acc_plus_pb for a P whose dropped entries are stored negated (−P: P >= 0, so the sign bit is the keep bit
@@ -724,7 +719,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
                 const uint32_t key = (r == 0 ? key_a : key_b) + mt * 16;
-                if (!kept(minilm_dropout::pair_bits(rq, key), key, drop.threshold))
+                if (!minilm_dropout::keep(rq, key, drop.threshold))
                   st[mt][nt][2 * r + c] = -st[mt][nt][2 * r + c];
               }
           }
@@ -898,7 +893,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
           p[i] = (q < key || q >= T_) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - sLb[qi]);
           if constexpr (DROP) {
             // sP gets the dropped P (scaled at the end, with dV); dS = P ∘ (dP ∘ keep · scale − Delta)
-            const bool k = kept(bits[i >> 1], key, drop.threshold);
+            const bool k = minilm_dropout::kept(bits[i >> 1], key, drop.threshold);
             ds[i] = p[i] * ((k ? dp[mt][nt][i] * drop_scale : 0.f) - sDb[qi]);
             if (!k) p[i] = 0.f;
           } else {
@@ -1075,7 +1070,8 @@ __global__ void __launch_bounds__(C::NT)
               if (key > (i < 2 ? row_a : row_b)) p = 0.f;
             }
             float d = dp[mt][nt][i];
-            if constexpr (DROP) d = kept(bits[i >> 1], key0 + (i & 1), drop.threshold) ? d * drop_scale : 0.f;
+            if constexpr (DROP)
+              d = minilm_dropout::kept(bits[i >> 1], key0 + (i & 1), drop.threshold) ? d * drop_scale : 0.f;
             s[mt][nt][i] = p * (d - dl[mt][i >> 1]);
           }
         }
