@@ -227,6 +227,27 @@ def test_bad_input_cpp_backward():
         torch.ops.minilm.causal_attention_backward(out[:, :1], q, k, v, out, lse, 1.0)
 
 
+def test_meta_tensor_among_real_ones_is_refused():
+    # A meta tensor sends the call to the fake function (the Meta key outranks CPU), which must refuse it
+    # rather than return uninitialised CPU memory shaped like the answer.
+    q, k, v = qkv((1, 2, 6, 8), requires_grad=False)
+    with pytest.raises(ValueError, match="seed must be a CPU tensor"):
+        torch.ops.minilm.causal_attention(q, k, v, 1.0, 0.1, torch.tensor([1, 2]).to("meta"))
+    out, lse = torch.ops.minilm.causal_attention(q, k, v, 1.0)
+    for i, name in ((0, "grad_out"), (4, "out"), (5, "lse")):
+        args = [out, q, k, v, out, lse]
+        args[i] = args[i].to("meta")
+        with pytest.raises(ValueError, match=f"one device; q is on cpu, {name} on meta"):
+            torch.ops.minilm.causal_attention_backward(*args, 1.0)
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    q, k, v = qkv((1, 1, 4, 3), dtype=torch.float64)
+    (dq,) = torch.autograd.grad(causal_attention(q, k, v).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad((dq * q).sum(), q)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 

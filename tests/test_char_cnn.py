@@ -272,6 +272,25 @@ def test_backward_checks_argmax():
         torch.ops.minilm.char_cnn_backward(torch.ones_like(out), ids, emb, ws, out, argmax.int(), "relu")
 
 
+def test_meta_tensor_among_real_ones_is_refused():
+    # The fake function runs for any meta argument; it must refuse a mix rather than return garbage.
+    ids = make_ids(4, 8, vocab=20)
+    emb, ws, bs = make_params([(2, 3)], 4, torch.float32, vocab=20, requires_grad=False)
+    with pytest.raises(ValueError, match=r"one device; char_ids is on cpu, biases\[0\] on meta"):
+        torch.ops.minilm.char_cnn(ids, emb, ws, [bs[0].to("meta")], "relu")
+    out, argmax = torch.ops.minilm.char_cnn(ids, emb, ws, bs, "relu")
+    with pytest.raises(ValueError, match="one device; grad_out is on meta, char_ids on cpu"):
+        torch.ops.minilm.char_cnn_backward(out.to("meta"), ids, emb, ws, out, argmax, "relu")
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    ids = make_ids(4, 8, vocab=20)
+    emb, ws, bs = make_params([(2, 3)], 4, torch.float64, vocab=20)
+    (demb,) = torch.autograd.grad(char_cnn(ids, emb, ws, bs, "tanh").pow(2).sum(), emb, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad((demb * emb).sum(), emb)
+
+
 def test_nan_propagates():
     # Like torch.max, a NaN among a token's windows makes its max NaN (no silent finite answer).
     ids = make_ids(6, 10, vocab=20)

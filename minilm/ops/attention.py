@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from minilm.ops._checks import check_one_device, forbid_double_backward
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -137,11 +139,14 @@ def _lse_dtype(dtype):
 @torch.library.register_fake("minilm::causal_attention")
 def _(q, k, v, scale, dropout_p=0.0, seed=None):
     _check(q, k, v)  # so that torch.compile reports bad inputs at trace time, as eager does
+    check_one_device("causal_attention", {"q": q}, seed)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("minilm::causal_attention_backward")
 def _(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, seed=None):
+    check_one_device("causal_attention_backward", {"q": q, "k": k, "v": v, "grad_out": grad_out, "out": out,
+                                                   "lse": lse}, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -167,3 +172,4 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("minilm::causal_attention", _backward, setup_context=_setup_context)
+forbid_double_backward("minilm::causal_attention_backward", "causal_attention")

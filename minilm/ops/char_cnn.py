@@ -26,6 +26,8 @@ with dx scattered into grad_embedding by character id. Here, in Python: the inpu
 import torch
 import torch.nn.functional as F
 
+from minilm.ops._checks import check_one_device, forbid_double_backward
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACTIVATIONS = ("relu", "tanh")
 MAX_ARGMAX = torch.iinfo(torch.int16).max  # argmax (t* in [0, L - w]) is stored as int16
@@ -121,6 +123,8 @@ def char_cnn(char_ids, embedding, weights, biases, activation="relu"):
 
 @torch.library.register_fake("minilm::char_cnn")
 def _(char_ids, embedding, weights, biases, activation):
+    check_one_device("char_cnn", {"char_ids": char_ids, "embedding": embedding, "weights": weights,
+                                  "biases": biases})
     n_filters = sum(w.shape[0] for w in weights)
     out = embedding.new_empty((char_ids.shape[0], n_filters))
     return out, embedding.new_empty((char_ids.shape[0], n_filters), dtype=torch.int16)
@@ -128,6 +132,8 @@ def _(char_ids, embedding, weights, biases, activation):
 
 @torch.library.register_fake("minilm::char_cnn_backward")
 def _(grad_out, char_ids, embedding, weights, out, argmax, activation):
+    check_one_device("char_cnn_backward", {"grad_out": grad_out, "char_ids": char_ids, "embedding": embedding,
+                                           "weights": weights, "out": out, "argmax": argmax})
     return (torch.empty_like(embedding, memory_format=torch.contiguous_format),
             [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
             embedding.new_empty((out.shape[1],)))
@@ -158,3 +164,4 @@ def _backward(ctx, grad_out, grad_argmax):
 
 
 torch.library.register_autograd("minilm::char_cnn", _backward, setup_context=_setup_context)
+forbid_double_backward("minilm::char_cnn_backward", "char_cnn")
