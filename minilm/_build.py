@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -28,6 +29,19 @@ def cpu_sources():
 
 def cuda_sources():
     return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+
+
+def headers(with_cuda=False):
+    """The headers the sources include (setup.py's `depends`, so that editing one triggers a rebuild)."""
+    dirs = [CSRC, os.path.join(CSRC, "cpu")] + ([os.path.join(CSRC, "cuda")] if with_cuda else [])
+    return sorted(p for d in dirs for ext in ("*.h", "*.cuh") for p in glob.glob(os.path.join(d, ext)))
+
+
+def changed_since_build(so_path, with_cuda):
+    """The build inputs (sources and headers) modified after the extension `so_path` was built."""
+    built = os.path.getmtime(so_path)
+    inputs = cpu_sources() + (cuda_sources() if with_cuda else []) + headers(with_cuda)
+    return [p for p in inputs if os.path.getmtime(p) > built]
 
 
 def openmp_flags():
@@ -97,7 +111,7 @@ def load_jit(verbose=False, reason="no prebuilt extension found"):
     """Compile csrc/ with torch.utils.cpp_extension.load and return the module."""
     missing = _missing_tools()
     if missing:
-        raise RuntimeError("minilm: the compiled extension is not installed and cannot be JIT-built: missing "
+        raise RuntimeError(f"minilm: {reason}, and the extension cannot be JIT-built: missing "
                            + " and ".join(missing) + ". Or install it with: pip install --no-build-isolation -e .")
     from torch.utils.cpp_extension import load
     with_cuda = want_cuda()
@@ -118,6 +132,7 @@ def load_extension():
         return load_jit(reason="MINILM_FORCE_JIT=1")
     try:
         from minilm import _C  # noqa: F401  (registers the ops as a side effect)
+        _warn_if_stale(_C.__file__)
         return _C
     except ImportError as e:
         # A minilm/_C*.so that exists but does not load was built against another torch or Python:
@@ -126,3 +141,18 @@ def load_extension():
         reason = (f"the prebuilt extension {os.path.basename(prebuilt[0])} does not load ({e}); rebuild it with "
                   "pip install --no-build-isolation -e .") if prebuilt else "no prebuilt extension found"
     return load_jit(reason=reason)
+
+
+def _warn_if_stale(so_path):
+    # In a checkout (pip install -e, or build_ext --inplace) csrc/ sits beside the package: sources edited
+    # after the build are not in the .so that runs, which would otherwise go unnoticed.
+    if not os.path.isdir(CSRC) or os.path.dirname(os.path.abspath(so_path)) != os.path.join(ROOT, "minilm"):
+        return
+    import torch
+    with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("minilm::causal_attention", "CUDA")
+    changed = changed_since_build(so_path, with_cuda)
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        warnings.warn(f"minilm: {os.path.relpath(changed[0], ROOT)}{more} changed after {os.path.basename(so_path)} "
+                      "was built, so the kernels that run are the old ones; rebuild with "
+                      "pip install --no-build-isolation -e .", stacklevel=3)

@@ -17,6 +17,7 @@ The exact reference is causal_attention_reference evaluated in float64.
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -307,6 +308,22 @@ def test_jit_without_ninja_gives_clear_error(monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"cannot be JIT-built: missing ninja \(pip install ninja\)"):
         minilm._build.load_jit()
+
+
+def test_sources_edited_after_the_build_are_reported(tmp_path, monkeypatch):
+    so = tmp_path / "_C.so"
+    so.write_bytes(b"")
+    os.utime(so, (0, 0))  # built long ago: every input is newer
+    changed = minilm._build.changed_since_build(str(so), with_cuda=False)
+    assert os.path.join(ROOT, "csrc", "ops.cpp") in changed and os.path.join(ROOT, "csrc", "attention_dropout.h") in changed
+    assert not any(os.sep + "cuda" + os.sep in p for p in changed)  # a CPU build does not compile csrc/cuda/
+    assert any(p.endswith(".cu") for p in minilm._build.changed_since_build(str(so), with_cuda=True))
+    os.utime(so, (time.time() + 3600,) * 2)
+    assert minilm._build.changed_since_build(str(so), with_cuda=False) == []
+    # the warning an import gives for the extension in the checkout
+    monkeypatch.setattr(minilm._build, "changed_since_build", lambda path, with_cuda: ["csrc/ops.cpp", "csrc/a.h"])
+    with pytest.warns(UserWarning, match="ops.cpp and 1 more changed after .* rebuild with pip install"):
+        minilm._build._warn_if_stale(os.path.join(ROOT, "minilm", "_C.so"))
 
 
 # --- the benchmark's own logic (not its timings) ---------------------------------------------------------
