@@ -78,9 +78,9 @@ class LightweightConv1d(nn.Module):
 
     def __init__(self, n_embd, n_head, kernel_size, weight_dropout=0.0):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"lightconv: n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        if not isinstance(kernel_size, int) or kernel_size < 1:
+        if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1 or n_embd % n_head != 0:
+            raise ValueError(f"lightconv: n_head must be a positive int that divides n_embd ({n_embd}), got {n_head!r}")
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"lightconv: kernel_size must be a positive int, got {kernel_size!r}")
         if not 0.0 <= weight_dropout < 1.0:
             raise ValueError(f"lightconv: weight_dropout must be in [0, 1), got {weight_dropout}")
@@ -101,6 +101,8 @@ class LightweightConv1d(nn.Module):
     def forward(self, x):
         check_lightconv_input(x, self.n_embd)
         B, T, C = x.shape
+        if T == 0:
+            return x.clone()
         K = self.kernel_size
         w = self.kernel().to(x.dtype)  # (H, K)
         # Weight sharing made explicit: repeat each head's kernel for its C/H channels, then run an

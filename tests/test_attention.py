@@ -328,6 +328,20 @@ def test_sources_edited_after_the_build_are_reported(tmp_path, monkeypatch):
 
 # --- the benchmark's own logic (not its timings) ---------------------------------------------------------
 
+@pytest.mark.parametrize("argv, message", [
+    (["attention", "--device", "meta"], "--device must be cpu, cuda or cuda:N, got 'meta'"),
+    (["charcnn", "--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+    (["gpt1", "--batch_size", "0"], "--batch_size: must be a positive integer, got '0'"),
+    (["charcnn", "--tokens", "64", "-3"], "--tokens: must be a positive integer, got '-3'"),
+    (["elmo", "--preset", "nope"], "invalid choice: 'nope'"),
+])
+def test_bench_rejects_bad_arguments(argv, message, capsys):
+    from minilm.bench.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_rows_and_shape_parsing(capsys):
     import argparse
     import json

@@ -126,10 +126,13 @@ def test_bad_inputs_raise_clear_errors():
         conv(torch.randn(5, 8))
     with pytest.raises(TypeError, match="floating-point"):
         conv(torch.ones(2, 5, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match="divisible"):
-        LightweightConv1d(10, 4, 3)
-    with pytest.raises(ValueError, match="kernel_size"):
-        LightweightConv1d(8, 2, 0)
+    for n_head in (4, 0, -2, True):
+        with pytest.raises(ValueError, match="n_head must be a positive int that divides"):
+            LightweightConv1d(10, n_head, 3)
+    for kernel_size in (0, True):
+        with pytest.raises(ValueError, match="kernel_size"):
+            LightweightConv1d(8, 2, kernel_size)
+    assert conv(torch.randn(2, 0, 8)).shape == (2, 0, 8)
     with pytest.raises(ValueError, match="weight_dropout"):
         LightweightConv1d(8, 2, 3, weight_dropout=1.0)
 

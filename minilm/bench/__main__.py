@@ -26,8 +26,14 @@ def main(argv=None):
             p.add_argument("--json", action="store_true", help="one JSON object per line")
             chosen.add_arguments(p)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda"):
-        import torch
+    import torch
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.exit(2, "minilm.bench: --device cuda was asked for, but torch sees no CUDA device\n")
     chosen.run(args)

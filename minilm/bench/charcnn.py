@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from minilm.bench.common import Reporter, device_name, peak_mib, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_ms
 from minilm.ops import char_cnn, char_cnn_reference
 
 ELMO_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
@@ -28,11 +28,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def add_arguments(p):
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                    help="default: fp32 on the CPU; fp32 and bf16 on CUDA")
-    p.add_argument("--tokens", nargs="+", type=int, default=None,
+    p.add_argument("--tokens", nargs="+", type=positive_int, default=None,
                    help="numbers of tokens N (default: 640 2560 on the CPU, 32768 on CUDA)")
     p.add_argument("--chars", choices=["words", "random"], default="words",
                    help="token contents: padded words (default) or 50 random ids (no padding)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 5 on the CPU, 20 on CUDA)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed iterations (default 5 on the CPU, 20 on CUDA)")
 
 
 def make_tokens(n, chars, gen):
@@ -57,8 +57,6 @@ def run(args):
     dtypes = args.dtype or (["fp32", "bf16"] if cuda else ["fp32"])
     tokens = args.tokens or ([32768] if cuda else [640, 2560])
     iters = args.iters or (20 if cuda else 5)
-    if min(tokens) < 1 or iters < 1:
-        sys.exit("minilm.bench charcnn: --tokens and --iters must be positive")
     if not torch._C._dispatch_has_kernel_for_dispatch_key("minilm::char_cnn", device.type.upper()):
         sys.exit(f"minilm.bench charcnn: minilm was built without a {device.type} kernel for char_cnn "
                  "(rebuild the extension where nvcc and a CUDA torch are present)")

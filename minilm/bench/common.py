@@ -1,4 +1,5 @@
 """Timing and memory helpers shared by the benchmarks."""
+import argparse
 import contextlib
 import gc
 import json
@@ -8,6 +9,17 @@ import sys
 import time
 
 import torch
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (0 would otherwise fall back to a default, a negative crash later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def sync(device):

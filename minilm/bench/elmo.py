@@ -14,17 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.bench.common import Reporter, device_name, peak_mib, threads_note, time_ms
-from minilm.elmo import BiLM, estimate_flops_per_token, preset
+from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_ms
+from minilm.elmo import PRESETS, BiLM, estimate_flops_per_token, preset
 from minilm.ops import char_cnn_reference
 
 
 def add_arguments(p):
-    p.add_argument("--preset", default="small", help="ELMo preset (default small: 1024/128, 2048 filters)")
-    p.add_argument("--batch_size", type=int, default=None, help="windows per step (default 16 on cpu, 128 on cuda)")
-    p.add_argument("--unroll_steps", type=int, default=20)
-    p.add_argument("--vocab_size", type=int, default=8192, help="full-softmax vocabulary (default 8192)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 5 on cpu, 20 on cuda)")
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="ELMo preset (default small: 1024/128, 2048 filters)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="windows per step (default 16 on cpu, 128 on cuda)")
+    p.add_argument("--unroll_steps", type=positive_int, default=20)
+    p.add_argument("--vocab_size", type=positive_int, default=8192, help="full-softmax vocabulary (default 8192)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed steps (default 5 on cpu, 20 on cuda)")
 
 
 class CompositeBiLM(nn.Module):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.bench.common import device_name, peak_mib, threads_note, time_ms
+from minilm.bench.common import device_name, peak_mib, positive_int, threads_note, time_ms
 from minilm.gpt1 import GPT1, config_from_preset
 
 # Eager first, compiled last: if a time limit cuts the run short, the quick rows are already out.
@@ -38,9 +38,9 @@ PEAK_FLOPS = {"cuda": 989e12}  # H100/H200 dense bf16; no meaningful single figu
 
 def add_arguments(p):
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    p.add_argument("--batch_size", type=int, default=None, help="sequences per step (cuda 32, cpu 16)")
-    p.add_argument("--block_size", type=int, default=None, help="tokens per sequence (cuda 512, cpu 128)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps per implementation (cuda 20, cpu 5)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="sequences per step (cuda 32, cpu 16)")
+    p.add_argument("--block_size", type=positive_int, default=None, help="tokens per sequence (cuda 512, cpu 128)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed steps per implementation (cuda 20, cpu 5)")
     p.add_argument("--dropout", type=float, default=0.0, metavar="P",
                    help="embedding, attention and residual dropout, as in training (default 0; the paper: 0.1)")
 
@@ -186,9 +186,7 @@ def run(args):
 
         try:
             ms = time_ms(step, device, warmup=3 if impl.endswith("+compile") else 2, iters=iters)
-            # Activation memory of a step on top of weights and optimizer state. On a CPU the resident-set
-            # high-water mark no longer moves after the warm-up steps, so there is nothing to report.
-            mem = peak_mib(step, device) if on_cuda else None
+            mem = peak_mib(step, device)  # activation memory of a step, on top of weights and optimizer state
         except Exception as e:  # e.g. torch.compile without a working compiler: report, go on with the rest
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if args.json:
@@ -203,7 +201,7 @@ def run(args):
             mfu = flops_per_token * tps / peak if peak else None
             results[impl] = tps
             record = {"op": "gpt1_train_step", "device": device_name(device), "dtype": dtype_name,
-                      "shape": [B, T], "dropout": args.dropout, "impl": impl, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
+                      "shape": [B, T], "pass": "train", "dropout": args.dropout, "impl": impl, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
                       "model_tflops": flops_per_token * tps / 1e12, "params": n_params, "peak_mib": mem}
             if args.json:
                 print(json.dumps(record), flush=True)

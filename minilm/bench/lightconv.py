@@ -14,7 +14,7 @@ step-by-step T×T path unless MINILM_FUSED_DROPOUT=1).
 """
 import torch
 
-from minilm.bench.common import Reporter, device_name, peak_mib, sync, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, sync, threads_note, time_ms
 from minilm.gpt1 import GPT1, CausalSelfAttention, config_from_preset
 from minilm.lightconv import LightConvLayer
 
@@ -25,12 +25,12 @@ NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, weight_dropou
 def add_arguments(p):
     p.add_argument("--preset", default=None,
                    help="GPT-1 preset for width and depth (default: cpu-small on a CPU, gpt1 on CUDA)")
-    p.add_argument("--batch_size", type=int, default=None, help="sequences per step (default 8 CPU, 16 CUDA)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="sequences per step (default 8 CPU, 16 CUDA)")
     p.add_argument("--seq_lens", default=None,
                    help="comma-separated sequence lengths (default 128,512 on a CPU, 512,2048 on CUDA)")
-    p.add_argument("--vocab_size", type=int, default=8000,
+    p.add_argument("--vocab_size", type=positive_int, default=8000,
                    help="default 8000: what `python -m minilm.data` trains on a corpus (GPT-1 itself: 40478)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per model (best is reported)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="alternating timing rounds per model (best is reported)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (default fp32 on a CPU, bf16 on CUDA)")
 
@@ -68,8 +68,6 @@ def run(args):
     batch = args.batch_size or (16 if on_cuda else 8)
     seq_lens = _positive_ints(args.seq_lens or ("512,2048" if on_cuda else "128,512"), "--seq_lens")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    if batch < 1 or args.rounds < 1 or args.vocab_size < 1:
-        raise SystemExit("minilm.bench lightconv: --batch_size, --rounds and --vocab_size must be >= 1")
     try:
         base = config_from_preset(preset, vocab_size=args.vocab_size, n_ctx=max(seq_lens), **NO_DROPOUT)
     except ValueError as e:
@@ -94,8 +92,8 @@ def run(args):
         print(f"{'part':>9} {'T':>6} {'impl':>10} {'ms':>9} {'tokens/s':>10} {'vs attn':>8} {'peak_mib':>9}", flush=True)
 
     def row(part, T, arch, ms, peak, ratio):
-        record = dict(bench="lightconv", part=part, device=device, dtype=dtype, preset=preset, batch=batch,
-                      T=T, impl=arch, ms=ms, tokens_per_s=batch * T / ms * 1e3, peak_mib=peak,
+        record = dict(op="lightconv", device=device_name(device), dtype=dtype, shape=[batch, T], preset=preset,
+                      **{"pass": part}, impl=arch, ms=ms, tokens_per_s=batch * T / ms * 1e3, peak_mib=peak,
                       speedup_vs_attention=ratio, params=params[arch] if part == "step" else None)
         if args.json:
             rep.row(record)
