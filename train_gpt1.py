@@ -3,6 +3,7 @@
     python train_gpt1.py                                    # Shakespeare, a model that fits the device
     python train_gpt1.py --data my_text.txt --out_dir out-mine --max_iters 2000
     python train_gpt1.py --resume True --out_dir out-mine   # continue exactly where it stopped
+    python train_gpt1.py --overwrite True --out_dir out-mine   # start it over (a fresh run never silently does)
     python train_gpt1.py --sample True --out_dir out-mine --start "To be"
     python train_gpt1.py --arch lightconv --out_dir out-lc  # LightConv (Wu et al. 2019) instead of attention
     torchrun --standalone --nproc_per_node 4 train_gpt1.py  # DDP: the same run, split four ways
@@ -28,14 +29,16 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
-from minilm.bpe import BPETokenizer
+from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, load_tokens, prepare_gpt1
+from minilm.finetune import finetune, load_checkpoint, resolve_device, save_checkpoint
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset
+from minilm.lightconv import resolve_kernel_sizes
 
 # -----------------------------------------------------------------------------------------------------
 # Defaults. "auto" and None mean: chosen below from the device and the preset.
@@ -65,6 +68,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model
     seed=1337,
     resume=False,  # continue from out_dir/ckpt.pt
+    overwrite=False,  # a fresh run in an out_dir that holds a checkpoint: delete it and its log first
     # sampling (at the end of training, or alone with --sample True)
     sample=False, start="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
     # fine-tuning (paper §3.2-3.3): --task switches to minilm.finetune, whose defaults are the paper's
@@ -90,7 +94,10 @@ TRAIN_PRESETS = {
     "cpu-tiny": dict(vocab_size=256, batch_size=8, gradient_accumulation_steps=1, max_iters=100,
                      learning_rate=3e-3, warmup_iters=10, eval_interval=20, eval_iters=4, log_interval=10),
 }
-MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+# What a checkpoint fixes: its model's shape and the data (and so the tokenizer) it was trained on. On
+# --resume or --sample these may be given only with the checkpoint's own values.
+FIXED_BY_CHECKPOINT = ("data", "vocab_size", "val_fraction", "preset", "arch", "n_layer", "n_head", "n_embd",
+                       "block_size", "dropout", "kernel_sizes", "weight_dropout")
 
 
 class UserError(Exception):
@@ -130,51 +137,118 @@ def convert(name, value):
         raise UserError(f"--{name} takes a{'n integer' if kind is int else ' number'}, got {value!r}") from None
 
 
+def check_options(cfg):
+    """Every value that cannot work, refused in one line before any work is done (cfg: presets filled in)."""
+    def number(name):
+        v = cfg[name]
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                 "max_iters", "eval_interval", "eval_iters", "log_interval", "num_samples"):
+        if cfg[name] is not None and cfg[name] < 1:
+            raise UserError(f"--{name} must be at least 1, got {cfg[name]}")
+    for name in ("warmup_iters", "lr_decay_iters", "max_new_tokens", "seed"):
+        if cfg[name] is not None and cfg[name] < 0:
+            raise UserError(f"--{name} must be at least 0, got {cfg[name]}")
+    if cfg["vocab_size"] < 2:
+        raise UserError(f"--vocab_size must be at least 2, got {cfg['vocab_size']}")
+    if not number("learning_rate") or cfg["learning_rate"] <= 0:
+        raise UserError(f"--learning_rate must be a finite number > 0, got {cfg['learning_rate']}")
+    for name in ("min_lr", "weight_decay", "grad_clip"):  # grad_clip 0 turns clipping off
+        if not number(name) or cfg[name] < 0:
+            raise UserError(f"--{name} must be a finite number >= 0, got {cfg[name]}")
+    if not number("temperature") or cfg["temperature"] <= 0:
+        raise UserError(f"--temperature must be a finite number > 0, got {cfg['temperature']}")
+    for name in ("beta1", "beta2", "dropout", "weight_dropout"):
+        if cfg[name] is not None and (not number(name) or not 0 <= cfg[name] < 1):
+            raise UserError(f"--{name} must be in [0, 1), got {cfg[name]}")
+    if not number("val_fraction") or not 0 < cfg["val_fraction"] < 1:
+        raise UserError(f"--val_fraction must be in (0, 1), got {cfg['val_fraction']}")
+    if cfg["start"] and not basic_tokenize(cfg["start"]):  # every word gives at least one token (maybe <unk>)
+        raise UserError(f"--start {cfg['start']!r} encodes to no tokens: give some text to continue, or leave it out")
+
+
+def fresh_model_config(cfg, preset):
+    """The GPT1Config of a fresh run: the preset, then the options that override it."""
+    overrides = {"vocab_size": cfg["vocab_size"], "arch": cfg["arch"]}  # vocab_size: the tokenizer's, once it exists
+    for opt, field in (("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"), ("block_size", "n_ctx")):
+        if cfg[opt] is not None:
+            overrides[field] = cfg[opt]
+    if cfg["dropout"] is not None:
+        overrides.update(embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"], resid_pdrop=cfg["dropout"],
+                         weight_dropout=cfg["dropout"])
+    if cfg["weight_dropout"] is not None:
+        overrides["weight_dropout"] = cfg["weight_dropout"]
+    if cfg["kernel_sizes"] is not None:
+        overrides["kernel_sizes"] = parse_kernel_sizes(cfg["kernel_sizes"])
+    return config_from_preset(preset, **overrides)
+
+
+def parse_kernel_sizes(text):
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise UserError(f"--kernel_sizes takes integers separated by commas, got {text!r}") from None
+
+
+def check_fixed_options(given, ckpt, what):
+    """--resume / --sample: an option in FIXED_BY_CHECKPOINT may only repeat the checkpoint's value."""
+    mc, dm = ckpt["model_config"], ckpt["data_meta"]
+    kernels = resolve_kernel_sizes(mc.get("kernel_sizes"), mc["n_layer"]) if mc.get("arch") == "lightconv" else None
+    trained_with = {
+        "data": dm["data"], "vocab_size": dm["vocab_size_requested"], "val_fraction": dm["val_fraction"],
+        "preset": ckpt["options"]["preset"], "arch": mc.get("arch", "attention"), "n_layer": mc["n_layer"],
+        "n_head": mc["n_head"], "n_embd": mc["n_embd"], "block_size": mc["n_ctx"],
+        "dropout": mc["resid_pdrop"], "kernel_sizes": kernels, "weight_dropout": mc.get("weight_dropout"),
+    }
+    for name in FIXED_BY_CHECKPOINT:
+        if name not in given or (name == "preset" and given[name] == "auto"):
+            continue
+        value = given[name]
+        if name == "data" and value not in ("shakespeare", "korean"):
+            value = os.path.abspath(value)
+        elif name == "kernel_sizes":
+            value = resolve_kernel_sizes(parse_kernel_sizes(value), mc["n_layer"]) if kernels else value
+        elif name == "dropout":  # one option for the three dropouts
+            value = value if value == mc["embd_pdrop"] == mc["attn_pdrop"] else None
+        if value != trained_with[name]:
+            raise UserError(f"{what}: --{name} {given[name]} differs from the checkpoint's ({trained_with[name]}): its "
+                            "model and data are fixed; start a new run (another --out_dir, or --overwrite True) to change them")
+
+
 def main(argv):
     given = parse_options(argv)
     cfg = {**DEFAULTS, **given}
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise UserError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
 
-    if cfg["task"] or (cfg["resume"] and is_finetune_checkpoint(ckpt_path)):
+    # --- the checkpoint to continue or to sample from --------------------------------------------------
+    ckpt = None
+    if (cfg["resume"] or cfg["sample"]) and not cfg["task"]:
+        what = "--sample True" if cfg["sample"] else "--resume True"
+        ckpt = load_checkpoint(ckpt_path, what)
+        if "task_config" in ckpt and cfg["sample"]:
+            raise UserError(f"--sample True: {ckpt_path} is a fine-tuning checkpoint; sample from a pre-training run")
+    if cfg["task"] or (ckpt and "task_config" in ckpt):
         from functools import partial
-        from minilm.finetune import finetune
 
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("fine-tuning runs in one process: start it without torchrun")
         finetune(given, print_fn=partial(print, flush=True))  # given only: the rest are fine-tuning's defaults
         return
+    if ckpt:  # its model and data, then whatever else this command line says
+        check_fixed_options(given, ckpt, what)
+        if not cfg["sample"]:
+            cfg = {**DEFAULTS, **ckpt["options"], **given, "resume": True, "overwrite": False,
+                   "device": cfg["device"], "data": ckpt["data_meta"]["data"]}
+    elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise UserError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose another "
+                        "--out_dir, or pass --overwrite True to start over")
 
-    # --- setup: device, processes, precision ------------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
-    rank, local_rank, world = 0, 0, 1
-    device = cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: torch sees no CUDA device")
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
+    device = resolve_device(cfg["device"])
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-
-    if cfg["sample"]:
-        if master:
-            sample_from_checkpoint(cfg, ckpt_path, device)
-        return
-
-    # --- resume: the checkpoint's options, then whatever this command line says ------------------------
-    ckpt = None
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume True: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        cfg = {**ckpt["options"], **given, "resume": True, "device": cfg["device"]}
-
     preset = cfg["preset"] if cfg["preset"] != "auto" else ("gpt1" if device_type == "cuda" else "cpu-small")
     if preset not in PRESETS:
         raise UserError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
@@ -182,12 +256,41 @@ def main(argv):
         if cfg[key] is None:
             cfg[key] = value
     cfg["preset"] = preset
-
+    check_options(cfg)
+    # The model's config, checked by building the model on the meta device (no memory): a bad shape is
+    # reported now, not after the data is prepared. vocab_size becomes the tokenizer's once it exists.
+    gconf = GPT1Config(**ckpt["model_config"]) if ckpt else fresh_model_config(cfg, preset)
+    try:
+        with torch.device("meta"):
+            GPT1(gconf)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     dtype = cfg["dtype"]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    if cfg["warmup_iters"] > cfg["max_iters"] and not cfg["sample"] and os.environ.get("RANK", "0") == "0":
+        print(f"train_gpt1.py: warning: --warmup_iters {cfg['warmup_iters']} is longer than --max_iters "
+              f"{cfg['max_iters']}: the learning rate never reaches --learning_rate {cfg['learning_rate']}",
+              file=sys.stderr, flush=True)
+
+    # --- setup: processes, precision ----------------------------------------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+
+    if cfg["sample"]:
+        if master:
+            sample_from_checkpoint(cfg, ckpt, ckpt_path, device)
+        return
+
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     if device_type == "cuda":
@@ -204,14 +307,18 @@ def main(argv):
     micro = B // n_slices
 
     # --- data: tokenized once into out_dir/data, reused after -----------------------------------------
+    # A resumed run must see the very data (and tokenizer) its checkpoint was trained on: prepare_gpt1
+    # checks the corpus, vocab_size and val_fraction against the checkpoint's data_meta and refuses, with
+    # out_dir/data left as it is, when they differ (an edited corpus, say).
     data_dir = os.path.join(out_dir, "data")
+    expect = ckpt["data_meta"] if ckpt else None
     error = None
     if master:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"])
+            meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect)
         except (DataError, OSError) as e:
-            error = str(e)
+            error = ("--resume True: " if ckpt else "") + str(e)
     if ddp:  # rank 0 wrote the files (or failed): tell the others, rather than leave them waiting
         box = [error]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -219,37 +326,22 @@ def main(argv):
     if error:
         raise UserError(error)
     if not master:
-        meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"])
+        meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect)
     meta = {k: v for k, v in meta.items() if k != "reused"}
     train_data, val_data = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
 
     # --- model ---------------------------------------------------------------------------------------
-    overrides = {"vocab_size": meta["vocab_size"]}
-    for opt, field in (("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"), ("block_size", "n_ctx")):
-        if cfg[opt] is not None:
-            overrides[field] = cfg[opt]
-    if cfg["dropout"] is not None:
-        overrides.update(embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"], resid_pdrop=cfg["dropout"],
-                         weight_dropout=cfg["dropout"])
-    overrides["arch"] = cfg["arch"]
-    if cfg["weight_dropout"] is not None:
-        overrides["weight_dropout"] = cfg["weight_dropout"]
-    if cfg["kernel_sizes"] is not None:
-        try:
-            overrides["kernel_sizes"] = tuple(int(k) for k in cfg["kernel_sizes"].split(","))
-        except ValueError:
-            raise UserError(f"--kernel_sizes takes integers separated by commas, got {cfg['kernel_sizes']!r}") from None
-    try:
-        gconf = GPT1Config(**ckpt["model_config"]) if ckpt else config_from_preset(preset, **overrides)
-        torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = GPT1(gconf)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if ckpt and meta["vocab_size"] != gconf.vocab_size:
+        raise UserError(f"--resume True: {data_dir} holds a tokenizer of {meta['vocab_size']} tokens, the checkpoint's "
+                        f"model has {gconf.vocab_size}")
+    gconf = replace(gconf, vocab_size=meta["vocab_size"])  # may be below --vocab_size: the text ran out of pairs
     T = gconf.n_ctx
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < T + 1:
             raise UserError(f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = {T + 1}: "
                             "use more text or a smaller --block_size")
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = model_from_checkpoint(ckpt, ckpt_path, "--resume True") if ckpt else GPT1(gconf)
     model.to(device)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings ("rank > 1", opt.py)
@@ -261,7 +353,6 @@ def main(argv):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     iter_num = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -337,8 +428,10 @@ def main(argv):
                 with open(log_path, encoding="utf-8") as f:
                     keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
             write_atomic(log_path, "".join(keep).encode("utf-8"))
-        elif os.path.exists(log_path):
-            os.remove(log_path)
+        else:  # a fresh run; with --overwrite True the old run's checkpoint and log go together, now
+            for path in (ckpt_path, log_path):
+                if os.path.exists(path):
+                    os.remove(path)
         print(f"GPT-1 preset {preset}{' (lightconv)' if gconf.arch == 'lightconv' else ''}: {raw_model.num_params():,} parameters, {gconf.n_layer} layers × {gconf.n_embd}, "
               f"n_ctx {T}, vocab {gconf.vocab_size}; {len(train_data):,} train / {len(val_data):,} val tokens; "
               f"{device}, {dtype}, {world} process(es), batch {B} = {n_slices} × {micro}"
@@ -397,12 +490,17 @@ def main(argv):
         train_time += dt
         tokens_interval += B * T
         iter_num += 1
-        if master and iter_num % cfg["log_interval"] == 0:
+        if iter_num % cfg["log_interval"] == 0:
+            if ddp:  # each rank holds the mean over its own slices: the step's loss is their mean (equal slices)
+                step_loss = torch.as_tensor(step_loss, dtype=torch.float32, device=device)
+                torch.distributed.all_reduce(step_loss)
+                step_loss = step_loss / world
             tps = B * T / dt
             line = f"iter {iter_num}: loss {float(step_loss):.4f}, lr {lr:.2e}, {dt * 1e3:.0f} ms, {tps:,.0f} tok/s"
             if device_type == "cuda":
                 line += f", mfu {100 * flops_per_token * tps / (peak_flops * world):.1f}%"
-            print(line, flush=True)
+            if master:
+                print(line, flush=True)
 
     if ddp:
         torch.distributed.barrier()  # every rank done before teardown: gloo aborts a rank that leaves early
@@ -410,11 +508,12 @@ def main(argv):
     if master:
         plot_losses(log_path, os.path.join(out_dir, "loss.png"))
         if cfg["max_new_tokens"] > 0:
-            sample_from_checkpoint(cfg, ckpt_path, device, model=raw_model, data_dir=data_dir)
+            sample(cfg, raw_model, data_dir, device)
 
 
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts): torch.load(weights_only=True).
+# They are read and written by load_checkpoint / save_checkpoint (minilm/finetune.py), shared with fine-tuning.
 
 def write_atomic(path, payload):
     tmp = f"{path}.tmp{os.getpid()}"
@@ -423,21 +522,6 @@ def write_atomic(path, payload):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
-
-
-def is_finetune_checkpoint(path):
-    if not os.path.isfile(path):
-        return False
-    try:
-        return "task_config" in torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False  # unreadable: the pre-training path reports it
-
-
-def save_checkpoint(path, state):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def get_rng_state():
@@ -490,27 +574,39 @@ def plot_losses(log_path, png_path):
     print(f"loss curve: {png_path}", flush=True)
 
 
-def sample_from_checkpoint(cfg, ckpt_path, device, model=None, data_dir=None):
-    if model is None:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--sample True: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+def sample_from_checkpoint(cfg, ckpt, ckpt_path, device):
+    """--sample True: the checkpoint's model and the tokenizer it was trained with (out_dir/data)."""
+    data_dir = os.path.join(os.path.dirname(ckpt_path), ckpt.get("data_dir", "data"))
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = {}
+    keys = ("data", "fingerprint", "vocab_size_requested", "val_fraction", "vocab_size")
+    if any(meta.get(k) != ckpt["data_meta"].get(k) for k in keys):
+        raise UserError(f"--sample True: {data_dir} does not hold the data and tokenizer {ckpt_path} was trained with; "
+                        "--resume True prepares them again")
+    model = model_from_checkpoint(ckpt, ckpt_path, "--sample True").to(device)
+    sample(cfg, model, data_dir, device)
+
+
+def model_from_checkpoint(ckpt, ckpt_path, what):
+    try:
         model = GPT1(GPT1Config(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-        model.to(device)
-        data_dir = os.path.join(os.path.dirname(ckpt_path), ckpt["data_dir"])
-    if cfg["max_new_tokens"] < 0 or cfg["num_samples"] < 1:
-        raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")
-    if cfg["temperature"] <= 0:
-        raise UserError(f"--temperature must be > 0, got {cfg['temperature']}")
+    except (TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-edited checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{what}: the weights in {ckpt_path} do not fit its model_config ({first})") from None
+    return model
+
+
+def sample(cfg, model, data_dir, device):
+    """Print num_samples continuations of --start (or of the first tokens of the validation text)."""
     tokenizer = BPETokenizer.load(data_dir)
     if cfg["start"]:
-        prompt = tokenizer.encode(cfg["start"])
-        if not prompt:
-            raise UserError(f"--start {cfg['start']!r} encodes to no tokens")
+        prompt = tokenizer.encode(cfg["start"])  # not empty: check_options made sure
     else:  # no prompt given: condition on the first few tokens of the validation text
         prompt = [int(t) for t in load_tokens(data_dir, "val")[:8]]
-    prompt = prompt[-model.config.n_ctx:]
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     model.eval()
     x = torch.tensor([prompt] * cfg["num_samples"], dtype=torch.long, device=device)

@@ -287,7 +287,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float = 0.1,
-                 cache_dir: str | None = None) -> dict:
+                 cache_dir: str | None = None, expect: dict | None = None) -> dict:
     """Tokenise a corpus for GPT-1 into ``data_dir`` and return its meta.json as a dict.
 
     Writes ``train.bin`` / ``val.bin`` (flat token ids, uint16 when the vocabulary fits, else uint32),
@@ -296,6 +296,10 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     renamed, meta.json last: an interrupted run leaves no set that looks complete. A directory that
     already holds the same corpus (same spec and text fingerprint), vocab_size and val_fraction is
     reused as is (the returned meta then has ``"reused": True``).
+
+    ``expect``: the meta of an earlier preparation that this one must reproduce (a checkpoint's, when a
+    run is resumed). If the corpus (its spec or its text), vocab_size or val_fraction differ from it, a
+    DataError says which, and ``data_dir`` is left untouched.
     """
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise DataError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
@@ -308,6 +312,14 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     fingerprint = _fingerprint(docs)
     wanted = {"format": _FORMAT_VERSION, "data": _data_spec(data), "fingerprint": fingerprint,
               "vocab_size_requested": vocab_size, "val_fraction": val_fraction}
+    if expect is not None:
+        changed = [k for k in wanted if expect.get(k) != wanted[k]]
+        if "fingerprint" in changed and "data" not in changed:
+            raise DataError(f"the text of {data} has changed since {data_dir} was prepared from it; "
+                            "restore it, or start a new run")
+        if changed:
+            k = changed[0]
+            raise DataError(f"{data_dir} was prepared with {k} {expect.get(k)!r}, not {wanted[k]!r}")
     old = _read_meta(data_dir)
     if old is not None and all(old.get(k) == v for k, v in wanted.items()) and _is_complete(data_dir, old):
         return {**old, "reused": True}

@@ -490,6 +490,7 @@ DEFAULTS = dict(
     eval_interval=None, log_interval=10,  # eval_interval None: once an epoch
     val_fraction=0.1,  # held out of a single JSONL file
     seed=1337, device="auto", dtype="auto", resume=False,
+    overwrite=False,  # a fresh run in an out_dir that holds a checkpoint: delete it and its log first
     # from scratch only (no --init_from): the model and the tokenizer trained on the task's train text
     preset="auto", vocab_size=None, n_layer=None, n_head=None, n_embd=None, block_size=None,
     dropout=None,  # the Transformer's dropout; with --init_from, the pre-trained config's unless given
@@ -499,37 +500,80 @@ CKPT = "ckpt.pt"
 
 
 def lr_at(it, total, opts):
-    """opt.py's warmup_linear: up linearly over the first warmup_fraction of the updates (at least one),
-    then down linearly, reaching 0 after the last update."""
-    warmup = max(1, math.ceil(opts["warmup_fraction"] * total))
-    lr = opts["learning_rate"]
-    if it < warmup:
-        return lr * (it + 1) / warmup
-    return lr * (total - it) / max(1, total - warmup)
+    """The learning rate of update `it` (0-based) of `total`: opt.py's warmup_linear, evaluated as the
+    original's Adam does, at x = t / t_total with t the number of updates already made:
+
+        warmup_linear(x) = (s·(x / warmup) + (1 − s))·(1 − x),   s = 1 if x <= warmup else 0
+
+    Up linearly over the first warmup_fraction of training (so the very first update has lr 0), then down
+    linearly to 0 at the end; the (1 − x) factor applies during the warmup too. warmup_fraction 0: no warmup
+    (the original would divide by zero)."""
+    x, warmup = it / total, opts["warmup_fraction"]
+    s = 1.0 if warmup > 0 and x <= warmup else 0.0
+    return opts["learning_rate"] * (s * (x / warmup if s else 0.0) + (1.0 - s)) * (1.0 - x)
 
 
-def _save_atomic(obj, path):
+# --------------------------------------------------------------------------------------------
+# Checkpoints: train_gpt1.py (pre-training) and finetune() (fine-tuning) both read and write them here.
+# They hold plain types only (tensors, numbers, strings, lists, dicts): torch.load(weights_only=True).
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, fsync it, then rename: a crash (or a power cut) leaves the old
+    checkpoint or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash leaves the old checkpoint or the new one, never half of one
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def _load_checkpoint(path, what):
+_CKPT_KEYS = ("model", "model_config", "options", "iter_num")  # what every checkpoint of ours holds
+
+
+def load_checkpoint(path, what, kind="any"):
+    """The checkpoint at path as a dict, or a one-line FinetuneError saying why not: missing, unreadable
+    (truncated, not a torch file), not one of ours, or -- kind "pre-training" (train_gpt1.py's) or
+    "fine-tuning" (finetune()'s, the ones with a task_config) -- of the other kind. what: the option that
+    asked for it, e.g. "--resume True", to start the message with."""
     if not os.path.isfile(path):
         raise FinetuneError(f"{what}: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise FinetuneError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, on one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FinetuneError(f"{what}: cannot read {path} ({first})") from None
+    missing = [k for k in _CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_CKPT_KEYS)
+    if missing:
+        raise FinetuneError(f"{what}: {path} is not a train_gpt1.py checkpoint (it has no {missing[0]!r})")
+    found = "fine-tuning" if "task_config" in ckpt else "pre-training"
+    if kind != "any" and found != kind:
+        raise FinetuneError(f"{what}: {path} is a {found} checkpoint, not a {kind} one")
+    return ckpt
+
+
+def resolve_device(name):
+    """--device: "auto" (cuda if torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N"; a FinetuneError
+    (one line) for anything else, or for a GPU that is not there."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise FinetuneError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FinetuneError(f"--device {name}: torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FinetuneError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def _pretrained(init_from, opts):
     """(GPT1, tokenizer) of a pre-training out_dir: ckpt.pt's model_config and weights, its tokenizer files."""
-    ckpt = _load_checkpoint(os.path.join(init_from, CKPT), f"--init_from {init_from}")
-    if "task_config" in ckpt:
-        raise FinetuneError(f"--init_from {init_from} is a fine-tuning run, not a pre-training one")
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise FinetuneError(f"--init_from {init_from}: {CKPT} has no model or model_config (not a train_gpt1.py checkpoint)")
+    ckpt = load_checkpoint(os.path.join(init_from, CKPT), f"--init_from {init_from}", kind="pre-training")
     tok_dir = next((d for d in (init_from, os.path.join(init_from, ckpt.get("data_dir", "data")))
                     if os.path.isfile(os.path.join(d, "vocab.json"))), None)
     if tok_dir is None:
@@ -560,6 +604,60 @@ def _scratch_config(opts, vocab_size, device_type):
     return config_from_preset(preset, **overrides)
 
 
+def _same_path(a, b):
+    """Two --task_data / --init_from values name the same thing ("builtin" is "shakespeare")."""
+    norm = lambda p: "builtin" if p in ("builtin", "shakespeare") else (os.path.abspath(p) if p else p)  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def _check_resume_options(given, ckpt, ckpt_path):
+    """A resumed run is the checkpoint's run: its task, its data, its classes, its starting point."""
+    saved = ckpt["options"]
+    now = {"task": saved.get("task"), "task_data": saved.get("task_data"), "init_from": saved.get("init_from"),
+           "n_class": ckpt["task_config"]["n_class"], "val_fraction": saved.get("val_fraction"),
+           "seed": saved.get("seed"), "dropout": saved.get("dropout")}
+    for name, value in now.items():
+        if name not in given:
+            continue
+        same = _same_path(given[name], value) if name in ("task_data", "init_from") else given[name] == value
+        if not same:
+            raise FinetuneError(f"--resume True: --{name} {given[name]} differs from the run in {ckpt_path} "
+                                f"({value}); start a new run (another --out_dir, or --overwrite True) to change it")
+
+
+def _check_options(opts):
+    """Every numeric option, before any work is done: one clear line for a value that cannot work."""
+    def number(name):
+        v = opts[name]
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in ("batch_size", "epochs", "log_interval"):
+        if not _is_int(opts[name]) or opts[name] < 1:
+            raise FinetuneError(f"--{name} must be a positive integer, got {opts[name]!r}")
+    for name in ("max_iters", "eval_interval", "vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        if opts[name] is not None and (not _is_int(opts[name]) or opts[name] < 1):
+            raise FinetuneError(f"--{name} must be a positive integer, got {opts[name]!r}")
+    if opts["n_class"] is not None and (not _is_int(opts["n_class"]) or opts["n_class"] < 2):
+        raise FinetuneError(f"--n_class must be at least 2 (a classifier tells classes apart), got {opts['n_class']!r}")
+    if not _is_int(opts["seed"]) or opts["seed"] < 0:
+        raise FinetuneError(f"--seed must be an integer >= 0, got {opts['seed']!r}")
+    if not number("learning_rate") or opts["learning_rate"] < 0:  # 0 is allowed: the weights stay as imported
+        raise FinetuneError(f"--learning_rate must be a finite number >= 0, got {opts['learning_rate']!r}")
+    if not number("warmup_fraction") or not 0 <= opts["warmup_fraction"] <= 1:
+        raise FinetuneError(f"--warmup_fraction must be in [0, 1], got {opts['warmup_fraction']!r}")
+    if not number("val_fraction") or not 0 < opts["val_fraction"] < 1:
+        raise FinetuneError(f"--val_fraction must be in (0, 1), got {opts['val_fraction']!r}")
+    for name in ("beta1", "beta2"):
+        if not number(name) or not 0 <= opts[name] < 1:
+            raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
+    for name in ("weight_decay", "grad_clip", "lm_coef"):
+        if not number(name) or (name != "grad_clip" and opts[name] < 0):
+            raise FinetuneError(f"--{name} must be a finite number{'' if name == 'grad_clip' else ' >= 0'}, got {opts[name]!r}")
+    for name in ("clf_pdrop", "dropout"):
+        if opts[name] is not None and (not number(name) or not 0 <= opts[name] < 1):
+            raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
+
+
 def finetune(options, print_fn=print):
     """Fine-tune GPT-1 on a task; options are DEFAULTS' names (train_gpt1.py passes its command line's).
 
@@ -575,13 +673,20 @@ def finetune(options, print_fn=print):
     opts = {**DEFAULTS, **given}
     out_dir = opts["out_dir"] or f"out-finetune-{opts['task']}"
     ckpt_path = os.path.join(out_dir, CKPT)
+    if given.get("resume") and given.get("overwrite"):
+        raise FinetuneError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
     ckpt = None
     if opts["resume"]:
-        ckpt = _load_checkpoint(ckpt_path, "--resume True")
-        if "task_config" not in ckpt:
-            raise FinetuneError(f"--resume True: {ckpt_path} is not a fine-tuning checkpoint")
-        opts = {**ckpt["options"], **given, "resume": True}
+        ckpt = load_checkpoint(ckpt_path, "--resume True", kind="fine-tuning")
+        _check_resume_options(given, ckpt, ckpt_path)
+        opts = {**DEFAULTS, **ckpt["options"], **given, "resume": True, "overwrite": False}
+    elif os.path.exists(ckpt_path) and not opts["overwrite"]:
+        raise FinetuneError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose "
+                            "another --out_dir, or pass --overwrite True to start over")
     opts["out_dir"] = out_dir
+    for name in ("task_data", "init_from"):  # paths as absolute ones, so that a resume from elsewhere finds them
+        if opts[name] and opts[name] not in ("builtin", "shakespeare"):
+            opts[name] = os.path.abspath(opts[name])
     task = opts["task"]
     if opts["init_from"] or ckpt:
         fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size") if k in given]
@@ -590,17 +695,8 @@ def finetune(options, print_fn=print):
                                 + ("the checkpoint being resumed" if ckpt else f"--init_from {opts['init_from']}"))
     if task not in TASKS:
         raise FinetuneError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    for name in ("batch_size", "epochs", "log_interval"):
-        if not _is_int(opts[name]) or opts[name] < 1:
-            raise FinetuneError(f"--{name} must be a positive integer, got {opts[name]!r}")
-    if opts["lm_coef"] < 0 or not 0 <= opts["clf_pdrop"] < 1:
-        raise FinetuneError("--lm_coef must be >= 0 and --clf_pdrop in [0, 1)")
-
-    device = opts["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {device}: torch sees no CUDA device")
+    _check_options(opts)
+    device = resolve_device(opts["device"])
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = opts["dtype"]
     if dtype == "auto":
@@ -634,7 +730,7 @@ def finetune(options, print_fn=print):
 
     if task in ("classification", "entailment"):
         n_class = opts["n_class"] or max(train_labels + val_labels) + 1
-        if n_class < 2:
+        if n_class < 2:  # no --n_class (it is checked above), and the task files hold only label 0
             raise FinetuneError(f"--task {task} needs at least two classes; every label is 0")
         if max(train_labels + val_labels) >= n_class:
             raise FinetuneError(f"a label is out of range for --n_class {n_class} (largest label {max(train_labels + val_labels)})")
@@ -664,6 +760,8 @@ def finetune(options, print_fn=print):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     else:
         os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(ckpt_path):  # --overwrite True (checked above): the old run goes, its log just below
+            os.remove(ckpt_path)
         tokenizer.save(out_dir)
 
     def train_batch(it):
@@ -721,7 +819,7 @@ def finetune(options, print_fn=print):
             print_fn(f"eval step {iter_num}: val accuracy {acc:.4f}, val loss {val_loss:.4f}")
             sums, n_sum = np.zeros(3), 0
             if iter_num > first_iter:
-                _save_atomic({
+                save_checkpoint(ckpt_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num,
                     "rng": {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -729,7 +827,7 @@ def finetune(options, print_fn=print):
                     "special_tokens": {name: base.config.vocab_size - len(SPECIAL_TOKENS) + k
                                        for k, name in enumerate(SPECIAL_TOKENS)},
                     "options": {k: opts[k] for k in DEFAULTS},
-                }, ckpt_path)
+                })
         if iter_num >= total:
             break
 

@@ -173,14 +173,14 @@ class GPT1(nn.Module):
         """Parameters, the tied embedding/output matrix counted once (116,534,784 for the paper's GPT-1)."""
         return sum(p.numel() for p in self.parameters())
 
-    def _check_input(self, idx, name="idx"):
+    def _check_input(self, idx, name="idx", check_length=True):
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"GPT1: {name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"GPT1: {name} must hold integer token ids (torch.long), got {idx.dtype}")
         if idx.dim() != 2:
             raise ValueError(f"GPT1: {name} must be 2-D (batch, time), got shape {tuple(idx.shape)}")
-        if idx.size(1) > self.config.n_ctx:
+        if check_length and idx.size(1) > self.config.n_ctx:
             raise ValueError(f"GPT1: sequence of length {idx.size(1)} is longer than the context n_ctx={self.config.n_ctx}")
         if idx.device != self.tokens_embed.weight.device:
             raise ValueError(f"GPT1: {name} is on {idx.device} but the model is on {self.tokens_embed.weight.device}")
@@ -239,8 +239,9 @@ class GPT1(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens tokens after idx (B, T); the context is cropped to the last n_ctx tokens."""
-        self._check_input(idx)
+        """Sample max_new_tokens tokens after idx (B, T); the context is cropped to the last n_ctx tokens,
+        so idx may be longer than n_ctx (its ids are still checked). Returns idx with the new tokens appended."""
+        self._check_input(idx, check_length=False)
         if idx.size(1) == 0:
             raise ValueError("GPT1.generate: idx must hold at least one token to condition on")
         if temperature <= 0:

@@ -32,3 +32,25 @@ def kill_at_first_checkpoint(cmd, out_dir, timeout=240):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return proc
+
+
+def load_script(name):
+    """A training script (e.g. "train_gpt1") imported as a module, to call its main() in this process: the
+    quick way to check options that must be refused before any work is done."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot(directory):
+    """{relative path: bytes} of every file under directory: to show that a refused run changed nothing."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out

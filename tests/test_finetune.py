@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import minilm.finetune as ft
 from minilm.bpe import DataError
 from minilm.gpt1 import GPT1, config_from_preset
+from script_helpers import load_script
 
 SP = ft.Specials(100, 101, 102)  # a vocabulary of 100 ordinary tokens, then the three specials
 
@@ -297,8 +298,8 @@ def _separable_task(tmp_path, n_train=320, n_val=80):
 
 
 def _tiny_run(data, out_dir, **kw):
-    return dict(task="classification", task_data=data, out_dir=str(out_dir), preset="cpu-tiny", vocab_size=60,
-                batch_size=32, learning_rate=3e-3, log_interval=1000, **kw)
+    return {**dict(task="classification", task_data=data, out_dir=str(out_dir), preset="cpu-tiny", vocab_size=60,
+                   batch_size=32, learning_rate=3e-3, log_interval=1000), **kw}
 
 
 def test_a_tiny_finetune_from_scratch_beats_chance_on_a_separable_task(tmp_path):
@@ -307,6 +308,25 @@ def test_a_tiny_finetune_from_scratch_beats_chance_on_a_separable_task(tmp_path)
     assert record["iter"] == 40 and record["val_accuracy"] >= 0.9  # chance: 50%
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert [r["iter"] for r in log] == [0, 10, 20, 30, 40] and all("val_accuracy" in r for r in log)
+
+
+def test_a_fresh_run_in_a_finetuning_out_dir_is_refused_unless_overwrite_and_sample_refuses_it(tmp_path):
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    out = tmp_path / "out"
+    quiet = lambda *a: None  # noqa: E731
+    ft.finetune(_tiny_run(data, out, epochs=1), print_fn=quiet)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ft.FinetuneError, match=r"already holds a checkpoint: pass --resume True to continue it, "
+                                                r"choose another --out_dir, or pass --overwrite True to start over"):
+        ft.finetune(_tiny_run(data, out, epochs=2), print_fn=quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    ft.finetune(_tiny_run(data, out, epochs=2, overwrite=True), print_fn=quiet)  # a new run: its own log only
+    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, 2, 4]
+    # train_gpt1.py --sample True samples from pre-training runs: one line, not a state_dict traceback
+    train_gpt1 = load_script("train_gpt1")
+    with pytest.raises(train_gpt1.UserError) as info:
+        train_gpt1.main(["--sample", "True", "--out_dir", str(out)])
+    assert str(info.value) == f"--sample True: {out}/ckpt.pt is a fine-tuning checkpoint; sample from a pre-training run"
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -327,12 +347,75 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
         ft.finetune(_tiny_run(data, tmp_path / "b", **opts), print_fn=quiet)
     monkeypatch.setattr(ft, "lr_at", real_lr_at)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 4
-    resumed = ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True), print_fn=quiet)
+    # The resumed run is the checkpoint's: another task, task file, class count or starting point is refused,
+    # with nothing changed (before: a state_dict traceback, or silently training on under the other option).
+    other = _separable_task(tmp_path / "other", n_train=96, n_val=32)
+    before = (tmp_path / "b" / "ckpt.pt").read_bytes()
+    for name, value in (("task", "entailment"), ("task_data", other), ("n_class", 3), ("init_from", str(tmp_path / "a"))):
+        with pytest.raises(ft.FinetuneError, match=f"^--resume True: --{name} .* differs from the run in "):
+            ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True, **{name: value}), print_fn=quiet)
+    assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before
+    resumed = ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True, task_data=data), print_fn=quiet)
     assert resumed == whole
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert open(tmp_path / "a" / "log.jsonl").read() == open(tmp_path / "b" / "log.jsonl").read()
+
+
+def test_lr_schedule_is_opt_py_warmup_linear():
+    # opt.py: lrt *= schedule(t / t_total), t the updates made so far, with
+    # warmup_linear(x, warmup) = (s*(x/warmup) + (1-s))*(1-x), s = (x <= warmup).
+    def warmup_linear(x, warmup):
+        s = 1.0 if x <= warmup else 0.0
+        return (s * (x / warmup) + (1 - s)) * (1 - x)
+
+    for total, warmup in ((1000, 0.002), (10, 0.3), (37, 0.002)):
+        opts = {"learning_rate": 6.25e-5, "warmup_fraction": warmup}
+        got = [ft.lr_at(t, total, opts) for t in range(total)]
+        assert got == pytest.approx([6.25e-5 * warmup_linear(t / total, warmup) for t in range(total)], rel=1e-12, abs=0)
+    assert ft.lr_at(0, 100, {"learning_rate": 1.0, "warmup_fraction": 0.0}) == 1.0  # no warmup (opt.py: 0/0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_class=1), "--n_class must be at least 2"),
+    (dict(learning_rate=float("nan")), "--learning_rate must be a finite number >= 0"),
+    (dict(learning_rate=-1e-3), "--learning_rate must be a finite number >= 0"),
+    (dict(device="gpu"), "--device gpu: choose auto, cpu, cuda or cuda:N"),
+    (dict(batch_size=0), "--batch_size must be a positive integer"),
+    (dict(epochs=0), "--epochs must be a positive integer"),
+    (dict(max_iters=0), "--max_iters must be a positive integer"),
+    (dict(eval_interval=0), "--eval_interval must be a positive integer"),
+    (dict(log_interval=0), "--log_interval must be a positive integer"),
+    (dict(warmup_fraction=2.0), "--warmup_fraction must be in [0, 1]"),
+    (dict(seed=-1), "--seed must be an integer >= 0"),
+    (dict(grad_clip=float("nan")), "--grad_clip must be a finite number"),
+    (dict(resume=True, overwrite=True), "pass one of them"),
+])
+def test_bad_options_are_refused_before_any_work(bad, message, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ft.FinetuneError) as info:  # the task file does not even exist: nothing was read
+        ft.finetune(_tiny_run(str(tmp_path / "missing.jsonl"), out, **bad), print_fn=lambda *a: None)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_checkpoints_are_fsynced_before_the_rename_and_bad_ones_are_one_line(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = ft.os.fsync, ft.os.replace
+    monkeypatch.setattr(ft.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(ft.os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    path = str(tmp_path / "ckpt.pt")
+    ft.save_checkpoint(path, {"model": {}, "model_config": {}, "options": {}, "iter_num": 3})
+    assert calls == ["fsync", "replace"]
+    assert ft.load_checkpoint(path, "--resume True")["iter_num"] == 3
+    with pytest.raises(ft.FinetuneError, match="is a pre-training checkpoint, not a fine-tuning one"):
+        ft.load_checkpoint(path, "--resume True", kind="fine-tuning")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    with pytest.raises(ft.FinetuneError) as info:
+        ft.load_checkpoint(path, "--resume True")
+    assert str(info.value).startswith(f"--resume True: cannot read {path} (") and "\n" not in str(info.value)
 
 
 # --- through train_gpt1.py ------------------------------------------------------------------------------
@@ -356,6 +439,9 @@ def test_train_gpt1_finetunes_a_pretrained_run_and_reports_a_bad_task_file_in_on
     pre = run("--data", str(corpus), "--out_dir", str(tmp_path / "pre"), "--preset", "cpu-tiny", "--vocab_size", "60",
               "--max_iters", "2", "--eval_iters", "1", "--max_new_tokens", "0")
     assert pre.returncode == 0, pre.stderr[-2000:]
+    # cpu-tiny warms up over 10 steps, longer than this whole run: said once, at the start
+    assert pre.stderr.strip() == ("train_gpt1.py: warning: --warmup_iters 10 is longer than --max_iters 2: "
+                                  "the learning rate never reaches --learning_rate 0.003")
 
     # lr 0: the fine-tuned Transformer must still be exactly the pre-trained one, plus three rows
     ft_run = run("--task", "classification", "--task_data", data, "--init_from", str(tmp_path / "pre"),

@@ -163,6 +163,19 @@ def test_generate_shapes_crop_and_top_k():
     assert model.training  # generate restores the mode it found
 
 
+def test_generate_crops_a_prompt_longer_than_n_ctx_as_documented():
+    # The docstring promises the context is cropped to the last n_ctx tokens: a 50-token prompt (n_ctx 32)
+    # is accepted, kept in the output, and continued exactly as its last 32 tokens alone would be.
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=40))
+    idx = torch.randint(0, 40, (2, 50))
+    out = model.generate(idx, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (2, 55) and torch.equal(out[:, :50], idx)
+    tail = model.generate(idx[:, -32:], max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out[:, 50:], tail[:, 32:])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):  # ids are still checked
+        model.generate(torch.full((1, 50), 40), 1)
+
+
 def test_bad_input_gives_clear_errors():
     model = GPT1(config_from_preset("cpu-tiny", vocab_size=40))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):

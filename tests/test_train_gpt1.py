@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
-from script_helpers import kill_at_first_checkpoint, read_log, script_env
+from script_helpers import kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
+
+from minilm.data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt1.py")
@@ -35,10 +37,21 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def test_training_logs_learns_checkpoints_and_samples(corpus, tmp_path):
-    out = str(tmp_path / "run")
-    proc = _train("--data", corpus, "--out_dir", out, *TINY, "--max_iters", "60", "--eval_interval", "20",
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """(out_dir, process) of one finished 60-step run, on a corpus of its own (a test edits it). Tests that
+    resume or sample from it work on a copy (shutil.copytree) and leave this one as it is."""
+    base = tmp_path_factory.mktemp("trained")
+    text = base / "corpus.txt"
+    shutil.copy(corpus, text)
+    out = str(base / "run")
+    proc = _train("--data", str(text), "--out_dir", out, *TINY, "--max_iters", "60", "--eval_interval", "20",
                   "--max_new_tokens", "12")
+    return out, proc
+
+
+def test_training_logs_learns_checkpoints_and_samples(trained, tmp_path):
+    out, proc = trained
     log = read_log(out)
     assert [r["iter"] for r in log] == [0, 20, 40, 60]
     assert set(log[0]) >= {"iter", "train_loss", "val_loss", "lr", "tokens_per_s"}
@@ -76,9 +89,9 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
     # else -- batches, slices, gradient averaging, evaluation batches -- is the same computation, so the
     # losses agree up to float summation order (DDP averages gradients in a different order).
     args = ["--data", corpus, *TINY, "--max_iters", "30", "--eval_interval", "10", "--batch_size", "8",
-            "--dropout", "0.0", "--max_new_tokens", "0"]
+            "--dropout", "0.0", "--max_new_tokens", "0", "--log_interval", "10"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _train(*args, "--out_dir", one)
+    single = _train(*args, "--out_dir", one)
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     proc = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "2", SCRIPT, *args, "--out_dir", two],
@@ -91,6 +104,11 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
         for key in ("train_loss", "val_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (key, ra, rb)
     assert b[-1]["val_loss"] < b[0]["val_loss"] - 0.5  # and it trained
+    # The printed step loss is the whole global batch's (all ranks'), not rank 0's share of it.
+    printed = [[float(line.split("loss ")[1].split(",")[0]) for line in p.stdout.splitlines() if line.startswith("iter ")]
+               for p in (single, proc)]
+    assert len(printed[0]) == len(printed[1]) == 3
+    assert printed[1] == pytest.approx(printed[0], abs=2e-4)
 
 
 @pytest.mark.parametrize("case", ["unknown_option", "bad_bool", "missing_data", "non_utf8", "empty",
@@ -117,3 +135,111 @@ def test_user_errors_are_one_line_and_exit_1(case, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train_gpt1.py: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- options refused before any work is done (main() called in this process: no subprocess per case) ---
+
+train_gpt1 = load_script("train_gpt1")
+
+
+def _refused(*argv):
+    """main(argv) must stop with a user error whose message is one line; returns the message."""
+    with pytest.raises((train_gpt1.UserError, DataError)) as info:
+        train_gpt1.main(list(argv))
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--eval_interval", "0"], "--eval_interval must be at least 1"),
+    (["--log_interval", "0"], "--log_interval must be at least 1"),
+    (["--eval_iters", "0"], "--eval_iters must be at least 1"),
+    (["--n_head", "0"], "--n_head must be at least 1"),
+    (["--n_head", "3"], "divisible by n_head"),
+    (["--block_size", "0"], "--block_size must be at least 1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--batch_size", "-8"], "--batch_size must be at least 1"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+    (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--device", "gpu"], "--device gpu: choose"),
+    (["--val_fraction", "1"], "--val_fraction must be in (0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--num_samples", "0"], "--num_samples must be at least 1"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be at least 0"),
+    (["--start", "\u200b"], "encodes to no tokens"),  # a zero-width space: no word at all
+    (["--resume", "True", "--overwrite", "True"], "pass one of them"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_work(bad, message, corpus, tmp_path):
+    out = tmp_path / "out"
+    assert message in _refused("--data", corpus, "--out_dir", str(out), *TINY, *bad)
+    assert not out.exists()  # not even the out_dir: nothing was prepared
+
+
+def test_a_bad_option_is_one_line_on_stderr_and_exit_1(corpus, tmp_path):
+    # The same through the script: the message, once, and no traceback.
+    proc = _train("--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY, "--device", "gpu", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "train_gpt1.py: error: --device gpu: choose auto, cpu, cuda or cuda:N"
+
+
+@pytest.mark.parametrize("what", ["--resume", "--sample"])
+def test_resume_and_sample_refuse_other_model_or_data_options_and_leave_out_dir_untouched(what, trained, corpus, tmp_path):
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    before = snapshot(out)
+    for bad in (["--vocab_size", "300"], ["--data", corpus], ["--val_fraction", "0.2"], ["--preset", "cpu-small"],
+                ["--n_layer", "3"], ["--n_head", "4"], ["--n_embd", "64"], ["--block_size", "64"],
+                ["--dropout", "0.1"], ["--arch", "lightconv"], ["--kernel_sizes", "3"], ["--weight_dropout", "0.1"]):
+        message = _refused(what, "True", "--out_dir", out, *bad)
+        assert message.startswith(f"{what} True: {bad[0]} {bad[1]} differs from the checkpoint's"), message
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_an_edited_corpus_and_leaves_out_dir_untouched(trained, tmp_path):
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    text = os.path.join(os.path.dirname(trained[0]), "corpus.txt")
+    before, original = snapshot(out), open(text, encoding="utf-8").read()
+    try:
+        with open(text, "a", encoding="utf-8") as f:
+            f.write("a line that was not there when the run started.\n")
+        message = _refused("--resume", "True", "--out_dir", out)
+    finally:
+        with open(text, "w", encoding="utf-8") as f:
+            f.write(original)
+    assert message == f"--resume True: the text of {text} has changed since {out}/data was prepared from it; " \
+                      "restore it, or start a new run"
+    assert snapshot(out) == before
+
+
+def test_resume_accepts_the_checkpoints_own_values(trained, tmp_path, capsys):
+    # Repeating the checkpoint's shape is not a change; max_iters 60 = the checkpoint's step: nothing to train.
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    train_gpt1.main(["--resume", "True", "--out_dir", out, "--n_layer", "2", "--block_size", "32", "--vocab_size",
+                     "200", "--preset", "cpu-tiny", "--max_iters", "60", "--max_new_tokens", "0"])
+    assert "resuming at iter 60" in capsys.readouterr().out
+
+
+def test_a_truncated_or_foreign_checkpoint_is_one_line(trained, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    data = open(os.path.join(trained[0], "ckpt.pt"), "rb").read()
+    (out / "ckpt.pt").write_bytes(data[:len(data) // 2])
+    for what in ("--resume", "--sample"):
+        assert _refused(what, "True", "--out_dir", str(out)).startswith(f"{what} True: cannot read {out}/ckpt.pt (")
+    torch.save({"weights": torch.zeros(2)}, out / "ckpt.pt")
+    assert _refused("--sample", "True", "--out_dir", str(out)) == \
+        f"--sample True: {out}/ckpt.pt is not a train_gpt1.py checkpoint (it has no 'model')"
+
+
+def test_a_fresh_run_does_not_overwrite_a_checkpoint_unless_told_to(trained, corpus, tmp_path):
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    before = snapshot(out)
+    args = ["--data", corpus, "--out_dir", out, *TINY, "--max_iters", "10", "--eval_interval", "10", "--max_new_tokens", "0"]
+    assert _refused(*args) == (f"{out} already holds a checkpoint: pass --resume True to continue it, choose another "
+                               "--out_dir, or pass --overwrite True to start over")
+    assert snapshot(out) == before
+    _train(*args, "--overwrite", "True")  # the old run's checkpoint and log are gone: only the new run's remain
+    assert [r["iter"] for r in read_log(out)] == [0, 10]
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 10
