@@ -37,7 +37,7 @@ import torch
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, load_tokens, prepare_gpt1
 from minilm.finetune import finetune, load_checkpoint, resolve_device, save_checkpoint
-from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset
+from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
 
 # -----------------------------------------------------------------------------------------------------
@@ -418,7 +418,8 @@ def main(argv):
     flops_per_token = 6 * raw_model.num_params() + 12 * gconf.n_layer * gconf.n_head * (gconf.n_embd // gconf.n_head) * T
     if gconf.arch == "lightconv":
         flops_per_token = 6 * raw_model.num_params() + 6 * gconf.n_embd * sum(b.lightconv.conv.kernel_size for b in raw_model.h)
-    peak_flops = 989e12  # H100/H200 dense bf16; MFU is only printed on a GPU
+    # MFU is printed on a GPU whose peak minilm.gpt1.GPU_PEAK_TFLOPS knows.
+    peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
@@ -451,7 +452,7 @@ def main(argv):
                 tps = tokens_interval / train_time if train_time > 0 else None
                 record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                           "tokens_per_s": tps}
-                if device_type == "cuda":  # per GPU
+                if peak_flops:  # per GPU
                     record["mfu"] = flops_per_token * tps / (peak_flops * world) if tps else None
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
@@ -497,7 +498,7 @@ def main(argv):
                 step_loss = step_loss / world
             tps = B * T / dt
             line = f"iter {iter_num}: loss {float(step_loss):.4f}, lr {lr:.2e}, {dt * 1e3:.0f} ms, {tps:,.0f} tok/s"
-            if device_type == "cuda":
+            if peak_flops:
                 line += f", mfu {100 * flops_per_token * tps / (peak_flops * world):.1f}%"
             if master:
                 print(line, flush=True)

@@ -333,6 +333,21 @@ class GPT1(nn.Module):
         return model
 
 
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (NVIDIA datasheets, without sparsity), for MFU: the model's
+# FLOP/s as a share of what the chip can do. First match of a substring of the device name wins.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("A800", 312),
+                   ("L40S", 362), ("L40", 181), ("L4", 121), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71),
+                   ("A6000", 155), ("V100", 125), ("T4", 65))
+
+
+def gpu_peak_flops(device_name):
+    """The dense half-precision peak (FLOP/s) of a GPU named `device_name`, or None for one not listed."""
+    for key, tflops in GPU_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
 def _read_hf_directory(path):
     """config.json + model.safetensors (or pytorch_model.bin) from a local Hugging Face model directory."""
     if not os.path.isdir(path):

@@ -196,3 +196,12 @@ def test_bad_input_gives_clear_errors():
         GPT1(config_from_preset("cpu-tiny", n_head=3))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=0)
+
+
+def test_gpu_peak_flops_for_mfu():
+    from minilm.gpt1 import gpu_peak_flops
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12  # not the A10's
+    assert gpu_peak_flops("NVIDIA L40S") == 362e12 and gpu_peak_flops("NVIDIA L4") == 121e12
+    assert gpu_peak_flops("Some Future GPU") is None  # no MFU rather than a wrong one

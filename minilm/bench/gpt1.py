@@ -29,11 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bench.common import device_name, peak_mib, positive_int, threads_note, time_ms
-from minilm.gpt1 import GPT1, config_from_preset
+from minilm.gpt1 import GPT1, config_from_preset, gpu_peak_flops
 
 # Eager first, compiled last: if a time limit cuts the run short, the quick rows are already out.
 IMPLS = ("minilm", "sdpa", "hf", "minilm+compile", "sdpa+compile")
-PEAK_FLOPS = {"cuda": 989e12}  # H100/H200 dense bf16; no meaningful single figure for a shared CPU
 
 
 def add_arguments(p):
@@ -197,7 +196,7 @@ def run(args):
         if ms is not None:
             tps = B * T / (ms / 1e3)
             flops_per_token = 6 * n_params + 12 * L * H * Q * T
-            peak = PEAK_FLOPS.get(torch.device(device).type)
+            peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if on_cuda else None  # none for a shared CPU
             mfu = flops_per_token * tps / peak if peak else None
             results[impl] = tps
             record = {"op": "gpt1_train_step", "device": device_name(device), "dtype": dtype_name,
