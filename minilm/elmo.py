@@ -148,8 +148,9 @@ def preset(name, **overrides):
 class Highway(nn.Module):
     """Srivastava et al. 2015, as bilm-tf: g = σ(x W_carry + b_carry), y = g·relu(x W_transform + b_transform) + (1−g)·x.
 
-    (bilm-tf calls g the "transform gate" and 1−g the "carry gate", but names the weights of g
-    W_carry; we keep the checkpoint's names.)
+    Names differ between the two: the paper calls g (the gate on the transformed path) the transform
+    gate T, and 1 − g the carry gate C; bilm-tf's code calls the same g `carry_gate` (weights W_carry,
+    b_carry) and the relu branch `transform_gate`. We keep the checkpoint's names.
     """
 
     def __init__(self, dim):
@@ -204,6 +205,8 @@ class LSTMP(nn.Module):
             if self.proj_clip:
                 m = m.clamp(-self.proj_clip, self.proj_clip)
             outputs.append(m)
+        if not outputs:                           # T = 0: nothing to read
+            return x.new_zeros(B, 0, self.proj_size)
         return torch.stack(outputs, dim=1)        # (B, T, P)
 
 
@@ -299,7 +302,7 @@ class BiLM(nn.Module):
         for hw in self.highway:
             x = hw(x)                                                # (B·T, ΣF)
         x = self.projection(x)                                       # (B·T, P), no activation
-        return x.view(B, T, -1)
+        return x.view(B, T, self.config.projection_dim)   # (B, T, P); B or T may be 0
 
     def _run_stack(self, layers, x):
         """One direction's LSTM stack; returns every layer's output, each (B, T, P)."""
@@ -431,11 +434,27 @@ class ScalarMix(nn.Module):
         return (self.scalar_parameters ** 2).sum()
 
 
+def remove_sentence_boundaries(layers, mask):
+    """Drop <S> and each sentence's </S> from the biLM's layers, as bilm-tf does before weight_layers.
+
+    layers [(B, T+2, D)], mask (B, T+2) → layers [(B, T, D)], mask (B, T), zero where the mask is False.
+    Output position t is input position t + 1, a real word iff t + 1 < length − 1 (the </S> of a
+    sentence of `length` rows sits at length − 1), i.e. iff t < length − 2.
+    """
+    B, T2 = mask.shape
+    T = max(T2 - 2, 0)
+    lengths = mask.sum(1)                                                    # words + 2 per sentence
+    mask = torch.arange(T, device=mask.device) < (lengths - 2).unsqueeze(1)  # (B, T)
+    m = mask.unsqueeze(-1)
+    return [(h[:, 1:1 + T] * m.to(h.dtype)) for h in layers], mask
+
+
 class ELMo(nn.Module):
     """Frozen biLM + scalar mix + dropout: representations for a downstream model (paper section 3.3).
 
     forward(char_ids (B, T+2, 50)) → (representations (B, T, 2P), mask (B, T)), with <S> and </S>
-    removed. The task model concatenates [x_k; ELMo_k] with its own word vectors.
+    removed from every layer *before* the mix, as bilm-tf, so do_layer_norm's statistics cover words
+    only. The task model concatenates [x_k; ELMo_k] with its own word vectors.
     """
 
     def __init__(self, bilm, dropout=0.5, do_layer_norm=False):
@@ -455,10 +474,13 @@ class ELMo(nn.Module):
     def forward(self, char_ids):
         with torch.no_grad():
             layers, mask, _ = self.bilm(char_ids)                  # [(B, T+2, 2P)], (B, T+2)
-        mixed = self.scalar_mix(layers, mask)                      # (B, T+2, 2P)
-        # drop <S> (position 0) and each sentence's </S> (its last real position)
-        mask = mask[:, 2:]                                         # position t here is t+1 there
-        representations = mixed[:, 1:-1] * mask.unsqueeze(-1).to(mixed.dtype)     # (B, T, 2P)
+        return self.mix(layers, mask)
+
+    def mix(self, layers, mask):
+        """The biLM's outputs (layers, mask), markers included → (representations (B, T, 2P), mask (B, T))."""
+        layers, mask = remove_sentence_boundaries(layers, mask)    # [(B, T, 2P)], (B, T)
+        mixed = self.scalar_mix(layers, mask)                      # eq. (1), (B, T, 2P)
+        representations = mixed * mask.unsqueeze(-1).to(mixed.dtype)   # layer norm shifts padding off zero
         return self.dropout(representations), mask
 
 

@@ -72,6 +72,18 @@ def test_bad_input_is_a_clear_error():
         model(batch_to_ids([["a"]]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
 
 
+def test_empty_batches_and_empty_sequences_give_empty_outputs():
+    model = make_model()
+    elmo = ELMo(model, dropout=0.0)
+    D = 2 * model.config.projection_dim
+    for B, T in ((0, 4), (2, 0), (2, 1)):
+        char_ids = torch.zeros(B, T, 50, dtype=torch.long)
+        layers, mask, _ = model(char_ids)
+        assert [tuple(h.shape) for h in layers] == [(B, T, D)] * 3 and mask.shape == (B, T)
+        reps, mask = elmo(char_ids)
+        assert reps.shape == (B, max(T - 2, 0), D) and mask.shape == (B, max(T - 2, 0))
+
+
 # -- the biLM is two language models, not a bidirectional LSTM ----------------------------------
 
 def test_no_direction_peeks():
@@ -218,6 +230,40 @@ def test_elmo_strips_markers_and_trains_only_the_mix():
     assert all(p.grad is None for p in bilm.parameters())
     elmo.train()
     assert not bilm.training
+
+
+def _strip_by_hand(layers, mask):
+    """<S>, </S> and padding removed from each sentence, one sentence at a time: [(B, T, D)], (B, T)."""
+    B, T2, D = layers[0].shape
+    lengths = mask.sum(1).tolist()
+    out = [torch.zeros(B, T2 - 2, D) for _ in layers]
+    new_mask = torch.zeros(B, T2 - 2, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        for h, o in zip(layers, out):
+            o[b, : n - 2] = h[b, 1: n - 1]
+        new_mask[b, : n - 2] = True
+    return out, new_mask
+
+
+def test_layer_norm_statistics_leave_out_sentence_markers_as_bilm_tf():
+    # bilm-tf strips <S>/</S> from every layer, then weight_layers normalises over the words only
+    bilm = make_model()
+    elmo = ELMo(bilm, dropout=0.0, do_layer_norm=True)
+    with torch.no_grad():
+        elmo.scalar_mix.scalar_parameters.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    ids = batch_to_ids([["The", "cat", "sat", "on", "the", "mat", "."], ["Hello", "world"]])
+    with torch.no_grad():
+        reps, mask = elmo(ids)
+        layers, full_mask, _ = bilm(ids)
+        stripped, stripped_mask = _strip_by_hand(layers, full_mask)
+        s = torch.softmax(elmo.scalar_mix.scalar_parameters, 0)
+        expected = 0
+        for w, h in zip(s, stripped):
+            real = h[stripped_mask]                                   # (n_words, D): words only
+            expected = expected + w * (h - real.mean()) / real.var(unbiased=False).sqrt()
+        expected = expected * stripped_mask.unsqueeze(-1)
+    assert torch.equal(mask, stripped_mask)
+    torch.testing.assert_close(reps, expected, rtol=1e-5, atol=1e-5)
 
 
 # -- bilm-tf weight files ------------------------------------------------------------------------
