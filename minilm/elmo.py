@@ -106,7 +106,28 @@ class ELMoConfig:
     n_negative_samples: int = 8192    # training uses sampled softmax when vocab_size > this
 
     def __post_init__(self):
-        self.filters = tuple((int(w), int(n)) for w, n in self.filters)
+        # checked here, so that a bad options.json, checkpoint or command line fails at once in one line
+        def check(name, value, ok, want):
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"ELMoConfig: {name} must be {want}, got {value!r}")
+
+        def is_int(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        check("filters", self.filters, lambda f: isinstance(f, (list, tuple)) and len(f) > 0 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and is_int(p[0], 1) and is_int(p[1], 1) for p in f),
+            "a non-empty list of [width, count] pairs of positive integers")
+        self.filters = tuple((w, n) for w, n in self.filters)
+        for name in ("n_characters", "max_characters_per_token", "char_embed_dim", "projection_dim", "lstm_dim", "n_layers"):
+            check(name, getattr(self, name), lambda v: is_int(v, 1), "an integer ≥ 1")
+        for name in ("n_highway", "vocab_size", "n_negative_samples"):
+            check(name, getattr(self, name), lambda v: is_int(v, 0), "an integer ≥ 0")
+        for name in ("cell_clip", "proj_clip"):   # None: no clipping (TF's default)
+            check(name, getattr(self, name), lambda v: v is None or isinstance(v, (int, float)) and v > 0,
+                  "a number > 0 or null")
+        check("dropout", self.dropout, lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+        if not isinstance(self.use_skip_connections, bool):
+            raise ValueError(f"ELMoConfig: use_skip_connections must be true or false, got {self.use_skip_connections!r}")
         if self.activation not in ("relu", "tanh"):
             raise ValueError(f"ELMoConfig: activation must be 'relu' or 'tanh', got {self.activation!r}")
 
@@ -491,7 +512,9 @@ class ELMo(nn.Module):
 def load_bilm(options_file, weight_file):
     """Build a BiLM from bilm-tf's options.json and its hdf5 weight dump (allennlp's downloads).
 
-    The dump has no softmax, so the model makes features only. Needs h5py.
+    The dump has no softmax, so the model makes features only. Every dataset in the file must be used:
+    options asking for fewer highway or LSTM layers (or filters) than the file holds are an error, not
+    a silently different model. Needs h5py.
     """
     try:
         import h5py
@@ -499,31 +522,51 @@ def load_bilm(options_file, weight_file):
         raise ImportError("load_bilm needs h5py to read bilm-tf weight files: pip install h5py") from None
     for path in (options_file, weight_file):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_bilm: no such file: {path}")
+            raise FileNotFoundError(f"load_bilm: {path} is a directory, not a file" if os.path.isdir(path) else
+                                    f"load_bilm: no such file: {path}")
     try:
         with open(options_file, encoding="utf-8") as f:
             options = json.load(f)
         lstm, cnn = options["lstm"], options["char_cnn"]
-        config = ELMoConfig(
-            n_characters=N_CHARACTERS, max_characters_per_token=cnn.get("max_characters_per_token", MAX_CHARS),
+        settings = dict(
+            max_characters_per_token=cnn.get("max_characters_per_token", MAX_CHARS),
             char_embed_dim=cnn["embedding"]["dim"], filters=cnn["filters"],
             activation=cnn.get("activation", "relu"), n_highway=cnn.get("n_highway", 0),
             projection_dim=lstm["projection_dim"], lstm_dim=lstm["dim"],
             n_layers=lstm.get("n_layers", 1), cell_clip=lstm.get("cell_clip"), proj_clip=lstm.get("proj_clip"),
-            use_skip_connections=lstm.get("use_skip_connections", False), dropout=0.0, vocab_size=0)
-    except (ValueError, KeyError, TypeError) as e:
+            use_skip_connections=lstm.get("use_skip_connections", False))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, a key missing, not an object
         raise ValueError(f"load_bilm: {options_file} is not a bilm-tf options file ({type(e).__name__}: {e})") from None
+    try:
+        config = ELMoConfig(n_characters=N_CHARACTERS, dropout=0.0, vocab_size=0, **settings)
+    except ValueError as e:                                           # a value of the wrong type or range
+        raise ValueError(f"load_bilm: {options_file}: {str(e).removeprefix('ELMoConfig: ')}") from None
     if config.max_characters_per_token != MAX_CHARS:
         raise ValueError(f"load_bilm: max_characters_per_token must be {MAX_CHARS}, got {config.max_characters_per_token}")
     model = BiLM(config)
 
-    with h5py.File(weight_file, "r") as f:
+    try:
+        f = h5py.File(weight_file, "r")
+    except OSError as e:                                              # not HDF5, truncated, unreadable
+        raise ValueError(f"load_bilm: {weight_file} is not a readable HDF5 weight file ({e})") from None
+    with f:
+        in_file = []
+        f.visititems(lambda name, obj: in_file.append(name) if isinstance(obj, h5py.Dataset) else None)
+        used = set()
+
         def get(name, shape):
-            if name not in f:
+            if not isinstance(f.get(name), h5py.Dataset):
                 raise ValueError(f"load_bilm: {weight_file} has no dataset {name!r}")
-            a = torch.from_numpy(f[name][...]).float()
-            if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"load_bilm: {name} has shape {tuple(a.shape)}, options.json implies {tuple(shape)}")
+            if f[name].dtype.kind != "f" or f[name].shape != tuple(shape):
+                raise ValueError(f"load_bilm: {weight_file}: {name} is {f[name].dtype} {f[name].shape}, "
+                                 f"options.json implies float {tuple(shape)}")
+            try:
+                a = torch.from_numpy(f[name][...]).float()
+            except OSError as e:                                      # a truncated or damaged file
+                raise ValueError(f"load_bilm: {weight_file}: cannot read {name} ({e})") from None
+            if not torch.isfinite(a).all():
+                raise ValueError(f"load_bilm: {weight_file}: {name} holds NaN or infinite values")
+            used.add(name)
             return a
 
         E, D, P, C = config.char_embed_dim, config.n_filters, config.projection_dim, config.lstm_dim
@@ -548,5 +591,9 @@ def load_bilm(options_file, weight_file):
                 sd[f"{stack}.{l}.state_linearity.weight"] = W[P:].t()
                 sd[f"{stack}.{l}.state_linearity.bias"] = get(prefix + "B", (4 * C,))   # forget bias 1.0 added at run time
                 sd[f"{stack}.{l}.state_projection.weight"] = get(prefix + "W_P_0", (C, P)).t()
+        unused = [name for name in in_file if name not in used]
+        if unused:
+            raise ValueError(f"load_bilm: {weight_file} holds {len(unused)} dataset(s) that {options_file} does not "
+                             f"ask for (n_highway, n_layers or filters too small?), e.g. {', '.join(unused[:3])}")
     model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True)
     return model.eval()

@@ -322,19 +322,28 @@ def _numpy_bilm_top_layer(a, cfg, words):
     return np.concatenate(tops, -1)
 
 
-def test_load_bilm_matches_an_independent_numpy_bilm_on_a_synthetic_weight_file(tmp_path):
+def _write_weight_file(path, cfg):
+    """A synthetic bilm-tf dump of cfg's shapes at path; returns its arrays."""
     h5py = pytest.importorskip("h5py")
-    cfg = tiny_config()
     a = _tf_arrays(cfg, np.random.default_rng(0))
-    with h5py.File(tmp_path / "weights.hdf5", "w") as f:
+    with h5py.File(path, "w") as f:
         for name, arr in a.items():
             f.create_dataset(name, data=arr)
-    options = {"lstm": {"dim": cfg.lstm_dim, "projection_dim": cfg.projection_dim, "n_layers": 2, "cell_clip": 3,
-                        "proj_clip": 3, "use_skip_connections": True},
-               "char_cnn": {"activation": "relu", "embedding": {"dim": cfg.char_embed_dim},
-                            "filters": [list(f) for f in cfg.filters], "n_highway": cfg.n_highway,
-                            "n_characters": 262, "max_characters_per_token": 50}}
-    (tmp_path / "options.json").write_text(json.dumps(options))
+    return a
+
+
+def _options(cfg, **lstm):
+    return {"lstm": {"dim": cfg.lstm_dim, "projection_dim": cfg.projection_dim, "n_layers": cfg.n_layers,
+                     "cell_clip": 3, "proj_clip": 3, "use_skip_connections": True, **lstm},
+            "char_cnn": {"activation": "relu", "embedding": {"dim": cfg.char_embed_dim},
+                         "filters": [list(f) for f in cfg.filters], "n_highway": cfg.n_highway,
+                         "n_characters": 262, "max_characters_per_token": 50}}
+
+
+def test_load_bilm_matches_an_independent_numpy_bilm_on_a_synthetic_weight_file(tmp_path):
+    cfg = tiny_config()
+    a = _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
     model = load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
     sents = [["Hello", "world", "!"], ["A", "longer", "sentence", "in", "this", "batch", "."]]
     with torch.no_grad():
@@ -354,6 +363,40 @@ def test_load_bilm_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match="pip install h5py"):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
+@pytest.mark.parametrize("fewer", [dict(n_highway=1), dict(n_layers=1)])
+def test_load_bilm_refuses_weights_the_options_do_not_ask_for(tmp_path, fewer):
+    # (fewer filters cannot pass silently: they change the highway and projection shapes)
+    _write_weight_file(tmp_path / "weights.hdf5", tiny_config())            # 2 highway, 2 LSTM layers
+    (tmp_path / "options.json").write_text(json.dumps(_options(tiny_config(**fewer))))
+    with pytest.raises(ValueError, match="does not ask for") as e:
+        load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
+    assert "\n" not in str(e.value) and "weights.hdf5" in str(e.value)
+
+
+@pytest.mark.parametrize("lstm,message", [({"cell_clip": "3"}, "cell_clip must be a number"),
+                                          ({"projection_dim": -1}, "projection_dim must be an integer ≥ 1"),
+                                          ({"n_layers": 2.5}, "n_layers must be an integer")])
+def test_load_bilm_checks_the_type_and_range_of_numeric_options(tmp_path, lstm, message):
+    cfg = tiny_config()
+    _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg, **lstm)))
+    with pytest.raises(ValueError, match=message) as e:
+        load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
+    assert "\n" not in str(e.value) and "options.json" in str(e.value)
+
+
+def test_load_bilm_names_a_weight_file_that_is_not_hdf5_or_is_truncated(tmp_path):
+    cfg = tiny_config()
+    _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
+    whole = (tmp_path / "weights.hdf5").read_bytes()
+    (tmp_path / "half.hdf5").write_bytes(whole[: len(whole) // 2])
+    for name in ("options.json", "half.hdf5"):
+        with pytest.raises(ValueError, match="not a readable HDF5 weight file") as e:
+            load_bilm(tmp_path / "options.json", tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
