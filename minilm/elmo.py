@@ -378,21 +378,20 @@ class BiLM(nn.Module):
         return F.cross_entropy(self.softmax(h), targets)             # full softmax: a true perplexity
 
     def _sampled_softmax_loss(self, h, targets):
-        """TF's sampled_softmax_loss with a log-uniform sampler (Jean et al. 2015), as bilm-tf trains.
+        """TF's sampled_softmax_loss with its defaults, as bilm-tf trains (Jean et al. 2015).
 
-        K candidates are drawn for the whole batch from P(k) = log((k+2)/(k+1)) / log(V+1), which
-        approximates word frequency when ids are sorted by frequency. Every logit is corrected by
-        −log(expected count of that id among the K draws); draws equal to the true id are masked.
-        The result estimates the full-softmax loss only roughly: exp() of it is not a perplexity.
+        K distinct candidates for the whole batch from TF's log-uniform sampler (unique=True, see
+        `log_uniform_candidates`). Every logit, true or sampled, is corrected by −log Q(id), Q the
+        expected count of that id among the num_tries draws; a candidate equal to a row's true id is
+        masked out of that row (remove_accidental_hits=True). The result estimates the full-softmax loss
+        only roughly: exp() of it is not a perplexity.
         """
         V, K = self.config.vocab_size, self.config.n_negative_samples
-        log_range = math.log(V + 1)
-        u = torch.rand(K, device=h.device)
-        sampled = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)    # (K,)
+        sampled, num_tries = log_uniform_candidates(V, K, h.device)                             # (K,)
 
-        def log_expected_count(ids):
-            p = torch.log1p(1.0 / (ids.to(h.dtype) + 1.0)) / log_range             # log((k+2)/(k+1)) / log(V+1)
-            return torch.log(K * p)
+        def log_expected_count(ids):    # TF, unique sampling: Q = 1 − (1 − p)^num_tries
+            p = torch.log1p(1.0 / (ids.to(h.dtype) + 1.0)) / math.log(V + 1)     # log((k+2)/(k+1)) / log(V+1)
+            return torch.log(-torch.expm1(num_tries * torch.log1p(-p)))
 
         W, b = self.softmax.weight, self.softmax.bias
         true_logits = (h * W[targets]).sum(-1) + b[targets] - log_expected_count(targets)        # (N,)
@@ -400,6 +399,32 @@ class BiLM(nn.Module):
         sampled_logits = sampled_logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([true_logits[:, None], sampled_logits], dim=1)                        # (N, 1+K)
         return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def log_uniform_candidates(V, K, device=None):
+    """TF's log_uniform_candidate_sampler(range_max=V, num_sampled=K, unique=True) → (ids (K,), num_tries).
+
+    Draws ids i.i.d. from P(k) = log((k+2)/(k+1)) / log(V+1) (k = floor(exp(u·log(V+1))) − 1, u uniform),
+    keeping the first K distinct ones; num_tries is how many draws that took. The draws come in chunks
+    (K, then doubling) from torch's global generator, so the result is a function of its state: a
+    seeded iteration samples the same candidates again. Needs K ≤ V (sampled softmax uses K < V).
+    """
+    if not 0 < K <= V:
+        raise ValueError(f"log_uniform_candidates: need 0 < K ≤ V, got K={K}, V={V}")
+    log_range = math.log(V + 1)
+    draws = torch.empty(0, dtype=torch.long, device=device)
+    while True:
+        u = torch.rand(max(K, len(draws)), device=device)
+        new = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)     # float rounding safety
+        draws = torch.cat([draws, new])                                         # the stream so far
+        distinct, inverse = torch.unique(draws, return_inverse=True)
+        if len(distinct) >= K:
+            break
+    # where each distinct id first appeared in the stream; the K earliest are the sample
+    position = torch.arange(len(draws), device=draws.device)
+    first = torch.full((len(distinct),), len(draws), device=draws.device).scatter_reduce_(0, inverse, position, "amin")
+    first = first.sort().values[:K]                                            # (K,) positions in the stream
+    return draws[first], first[-1].item() + 1
 
 
 def estimate_flops_per_token(config, vocab_size, training=True):

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilm.elmo import (BiLM, ELMo, ELMoConfig, ScalarMix, batch_to_ids, load_bilm, preset, reverse_padded,
-                         word_to_char_ids)
+import minilm.elmo
+from minilm.elmo import (BiLM, ELMo, ELMoConfig, ScalarMix, batch_to_ids, load_bilm, log_uniform_candidates, preset,
+                         reverse_padded, word_to_char_ids)
 
 
 def tiny_config(**kw):
@@ -193,6 +194,62 @@ def test_sampled_softmax_trains_the_full_softmax_loss_down():
     with torch.no_grad():
         end = model(ids, nxt, prv)[2].mean().item()
     assert end < start - 1.0
+
+
+def _tf_log_uniform_sample(V, K, rng):
+    """TF's LogUniformSampler with unique=True, one draw at a time: (the K distinct ids, num_tries)."""
+    ids, tries = [], 0
+    while len(ids) < K:
+        k = int(np.exp(rng.random() * np.log(V + 1))) - 1
+        tries += 1
+        if k not in ids:
+            ids.append(k)
+    return ids, tries
+
+
+def test_log_uniform_candidates_are_distinct_and_distributed_as_tfs_sequential_sampler():
+    V, K, runs = 30, 8, 2000
+    rng = np.random.default_rng(0)
+    ours, theirs = np.zeros(V), np.zeros(V)
+    our_tries = their_tries = 0
+    for _ in range(runs):
+        ids, tries = log_uniform_candidates(V, K)
+        assert len(set(ids.tolist())) == K and 0 <= ids.min() and ids.max() < V and tries >= K
+        ours[ids.numpy()] += 1
+        our_tries += tries
+        ids, tries = _tf_log_uniform_sample(V, K, rng)
+        theirs[ids] += 1
+        their_tries += tries
+    # how often each id is among the K: the same process, so equal up to sampling noise (σ ≤ 0.016)
+    np.testing.assert_allclose(ours / runs, theirs / runs, atol=0.07)
+    assert our_tries / runs == pytest.approx(their_tries / runs, rel=0.05)
+    torch.manual_seed(5)
+    a = log_uniform_candidates(1000, 100)
+    torch.manual_seed(5)
+    b = log_uniform_candidates(1000, 100)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]                    # a function of the generator's state
+
+
+def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_removed(monkeypatch):
+    V, K, tries = 50, 6, 9
+    model = BiLM(tiny_config(vocab_size=V, n_negative_samples=K)).train()
+    sampled = torch.tensor([0, 3, 7, 1, 20, 4])
+    monkeypatch.setattr(minilm.elmo, "log_uniform_candidates", lambda V_, K_, device: (sampled, tries))
+    h = torch.randn(5, model.config.projection_dim)
+    targets = torch.tensor([3, 10, 0, 49, 3])                    # rows 0, 2 and 4 hit a sampled id
+    loss = model._sampled_softmax_loss(h, targets)
+    # TF: logits − log Q, Q = 1 − (1 − p)^num_tries (unique sampling), hits set to −FLOAT_MAX; in float64
+    W, b = model.softmax.weight.detach().double().numpy(), model.softmax.bias.detach().double().numpy()
+    hh = h.double().numpy()
+    p = lambda k: np.log((k + 2) / (k + 1)) / np.log(V + 1)
+    log_q = lambda k: np.log(1 - (1 - p(k)) ** tries)
+    expected = []
+    for n, t in enumerate(targets.tolist()):
+        logits = [hh[n] @ W[t] + b[t] - log_q(t)]
+        logits += [hh[n] @ W[s] + b[s] - log_q(s) if s != t else -np.finfo(np.float32).max for s in sampled.tolist()]
+        logits = np.array(logits)
+        expected.append(np.logaddexp.reduce(logits) - logits[0])
+    assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
 
 
 # -- ELMo --------------------------------------------------------------------------------------
