@@ -8,26 +8,28 @@
 
 Options are the names below, given as `--name value` or `--name=value` (booleans: True/False).
 
-The corpus is read one sentence per line, split into words (case kept, punctuation split off), and
-every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's LMDataset does. A batch
-is `batch_size` windows of `unroll_steps` tokens at random places in the stream; the forward LM
-predicts each window token's right neighbour, the backward LM its left neighbour (so a window reads
-unroll_steps + 2 tokens). Unlike bilm-tf, which carries the LSTM state from one batch to the next,
-every window starts from a zero state: windows are independent, so a resumed or multi-process run
-sees exactly the same batches, and the state matches what `--embed` (and the released features) use.
-Inputs are characters, so any word has a representation; only the softmax has a word vocabulary
-(`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the order the log-uniform
-sampler of the sampled softmax assumes).
+The corpus is read one sentence per line, split into words (`token_regex`: case kept, punctuation
+split off), and every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's
+LMDataset does. A batch is `batch_size` windows of `unroll_steps` tokens at random places in the
+stream; the forward LM predicts each window token's right neighbour, the backward LM its left
+neighbour (so a window reads unroll_steps + 2 tokens). Unlike bilm-tf, which carries the LSTM state
+from one batch to the next, every window starts from a zero state: windows are independent, so a
+resumed or multi-process run sees exactly the same batches, and the state matches what `--embed` (and
+the released features) use. Inputs are characters, so any word has a representation; only the softmax
+has a word vocabulary (`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the
+order the log-uniform sampler of the sampled softmax assumes).
 
 Everything random in an iteration (window places, dropout, softmax samples) is seeded from
 (seed, iteration, rank), so `--resume True` after a kill replays the run exactly.
 """
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -96,12 +98,34 @@ def parse_args(argv, defaults):
     return out
 
 
-TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")   # words (with inner apostrophes: "o'er", "I'll") or single symbols
+@functools.cache
+def token_regex():
+    """Words or symbols: the compiled pattern that `tokenize` uses (built once, on first use, in about 0.1 s).
+
+    A word is a run of word characters: Python's \\w (letters, digits, _) plus what belongs inside a
+    word but is not \\w, and re has no class for: the combining marks (Unicode categories Mn, Mc,
+    Me: Devanagari vowel signs and viramas, the accents of NFD text) and the zero-width non-joiner
+    and joiner U+200C, U+200D. An apostrophe, ' or ’, between word characters stays inside
+    ("o'er", "don’t"). A symbol is one other non-space character together with the marks (emoji
+    variation selectors), skin-tone modifiers and ZWJ-joined symbols that follow it, so an emoji
+    sequence like 👨‍👩‍👧 stays one token; two regional indicators make one flag.
+    """
+    ranges = []                    # the code points of category M*, as [first, last] runs
+    for c in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(c))[0] == "M":
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    marks = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    word = rf"[\w{marks}\u200c\u200d]"
+    symbol = rf"[^\w\s](?:[{marks}\U0001F3FB-\U0001F3FF]|\u200d[^\w\s])*"
+    return re.compile(rf"{word}+(?:['’]{word}+)*|[\U0001F1E6-\U0001F1FF]{{2}}|{symbol}")
 
 
 def tokenize(line):
     """Case-sensitive word-level split: ELMo reads characters, so "King" and "king" stay distinct."""
-    return TOKEN.findall(line)
+    return token_regex().findall(line)
 
 
 def sentences_of(text):

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -199,6 +200,17 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus
     assert [r["iter"] for r in read_log(out)] == [0]
 
 
+@pytest.mark.parametrize("line,tokens", [
+    ("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]),                                    # vowel signs and virama are marks
+    (unicodedata.normalize("NFD", "café noir"), [unicodedata.normalize("NFD", "café"), "noir"]),
+    ("می\u200cخواهم", ["می\u200cخواهم"]),                                        # zero-width non-joiner
+    ("👨\u200d👩\u200d👧 ok 👍🏽!", ["👨\u200d👩\u200d👧", "ok", "👍🏽", "!"]),      # ZWJ sequence, skin tone
+    ("don’t, o'er ‘it’", ["don’t", ",", "o'er", "‘", "it", "’"]),               # ’ inside a word joins like '
+    ("The King's men, I'll go.", ["The", "King's", "men", ",", "I'll", "go", "."])])
+def test_tokenize_keeps_marks_joiners_and_inner_apostrophes_inside_words(line, tokens):
+    assert train_elmo.tokenize(line) == tokens
+
+
 def test_embed_runs_the_bilm_once_per_batch(trained, tmp_path, monkeypatch):
     from minilm.elmo import BiLM
     calls = []
@@ -214,3 +226,4 @@ def test_embed_runs_the_bilm_once_per_batch(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(train_elmo, "show_contexts", lambda *a: None)
     train_elmo.embed_file(cfg)
     assert len(calls) == 1                                          # two sentences: one batch
+
