@@ -3,6 +3,7 @@ Checks that stop before any training call its main() in this process, which is m
 import importlib.util
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -227,3 +228,15 @@ def test_embed_runs_the_bilm_once_per_batch(trained, tmp_path, monkeypatch):
     train_elmo.embed_file(cfg)
     assert len(calls) == 1                                          # two sentences: one batch
 
+
+def test_readme_elmo_snippet_runs(trained, monkeypatch):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### ELMo features"):readme.index("### Loading the original weights")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.chdir(os.path.dirname(trained))
+    os.makedirs("out-elmo", exist_ok=True)
+    shutil.copy(os.path.join(trained, "ckpt.pt"), "out-elmo/ckpt.pt")
+    scope = {}
+    exec(code, scope)
+    assert scope["reps"].shape[:2] == (2, 4) and scope["mask"].sum().item() == 7
