@@ -1,6 +1,6 @@
 """Train an ELMo biLM from scratch (Peters et al. 2018; allenai/bilm-tf's bin/train_elmo.py), or embed text with one.
 
-    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~94
+    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~86
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
