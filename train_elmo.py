@@ -1,32 +1,35 @@
 """Train an ELMo biLM from scratch (Peters et al. 2018; allenai/bilm-tf's bin/train_elmo.py), or embed text with one.
 
-    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~94
+    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~86
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
+    python train_elmo.py --resume True          # continue the run in out_dir (--overwrite True: start over)
 
 Options are the names below, given as `--name value` or `--name=value` (booleans: True/False).
 
-The corpus is read one sentence per line, split into words (case kept, punctuation split off), and
-every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's LMDataset does. A batch
-is `batch_size` windows of `unroll_steps` tokens at random places in the stream; the forward LM
-predicts each window token's right neighbour, the backward LM its left neighbour (so a window reads
-unroll_steps + 2 tokens). Unlike bilm-tf, which carries the LSTM state from one batch to the next,
-every window starts from a zero state: windows are independent, so a resumed or multi-process run
-sees exactly the same batches, and the state matches what `--embed` (and the released features) use.
-Inputs are characters, so any word has a representation; only the softmax has a word vocabulary
-(`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the order the log-uniform
-sampler of the sampled softmax assumes).
+The corpus is read one sentence per line, split into words (`token_regex`: case kept, punctuation
+split off), and every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's
+LMDataset does. A batch is `batch_size` windows of `unroll_steps` tokens at random places in the
+stream; the forward LM predicts each window token's right neighbour, the backward LM its left
+neighbour (so a window reads unroll_steps + 2 tokens). Unlike bilm-tf, which carries the LSTM state
+from one batch to the next, every window starts from a zero state: windows are independent, so a
+resumed or multi-process run sees exactly the same batches, and the state matches what `--embed` (and
+the released features) use. Inputs are characters, so any word has a representation; only the softmax
+has a word vocabulary (`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the
+order the log-uniform sampler of the sampled softmax assumes).
 
 Everything random in an iteration (window places, dropout, softmax samples) is seeded from
 (seed, iteration, rank), so `--resume True` after a kill replays the run exactly.
 """
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -52,9 +55,10 @@ dropout = 0.1
 max_vocab = 10000          # softmax vocabulary, specials included (0 = every training word)
 n_negative_samples = 2048  # sampled softmax when the vocabulary is larger than this (bilm-tf: 8192)
 val_fraction = 0.1
-seed = 1337
+seed = 1337               # 0 ≤ seed < 2**32
 compile = False            # torch.compile the model
 resume = False             # continue from out_dir/ckpt.pt
+overwrite = False          # start over in an out_dir that holds a checkpoint (deletes its ckpt.pt and log.jsonl)
 embed = ""                 # a text file: write ELMo features of its lines (needs a trained out_dir)
 word = ""                  # --embed: the word whose contexts to compare (default: picked from the file)
 # -----------------------------------------------------------------------------------------------
@@ -94,12 +98,34 @@ def parse_args(argv, defaults):
     return out
 
 
-TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")   # words (with inner apostrophes: "o'er", "I'll") or single symbols
+@functools.cache
+def token_regex():
+    """Words or symbols: the compiled pattern that `tokenize` uses (built once, on first use, in about 0.1 s).
+
+    A word is a run of word characters: Python's \\w (letters, digits, _) plus what belongs inside a
+    word but is not \\w, and re has no class for: the combining marks (Unicode categories Mn, Mc,
+    Me: Devanagari vowel signs and viramas, the accents of NFD text) and the zero-width non-joiner
+    and joiner U+200C, U+200D. An apostrophe, ' or ’, between word characters stays inside
+    ("o'er", "don’t"). A symbol is one other non-space character together with the marks (emoji
+    variation selectors), skin-tone modifiers and ZWJ-joined symbols that follow it, so an emoji
+    sequence like 👨‍👩‍👧 stays one token; two regional indicators make one flag.
+    """
+    ranges = []                    # the code points of category M*, as [first, last] runs
+    for c in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(c))[0] == "M":
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    marks = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    word = rf"[\w{marks}\u200c\u200d]"
+    symbol = rf"[^\w\s](?:[{marks}\U0001F3FB-\U0001F3FF]|\u200d[^\w\s])*"
+    return re.compile(rf"{word}+(?:['’]{word}+)*|[\U0001F1E6-\U0001F1FF]{{2}}|{symbol}")
 
 
 def tokenize(line):
     """Case-sensitive word-level split: ELMo reads characters, so "King" and "king" stay distinct."""
-    return TOKEN.findall(line)
+    return token_regex().findall(line)
 
 
 def sentences_of(text):
@@ -115,15 +141,75 @@ def main(argv):
         raise UsageError(str(e)) from None
 
 
+def check_device(dev):
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {dev} was asked for, but torch sees no CUDA device")
+    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"--device {dev}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    if dev == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for, but torch sees no MPS device")
+
+
+def check_train_options(cfg):
+    """Everything on the command line that can be wrong on its own, checked before any work."""
+    from minilm.elmo import PRESETS
+    for key, low in (("batch_size", 1), ("unroll_steps", 1), ("max_iters", 0), ("eval_interval", 1),
+                     ("eval_iters", 1), ("log_interval", 1), ("n_negative_samples", 0)):
+        if cfg[key] < low:
+            raise UsageError(f"--{key} must be ≥ {low}, got {cfg[key]}")
+    if not cfg["grad_clip"] > 0:      # 0 would zero every gradient, a negative one would climb the loss
+        raise UsageError(f"--grad_clip must be > 0 (inf turns clipping off), got {cfg['grad_clip']}")
+    if not cfg["learning_rate"] >= 0:
+        raise UsageError(f"--learning_rate must be ≥ 0 (0: the optimizer's default), got {cfg['learning_rate']}")
+    if not 0 <= cfg["dropout"] < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
+    if not 0 < cfg["val_fraction"] < 1:
+        raise UsageError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+    if cfg["max_vocab"] != 0 and cfg["max_vocab"] < 4:
+        raise UsageError(f"--max_vocab must be 0 (every training word) or ≥ 4 (<S>, </S>, <UNK> and at least "
+                         f"one word), got {cfg['max_vocab']}")
+    if not 0 <= cfg["seed"] < 2**32:   # the per-iteration seeds (seed · 1,000,003 + ...) must fit torch's 64 bits
+        raise UsageError(f"--seed must be in [0, 2**32), got {cfg['seed']}")
+    if cfg["optimizer"] not in ("adagrad", "adam"):
+        raise UsageError(f"--optimizer must be adagrad or adam, got {cfg['optimizer']!r}")
+    if cfg["preset"] not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {cfg['preset']!r}")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise UsageError("--resume True continues the run in --out_dir, --overwrite True deletes it: pass one of them")
+    check_device(cfg["device"])
+
+
+def load_checkpoint(path):
+    """A train_elmo.py checkpoint as a dict, or a one-line UsageError saying why the file is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:            # truncated, not a torch file, objects that weights_only refuses, ...
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]   # torch's first sentence
+        raise UsageError(f"cannot read {path} (truncated or not a checkpoint?): {detail}") from None
+    missing = {"model", "optimizer", "config", "vocab", "iter"} - set(checkpoint if isinstance(checkpoint, dict) else {})
+    if missing:
+        raise UsageError(f"{path} is not a train_elmo.py checkpoint (no {', '.join(sorted(missing))}: "
+                         "a train_gpt1.py one, or another file?)")
+    return checkpoint
+
+
+def bilm_from_checkpoint(checkpoint, path):
+    from minilm.elmo import BiLM, ELMoConfig
+    try:
+        model = BiLM(ELMoConfig.from_dict(checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
+        raise UsageError(f"{path}: the model in it does not load ({str(e).strip().splitlines()[0]})") from None
+    return model
+
+
 def setup_device(cfg):
     """DDP when launched by torchrun (RANK in the environment), else one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = 0, 1
     dev = cfg["device"]
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
-    if dev not in ("cpu", "mps") and not dev.startswith("cuda"):
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {dev!r}")
     if ddp:
         import torch.distributed as dist
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -136,23 +222,35 @@ def setup_device(cfg):
 
 def train(cfg):
     from minilm.data import load_documents, split_documents
-    from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, ELMoConfig, estimate_flops_per_token,
-                             preset as make_preset, word_to_char_ids)
+    from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset,
+                             word_to_char_ids)
 
+    check_train_options(cfg)
     ddp, rank, world, dev = setup_device(cfg)
     master = rank == 0
     B, T = cfg["batch_size"], cfg["unroll_steps"]
     if B % world:
         raise UsageError(f"--batch_size {B} must be divisible by the number of processes ({world})")
-    if T < 1 or cfg["max_iters"] < 0 or cfg["eval_interval"] < 1 or cfg["eval_iters"] < 1:
-        raise UsageError("--unroll_steps, --eval_interval and --eval_iters must be ≥ 1, --max_iters ≥ 0")
-    if cfg["optimizer"] not in ("adagrad", "adam"):
-        raise UsageError(f"--optimizer must be adagrad or adam, got {cfg['optimizer']!r}")
     lr = cfg["learning_rate"] or {"adagrad": 0.2, "adam": 1e-3}[cfg["optimizer"]]
+
+    # -- out_dir: an earlier run's checkpoint is continued (--resume) or deleted (--overwrite), never mixed in
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if cfg["resume"] and not os.path.isfile(ckpt_path):
-        raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot use --out_dir {out_dir}: {e.strerror or e}") from None
+    checkpoint = None
+    if cfg["resume"]:
+        if not os.path.isfile(ckpt_path):
+            raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
+        checkpoint = load_checkpoint(ckpt_path)
+    elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise UsageError(f"{ckpt_path} holds an earlier run: pass --resume True to continue it, "
+                         "--overwrite True to delete it and start over, or another --out_dir")
 
     # -- data: token stream of each split, char ids of every word type, softmax ids ----------------
     docs = load_documents(cfg["data"])
@@ -187,19 +285,16 @@ def train(cfg):
     rows = slice(rank * (B // world), (rank + 1) * (B // world))
 
     # -- model and optimizer ------------------------------------------------------------------------
-    checkpoint = None
-    if cfg["resume"]:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    torch.manual_seed(cfg["seed"])
+    if checkpoint:
         if checkpoint["vocab"] != vocab:
             raise UsageError(f"{ckpt_path} was trained with another vocabulary: resume it with the same --data and --max_vocab")
-        config = ELMoConfig.from_dict(checkpoint["config"])
+        model = bilm_from_checkpoint(checkpoint, ckpt_path).to(dev)
+        config = model.config
     else:
         config = make_preset(cfg["preset"], vocab_size=len(vocab), dropout=cfg["dropout"],
                              n_negative_samples=cfg["n_negative_samples"])
-    torch.manual_seed(cfg["seed"])
-    model = BiLM(config).to(dev)
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
+        model = BiLM(config).to(dev)
     if cfg["optimizer"] == "adagrad":   # bilm-tf: AdagradOptimizer(lr, initial_accumulator_value=1.0)
         opt = torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=1.0)
     else:
@@ -216,7 +311,6 @@ def train(cfg):
     n_params = sum(p.numel() for p in raw_model.parameters())
     softmax = "full" if not 0 < config.n_negative_samples < len(vocab) else f"sampled ({config.n_negative_samples})"
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"data {cfg['data']}: {len(data['train']):,} train / {len(data['val']):,} val tokens, "
               f"{len(types):,} word types, softmax vocabulary {len(vocab):,} ({softmax} softmax in training)")
         print(f"model {cfg['preset'] if not checkpoint else 'from checkpoint'}: {n_params:,} parameters "
@@ -252,7 +346,6 @@ def train(cfg):
             os.fsync(f.fileno())
         os.replace(tmp, ckpt_path)
 
-    log_path = os.path.join(out_dir, "log.jsonl")
     if master and checkpoint and os.path.exists(log_path):
         # drop evaluations logged after the checkpoint (a kill between logging and saving): they are redone
         with open(log_path) as f:
@@ -260,8 +353,12 @@ def train(cfg):
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-    elif master and not checkpoint and os.path.exists(log_path):
-        os.remove(log_path)
+    elif master and not checkpoint:
+        # a fresh run: nothing of an earlier one stays (its checkpoint is here only with --overwrite True);
+        # the checkpoint goes first, so a kill in between leaves a log without one, which the next run drops
+        for path in (ckpt_path, log_path):
+            if os.path.exists(path):
+                os.remove(path)
 
     # -- the loop -----------------------------------------------------------------------------------
     model.train()
@@ -313,17 +410,14 @@ def train(cfg):
 
 def embed_file(cfg):
     from minilm.data import load_documents
-    from minilm.elmo import BiLM, ELMo, ELMoConfig, batch_to_ids
+    from minilm.elmo import ELMo, batch_to_ids
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--embed needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
     dev = cfg["device"]
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    bilm = BiLM(ELMoConfig.from_dict(checkpoint["config"]))
-    bilm.load_state_dict(checkpoint["model"])
+    check_device(dev)
+    bilm = bilm_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
     elmo = ELMo(bilm.to(dev), dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
 
     text = "\n".join(t for _, t in load_documents(cfg["embed"]))
@@ -335,8 +429,8 @@ def embed_file(cfg):
         for i in range(0, len(sentences), 64):
             batch = sentences[i: i + 64]
             ids = batch_to_ids(batch).to(dev)
-            layers, _, _ = bilm(ids)                                   # [(b, T+2, 2P)] × (n_layers + 1)
-            mixed, _ = elmo(ids)                                       # (b, T, 2P)
+            layers, mask, _ = bilm(ids)                                # [(b, T+2, 2P)] × (n_layers + 1)
+            mixed, _ = elmo.mix(layers, mask)                          # (b, T, 2P): the same biLM run, mixed
             for b, words in enumerate(batch):
                 n = len(words)
                 k = i + b

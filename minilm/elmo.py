@@ -106,7 +106,28 @@ class ELMoConfig:
     n_negative_samples: int = 8192    # training uses sampled softmax when vocab_size > this
 
     def __post_init__(self):
-        self.filters = tuple((int(w), int(n)) for w, n in self.filters)
+        # checked here, so that a bad options.json, checkpoint or command line fails at once in one line
+        def check(name, value, ok, want):
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"ELMoConfig: {name} must be {want}, got {value!r}")
+
+        def is_int(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        check("filters", self.filters, lambda f: isinstance(f, (list, tuple)) and len(f) > 0 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and is_int(p[0], 1) and is_int(p[1], 1) for p in f),
+            "a non-empty list of [width, count] pairs of positive integers")
+        self.filters = tuple((w, n) for w, n in self.filters)
+        for name in ("n_characters", "max_characters_per_token", "char_embed_dim", "projection_dim", "lstm_dim", "n_layers"):
+            check(name, getattr(self, name), lambda v: is_int(v, 1), "an integer ≥ 1")
+        for name in ("n_highway", "vocab_size", "n_negative_samples"):
+            check(name, getattr(self, name), lambda v: is_int(v, 0), "an integer ≥ 0")
+        for name in ("cell_clip", "proj_clip"):   # None: no clipping (TF's default)
+            check(name, getattr(self, name), lambda v: v is None or isinstance(v, (int, float)) and v > 0,
+                  "a number > 0 or null")
+        check("dropout", self.dropout, lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+        if not isinstance(self.use_skip_connections, bool):
+            raise ValueError(f"ELMoConfig: use_skip_connections must be true or false, got {self.use_skip_connections!r}")
         if self.activation not in ("relu", "tanh"):
             raise ValueError(f"ELMoConfig: activation must be 'relu' or 'tanh', got {self.activation!r}")
 
@@ -148,8 +169,9 @@ def preset(name, **overrides):
 class Highway(nn.Module):
     """Srivastava et al. 2015, as bilm-tf: g = σ(x W_carry + b_carry), y = g·relu(x W_transform + b_transform) + (1−g)·x.
 
-    (bilm-tf calls g the "transform gate" and 1−g the "carry gate", but names the weights of g
-    W_carry; we keep the checkpoint's names.)
+    Names differ between the two: the paper calls g (the gate on the transformed path) the transform
+    gate T, and 1 − g the carry gate C; bilm-tf's code calls the same g `carry_gate` (weights W_carry,
+    b_carry) and the relu branch `transform_gate`. We keep the checkpoint's names.
     """
 
     def __init__(self, dim):
@@ -204,6 +226,8 @@ class LSTMP(nn.Module):
             if self.proj_clip:
                 m = m.clamp(-self.proj_clip, self.proj_clip)
             outputs.append(m)
+        if not outputs:                           # T = 0: nothing to read
+            return x.new_zeros(B, 0, self.proj_size)
         return torch.stack(outputs, dim=1)        # (B, T, P)
 
 
@@ -299,7 +323,7 @@ class BiLM(nn.Module):
         for hw in self.highway:
             x = hw(x)                                                # (B·T, ΣF)
         x = self.projection(x)                                       # (B·T, P), no activation
-        return x.view(B, T, -1)
+        return x.view(B, T, self.config.projection_dim)   # (B, T, P); B or T may be 0
 
     def _run_stack(self, layers, x):
         """One direction's LSTM stack; returns every layer's output, each (B, T, P)."""
@@ -354,21 +378,20 @@ class BiLM(nn.Module):
         return F.cross_entropy(self.softmax(h), targets)             # full softmax: a true perplexity
 
     def _sampled_softmax_loss(self, h, targets):
-        """TF's sampled_softmax_loss with a log-uniform sampler (Jean et al. 2015), as bilm-tf trains.
+        """TF's sampled_softmax_loss with its defaults, as bilm-tf trains (Jean et al. 2015).
 
-        K candidates are drawn for the whole batch from P(k) = log((k+2)/(k+1)) / log(V+1), which
-        approximates word frequency when ids are sorted by frequency. Every logit is corrected by
-        −log(expected count of that id among the K draws); draws equal to the true id are masked.
-        The result estimates the full-softmax loss only roughly: exp() of it is not a perplexity.
+        K distinct candidates for the whole batch from TF's log-uniform sampler (unique=True, see
+        `log_uniform_candidates`). Every logit, true or sampled, is corrected by −log Q(id), Q the
+        expected count of that id among the num_tries draws; a candidate equal to a row's true id is
+        masked out of that row (remove_accidental_hits=True). The result estimates the full-softmax loss
+        only roughly: exp() of it is not a perplexity.
         """
         V, K = self.config.vocab_size, self.config.n_negative_samples
-        log_range = math.log(V + 1)
-        u = torch.rand(K, device=h.device)
-        sampled = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)    # (K,)
+        sampled, num_tries = log_uniform_candidates(V, K, h.device)                             # (K,)
 
-        def log_expected_count(ids):
-            p = torch.log1p(1.0 / (ids.to(h.dtype) + 1.0)) / log_range             # log((k+2)/(k+1)) / log(V+1)
-            return torch.log(K * p)
+        def log_expected_count(ids):    # TF, unique sampling: Q = 1 − (1 − p)^num_tries
+            p = torch.log1p(1.0 / (ids.to(h.dtype) + 1.0)) / math.log(V + 1)     # log((k+2)/(k+1)) / log(V+1)
+            return torch.log(-torch.expm1(num_tries * torch.log1p(-p)))
 
         W, b = self.softmax.weight, self.softmax.bias
         true_logits = (h * W[targets]).sum(-1) + b[targets] - log_expected_count(targets)        # (N,)
@@ -376,6 +399,32 @@ class BiLM(nn.Module):
         sampled_logits = sampled_logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([true_logits[:, None], sampled_logits], dim=1)                        # (N, 1+K)
         return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def log_uniform_candidates(V, K, device=None):
+    """TF's log_uniform_candidate_sampler(range_max=V, num_sampled=K, unique=True) → (ids (K,), num_tries).
+
+    Draws ids i.i.d. from P(k) = log((k+2)/(k+1)) / log(V+1) (k = floor(exp(u·log(V+1))) − 1, u uniform),
+    keeping the first K distinct ones; num_tries is how many draws that took. The draws come in chunks
+    (K, then doubling) from torch's global generator, so the result is a function of its state: a
+    seeded iteration samples the same candidates again. Needs K ≤ V (sampled softmax uses K < V).
+    """
+    if not 0 < K <= V:
+        raise ValueError(f"log_uniform_candidates: need 0 < K ≤ V, got K={K}, V={V}")
+    log_range = math.log(V + 1)
+    draws = torch.empty(0, dtype=torch.long, device=device)
+    while True:
+        u = torch.rand(max(K, len(draws)), device=device)
+        new = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)     # float rounding safety
+        draws = torch.cat([draws, new])                                         # the stream so far
+        distinct, inverse = torch.unique(draws, return_inverse=True)
+        if len(distinct) >= K:
+            break
+    # where each distinct id first appeared in the stream; the K earliest are the sample
+    position = torch.arange(len(draws), device=draws.device)
+    first = torch.full((len(distinct),), len(draws), device=draws.device).scatter_reduce_(0, inverse, position, "amin")
+    first = first.sort().values[:K]                                            # (K,) positions in the stream
+    return draws[first], first[-1].item() + 1
 
 
 def estimate_flops_per_token(config, vocab_size, training=True):
@@ -431,11 +480,27 @@ class ScalarMix(nn.Module):
         return (self.scalar_parameters ** 2).sum()
 
 
+def remove_sentence_boundaries(layers, mask):
+    """Drop <S> and each sentence's </S> from the biLM's layers, as bilm-tf does before weight_layers.
+
+    layers [(B, T+2, D)], mask (B, T+2) → layers [(B, T, D)], mask (B, T), zero where the mask is False.
+    Output position t is input position t + 1, a real word iff t + 1 < length − 1 (the </S> of a
+    sentence of `length` rows sits at length − 1), i.e. iff t < length − 2.
+    """
+    B, T2 = mask.shape
+    T = max(T2 - 2, 0)
+    lengths = mask.sum(1)                                                    # words + 2 per sentence
+    mask = torch.arange(T, device=mask.device) < (lengths - 2).unsqueeze(1)  # (B, T)
+    m = mask.unsqueeze(-1)
+    return [(h[:, 1:1 + T] * m.to(h.dtype)) for h in layers], mask
+
+
 class ELMo(nn.Module):
     """Frozen biLM + scalar mix + dropout: representations for a downstream model (paper section 3.3).
 
     forward(char_ids (B, T+2, 50)) → (representations (B, T, 2P), mask (B, T)), with <S> and </S>
-    removed. The task model concatenates [x_k; ELMo_k] with its own word vectors.
+    removed from every layer *before* the mix, as bilm-tf, so do_layer_norm's statistics cover words
+    only. The task model concatenates [x_k; ELMo_k] with its own word vectors.
     """
 
     def __init__(self, bilm, dropout=0.5, do_layer_norm=False):
@@ -455,10 +520,13 @@ class ELMo(nn.Module):
     def forward(self, char_ids):
         with torch.no_grad():
             layers, mask, _ = self.bilm(char_ids)                  # [(B, T+2, 2P)], (B, T+2)
-        mixed = self.scalar_mix(layers, mask)                      # (B, T+2, 2P)
-        # drop <S> (position 0) and each sentence's </S> (its last real position)
-        mask = mask[:, 2:]                                         # position t here is t+1 there
-        representations = mixed[:, 1:-1] * mask.unsqueeze(-1).to(mixed.dtype)     # (B, T, 2P)
+        return self.mix(layers, mask)
+
+    def mix(self, layers, mask):
+        """The biLM's outputs (layers, mask), markers included → (representations (B, T, 2P), mask (B, T))."""
+        layers, mask = remove_sentence_boundaries(layers, mask)    # [(B, T, 2P)], (B, T)
+        mixed = self.scalar_mix(layers, mask)                      # eq. (1), (B, T, 2P)
+        representations = mixed * mask.unsqueeze(-1).to(mixed.dtype)   # layer norm shifts padding off zero
         return self.dropout(representations), mask
 
 
@@ -469,7 +537,9 @@ class ELMo(nn.Module):
 def load_bilm(options_file, weight_file):
     """Build a BiLM from bilm-tf's options.json and its hdf5 weight dump (allennlp's downloads).
 
-    The dump has no softmax, so the model makes features only. Needs h5py.
+    The dump has no softmax, so the model makes features only. Every dataset in the file must be used:
+    options asking for fewer highway or LSTM layers (or filters) than the file holds are an error, not
+    a silently different model. Needs h5py.
     """
     try:
         import h5py
@@ -477,31 +547,51 @@ def load_bilm(options_file, weight_file):
         raise ImportError("load_bilm needs h5py to read bilm-tf weight files: pip install h5py") from None
     for path in (options_file, weight_file):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_bilm: no such file: {path}")
+            raise FileNotFoundError(f"load_bilm: {path} is a directory, not a file" if os.path.isdir(path) else
+                                    f"load_bilm: no such file: {path}")
     try:
         with open(options_file, encoding="utf-8") as f:
             options = json.load(f)
         lstm, cnn = options["lstm"], options["char_cnn"]
-        config = ELMoConfig(
-            n_characters=N_CHARACTERS, max_characters_per_token=cnn.get("max_characters_per_token", MAX_CHARS),
+        settings = dict(
+            max_characters_per_token=cnn.get("max_characters_per_token", MAX_CHARS),
             char_embed_dim=cnn["embedding"]["dim"], filters=cnn["filters"],
             activation=cnn.get("activation", "relu"), n_highway=cnn.get("n_highway", 0),
             projection_dim=lstm["projection_dim"], lstm_dim=lstm["dim"],
             n_layers=lstm.get("n_layers", 1), cell_clip=lstm.get("cell_clip"), proj_clip=lstm.get("proj_clip"),
-            use_skip_connections=lstm.get("use_skip_connections", False), dropout=0.0, vocab_size=0)
-    except (ValueError, KeyError, TypeError) as e:
+            use_skip_connections=lstm.get("use_skip_connections", False))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, a key missing, not an object
         raise ValueError(f"load_bilm: {options_file} is not a bilm-tf options file ({type(e).__name__}: {e})") from None
+    try:
+        config = ELMoConfig(n_characters=N_CHARACTERS, dropout=0.0, vocab_size=0, **settings)
+    except ValueError as e:                                           # a value of the wrong type or range
+        raise ValueError(f"load_bilm: {options_file}: {str(e).removeprefix('ELMoConfig: ')}") from None
     if config.max_characters_per_token != MAX_CHARS:
         raise ValueError(f"load_bilm: max_characters_per_token must be {MAX_CHARS}, got {config.max_characters_per_token}")
     model = BiLM(config)
 
-    with h5py.File(weight_file, "r") as f:
+    try:
+        f = h5py.File(weight_file, "r")
+    except OSError as e:                                              # not HDF5, truncated, unreadable
+        raise ValueError(f"load_bilm: {weight_file} is not a readable HDF5 weight file ({e})") from None
+    with f:
+        in_file = []
+        f.visititems(lambda name, obj: in_file.append(name) if isinstance(obj, h5py.Dataset) else None)
+        used = set()
+
         def get(name, shape):
-            if name not in f:
+            if not isinstance(f.get(name), h5py.Dataset):
                 raise ValueError(f"load_bilm: {weight_file} has no dataset {name!r}")
-            a = torch.from_numpy(f[name][...]).float()
-            if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"load_bilm: {name} has shape {tuple(a.shape)}, options.json implies {tuple(shape)}")
+            if f[name].dtype.kind != "f" or f[name].shape != tuple(shape):
+                raise ValueError(f"load_bilm: {weight_file}: {name} is {f[name].dtype} {f[name].shape}, "
+                                 f"options.json implies float {tuple(shape)}")
+            try:
+                a = torch.from_numpy(f[name][...]).float()
+            except OSError as e:                                      # a truncated or damaged file
+                raise ValueError(f"load_bilm: {weight_file}: cannot read {name} ({e})") from None
+            if not torch.isfinite(a).all():
+                raise ValueError(f"load_bilm: {weight_file}: {name} holds NaN or infinite values")
+            used.add(name)
             return a
 
         E, D, P, C = config.char_embed_dim, config.n_filters, config.projection_dim, config.lstm_dim
@@ -526,5 +616,9 @@ def load_bilm(options_file, weight_file):
                 sd[f"{stack}.{l}.state_linearity.weight"] = W[P:].t()
                 sd[f"{stack}.{l}.state_linearity.bias"] = get(prefix + "B", (4 * C,))   # forget bias 1.0 added at run time
                 sd[f"{stack}.{l}.state_projection.weight"] = get(prefix + "W_P_0", (C, P)).t()
+        unused = [name for name in in_file if name not in used]
+        if unused:
+            raise ValueError(f"load_bilm: {weight_file} holds {len(unused)} dataset(s) that {options_file} does not "
+                             f"ask for (n_highway, n_layers or filters too small?), e.g. {', '.join(unused[:3])}")
     model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True)
     return model.eval()

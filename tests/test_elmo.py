@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilm.elmo import (BiLM, ELMo, ELMoConfig, ScalarMix, batch_to_ids, load_bilm, preset, reverse_padded,
-                         word_to_char_ids)
+import minilm.elmo
+from minilm.elmo import (BiLM, ELMo, ELMoConfig, ScalarMix, batch_to_ids, load_bilm, log_uniform_candidates, preset,
+                         reverse_padded, word_to_char_ids)
 
 
 def tiny_config(**kw):
@@ -70,6 +71,18 @@ def test_bad_input_is_a_clear_error():
         model(torch.full((1, 3, 50), 262))
     with pytest.raises(ValueError, match="no softmax"):
         model(batch_to_ids([["a"]]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_empty_batches_and_empty_sequences_give_empty_outputs():
+    model = make_model()
+    elmo = ELMo(model, dropout=0.0)
+    D = 2 * model.config.projection_dim
+    for B, T in ((0, 4), (2, 0), (2, 1)):
+        char_ids = torch.zeros(B, T, 50, dtype=torch.long)
+        layers, mask, _ = model(char_ids)
+        assert [tuple(h.shape) for h in layers] == [(B, T, D)] * 3 and mask.shape == (B, T)
+        reps, mask = elmo(char_ids)
+        assert reps.shape == (B, max(T - 2, 0), D) and mask.shape == (B, max(T - 2, 0))
 
 
 # -- the biLM is two language models, not a bidirectional LSTM ----------------------------------
@@ -183,6 +196,62 @@ def test_sampled_softmax_trains_the_full_softmax_loss_down():
     assert end < start - 1.0
 
 
+def _tf_log_uniform_sample(V, K, rng):
+    """TF's LogUniformSampler with unique=True, one draw at a time: (the K distinct ids, num_tries)."""
+    ids, tries = [], 0
+    while len(ids) < K:
+        k = int(np.exp(rng.random() * np.log(V + 1))) - 1
+        tries += 1
+        if k not in ids:
+            ids.append(k)
+    return ids, tries
+
+
+def test_log_uniform_candidates_are_distinct_and_distributed_as_tfs_sequential_sampler():
+    V, K, runs = 30, 8, 2000
+    rng = np.random.default_rng(0)
+    ours, theirs = np.zeros(V), np.zeros(V)
+    our_tries = their_tries = 0
+    for _ in range(runs):
+        ids, tries = log_uniform_candidates(V, K)
+        assert len(set(ids.tolist())) == K and 0 <= ids.min() and ids.max() < V and tries >= K
+        ours[ids.numpy()] += 1
+        our_tries += tries
+        ids, tries = _tf_log_uniform_sample(V, K, rng)
+        theirs[ids] += 1
+        their_tries += tries
+    # how often each id is among the K: the same process, so equal up to sampling noise (σ ≤ 0.016)
+    np.testing.assert_allclose(ours / runs, theirs / runs, atol=0.07)
+    assert our_tries / runs == pytest.approx(their_tries / runs, rel=0.05)
+    torch.manual_seed(5)
+    a = log_uniform_candidates(1000, 100)
+    torch.manual_seed(5)
+    b = log_uniform_candidates(1000, 100)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]                    # a function of the generator's state
+
+
+def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_removed(monkeypatch):
+    V, K, tries = 50, 6, 9
+    model = BiLM(tiny_config(vocab_size=V, n_negative_samples=K)).train()
+    sampled = torch.tensor([0, 3, 7, 1, 20, 4])
+    monkeypatch.setattr(minilm.elmo, "log_uniform_candidates", lambda V_, K_, device: (sampled, tries))
+    h = torch.randn(5, model.config.projection_dim)
+    targets = torch.tensor([3, 10, 0, 49, 3])                    # rows 0, 2 and 4 hit a sampled id
+    loss = model._sampled_softmax_loss(h, targets)
+    # TF: logits − log Q, Q = 1 − (1 − p)^num_tries (unique sampling), hits set to −FLOAT_MAX; in float64
+    W, b = model.softmax.weight.detach().double().numpy(), model.softmax.bias.detach().double().numpy()
+    hh = h.double().numpy()
+    p = lambda k: np.log((k + 2) / (k + 1)) / np.log(V + 1)
+    log_q = lambda k: np.log(1 - (1 - p(k)) ** tries)
+    expected = []
+    for n, t in enumerate(targets.tolist()):
+        logits = [hh[n] @ W[t] + b[t] - log_q(t)]
+        logits += [hh[n] @ W[s] + b[s] - log_q(s) if s != t else -np.finfo(np.float32).max for s in sampled.tolist()]
+        logits = np.array(logits)
+        expected.append(np.logaddexp.reduce(logits) - logits[0])
+    assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
 # -- ELMo --------------------------------------------------------------------------------------
 
 def test_scalar_mix_starts_as_an_average_and_layer_norm_uses_unmasked_elements():
@@ -218,6 +287,40 @@ def test_elmo_strips_markers_and_trains_only_the_mix():
     assert all(p.grad is None for p in bilm.parameters())
     elmo.train()
     assert not bilm.training
+
+
+def _strip_by_hand(layers, mask):
+    """<S>, </S> and padding removed from each sentence, one sentence at a time: [(B, T, D)], (B, T)."""
+    B, T2, D = layers[0].shape
+    lengths = mask.sum(1).tolist()
+    out = [torch.zeros(B, T2 - 2, D) for _ in layers]
+    new_mask = torch.zeros(B, T2 - 2, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        for h, o in zip(layers, out):
+            o[b, : n - 2] = h[b, 1: n - 1]
+        new_mask[b, : n - 2] = True
+    return out, new_mask
+
+
+def test_layer_norm_statistics_leave_out_sentence_markers_as_bilm_tf():
+    # bilm-tf strips <S>/</S> from every layer, then weight_layers normalises over the words only
+    bilm = make_model()
+    elmo = ELMo(bilm, dropout=0.0, do_layer_norm=True)
+    with torch.no_grad():
+        elmo.scalar_mix.scalar_parameters.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    ids = batch_to_ids([["The", "cat", "sat", "on", "the", "mat", "."], ["Hello", "world"]])
+    with torch.no_grad():
+        reps, mask = elmo(ids)
+        layers, full_mask, _ = bilm(ids)
+        stripped, stripped_mask = _strip_by_hand(layers, full_mask)
+        s = torch.softmax(elmo.scalar_mix.scalar_parameters, 0)
+        expected = 0
+        for w, h in zip(s, stripped):
+            real = h[stripped_mask]                                   # (n_words, D): words only
+            expected = expected + w * (h - real.mean()) / real.var(unbiased=False).sqrt()
+        expected = expected * stripped_mask.unsqueeze(-1)
+    assert torch.equal(mask, stripped_mask)
+    torch.testing.assert_close(reps, expected, rtol=1e-5, atol=1e-5)
 
 
 # -- bilm-tf weight files ------------------------------------------------------------------------
@@ -276,19 +379,28 @@ def _numpy_bilm_top_layer(a, cfg, words):
     return np.concatenate(tops, -1)
 
 
-def test_load_bilm_matches_an_independent_numpy_bilm_on_a_synthetic_weight_file(tmp_path):
+def _write_weight_file(path, cfg):
+    """A synthetic bilm-tf dump of cfg's shapes at path; returns its arrays."""
     h5py = pytest.importorskip("h5py")
-    cfg = tiny_config()
     a = _tf_arrays(cfg, np.random.default_rng(0))
-    with h5py.File(tmp_path / "weights.hdf5", "w") as f:
+    with h5py.File(path, "w") as f:
         for name, arr in a.items():
             f.create_dataset(name, data=arr)
-    options = {"lstm": {"dim": cfg.lstm_dim, "projection_dim": cfg.projection_dim, "n_layers": 2, "cell_clip": 3,
-                        "proj_clip": 3, "use_skip_connections": True},
-               "char_cnn": {"activation": "relu", "embedding": {"dim": cfg.char_embed_dim},
-                            "filters": [list(f) for f in cfg.filters], "n_highway": cfg.n_highway,
-                            "n_characters": 262, "max_characters_per_token": 50}}
-    (tmp_path / "options.json").write_text(json.dumps(options))
+    return a
+
+
+def _options(cfg, **lstm):
+    return {"lstm": {"dim": cfg.lstm_dim, "projection_dim": cfg.projection_dim, "n_layers": cfg.n_layers,
+                     "cell_clip": 3, "proj_clip": 3, "use_skip_connections": True, **lstm},
+            "char_cnn": {"activation": "relu", "embedding": {"dim": cfg.char_embed_dim},
+                         "filters": [list(f) for f in cfg.filters], "n_highway": cfg.n_highway,
+                         "n_characters": 262, "max_characters_per_token": 50}}
+
+
+def test_load_bilm_matches_an_independent_numpy_bilm_on_a_synthetic_weight_file(tmp_path):
+    cfg = tiny_config()
+    a = _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
     model = load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
     sents = [["Hello", "world", "!"], ["A", "longer", "sentence", "in", "this", "batch", "."]]
     with torch.no_grad():
@@ -308,6 +420,40 @@ def test_load_bilm_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match="pip install h5py"):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
+@pytest.mark.parametrize("fewer", [dict(n_highway=1), dict(n_layers=1)])
+def test_load_bilm_refuses_weights_the_options_do_not_ask_for(tmp_path, fewer):
+    # (fewer filters cannot pass silently: they change the highway and projection shapes)
+    _write_weight_file(tmp_path / "weights.hdf5", tiny_config())            # 2 highway, 2 LSTM layers
+    (tmp_path / "options.json").write_text(json.dumps(_options(tiny_config(**fewer))))
+    with pytest.raises(ValueError, match="does not ask for") as e:
+        load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
+    assert "\n" not in str(e.value) and "weights.hdf5" in str(e.value)
+
+
+@pytest.mark.parametrize("lstm,message", [({"cell_clip": "3"}, "cell_clip must be a number"),
+                                          ({"projection_dim": -1}, "projection_dim must be an integer ≥ 1"),
+                                          ({"n_layers": 2.5}, "n_layers must be an integer")])
+def test_load_bilm_checks_the_type_and_range_of_numeric_options(tmp_path, lstm, message):
+    cfg = tiny_config()
+    _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg, **lstm)))
+    with pytest.raises(ValueError, match=message) as e:
+        load_bilm(tmp_path / "options.json", tmp_path / "weights.hdf5")
+    assert "\n" not in str(e.value) and "options.json" in str(e.value)
+
+
+def test_load_bilm_names_a_weight_file_that_is_not_hdf5_or_is_truncated(tmp_path):
+    cfg = tiny_config()
+    _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
+    whole = (tmp_path / "weights.hdf5").read_bytes()
+    (tmp_path / "half.hdf5").write_bytes(whole[: len(whole) // 2])
+    for name in ("options.json", "half.hdf5"):
+        with pytest.raises(ValueError, match="not a readable HDF5 weight file") as e:
+            load_bilm(tmp_path / "options.json", tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")

@@ -1,9 +1,14 @@
-"""train_elmo.py end to end, as a user runs it: subprocesses on a small corpus the tests write themselves."""
+"""train_elmo.py end to end, as a user runs it: subprocesses on a small corpus the tests write themselves.
+Checks that stop before any training call its main() in this process, which is much faster."""
+import importlib.util
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -15,6 +20,12 @@ SCRIPT = os.path.join(ROOT, "train_elmo.py")
 # a small, fast run: the tiny preset on 8 windows of 8 tokens, no dropout so runs can be compared
 SMALL = ["--preset", "tiny", "--batch_size", "8", "--unroll_steps", "8", "--eval_iters", "2",
          "--log_interval", "1000", "--device", "cpu", "--dropout", "0.0"]
+# the shared run (and its resumed copy) train with sampled softmax: 16 of the corpus's ~30 softmax words
+SAMPLED = ["--n_negative_samples", "16"]
+
+_spec = importlib.util.spec_from_file_location("train_elmo", SCRIPT)
+train_elmo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_elmo)
 
 
 def run(*args, check=True, **kw):
@@ -46,7 +57,8 @@ def load_ckpt(out_dir):
 def trained(corpus, tmp_path_factory):
     """One uninterrupted run, shared by the tests below."""
     out = str(tmp_path_factory.mktemp("run") / "out")
-    run("--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL)
+    p = run("--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *SAMPLED)
+    assert "sampled (16) softmax in training" in p.stdout
     return out
 
 
@@ -64,7 +76,7 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
-    args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL]
+    args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *SAMPLED]
     proc = kill_at_first_checkpoint([sys.executable, SCRIPT, *args], out)  # at iter 10's checkpoint (or later)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert read_log(out)[-1]["iter"] < 40
@@ -125,3 +137,106 @@ def test_embed_writes_features_and_context_changes_a_words_vector(trained, tmp_p
     king = [f["layers_0"][:, 1], f["layers_1"][:, 4], f["layers_2"][:, 4]]        # (3, 128) each
     np.testing.assert_allclose(king[0][0], king[1][0], rtol=1e-6)                 # layer 0: context-free
     assert not np.allclose(king[0][2], king[1][2], atol=1e-3)                     # top layer: depends on context
+
+
+def usage_error(*argv):
+    """The one-line message main() stops with (printed as `train_elmo.py: <message>`, exit status 1)."""
+    with pytest.raises(train_elmo.UsageError) as e:
+        train_elmo.main(list(argv))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grad_clip", "-1"], "--grad_clip must be > 0"), (["--grad_clip", "0"], "--grad_clip must be > 0"),
+    (["--max_vocab", "2"], "--max_vocab must be 0"), (["--max_vocab", "-5"], "--max_vocab must be 0"),
+    (["--log_interval", "0"], "--log_interval must be ≥ 1"), (["--batch_size", "0"], "--batch_size must be ≥ 1"),
+    (["--batch_size", "-4"], "--batch_size must be ≥ 1"), (["--seed", str(2**64)], "--seed must be in"),
+    (["--seed", "-1"], "--seed must be in"), (["--device", "tpu"], "--device must be"),
+    (["--resume", "True", "--overwrite", "True"], "pass one of them")])
+def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
+    # --data does not exist: an error about the option shows it was checked before the data
+    assert message in usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out"), *args)
+
+
+def test_a_device_torch_does_not_see_is_a_one_line_error(tmp_path):
+    import torch as t
+    if t.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert "no MPS device" in usage_error("--device", "mps", "--out_dir", str(tmp_path))
+
+
+def test_out_dir_under_a_file_is_reported_before_the_data_is_read(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out in ("afile", "afile/sub"):
+        message = usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / out))
+        assert "--out_dir" in message and "missing.txt" not in message
+
+
+def test_foreign_or_truncated_checkpoints_are_one_line_errors(trained, tmp_path):
+    foreign = tmp_path / "gpt"
+    foreign.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "options": {}, "iter_num": 3}, foreign / "ckpt.pt")   # train_gpt1's keys
+    truncated = tmp_path / "cut"
+    truncated.mkdir()
+    whole = open(os.path.join(trained, "ckpt.pt"), "rb").read()
+    (truncated / "ckpt.pt").write_bytes(whole[: len(whole) // 2])
+    missing = str(tmp_path / "missing.txt")     # checked before the data: an error about the data would show it
+    for out, message in ((foreign, "not a train_elmo.py checkpoint"), (truncated, "cannot read")):
+        assert message in usage_error("--out_dir", str(out), "--resume", "True", "--data", missing)
+        assert message in usage_error("--out_dir", str(out), "--embed", missing)
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ckpt.pt", "log.jsonl"):
+        shutil.copy(os.path.join(trained, name), out / name)
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    message = usage_error("--data", corpus, "--out_dir", str(out), "--max_iters", "0", *SMALL)
+    assert "--resume True" in message and "--overwrite True" in message
+    assert {name: (out / name).read_bytes() for name in before} == before          # nothing lost
+    train_elmo.main(["--data", corpus, "--out_dir", str(out), "--max_iters", "0", "--overwrite", "True", *SMALL])
+    assert not (out / "ckpt.pt").exists()                                            # the old run is gone, all of it
+    assert [r["iter"] for r in read_log(out)] == [0]
+
+
+@pytest.mark.parametrize("line,tokens", [
+    ("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]),                                    # vowel signs and virama are marks
+    (unicodedata.normalize("NFD", "café noir"), [unicodedata.normalize("NFD", "café"), "noir"]),
+    ("می\u200cخواهم", ["می\u200cخواهم"]),                                        # zero-width non-joiner
+    ("👨\u200d👩\u200d👧 ok 👍🏽!", ["👨\u200d👩\u200d👧", "ok", "👍🏽", "!"]),      # ZWJ sequence, skin tone
+    ("don’t, o'er ‘it’", ["don’t", ",", "o'er", "‘", "it", "’"]),               # ’ inside a word joins like '
+    ("The King's men, I'll go.", ["The", "King's", "men", ",", "I'll", "go", "."])])
+def test_tokenize_keeps_marks_joiners_and_inner_apostrophes_inside_words(line, tokens):
+    assert train_elmo.tokenize(line) == tokens
+
+
+def test_embed_runs_the_bilm_once_per_batch(trained, tmp_path, monkeypatch):
+    from minilm.elmo import BiLM
+    calls = []
+    forward = BiLM.forward
+    monkeypatch.setattr(BiLM, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(os.path.join(trained, "ckpt.pt"), out / "ckpt.pt")
+    text = tmp_path / "sentences.txt"
+    text.write_text("The king loves a play .\nA fool mocks the king .\n", encoding="utf-8")
+    cfg = {**{k: getattr(train_elmo, k) for k in train_elmo._CONFIG_KEYS},
+           "out_dir": str(out), "embed": str(text), "device": "cpu", "word": "king"}
+    monkeypatch.setattr(train_elmo, "show_contexts", lambda *a: None)
+    train_elmo.embed_file(cfg)
+    assert len(calls) == 1                                          # two sentences: one batch
+
+
+def test_readme_elmo_snippet_runs(trained, monkeypatch):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### ELMo features"):readme.index("### Loading the original weights")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.chdir(os.path.dirname(trained))
+    os.makedirs("out-elmo", exist_ok=True)
+    shutil.copy(os.path.join(trained, "ckpt.pt"), "out-elmo/ckpt.pt")
+    scope = {}
+    exec(code, scope)
+    assert scope["reps"].shape[:2] == (2, 4) and scope["mask"].sum().item() == 7
