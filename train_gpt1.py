@@ -221,8 +221,9 @@ def check_fixed_options(given, ckpt, what):
 
 def get_batch(data, rng, n, T):
     """n sequences of T tokens from the token stream `data`, at starts drawn by the numpy Generator rng:
-    (x, y) int64 tensors (n, T), y the next token of each x (y[:, t] = data[s + t + 1])."""
-    starts = rng.integers(0, len(data) - T - 1, size=n)
+    (x, y) int64 tensors (n, T), y the next token of each x (y[:, t] = data[s + t + 1]). Every start that
+    leaves room for the T targets can be drawn, 0 ... len(data) - T - 1."""
+    starts = rng.integers(0, len(data) - T, size=n)
     x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T] for s in starts]).astype(np.int64))
     return x, y
