@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 
-transformers = pytest.importorskip("transformers")
 
 
 def test_default_config_is_the_paper_with_116534784_parameters():
@@ -22,6 +21,7 @@ def test_default_config_is_the_paper_with_116534784_parameters():
 
 def _hf_model(vocab=101, n_ctx=16, n_embd=32, n_layer=2, n_head=4, scale=10.0):
     """A random HF OpenAIGPTLMHeadModel with weights scaled up so the test can tell GELU variants apart."""
+    transformers = pytest.importorskip("transformers")  # only the Hugging Face comparisons need it
     cfg = transformers.OpenAIGPTConfig(vocab_size=vocab, n_positions=n_ctx, n_embd=n_embd, n_layer=n_layer,
                                        n_head=n_head, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     hf = transformers.OpenAIGPTLMHeadModel(cfg).eval()
@@ -104,6 +104,39 @@ def test_training_mode_with_attention_dropout_uses_the_explicit_path_and_equals_
     model.train()
     explicit, _ = model(idx)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_attention_path_drops_the_probabilities_without_bias(monkeypatch):
+    # The explicit path (CUDA training until the kernels' dropout is GPU-tested), forced on the CPU:
+    # attn_pdrop 0.5, resid_pdrop 0, so the only noise is the dropout on the attention probabilities.
+    import minilm.gpt1
+    from minilm.gpt1 import CausalSelfAttention
+
+    monkeypatch.setattr(minilm.gpt1, "fused_dropout_available", lambda device: False)
+    fused_calls = []
+    real_causal_attention = minilm.gpt1.causal_attention
+
+    def counting_causal_attention(*args, **kwargs):
+        fused_calls.append(kwargs.get("dropout_p"))
+        return real_causal_attention(*args, **kwargs)
+
+    monkeypatch.setattr(minilm.gpt1, "causal_attention", counting_causal_attention)
+    attn = CausalSelfAttention(config_from_preset("cpu-tiny", vocab_size=50, attn_pdrop=0.5))
+    dropout_calls = []
+    attn.attn_dropout.register_forward_hook(lambda module, args, out: dropout_calls.append(args[0].shape))
+    x = torch.randn(1, 12, 32)
+    want = attn.eval()(x)[0]  # (T, C)
+    assert fused_calls == [0.0] and dropout_calls == []  # eval: the fused kernel, no dropout
+    fused_calls.clear()
+    N = 4000  # the same sequence N times: N independent dropout masks in one call
+    out = attn.train()(x.expand(N, -1, -1))
+    assert fused_calls == []  # the explicit path ran ...
+    assert dropout_calls == [(N, 2, 12, 12)]  # ... and dropped the (B, n_head, T, T) probabilities
+    assert (out - want).abs().amax(dim=(1, 2)).min() > 1e-3  # every sample differs from eval
+    # Inverted dropout is unbiased and the rest of the layer is linear in the probabilities, so the mean
+    # output over the masks is the eval output (within 5 standard errors, element-wise).
+    stderr = out.std(0) / N ** 0.5
+    assert ((out.mean(0) - want).abs() <= 5 * stderr + 1e-6).all(), ((out.mean(0) - want).abs() / stderr).max()
 
 
 def test_attention_dropout_changes_training_outputs_but_not_eval():
