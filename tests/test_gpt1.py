@@ -209,6 +209,53 @@ def test_generate_crops_a_prompt_longer_than_n_ctx_as_documented():
         model.generate(torch.full((1, 50), 40), 1)
 
 
+def _sharp_model(vocab=40):
+    """A cpu-tiny GPT1 in eval mode whose logits are spread out (std ~0.7 rather than ~0.1 at init, the
+    likeliest token ~0.3): a change to the sampling distribution then changes the samples."""
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=vocab)).eval()
+    with torch.no_grad():
+        model.tokens_embed.weight.mul_(5)  # tied: the output layer too
+    return model
+
+
+def test_generate_samples_from_the_softmax_of_logits_over_temperature():
+    model = _sharp_model()
+    idx = torch.randint(0, 40, (64, 5))
+    for temperature in (0.5, 2.0):
+        out = model.generate(idx, 3, temperature=temperature, generator=torch.Generator().manual_seed(7))
+        g, want = torch.Generator().manual_seed(7), idx
+        for _ in range(3):  # the same draws, from softmax(logits / T), with the same generator
+            logits = model(want)[0][:, -1].float()
+            nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=g)
+            want = torch.cat((want, nxt), dim=1)
+        assert torch.equal(out, want), temperature
+        assert not torch.equal(out, model.generate(idx, 3, top_k=1))  # and it is sampling, not greedy
+
+
+def test_generate_top_k_samples_among_the_k_largest_logits_only():
+    # At init the logits are nearly uniform: the three largest are about equally likely, the rest would
+    # be drawn often (37 of 40 tokens) if top_k let them through.
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=40)).eval()
+    prompt = torch.randint(0, 40, (1, 6))
+    top3 = set(model(prompt)[0][0, -1].topk(3).indices.tolist())
+    out = model.generate(prompt.expand(300, -1), 1, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert set(out[:, -1].tolist()) == top3  # only those three, and each of them
+
+
+def test_generate_feeds_the_model_the_last_n_ctx_tokens():
+    model = _sharp_model()
+    idx = torch.randint(0, 40, (16, 50))  # longer than n_ctx = 32
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    out = model.generate(idx, 3, generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert lengths == [32, 32, 32]  # the full context, cropped to its last n_ctx tokens
+    g = torch.Generator().manual_seed(3)
+    for t in range(50, 53):  # each token drawn from the model run on exactly the 32 tokens before it
+        probs = F.softmax(model(out[:, t - 32:t])[0][:, -1].float(), dim=-1)
+        assert torch.equal(out[:, t], torch.multinomial(probs, 1, generator=g)[:, 0])
+
+
 def test_bad_input_gives_clear_errors():
     model = GPT1(config_from_preset("cpu-tiny", vocab_size=40))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):
