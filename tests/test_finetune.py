@@ -150,6 +150,20 @@ def test_multiple_choice_dropout_mask_is_shared_by_the_choices_of_an_example():
     assert not torch.equal(logits[0], logits[1])  # but a different mask for the next example
 
 
+def test_classifier_dropout_zeroes_features_and_scales_the_rest_by_one_over_keep():
+    # W_y the identity (n_class = n_embd = 32, bias 0): the logits are h_clf itself, dropped out.
+    model = _classifier("classification", n_class=32, clf_pdrop=0.25)
+    with torch.no_grad():
+        model.clf.weight.copy_(torch.eye(32))
+    seqs = [ft.transform("classification", ([1 + i, 2, 3 + i],), 32, SP) for i in range(40)]
+    idx, mask = ft.collate(seqs)
+    want = model.eval()(idx, mask)[0]  # (40, 32): the hidden states at _classify_
+    got = model.train()(idx, mask)[0]  # the Transformer's own dropout is 0 (cpu-tiny)
+    dropped = got == 0
+    assert abs(dropped.float().mean().item() - 0.25) < 0.05, dropped.float().mean()
+    torch.testing.assert_close(got[~dropped], want[~dropped] / 0.75)
+
+
 # --- L3 = L2 + λ·L1 ---------------------------------------------------------------------------------------
 
 def test_lm_coef_adds_lambda_times_the_lm_loss_on_the_real_tokens_of_the_transformed_sequences():

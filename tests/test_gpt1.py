@@ -151,6 +151,33 @@ def test_attention_dropout_changes_training_outputs_but_not_eval():
     torch.testing.assert_close(model(idx)[0], model(idx)[0])
 
 
+def _assert_inverted_dropout(train_out, eval_out, p):
+    """train_out is eval_out with each element zeroed with probability p and the rest scaled by 1/(1-p)."""
+    dropped = train_out == 0
+    assert abs(dropped.float().mean().item() - p) < 0.05, dropped.float().mean()
+    torch.testing.assert_close(train_out[~dropped], eval_out[~dropped] / (1 - p))
+
+
+def test_embedding_dropout_drops_the_summed_embeddings():
+    # With no blocks, hidden_states is the dropped-out h_0 = U W_e + W_p itself.
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, n_layer=0, embd_pdrop=0.5))
+    idx = torch.randint(0, 50, (4, 32))
+    want = model.eval().hidden_states(idx)
+    torch.testing.assert_close(want, model.tokens_embed(idx) + model.positions_embed.weight, rtol=0, atol=0)
+    _assert_inverted_dropout(model.train().hidden_states(idx), want, 0.5)
+    # and in the whole model (the other dropouts 0): training outputs differ from eval
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, embd_pdrop=0.5))
+    assert not torch.allclose(model.train()(idx)[0], model.eval()(idx)[0])
+
+
+def test_mlp_residual_dropout_drops_the_mlp_output():
+    from minilm.gpt1 import MLP
+
+    mlp = MLP(config_from_preset("cpu-tiny", resid_pdrop=0.5))
+    x = torch.randn(4, 32, 32)
+    _assert_inverted_dropout(mlp.train()(x), mlp.eval()(x), 0.5)
+
+
 def test_loss_falls_on_a_tiny_corpus():
     torch.manual_seed(0)
     text = "the quick brown fox jumps over the lazy dog. " * 20
