@@ -389,6 +389,12 @@ def test_lr_schedule_is_opt_py_warmup_linear():
         got = [ft.lr_at(t, total, opts) for t in range(total)]
         assert got == pytest.approx([6.25e-5 * warmup_linear(t / total, warmup) for t in range(total)], rel=1e-12, abs=0)
     assert ft.lr_at(0, 100, {"learning_rate": 1.0, "warmup_fraction": 0.0}) == 1.0  # no warmup (opt.py: 0/0)
+    # Pinned values (lr 1, 10% warmup of 1000 updates): 0 at the start, half-way up at 5% (times 1 - 0.05),
+    # the top at the end of the warmup (times 1 - 0.1), then the straight line down to 0: 0.5 half-way.
+    opts = {"learning_rate": 1.0, "warmup_fraction": 0.1}
+    assert [ft.lr_at(t, 1000, opts) for t in (0, 50, 100, 101, 500, 999)] == \
+        pytest.approx([0.0, 0.475, 0.9, 0.899, 0.5, 0.001], rel=1e-12, abs=1e-15)
+    assert ft.lr_at(500, 1000, {"learning_rate": 1.0, "warmup_fraction": 0.0}) == pytest.approx(0.5, rel=1e-12)
 
 
 @pytest.mark.parametrize("bad, message", [
