@@ -216,6 +216,31 @@ def check_fixed_options(given, ckpt, what):
                             "model and data are fixed; start a new run (another --out_dir, or --overwrite True) to change them")
 
 
+# -----------------------------------------------------------------------------------------------------
+# The data and the schedule of one step, as functions of their arguments (main() below calls them).
+
+def get_batch(data, rng, n, T):
+    """n sequences of T tokens from the token stream `data`, at starts drawn by the numpy Generator rng:
+    (x, y) int64 tensors (n, T), y the next token of each x (y[:, t] = data[s + t + 1]). Every start that
+    leaves room for the T targets can be drawn, 0 ... len(data) - T - 1."""
+    starts = rng.integers(0, len(data) - T, size=n)
+    x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T] for s in starts]).astype(np.int64))
+    return x, y
+
+
+def get_lr(it, cfg):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (paper §4.1)."""
+    lr, warmup = cfg["learning_rate"], cfg["warmup_iters"]
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it >= decay_iters:
+        return cfg["min_lr"]
+    ratio = (it - warmup) / max(1, decay_iters - warmup)
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - cfg["min_lr"])
+
+
 def main(argv):
     given = parse_options(argv)
     cfg = {**DEFAULTS, **given}
@@ -368,9 +393,7 @@ def main(argv):
 
     # --- batches: a pure function of (seed, purpose, index), so resume and DDP see the same data --------
     def sequences(data, rng, n):
-        starts = rng.integers(0, len(data) - T - 1, size=n)
-        x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T] for s in starts]).astype(np.int64))
+        x, y = get_batch(data, rng, n, T)
         if device_type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x, y
@@ -402,17 +425,6 @@ def main(argv):
         model.train()
         return out
 
-    def get_lr(it):
-        """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (paper §4.1)."""
-        lr, warmup = cfg["learning_rate"], cfg["warmup_iters"]
-        decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-        if it < warmup:
-            return lr * (it + 1) / (warmup + 1)
-        if it >= decay_iters:
-            return cfg["min_lr"]
-        ratio = (it - warmup) / max(1, decay_iters - warmup)
-        return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - cfg["min_lr"])
-
     # Model FLOPs per token: 6N for the matmuls forward and backward, 12·L·H·Q·T for attention (PaLM, App. B);
     # LightConv instead: 2·K·d forward per layer for the convolution, times 3 with the backward.
     flops_per_token = 6 * raw_model.num_params() + 12 * gconf.n_layer * gconf.n_head * (gconf.n_embd // gconf.n_head) * T
@@ -442,7 +454,7 @@ def main(argv):
     t_interval, tokens_interval, train_time = time.time(), 0, 0.0
     first_iter = iter_num
     while True:
-        lr = get_lr(iter_num)
+        lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

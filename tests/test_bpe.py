@@ -73,17 +73,42 @@ def test_train_merges_most_frequent_pair_first():
     assert [tok.decoder[i] for i in range(5)] == [UNK, "a", "b", "c", "d"]
 
 
+def test_train_order_counts_words_then_breaks_ties_by_the_smaller_pair():
+    # Word counts matter: "cd" three times beats "ab" once, although ("a", "b</w>") sorts first.
+    assert BPETokenizer.train("cd cd cd ab", vocab_size=100).merges[:2] == [("c", "d" + EOW), ("a", "b" + EOW)]
+    # A tie (one each) goes to the lexicographically smaller pair, whatever the order in the text.
+    assert BPETokenizer.train("cd ab", vocab_size=100).merges[:2] == [("a", "b" + EOW), ("c", "d" + EOW)]
+    # The base alphabet is by frequency (z: 6), not alphabetical; equal counts (a, b: 1) alphabetical.
+    tok = BPETokenizer.train("zz zz zz ab", vocab_size=100)
+    assert [tok.decoder[i] for i in range(7)] == [UNK, "z", "a", "b", "z" + EOW, "a" + EOW, "b" + EOW]
+
+
 def test_train_stops_cleanly_when_no_pair_is_left():
     tok = BPETokenizer.train("aaa bbb aaa", vocab_size=1000)
     assert tok.vocab_size < 1000
     assert tok.encode("aaa bbb") == [tok.encoder["aaa" + EOW], tok.encoder["bbb" + EOW]]
 
 
-def test_train_reaches_vocab_size_and_is_deterministic():
+def test_train_reaches_vocab_size_and_is_the_same_in_every_process():
+    # Set and dict orders of strings change with PYTHONHASHSEED: two runs in one process cannot show that
+    # training does not depend on them, so train in two processes with different hash seeds. bpe.py is
+    # loaded on its own (standard library only), without torch: ~0.1 s a process.
+    import subprocess
+    import sys
+
+    import minilm.bpe
+
     a = BPETokenizer.train(CORPUS, vocab_size=300)
-    b = BPETokenizer.train(CORPUS, vocab_size=300)
     assert a.vocab_size == 300
-    assert a.merges == b.merges and a.encoder == b.encoder
+    code = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('bpe', sys.argv[1]); "
+            "bpe = importlib.util.module_from_spec(spec); spec.loader.exec_module(bpe); "
+            "t = bpe.BPETokenizer.train(sys.stdin.read(), 300); print(json.dumps([t.merges, t.encoder]))")
+    for seed in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", code, minilm.bpe.__file__], input=CORPUS, capture_output=True,
+                              text=True, encoding="utf-8", env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONIOENCODING": "utf-8"}, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        merges, encoder = json.loads(proc.stdout)
+        assert [tuple(m) for m in merges] == a.merges and encoder == a.encoder, f"PYTHONHASHSEED={seed}"
 
 
 def test_train_errors():

@@ -150,6 +150,20 @@ def test_multiple_choice_dropout_mask_is_shared_by_the_choices_of_an_example():
     assert not torch.equal(logits[0], logits[1])  # but a different mask for the next example
 
 
+def test_classifier_dropout_zeroes_features_and_scales_the_rest_by_one_over_keep():
+    # W_y the identity (n_class = n_embd = 32, bias 0): the logits are h_clf itself, dropped out.
+    model = _classifier("classification", n_class=32, clf_pdrop=0.25)
+    with torch.no_grad():
+        model.clf.weight.copy_(torch.eye(32))
+    seqs = [ft.transform("classification", ([1 + i, 2, 3 + i],), 32, SP) for i in range(40)]
+    idx, mask = ft.collate(seqs)
+    want = model.eval()(idx, mask)[0]  # (40, 32): the hidden states at _classify_
+    got = model.train()(idx, mask)[0]  # the Transformer's own dropout is 0 (cpu-tiny)
+    dropped = got == 0
+    assert abs(dropped.float().mean().item() - 0.25) < 0.05, dropped.float().mean()
+    torch.testing.assert_close(got[~dropped], want[~dropped] / 0.75)
+
+
 # --- L3 = L2 + λ·L1 ---------------------------------------------------------------------------------------
 
 def test_lm_coef_adds_lambda_times_the_lm_loss_on_the_real_tokens_of_the_transformed_sequences():
@@ -375,6 +389,12 @@ def test_lr_schedule_is_opt_py_warmup_linear():
         got = [ft.lr_at(t, total, opts) for t in range(total)]
         assert got == pytest.approx([6.25e-5 * warmup_linear(t / total, warmup) for t in range(total)], rel=1e-12, abs=0)
     assert ft.lr_at(0, 100, {"learning_rate": 1.0, "warmup_fraction": 0.0}) == 1.0  # no warmup (opt.py: 0/0)
+    # Pinned values (lr 1, 10% warmup of 1000 updates): 0 at the start, half-way up at 5% (times 1 - 0.05),
+    # the top at the end of the warmup (times 1 - 0.1), then the straight line down to 0: 0.5 half-way.
+    opts = {"learning_rate": 1.0, "warmup_fraction": 0.1}
+    assert [ft.lr_at(t, 1000, opts) for t in (0, 50, 100, 101, 500, 999)] == \
+        pytest.approx([0.0, 0.475, 0.9, 0.899, 0.5, 0.001], rel=1e-12, abs=1e-15)
+    assert ft.lr_at(500, 1000, {"learning_rate": 1.0, "warmup_fraction": 0.0}) == pytest.approx(0.5, rel=1e-12)
 
 
 @pytest.mark.parametrize("bad, message", [

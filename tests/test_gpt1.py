@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 
-transformers = pytest.importorskip("transformers")
 
 
 def test_default_config_is_the_paper_with_116534784_parameters():
@@ -22,6 +21,7 @@ def test_default_config_is_the_paper_with_116534784_parameters():
 
 def _hf_model(vocab=101, n_ctx=16, n_embd=32, n_layer=2, n_head=4, scale=10.0):
     """A random HF OpenAIGPTLMHeadModel with weights scaled up so the test can tell GELU variants apart."""
+    transformers = pytest.importorskip("transformers")  # only the Hugging Face comparisons need it
     cfg = transformers.OpenAIGPTConfig(vocab_size=vocab, n_positions=n_ctx, n_embd=n_embd, n_layer=n_layer,
                                        n_head=n_head, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     hf = transformers.OpenAIGPTLMHeadModel(cfg).eval()
@@ -106,6 +106,39 @@ def test_training_mode_with_attention_dropout_uses_the_explicit_path_and_equals_
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
 
 
+def test_explicit_attention_path_drops_the_probabilities_without_bias(monkeypatch):
+    # The explicit path (CUDA training until the kernels' dropout is GPU-tested), forced on the CPU:
+    # attn_pdrop 0.5, resid_pdrop 0, so the only noise is the dropout on the attention probabilities.
+    import minilm.gpt1
+    from minilm.gpt1 import CausalSelfAttention
+
+    monkeypatch.setattr(minilm.gpt1, "fused_dropout_available", lambda device: False)
+    fused_calls = []
+    real_causal_attention = minilm.gpt1.causal_attention
+
+    def counting_causal_attention(*args, **kwargs):
+        fused_calls.append(kwargs.get("dropout_p"))
+        return real_causal_attention(*args, **kwargs)
+
+    monkeypatch.setattr(minilm.gpt1, "causal_attention", counting_causal_attention)
+    attn = CausalSelfAttention(config_from_preset("cpu-tiny", vocab_size=50, attn_pdrop=0.5))
+    dropout_calls = []
+    attn.attn_dropout.register_forward_hook(lambda module, args, out: dropout_calls.append(args[0].shape))
+    x = torch.randn(1, 12, 32)
+    want = attn.eval()(x)[0]  # (T, C)
+    assert fused_calls == [0.0] and dropout_calls == []  # eval: the fused kernel, no dropout
+    fused_calls.clear()
+    N = 4000  # the same sequence N times: N independent dropout masks in one call
+    out = attn.train()(x.expand(N, -1, -1))
+    assert fused_calls == []  # the explicit path ran ...
+    assert dropout_calls == [(N, 2, 12, 12)]  # ... and dropped the (B, n_head, T, T) probabilities
+    assert (out - want).abs().amax(dim=(1, 2)).min() > 1e-3  # every sample differs from eval
+    # Inverted dropout is unbiased and the rest of the layer is linear in the probabilities, so the mean
+    # output over the masks is the eval output (within 5 standard errors, element-wise).
+    stderr = out.std(0) / N ** 0.5
+    assert ((out.mean(0) - want).abs() <= 5 * stderr + 1e-6).all(), ((out.mean(0) - want).abs() / stderr).max()
+
+
 def test_attention_dropout_changes_training_outputs_but_not_eval():
     torch.manual_seed(0)
     model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, attn_pdrop=0.5))
@@ -116,6 +149,33 @@ def test_attention_dropout_changes_training_outputs_but_not_eval():
     assert not torch.allclose(a, b)
     model.eval()
     torch.testing.assert_close(model(idx)[0], model(idx)[0])
+
+
+def _assert_inverted_dropout(train_out, eval_out, p):
+    """train_out is eval_out with each element zeroed with probability p and the rest scaled by 1/(1-p)."""
+    dropped = train_out == 0
+    assert abs(dropped.float().mean().item() - p) < 0.05, dropped.float().mean()
+    torch.testing.assert_close(train_out[~dropped], eval_out[~dropped] / (1 - p))
+
+
+def test_embedding_dropout_drops_the_summed_embeddings():
+    # With no blocks, hidden_states is the dropped-out h_0 = U W_e + W_p itself.
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, n_layer=0, embd_pdrop=0.5))
+    idx = torch.randint(0, 50, (4, 32))
+    want = model.eval().hidden_states(idx)
+    torch.testing.assert_close(want, model.tokens_embed(idx) + model.positions_embed.weight, rtol=0, atol=0)
+    _assert_inverted_dropout(model.train().hidden_states(idx), want, 0.5)
+    # and in the whole model (the other dropouts 0): training outputs differ from eval
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=50, embd_pdrop=0.5))
+    assert not torch.allclose(model.train()(idx)[0], model.eval()(idx)[0])
+
+
+def test_mlp_residual_dropout_drops_the_mlp_output():
+    from minilm.gpt1 import MLP
+
+    mlp = MLP(config_from_preset("cpu-tiny", resid_pdrop=0.5))
+    x = torch.randn(4, 32, 32)
+    _assert_inverted_dropout(mlp.train()(x), mlp.eval()(x), 0.5)
 
 
 def test_loss_falls_on_a_tiny_corpus():
@@ -174,6 +234,53 @@ def test_generate_crops_a_prompt_longer_than_n_ctx_as_documented():
     assert torch.equal(out[:, 50:], tail[:, 32:])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):  # ids are still checked
         model.generate(torch.full((1, 50), 40), 1)
+
+
+def _sharp_model(vocab=40):
+    """A cpu-tiny GPT1 in eval mode whose logits are spread out (std ~0.7 rather than ~0.1 at init, the
+    likeliest token ~0.3): a change to the sampling distribution then changes the samples."""
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=vocab)).eval()
+    with torch.no_grad():
+        model.tokens_embed.weight.mul_(5)  # tied: the output layer too
+    return model
+
+
+def test_generate_samples_from_the_softmax_of_logits_over_temperature():
+    model = _sharp_model()
+    idx = torch.randint(0, 40, (64, 5))
+    for temperature in (0.5, 2.0):
+        out = model.generate(idx, 3, temperature=temperature, generator=torch.Generator().manual_seed(7))
+        g, want = torch.Generator().manual_seed(7), idx
+        for _ in range(3):  # the same draws, from softmax(logits / T), with the same generator
+            logits = model(want)[0][:, -1].float()
+            nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=g)
+            want = torch.cat((want, nxt), dim=1)
+        assert torch.equal(out, want), temperature
+        assert not torch.equal(out, model.generate(idx, 3, top_k=1))  # and it is sampling, not greedy
+
+
+def test_generate_top_k_samples_among_the_k_largest_logits_only():
+    # At init the logits are nearly uniform: the three largest are about equally likely, the rest would
+    # be drawn often (37 of 40 tokens) if top_k let them through.
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=40)).eval()
+    prompt = torch.randint(0, 40, (1, 6))
+    top3 = set(model(prompt)[0][0, -1].topk(3).indices.tolist())
+    out = model.generate(prompt.expand(300, -1), 1, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert set(out[:, -1].tolist()) == top3  # only those three, and each of them
+
+
+def test_generate_feeds_the_model_the_last_n_ctx_tokens():
+    model = _sharp_model()
+    idx = torch.randint(0, 40, (16, 50))  # longer than n_ctx = 32
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    out = model.generate(idx, 3, generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert lengths == [32, 32, 32]  # the full context, cropped to its last n_ctx tokens
+    g = torch.Generator().manual_seed(3)
+    for t in range(50, 53):  # each token drawn from the model run on exactly the 32 tokens before it
+        probs = F.softmax(model(out[:, t - 32:t])[0][:, -1].float(), dim=-1)
+        assert torch.equal(out[:, t], torch.multinomial(probs, 1, generator=g)[:, 0])
 
 
 def test_bad_input_gives_clear_errors():

@@ -197,6 +197,22 @@ def test_model_weight_dropout_is_active_only_in_training():
     torch.testing.assert_close(model(idx)[0], model(idx)[0], rtol=0, atol=0)
 
 
+def test_layer_output_dropout_drops_the_output_before_the_residual():
+    from minilm.lightconv import LightConvLayer
+
+    layer = LightConvLayer(16, 2, 3, weight_dropout=0.0, dropout=0.5)
+    x = torch.randn(4, 24, 16)
+    want, got = layer.eval()(x), layer.train()(x)
+    dropped = got == 0  # each output element zeroed with probability 0.5, the others scaled by 2
+    assert abs(dropped.float().mean().item() - 0.5) < 0.05
+    torch.testing.assert_close(got[~dropped], want[~dropped] * 2)
+    # and in the model (resid_pdrop is the layer's dropout; the others 0): training outputs differ from eval
+    model = _lightconv_gpt(resid_pdrop=0.5)
+    idx = torch.randint(0, 50, (2, 12))
+    assert model.h[0].lightconv.dropout.p == 0.5
+    assert not torch.allclose(model.train()(idx)[0], model.eval()(idx)[0])
+
+
 def test_model_loss_falls_on_a_tiny_synthetic_task():
     # Sequences that count up modulo 13 from a random start: the next token is a function of the
     # current one, which one LightConv tap (plus the MLP) can learn. Uniform guessing is ln 13 = 2.56;

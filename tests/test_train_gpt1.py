@@ -1,4 +1,5 @@
 """train_gpt1.py end to end on a tiny corpus: logging, checkpoints, sampling, resume after SIGKILL, DDP, errors."""
+import math
 import os
 import random
 import shutil
@@ -243,3 +244,61 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint_unless_told_to(trained, cor
     _train(*args, "--overwrite", "True")  # the old run's checkpoint and log are gone: only the new run's remain
     assert [r["iter"] for r in read_log(out)] == [0, 10]
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 10
+
+
+# --- the batch builder and the learning-rate schedule, as functions (no subprocess) ---------------------
+
+def test_get_batch_targets_are_the_next_tokens_of_the_stream():
+    import numpy as np
+
+    data = np.random.default_rng(0).permutation(5000).astype(np.uint16)  # every token distinct: a token tells its place
+    where = {int(t): i for i, t in enumerate(data)}
+    x, y = train_gpt1.get_batch(data, np.random.default_rng(1), 64, 16)
+    assert x.shape == y.shape == (64, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])  # shifted by exactly one token
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        s = where[row_x[0]]
+        assert row_x == data[s:s + 16].tolist()  # a contiguous slice of the stream
+        assert row_y == data[s + 1:s + 17].tolist()  # and its next tokens
+    # The same generator state gives the same batch (resume and DDP rely on it).
+    again = train_gpt1.get_batch(data, np.random.default_rng(1), 64, 16)
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+
+
+def test_get_batch_can_draw_every_start_including_the_last():
+    # A split of T + 1 tokens (the smallest main() accepts) has exactly one sequence; a split of T + 3 has
+    # three starts, and every one of them is drawn: the last token of the stream is a target too.
+    import numpy as np
+
+    data = np.arange(9, dtype=np.uint16)
+    x, y = train_gpt1.get_batch(data, np.random.default_rng(0), 4, 8)
+    assert x.tolist() == [list(range(8))] * 4 and y.tolist() == [list(range(1, 9))] * 4
+    data = np.arange(11, dtype=np.uint16)
+    x, _ = train_gpt1.get_batch(data, np.random.default_rng(0), 200, 8)
+    assert set(x[:, 0].tolist()) == {0, 1, 2}
+
+
+def _lr_cfg(**kw):
+    return {"learning_rate": 1e-3, "min_lr": 1e-4, "warmup_iters": 10, "lr_decay_iters": 110, "max_iters": 200, **kw}
+
+
+def test_get_lr_warms_up_linearly_then_decays_by_a_cosine_to_min_lr():
+    cfg = _lr_cfg()
+    lr = [train_gpt1.get_lr(it, cfg) for it in range(200)]
+    # warmup: lr·(it + 1)/(warmup + 1), from lr/11 at step 0, up in equal steps
+    assert lr[0] == pytest.approx(1e-3 / 11, rel=1e-12)
+    assert lr[9] == pytest.approx(1e-3 * 10 / 11, rel=1e-12)
+    assert all(b - a == pytest.approx(1e-3 / 11, rel=1e-9) for a, b in zip(lr[:10], lr[1:11]))
+    assert lr[10] == pytest.approx(1e-3, rel=1e-12)  # the peak, at the end of the warmup
+    # cosine: halfway between warmup and lr_decay_iters, halfway between learning_rate and min_lr
+    assert lr[60] == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-12)
+    assert lr[35] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4, rel=1e-12)
+    assert all(a > b for a, b in zip(lr[10:110], lr[11:111]))  # strictly down all the way
+    assert lr[110:] == [1e-4] * 90  # then min_lr to the end
+
+
+def test_get_lr_decays_to_max_iters_without_lr_decay_iters():
+    cfg = _lr_cfg(lr_decay_iters=None, min_lr=0.0, warmup_iters=0)
+    assert train_gpt1.get_lr(0, cfg) == pytest.approx(1e-3, rel=1e-12)  # no warmup: the peak at once
+    assert train_gpt1.get_lr(100, cfg) == pytest.approx(5e-4, rel=1e-12)  # the middle of 0 ... max_iters 200
+    assert train_gpt1.get_lr(200, cfg) == 0.0
