@@ -74,6 +74,24 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
     assert ckpt["iter"] == 40 and ckpt["vocab"][:3] == ["<S>", "</S>", "<UNK>"]
 
 
+def test_batch_windows_target_the_next_word_forward_and_the_previous_word_backward():
+    # a stream of type ids 0..29; type i is the word "t{i}" (char ids) with softmax id 100 + i, so a
+    # target can only come from type_to_word and an input only from type_chars
+    from minilm.elmo import word_to_char_ids
+    stream = torch.arange(30)
+    type_chars = torch.tensor([word_to_char_ids(f"t{i}") for i in range(30)])
+    type_to_word = 100 + torch.arange(30)
+    T, starts = 5, torch.tensor([0, 7, 30 - 5 - 2])                  # the last one ends at the stream's end
+    chars, nxt, prev = train_elmo.lm_windows(stream, starts, T, type_chars, type_to_word)
+    assert chars.shape == (3, T, 50) and nxt.shape == prev.shape == (3, T)
+    for b, s in enumerate(starts.tolist()):
+        for t in range(T):
+            read = s + 1 + t                                          # the stream token at input position t
+            assert chars[b, t].tolist() == word_to_char_ids(f"t{read}")
+            assert nxt[b, t].item() == 100 + read + 1                 # forward LM: the word after it
+            assert prev[b, t].item() == 100 + read - 1                # backward LM: the word before it
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
     args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *SAMPLED]
