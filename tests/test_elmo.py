@@ -342,12 +342,14 @@ def _tf_arrays(cfg, rng):
             p = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
             a[p + "W_0"] = rng.normal(scale=0.4, size=(2 * P, 4 * C))
             a[p + "B"] = rng.normal(scale=0.2, size=(4 * C,))
-            a[p + "W_P_0"] = rng.normal(scale=0.4, size=(C, P))
+            a[p + "W_P_0"] = rng.normal(scale=1.5, size=(C, P))     # large enough that proj_clip is hit
     return {k: v.astype(np.float32) for k, v in a.items()}
 
 
 def _numpy_bilm_top_layer(a, cfg, words):
-    """bilm-tf's forward pass written independently in NumPy, TF layouts as stored: (T, 2P) top layer."""
+    """bilm-tf's forward pass written independently in NumPy, TF layouts as stored: (T, 2P) top layer.
+
+    Both clips (cell and projection, ±3) must change some values, or the comparison would not test them."""
     sig = lambda v: 1.0 / (1.0 + np.exp(-v))
     chars = np.array([word_to_char_ids(w) for w in ["<S>", *words, "</S>"]]) - 1   # bilm-tf ids
     emb = a["char_embed"][chars]                                                    # (T, 50, E)
@@ -362,7 +364,7 @@ def _numpy_bilm_top_layer(a, cfg, words):
         x = g * np.maximum(x @ a[f"CNN_high_{k}/W_transform"] + a[f"CNN_high_{k}/b_transform"], 0) + (1 - g) * x
     x = x @ a["CNN_proj/W_proj"] + a["CNN_proj/b_proj"]
     C, P = cfg.lstm_dim, cfg.projection_dim
-    tops = []
+    tops, clipped = [], {"cell": 0, "proj": 0}
     for d in range(2):
         h = x if d == 0 else x[::-1]
         for l in range(cfg.n_layers):
@@ -371,11 +373,16 @@ def _numpy_bilm_top_layer(a, cfg, words):
             for t in range(len(h)):
                 z = np.concatenate([h[t], m]) @ a[p + "W_0"] + a[p + "B"]
                 i, j, f, o = np.split(z, 4)
-                c = np.clip(sig(f + 1.0) * c + sig(i) * np.tanh(j), -3, 3)
-                m = np.clip((sig(o) * np.tanh(c)) @ a[p + "W_P_0"], -3, 3)
+                c = sig(f + 1.0) * c + sig(i) * np.tanh(j)
+                clipped["cell"] += int((np.abs(c) > 3).sum())
+                c = np.clip(c, -3, 3)
+                m = (sig(o) * np.tanh(c)) @ a[p + "W_P_0"]
+                clipped["proj"] += int((np.abs(m) > 3).sum())
+                m = np.clip(m, -3, 3)
                 out.append(m)
             h = np.array(out) + (h if l > 0 else 0)                                 # skip connection from layer 2 on
         tops.append(h if d == 0 else h[::-1])
+    assert clipped["cell"] > 0 and clipped["proj"] > 0, f"a clip is never hit: {clipped}"
     return np.concatenate(tops, -1)
 
 
