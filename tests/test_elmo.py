@@ -252,6 +252,25 @@ def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_re
     assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
 
 
+def test_training_uses_the_sampled_softmax_only_when_the_vocabulary_is_larger_than_k():
+    model = BiLM(tiny_config(vocab_size=50, n_negative_samples=6)).train()
+    h = torch.randn(2, 4, model.config.projection_dim)
+    targets = torch.tensor([[3, 10, -1, 49], [0, -1, 7, 7]])           # −1: no target, left out
+    keep = targets >= 0
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss = model.lm_loss(h, targets)
+        torch.manual_seed(3)
+        sampled = model._sampled_softmax_loss(h[keep], targets[keep])
+        full = nn.functional.cross_entropy(model.softmax(h[keep]), targets[keep])
+        assert torch.equal(loss, sampled) and not torch.allclose(loss, full)
+        model.eval()                                                     # evaluation: always the full softmax
+        torch.testing.assert_close(model.lm_loss(h, targets), full)
+        small = BiLM(tiny_config(vocab_size=50, n_negative_samples=50)).train()   # K ≥ V: full softmax
+        torch.testing.assert_close(small.lm_loss(h, targets),
+                                   nn.functional.cross_entropy(small.softmax(h[keep]), targets[keep]))
+
+
 # -- ELMo --------------------------------------------------------------------------------------
 
 def test_scalar_mix_starts_as_an_average_and_layer_norm_uses_unmasked_elements():
@@ -287,6 +306,59 @@ def test_elmo_strips_markers_and_trains_only_the_mix():
     assert all(p.grad is None for p in bilm.parameters())
     elmo.train()
     assert not bilm.training
+
+
+def _assert_dropped_out(dropped, full, p):
+    """dropped is nn.Dropout(p) of full in training: each element either 0 or full / (1 − p), about p of them 0."""
+    assert (full != 0).all()
+    kept = dropped != 0
+    assert 0.3 < kept.float().mean().item() < 0.7, kept.float().mean()          # p = 0.5, hundreds of elements
+    torch.testing.assert_close(dropped[kept], full[kept] / (1 - p))
+
+
+def test_elmo_applies_its_output_dropout_in_training_only():
+    elmo = ELMo(make_model(), dropout=0.5)
+    ids = batch_to_ids([["The", "cat", "sat", "on", "the", "mat", "."], ["Hello", "world"]])
+    with torch.no_grad():
+        ref, mask = elmo.eval()(ids)
+        torch.manual_seed(0)
+        out, _ = elmo.train()(ids)
+    _assert_dropped_out(out[mask], ref[mask], 0.5)
+    assert (out[~mask] == 0).all()
+
+
+def test_bilm_drops_out_each_lstm_layers_input_and_the_softmax_input_in_training_only():
+    # bilm-tf: DropoutWrapper(input_keep_prob) around every LSTM cell, and dropout on the top output
+    # before the softmax. Hooks see what each LSTMP layer and the softmax actually receive.
+    model = make_model(dropout=0.5, vocab_size=20, n_negative_samples=0)
+    ids = batch_to_ids([["a", "sentence", "long", "enough", "to", "count", "dropped", "values"]])
+    nxt = prv = torch.zeros(1, ids.shape[1], dtype=torch.long)
+    seen = {}
+    named = {"f0": model.forward_layers[0], "f1": model.forward_layers[1],
+             "b0": model.backward_layers[0], "b1": model.backward_layers[1], "softmax": model.softmax}
+    for name, module in named.items():
+        module.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append((inp[0], out)))
+    P = model.config.projection_dim
+    with torch.no_grad():
+        x = model.token_embedding(ids)
+        lengths = torch.tensor([ids.shape[1]])
+        for training in (True, False):
+            seen.clear()
+            torch.manual_seed(0)
+            layers, _, _ = model.train(training)(ids, nxt, prv)
+            undropped = {"f0": x, "f1": seen["f0"][0][1], "b0": reverse_padded(x, lengths), "b1": seen["b0"][0][1]}
+            tops = [layers[-1][0, :, :P], layers[-1][0, :, P:]]           # the softmax reads fwd, then bwd
+            received = {**{name: seen[name][0][0] for name in undropped}, "softmax": [i for i, _ in seen["softmax"]]}
+            for name, full in undropped.items():
+                if training:
+                    _assert_dropped_out(received[name], full, 0.5)
+                else:
+                    assert torch.equal(received[name], full), name
+            for got, top in zip(received["softmax"], tops):
+                if training:
+                    _assert_dropped_out(got, top, 0.5)
+                else:
+                    assert torch.equal(got, top)
 
 
 def _strip_by_hand(layers, mask):
