@@ -124,7 +124,8 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "corpus.txt"), (b"", ""), (b"\xff\xfe bad bytes \xc3\x28\n", "UTF-8")])
+    (None, "no such file or directory"), (b"", "corpus.txt is empty: there is no text to train on"),
+    (b"\xff\xfe bad bytes \xc3\x28\n", "UTF-8")])
 def test_bad_corpus_is_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "corpus.txt"
     if content is not None:
