@@ -107,9 +107,11 @@ def test_no_direction_peeks():
         assert not torch.allclose(before[j][0, t, :P], base[j][0, t, :P])
 
 
-def test_stacked_bidirectional_nn_lstm_would_peek():
-    # The reason BiLM keeps two stacks: in nn.LSTM(bidirectional=True, num_layers=2) the layer-2 forward
-    # output at t depends on x[t+1:] (through layer 1's backward half). With one layer it does not.
+def test_documents_that_torch_stacked_bidirectional_lstm_peeks_and_our_bilm_does_not():
+    """Documents torch's nn.LSTM, not a minilm bug: why BiLM keeps two stacks. In nn.LSTM(bidirectional=True,
+    num_layers=2) the layer-2 forward output at t depends on x[t+1:] (through layer 1's backward half); with
+    one layer it does not. The same gradient probe on minilm's BiLM (2 layers): its forward half at t sees
+    no later input and its backward half no earlier one."""
     torch.manual_seed(0)
     x = torch.randn(1, 6, 4, requires_grad=True)
     for num_layers, peeks in ((2, True), (1, False)):
@@ -117,6 +119,16 @@ def test_stacked_bidirectional_nn_lstm_would_peek():
         out, _ = lstm(x)
         (grad,) = torch.autograd.grad(out[0, 2, :5].sum(), x)      # forward half at t = 2
         assert (grad[0, 3:].abs().sum() > 0).item() is peeks
+    model = make_model()
+    P, t = model.config.projection_dim, 2
+    ids = batch_to_ids([["four", "words", "in", "all"]])                  # 6 positions with <S>, </S>
+    x = torch.randn(1, 6, P, requires_grad=True)
+    model.token_embedding = lambda char_ids: x                           # the biLM reads x as its token layer
+    top = model(ids)[0][-1]                                               # (1, 6, 2P) = [h_fwd; h_bwd] of layer 2
+    (fwd,) = torch.autograd.grad(top[0, t, :P].sum(), x, retain_graph=True)
+    (bwd,) = torch.autograd.grad(top[0, t, P:].sum(), x)
+    assert (fwd[0, t + 1:] == 0).all() and (fwd[0, : t + 1].abs().sum(-1) > 0).all()   # left context only
+    assert (bwd[0, :t] == 0).all() and (bwd[0, t:].abs().sum(-1) > 0).all()           # right context only
 
 
 def test_padding_never_changes_a_real_tokens_output():
