@@ -205,6 +205,20 @@ def bilm_from_checkpoint(checkpoint, path):
     return model
 
 
+def lm_windows(stream, starts, T, type_chars, type_to_word):
+    """Windows of T + 2 tokens of `stream` (type ids) from `starts` (b,) → (chars, next_ids, previous_ids).
+
+    The model reads the T middle tokens: chars (b, T, 50). At input position t (stream index
+    start + 1 + t) the forward LM's target is the token after it, next_ids[:, t] (start + 2 + t), and
+    the backward LM's the token before it, previous_ids[:, t] (start + t): softmax ids (b, T) each.
+    """
+    window = stream[starts[:, None] + torch.arange(T + 2)]                # (b, T+2) type ids
+    chars = type_chars[window[:, 1:-1]]                                   # (b, T, 50): the inputs
+    words = type_to_word[window]                                          # (b, T+2) softmax ids
+    nxt, prev = words[:, 2:], words[:, :-2]                               # (b, T) each
+    return chars, nxt, prev
+
+
 def setup_device(cfg):
     """DDP when launched by torchrun (RANK in the environment), else one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -276,10 +290,7 @@ def train(cfg):
         """The rows of one global batch (every rank draws the same starts, keeps its own rows)."""
         d = data[split]
         starts = torch.randint(len(d) - T - 1, (B,), generator=generator)[rows]    # (b,)
-        window = d[starts[:, None] + torch.arange(T + 2)]                     # (b, T+2) type ids
-        chars = type_chars[window[:, 1:-1]]                                   # (b, T, 50): the inputs
-        words = type_to_word[window]                                          # (b, T+2) softmax ids
-        nxt, prev = words[:, 2:], words[:, :-2]                               # (b, T) each
+        chars, nxt, prev = lm_windows(d, starts, T, type_chars, type_to_word)
         return chars.to(dev), nxt.to(dev), prev.to(dev)
 
     rows = slice(rank * (B // world), (rank + 1) * (B // world))

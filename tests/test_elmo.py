@@ -107,9 +107,11 @@ def test_no_direction_peeks():
         assert not torch.allclose(before[j][0, t, :P], base[j][0, t, :P])
 
 
-def test_stacked_bidirectional_nn_lstm_would_peek():
-    # The reason BiLM keeps two stacks: in nn.LSTM(bidirectional=True, num_layers=2) the layer-2 forward
-    # output at t depends on x[t+1:] (through layer 1's backward half). With one layer it does not.
+def test_documents_that_torch_stacked_bidirectional_lstm_peeks_and_our_bilm_does_not():
+    """Documents torch's nn.LSTM, not a minilm bug: why BiLM keeps two stacks. In nn.LSTM(bidirectional=True,
+    num_layers=2) the layer-2 forward output at t depends on x[t+1:] (through layer 1's backward half); with
+    one layer it does not. The same gradient probe on minilm's BiLM (2 layers): its forward half at t sees
+    no later input and its backward half no earlier one."""
     torch.manual_seed(0)
     x = torch.randn(1, 6, 4, requires_grad=True)
     for num_layers, peeks in ((2, True), (1, False)):
@@ -117,6 +119,16 @@ def test_stacked_bidirectional_nn_lstm_would_peek():
         out, _ = lstm(x)
         (grad,) = torch.autograd.grad(out[0, 2, :5].sum(), x)      # forward half at t = 2
         assert (grad[0, 3:].abs().sum() > 0).item() is peeks
+    model = make_model()
+    P, t = model.config.projection_dim, 2
+    ids = batch_to_ids([["four", "words", "in", "all"]])                  # 6 positions with <S>, </S>
+    x = torch.randn(1, 6, P, requires_grad=True)
+    model.token_embedding = lambda char_ids: x                           # the biLM reads x as its token layer
+    top = model(ids)[0][-1]                                               # (1, 6, 2P) = [h_fwd; h_bwd] of layer 2
+    (fwd,) = torch.autograd.grad(top[0, t, :P].sum(), x, retain_graph=True)
+    (bwd,) = torch.autograd.grad(top[0, t, P:].sum(), x)
+    assert (fwd[0, t + 1:] == 0).all() and (fwd[0, : t + 1].abs().sum(-1) > 0).all()   # left context only
+    assert (bwd[0, :t] == 0).all() and (bwd[0, t:].abs().sum(-1) > 0).all()           # right context only
 
 
 def test_padding_never_changes_a_real_tokens_output():
@@ -252,6 +264,25 @@ def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_re
     assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
 
 
+def test_training_uses_the_sampled_softmax_only_when_the_vocabulary_is_larger_than_k():
+    model = BiLM(tiny_config(vocab_size=50, n_negative_samples=6)).train()
+    h = torch.randn(2, 4, model.config.projection_dim)
+    targets = torch.tensor([[3, 10, -1, 49], [0, -1, 7, 7]])           # −1: no target, left out
+    keep = targets >= 0
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss = model.lm_loss(h, targets)
+        torch.manual_seed(3)
+        sampled = model._sampled_softmax_loss(h[keep], targets[keep])
+        full = nn.functional.cross_entropy(model.softmax(h[keep]), targets[keep])
+        assert torch.equal(loss, sampled) and not torch.allclose(loss, full)
+        model.eval()                                                     # evaluation: always the full softmax
+        torch.testing.assert_close(model.lm_loss(h, targets), full)
+        small = BiLM(tiny_config(vocab_size=50, n_negative_samples=50)).train()   # K ≥ V: full softmax
+        torch.testing.assert_close(small.lm_loss(h, targets),
+                                   nn.functional.cross_entropy(small.softmax(h[keep]), targets[keep]))
+
+
 # -- ELMo --------------------------------------------------------------------------------------
 
 def test_scalar_mix_starts_as_an_average_and_layer_norm_uses_unmasked_elements():
@@ -287,6 +318,59 @@ def test_elmo_strips_markers_and_trains_only_the_mix():
     assert all(p.grad is None for p in bilm.parameters())
     elmo.train()
     assert not bilm.training
+
+
+def _assert_dropped_out(dropped, full, p):
+    """dropped is nn.Dropout(p) of full in training: each element either 0 or full / (1 − p), about p of them 0."""
+    assert (full != 0).all()
+    kept = dropped != 0
+    assert 0.3 < kept.float().mean().item() < 0.7, kept.float().mean()          # p = 0.5, hundreds of elements
+    torch.testing.assert_close(dropped[kept], full[kept] / (1 - p))
+
+
+def test_elmo_applies_its_output_dropout_in_training_only():
+    elmo = ELMo(make_model(), dropout=0.5)
+    ids = batch_to_ids([["The", "cat", "sat", "on", "the", "mat", "."], ["Hello", "world"]])
+    with torch.no_grad():
+        ref, mask = elmo.eval()(ids)
+        torch.manual_seed(0)
+        out, _ = elmo.train()(ids)
+    _assert_dropped_out(out[mask], ref[mask], 0.5)
+    assert (out[~mask] == 0).all()
+
+
+def test_bilm_drops_out_each_lstm_layers_input_and_the_softmax_input_in_training_only():
+    # bilm-tf: DropoutWrapper(input_keep_prob) around every LSTM cell, and dropout on the top output
+    # before the softmax. Hooks see what each LSTMP layer and the softmax actually receive.
+    model = make_model(dropout=0.5, vocab_size=20, n_negative_samples=0)
+    ids = batch_to_ids([["a", "sentence", "long", "enough", "to", "count", "dropped", "values"]])
+    nxt = prv = torch.zeros(1, ids.shape[1], dtype=torch.long)
+    seen = {}
+    named = {"f0": model.forward_layers[0], "f1": model.forward_layers[1],
+             "b0": model.backward_layers[0], "b1": model.backward_layers[1], "softmax": model.softmax}
+    for name, module in named.items():
+        module.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append((inp[0], out)))
+    P = model.config.projection_dim
+    with torch.no_grad():
+        x = model.token_embedding(ids)
+        lengths = torch.tensor([ids.shape[1]])
+        for training in (True, False):
+            seen.clear()
+            torch.manual_seed(0)
+            layers, _, _ = model.train(training)(ids, nxt, prv)
+            undropped = {"f0": x, "f1": seen["f0"][0][1], "b0": reverse_padded(x, lengths), "b1": seen["b0"][0][1]}
+            tops = [layers[-1][0, :, :P], layers[-1][0, :, P:]]           # the softmax reads fwd, then bwd
+            received = {**{name: seen[name][0][0] for name in undropped}, "softmax": [i for i, _ in seen["softmax"]]}
+            for name, full in undropped.items():
+                if training:
+                    _assert_dropped_out(received[name], full, 0.5)
+                else:
+                    assert torch.equal(received[name], full), name
+            for got, top in zip(received["softmax"], tops):
+                if training:
+                    _assert_dropped_out(got, top, 0.5)
+                else:
+                    assert torch.equal(got, top)
 
 
 def _strip_by_hand(layers, mask):
@@ -342,12 +426,14 @@ def _tf_arrays(cfg, rng):
             p = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
             a[p + "W_0"] = rng.normal(scale=0.4, size=(2 * P, 4 * C))
             a[p + "B"] = rng.normal(scale=0.2, size=(4 * C,))
-            a[p + "W_P_0"] = rng.normal(scale=0.4, size=(C, P))
+            a[p + "W_P_0"] = rng.normal(scale=1.5, size=(C, P))     # large enough that proj_clip is hit
     return {k: v.astype(np.float32) for k, v in a.items()}
 
 
 def _numpy_bilm_top_layer(a, cfg, words):
-    """bilm-tf's forward pass written independently in NumPy, TF layouts as stored: (T, 2P) top layer."""
+    """bilm-tf's forward pass written independently in NumPy, TF layouts as stored: (T, 2P) top layer.
+
+    Both clips (cell and projection, ±3) must change some values, or the comparison would not test them."""
     sig = lambda v: 1.0 / (1.0 + np.exp(-v))
     chars = np.array([word_to_char_ids(w) for w in ["<S>", *words, "</S>"]]) - 1   # bilm-tf ids
     emb = a["char_embed"][chars]                                                    # (T, 50, E)
@@ -362,7 +448,7 @@ def _numpy_bilm_top_layer(a, cfg, words):
         x = g * np.maximum(x @ a[f"CNN_high_{k}/W_transform"] + a[f"CNN_high_{k}/b_transform"], 0) + (1 - g) * x
     x = x @ a["CNN_proj/W_proj"] + a["CNN_proj/b_proj"]
     C, P = cfg.lstm_dim, cfg.projection_dim
-    tops = []
+    tops, clipped = [], {"cell": 0, "proj": 0}
     for d in range(2):
         h = x if d == 0 else x[::-1]
         for l in range(cfg.n_layers):
@@ -371,11 +457,16 @@ def _numpy_bilm_top_layer(a, cfg, words):
             for t in range(len(h)):
                 z = np.concatenate([h[t], m]) @ a[p + "W_0"] + a[p + "B"]
                 i, j, f, o = np.split(z, 4)
-                c = np.clip(sig(f + 1.0) * c + sig(i) * np.tanh(j), -3, 3)
-                m = np.clip((sig(o) * np.tanh(c)) @ a[p + "W_P_0"], -3, 3)
+                c = sig(f + 1.0) * c + sig(i) * np.tanh(j)
+                clipped["cell"] += int((np.abs(c) > 3).sum())
+                c = np.clip(c, -3, 3)
+                m = (sig(o) * np.tanh(c)) @ a[p + "W_P_0"]
+                clipped["proj"] += int((np.abs(m) > 3).sum())
+                m = np.clip(m, -3, 3)
                 out.append(m)
             h = np.array(out) + (h if l > 0 else 0)                                 # skip connection from layer 2 on
         tops.append(h if d == 0 else h[::-1])
+    assert clipped["cell"] > 0 and clipped["proj"] > 0, f"a clip is never hit: {clipped}"
     return np.concatenate(tops, -1)
 
 

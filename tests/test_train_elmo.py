@@ -17,11 +17,13 @@ from script_helpers import kill_at_first_checkpoint, read_log, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
-# a small, fast run: the tiny preset on 8 windows of 8 tokens, no dropout so runs can be compared
+# a small, fast run: the tiny preset on 8 windows of 8 tokens
 SMALL = ["--preset", "tiny", "--batch_size", "8", "--unroll_steps", "8", "--eval_iters", "2",
-         "--log_interval", "1000", "--device", "cpu", "--dropout", "0.0"]
-# the shared run (and its resumed copy) train with sampled softmax: 16 of the corpus's ~30 softmax words
-SAMPLED = ["--n_negative_samples", "16"]
+         "--log_interval", "1000", "--device", "cpu"]
+# the shared run (and its resumed copy) draw random numbers every iteration: dropout masks, and the
+# sampled softmax's candidates (16 of the corpus's ~30 softmax words). A resumed run matches the
+# uninterrupted one only if each iteration reseeds them (without the reseed, either one alone fails it).
+RANDOM = ["--dropout", "0.2", "--n_negative_samples", "16"]
 
 _spec = importlib.util.spec_from_file_location("train_elmo", SCRIPT)
 train_elmo = importlib.util.module_from_spec(_spec)
@@ -57,7 +59,7 @@ def load_ckpt(out_dir):
 def trained(corpus, tmp_path_factory):
     """One uninterrupted run, shared by the tests below."""
     out = str(tmp_path_factory.mktemp("run") / "out")
-    p = run("--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *SAMPLED)
+    p = run("--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *RANDOM)
     assert "sampled (16) softmax in training" in p.stdout
     return out
 
@@ -74,21 +76,41 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
     assert ckpt["iter"] == 40 and ckpt["vocab"][:3] == ["<S>", "</S>", "<UNK>"]
 
 
+def test_batch_windows_target_the_next_word_forward_and_the_previous_word_backward():
+    # a stream of type ids 0..29; type i is the word "t{i}" (char ids) with softmax id 100 + i, so a
+    # target can only come from type_to_word and an input only from type_chars
+    from minilm.elmo import word_to_char_ids
+    stream = torch.arange(30)
+    type_chars = torch.tensor([word_to_char_ids(f"t{i}") for i in range(30)])
+    type_to_word = 100 + torch.arange(30)
+    T, starts = 5, torch.tensor([0, 7, 30 - 5 - 2])                  # the last one ends at the stream's end
+    chars, nxt, prev = train_elmo.lm_windows(stream, starts, T, type_chars, type_to_word)
+    assert chars.shape == (3, T, 50) and nxt.shape == prev.shape == (3, T)
+    for b, s in enumerate(starts.tolist()):
+        for t in range(T):
+            read = s + 1 + t                                          # the stream token at input position t
+            assert chars[b, t].tolist() == word_to_char_ids(f"t{read}")
+            assert nxt[b, t].item() == 100 + read + 1                 # forward LM: the word after it
+            assert prev[b, t].item() == 100 + read - 1                # backward LM: the word before it
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
-    args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *SAMPLED]
+    args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *RANDOM]
     proc = kill_at_first_checkpoint([sys.executable, SCRIPT, *args], out)  # at iter 10's checkpoint (or later)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert read_log(out)[-1]["iter"] < 40
     run(*args, "--resume", "True")
     a, b = load_ckpt(trained), load_ckpt(out)
+    assert a["config"]["dropout"] > 0 and 0 < a["config"]["n_negative_samples"] < len(a["vocab"])   # random draws
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert read_log(out) == read_log(trained)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
-    common = ["--data", corpus, "--max_iters", "6", "--eval_interval", "3", *SMALL]
+    # no dropout: each rank draws its own masks, which one process cannot reproduce
+    common = ["--data", corpus, "--max_iters", "6", "--eval_interval", "3", *SMALL, "--dropout", "0.0"]
     run("--out_dir", str(tmp_path / "one"), *common)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         SCRIPT, "--out_dir", str(tmp_path / "two"), *common],
@@ -102,7 +124,8 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "corpus.txt"), (b"", ""), (b"\xff\xfe bad bytes \xc3\x28\n", "UTF-8")])
+    (None, "no such file or directory"), (b"", "corpus.txt is empty: there is no text to train on"),
+    (b"\xff\xfe bad bytes \xc3\x28\n", "UTF-8")])
 def test_bad_corpus_is_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "corpus.txt"
     if content is not None:
