@@ -23,6 +23,7 @@ Everything random in an iteration (window places, dropout, softmax samples) is s
 (seed, iteration, rank), so `--resume True` after a kill replays the run exactly.
 """
 import functools
+import gc
 import json
 import math
 import os
@@ -411,6 +412,10 @@ def train(cfg):
                   f"{tok_s * flops_per_token / 1e9:.1f} model GFLOP/s", flush=True)
     if ddp:
         torch.distributed.barrier()  # every rank done before teardown: gloo aborts a rank that leaves early
+        # DDP's reducer goes first: if the process group's last reference died with it, gloo's destructor
+        # would wait for its worker threads while holding the GIL that they may need (a rare hang at exit).
+        del model
+        gc.collect()
         torch.distributed.destroy_process_group()
     return 0
 

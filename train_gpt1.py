@@ -22,6 +22,7 @@ same run on any number of processes, sees exactly the same data. Under DDP every
 one global batch of `batch_size` sequences: it is cut into equal slices (gradient_accumulation_steps of
 them, rounded up to a multiple of the world size) and each rank takes its share.
 """
+import gc
 import json
 import math
 import os
@@ -517,6 +518,10 @@ def main(argv):
 
     if ddp:
         torch.distributed.barrier()  # every rank done before teardown: gloo aborts a rank that leaves early
+        # DDP's reducer goes first: if the process group's last reference died with it, gloo's destructor
+        # would wait for its worker threads while holding the GIL that they may need (a rare hang at exit).
+        del model
+        gc.collect()
         torch.distributed.destroy_process_group()
     if master:
         plot_losses(log_path, os.path.join(out_dir, "loss.png"))
