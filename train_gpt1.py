@@ -151,6 +151,8 @@ def check_options(cfg):
     for name in ("warmup_iters", "lr_decay_iters", "max_new_tokens", "seed"):
         if cfg[name] is not None and cfg[name] < 0:
             raise UserError(f"--{name} must be at least 0, got {cfg[name]}")
+    if cfg["seed"] >= 2**32:  # it seeds torch and numpy with offsets added: keep it well inside 64 bits
+        raise UserError(f"--seed must be below 2**32, got {cfg['seed']}")
     if cfg["vocab_size"] < 2:
         raise UserError(f"--vocab_size must be at least 2, got {cfg['vocab_size']}")
     if not number("learning_rate") or cfg["learning_rate"] <= 0:
@@ -195,21 +197,27 @@ def parse_kernel_sizes(text):
 def check_fixed_options(given, ckpt, what):
     """--resume / --sample: an option in FIXED_BY_CHECKPOINT may only repeat the checkpoint's value."""
     mc, dm = ckpt["model_config"], ckpt["data_meta"]
-    kernels = resolve_kernel_sizes(mc.get("kernel_sizes"), mc["n_layer"]) if mc.get("arch") == "lightconv" else None
-    trained_with = {
-        "data": dm["data"], "vocab_size": dm["vocab_size_requested"], "val_fraction": dm["val_fraction"],
-        "preset": ckpt["options"]["preset"], "arch": mc.get("arch", "attention"), "n_layer": mc["n_layer"],
-        "n_head": mc["n_head"], "n_embd": mc["n_embd"], "block_size": mc["n_ctx"],
-        "dropout": mc["resid_pdrop"], "kernel_sizes": kernels, "weight_dropout": mc.get("weight_dropout"),
-    }
+    try:
+        kernels = resolve_kernel_sizes(mc.get("kernel_sizes"), mc["n_layer"]) if mc.get("arch") == "lightconv" else None
+        trained_with = {
+            "data": dm["data"], "vocab_size": dm["vocab_size_requested"], "val_fraction": dm["val_fraction"],
+            "preset": ckpt["options"]["preset"], "arch": mc.get("arch", "attention"), "n_layer": mc["n_layer"],
+            "n_head": mc["n_head"], "n_embd": mc["n_embd"], "block_size": mc["n_ctx"],
+            "dropout": mc["resid_pdrop"], "kernel_sizes": kernels, "weight_dropout": mc.get("weight_dropout"),
+        }
+    except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited checkpoint
+        raise UserError(f"{what}: the checkpoint's model_config or data_meta is damaged ({type(e).__name__}: {e})") from None
     for name in FIXED_BY_CHECKPOINT:
         if name not in given or (name == "preset" and given[name] == "auto"):
             continue
         value = given[name]
         if name == "data" and value not in ("shakespeare", "korean"):
             value = os.path.abspath(value)
-        elif name == "kernel_sizes":
-            value = resolve_kernel_sizes(parse_kernel_sizes(value), mc["n_layer"]) if kernels else value
+        elif name == "kernel_sizes" and kernels:
+            try:
+                value = resolve_kernel_sizes(parse_kernel_sizes(value), mc["n_layer"])
+            except ValueError as e:
+                raise UserError(f"{what}: {e}") from None
         elif name == "dropout":  # one option for the three dropouts
             value = value if value == mc["embd_pdrop"] == mc["attn_pdrop"] else None
         if value != trained_with[name]:
@@ -285,12 +293,12 @@ def main(argv):
     check_options(cfg)
     # The model's config, checked by building the model on the meta device (no memory): a bad shape is
     # reported now, not after the data is prepared. vocab_size becomes the tokenizer's once it exists.
-    gconf = GPT1Config(**ckpt["model_config"]) if ckpt else fresh_model_config(cfg, preset)
     try:
+        gconf = GPT1Config(**ckpt["model_config"]) if ckpt else fresh_model_config(cfg, preset)
         with torch.device("meta"):
             GPT1(gconf)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    except (TypeError, ValueError) as e:  # TypeError: a checkpoint's model_config with unknown or missing fields
+        raise UserError(f"{what}: the checkpoint's model_config does not make a GPT-1 ({e})" if ckpt else str(e)) from None
     dtype = cfg["dtype"]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -452,7 +460,7 @@ def main(argv):
               + (f"; resuming at iter {iter_num}" if ckpt else ""), flush=True)
 
     # --- the loop -------------------------------------------------------------------------------------
-    t_interval, tokens_interval, train_time = time.time(), 0, 0.0
+    tokens_interval, train_time = 0, 0.0
     first_iter = iter_num
     while True:
         lr = get_lr(iter_num, cfg)
@@ -613,7 +621,7 @@ def model_from_checkpoint(ckpt, ckpt_path, what):
         model = GPT1(GPT1Config(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-edited checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = " ".join(str(e).strip().splitlines()[:2]) or type(e).__name__  # line 2 names the first bad weight
         raise UserError(f"{what}: the weights in {ckpt_path} do not fit its model_config ({first})") from None
     return model
 

@@ -509,8 +509,9 @@ def lr_at(it, total, opts):
     linearly to 0 at the end; the (1 − x) factor applies during the warmup too. warmup_fraction 0: no warmup
     (the original would divide by zero)."""
     x, warmup = it / total, opts["warmup_fraction"]
-    s = 1.0 if warmup > 0 and x <= warmup else 0.0
-    return opts["learning_rate"] * (s * (x / warmup if s else 0.0) + (1.0 - s)) * (1.0 - x)
+    if warmup > 0 and x <= warmup:  # s = 1
+        return opts["learning_rate"] * x / warmup * (1.0 - x)
+    return opts["learning_rate"] * (1.0 - x)  # s = 0
 
 
 # --------------------------------------------------------------------------------------------

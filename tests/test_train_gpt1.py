@@ -164,6 +164,7 @@ def _refused(*argv):
     (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
     (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
     (["--seed", "-1"], "--seed must be at least 0"),
+    (["--seed", str(2**64)], "--seed must be below 2**32"),
     (["--device", "gpu"], "--device gpu: choose"),
     (["--val_fraction", "1"], "--val_fraction must be in (0, 1)"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
@@ -232,6 +233,20 @@ def test_a_truncated_or_foreign_checkpoint_is_one_line(trained, tmp_path):
     torch.save({"weights": torch.zeros(2)}, out / "ckpt.pt")
     assert _refused("--sample", "True", "--out_dir", str(out)) == \
         f"--sample True: {out}/ckpt.pt is not a train_gpt1.py checkpoint (it has no 'model')"
+
+
+def test_a_damaged_model_config_is_one_line(trained, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)
+    ckpt["model_config"]["n_experts"] = 8  # a field GPT1Config does not have
+    torch.save(ckpt, out / "ckpt.pt")
+    for what in ("--resume", "--sample"):
+        message = _refused(what, "True", "--out_dir", str(out))
+        assert message.startswith(f"{what} True: the checkpoint's model_config does not make a GPT-1 ("), message
+    del ckpt["model_config"]["n_layer"]
+    torch.save(ckpt, out / "ckpt.pt")
+    assert "model_config or data_meta is damaged (KeyError" in _refused("--resume", "True", "--out_dir", str(out))
 
 
 def test_a_fresh_run_does_not_overwrite_a_checkpoint_unless_told_to(trained, corpus, tmp_path):

@@ -12,7 +12,6 @@ tokens/s, model GFLOP/s (minilm.elmo.estimate_flops_per_token), and the token en
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_ms
 from minilm.elmo import PRESETS, BiLM, estimate_flops_per_token, preset

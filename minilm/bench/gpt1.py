@@ -19,7 +19,7 @@ in all three (minilm drops inside its fused kernel -- on CUDA only with MINILM_F
 minilm.ops.fused_dropout_available -- and SDPA takes its dropout_p).
 
 Model FLOPs per token = 6N + 12·L·H·Q·T (N parameters, L layers, H heads, Q head size, T context;
-PaLM appendix B); MFU = that × tokens/s / peak, with 989 TFLOP/s (H100/H200 dense bf16) on a GPU.
+PaLM appendix B); MFU = that × tokens/s / the GPU's dense bf16 peak (minilm.gpt1.GPU_PEAK_TFLOPS).
 """
 import gc
 import json

@@ -139,7 +139,7 @@ def _lse_dtype(dtype):
 @torch.library.register_fake("minilm::causal_attention")
 def _(q, k, v, scale, dropout_p=0.0, seed=None):
     _check(q, k, v)  # so that torch.compile reports bad inputs at trace time, as eager does
-    check_one_device("causal_attention", {"q": q}, seed)
+    check_one_device("causal_attention", {"q": q, "k": k, "v": v}, seed)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
 
