@@ -37,7 +37,7 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, load_tokens, prepare_gpt1
-from minilm.finetune import finetune, load_checkpoint, resolve_device, save_checkpoint
+from minilm.finetune import finetune, load_checkpoint, resolve_device, save_checkpoint, truncate_log
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
 
@@ -445,11 +445,7 @@ def main(argv):
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
         if ckpt:  # forget what the interrupted run logged after its last checkpoint
-            keep = []
-            if os.path.exists(log_path):
-                with open(log_path, encoding="utf-8") as f:
-                    keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
-            write_atomic(log_path, "".join(keep).encode("utf-8"))
+            truncate_log(log_path, iter_num)
         else:  # a fresh run; with --overwrite True the old run's checkpoint and log go together, now
             for path in (ckpt_path, log_path):
                 if os.path.exists(path):
@@ -540,15 +536,6 @@ def main(argv):
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts): torch.load(weights_only=True).
 # They are read and written by load_checkpoint / save_checkpoint (minilm/finetune.py), shared with fine-tuning.
-
-def write_atomic(path, payload):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a crash leaves the old file or the new one, never half of one
-
 
 def get_rng_state():
     np_state = np.random.get_state()

@@ -518,15 +518,29 @@ def lr_at(it, total, opts):
 # Checkpoints: train_gpt1.py (pre-training) and finetune() (fine-tuning) both read and write them here.
 # They hold plain types only (tensors, numbers, strings, lists, dicts): torch.load(weights_only=True).
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file, fsync it, then rename: a crash (or a power cut) leaves the old
-    checkpoint or the new one, never half of one."""
+def write_atomic(path, write):
+    """write(f) into a temporary file, fsync it, then rename it to path: a crash (or a power cut) leaves
+    the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def truncate_log(log_path, last_iter):
+    """Keep the evaluations logged up to last_iter (a resumed run redoes those an interrupted one logged
+    after its last checkpoint)."""
+    keep = []
+    if os.path.exists(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= last_iter]
+    write_atomic(log_path, lambda f: f.write("".join(keep).encode("utf-8")))
 
 
 _CKPT_KEYS = ("model", "model_config", "options", "iter_num")  # what every checkpoint of ours holds
@@ -789,13 +803,7 @@ def finetune(options, print_fn=print):
 
     log_path = os.path.join(out_dir, "log.jsonl")
     if ckpt:  # forget what the interrupted run logged after its last checkpoint
-        keep = []
-        if os.path.exists(log_path):
-            with open(log_path, encoding="utf-8") as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
-        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(log_path + ".tmp", log_path)
+        truncate_log(log_path, iter_num)
     elif os.path.exists(log_path):
         os.remove(log_path)
     chance = max(np.bincount(val_labels)) / len(val_labels)
