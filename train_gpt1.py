@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
-from minilm.data import DataError, load_tokens, prepare_gpt1
+from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
 from minilm.finetune import finetune, load_checkpoint, resolve_device, save_checkpoint, truncate_log
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -211,8 +211,8 @@ def check_fixed_options(given, ckpt, what):
         if name not in given or (name == "preset" and given[name] == "auto"):
             continue
         value = given[name]
-        if name == "data" and value not in ("shakespeare", "korean"):
-            value = os.path.abspath(value)
+        if name == "data":
+            value = data_spec(value)
         elif name == "kernel_sizes" and kernels:
             try:
                 value = resolve_kernel_sizes(parse_kernel_sizes(value), mc["n_layer"])
@@ -590,13 +590,7 @@ def plot_losses(log_path, png_path):
 def sample_from_checkpoint(cfg, ckpt, ckpt_path, device):
     """--sample True: the checkpoint's model and the tokenizer it was trained with (out_dir/data)."""
     data_dir = os.path.join(os.path.dirname(ckpt_path), ckpt.get("data_dir", "data"))
-    try:
-        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        meta = {}
-    keys = ("data", "fingerprint", "vocab_size_requested", "val_fraction", "vocab_size")
-    if any(meta.get(k) != ckpt["data_meta"].get(k) for k in keys):
+    if not holds_preparation(data_dir, ckpt["data_meta"]):
         raise UserError(f"--sample True: {data_dir} does not hold the data and tokenizer {ckpt_path} was trained with; "
                         "--resume True prepares them again")
     model = model_from_checkpoint(ckpt, ckpt_path, "--sample True").to(device)

@@ -257,7 +257,8 @@ def _fingerprint(docs: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def _data_spec(data: str) -> str:
+def data_spec(data: str) -> str:
+    """How meta.json names a corpus: a built-in's name, or the absolute path of the user's text."""
     return data if data in ("shakespeare", "korean") else os.path.abspath(data)
 
 
@@ -267,6 +268,14 @@ def _read_meta(data_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def holds_preparation(data_dir: str, meta: dict) -> bool:
+    """Whether data_dir holds, complete, the preparation that `meta` (an earlier prepare_gpt1's, e.g. a
+    checkpoint's) describes: the same corpus and text, vocabulary and split."""
+    old = _read_meta(data_dir)
+    keys = ("data", "fingerprint", "vocab_size_requested", "val_fraction", "vocab_size")
+    return old is not None and all(old.get(k) == meta.get(k) for k in keys) and _is_complete(data_dir, old)
 
 
 def _is_complete(data_dir: str, meta: dict) -> bool:
@@ -310,7 +319,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     t0 = time.perf_counter()
     docs = load_documents(data, cache_dir)
     fingerprint = _fingerprint(docs)
-    wanted = {"format": _FORMAT_VERSION, "data": _data_spec(data), "fingerprint": fingerprint,
+    wanted = {"format": _FORMAT_VERSION, "data": data_spec(data), "fingerprint": fingerprint,
               "vocab_size_requested": vocab_size, "val_fraction": val_fraction}
     if expect is not None:
         changed = [k for k in wanted if expect.get(k) != wanted[k]]
