@@ -4,7 +4,8 @@
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
-    python train_elmo.py --resume True          # continue the run in out_dir (--overwrite True: start over)
+    python train_elmo.py --resume True          # continue the run in out_dir, with its own options
+    python train_elmo.py --overwrite True       # start over in an out_dir that holds a run
 
 Options are the names below, given as `--name value` or `--name=value` (booleans: True/False).
 
@@ -133,11 +134,65 @@ def sentences_of(text):
     return [words for words in map(tokenize, text.splitlines()) if words]
 
 
+# What a checkpoint fixes. --resume True takes every option from the checkpoint's train_config, then the
+# command line's; these may only repeat the checkpoint's value. The model, its softmax vocabulary and the
+# optimizer's state depend on the first ones; the rest decide every batch and step, and resume replays
+# the run exactly. max_iters (train longer), the evaluation and log intervals, device and compile may change.
+FIXED_BY_CHECKPOINT = ("data", "val_fraction", "max_vocab", "preset", "dropout", "n_negative_samples", "optimizer",
+                       "learning_rate", "grad_clip", "batch_size", "unroll_steps", "seed")
+NOT_FROM_CHECKPOINT = ("out_dir", "device", "resume", "overwrite", "embed", "word")   # this command line's own
+
+
+def data_key(data):
+    """--data as a checkpoint records it: a built-in corpus by name, a path made absolute."""
+    return data if data in ("shakespeare", "korean") else os.path.abspath(data)
+
+
+def default_lr(optimizer):
+    return {"adagrad": 0.2, "adam": 1e-3}[optimizer]
+
+
+def check_fixed_options(given, trained_with):
+    """--resume True: an option in FIXED_BY_CHECKPOINT may only repeat the checkpoint's value."""
+    for name in FIXED_BY_CHECKPOINT:
+        if name not in given:
+            continue
+        value, theirs = given[name], trained_with[name]
+        if name == "data":
+            value, theirs = data_key(value), data_key(theirs)
+        elif name == "learning_rate":       # 0: the optimizer's default, the same run as giving that value
+            value = value or default_lr(trained_with["optimizer"])
+            theirs = theirs or default_lr(trained_with["optimizer"])
+        if value != theirs:
+            raise UsageError(f"--resume True: --{name} {given[name]} differs from the checkpoint's "
+                             f"({trained_with[name]}): the checkpoint fixes its model, vocabulary, optimizer and "
+                             "batches; start a new run (another --out_dir, or --overwrite True) to change it")
+
+
 def main(argv):
     defaults = {k: globals()[k] for k in _CONFIG_KEYS}
-    cfg = {**defaults, **parse_args(argv, defaults)}
+    given = parse_args(argv, defaults)
+    cfg = {**defaults, **given}
     try:
-        return embed_file(cfg) if cfg["embed"] else train(cfg)
+        if cfg["embed"]:
+            return embed_file(cfg)
+        check_train_options(cfg)
+        checkpoint = None
+        if cfg["resume"]:       # the checkpoint's options, then whatever this command line says
+            ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+            if not os.path.isfile(ckpt_path):
+                raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
+            checkpoint = load_checkpoint(ckpt_path)
+            saved = checkpoint.get("train_config")
+            trained_with = {k: v for k, v in (saved if isinstance(saved, dict) else {}).items()
+                            if k in defaults and k not in NOT_FROM_CHECKPOINT}
+            missing = [k for k in FIXED_BY_CHECKPOINT if k not in trained_with]
+            if missing:
+                raise UsageError(f"{ckpt_path} does not record its run's --{', --'.join(missing)}: "
+                                 "it cannot be resumed")
+            check_fixed_options(given, trained_with)
+            cfg = {**defaults, **trained_with, **given}
+        return train(cfg, checkpoint)
     except (ValueError, FileNotFoundError) as e:    # minilm.data.DataError is a ValueError; library checks raise these
         raise UsageError(str(e)) from None
 
@@ -178,7 +233,7 @@ def check_train_options(cfg):
     if cfg["preset"] not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {cfg['preset']!r}")
     if cfg["resume"] and cfg["overwrite"]:
-        raise UsageError("--resume True continues the run in --out_dir, --overwrite True deletes it: pass one of them")
+        raise UsageError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
     check_device(cfg["device"])
 
 
@@ -235,18 +290,18 @@ def setup_device(cfg):
     return ddp, rank, world, dev
 
 
-def train(cfg):
+def train(cfg, checkpoint=None):
+    """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import load_documents, split_documents
     from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset,
                              word_to_char_ids)
 
-    check_train_options(cfg)
     ddp, rank, world, dev = setup_device(cfg)
     master = rank == 0
     B, T = cfg["batch_size"], cfg["unroll_steps"]
     if B % world:
         raise UsageError(f"--batch_size {B} must be divisible by the number of processes ({world})")
-    lr = cfg["learning_rate"] or {"adagrad": 0.2, "adam": 1e-3}[cfg["optimizer"]]
+    lr = cfg["learning_rate"] or default_lr(cfg["optimizer"])
 
     # -- out_dir: an earlier run's checkpoint is continued (--resume) or deleted (--overwrite), never mixed in
     out_dir = cfg["out_dir"]
@@ -258,14 +313,9 @@ def train(cfg):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot use --out_dir {out_dir}: {e.strerror or e}") from None
-    checkpoint = None
-    if cfg["resume"]:
-        if not os.path.isfile(ckpt_path):
-            raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
-        checkpoint = load_checkpoint(ckpt_path)
-    elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
-        raise UsageError(f"{ckpt_path} holds an earlier run: pass --resume True to continue it, "
-                         "--overwrite True to delete it and start over, or another --out_dir")
+    if not checkpoint and os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise UsageError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose another "
+                         "--out_dir, or pass --overwrite True to start over")
 
     # -- data: token stream of each split, char ids of every word type, softmax ids ----------------
     docs = load_documents(cfg["data"])
@@ -300,7 +350,8 @@ def train(cfg):
     torch.manual_seed(cfg["seed"])
     if checkpoint:
         if checkpoint["vocab"] != vocab:
-            raise UsageError(f"{ckpt_path} was trained with another vocabulary: resume it with the same --data and --max_vocab")
+            raise UsageError(f"--resume True: {cfg['data']} now gives another vocabulary than {ckpt_path} was trained "
+                             "with (has the corpus changed?)")
         model = bilm_from_checkpoint(checkpoint, ckpt_path).to(dev)
         config = model.config
     else:
@@ -325,7 +376,8 @@ def train(cfg):
     if master:
         print(f"data {cfg['data']}: {len(data['train']):,} train / {len(data['val']):,} val tokens, "
               f"{len(types):,} word types, softmax vocabulary {len(vocab):,} ({softmax} softmax in training)")
-        print(f"model {cfg['preset'] if not checkpoint else 'from checkpoint'}: {n_params:,} parameters "
+        resumed = f" from checkpoint (iter {start_iter})" if checkpoint else ""
+        print(f"model {cfg['preset']}{resumed}: {n_params:,} parameters "
               f"({n_params - (len(vocab) * (config.projection_dim + 1)):,} without the softmax); "
               f"{world} process(es), device {dev}, global batch {B} × {T} tokens")
     flops_per_token = estimate_flops_per_token(config, len(vocab))
@@ -350,7 +402,7 @@ def train(cfg):
     def save_checkpoint(it):
         """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
         state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
-                 "vocab": vocab, "iter": it, "train_config": {k: v for k, v in cfg.items()}}
+                 "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_key(cfg["data"])}}
         tmp = ckpt_path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)

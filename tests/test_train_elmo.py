@@ -1,6 +1,5 @@
 """train_elmo.py end to end, as a user runs it: subprocesses on a small corpus the tests write themselves.
 Checks that stop before any training call its main() in this process, which is much faster."""
-import importlib.util
 import os
 import random
 import re
@@ -13,7 +12,7 @@ import unicodedata
 import numpy as np
 import pytest
 import torch
-from script_helpers import kill_at_first_checkpoint, read_log, script_env
+from script_helpers import kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
@@ -25,9 +24,7 @@ SMALL = ["--preset", "tiny", "--batch_size", "8", "--unroll_steps", "8", "--eval
 # uninterrupted one only if each iteration reseeds them (without the reseed, either one alone fails it).
 RANDOM = ["--dropout", "0.2", "--n_negative_samples", "16"]
 
-_spec = importlib.util.spec_from_file_location("train_elmo", SCRIPT)
-train_elmo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_elmo)
+train_elmo = load_script("train_elmo")
 
 
 def run(*args, check=True, **kw):
@@ -100,7 +97,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_pat
     proc = kill_at_first_checkpoint([sys.executable, SCRIPT, *args], out)  # at iter 10's checkpoint (or later)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert read_log(out)[-1]["iter"] < 40
-    run(*args, "--resume", "True")
+    run("--out_dir", out, "--resume", "True", "--device", "cpu")   # the checkpoint's options: data, SMALL, RANDOM
     a, b = load_ckpt(trained), load_ckpt(out)
     assert a["config"]["dropout"] > 0 and 0 < a["config"]["n_negative_samples"] < len(a["vocab"])   # random draws
     for k in a["model"]:
@@ -217,11 +214,62 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus
         shutil.copy(os.path.join(trained, name), out / name)
     before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
     message = usage_error("--data", corpus, "--out_dir", str(out), "--max_iters", "0", *SMALL)
-    assert "--resume True" in message and "--overwrite True" in message
+    assert message == (f"{out} already holds a checkpoint: pass --resume True to continue it, choose another "
+                       "--out_dir, or pass --overwrite True to start over")
     assert {name: (out / name).read_bytes() for name in before} == before          # nothing lost
     train_elmo.main(["--data", corpus, "--out_dir", str(out), "--max_iters", "0", "--overwrite", "True", *SMALL])
     assert not (out / "ckpt.pt").exists()                                            # the old run is gone, all of it
     assert [r["iter"] for r in read_log(out)] == [0]
+
+
+def test_resume_takes_the_optimizer_from_the_checkpoint(corpus, tmp_path):
+    # in process, a few steps: Adam's state, resumed without --optimizer adam, is still Adam's
+    # (the old code built Adagrad and loading Adam's state into it failed with KeyError: 'sum')
+    common = ["--data", corpus, "--eval_interval", "2", *SMALL]
+    train_elmo.main(["--out_dir", str(tmp_path / "whole"), "--max_iters", "4", *common, "--optimizer", "adam"])
+    train_elmo.main(["--out_dir", str(tmp_path / "parts"), "--max_iters", "2", *common, "--optimizer", "adam"])
+    train_elmo.main(["--out_dir", str(tmp_path / "parts"), "--resume", "True", "--max_iters", "4", *common])  # longer
+    a, b = load_ckpt(tmp_path / "whole"), load_ckpt(tmp_path / "parts")
+    assert b["train_config"]["optimizer"] == "adam" and b["train_config"]["max_iters"] == 4
+    assert "exp_avg" in b["optimizer"]["state"][0]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("args,shown", [
+    (["--optimizer", "adam"], "--optimizer adam differs from the checkpoint's (adagrad)"),
+    (["--preset", "small"], "--preset small differs from the checkpoint's (tiny)"),
+    (["--dropout", "0.1"], "--dropout 0.1 differs from the checkpoint's (0.2)"),
+    (["--n_negative_samples", "8"], "--n_negative_samples 8 differs"), (["--max_vocab", "20"], "--max_vocab 20"),
+    (["--val_fraction", "0.2"], "--val_fraction 0.2"), (["--batch_size", "16"], "--batch_size 16"),
+    (["--unroll_steps", "4"], "--unroll_steps 4"), (["--seed", "1"], "--seed 1 differs"),
+    (["--learning_rate", "0.1"], "--learning_rate 0.1 differs from the checkpoint's (0.0)"),
+    (["--grad_clip", "1"], "--grad_clip 1.0 differs"), (["--data", "shakespeare"], "--data shakespeare differs")])
+def test_resume_refuses_to_change_what_the_checkpoint_fixes(trained, corpus, tmp_path, args, shown):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ckpt.pt", "log.jsonl"):
+        shutil.copy(os.path.join(trained, name), out / name)
+    before = snapshot(out)
+    # the rest repeat the checkpoint's values (allowed), or are free to change (max_iters, intervals, device)
+    message = usage_error("--out_dir", str(out), "--resume", "True", "--data", corpus, "--dropout", "0.2",
+                          "--max_iters", "60", "--log_interval", "5", "--eval_iters", "3", "--device", "cpu", *args)
+    assert message.startswith(f"--resume True: {shown}") and message.endswith(
+        "start a new run (another --out_dir, or --overwrite True) to change it")
+    assert snapshot(out) == before
+
+
+def test_resume_accepts_the_checkpoints_own_values(trained, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ckpt.pt", "log.jsonl"):
+        shutil.copy(os.path.join(trained, name), out / name)
+    monkeypatch.chdir(os.path.dirname(corpus))          # a relative --data is the same file
+    # learning_rate 0.2 is Adagrad's default, the checkpoint's 0 (max_iters 40: the run is done, nothing to train)
+    assert train_elmo.main(["--out_dir", str(out), "--resume", "True", "--data", os.path.basename(corpus), *SMALL,
+                            *RANDOM, "--learning_rate", "0.2", "--max_iters", "40"]) == 0
+    assert read_log(out) == read_log(trained)
 
 
 @pytest.mark.parametrize("line,tokens", [
