@@ -456,10 +456,15 @@ def train(cfg, checkpoint=None):
         opt.step()
 
         tokens_since += B * T
+        if (it + 1) % cfg["log_interval"] == 0:
+            losses = losses.detach()
+            if ddp:  # each rank's losses are over its own B / world windows: the step's are their mean
+                torch.distributed.all_reduce(losses)
+                losses = losses / world
         if master and (it + 1) % cfg["log_interval"] == 0:
             dt = time.time() - t0
             tok_s = tokens_since / max(dt, 1e-9)
-            print(f"iter {it + 1}: loss {loss.item():.4f} (fwd {losses[0].item():.3f}, bwd {losses[1].item():.3f}), "
+            print(f"iter {it + 1}: loss {losses.mean().item():.4f} (fwd {losses[0].item():.3f}, bwd {losses[1].item():.3f}), "
                   f"grad norm {grad_norm.item():.2f}, {tok_s:,.0f} tokens/s, "
                   f"{tok_s * flops_per_token / 1e9:.1f} model GFLOP/s", flush=True)
     if ddp:

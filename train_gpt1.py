@@ -165,6 +165,9 @@ def check_options(cfg):
     for name in ("beta1", "beta2", "dropout", "weight_dropout"):
         if cfg[name] is not None and (not number(name) or not 0 <= cfg[name] < 1):
             raise UserError(f"--{name} must be in [0, 1), got {cfg[name]}")
+    for name in ("kernel_sizes", "weight_dropout"):
+        if cfg[name] is not None and cfg["arch"] != "lightconv":
+            raise UserError(f"--{name} is an option of LightConv: it needs --arch lightconv")
     if not number("val_fraction") or not 0 < cfg["val_fraction"] < 1:
         raise UserError(f"--val_fraction must be in (0, 1), got {cfg['val_fraction']}")
     if cfg["start"] and not basic_tokenize(cfg["start"]):  # every word gives at least one token (maybe <unk>)

@@ -107,8 +107,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_pat
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
     # no dropout: each rank draws its own masks, which one process cannot reproduce
-    common = ["--data", corpus, "--max_iters", "6", "--eval_interval", "3", *SMALL, "--dropout", "0.0"]
-    run("--out_dir", str(tmp_path / "one"), *common)
+    common = ["--data", corpus, "--max_iters", "6", "--eval_interval", "3", *SMALL, "--dropout", "0.0",
+              "--log_interval", "3"]
+    single = run("--out_dir", str(tmp_path / "one"), *common)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         SCRIPT, "--out_dir", str(tmp_path / "two"), *common],
                        cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
@@ -118,6 +119,11 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
         torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-4, atol=1e-5)   # all-reduce order only
     for r1, r2 in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-4)
+    # the printed training loss is the whole global batch's (all ranks'), not rank 0's share of it
+    printed = [[float(line.split("loss ")[1].split(" ")[0]) for line in proc.stdout.splitlines() if line.startswith("iter ")]
+               for proc in (single, p)]
+    assert len(printed[0]) == len(printed[1]) == 2
+    assert printed[1] == pytest.approx(printed[0], abs=2e-4)
 
 
 @pytest.mark.parametrize("content,message", [

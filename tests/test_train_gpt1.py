@@ -173,6 +173,7 @@ def _refused(*argv):
     (["--max_new_tokens", "-1"], "--max_new_tokens must be at least 0"),
     (["--start", "\u200b"], "encodes to no tokens"),  # a zero-width space: no word at all
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
+    (["--kernel_sizes", "3"], "--kernel_sizes is an option of LightConv: it needs --arch lightconv"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(bad, message, corpus, tmp_path):
     out = tmp_path / "out"
