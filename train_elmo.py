@@ -461,12 +461,12 @@ def train(cfg, checkpoint=None):
             if ddp:  # each rank's losses are over its own B / world windows: the step's are their mean
                 torch.distributed.all_reduce(losses)
                 losses = losses / world
-        if master and (it + 1) % cfg["log_interval"] == 0:
-            dt = time.time() - t0
-            tok_s = tokens_since / max(dt, 1e-9)
-            print(f"iter {it + 1}: loss {losses.mean().item():.4f} (fwd {losses[0].item():.3f}, bwd {losses[1].item():.3f}), "
-                  f"grad norm {grad_norm.item():.2f}, {tok_s:,.0f} tokens/s, "
-                  f"{tok_s * flops_per_token / 1e9:.1f} model GFLOP/s", flush=True)
+            if master:
+                dt = time.time() - t0
+                tok_s = tokens_since / max(dt, 1e-9)
+                print(f"iter {it + 1}: loss {losses.mean().item():.4f} (fwd {losses[0].item():.3f}, "
+                      f"bwd {losses[1].item():.3f}), grad norm {grad_norm.item():.2f}, {tok_s:,.0f} tokens/s, "
+                      f"{tok_s * flops_per_token / 1e9:.1f} model GFLOP/s", flush=True)
     if ddp:
         torch.distributed.barrier()  # every rank done before teardown: gloo aborts a rank that leaves early
         # DDP's reducer goes first: if the process group's last reference died with it, gloo's destructor
