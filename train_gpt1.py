@@ -273,7 +273,8 @@ def main(argv):
 
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("fine-tuning runs in one process: start it without torchrun")
-        finetune(given, print_fn=partial(print, flush=True))  # given only: the rest are fine-tuning's defaults
+        # given only (the rest are fine-tuning's defaults), and the out_dir whose checkpoint was read above
+        finetune({**given, "out_dir": out_dir} if ckpt else given, print_fn=partial(print, flush=True), ckpt=ckpt)
         return
     if ckpt:  # its model and data, then whatever else this command line says
         check_fixed_options(given, ckpt, what)

@@ -389,9 +389,8 @@ class BiLM(nn.Module):
         V, K = self.config.vocab_size, self.config.n_negative_samples
         sampled, num_tries = log_uniform_candidates(V, K, h.device)                             # (K,)
 
-        def log_expected_count(ids):    # TF, unique sampling: Q = 1 − (1 − p)^num_tries
-            p = torch.log1p(1.0 / (ids.to(h.dtype) + 1.0)) / math.log(V + 1)     # log((k+2)/(k+1)) / log(V+1)
-            return torch.log(-torch.expm1(num_tries * torch.log1p(-p)))
+        def log_expected_count(ids):
+            return torch.log(log_uniform_expected_count(ids, V, K, num_tries)).to(h.dtype)
 
         W, b = self.softmax.weight, self.softmax.bias
         true_logits = (h * W[targets]).sum(-1) + b[targets] - log_expected_count(targets)        # (N,)
@@ -406,25 +405,33 @@ def log_uniform_candidates(V, K, device=None):
 
     Draws ids i.i.d. from P(k) = log((k+2)/(k+1)) / log(V+1) (k = floor(exp(u·log(V+1))) − 1, u uniform),
     keeping the first K distinct ones; num_tries is how many draws that took. The draws come in chunks
-    (K, then doubling) from torch's global generator, so the result is a function of its state: a
-    seeded iteration samples the same candidates again. Needs K ≤ V (sampled softmax uses K < V).
+    (K, then doubling) from torch's CPU generator, on the host as TF samples (so a CUDA run waits for no
+    kernel here; the ids are copied to `device` at the end), and the result is a function of that
+    generator's state: a seeded iteration samples the same candidates again. Needs K ≤ V.
     """
     if not 0 < K <= V:
         raise ValueError(f"log_uniform_candidates: need 0 < K ≤ V, got K={K}, V={V}")
     log_range = math.log(V + 1)
-    draws = torch.empty(0, dtype=torch.long, device=device)
+    draws = torch.empty(0, dtype=torch.long)
     while True:
-        u = torch.rand(max(K, len(draws)), device=device)
+        u = torch.rand(max(K, len(draws)))
         new = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)     # float rounding safety
         draws = torch.cat([draws, new])                                         # the stream so far
         distinct, inverse = torch.unique(draws, return_inverse=True)
         if len(distinct) >= K:
             break
     # where each distinct id first appeared in the stream; the K earliest are the sample
-    position = torch.arange(len(draws), device=draws.device)
-    first = torch.full((len(distinct),), len(draws), device=draws.device).scatter_reduce_(0, inverse, position, "amin")
+    position = torch.arange(len(draws))
+    first = torch.full((len(distinct),), len(draws)).scatter_reduce_(0, inverse, position, "amin")
     first = first.sort().values[:K]                                            # (K,) positions in the stream
-    return draws[first], first[-1].item() + 1
+    return draws[first].to(device, non_blocking=True), int(first[-1]) + 1
+
+
+def log_uniform_expected_count(ids, V, K, num_tries):
+    """TF's expected count Q of each id among the sampler's num_tries draws (range_sampler.cc): p·K when
+    the K draws were all distinct (num_tries == K), else 1 − (1 − p)^num_tries; p = P(id) as above."""
+    p = torch.log1p(1.0 / (ids.double() + 1.0)) / math.log(V + 1)               # log((k+2)/(k+1)) / log(V+1)
+    return p * K if num_tries == K else -torch.expm1(num_tries * torch.log1p(-p))
 
 
 def estimate_flops_per_token(config, vocab_size, training=True):

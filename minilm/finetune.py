@@ -35,6 +35,7 @@ val.jsonl, or "builtin" (alias "shakespeare"): four tasks made from the Shakespe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -314,6 +315,11 @@ def load_task(task, task_data, seed=1337, val_fraction=0.1):
     held_out = set(order[:n_val].tolist())
     return ([e for i, e in enumerate(examples) if i not in held_out],
             [e for i, e in enumerate(examples) if i in held_out])
+
+
+def examples_digest(train, val):
+    """A SHA-256 of the (train, val) examples: a resumed run checks that its task data did not change."""
+    return hashlib.sha256(json.dumps([train, val], ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def task_text(examples):
@@ -673,13 +679,13 @@ def _check_options(opts):
             raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
 
 
-def finetune(options, print_fn=print):
+def finetune(options, print_fn=print, ckpt=None):
     """Fine-tune GPT-1 on a task; options are DEFAULTS' names (train_gpt1.py passes its command line's).
 
     Writes out_dir/ckpt.pt (atomically, at every evaluation), the tokenizer (vocab.json + merges.txt)
     and log.jsonl (one line per evaluation, with val_accuracy). resume=True continues exactly: the batches
     of step `it` are a function of (seed, epoch), and the checkpoint holds the optimizer and RNG state.
-    Returns the last evaluation's record.
+    Returns the last evaluation's record. ckpt: the resumed checkpoint when the caller has already read it.
     """
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
@@ -690,9 +696,11 @@ def finetune(options, print_fn=print):
     ckpt_path = os.path.join(out_dir, CKPT)
     if given.get("resume") and given.get("overwrite"):
         raise FinetuneError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
-    ckpt = None
-    if opts["resume"]:
+    if not opts["resume"]:
+        ckpt = None
+    elif ckpt is None or "task_config" not in ckpt:
         ckpt = load_checkpoint(ckpt_path, "--resume True", kind="fine-tuning")
+    if ckpt:
         _check_resume_options(given, ckpt, ckpt_path)
         opts = {**DEFAULTS, **ckpt["options"], **given, "resume": True, "overwrite": False}
     elif os.path.exists(ckpt_path) and not opts["overwrite"]:
@@ -723,6 +731,10 @@ def finetune(options, print_fn=print):
 
     # --- data and tokenizer --------------------------------------------------------------------------
     train_ex, val_ex = load_task(task, opts["task_data"], opts["seed"], opts["val_fraction"])
+    digest = examples_digest(train_ex, val_ex)
+    if ckpt and ckpt.get("examples_sha256", digest) != digest:
+        raise FinetuneError(f"--resume True: the examples in {opts['task_data']} are not those the run in {ckpt_path} "
+                            "started with (was the file edited?); start a new run to train on them")
     torch.manual_seed(opts["seed"])
     if ckpt:  # the run's own tokenizer and model shape
         tokenizer = BPETokenizer.load(out_dir)
@@ -835,7 +847,7 @@ def finetune(options, print_fn=print):
                     "model_config": asdict(base.config), "task_config": asdict(tconf),
                     "special_tokens": {name: base.config.vocab_size - len(SPECIAL_TOKENS) + k
                                        for k, name in enumerate(SPECIAL_TOKENS)},
-                    "options": {k: opts[k] for k in DEFAULTS},
+                    "options": {k: opts[k] for k in DEFAULTS}, "examples_sha256": digest,
                 })
         if iter_num >= total:
             break

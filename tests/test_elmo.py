@@ -242,19 +242,21 @@ def test_log_uniform_candidates_are_distinct_and_distributed_as_tfs_sequential_s
     assert torch.equal(a[0], b[0]) and a[1] == b[1]                    # a function of the generator's state
 
 
-def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_removed(monkeypatch):
-    V, K, tries = 50, 6, 9
+@pytest.mark.parametrize("tries", [9, 6])                         # 6 == K: every draw was new
+def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_removed(monkeypatch, tries):
+    V, K = 50, 6
     model = BiLM(tiny_config(vocab_size=V, n_negative_samples=K)).train()
     sampled = torch.tensor([0, 3, 7, 1, 20, 4])
     monkeypatch.setattr(minilm.elmo, "log_uniform_candidates", lambda V_, K_, device: (sampled, tries))
     h = torch.randn(5, model.config.projection_dim)
     targets = torch.tensor([3, 10, 0, 49, 3])                    # rows 0, 2 and 4 hit a sampled id
     loss = model._sampled_softmax_loss(h, targets)
-    # TF: logits − log Q, Q = 1 − (1 − p)^num_tries (unique sampling), hits set to −FLOAT_MAX; in float64
+    # TF: logits − log Q, Q = 1 − (1 − p)^num_tries (unique sampling; p·K when num_tries == K), hits set
+    # to −FLOAT_MAX; in float64
     W, b = model.softmax.weight.detach().double().numpy(), model.softmax.bias.detach().double().numpy()
     hh = h.double().numpy()
     p = lambda k: np.log((k + 2) / (k + 1)) / np.log(V + 1)
-    log_q = lambda k: np.log(1 - (1 - p(k)) ** tries)
+    log_q = lambda k: np.log(p(k) * K if tries == K else 1 - (1 - p(k)) ** tries)
     expected = []
     for n, t in enumerate(targets.tolist()):
         logits = [hh[n] @ W[t] + b[t] - log_q(t)]

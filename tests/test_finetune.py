@@ -1,6 +1,7 @@
 """GPT-1 fine-tuning (minilm/finetune.py): special tokens, the input transformations, the heads, L3 = L2 + λ·L1,
 task files, the built-in tasks, and training end to end (learning, exact resume)."""
 import json
+import os
 import random
 
 import pytest
@@ -368,8 +369,18 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
     for name, value in (("task", "entailment"), ("task_data", other), ("n_class", 3), ("init_from", str(tmp_path / "a"))):
         with pytest.raises(ft.FinetuneError, match=f"^--resume True: --{name} .* differs from the run in "):
             ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True, **{name: value}), print_fn=quiet)
+    # An edited task file behind the same path is refused too (its examples' digest is in the checkpoint).
+    train_file = os.path.join(data, "train.jsonl")
+    original = open(train_file, "rb").read()
+    with open(train_file, "ab") as f:
+        f.write(b'{"text": "apple one more", "label": 1}\n')
+    with pytest.raises(ft.FinetuneError, match=f"^--resume True: the examples in {data} are not those the run in "):
+        ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True), print_fn=quiet)
+    open(train_file, "wb").write(original)
     assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before
-    resumed = ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True, task_data=data), print_fn=quiet)
+    # train_gpt1.py --resume True (no --task) finds the fine-tuning run from its checkpoint alone
+    load_script("train_gpt1").main(["--resume", "True", "--out_dir", str(tmp_path / "b")])
+    resumed = json.loads(open(tmp_path / "b" / "log.jsonl").readlines()[-1])
     assert resumed == whole
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
