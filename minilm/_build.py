@@ -3,8 +3,8 @@
 Two ways to get the compiled ops:
 
 * ``pip install --no-build-isolation -e .`` runs ``setup.py``, which compiles ``csrc/`` into
-  ``minilm/_C*.so`` (CUDA sources too when a CUDA-enabled torch and nvcc are present, or
-  ``FORCE_CUDA=1``).
+  ``minilm/_C*.so`` (CUDA sources too when a CUDA-enabled torch, nvcc and a GPU are present, or
+  always with ``FORCE_CUDA=1``).
 * In a plain checkout with no ``minilm/_C``, ``import minilm`` compiles the same sources with
   ``torch.utils.cpp_extension.load`` into a cache directory (``$MINILM_CACHE`` or
   ``~/.cache/minilm``). torch re-hashes the sources on every load, so editing ``csrc/`` triggers a
@@ -70,7 +70,8 @@ def nvcc_flags():
 
 
 def want_cuda():
-    """CUDA sources are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1 (never with MINILM_CPU_ONLY=1)."""
+    """CUDA sources are built when torch has CUDA, nvcc is found and a GPU is visible, or always when
+    FORCE_CUDA=1 (never with MINILM_CPU_ONLY=1)."""
     if os.environ.get("MINILM_CPU_ONLY", "0") == "1":
         return False
     if os.environ.get("FORCE_CUDA", "0") == "1":

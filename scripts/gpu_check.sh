@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
-# build (timed) -> import -> attention tiling sweep (reports the fastest correct tilings) -> pytest
-# tests/test_cuda.py (defaults; attention dropout included) -> the attention tests with the sweep's picks ->
+# build (timed) -> import -> pytest tests/test_cuda.py (defaults; attention dropout included) -> attention
+# tiling sweep (reports the fastest correct tilings) -> the attention tests with the sweep's picks ->
 # char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed; attention with
 # dropout last).
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
@@ -56,20 +56,22 @@ import torch, minilm
 for op in ('causal_attention', 'causal_attention_backward', 'char_cnn', 'char_cnn_backward'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key('minilm::' + op, 'CUDA'), 'no CUDA kernel for ' + op
 print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
-# 2. Every attention tiling, checked and timed; the fastest correct ones (per head dim) are printed and
+# 2. Correctness first: the CUDA tests with the built-in defaults (one line per test, so that a run cut
+#    short still says which passed).
+step pytest 200 python -m pytest -v -rfE --tb=short -p no:cacheprovider tests/test_cuda.py
+# 3. Every attention tiling, checked and timed; the fastest correct ones (per head dim) are printed and
 #    written to $OUT/attn_best.env as candidates for the defaults in attention_kernels.cu. The rest of the
-#    run tests and times the built-in defaults.
+#    run tests and times the built-in defaults. Then the attention tests once more with the sweep's picks
+#    (the environment set for that step only), so that a pick that beats a default can become the default
+#    on this run's evidence; then the char-CNN diagnostics.
 export MINILM_SWEEP_ENV=${OUT:-/tmp}/attn_best.env
 rm -f "$MINILM_SWEEP_ENV"
-step attn-sweep 240 python scripts/cuda_diagnostics.py attn-sweep
-# 3. Correctness: the CUDA tests (built-in defaults), then the attention tests once more with the sweep's
-#    picks (the environment set for that step only), so that a pick that beats a default can become the
-#    default on this run's evidence; then the char-CNN diagnostics.
-step pytest 200 python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py
+if [ "$(left)" -gt 60 ]; then step attn-sweep "$(( $(left) < 240 ? $(left) : 240 ))" python scripts/cuda_diagnostics.py attn-sweep
+else echo "=== [attn-sweep] skipped: out of time"; fi
 if grep -q '^export' "$MINILM_SWEEP_ENV" 2>/dev/null && [ "$(left)" -gt 100 ]; then
   step pytest-picks 120 bash -c '. "$MINILM_SWEEP_ENV" &&
     echo "picks: $MINILM_ATTN_FWD / $MINILM_ATTN_BWD / ${MINILM_ATTN_DQ:-}" &&
-    python -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py -k "attention and not dropout"'
+    python -m pytest -v -rfE --tb=short -p no:cacheprovider tests/test_cuda.py -k "attention and not dropout"'
 else echo "=== [pytest-picks] skipped: no picks, or out of time"; fi
 # The attention and GPT-1 benchmarks below run with the picks when their tests passed, so that their figures
 # are those of the tilings that would become the defaults; else with the defaults. Each says which.

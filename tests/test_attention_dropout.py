@@ -83,7 +83,9 @@ def check_drops_exactly(device, D, dtype, p=0.3, B=2, H=3):
     * backward with dO = I: dV = P'ᵀ dO = P'ᵀ (the dK/dV kernel's mask);
     * backward with dO = 1: dP_ij = M_ij (keep · scale), Delta_i = Σ_j P'_ij, dQ = dS k = dS with
       dS_ij = (M_ij − Delta_i) / (i+1) (the dQ kernel's mask): a wrong entry moves dQ[i, j] by scale/(i+1)
-      or more, while rounding moves it by a few units of the dtype."""
+      or more, while rounding moves it by a few units of the dtype;
+    * the same with q = I too: S = I, so P_ii = e/(i+e) and P_ij = 1/(i+e) for j < i, and dK = dSᵀ q = dSᵀ
+      (the dK/dV kernel's mask in dS): a wrong entry moves dK[j, i] by P_ij · scale or more."""
     T = D
     eye = torch.eye(T, device=device, dtype=dtype).expand(B, H, T, D).contiguous()
     q = torch.zeros(B, H, T, D, device=device, dtype=dtype)
@@ -100,6 +102,15 @@ def check_drops_exactly(device, D, dtype, p=0.3, B=2, H=3):
     expected = (m - m.sum(-1, keepdim=True) / rows) / rows * torch.ones(T, T, device=device).tril()
     err = (dq.double() - expected).abs() * rows / scale  # in units of the gap a wrong entry would open
     assert err.max().item() < 0.25, f"dQ: an entry is off by {err.max().item():.3g} of a dropped/kept gap"
+    out, lse = ops.causal_attention(eye, eye, eye, 1.0, p, SEED)
+    _, dk, _ = ops.causal_attention_backward(torch.ones_like(q), eye, eye, eye, out, lse, 1.0, p, SEED)
+    i = torch.arange(T, device=device, dtype=torch.float64)[:, None]
+    j = torch.arange(T, device=device, dtype=torch.float64)[None, :]
+    P = torch.where(j == i, math.e, 1.0) / (i + math.e) * (j <= i)
+    dS = P * (m - (P * m).sum(-1, keepdim=True))
+    gap = P * scale + (j > i)  # the masked entries are exact zeros: compare them in absolute terms
+    err = (dk.double() - dS.transpose(-2, -1)).abs() / gap.transpose(-2, -1)
+    assert err.max().item() < 0.25, f"dK: an entry is off by {err.max().item():.3g} of a dropped/kept gap"
 
 
 @pytest.mark.parametrize("D, dtype", [(64, torch.float32), (64, torch.bfloat16), (48, torch.float64)])
