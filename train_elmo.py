@@ -71,10 +71,13 @@ class UsageError(Exception):
 
 
 def parse_args(argv, defaults):
-    """`--name value` / `--name=value` overrides for the defaults above, typed like the default."""
+    """`--name value` / `--name=value` overrides for the defaults above, typed like the default; None for
+    --help (-h)."""
     out, i = {}, 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ("--help", "-h"):
+            return None
         if not arg.startswith("--"):
             raise UsageError(f"unexpected argument {arg!r} (options look like --name value)")
         if "=" in arg:
@@ -169,9 +172,21 @@ def check_fixed_options(given, trained_with):
                              "batches; start a new run (another --out_dir, or --overwrite True) to change it")
 
 
+def usage():
+    """--help: this file's docstring, then the defaults as written above (each option with its comment)."""
+    with open(__file__, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    marks = [i for i, line in enumerate(lines) if line.startswith("# ----")][:2]
+    options = "\n".join(lines[marks[0] + 1:marks[1]])
+    return f"{__doc__.strip()}\n\nOptions (--name value), with their defaults:\n\n{options}"
+
+
 def main(argv):
     defaults = {k: globals()[k] for k in _CONFIG_KEYS}
     given = parse_args(argv, defaults)
+    if given is None:  # --help
+        print(usage())
+        return 0
     cfg = {**defaults, **given}
     try:
         if cfg["embed"]:

@@ -106,10 +106,13 @@ class UserError(Exception):
 
 
 def parse_options(argv):
-    """--name value | --name=value, for the names in DEFAULTS; returns {name: value} for the given ones."""
+    """--name value | --name=value, for the names in DEFAULTS; returns {name: value} for the given ones,
+    or None for --help (-h)."""
     given, i = {}, 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ("--help", "-h"):
+            return None
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: options are --name value or --name=value")
         name, eq, value = arg[2:].partition("=")
@@ -253,8 +256,19 @@ def get_lr(it, cfg):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - cfg["min_lr"])
 
 
+def usage():
+    """--help: this file's docstring, then DEFAULTS as written above (each option with its comment)."""
+    with open(__file__, encoding="utf-8") as f:
+        src = f.read()
+    options = src[src.index("DEFAULTS = dict("):src.index("\n)\n", src.index("DEFAULTS = dict(")) + 2]
+    return f"{__doc__.strip()}\n\nOptions (--name value), with their defaults:\n\n{options}"
+
+
 def main(argv):
     given = parse_options(argv)
+    if given is None:  # --help
+        print(usage())
+        return
     cfg = {**DEFAULTS, **given}
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")

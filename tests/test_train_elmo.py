@@ -149,6 +149,15 @@ def test_bad_options_are_one_line_errors(tmp_path):
         assert message in p.stderr
 
 
+def test_help_prints_the_docstring_and_every_option_and_does_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    for flag in ("--help", "-h"):
+        p = run("--out_dir", str(out), flag)
+        assert p.stdout.startswith("Train an ELMo biLM from scratch") and p.stderr == ""
+        assert all(f"\n{name} = " in p.stdout for name in train_elmo._CONFIG_KEYS)
+    assert not out.exists()
+
+
 def test_embed_writes_features_and_context_changes_a_words_vector(trained, tmp_path):
     text = tmp_path / "sentences.txt"
     text.write_text("The king loves a play .\nA fool mocks the king .\nMy lord serves the king .\n", encoding="utf-8")

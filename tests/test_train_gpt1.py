@@ -188,6 +188,16 @@ def test_a_bad_option_is_one_line_on_stderr_and_exit_1(corpus, tmp_path):
     assert proc.stderr.strip() == "train_gpt1.py: error: --device gpu: choose auto, cpu, cuda or cuda:N"
 
 
+def test_help_prints_the_docstring_and_every_option_and_does_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    for flag in ("--help", "-h"):
+        proc = _train("--out_dir", str(out), flag)
+        assert proc.stdout.startswith(train_gpt1.__doc__.strip().splitlines()[0]) and proc.stderr == ""
+        assert all(f"{name}=" in proc.stdout for name in train_gpt1.DEFAULTS)
+    assert not out.exists()
+    assert _train("--start", "-h", "--device", "gpu", check=False).returncode == 1  # a value, not --help
+
+
 @pytest.mark.parametrize("what", ["--resume", "--sample"])
 def test_resume_and_sample_refuse_other_model_or_data_options_and_leave_out_dir_untouched(what, trained, corpus, tmp_path):
     out = str(shutil.copytree(trained[0], tmp_path / "run"))
