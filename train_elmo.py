@@ -1,6 +1,6 @@
 """Train an ELMo biLM from scratch (Peters et al. 2018; allenai/bilm-tf's bin/train_elmo.py), or embed text with one.
 
-    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~86
+    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~145
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
@@ -13,7 +13,9 @@ The corpus is read one sentence per line, split into words (`token_regex`: case 
 split off), and every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's
 LMDataset does. A batch is `batch_size` windows of `unroll_steps` tokens at random places in the
 stream; the forward LM predicts each window token's right neighbour, the backward LM its left
-neighbour (so a window reads unroll_steps + 2 tokens). Unlike bilm-tf, which carries the LSTM state
+neighbour (so a window reads unroll_steps + 2 tokens), except across a sentence boundary: </S> → <S>
+and <S> ← </S> are not scored, as bilm-tf never predicts them, so losses and perplexities count
+bilm-tf's targets only. Unlike bilm-tf, which carries the LSTM state
 from one batch to the next, every window starts from a zero state: windows are independent, so a
 resumed or multi-process run sees exactly the same batches, and the state matches what `--embed` (and
 the released features) use. Inputs are characters, so any word has a representation; only the softmax
@@ -226,7 +228,8 @@ def check_device(dev):
 def check_train_options(cfg):
     """Everything on the command line that can be wrong on its own, checked before any work."""
     from minilm.elmo import PRESETS
-    for key, low in (("batch_size", 1), ("unroll_steps", 1), ("max_iters", 0), ("eval_interval", 1),
+    # unroll_steps ≥ 2: a window of one token may have no target (see lm_windows)
+    for key, low in (("batch_size", 1), ("unroll_steps", 2), ("max_iters", 0), ("eval_interval", 1),
                      ("eval_iters", 1), ("log_interval", 1), ("n_negative_samples", 0)):
         if cfg[key] < low:
             raise UsageError(f"--{key} must be ≥ {low}, got {cfg[key]}")
@@ -276,17 +279,25 @@ def bilm_from_checkpoint(checkpoint, path):
     return model
 
 
+BOS_ID, EOS_ID = 0, 1   # the softmax ids of <S> and </S>: the vocabulary's first two words
+
+
 def lm_windows(stream, starts, T, type_chars, type_to_word):
     """Windows of T + 2 tokens of `stream` (type ids) from `starts` (b,) → (chars, next_ids, previous_ids).
 
     The model reads the T middle tokens: chars (b, T, 50). At input position t (stream index
     start + 1 + t) the forward LM's target is the token after it, next_ids[:, t] (start + 2 + t), and
     the backward LM's the token before it, previous_ids[:, t] (start + t): softmax ids (b, T) each.
+    Between two sentences the stream reads </S> <S>; bilm-tf never asks for what follows </S> (its
+    forward LM reads <S> w_1 … w_n and predicts w_1 … w_n </S>) nor for what precedes <S>, and those
+    targets would be free (always <S>, always </S>), so they are −1: not scored.
     """
     window = stream[starts[:, None] + torch.arange(T + 2)]                # (b, T+2) type ids
     chars = type_chars[window[:, 1:-1]]                                   # (b, T, 50): the inputs
     words = type_to_word[window]                                          # (b, T+2) softmax ids
-    nxt, prev = words[:, 2:], words[:, :-2]                               # (b, T) each
+    read = words[:, 1:-1]                                                 # (b, T) the inputs' softmax ids
+    nxt = words[:, 2:].masked_fill(read == EOS_ID, -1)                    # (b, T)
+    prev = words[:, :-2].masked_fill(read == BOS_ID, -1)                  # (b, T)
     return chars, nxt, prev
 
 
@@ -343,6 +354,7 @@ def train(cfg, checkpoint=None):
                              f"a window needs unroll_steps + 2 = {T + 2} (give more text or a smaller --unroll_steps)")
     counts = Counter(w for w in streams["train"] if w not in (BOS_TOKEN, EOS_TOKEN))
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
+    # <S>, </S> first (BOS_ID, EOS_ID), then <UNK> and the words by frequency
     vocab = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN] + ranked[: (cfg["max_vocab"] - 3) if cfg["max_vocab"] else None]
     word_id = {w: i for i, w in enumerate(vocab)}
     types = sorted(set(streams["train"]) | set(streams["val"]))        # every word the model reads
@@ -582,8 +594,9 @@ def show_contexts(cfg, sentences, top, bilm):
     print(f"plot: {path}")
 
 
+# the options: the module's lower-case scalars (the defaults at the top), not its CONSTANTS
 _CONFIG_KEYS = [k for k, v in list(globals().items())
-                if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+                if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str))]
 
 if __name__ == "__main__":
     try:

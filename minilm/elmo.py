@@ -274,10 +274,10 @@ class BiLM(nn.Module):
         c = self.config
         nn.init.uniform_(self.char_embed.weight, -1.0, 1.0)
         for conv, (w, _) in zip(self.char_cnn, c.filters):
-            if c.activation == "relu":
-                nn.init.normal_(conv.weight, 0.0, math.sqrt(1.0 / (w * c.char_embed_dim)))
-            else:
+            if c.activation == "relu":   # "Kim et al 2015, +/- 0.05"
                 nn.init.uniform_(conv.weight, -0.05, 0.05)
+            else:                        # tanh: "glorot init"
+                nn.init.normal_(conv.weight, 0.0, math.sqrt(1.0 / (w * c.char_embed_dim)))
             nn.init.zeros_(conv.bias)
         for hw in self.highway:
             nn.init.normal_(hw.carry.weight, 0.0, math.sqrt(1.0 / c.n_filters))

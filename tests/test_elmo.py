@@ -1,4 +1,5 @@
 import json
+import math
 import sys
 
 import numpy as np
@@ -59,6 +60,23 @@ def test_released_model_sizes_without_softmax(name, expected):
     with torch.device("meta"):
         model = BiLM(preset(name))
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_char_cnn_starts_from_bilm_tfs_initialisers(activation):
+    # bilm-tf training.py make_convolutions: relu filters U(-0.05, 0.05) ("Kim et al 2015"), tanh filters
+    # N(0, 1/(width·char_dim)) ("glorot init"); biases 0
+    torch.manual_seed(0)
+    config = preset("small", activation=activation)
+    model = BiLM(config)
+    for conv, (w, n) in zip(model.char_cnn, config.filters):
+        W = conv.weight.detach()
+        assert W.shape == (n, config.char_embed_dim, w) and not conv.bias.any()
+        if activation == "relu":
+            assert W.abs().max() <= 0.05 and W.std().item() == pytest.approx(0.1 / math.sqrt(12), rel=0.15)
+        else:
+            assert W.std().item() == pytest.approx(math.sqrt(1 / (w * config.char_embed_dim)), rel=0.15)
+            assert W.abs().max() > 0.05
 
 
 def test_bad_input_is_a_clear_error():
@@ -171,7 +189,7 @@ def test_eval_loss_is_full_softmax_cross_entropy_and_training_lowers_it():
     start = losses.mean().item()
     model.train()
     opt = torch.optim.Adagrad(model.parameters(), lr=0.2, initial_accumulator_value=1.0)
-    for _ in range(30):
+    for _ in range(60):
         _, _, losses = model(ids, nxt, prv)
         opt.zero_grad()
         (losses.mean() * nxt.shape[1]).backward()     # bilm-tf: gradient of loss × unroll_steps

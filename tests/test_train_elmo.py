@@ -91,6 +91,21 @@ def test_batch_windows_target_the_next_word_forward_and_the_previous_word_backwa
             assert prev[b, t].item() == 100 + read - 1                # backward LM: the word before it
 
 
+def test_batch_windows_leave_out_the_free_targets_at_sentence_boundaries():
+    # the stream "<S> a b </S> <S> c </S>" (types: <S> 0, </S> 1, a b c 2-4, softmax ids = type ids): the
+    # forward LM never predicts what follows </S>, the backward LM never what precedes <S> (bilm-tf's
+    # LMDataset makes neither prediction); every other target is the neighbour
+    from minilm.elmo import word_to_char_ids
+    stream = torch.tensor([0, 2, 3, 1, 0, 4, 1])
+    type_chars = torch.tensor([word_to_char_ids(w) for w in ("<S>", "</S>", "a", "b", "c")])
+    chars, nxt, prev = train_elmo.lm_windows(stream, torch.tensor([0]), 5, type_chars, torch.arange(5))
+    assert (train_elmo.BOS_ID, train_elmo.EOS_ID) == (0, 1)
+    # inputs:                a   b  </S> <S>  c
+    assert nxt.tolist() == [[3, 1, -1, 4, 1]]
+    assert prev.tolist() == [[0, 2, 3, -1, 0]]
+    assert chars[0, 2].tolist() == word_to_char_ids("</S>")
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
     args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *RANDOM]
@@ -188,7 +203,8 @@ def usage_error(*argv):
     (["--log_interval", "0"], "--log_interval must be ≥ 1"), (["--batch_size", "0"], "--batch_size must be ≥ 1"),
     (["--batch_size", "-4"], "--batch_size must be ≥ 1"), (["--seed", str(2**64)], "--seed must be in"),
     (["--seed", "-1"], "--seed must be in"), (["--device", "tpu"], "--device must be"),
-    (["--resume", "True", "--overwrite", "True"], "pass one of them")])
+    (["--resume", "True", "--overwrite", "True"], "pass one of them"),
+    (["--unroll_steps", "1"], "--unroll_steps must be ≥ 2")])
 def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
     # --data does not exist: an error about the option shows it was checked before the data
     assert message in usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out"), *args)
