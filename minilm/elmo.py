@@ -55,7 +55,7 @@ def word_to_char_ids(word):
         body = [EOS_CHAR]
     else:
         # 48 bytes: Hangul and CJK take 3 bytes per character, so a Korean word keeps 16 syllables
-        body = list(word.encode("utf-8", errors="replace")[: MAX_CHARS - 2])
+        body = list(word.encode("utf-8", errors="ignore")[: MAX_CHARS - 2])   # bilm-tf, allennlp: "ignore"
     ids = [BOW_CHAR] + body + [EOW_CHAR]
     ids += [PAD_CHAR] * (MAX_CHARS - len(ids))
     return [i + 1 for i in ids]

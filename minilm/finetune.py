@@ -17,8 +17,8 @@ of the embedding (``GPT1.add_tokens``). Training minimizes L3 = L2 + λ·L1 (pap
 L2 the task's cross-entropy, L1 the language-modelling loss on the transformed sequences.
 
 How L1 treats the special tokens. The output layer is the (tied) embedding, so the softmax runs over the
-old vocabulary plus the three specials, as in the original (whose ``we`` matrix even held the position
-rows). The targets are every real token after the first, exactly the original's ``M[:, 1:]`` mask:
+old vocabulary plus the three specials, as in the original (whose ``we`` matrix also held the position
+rows, so its softmax scored them too; ours leaves them out). The targets are every real token after the first, exactly the original's ``M[:, 1:]`` mask:
 the text, the ``_delimiter_`` and the final ``_classify_`` are predicted, ``_start_`` never is (it is
 always position 0), and padding never is. Each sequence's loss is the mean over its own tokens, then
 averaged over sequences (``lm_losses`` in train.py).

@@ -40,6 +40,7 @@ def test_sentence_markers_and_multibyte_words():
     assert han[:5] == [259] + [b + 1 for b in "한".encode()] + [260]
     long = word_to_char_ids("가" * 30)                                # 90 bytes → first 48 kept (16 syllables)
     assert long[0] == 259 and long[1:49] == [b + 1 for b in ("가" * 16).encode()] and long[49] == 260
+    assert word_to_char_ids("é\ud800") == word_to_char_ids("é")       # unencodable: dropped (bilm-tf's "ignore")
 
 
 def test_batch_to_ids_adds_markers_and_pads_with_zero_rows():
