@@ -205,7 +205,12 @@ class LSTMP(nn.Module):
         self.state_linearity = nn.Linear(proj_size, 4 * cell_size, bias=True)     # W_0[in:], B
         self.state_projection = nn.Linear(cell_size, proj_size, bias=False)       # W_P_0
 
-    def forward(self, x):                         # x (B, T, in) -> m (B, T, P)
+    def forward(self, x, state=None, lengths=None):
+        """x (B, T, in) → (m (B, T, P), (m, c) the state after the last step: (B, P), (B, C)).
+
+        state: the (m, c) to start from; None: zeros. lengths (B,): each row's state stops changing after
+        its own last real step (so the state returned is the one after that step); None: after step T.
+        """
         B, T, _ = x.shape
         C = self.cell_size
         # the input part of z for every step at once, plus B and TF's forget bias 1.0 on the f block
@@ -213,22 +218,25 @@ class LSTMP(nn.Module):
         forget_bias[2 * C: 3 * C] = 1.0
         xw = (self.input_linearity(x) + self.state_linearity.bias + forget_bias).transpose(0, 1)   # (T, B, 4C)
         W_rec = self.state_linearity.weight.t()   # (P, 4C)
-        m = x.new_zeros(B, self.proj_size)        # zero initial state (state is not carried across batches)
-        c = x.new_zeros(B, C)
+        m, c = state if state is not None else (x.new_zeros(B, self.proj_size), x.new_zeros(B, C))
         outputs = []
         for t in range(T):
             z = torch.addmm(xw[t], m, W_rec)                # (B, 4C) = [x_t, m_prev] W + B (+ forget bias)
             i, j, f, o = z.chunk(4, dim=1)                  # (B, C) each
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(j)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(j)
             if self.cell_clip:
-                c = c.clamp(-self.cell_clip, self.cell_clip)
-            m = self.state_projection(torch.sigmoid(o) * torch.tanh(c))   # (B, P)
+                c_new = c_new.clamp(-self.cell_clip, self.cell_clip)
+            m_new = self.state_projection(torch.sigmoid(o) * torch.tanh(c_new))   # (B, P)
             if self.proj_clip:
-                m = m.clamp(-self.proj_clip, self.proj_clip)
-            outputs.append(m)
-        if not outputs:                           # T = 0: nothing to read
-            return x.new_zeros(B, 0, self.proj_size)
-        return torch.stack(outputs, dim=1)        # (B, T, P)
+                m_new = m_new.clamp(-self.proj_clip, self.proj_clip)
+            outputs.append(m_new)
+            if lengths is None:
+                m, c = m_new, c_new
+            else:                                           # rows already past their end keep their state
+                real = (t < lengths).unsqueeze(1)           # (B, 1)
+                m, c = torch.where(real, m_new, m), torch.where(real, c_new, c)
+        out = torch.stack(outputs, dim=1) if outputs else x.new_zeros(B, 0, self.proj_size)   # (B, T, P)
+        return out, (m, c)
 
 
 def reverse_padded(x, lengths):
@@ -325,19 +333,20 @@ class BiLM(nn.Module):
         x = self.projection(x)                                       # (B·T, P), no activation
         return x.view(B, T, self.config.projection_dim)   # (B, T, P); B or T may be 0
 
-    def _run_stack(self, layers, x):
-        """One direction's LSTM stack; returns every layer's output, each (B, T, P)."""
-        outputs = []
+    def _run_stack(self, layers, x, states=None, lengths=None):
+        """One direction's LSTM stack → (every layer's output, each (B, T, P); each layer's last (m, c))."""
+        outputs, last = [], []
         for k, layer in enumerate(layers):
             x = self.dropout(x)          # bilm-tf DropoutWrapper(input_keep_prob) around every cell
-            h = layer(x)
+            h, s = layer(x, states[k] if states else None, lengths)
             if self.config.use_skip_connections and k > 0:
                 h = h + x                # ResidualWrapper inside the DropoutWrapper: adds the dropped input
             outputs.append(h)
+            last.append(s)
             x = h
-        return outputs
+        return outputs, last
 
-    def forward(self, char_ids, next_ids=None, previous_ids=None):
+    def forward(self, char_ids, next_ids=None, previous_ids=None, state=None):
         """char_ids (B, T, 50) from batch_to_ids → (layers, mask, losses).
 
         layers: n_layers + 1 tensors (B, T, 2P): [x; x] for the token layer, then [h_fwd; h_bwd];
@@ -345,14 +354,28 @@ class BiLM(nn.Module):
         mask:   (B, T) bool, True at real tokens (including <S> and </S>).
         losses: None, or with next_ids and previous_ids (B, T) word ids (−1 = no target), a (2,)
                 tensor [forward, backward] of mean cross-entropies in nats.
+        state:  None: every sentence starts from zero LSTM states (training, and minilm's features).
+                A dict: row b continues from where row b of the previous call with this dict left
+                off, as bilm-tf's dumps and allennlp's Elmo do: an empty dict starts from zeros, and
+                the call stores each direction's per-layer (m, c) after each row's sentence in it.
         """
         self._check(char_ids)
         mask = (char_ids > 0).any(-1)                                # (B, T)
         lengths = mask.sum(1)                                        # (B,)
+        if state is not None:
+            if not isinstance(state, dict):
+                raise TypeError(f"BiLM: state must be a dict (empty at first) or None, got {type(state).__name__}")
+            if state and state["forward"][0][0].shape[0] != char_ids.shape[0]:
+                raise ValueError(f"BiLM: state holds {state['forward'][0][0].shape[0]} rows, this batch has "
+                                 f"{char_ids.shape[0]}: carried state needs the same batch size")
         x = self.token_embedding(char_ids)                           # (B, T, P)
-        h_fwd = self._run_stack(self.forward_layers, x)              # [(B, T, P)] × n_layers
-        h_bwd = self._run_stack(self.backward_layers, reverse_padded(x, lengths))
+        stateful = {} if state is None else {"lengths": lengths}
+        h_fwd, last_fwd = self._run_stack(self.forward_layers, x, state and state["forward"], **stateful)
+        h_bwd, last_bwd = self._run_stack(self.backward_layers, reverse_padded(x, lengths),
+                                          state and state["backward"], **stateful)
         h_bwd = [reverse_padded(h, lengths) for h in h_bwd]          # back to left-to-right order
+        if state is not None:
+            state.update(forward=last_fwd, backward=last_bwd)
         m = mask.unsqueeze(-1).to(x.dtype)
         layers = [torch.cat([x, x], -1) * m] + [torch.cat([f, b], -1) * m for f, b in zip(h_fwd, h_bwd)]
         losses = None
@@ -524,9 +547,9 @@ class ELMo(nn.Module):
         self.bilm.eval()           # the biLM is frozen: never apply its own dropout
         return self
 
-    def forward(self, char_ids):
-        with torch.no_grad():
-            layers, mask, _ = self.bilm(char_ids)                  # [(B, T+2, 2P)], (B, T+2)
+    def forward(self, char_ids, state=None):
+        with torch.no_grad():                                      # state: carried LSTM state, see BiLM.forward
+            layers, mask, _ = self.bilm(char_ids, state=state)     # [(B, T+2, 2P)], (B, T+2)
         return self.mix(layers, mask)
 
     def mix(self, layers, mask):

@@ -163,6 +163,39 @@ def test_padding_never_changes_a_real_tokens_output():
         assert (b[1, n:] == 0).all()
 
 
+def test_carried_state_continues_each_row_where_the_last_call_left_it():
+    # With state (bilm-tf's dumps, allennlp's Elmo), sentence B after sentence A in the same row is read
+    # as if the forward LM had read A then B, and the backward LM reverse(B) after reverse(A): so its
+    # forward half equals B's positions in the single sequence A·B, its backward half B's positions
+    # in B·A, both from zero states. Rows of different lengths: each row's state is the one after its
+    # own last token, not after the padding.
+    model = make_model()
+    A = ["a much longer first sentence".split(), "short".split()]
+    B = ["then another one".split(), "and the second row goes on for longer".split()]
+    P = model.config.projection_dim
+    state = {}
+    with torch.no_grad():
+        first, _, _ = model(batch_to_ids(A), state=state)
+        zero, _, _ = model(batch_to_ids(A))
+        for a, b in zip(first, zero):
+            assert torch.equal(a, b)                                   # an empty dict: zero states
+        second, mask, _ = model(batch_to_ids(B), state=state)
+        for r in range(2):
+            a, b = batch_to_ids([A[r]]), batch_to_ids([B[r]])
+            ab, _, _ = model(torch.cat([a, b], 1))
+            ba, _, _ = model(torch.cat([b, a], 1))
+            n = b.shape[1]
+            assert mask[r].sum() == n
+            for k in range(1, len(second)):                            # the LSTM layers
+                torch.testing.assert_close(second[k][r, :n, :P], ab[k][0, -n:, :P], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(second[k][r, :n, P:], ba[k][0, :n, P:], rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(second[-1][r, :n], model(b)[0][-1][0])    # the state did change them
+        with pytest.raises(ValueError, match="state holds 2 rows, this batch has 1"):
+            model(batch_to_ids(B[:1]), state=state)
+        with pytest.raises(TypeError, match="state must be a dict"):
+            model(batch_to_ids(B), state=[])
+
+
 def test_reverse_padded_reverses_within_each_length():
     x = torch.arange(10.0).view(2, 5, 1)
     out = reverse_padded(x, torch.tensor([5, 3]))
@@ -370,7 +403,8 @@ def test_bilm_drops_out_each_lstm_layers_input_and_the_softmax_input_in_training
     named = {"f0": model.forward_layers[0], "f1": model.forward_layers[1],
              "b0": model.backward_layers[0], "b1": model.backward_layers[1], "softmax": model.softmax}
     for name, module in named.items():
-        module.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append((inp[0], out)))
+        module.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
+            (inp[0], out[0] if isinstance(out, tuple) else out)))                  # an LSTMP returns (m, state)
     P = model.config.projection_dim
     with torch.no_grad():
         x = model.token_embedding(ids)
