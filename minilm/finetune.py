@@ -772,6 +772,9 @@ def finetune(options, print_fn=print, ckpt=None):
     eval_interval = opts["eval_interval"] or steps_per_epoch
 
     # AdamW: weight decay decoupled from the gradient (opt.py: p -= lr·(adam_step + l2·p)) on matrices only.
+    # opt.py's lr there carries Adam's bias correction √(1 − β2^t)/(1 − β1^t), so its decay is that
+    # factor (≈ 0.3 early in training, → 1 later) times AdamW's. Negligible here: at the paper's lr and
+    # l2 the whole decay is lr·l2 ≈ 6e-7 of each weight per step.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts["weight_decay"]},
