@@ -374,8 +374,9 @@ class BiLM(nn.Module):
         h_bwd, last_bwd = self._run_stack(self.backward_layers, reverse_padded(x, lengths),
                                           state and state["backward"], **stateful)
         h_bwd = [reverse_padded(h, lengths) for h in h_bwd]          # back to left-to-right order
-        if state is not None:
-            state.update(forward=last_fwd, backward=last_bwd)
+        if state is not None:           # detached, as allennlp's: a later call never backpropagates into this one
+            state.update({name: [(m.detach(), c.detach()) for m, c in last]
+                          for name, last in (("forward", last_fwd), ("backward", last_bwd))})
         m = mask.unsqueeze(-1).to(x.dtype)
         layers = [torch.cat([x, x], -1) * m] + [torch.cat([f, b], -1) * m for f, b in zip(h_fwd, h_bwd)]
         losses = None
