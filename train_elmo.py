@@ -365,11 +365,15 @@ def train(cfg, checkpoint=None):
     del streams
 
     def get_batch(split, generator, rows):
-        """The rows of one global batch (every rank draws the same starts, keeps its own rows)."""
+        """The rows of one global batch (every rank draws the same starts, keeps its own rows), and the
+        weight (2,) that makes this rank's mean losses, averaged over ranks, the global batch's means:
+        world × its share of the batch's scored targets, per direction (1 in one process)."""
         d = data[split]
-        starts = torch.randint(len(d) - T - 1, (B,), generator=generator)[rows]    # (b,)
+        starts = torch.randint(len(d) - T - 1, (B,), generator=generator)           # (B,) the global batch
         chars, nxt, prev = lm_windows(d, starts, T, type_chars, type_to_word)
-        return chars.to(dev), nxt.to(dev), prev.to(dev)
+        scored = torch.stack([nxt >= 0, prev >= 0])                                  # (2, B, T)
+        weight = scored[:, rows].sum((1, 2)) * world / scored.sum((1, 2))           # (2,)
+        return chars[rows].to(dev), nxt[rows].to(dev), prev[rows].to(dev), weight.to(dev)
 
     rows = slice(rank * (B // world), (rank + 1) * (B // world))
 
@@ -418,8 +422,8 @@ def train(cfg, checkpoint=None):
             g = torch.Generator().manual_seed(cfg["seed"] + (1 if split == "train" else 2))
             total = torch.zeros(2, device=dev)
             for _ in range(cfg["eval_iters"]):
-                chars, nxt, prev = get_batch(split, g, rows)
-                total += raw_model(chars, nxt, prev)[2]
+                chars, nxt, prev, weight = get_batch(split, g, rows)
+                total += raw_model(chars, nxt, prev)[2] * weight
             if ddp:
                 torch.distributed.all_reduce(total)
             out[split] = (total / (cfg["eval_iters"] * world)).tolist()     # [fwd, bwd], nats
@@ -474,8 +478,9 @@ def train(cfg, checkpoint=None):
 
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)         # window places: same on every rank
         torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank + 1)      # dropout and softmax samples: per rank
-        chars, nxt, prev = get_batch("train", g, rows)
+        chars, nxt, prev, weight = get_batch("train", g, rows)
         _, _, losses = model(chars, nxt, prev)
+        losses = losses * weight                      # DDP averages gradients over ranks: now the global means
         loss = losses.mean()                          # paper: ½ (forward + backward) negative log-likelihood
         opt.zero_grad(set_to_none=True)
         (loss * T).backward()                         # bilm-tf differentiates loss × unroll_steps (a sum over time)
@@ -485,7 +490,7 @@ def train(cfg, checkpoint=None):
         tokens_since += B * T
         if (it + 1) % cfg["log_interval"] == 0:
             losses = losses.detach()
-            if ddp:  # each rank's losses are over its own B / world windows: the step's are their mean
+            if ddp:  # each rank's weighted losses: their mean over ranks is the global batch's
                 torch.distributed.all_reduce(losses)
                 losses = losses / world
             if master:

@@ -37,12 +37,16 @@ def run(*args, check=True, **kw):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Sentences from a little grammar: predictable enough that a biLM's loss visibly falls."""
+    """Sentences from a little grammar: predictable enough that a biLM's loss visibly falls. Their lengths
+    vary (5 to 10 words), so windows hold different numbers of sentence boundaries."""
     rng = random.Random(0)
     subjects = ["The king", "A fool", "My lord", "The queen", "Her daughter", "That knave"]
+    adverbs = ["", "", "truly ", "never ", "surely still "]
     verbs = ["loves", "fears", "betrays", "serves", "mocks", "follows"]
     objects = ["the crown", "his brother", "the sea", "a play", "the night", "our cause"]
-    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} ." for _ in range(3000)]
+    ends = ["", "", " tonight", " in the end"]
+    lines = [f"{rng.choice(subjects)} {rng.choice(adverbs)}{rng.choice(verbs)} {rng.choice(objects)}{rng.choice(ends)} ."
+             for _ in range(3000)]
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
@@ -68,7 +72,7 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
         assert set(r) == {"iter", "train_loss", "val_loss", "val_ppl_fwd", "val_ppl_bwd", "val_ppl"}
         assert r["val_ppl"] == pytest.approx(np.exp(r["val_loss"]))
         assert r["val_ppl"] == pytest.approx(np.sqrt(r["val_ppl_fwd"] * r["val_ppl_bwd"]))   # exp of the mean loss
-    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5      # 3.65 → 2.80 nats in 40 steps
     ckpt = load_ckpt(trained)                                                # weights_only=True loads it
     assert ckpt["iter"] == 40 and ckpt["vocab"][:3] == ["<S>", "</S>", "<UNK>"]
 
