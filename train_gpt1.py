@@ -12,8 +12,8 @@
 Options are `--name value` or `--name=value` (booleans True/False); every name in DEFAULTS below is one.
 The recipe is the paper's (Radford et al. 2018, §4.1; opt.py): Adam(W) with β = (0.9, 0.999),
 decoupled weight decay 0.01 on matrices only, linear warmup then cosine decay to 0, global-norm
-gradient clipping, dropout 0.1 (the gpt1 preset; the CPU presets use none). On a GPU the default is the paper's model (12 × 768, n_ctx 512, 64
-sequences per step); the schedule is shortened to suit a small corpus (the paper warmed up for 2000 of
+gradient clipping, dropout 0.1 (the gpt1 preset; the CPU presets use none). On a GPU the default is
+the paper's model (12 × 768, n_ctx 512, 64 sequences per step); the schedule is shortened to suit a small corpus (the paper warmed up for 2000 of
 ~100 epochs of BooksCorpus: pass --warmup_iters 2000 --max_iters ... for that).
 
 Reproducibility: the sequences of step `it` are drawn by a generator seeded with (seed, it), and the

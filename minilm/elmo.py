@@ -218,7 +218,10 @@ class LSTMP(nn.Module):
         forget_bias[2 * C: 3 * C] = 1.0
         xw = (self.input_linearity(x) + self.state_linearity.bias + forget_bias).transpose(0, 1)   # (T, B, 4C)
         W_rec = self.state_linearity.weight.t()   # (P, 4C)
-        m, c = state if state is not None else (x.new_zeros(B, self.proj_size), x.new_zeros(B, C))
+        if state is None:
+            m, c = x.new_zeros(B, self.proj_size), x.new_zeros(B, C)
+        else:                                     # carried from an earlier call: follow the model's dtype, device
+            m, c = (s.to(device=x.device, dtype=x.dtype) for s in state)
         outputs = []
         for t in range(T):
             z = torch.addmm(xw[t], m, W_rec)                # (B, 4C) = [x_t, m_prev] W + B (+ forget bias)
@@ -319,6 +322,15 @@ class BiLM(nn.Module):
             raise ValueError(f"BiLM: character ids must lie in [0, {c.n_characters}), got "
                              f"[{char_ids.min().item()}, {char_ids.max().item()}]")
 
+    def _check_state(self, state, batch_size):
+        if state is None:
+            return
+        if not isinstance(state, dict):
+            raise TypeError(f"BiLM: state must be a dict (empty at first) or None, got {type(state).__name__}")
+        if state and state["forward"][0][0].shape[0] != batch_size:
+            raise ValueError(f"BiLM: state holds {state['forward'][0][0].shape[0]} rows, this batch has "
+                             f"{batch_size}: carried state needs the same batch size")
+
     def token_embedding(self, char_ids):
         """(B, T, 50) char ids → (B, T, P) context-independent token representations."""
         B, T, L = char_ids.shape
@@ -357,22 +369,20 @@ class BiLM(nn.Module):
         state:  None: every sentence starts from zero LSTM states (training, and minilm's features).
                 A dict: row b continues from where row b of the previous call with this dict left
                 off, as bilm-tf's dumps and allennlp's Elmo do: an empty dict starts from zeros, and
-                the call stores each direction's per-layer (m, c) after each row's sentence in it.
+                the call stores each direction's per-layer (m, c) after each row's sentence in it
+                (detached; every call must have the same batch size). The dict is updated in place, so
+                pass it to the BiLM itself: DDP and DataParallel wrappers copy their keyword arguments.
         """
         self._check(char_ids)
+        self._check_state(state, char_ids.shape[0])
         mask = (char_ids > 0).any(-1)                                # (B, T)
         lengths = mask.sum(1)                                        # (B,)
-        if state is not None:
-            if not isinstance(state, dict):
-                raise TypeError(f"BiLM: state must be a dict (empty at first) or None, got {type(state).__name__}")
-            if state and state["forward"][0][0].shape[0] != char_ids.shape[0]:
-                raise ValueError(f"BiLM: state holds {state['forward'][0][0].shape[0]} rows, this batch has "
-                                 f"{char_ids.shape[0]}: carried state needs the same batch size")
         x = self.token_embedding(char_ids)                           # (B, T, P)
-        stateful = {} if state is None else {"lengths": lengths}
-        h_fwd, last_fwd = self._run_stack(self.forward_layers, x, state and state["forward"], **stateful)
-        h_bwd, last_bwd = self._run_stack(self.backward_layers, reverse_padded(x, lengths),
-                                          state and state["backward"], **stateful)
+        # carried state stops at each row's own last token; without it the padding steps are harmless
+        ends = lengths if state is not None else None
+        fwd_from, bwd_from = (state.get("forward"), state.get("backward")) if state else (None, None)
+        h_fwd, last_fwd = self._run_stack(self.forward_layers, x, fwd_from, ends)     # [(B, T, P)] × n_layers
+        h_bwd, last_bwd = self._run_stack(self.backward_layers, reverse_padded(x, lengths), bwd_from, ends)
         h_bwd = [reverse_padded(h, lengths) for h in h_bwd]          # back to left-to-right order
         if state is not None:           # detached, as allennlp's: a later call never backpropagates into this one
             state.update({name: [(m.detach(), c.detach()) for m, c in last]
@@ -454,7 +464,7 @@ def log_uniform_candidates(V, K, device=None):
 def log_uniform_expected_count(ids, V, K, num_tries):
     """TF's expected count Q of each id among the sampler's num_tries draws (range_sampler.cc): p·K when
     the K draws were all distinct (num_tries == K), else 1 − (1 − p)^num_tries; p = P(id) as above."""
-    p = torch.log1p(1.0 / (ids.double() + 1.0)) / math.log(V + 1)               # log((k+2)/(k+1)) / log(V+1)
+    p = torch.log1p(1.0 / (ids.float() + 1.0)) / math.log(V + 1)                # log((k+2)/(k+1)) / log(V+1)
     return p * K if num_tries == K else -torch.expm1(num_tries * torch.log1p(-p))
 
 

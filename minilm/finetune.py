@@ -18,9 +18,9 @@ L2 the task's cross-entropy, L1 the language-modelling loss on the transformed s
 
 How L1 treats the special tokens. The output layer is the (tied) embedding, so the softmax runs over the
 old vocabulary plus the three specials, as in the original (whose ``we`` matrix also held the position
-rows, so its softmax scored them too; ours leaves them out). The targets are every real token after the first, exactly the original's ``M[:, 1:]`` mask:
-the text, the ``_delimiter_`` and the final ``_classify_`` are predicted, ``_start_`` never is (it is
-always position 0), and padding never is. Each sequence's loss is the mean over its own tokens, then
+rows, so its softmax scored them too; ours leaves them out). The targets are every real token after the
+first, exactly the original's ``M[:, 1:]`` mask: the text, the ``_delimiter_`` and the final
+``_classify_`` are predicted, ``_start_`` never is (it is always position 0), and padding never is. Each sequence's loss is the mean over its own tokens, then
 averaged over sequences (``lm_losses`` in train.py).
 
 Truncation (what the original's transform_roc does, generalised): a sequence of one part keeps the first
@@ -685,7 +685,8 @@ def finetune(options, print_fn=print, ckpt=None):
     Writes out_dir/ckpt.pt (atomically, at every evaluation), the tokenizer (vocab.json + merges.txt)
     and log.jsonl (one line per evaluation, with val_accuracy). resume=True continues exactly: the batches
     of step `it` are a function of (seed, epoch), and the checkpoint holds the optimizer and RNG state.
-    Returns the last evaluation's record. ckpt: the resumed checkpoint when the caller has already read it.
+    Returns the last evaluation's record. ckpt: out_dir's checkpoint when the caller has already read it
+    (with resume=True; it is not read again).
     """
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
@@ -733,8 +734,8 @@ def finetune(options, print_fn=print, ckpt=None):
     train_ex, val_ex = load_task(task, opts["task_data"], opts["seed"], opts["val_fraction"])
     digest = examples_digest(train_ex, val_ex)
     if ckpt and ckpt.get("examples_sha256", digest) != digest:
-        raise FinetuneError(f"--resume True: the examples in {opts['task_data']} are not those the run in {ckpt_path} "
-                            "started with (was the file edited?); start a new run to train on them")
+        raise FinetuneError(f"--resume True: the examples of --task_data {opts['task_data']} are not those the run "
+                            f"in {ckpt_path} started with (was the file edited?); start a new run to train on them")
     torch.manual_seed(opts["seed"])
     if ckpt:  # the run's own tokenizer and model shape
         tokenizer = BPETokenizer.load(out_dir)
@@ -773,8 +774,8 @@ def finetune(options, print_fn=print, ckpt=None):
 
     # AdamW: weight decay decoupled from the gradient (opt.py: p -= lr·(adam_step + l2·p)) on matrices only.
     # opt.py's lr there carries Adam's bias correction √(1 − β2^t)/(1 − β1^t), so its decay is that
-    # factor (≈ 0.3 early in training, → 1 later) times AdamW's. Negligible here: at the paper's lr and
-    # l2 the whole decay is lr·l2 ≈ 6e-7 of each weight per step.
+    # factor (0.15–0.45 over the first few hundred updates, → 1 later) times AdamW's. Negligible here: at
+    # the paper's lr and l2 the whole decay is lr·l2 ≈ 6e-7 of each weight per step.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts["weight_decay"]},

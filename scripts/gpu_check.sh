@@ -60,10 +60,9 @@ print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
 #    short still says which passed).
 step pytest 200 python -m pytest -v -rfE --tb=short -p no:cacheprovider tests/test_cuda.py
 # 3. Every attention tiling, checked and timed; the fastest correct ones (per head dim) are printed and
-#    written to $OUT/attn_best.env as candidates for the defaults in attention_kernels.cu. The rest of the
-#    run tests and times the built-in defaults. Then the attention tests once more with the sweep's picks
-#    (the environment set for that step only), so that a pick that beats a default can become the default
-#    on this run's evidence; then the char-CNN diagnostics.
+#    written to $OUT/attn_best.env as candidates for the defaults in attention_kernels.cu. Then the
+#    attention tests once more with the sweep's picks (the environment set for that step only), so that a
+#    pick that beats a default can become the default on this run's evidence; then the char-CNN diagnostics.
 export MINILM_SWEEP_ENV=${OUT:-/tmp}/attn_best.env
 rm -f "$MINILM_SWEEP_ENV"
 if [ "$(left)" -gt 60 ]; then step attn-sweep "$(( $(left) < 240 ? $(left) : 240 ))" python scripts/cuda_diagnostics.py attn-sweep

@@ -85,7 +85,9 @@ def check_drops_exactly(device, D, dtype, p=0.3, B=2, H=3):
       dS_ij = (M_ij − Delta_i) / (i+1) (the dQ kernel's mask): a wrong entry moves dQ[i, j] by scale/(i+1)
       or more, while rounding moves it by a few units of the dtype;
     * the same with q = I too: S = I, so P_ii = e/(i+e) and P_ij = 1/(i+e) for j < i, and dK = dSᵀ q = dSᵀ
-      (the dK/dV kernel's mask in dS): a wrong entry moves dK[j, i] by P_ij · scale or more."""
+      (the dK/dV kernel's mask in dS): a wrong entry M_ij moves dS_ij by P_ij (1 − P_ij) · scale and the
+      row's other entries dS_ik by P_ik P_ij · scale (through Delta_i), which the check below, in units of
+      P · scale, sees (only row 0, whose one entry has P = 1 and dS = 0, cannot show its mask)."""
     T = D
     eye = torch.eye(T, device=device, dtype=dtype).expand(B, H, T, D).contiguous()
     q = torch.zeros(B, H, T, D, device=device, dtype=dtype)

@@ -197,6 +197,9 @@ def test_carried_state_continues_each_row_where_the_last_call_left_it():
     state = {}
     for batch in (A, B):   # carried state is detached: the second backward does not reach into the first graph
         model(batch_to_ids(batch), state=state)[0][-1].sum().backward()
+    model.double()
+    assert model(batch_to_ids(A), state=state)[0][-1].dtype == torch.float64   # the state follows the model
+    assert state["backward"][-1][1].dtype == torch.float64
 
 
 def test_reverse_padded_reverses_within_each_length():

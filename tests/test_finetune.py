@@ -374,7 +374,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
     original = open(train_file, "rb").read()
     with open(train_file, "ab") as f:
         f.write(b'{"text": "apple one more", "label": 1}\n')
-    with pytest.raises(ft.FinetuneError, match=f"^--resume True: the examples in {data} are not those the run in "):
+    with pytest.raises(ft.FinetuneError, match=f"^--resume True: the examples of --task_data {data} are not those the run in "):
         ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True), print_fn=quiet)
     open(train_file, "wb").write(original)
     assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before
