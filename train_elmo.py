@@ -15,10 +15,10 @@ LMDataset does. A batch is `batch_size` windows of `unroll_steps` tokens at rand
 stream; the forward LM predicts each window token's right neighbour, the backward LM its left
 neighbour (so a window reads unroll_steps + 2 tokens), except across a sentence boundary: </S> → <S>
 and <S> ← </S> are not scored, as bilm-tf never predicts them, so losses and perplexities count
-bilm-tf's targets only. Unlike bilm-tf, which carries the LSTM state
-from one batch to the next, every window starts from a zero state: windows are independent, so a
-resumed or multi-process run sees exactly the same batches, and the state matches what `--embed` (and
-the released features) use. Inputs are characters, so any word has a representation; only the softmax
+bilm-tf's targets only. Unlike bilm-tf, which carries the LSTM state from one batch to the next,
+every window starts from a zero state: windows are independent, so a resumed or multi-process run
+sees exactly the same batches, and the state matches what `--embed` uses (bilm-tf's dumps carry it:
+see `state=` in BiLM.forward). Inputs are characters, so any word has a representation; only the softmax
 has a word vocabulary (`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the
 order the log-uniform sampler of the sampled softmax assumes).
 

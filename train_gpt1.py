@@ -13,8 +13,9 @@ Options are `--name value` or `--name=value` (booleans True/False); every name i
 The recipe is the paper's (Radford et al. 2018, §4.1; opt.py): Adam(W) with β = (0.9, 0.999),
 decoupled weight decay 0.01 on matrices only, linear warmup then cosine decay to 0, global-norm
 gradient clipping, dropout 0.1 (the gpt1 preset; the CPU presets use none). On a GPU the default is
-the paper's model (12 × 768, n_ctx 512, 64 sequences per step); the schedule is shortened to suit a small corpus (the paper warmed up for 2000 of
-~100 epochs of BooksCorpus: pass --warmup_iters 2000 --max_iters ... for that).
+the paper's model (12 × 768, n_ctx 512, 64 sequences per step); the schedule is shortened to suit a
+small corpus (the paper warmed up for 2000 of ~100 epochs of BooksCorpus: pass --warmup_iters 2000
+--max_iters ... for that).
 
 Reproducibility: the sequences of step `it` are drawn by a generator seeded with (seed, it), and the
 evaluation batches are the same fixed set at every evaluation. So a run resumed after a crash, or the
@@ -260,7 +261,8 @@ def usage():
     """--help: this file's docstring, then DEFAULTS as written above (each option with its comment)."""
     with open(__file__, encoding="utf-8") as f:
         src = f.read()
-    options = src[src.index("DEFAULTS = dict("):src.index("\n)\n", src.index("DEFAULTS = dict(")) + 2]
+    start = src.index("DEFAULTS = dict(")
+    options = src[start:src.index("\n)\n", start) + 2]
     return f"{__doc__.strip()}\n\nOptions (--name value), with their defaults:\n\n{options}"
 
 

@@ -20,8 +20,9 @@ How L1 treats the special tokens. The output layer is the (tied) embedding, so t
 old vocabulary plus the three specials, as in the original (whose ``we`` matrix also held the position
 rows, so its softmax scored them too; ours leaves them out). The targets are every real token after the
 first, exactly the original's ``M[:, 1:]`` mask: the text, the ``_delimiter_`` and the final
-``_classify_`` are predicted, ``_start_`` never is (it is always position 0), and padding never is. Each sequence's loss is the mean over its own tokens, then
-averaged over sequences (``lm_losses`` in train.py).
+``_classify_`` are predicted, ``_start_`` never is (it is always position 0), and padding never is.
+Each sequence's loss is the mean over its own tokens, then averaged over sequences (``lm_losses`` in
+train.py).
 
 Truncation (what the original's transform_roc does, generalised): a sequence of one part keeps the first
 n_ctx - 2 tokens of its text; a sequence of two parts keeps the first max_len = n_ctx // 2 - 2 tokens of
