@@ -458,3 +458,34 @@ def test_char_cnn_opcheck():
     for t in (emb, *weights, *biases):
         t.requires_grad_()
     torch.library.opcheck(ops.char_cnn.default, (ids, emb, weights, biases, "tanh"))
+
+
+# ---------------------------------------------------------------------------------------------- ELMo on a GPU
+def test_elmo_sampled_softmax_step_on_cuda_matches_the_cpu():
+    # The sampler draws on the host from torch's CPU generator, so a seeded step samples the same K
+    # candidates on either device: the loss and the gradients agree (fp32; dropout off, whose masks
+    # would come from the device's own generator). Stateful features follow the model to the GPU too.
+    from minilm.elmo import BiLM, ELMoConfig, batch_to_ids
+    config = ELMoConfig(char_embed_dim=4, filters=((1, 4), (2, 8), (3, 8)), n_highway=1, lstm_dim=24,
+                        projection_dim=8, n_layers=2, dropout=0.0, vocab_size=50, n_negative_samples=6)
+    torch.manual_seed(0)
+    cpu = BiLM(config).train()
+    gpu = BiLM(config).train()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to(DEV)
+    ids = batch_to_ids([["a", "b", "c", "d"], ["e", "f"]])
+    nxt = torch.tensor([[3, 10, 0, 49, 7, -1], [2, 5, 8, -1, -1, -1]])
+    losses = {}
+    for name, model, dev in (("cpu", cpu, "cpu"), ("cuda", gpu, DEV)):
+        torch.manual_seed(1)
+        loss = model(ids.to(dev), nxt.to(dev), nxt.to(dev))[2].mean()
+        loss.backward()
+        losses[name] = loss.item()
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)   # other candidates: off by percents
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    state = {}
+    with torch.no_grad():
+        for _ in range(2):
+            layers, _, _ = gpu.eval()(ids.to(DEV), state=state)
+    assert layers[-1].device.type == state["forward"][0][0].device.type == torch.device(DEV).type
