@@ -207,6 +207,10 @@ def main(argv):
             if missing:
                 raise UsageError(f"{ckpt_path} does not record its run's --{', --'.join(missing)}: "
                                  "it cannot be resumed")
+            if checkpoint.get("targets") != TARGETS:
+                raise UsageError(f"{ckpt_path} was trained by an older train_elmo.py that also scored the free "
+                                 "targets at sentence boundaries: resuming would change its loss mid-run; start a "
+                                 "new run (its weights still work with --embed)")
             check_fixed_options(given, trained_with)
             cfg = {**defaults, **trained_with, **given}
         return train(cfg, checkpoint)
@@ -280,6 +284,7 @@ def bilm_from_checkpoint(checkpoint, path):
 
 
 BOS_ID, EOS_ID = 0, 1   # the softmax ids of <S> and </S>: the vocabulary's first two words
+TARGETS = "bilm-tf"     # recorded in checkpoints: what lm_windows scores (not the boundaries' free targets)
 
 
 def lm_windows(stream, starts, T, type_chars, type_to_word):
@@ -433,7 +438,8 @@ def train(cfg, checkpoint=None):
     def save_checkpoint(it):
         """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
         state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
-                 "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_key(cfg["data"])}}
+                 "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_key(cfg["data"])},
+                 "targets": TARGETS}
         tmp = ckpt_path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)

@@ -110,6 +110,18 @@ def test_batch_windows_leave_out_the_free_targets_at_sentence_boundaries():
     assert chars[0, 2].tolist() == word_to_char_ids("</S>")
 
 
+def test_resume_refuses_a_checkpoint_that_scored_the_boundary_targets(trained, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(trained, out)
+    ckpt = load_ckpt(out)
+    assert ckpt.pop("targets") == "bilm-tf"
+    torch.save(ckpt, out / "ckpt.pt")                         # as train_elmo.py wrote it before
+    before = (out / "ckpt.pt").read_bytes()
+    message = usage_error("--resume", "True", "--out_dir", str(out))
+    assert "was trained by an older train_elmo.py that also scored the free targets" in message
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus, trained, tmp_path):
     out = str(tmp_path / "out")
     args = ["--data", corpus, "--out_dir", out, "--max_iters", "40", "--eval_interval", "10", *SMALL, *RANDOM]
