@@ -220,7 +220,7 @@ class LSTMP(nn.Module):
         W_rec = self.state_linearity.weight.t()   # (P, 4C)
         if state is None:
             m, c = x.new_zeros(B, self.proj_size), x.new_zeros(B, C)
-        else:                                     # carried from an earlier call: follow the model's dtype, device
+        else:                                     # carried from an earlier call: to x's dtype and device
             m, c = (s.to(device=x.device, dtype=x.dtype) for s in state)
         outputs = []
         for t in range(T):
@@ -327,6 +327,8 @@ class BiLM(nn.Module):
             return
         if not isinstance(state, dict):
             raise TypeError(f"BiLM: state must be a dict (empty at first) or None, got {type(state).__name__}")
+        if state and not ("forward" in state and "backward" in state):
+            raise ValueError("BiLM: state must be a dict that only BiLM calls have filled (start with {})")
         if state and state["forward"][0][0].shape[0] != batch_size:
             raise ValueError(f"BiLM: state holds {state['forward'][0][0].shape[0]} rows, this batch has "
                              f"{batch_size}: carried state needs the same batch size")

@@ -88,7 +88,7 @@ def _check_attention(B, H, T, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("D", [16, 48, 64, 80, 128])
+@pytest.mark.parametrize("D", [16, 48, 64, 80, 128, 200])
 @pytest.mark.parametrize("T", [1, 37, 130, 257])
 def test_attention_matches_reference_and_sdpa(T, D, dtype):
     _check_attention(2, 3, T, D, dtype)
@@ -483,9 +483,9 @@ def test_elmo_sampled_softmax_step_on_cuda_matches_the_cpu():
         losses[name] = loss.item()
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)   # other candidates: off by percents
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-7, msg=name)
     state = {}
     with torch.no_grad():
-        for _ in range(2):
-            layers, _, _ = gpu.eval()(ids.to(DEV), state=state)
+        cpu.eval()(ids, state=state)                                 # a state made on the CPU ...
+        layers, _, _ = gpu.eval()(ids.to(DEV), state=state)           # ... carries on on the GPU
     assert layers[-1].device.type == state["forward"][0][0].device.type == torch.device(DEV).type

@@ -194,6 +194,8 @@ def test_carried_state_continues_each_row_where_the_last_call_left_it():
             model(batch_to_ids(B[:1]), state=state)
         with pytest.raises(TypeError, match="state must be a dict"):
             model(batch_to_ids(B), state=[])
+        with pytest.raises(ValueError, match="only BiLM calls have filled"):
+            model(batch_to_ids(B), state={"forward": []})
     state = {}
     for batch in (A, B):   # carried state is detached: the second backward does not reach into the first graph
         model(batch_to_ids(batch), state=state)[0][-1].sum().backward()
