@@ -148,23 +148,19 @@ FIXED_BY_CHECKPOINT = ("data", "val_fraction", "max_vocab", "preset", "dropout",
 NOT_FROM_CHECKPOINT = ("out_dir", "device", "resume", "overwrite", "embed", "word")   # this command line's own
 
 
-def data_key(data):
-    """--data as a checkpoint records it: a built-in corpus by name, a path made absolute."""
-    return data if data in ("shakespeare", "korean") else os.path.abspath(data)
-
-
 def default_lr(optimizer):
     return {"adagrad": 0.2, "adam": 1e-3}[optimizer]
 
 
 def check_fixed_options(given, trained_with):
     """--resume True: an option in FIXED_BY_CHECKPOINT may only repeat the checkpoint's value."""
+    from minilm.data import data_spec       # --data as a checkpoint records it: a built-in's name, or a full path
     for name in FIXED_BY_CHECKPOINT:
         if name not in given:
             continue
         value, theirs = given[name], trained_with[name]
         if name == "data":
-            value, theirs = data_key(value), data_key(theirs)
+            value, theirs = data_spec(value), data_spec(theirs)
         elif name == "learning_rate":       # 0: the optimizer's default, the same run as giving that value
             value = value or default_lr(trained_with["optimizer"])
             theirs = theirs or default_lr(trained_with["optimizer"])
@@ -323,7 +319,7 @@ def setup_device(cfg):
 
 def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
-    from minilm.data import load_documents, split_documents
+    from minilm.data import data_spec, load_documents, split_documents
     from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset,
                              word_to_char_ids)
 
@@ -438,7 +434,7 @@ def train(cfg, checkpoint=None):
     def save_checkpoint(it):
         """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
         state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
-                 "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_key(cfg["data"])},
+                 "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_spec(cfg["data"])},
                  "targets": TARGETS}
         tmp = ckpt_path + ".tmp"
         with open(tmp, "wb") as f:

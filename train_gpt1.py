@@ -38,7 +38,8 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.finetune import finetune, load_checkpoint, resolve_device, save_checkpoint, truncate_log
+from minilm.finetune import (finetune, load_checkpoint, model_from_checkpoint, resolve_device, save_checkpoint,
+                             truncate_log)
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
 
@@ -615,16 +616,6 @@ def sample_from_checkpoint(cfg, ckpt, ckpt_path, device):
                         "--resume True prepares them again")
     model = model_from_checkpoint(ckpt, ckpt_path, "--sample True").to(device)
     sample(cfg, model, data_dir, device)
-
-
-def model_from_checkpoint(ckpt, ckpt_path, what):
-    try:
-        model = GPT1(GPT1Config(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-edited checkpoint
-        first = " ".join(str(e).strip().splitlines()[:2]) or type(e).__name__  # line 2 names the first bad weight
-        raise UserError(f"{what}: the weights in {ckpt_path} do not fit its model_config ({first})") from None
-    return model
 
 
 def sample(cfg, model, data_dir, device):

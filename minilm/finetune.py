@@ -574,6 +574,18 @@ def load_checkpoint(path, what, kind="any"):
     return ckpt
 
 
+def model_from_checkpoint(ckpt, path, what):
+    """The GPT1 of a checkpoint read by load_checkpoint (its model_config and weights), or a one-line
+    FinetuneError when they do not fit together (a damaged or hand-edited file)."""
+    try:
+        model = GPT1(GPT1Config(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = " ".join(str(e).strip().splitlines()[:2]) or type(e).__name__  # line 2 names the first bad weight
+        raise FinetuneError(f"{what}: the weights in {path} do not fit its model_config ({first})") from None
+    return model
+
+
 def resolve_device(name):
     """--device: "auto" (cuda if torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N"; a FinetuneError
     (one line) for anything else, or for a GPU that is not there."""
@@ -595,17 +607,16 @@ def resolve_device(name):
 
 def _pretrained(init_from, opts):
     """(GPT1, tokenizer) of a pre-training out_dir: ckpt.pt's model_config and weights, its tokenizer files."""
-    ckpt = load_checkpoint(os.path.join(init_from, CKPT), f"--init_from {init_from}", kind="pre-training")
+    what, path = f"--init_from {init_from}", os.path.join(init_from, CKPT)
+    ckpt = load_checkpoint(path, what, kind="pre-training")
     tok_dir = next((d for d in (init_from, os.path.join(init_from, ckpt.get("data_dir", "data")))
                     if os.path.isfile(os.path.join(d, "vocab.json"))), None)
     if tok_dir is None:
         raise FinetuneError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) beside the checkpoint")
     tokenizer = BPETokenizer.load(tok_dir)
-    gconf = GPT1Config(**ckpt["model_config"])
-    if tokenizer.vocab_size != gconf.vocab_size:
-        raise FinetuneError(f"--init_from {init_from}: the tokenizer has {tokenizer.vocab_size} tokens, the model {gconf.vocab_size}")
-    model = GPT1(gconf)
-    model.load_state_dict(ckpt["model"])
+    model = model_from_checkpoint(ckpt, path, what)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise FinetuneError(f"{what}: the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
     if opts["dropout"] is not None:
         p = opts["dropout"]
         for mod in model.modules():
