@@ -1,6 +1,6 @@
 """Train an ELMo biLM from scratch (Peters et al. 2018; allenai/bilm-tf's bin/train_elmo.py), or embed text with one.
 
-    python train_elmo.py                                        # Shakespeare, tiny model: < 1 min on 2 CPU cores, val ppl ~145
+    python train_elmo.py                                        # Shakespeare, tiny model: about 1 min on 2 CPU cores
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
@@ -10,20 +10,19 @@
 Options are the names below, given as `--name value` or `--name=value` (booleans: True/False).
 
 The corpus is read one sentence per line, split into words (`token_regex`: case kept, punctuation
-split off), and every line becomes `<S> words... </S>` in one long token stream, as bilm-tf's
-LMDataset does. A batch is `batch_size` windows of `unroll_steps` tokens at random places in the
-stream; the forward LM predicts each window token's right neighbour, the backward LM its left
-neighbour (so a window reads unroll_steps + 2 tokens), except across a sentence boundary: </S> → <S>
-and <S> ← </S> are not scored, as bilm-tf never predicts them, so losses and perplexities count
-bilm-tf's targets only. Unlike bilm-tf, which carries the LSTM state from one batch to the next,
-every window starts from a zero state: windows are independent, so a resumed or multi-process run
-sees exactly the same batches, and the state matches what `--embed` uses (bilm-tf's dumps carry it:
-see `state=` in BiLM.forward). Inputs are characters, so any word has a representation; only the softmax
-has a word vocabulary (`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the
-order the log-uniform sampler of the sampled softmax assumes).
+split off), and every line becomes a sentence `<S> words... </S>`. Batches are made as bilm-tf's
+LMDataset makes them (SentenceStream): each of the `batch_size` rows reads sentences one after another,
+`unroll_steps` tokens per batch, and the LSTM state it ends a batch with is the state it starts the next
+one with (not backpropagated through). The forward LM reads `<S> w_1 … w_n` and predicts `w_1 … w_n
+</S>`; the backward LM reads its own stream of reversed sentences, `</S> w_n … w_1`, predicting `w_n …
+w_1 <S>`, in another random order (bilm-tf's two datasets shuffle independently), so the char-CNN
+encodes both streams. Inputs are characters, so any word has a representation; only the softmax has a
+word vocabulary (`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the order the
+log-uniform sampler of the sampled softmax assumes).
 
-Everything random in an iteration (window places, dropout, softmax samples) is seeded from
-(seed, iteration, rank), so `--resume True` after a kill replays the run exactly.
+The streams' places and the carried state are in the checkpoint, and dropout and softmax samples are
+seeded from (seed, iteration, rank), so `--resume True` after a kill replays the run exactly. Under
+torchrun every rank steps all rows' streams and trains on its own rows: the same batches at any world size.
 """
 import functools
 import gc
@@ -46,8 +45,8 @@ data = "shakespeare"       # "shakespeare", "korean", or a UTF-8 text file / dir
 out_dir = "out-elmo"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 preset = "tiny"            # tiny | small | medium | original (minilm.elmo.PRESETS)
-batch_size = 32            # windows per iteration, over all processes together
-unroll_steps = 20          # tokens per window (bilm-tf: 20)
+batch_size = 32            # rows (sentence streams) per iteration, over all processes together
+unroll_steps = 20          # tokens per row and iteration (bilm-tf: 20)
 max_iters = 500
 eval_interval = 100
 eval_iters = 10            # batches per split at each evaluation
@@ -203,10 +202,10 @@ def main(argv):
             if missing:
                 raise UsageError(f"{ckpt_path} does not record its run's --{', --'.join(missing)}: "
                                  "it cannot be resumed")
-            if checkpoint.get("targets") != TARGETS:
-                raise UsageError(f"{ckpt_path} was trained by an older train_elmo.py that also scored the free "
-                                 "targets at sentence boundaries: resuming would change its loss mid-run; start a "
-                                 "new run (its weights still work with --embed)")
+            if checkpoint.get("batches") != BATCHES:
+                raise UsageError(f"{ckpt_path} was trained by an older train_elmo.py on independent windows: it holds "
+                                 "no sentence streams or LSTM state to go on from; start a new run (its weights "
+                                 "still work with --embed)")
             check_fixed_options(given, trained_with)
             cfg = {**defaults, **trained_with, **given}
         return train(cfg, checkpoint)
@@ -228,8 +227,7 @@ def check_device(dev):
 def check_train_options(cfg):
     """Everything on the command line that can be wrong on its own, checked before any work."""
     from minilm.elmo import PRESETS
-    # unroll_steps ≥ 2: a window of one token may have no target (see lm_windows)
-    for key, low in (("batch_size", 1), ("unroll_steps", 2), ("max_iters", 0), ("eval_interval", 1),
+    for key, low in (("batch_size", 1), ("unroll_steps", 1), ("max_iters", 0), ("eval_interval", 1),
                      ("eval_iters", 1), ("log_interval", 1), ("n_negative_samples", 0)):
         if cfg[key] < low:
             raise UsageError(f"--{key} must be ≥ {low}, got {cfg[key]}")
@@ -279,27 +277,81 @@ def bilm_from_checkpoint(checkpoint, path):
     return model
 
 
-BOS_ID, EOS_ID = 0, 1   # the softmax ids of <S> and </S>: the vocabulary's first two words
-TARGETS = "bilm-tf"     # recorded in checkpoints: what lm_windows scores (not the boundaries' free targets)
+BATCHES = "bilm-tf streams"   # recorded in checkpoints: how the batches are made (SentenceStream, state carried)
 
 
-def lm_windows(stream, starts, T, type_chars, type_to_word):
-    """Windows of T + 2 tokens of `stream` (type ids) from `starts` (b,) → (chars, next_ids, previous_ids).
+class SentenceStream:
+    """One direction's batches, as bilm-tf's LMDataset and _get_batch make them (bilm/data.py).
 
-    The model reads the T middle tokens: chars (b, T, 50). At input position t (stream index
-    start + 1 + t) the forward LM's target is the token after it, next_ids[:, t] (start + 2 + t), and
-    the backward LM's the token before it, previous_ids[:, t] (start + t): softmax ids (b, T) each.
-    Between two sentences the stream reads </S> <S>; bilm-tf never asks for what follows </S> (its
-    forward LM reads <S> w_1 … w_n and predicts w_1 … w_n </S>) nor for what precedes <S>, and those
-    targets would be free (always <S>, always </S>), so they are −1: not scored.
+    Each of `rows` rows reads sentences one after another. A sentence is a run of token indices
+    `length` long, markers included: `<S> w_1 … w_n </S>` in the forward stream, `</S> w_n … w_1 <S>` in
+    the backward one. At every step a row reads one token and its target is the next one, so a
+    sentence's last marker is only ever a target and no row reads from one sentence into the next: the
+    forward LM reads `<S> w_1 … w_n` and predicts `w_1 … w_n </S>`. A batch takes T steps from each row
+    in turn, and a row whose sentence is used up draws the next one from a supply all rows share: the
+    split's sentences in a new random order on every pass (bilm-tf reshuffles a shard each time it
+    loads one). The rows' places are all the state there is, so a checkpoint keeps it (state_dict).
     """
-    window = stream[starts[:, None] + torch.arange(T + 2)]                # (b, T+2) type ids
-    chars = type_chars[window[:, 1:-1]]                                   # (b, T, 50): the inputs
-    words = type_to_word[window]                                          # (b, T+2) softmax ids
-    read = words[:, 1:-1]                                                 # (b, T) the inputs' softmax ids
-    nxt = words[:, 2:].masked_fill(read == EOS_ID, -1)                    # (b, T)
-    prev = words[:, :-2].masked_fill(read == BOS_ID, -1)                  # (b, T)
-    return chars, nxt, prev
+
+    def __init__(self, lengths, rows, seed):
+        self.lengths = np.asarray(lengths, dtype=np.int64)                   # tokens per sentence, markers included
+        self.offsets = np.cumsum(self.lengths) - self.lengths                # where each one starts in the split's tokens
+        self.rows, self.seed = rows, seed
+        self.epoch, self.drawn = 0, 0          # the pass through the sentences, and how many of it are drawn
+        self.sentence = [-1] * rows            # each row's sentence (−1: none yet)
+        self.place = [0] * rows                # and the place in it of the row's next input
+        self.order = self._order()
+
+    def _order(self):
+        return np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.lengths))
+
+    def _draw(self):
+        if self.drawn == len(self.lengths):
+            self.epoch, self.drawn = self.epoch + 1, 0
+            self.order = self._order()
+        self.drawn += 1
+        return int(self.order[self.drawn - 1])
+
+    def next_batch(self, T):
+        """(rows, T) int64: the index of every input among the split's tokens; each target is the token after it."""
+        index = np.empty((self.rows, T), dtype=np.int64)
+        for r in range(self.rows):
+            t = 0
+            while t < T:
+                if self.sentence[r] < 0 or self.place[r] >= self.lengths[self.sentence[r]] - 1:
+                    self.sentence[r], self.place[r] = self._draw(), 0
+                s, p = self.sentence[r], self.place[r]
+                n = min(int(self.lengths[s]) - 1 - p, T - t)                  # steps left in this sentence
+                index[r, t:t + n] = self.offsets[s] + p + np.arange(n)
+                self.place[r], t = p + n, t + n
+        return index
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "drawn": self.drawn, "sentence": list(self.sentence), "place": list(self.place)}
+
+    def load_state_dict(self, d):
+        self.epoch, self.drawn, self.sentence, self.place = d["epoch"], d["drawn"], list(d["sentence"]), list(d["place"])
+        self.order = self._order()
+
+
+def direction_words(sentences):
+    """The words each direction reads, sentence after sentence: ([forward: <S> w_1 … w_n </S> …, backward:
+    </S> w_n … w_1 <S> …], each sentence's length in tokens)."""
+    from minilm.elmo import BOS_TOKEN, EOS_TOKEN
+    forward = [w for s in sentences for w in (BOS_TOKEN, *s, EOS_TOKEN)]
+    backward = [w for s in sentences for w in (EOS_TOKEN, *reversed(s), BOS_TOKEN)]
+    return [forward, backward], [len(s) + 2 for s in sentences]
+
+
+class StreamLM(torch.nn.Module):
+    """A training step's losses as a module's forward (BiLM.stream_losses), so DDP can wrap it."""
+
+    def __init__(self, bilm):
+        super().__init__()
+        self.bilm = bilm
+
+    def forward(self, char_ids, targets, state=None):
+        return self.bilm.stream_losses(char_ids, targets, state)
 
 
 def setup_device(cfg):
@@ -344,37 +396,41 @@ def train(cfg, checkpoint=None):
         raise UsageError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose another "
                          "--out_dir, or pass --overwrite True to start over")
 
-    # -- data: token stream of each split, char ids of every word type, softmax ids ----------------
+    # -- data: each split's sentences as two token arrays (forward, backward), char ids of every word type
     docs = load_documents(cfg["data"])
     train_text, val_text = split_documents(docs, cfg["val_fraction"])
-    streams = {}
-    for split, text in (("train", train_text), ("val", val_text)):
-        streams[split] = [w for s in sentences_of(text) for w in (BOS_TOKEN, *s, EOS_TOKEN)]
-        if len(streams[split]) < T + 2:
-            raise UsageError(f"the {split} split of {cfg['data']} has {len(streams[split])} tokens; "
-                             f"a window needs unroll_steps + 2 = {T + 2} (give more text or a smaller --unroll_steps)")
-    counts = Counter(w for w in streams["train"] if w not in (BOS_TOKEN, EOS_TOKEN))
+    sentences = {"train": sentences_of(train_text), "val": sentences_of(val_text)}
+    for split, sents in sentences.items():
+        if not sents:
+            raise UsageError(f"the {split} split of {cfg['data']} has no words (give more text or another --val_fraction)")
+    counts = Counter(w for s in sentences["train"] for w in s)
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
-    # <S>, </S> first (BOS_ID, EOS_ID), then <UNK> and the words by frequency
+    # <S>, </S> first, then <UNK> and the words by frequency
     vocab = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN] + ranked[: (cfg["max_vocab"] - 3) if cfg["max_vocab"] else None]
     word_id = {w: i for i, w in enumerate(vocab)}
-    types = sorted(set(streams["train"]) | set(streams["val"]))        # every word the model reads
+    types = sorted({w for sents in sentences.values() for s in sents for w in s} | {BOS_TOKEN, EOS_TOKEN})
     type_id = {w: i for i, w in enumerate(types)}
     type_chars = torch.tensor([word_to_char_ids(w) for w in types], dtype=torch.long)      # (n_types, 50)
     type_to_word = torch.tensor([word_id.get(w, word_id[UNK_TOKEN]) for w in types])        # (n_types,)
-    data = {split: torch.tensor([type_id[w] for w in s]) for split, s in streams.items()}   # type ids
-    del streams
+    tokens, lengths = {}, {}
+    for split, sents in sentences.items():
+        words, lengths[split] = direction_words(sents)
+        tokens[split] = torch.tensor([[type_id[w] for w in ws] for ws in words])   # (2, N) type ids
+    n_tokens = {split: sum(n - 1 for n in lengths[split]) for split in lengths}   # inputs (= targets) per pass
+    del sentences
 
-    def get_batch(split, generator, rows):
-        """The rows of one global batch (every rank draws the same starts, keeps its own rows), and the
-        weight (2,) that makes this rank's mean losses, averaged over ranks, the global batch's means:
-        world × its share of the batch's scored targets, per direction (1 in one process)."""
-        d = data[split]
-        starts = torch.randint(len(d) - T - 1, (B,), generator=generator)           # (B,) the global batch
-        chars, nxt, prev = lm_windows(d, starts, T, type_chars, type_to_word)
-        scored = torch.stack([nxt >= 0, prev >= 0])                                  # (2, B, T)
-        weight = scored[:, rows].sum((1, 2)) * world / scored.sum((1, 2))           # (2,)
-        return chars[rows].to(dev), nxt[rows].to(dev), prev[rows].to(dev), weight.to(dev)
+    def make_streams(split, seed):
+        """The forward and backward streams of a split: independent orders, as bilm-tf's two LMDatasets."""
+        return [SentenceStream(lengths[split], B, (seed, d)) for d in (0, 1)]
+
+    def get_batch(split, streams):
+        """The streams' next global batch (every rank steps every row, so a rank's rows are the same at any
+        world size), this rank's rows of it: chars (2, b, T, 50) and targets (2, b, T) softmax ids."""
+        index = torch.from_numpy(np.stack([stream.next_batch(T) for stream in streams])[:, rows])   # (2, b, T)
+        d = torch.arange(2).view(2, 1, 1)
+        chars = type_chars[tokens[split][d, index]]                  # (2, b, T, 50) what each direction reads
+        targets = type_to_word[tokens[split][d, index + 1]]          # (2, b, T) the token after each input
+        return chars.to(dev), targets.to(dev)
 
     rows = slice(rank * (B // world), (rank + 1) * (B // world))
 
@@ -397,16 +453,26 @@ def train(cfg, checkpoint=None):
     if checkpoint:
         opt.load_state_dict(checkpoint["optimizer"])
     raw_model = model
+    model = StreamLM(raw_model)          # forward = BiLM.stream_losses
     if cfg["compile"]:
         model = torch.compile(model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model)
     start_iter = checkpoint["iter"] if checkpoint else 0
+    # where the training streams are and the LSTM state they carry (bilm-tf feeds each batch's final
+    # state in as the next one's initial state): a resumed run goes on from the checkpoint's
+    train_streams = make_streams("train", cfg["seed"])
+    lstm_state = None
+    if checkpoint:
+        for stream, saved in zip(train_streams, checkpoint["streams"]):
+            stream.load_state_dict(saved)
+        lstm_state = [[(m[rows].to(dev), c[rows].to(dev)) for m, c in layers] for layers in checkpoint["lstm_state"]]
     n_params = sum(p.numel() for p in raw_model.parameters())
     softmax = "full" if not 0 < config.n_negative_samples < len(vocab) else f"sampled ({config.n_negative_samples})"
     if master:
-        print(f"data {cfg['data']}: {len(data['train']):,} train / {len(data['val']):,} val tokens, "
+        print(f"data {cfg['data']}: {n_tokens['train']:,} train / {n_tokens['val']:,} val tokens "
+              f"({len(lengths['train']):,} / {len(lengths['val']):,} sentences), "
               f"{len(types):,} word types, softmax vocabulary {len(vocab):,} ({softmax} softmax in training)")
         resumed = f" from checkpoint (iter {start_iter})" if checkpoint else ""
         print(f"model {cfg['preset']}{resumed}: {n_params:,} parameters "
@@ -416,26 +482,40 @@ def train(cfg, checkpoint=None):
 
     @torch.no_grad()
     def estimate_loss():
-        """Mean full-softmax loss per direction on eval_iters fixed batches of each split (the same every time)."""
+        """Mean full-softmax loss per direction on the first eval_iters batches of each split's own streams
+        (fixed orders, so the same batches every time), the LSTM state carried from zero as in training."""
         model.eval()
         out = {}
         for split in ("train", "val"):
-            g = torch.Generator().manual_seed(cfg["seed"] + (1 if split == "train" else 2))
-            total = torch.zeros(2, device=dev)
+            streams = make_streams(split, cfg["seed"] + (1 if split == "train" else 2))
+            total, state = torch.zeros(2, device=dev), None
             for _ in range(cfg["eval_iters"]):
-                chars, nxt, prev, weight = get_batch(split, g, rows)
-                total += raw_model(chars, nxt, prev)[2] * weight
-            if ddp:
+                chars, targets = get_batch(split, streams)
+                losses, state = raw_model.stream_losses(chars, targets, state)
+                total += losses
+            if ddp:               # every rank scores b × T targets per direction: the mean of ranks is the batch's
                 torch.distributed.all_reduce(total)
             out[split] = (total / (cfg["eval_iters"] * world)).tolist()     # [fwd, bwd], nats
         model.train()
         return out
 
-    def save_checkpoint(it):
+    def all_rows(state):
+        """The carried LSTM state of the whole global batch (every rank's rows, in order), on the CPU; every
+        rank must call it."""
+        def gather(x):
+            if not ddp:
+                return x.cpu()
+            parts = [torch.empty_like(x) for _ in range(world)]
+            torch.distributed.all_gather(parts, x)
+            return torch.cat(parts).cpu()
+        return [[(gather(m), gather(c)) for m, c in layers] for layers in state]
+
+    def save_checkpoint(it, lstm_state):
         """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
         state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
                  "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_spec(cfg["data"])},
-                 "targets": TARGETS}
+                 "batches": BATCHES, "streams": [stream.state_dict() for stream in train_streams],
+                 "lstm_state": lstm_state}
         tmp = ckpt_path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -463,6 +543,7 @@ def train(cfg, checkpoint=None):
     for it in range(start_iter, cfg["max_iters"] + 1):
         if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_iter):
             losses = estimate_loss()
+            saved_state = all_rows(lstm_state) if it > 0 else None     # every rank takes part in the gather
             if master:
                 (tf, tb), (vf, vb) = losses["train"], losses["val"]
                 record = {"iter": it, "train_loss": (tf + tb) / 2, "val_loss": (vf + vb) / 2,
@@ -473,16 +554,14 @@ def train(cfg, checkpoint=None):
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if it > 0:
-                    save_checkpoint(it)
+                    save_checkpoint(it, saved_state)
             t0, tokens_since = time.time(), 0
         if it == cfg["max_iters"]:
             break
 
-        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)         # window places: same on every rank
         torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank + 1)      # dropout and softmax samples: per rank
-        chars, nxt, prev, weight = get_batch("train", g, rows)
-        _, _, losses = model(chars, nxt, prev)
-        losses = losses * weight                      # DDP averages gradients over ranks: now the global means
+        chars, targets = get_batch("train", train_streams)                    # (2, b, T, 50), (2, b, T)
+        losses, lstm_state = model(chars, targets, lstm_state)                # (2,) [forward, backward]
         loss = losses.mean()                          # paper: ½ (forward + backward) negative log-likelihood
         opt.zero_grad(set_to_none=True)
         (loss * T).backward()                         # bilm-tf differentiates loss × unroll_steps (a sum over time)
@@ -492,7 +571,7 @@ def train(cfg, checkpoint=None):
         tokens_since += B * T
         if (it + 1) % cfg["log_interval"] == 0:
             losses = losses.detach()
-            if ddp:  # each rank's weighted losses: their mean over ranks is the global batch's
+            if ddp:  # every rank scores as many targets: the mean over ranks is the global batch's
                 torch.distributed.all_reduce(losses)
                 losses = losses / world
             if master:

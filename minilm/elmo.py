@@ -400,6 +400,30 @@ class BiLM(nn.Module):
                                   self.lm_loss(self.dropout(h_bwd[-1]), previous_ids)])
         return layers, mask, losses
 
+    def stream_losses(self, char_ids, targets, state=None):
+        """bilm-tf's training graph, where each direction reads its own stream of sentences, left to right.
+
+        char_ids (2, B, T, 50): [0] the forward LM's inputs (sentences `<S> w_1 … w_n`, one after another),
+                 [1] the backward LM's (sentences reversed, `</S> w_n … w_1`); no padding.
+        targets  (2, B, T): the softmax id of the token that follows each input in its own stream.
+        state:   None (zeros), or the state the previous call returned: row b goes on where it stopped,
+                 as bilm-tf carries the LSTM state from one batch to the next (not backpropagated into).
+        → (losses (2,) [forward, backward], mean cross-entropies in nats; the state after the last step:
+           per direction a list of each layer's (m (B, P), c (B, C)), detached).
+        """
+        if not (isinstance(char_ids, torch.Tensor) and char_ids.dim() == 4 and char_ids.shape[0] == 2):
+            raise ValueError("BiLM.stream_losses: char_ids must be (2, B, T, 50): the forward and backward streams, "
+                             f"got {tuple(char_ids.shape) if isinstance(char_ids, torch.Tensor) else type(char_ids).__name__}")
+        _, B, T, L = char_ids.shape
+        self._check(char_ids.reshape(2 * B, T, L))
+        x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)   # one char-CNN call for both
+        losses, last = [], []
+        for d, layers in enumerate((self.forward_layers, self.backward_layers)):
+            h, s = self._run_stack(layers, x[d], state[d] if state is not None else None)
+            losses.append(self.lm_loss(self.dropout(h[-1]), targets[d]))
+            last.append([(m.detach(), c.detach()) for m, c in s])
+        return torch.stack(losses), last
+
     def lm_loss(self, h, targets):
         """Mean cross-entropy (nats) of the shared softmax over h (B, T, P) against targets (B, T), −1 ignored."""
         if self.softmax is None:
@@ -474,7 +498,8 @@ def estimate_flops_per_token(config, vocab_size, training=True):
     """Model FLOPs per token (2 per multiply-add; backward ≈ 2 × forward) for throughput figures.
 
     Counts every convolution position, both directions, and the softmax rows actually scored
-    (the K samples when training with sampled softmax, else the whole vocabulary).
+    (the K samples when training with sampled softmax, else the whole vocabulary). A training step
+    (BiLM.stream_losses) encodes each direction's own stream, so its token encoder runs twice per token.
     """
     c = config
     L, E, D, P, C = c.max_characters_per_token, c.char_embed_dim, c.n_filters, c.projection_dim, c.lstm_dim
@@ -483,7 +508,8 @@ def estimate_flops_per_token(config, vocab_size, training=True):
     lstm = 2 * 2 * c.n_layers * ((P + P) * 4 * C + C * P)
     sampled = training and 0 < c.n_negative_samples < vocab_size
     softmax = 2 * 2 * P * (c.n_negative_samples if sampled else vocab_size)
-    return (3 if training else 1) * (cnn + dense + lstm + softmax)
+    encoder = cnn + dense
+    return 3 * (2 * encoder + lstm + softmax) if training else encoder + lstm + softmax
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,6 +204,43 @@ def test_carried_state_continues_each_row_where_the_last_call_left_it():
     assert state["backward"][-1][1].dtype == torch.float64
 
 
+def test_stream_losses_are_forwards_losses_when_the_backward_stream_is_the_forward_one_reversed():
+    # one unpadded row per sentence: BiLM.forward's backward LM reads the row right to left, which is
+    # stream_losses with the flipped row as the backward stream and the flipped previous words as targets
+    model = make_model(vocab_size=30, n_negative_samples=0)
+    ids = batch_to_ids([["one", "two", "three", "four", "five"], ["six", "seven", "eight", "nine", "ten"]])
+    nxt, prev = torch.randint(0, 30, (2, 2, ids.shape[1]))
+    with torch.no_grad():
+        _, _, expected = model(ids, nxt, prev)
+        losses, _ = model.stream_losses(torch.stack([ids, ids.flip(1)]), torch.stack([nxt, prev.flip(1)]))
+    torch.testing.assert_close(losses, expected)
+
+
+def test_stream_losses_carry_each_rows_state_into_the_next_batch():
+    # bilm-tf's training: a row's stream cut into two batches of T1 and T2 steps, with the first call's
+    # state carried into the second, scores exactly what one call over T1 + T2 steps does
+    model = make_model(vocab_size=30, n_negative_samples=0)
+    torch.manual_seed(1)
+    chars = torch.randint(1, 262, (2, 3, 9, 50))
+    targets = torch.randint(0, 30, (2, 3, 9))
+    with torch.no_grad():
+        whole, last = model.stream_losses(chars, targets)
+        first, state = model.stream_losses(chars[:, :, :4], targets[:, :, :4])
+        second, state = model.stream_losses(chars[:, :, 4:], targets[:, :, 4:], state)
+        restart, _ = model.stream_losses(chars[:, :, 4:], targets[:, :, 4:])
+    torch.testing.assert_close((4 * first + 5 * second) / 9, whole)
+    assert not torch.allclose(restart, second)                        # the carried state did matter
+    for (m1, c1), (m2, c2) in zip(sum(last, []), sum(state, [])):
+        torch.testing.assert_close((m2, c2), (m1, c1))
+    model.train()
+    losses, state = model.stream_losses(chars[:, :, :4], targets[:, :, :4])
+    losses.sum().backward()                                           # the returned state is detached
+    assert all(not t.requires_grad for layer in sum(state, []) for t in layer)
+    with pytest.raises(ValueError, match=r"must be \(2, B, T, 50\)"):
+        model.stream_losses(chars[0], targets[0])
+    with pytest.raises(ValueError, match="character ids must lie in"):
+        model.stream_losses(chars + 300, targets)
+
 def test_reverse_padded_reverses_within_each_length():
     x = torch.arange(10.0).view(2, 5, 1)
     out = reverse_padded(x, torch.tensor([5, 3]))
@@ -621,9 +658,10 @@ def test_lstmp_stack_equals_torch_lstm_with_projection_when_clips_are_off():
     base = BiLM(cfg)
     base.load_state_dict(ours.state_dict())
     peer = CompositeBiLM(base)
-    chars = batch_to_ids([["some", "words", "to", "read", "here", "now"]] * 2)
-    nxt, prv = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
-    a, b = ours(chars, nxt, prv)[2], peer(chars, nxt, prv)
+    chars = torch.stack([batch_to_ids([["some", "words", "to", "read", "here", "now"]] * 2),
+                         batch_to_ids([["and", "another", "stream", "for", "the", "backward", "LM"]] * 2)[:, :8]])
+    targets = torch.randint(0, 30, (2, 2, 8))
+    a, b = ours.stream_losses(chars, targets)[0], peer(chars, targets)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ga = torch.autograd.grad(a.sum(), ours.projection.weight)[0]
     gb = torch.autograd.grad(b.sum(), base.projection.weight)[0]

@@ -16,7 +16,7 @@ from script_helpers import kill_at_first_checkpoint, load_script, read_log, scri
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
-# a small, fast run: the tiny preset on 8 windows of 8 tokens
+# a small, fast run: the tiny preset on 8 rows of 8 tokens
 SMALL = ["--preset", "tiny", "--batch_size", "8", "--unroll_steps", "8", "--eval_iters", "2",
          "--log_interval", "1000", "--device", "cpu"]
 # the shared run (and its resumed copy) draw random numbers every iteration: dropout masks, and the
@@ -38,7 +38,7 @@ def run(*args, check=True, **kw):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Sentences from a little grammar: predictable enough that a biLM's loss visibly falls. Their lengths
-    vary (5 to 10 words), so windows hold different numbers of sentence boundaries."""
+    vary (5 to 10 words), so the rows of a batch draw their next sentences at different steps."""
     rng = random.Random(0)
     subjects = ["The king", "A fool", "My lord", "The queen", "Her daughter", "That knave"]
     adverbs = ["", "", "truly ", "never ", "surely still "]
@@ -77,48 +77,85 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
     assert ckpt["iter"] == 40 and ckpt["vocab"][:3] == ["<S>", "</S>", "<UNK>"]
 
 
-def test_batch_windows_target_the_next_word_forward_and_the_previous_word_backward():
-    # a stream of type ids 0..29; type i is the word "t{i}" (char ids) with softmax id 100 + i, so a
-    # target can only come from type_to_word and an input only from type_chars
-    from minilm.elmo import word_to_char_ids
-    stream = torch.arange(30)
-    type_chars = torch.tensor([word_to_char_ids(f"t{i}") for i in range(30)])
-    type_to_word = 100 + torch.arange(30)
-    T, starts = 5, torch.tensor([0, 7, 30 - 5 - 2])                  # the last one ends at the stream's end
-    chars, nxt, prev = train_elmo.lm_windows(stream, starts, T, type_chars, type_to_word)
-    assert chars.shape == (3, T, 50) and nxt.shape == prev.shape == (3, T)
-    for b, s in enumerate(starts.tolist()):
-        for t in range(T):
-            read = s + 1 + t                                          # the stream token at input position t
-            assert chars[b, t].tolist() == word_to_char_ids(f"t{read}")
-            assert nxt[b, t].item() == 100 + read + 1                 # forward LM: the word after it
-            assert prev[b, t].item() == 100 + read - 1                # backward LM: the word before it
+def bilm_tf_batches(sentences, rows, T, orders):
+    """bilm-tf's _get_batch (bilm/data.py) written out as it is: each row keeps a list of the rest of its
+    sentence's tokens, takes (input, next) pairs from it, and draws the next sentence (from `orders`, one
+    list per pass) once one token is left. Yields (inputs, targets), each rows × T words."""
+    supply = (sentences[i] for order in orders for i in order)
+    current = [None] * rows
+    while True:
+        inputs, targets = [], []
+        for r in range(rows):
+            xs, ys = [], []
+            while len(xs) < T:
+                if current[r] is None or len(current[r]) <= 1:
+                    current[r] = list(next(supply))
+                n = min(len(current[r]) - 1, T - len(xs))
+                xs += current[r][:n]
+                ys += current[r][1:n + 1]
+                current[r] = current[r][n:]
+            inputs.append(xs)
+            targets.append(ys)
+        yield inputs, targets
 
 
-def test_batch_windows_leave_out_the_free_targets_at_sentence_boundaries():
-    # the stream "<S> a b </S> <S> c </S>" (types: <S> 0, </S> 1, a b c 2-4, softmax ids = type ids): the
-    # forward LM never predicts what follows </S>, the backward LM never what precedes <S> (bilm-tf's
-    # LMDataset makes neither prediction); every other target is the neighbour
-    from minilm.elmo import word_to_char_ids
-    stream = torch.tensor([0, 2, 3, 1, 0, 4, 1])
-    type_chars = torch.tensor([word_to_char_ids(w) for w in ("<S>", "</S>", "a", "b", "c")])
-    chars, nxt, prev = train_elmo.lm_windows(stream, torch.tensor([0]), 5, type_chars, torch.arange(5))
-    assert (train_elmo.BOS_ID, train_elmo.EOS_ID) == (0, 1)
-    # inputs:                a   b  </S> <S>  c
-    assert nxt.tolist() == [[3, 1, -1, 4, 1]]
-    assert prev.tolist() == [[0, 2, 3, -1, 0]]
-    assert chars[0, 2].tolist() == word_to_char_ids("</S>")
+def test_sentence_streams_make_bilm_tfs_batches_in_both_directions():
+    # sentences of 1 to 6 words, 3 rows of 4 steps: rows draw sentences in turn, a sentence runs on into the
+    # next batch, and 40 batches go through the 13 sentences several times, each pass in a new order
+    rng = np.random.default_rng(0)
+    sentences = [[f"w{i}_{k}" for k in range(rng.integers(1, 7))] for i in range(13)]
+    words, lengths = train_elmo.direction_words(sentences)
+    assert words[0][:len(sentences[0]) + 2] == ["<S>", *sentences[0], "</S>"]
+    assert words[1][:len(sentences[0]) + 2] == ["</S>", *sentences[0][::-1], "<S>"]
+    for d, seed in ((0, (7, 0)), (1, (7, 1))):
+        stream = train_elmo.SentenceStream(lengths, 3, seed)
+        orders = [np.random.default_rng([*seed, e]).permutation(13).tolist() for e in range(40)]
+        assert orders[0] != orders[1]
+        as_read = [["<S>", *s, "</S>"] if d == 0 else ["</S>", *s[::-1], "<S>"] for s in sentences]
+        expected = bilm_tf_batches(as_read, 3, 4, orders)
+        for _ in range(40):
+            index = stream.next_batch(4)
+            inputs, targets = next(expected)
+            assert [[words[d][i] for i in row] for row in index] == inputs
+            assert [[words[d][i + 1] for i in row] for row in index] == targets
+        assert stream.epoch >= 3
 
 
-def test_resume_refuses_a_checkpoint_that_scored_the_boundary_targets(trained, tmp_path):
+def test_a_stream_goes_on_from_its_state_dict():
+    stream = train_elmo.SentenceStream([3, 5, 4, 7], 2, (1, 0))
+    for _ in range(5):
+        stream.next_batch(3)
+    copy = train_elmo.SentenceStream([3, 5, 4, 7], 2, (1, 0))
+    copy.load_state_dict(stream.state_dict())
+    for _ in range(10):
+        np.testing.assert_array_equal(copy.next_batch(3), stream.next_batch(3))
+
+
+def test_the_forward_lm_never_reads_the_end_marker_nor_the_backward_lm_the_start_marker():
+    # bilm-tf's targets: the forward LM reads <S> a b and predicts a b </S>, the backward reads </S> b a
+    # and predicts b a <S>; no target is a free marker-after-marker guess
+    words, lengths = train_elmo.direction_words([["a", "b"], ["c"]])
+    assert words == [["<S>", "a", "b", "</S>", "<S>", "c", "</S>"], ["</S>", "b", "a", "<S>", "</S>", "c", "<S>"]]
+    stream = train_elmo.SentenceStream(lengths, 1, (0, 0))
+    stream.order = np.array([0, 1])                     # this pass: "a b", then "c"
+    index = stream.next_batch(5)[0]
+    assert [words[0][i] for i in index] == ["<S>", "a", "b", "<S>", "c"]
+    assert [words[0][i + 1] for i in index] == ["a", "b", "</S>", "c", "</S>"]
+    assert [words[1][i] for i in index] == ["</S>", "b", "a", "</S>", "c"]
+    assert [words[1][i + 1] for i in index] == ["b", "a", "<S>", "c", "<S>"]
+
+
+def test_resume_refuses_a_checkpoint_trained_on_independent_windows(trained, tmp_path):
     out = tmp_path / "old"
     shutil.copytree(trained, out)
     ckpt = load_ckpt(out)
-    assert ckpt.pop("targets") == "bilm-tf"
-    torch.save(ckpt, out / "ckpt.pt")                         # as train_elmo.py wrote it before
+    assert ckpt.pop("batches") == "bilm-tf streams"
+    del ckpt["streams"], ckpt["lstm_state"]
+    ckpt["targets"] = "bilm-tf"                               # as train_elmo.py wrote it before
+    torch.save(ckpt, out / "ckpt.pt")
     before = (out / "ckpt.pt").read_bytes()
     message = usage_error("--resume", "True", "--out_dir", str(out))
-    assert "was trained by an older train_elmo.py that also scored the free targets" in message
+    assert "was trained by an older train_elmo.py on independent windows" in message
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -148,6 +185,9 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
     one, two = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
     for k in one["model"]:
         torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-4, atol=1e-5)   # all-reduce order only
+    # the checkpoint holds every row's streams and carried LSTM state, whichever rank trained the row
+    assert two["streams"] == one["streams"]
+    torch.testing.assert_close(two["lstm_state"], one["lstm_state"], rtol=1e-4, atol=1e-5)
     for r1, r2 in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
     # the printed training loss is the whole global batch's (all ranks'), not rank 0's share of it
@@ -220,7 +260,7 @@ def usage_error(*argv):
     (["--batch_size", "-4"], "--batch_size must be ≥ 1"), (["--seed", str(2**64)], "--seed must be in"),
     (["--seed", "-1"], "--seed must be in"), (["--device", "tpu"], "--device must be"),
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
-    (["--unroll_steps", "1"], "--unroll_steps must be ≥ 2")])
+    (["--unroll_steps", "0"], "--unroll_steps must be ≥ 1")])
 def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
     # --data does not exist: an error about the option shows it was checked before the data
     assert message in usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out"), *args)

@@ -7,7 +7,8 @@ Conv1d per width → max → activation), and per direction and layer an `nn.LST
 (cuDNN/ATen's fused LSTMP; it cannot clip the cell or the projection, so the peer runs without the
 ±3 clips — slightly less work than the real model). Everything else (highway, projection, skip
 connections, shared full softmax, loss ×unroll_steps, Adagrad) is the same code path, and the peer
-starts from minilm's weights. Reported: ms per training step (forward + backward + optimizer),
+starts from minilm's weights. A step is train_elmo.py's (BiLM.stream_losses): each direction reads its
+own stream, so the token encoder runs on 2 × batch × unroll_steps tokens. Reported: ms per training step (forward + backward + optimizer),
 tokens/s, model GFLOP/s (minilm.elmo.estimate_flops_per_token), and the token encoder alone.
 """
 import torch
@@ -20,7 +21,7 @@ from minilm.ops import char_cnn_reference
 
 def add_arguments(p):
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="ELMo preset (default small: 1024/128, 2048 filters)")
-    p.add_argument("--batch_size", type=positive_int, default=None, help="windows per step (default 16 on cpu, 128 on cuda)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="rows per step (default 16 on cpu, 128 on cuda)")
     p.add_argument("--unroll_steps", type=positive_int, default=20)
     p.add_argument("--vocab_size", type=positive_int, default=8192, help="full-softmax vocabulary (default 8192)")
     p.add_argument("--iters", type=positive_int, default=None, help="timed steps (default 5 on cpu, 20 on cuda)")
@@ -59,17 +60,18 @@ class CompositeBiLM(nn.Module):
             x = hw(x)
         return m.projection(x).view(B, T, -1)
 
-    def forward(self, char_ids, next_ids, previous_ids):
-        # full windows (no padding) as in training, so the backward direction is a flip
-        x = self.token_embedding(char_ids)
-        outs = []
-        for lstms, inp in ((self.forward_lstms, x), (self.backward_lstms, x.flip(1))):
+    def forward(self, char_ids, targets):
+        # BiLM.stream_losses with stock parts: (2, B, T, 50) streams, each direction reading its own left to right
+        _, B, T, L = char_ids.shape
+        x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)
+        losses = []
+        for d, lstms in enumerate((self.forward_lstms, self.backward_lstms)):
+            inp = x[d]
             for k, lstm in enumerate(lstms):
                 h, _ = lstm(inp)
                 inp = h + inp if (k > 0 and self.bilm.config.use_skip_connections) else h
-            outs.append(inp)
-        fwd, bwd = outs[0], outs[1].flip(1)
-        return torch.stack([self.bilm.lm_loss(fwd, next_ids), self.bilm.lm_loss(bwd, previous_ids)])
+            losses.append(self.bilm.lm_loss(inp, targets[d]))
+        return torch.stack(losses)
 
 
 def run(args):
@@ -86,9 +88,8 @@ def run(args):
     peer_base = BiLM(config).to(dev)
     peer_base.load_state_dict(minilm_model.state_dict())
     peer = CompositeBiLM(peer_base).to(dev)
-    chars = torch.randint(1, config.n_characters, (B, T, config.max_characters_per_token), device=dev)
-    nxt = torch.randint(0, V, (B, T), device=dev)
-    prev = torch.randint(0, V, (B, T), device=dev)
+    chars = torch.randint(1, config.n_characters, (2, B, T, config.max_characters_per_token), device=dev)
+    targets = torch.randint(0, V, (2, B, T), device=dev)
     rep.note(f"ELMo training step, preset {args.preset} ({sum(p.numel() for p in minilm_model.parameters()):,} params "
              f"with a {V}-word softmax), batch {B} × {T} tokens, fp32, {device_name(dev)}; {threads_note()}")
 
@@ -96,7 +97,7 @@ def run(args):
     results = {}
     for impl, model in (("minilm", minilm_model), ("composite", peer)):
         opt = torch.optim.Adagrad(model.parameters(), lr=0.2, initial_accumulator_value=1.0)
-        forward = (lambda m=model: m(chars, nxt, prev)[2]) if impl == "minilm" else (lambda m=model: m(chars, nxt, prev))
+        forward = (lambda m=model: m.stream_losses(chars, targets)[0]) if impl == "minilm" else (lambda m=model: m(chars, targets))
 
         def step():
             loss = forward().mean()
@@ -115,11 +116,11 @@ def run(args):
         encoder = model.token_embedding
 
         def enc_step():
-            encoder(chars).sum().backward()
+            encoder(chars.view(2 * B, T, -1)).sum().backward()       # both streams, as a step encodes them
 
         ms_enc = time_ms(enc_step, dev, warmup=1, iters=iters)
-        rep.row({"op": "token_enc", "dtype": "fp32", "shape": [B, T], "pass": "fwd+bwd", "impl": impl, "ms": ms_enc,
-                 "gflops": None, "peak_mib": None, "tokens_per_s": B * T / ms_enc * 1e3,
+        rep.row({"op": "token_enc", "dtype": "fp32", "shape": [2 * B, T], "pass": "fwd+bwd", "impl": impl, "ms": ms_enc,
+                 "gflops": None, "peak_mib": None, "tokens_per_s": 2 * B * T / ms_enc * 1e3,
                  "device": device_name(dev), "preset": args.preset})
         model.zero_grad(set_to_none=True)
     rep.note(f"tokens/s: minilm {B * T / results['minilm'] * 1e3:,.0f}, composite {B * T / results['composite'] * 1e3:,.0f}; "
