@@ -26,6 +26,7 @@ torchrun every rank steps all rows' streams and trains on its own rows: the same
 """
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -291,6 +292,7 @@ class SentenceStream:
     in turn, and a row whose sentence is used up draws the next one from a supply all rows share: the
     split's sentences in a new random order on every pass (bilm-tf reshuffles a shard each time it
     loads one). The rows' places are all the state there is, so a checkpoint keeps it (state_dict).
+    seed: a tuple of ints; pass e's order is numpy's default_rng([*seed, e]).permutation.
     """
 
     def __init__(self, lengths, rows, seed):
@@ -417,6 +419,7 @@ def train(cfg, checkpoint=None):
         words, lengths[split] = direction_words(sents)
         tokens[split] = torch.tensor([[type_id[w] for w in ws] for ws in words])   # (2, N) type ids
     n_tokens = {split: sum(n - 1 for n in lengths[split]) for split in lengths}   # inputs (= targets) per pass
+    corpus_sha256 = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
     del sentences
 
     def make_streams(split, seed):
@@ -437,9 +440,9 @@ def train(cfg, checkpoint=None):
     # -- model and optimizer ------------------------------------------------------------------------
     torch.manual_seed(cfg["seed"])
     if checkpoint:
-        if checkpoint["vocab"] != vocab:
-            raise UsageError(f"--resume True: {cfg['data']} now gives another vocabulary than {ckpt_path} was trained "
-                             "with (has the corpus changed?)")
+        if checkpoint["vocab"] != vocab or checkpoint["corpus_sha256"] != corpus_sha256:
+            raise UsageError(f"--resume True: {cfg['data']} has changed since {ckpt_path} was trained on it (its "
+                             "streams would read other sentences); start a new run to train on the new text")
         model = bilm_from_checkpoint(checkpoint, ckpt_path).to(dev)
         config = model.config
     else:
@@ -514,7 +517,8 @@ def train(cfg, checkpoint=None):
         """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
         state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
                  "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_spec(cfg["data"])},
-                 "batches": BATCHES, "streams": [stream.state_dict() for stream in train_streams],
+                 "batches": BATCHES, "corpus_sha256": corpus_sha256,
+                 "streams": [stream.state_dict() for stream in train_streams],
                  "lstm_state": lstm_state}
         tmp = ckpt_path + ".tmp"
         with open(tmp, "wb") as f:

@@ -9,6 +9,10 @@ Data flows top to bottom through this file:
           ──softmax (one, shared by both directions)──► loss = ½ (fwd + bwd)
     ELMo features = scalar mix of the layers [x; x], [h_fwd_1; h_bwd_1], ... (eq. 1).
 
+Training (`stream_losses`, bilm-tf's graph) feeds the two stacks differently: each direction reads its own
+stream of sentences (the backward one already reversed, so both run left to right), and the LSTM state
+is carried from one batch to the next.
+
 Names follow bilm-tf and its weight dump (`char_embed`, `CNN/W_cnn_i`, `CNN_high_k`, `CNN_proj`,
 `RNN_0` forward, `RNN_1` backward), so `load_bilm` is a key map; the LSTM cell is TF's
 `LSTMCell(num_proj=..., cell_clip=..., proj_clip=...)` written out.
@@ -368,7 +372,8 @@ class BiLM(nn.Module):
         mask:   (B, T) bool, True at real tokens (including <S> and </S>).
         losses: None, or with next_ids and previous_ids (B, T) word ids (−1 = no target), a (2,)
                 tensor [forward, backward] of mean cross-entropies in nats.
-        state:  None: every sentence starts from zero LSTM states (training, and minilm's features).
+        state:  None: every sentence starts from zero LSTM states (minilm's features; training, with
+                the state carried from batch to batch, is stream_losses).
                 A dict: row b continues from where row b of the previous call with this dict left
                 off, as bilm-tf's dumps and allennlp's Elmo do: an empty dict starts from zeros, and
                 the call stores each direction's per-layer (m, c) after each row's sentence in it

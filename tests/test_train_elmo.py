@@ -309,6 +309,19 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus
     assert [r["iter"] for r in read_log(out)] == [0]
 
 
+def test_resume_refuses_a_corpus_that_changed_since_the_checkpoint(corpus, tmp_path):
+    # the same words in another order: the vocabulary is the same, the streams' sentences are not
+    text = tmp_path / "corpus.txt"
+    lines = open(corpus, encoding="utf-8").read().splitlines()
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = str(tmp_path / "out")
+    train_elmo.main(["--data", str(text), "--out_dir", out, "--max_iters", "2", "--eval_interval", "2", *SMALL])
+    text.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    assert "has changed since" in usage_error("--out_dir", out, "--resume", "True", "--max_iters", "4")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
 def test_resume_takes_the_optimizer_from_the_checkpoint(corpus, tmp_path):
     # in process, a few steps: Adam's state, resumed without --optimizer adam, is still Adam's
     # (the old code built Adagrad and loading Adam's state into it failed with KeyError: 'sum')
