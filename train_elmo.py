@@ -352,8 +352,8 @@ class StreamLM(torch.nn.Module):
         super().__init__()
         self.bilm = bilm
 
-    def forward(self, char_ids, targets, state=None):
-        return self.bilm.stream_losses(char_ids, targets, state)
+    def forward(self, char_ids, targets, state=None, token_index=None):
+        return self.bilm.stream_losses(char_ids, targets, state, token_index)
 
 
 def setup_device(cfg):
@@ -428,12 +428,14 @@ def train(cfg, checkpoint=None):
 
     def get_batch(split, streams):
         """The streams' next global batch (every rank steps every row, so a rank's rows are the same at any
-        world size), this rank's rows of it: chars (2, b, T, 50) and targets (2, b, T) softmax ids."""
+        world size), this rank's rows of it: the char ids of its distinct words (U, 50), which of them each
+        direction reads (2, b, T), and the targets (2, b, T), softmax ids."""
         index = torch.from_numpy(np.stack([stream.next_batch(T) for stream in streams])[:, rows])   # (2, b, T)
         d = torch.arange(2).view(2, 1, 1)
-        chars = type_chars[tokens[split][d, index]]                  # (2, b, T, 50) what each direction reads
+        read = tokens[split][d, index]                               # (2, b, T) type ids of the inputs
+        distinct, where = torch.unique(read, return_inverse=True)    # each word once: the char-CNN encodes it once
         targets = type_to_word[tokens[split][d, index + 1]]          # (2, b, T) the token after each input
-        return chars.to(dev), targets.to(dev)
+        return type_chars[distinct].to(dev), where.to(dev), targets.to(dev)
 
     rows = slice(rank * (B // world), (rank + 1) * (B // world))
 
@@ -493,8 +495,8 @@ def train(cfg, checkpoint=None):
             streams = make_streams(split, cfg["seed"] + (1 if split == "train" else 2))
             total, state = torch.zeros(2, device=dev), None
             for _ in range(cfg["eval_iters"]):
-                chars, targets = get_batch(split, streams)
-                losses, state = raw_model.stream_losses(chars, targets, state)
+                chars, where, targets = get_batch(split, streams)
+                losses, state = raw_model.stream_losses(chars, targets, state, where)
                 total += losses
             if ddp:               # every rank scores b × T targets per direction: the mean of ranks is the batch's
                 torch.distributed.all_reduce(total)
@@ -564,8 +566,8 @@ def train(cfg, checkpoint=None):
             break
 
         torch.manual_seed(cfg["seed"] * 1_000_003 + it * 1009 + rank + 1)      # dropout and softmax samples: per rank
-        chars, targets = get_batch("train", train_streams)                    # (2, b, T, 50), (2, b, T)
-        losses, lstm_state = model(chars, targets, lstm_state)                # (2,) [forward, backward]
+        chars, where, targets = get_batch("train", train_streams)             # (U, 50), (2, b, T), (2, b, T)
+        losses, lstm_state = model(chars, targets, lstm_state, where)         # (2,) [forward, backward]
         loss = losses.mean()                          # paper: ½ (forward + backward) negative log-likelihood
         opt.zero_grad(set_to_none=True)
         (loss * T).backward()                         # bilm-tf differentiates loss × unroll_steps (a sum over time)

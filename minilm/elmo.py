@@ -405,23 +405,38 @@ class BiLM(nn.Module):
                                   self.lm_loss(self.dropout(h_bwd[-1]), previous_ids)])
         return layers, mask, losses
 
-    def stream_losses(self, char_ids, targets, state=None):
+    def stream_losses(self, char_ids, targets, state=None, token_index=None):
         """bilm-tf's training graph, where each direction reads its own stream of sentences, left to right.
 
         char_ids (2, B, T, 50): [0] the forward LM's inputs (sentences `<S> w_1 … w_n`, one after another),
                  [1] the backward LM's (sentences reversed, `</S> w_n … w_1`); no padding.
+                 Or, with token_index (2, B, T), the (U, 50) char ids of the batch's distinct words, which
+                 token_index picks from: each is encoded once (the same losses, a fraction of the char-CNN's
+                 work: real text repeats its words; train_elmo.py does this).
         targets  (2, B, T): the softmax id of the token that follows each input in its own stream.
         state:   None (zeros), or the state the previous call returned: row b goes on where it stopped,
                  as bilm-tf carries the LSTM state from one batch to the next (not backpropagated into).
         → (losses (2,) [forward, backward], mean cross-entropies in nats; the state after the last step:
            per direction a list of each layer's (m (B, P), c (B, C)), detached).
         """
-        if not (isinstance(char_ids, torch.Tensor) and char_ids.dim() == 4 and char_ids.shape[0] == 2):
-            raise ValueError("BiLM.stream_losses: char_ids must be (2, B, T, 50): the forward and backward streams, "
-                             f"got {tuple(char_ids.shape) if isinstance(char_ids, torch.Tensor) else type(char_ids).__name__}")
-        _, B, T, L = char_ids.shape
-        self._check(char_ids.reshape(2 * B, T, L))
-        x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)   # one char-CNN call for both
+        if token_index is None:
+            if not (isinstance(char_ids, torch.Tensor) and char_ids.dim() == 4 and char_ids.shape[0] == 2):
+                raise ValueError("BiLM.stream_losses: char_ids must be (2, B, T, 50): the forward and backward "
+                                 f"streams, got {_shape(char_ids)}")
+            _, B, T, L = char_ids.shape
+            self._check(char_ids.reshape(2 * B, T, L))
+            x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)   # one char-CNN call for both
+        else:
+            if not (isinstance(token_index, torch.Tensor) and token_index.dim() == 3 and token_index.shape[0] == 2
+                    and not token_index.is_floating_point()):
+                raise ValueError(f"BiLM.stream_losses: token_index must be (2, B, T) integers, got {_shape(token_index)}")
+            if not (isinstance(char_ids, torch.Tensor) and char_ids.dim() == 2):
+                raise ValueError("BiLM.stream_losses: with token_index, char_ids must be (U, 50): the distinct words, "
+                                 f"got {_shape(char_ids)}")
+            self._check(char_ids[None])
+            if token_index.numel() and (token_index.min() < 0 or token_index.max() >= len(char_ids)):
+                raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
+            x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)
         losses, last = [], []
         for d, layers in enumerate((self.forward_layers, self.backward_layers)):
             h, s = self._run_stack(layers, x[d], state[d] if state is not None else None)
@@ -463,6 +478,10 @@ class BiLM(nn.Module):
         sampled_logits = sampled_logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([true_logits[:, None], sampled_logits], dim=1)                        # (N, 1+K)
         return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def _shape(x):
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def log_uniform_candidates(V, K, device=None):

@@ -236,8 +236,23 @@ def test_stream_losses_carry_each_rows_state_into_the_next_batch():
     losses, state = model.stream_losses(chars[:, :, :4], targets[:, :, :4])
     losses.sum().backward()                                           # the returned state is detached
     assert all(not t.requires_grad for layer in sum(state, []) for t in layer)
+    # the distinct words encoded once and picked by token_index: the same losses and gradients
+    words = torch.randint(1, 262, (5, 50))
+    where = torch.randint(0, 5, (2, 3, 9))
+    grads = []
+    for args in ((words[where], targets), (words, targets, None, where)):
+        model.zero_grad()
+        torch.manual_seed(2)                                          # the same dropout masks
+        losses, _ = model.stream_losses(*args)
+        losses.sum().backward()
+        grads.append((losses.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match=r"must be \(2, B, T, 50\)"):
         model.stream_losses(chars[0], targets[0])
+    with pytest.raises(ValueError, match="pick one of the 5 rows"):
+        model.stream_losses(words, targets, None, where + 1)
+    with pytest.raises(ValueError, match=r"char_ids must be \(U, 50\)"):
+        model.stream_losses(words[None], targets, None, where)
     with pytest.raises(ValueError, match="character ids must lie in"):
         model.stream_losses(chars + 300, targets)
 
