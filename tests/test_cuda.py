@@ -489,3 +489,22 @@ def test_elmo_sampled_softmax_step_on_cuda_matches_the_cpu():
         cpu.eval()(ids, state=state)                                 # a state made on the CPU ...
         layers, _, _ = gpu.eval()(ids.to(DEV), state=state)           # ... carries on on the GPU
     assert layers[-1].device.type == state["forward"][0][0].device.type == torch.device(DEV).type
+
+
+def test_train_elmo_on_cuda_resumes_exactly(tmp_path):
+    # train_elmo.py on the GPU: the carried LSTM state lives on the device, the checkpoint gathers it to the
+    # CPU, and a resumed run (state back on the device) ends with the uninterrupted run's weights
+    from script_helpers import load_script
+    train_elmo = load_script("train_elmo")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the {w} saw a {v} near the {u} ." for w in ("king", "fool", "queen")
+                                for v in ("ship", "play", "crown") for u in ("sea", "wall")) + "\n", encoding="utf-8")
+    common = ["--data", str(corpus), "--preset", "tiny", "--batch_size", "4", "--unroll_steps", "6", "--eval_iters", "1",
+              "--eval_interval", "2", "--log_interval", "1000", "--device", DEV, "--n_negative_samples", "8"]
+    train_elmo.main([*common, "--out_dir", str(tmp_path / "whole"), "--max_iters", "4"])
+    train_elmo.main([*common, "--out_dir", str(tmp_path / "split"), "--max_iters", "2"])
+    train_elmo.main(["--out_dir", str(tmp_path / "split"), "--resume", "True", "--max_iters", "4", "--device", DEV])
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", map_location="cpu", weights_only=True) for run in ("whole", "split"))
+    assert a["lstm_state"][0][0][0].device.type == "cpu" and a["iter"] == b["iter"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)   # index backward: atomics
