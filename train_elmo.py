@@ -287,8 +287,8 @@ class SentenceStream:
     Each of `rows` rows reads sentences one after another. A sentence is a run of token indices
     `length` long, markers included: `<S> w_1 … w_n </S>` in the forward stream, `</S> w_n … w_1 <S>` in
     the backward one. At every step a row reads one token and its target is the next one, so a
-    sentence's last marker is only ever a target and no row reads from one sentence into the next: the
-    forward LM reads `<S> w_1 … w_n` and predicts `w_1 … w_n </S>`. A batch takes T steps from each row
+    sentence's last marker is only ever a target and no (input, target) pair spans two sentences (the
+    LSTM state does run on from one to the next, as in bilm-tf): the forward LM reads `<S> w_1 … w_n` and predicts `w_1 … w_n </S>`. A batch takes T steps from each row
     in turn, and a row whose sentence is used up draws the next one from a supply all rows share: the
     split's sentences in a new random order on every pass (bilm-tf reshuffles a shard each time it
     loads one). The rows' places are all the state there is, so a checkpoint keeps it (state_dict).
@@ -334,6 +334,30 @@ class SentenceStream:
     def load_state_dict(self, d):
         self.epoch, self.drawn, self.sentence, self.place = d["epoch"], d["drawn"], list(d["sentence"]), list(d["place"])
         self.order = self._order()
+
+
+def restore_streams(checkpoint, path, streams, model):
+    """The checkpoint's stream places into `streams`, and its carried LSTM state (all rows) returned; a
+    checkpoint whose streams or state do not fit this run is a one-line error."""
+    saved, state = checkpoint.get("streams"), checkpoint.get("lstm_state")
+    rows, n = streams[0].rows, len(streams[0].lengths)
+    for stream, d in zip(streams, saved if isinstance(saved, list) and len(saved) == 2 else [None, None]):
+        try:
+            fits = (0 <= d["epoch"] and 0 <= d["drawn"] <= n and len(d["sentence"]) == len(d["place"]) == rows
+                    and all(s == -1 or (0 <= s < n and 0 <= p < stream.lengths[s]) for s, p in zip(d["sentence"], d["place"])))
+        except (TypeError, KeyError):
+            fits = False
+        if not fits:
+            raise UsageError(f"{path} is damaged: its sentence streams do not fit this run's corpus and --batch_size")
+        stream.load_state_dict(d)
+    try:
+        model.check_stream_state(state, rows)
+        fits = state is not None
+    except ValueError:
+        fits = False
+    if not fits:
+        raise UsageError(f"{path} is damaged: its carried LSTM state does not fit the model and --batch_size")
+    return state
 
 
 def direction_words(sentences):
@@ -419,7 +443,7 @@ def train(cfg, checkpoint=None):
         words, lengths[split] = direction_words(sents)
         tokens[split] = torch.tensor([[type_id[w] for w in ws] for ws in words])   # (2, N) type ids
     n_tokens = {split: sum(n - 1 for n in lengths[split]) for split in lengths}   # inputs (= targets) per pass
-    corpus_sha256 = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
+    corpus_sha256 = hashlib.sha256("\n".join(types).encode() + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
     del sentences
 
     def make_streams(split, seed):
@@ -442,7 +466,7 @@ def train(cfg, checkpoint=None):
     # -- model and optimizer ------------------------------------------------------------------------
     torch.manual_seed(cfg["seed"])
     if checkpoint:
-        if checkpoint["vocab"] != vocab or checkpoint["corpus_sha256"] != corpus_sha256:
+        if checkpoint["vocab"] != vocab or checkpoint.get("corpus_sha256") != corpus_sha256:
             raise UsageError(f"--resume True: {cfg['data']} has changed since {ckpt_path} was trained on it (its "
                              "streams would read other sentences); start a new run to train on the new text")
         model = bilm_from_checkpoint(checkpoint, ckpt_path).to(dev)
@@ -470,9 +494,8 @@ def train(cfg, checkpoint=None):
     train_streams = make_streams("train", cfg["seed"])
     lstm_state = None
     if checkpoint:
-        for stream, saved in zip(train_streams, checkpoint["streams"]):
-            stream.load_state_dict(saved)
-        lstm_state = [[(m[rows].to(dev), c[rows].to(dev)) for m, c in layers] for layers in checkpoint["lstm_state"]]
+        lstm_state = restore_streams(checkpoint, ckpt_path, train_streams, raw_model)
+        lstm_state = [[(m[rows].to(dev), c[rows].to(dev)) for m, c in layers] for layers in lstm_state]
     n_params = sum(p.numel() for p in raw_model.parameters())
     softmax = "full" if not 0 < config.n_negative_samples < len(vocab) else f"sampled ({config.n_negative_samples})"
     if master:

@@ -337,6 +337,22 @@ class BiLM(nn.Module):
             raise ValueError(f"BiLM: state holds {state['forward'][0][0].shape[0]} rows, this batch has "
                              f"{batch_size}: carried state needs the same batch size")
 
+    def check_stream_state(self, state, batch_size):
+        """A ValueError unless state is None or what stream_losses returns for batch_size rows."""
+        if state is None:
+            return
+        c = self.config
+        want = ((batch_size, c.projection_dim), (batch_size, c.lstm_dim))
+        try:
+            ok = len(state) == 2 and all(len(layers) == c.n_layers and all(
+                len(mc) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == w for t, w in zip(mc, want))
+                for mc in layers) for layers in state)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"BiLM.stream_losses: state must be None or what it returned for {batch_size} rows: per "
+                             f"direction, {c.n_layers} layers of (m {want[0]}, c {want[1]})")
+
     def token_embedding(self, char_ids):
         """(B, T, 50) char ids → (B, T, P) context-independent token representations."""
         B, T, L = char_ids.shape
@@ -425,6 +441,7 @@ class BiLM(nn.Module):
                                  f"streams, got {_shape(char_ids)}")
             _, B, T, L = char_ids.shape
             self._check(char_ids.reshape(2 * B, T, L))
+            self.check_stream_state(state, B)
             x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)   # one char-CNN call for both
         else:
             if not (isinstance(token_index, torch.Tensor) and token_index.dim() == 3 and token_index.shape[0] == 2
@@ -436,6 +453,7 @@ class BiLM(nn.Module):
             self._check(char_ids[None])
             if token_index.numel() and (token_index.min() < 0 or token_index.max() >= len(char_ids)):
                 raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
+            self.check_stream_state(state, token_index.shape[1])
             x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)
         losses, last = [], []
         for d, layers in enumerate((self.forward_layers, self.backward_layers)):
@@ -523,7 +541,9 @@ def estimate_flops_per_token(config, vocab_size, training=True):
 
     Counts every convolution position, both directions, and the softmax rows actually scored
     (the K samples when training with sampled softmax, else the whole vocabulary). A training step
-    (BiLM.stream_losses) encodes each direction's own stream, so its token encoder runs twice per token.
+    (BiLM.stream_losses, bilm-tf's graph) encodes each direction's own stream, so the token encoder
+    counts twice per token. These are the model's FLOPs, not the work done: train_elmo.py encodes each
+    distinct word of a batch only once.
     """
     c = config
     L, E, D, P, C = c.max_characters_per_token, c.char_embed_dim, c.n_filters, c.projection_dim, c.lstm_dim

@@ -253,6 +253,10 @@ def test_stream_losses_carry_each_rows_state_into_the_next_batch():
         model.stream_losses(words, targets, None, where + 1)
     with pytest.raises(ValueError, match=r"char_ids must be \(U, 50\)"):
         model.stream_losses(words[None], targets, None, where)
+    with pytest.raises(ValueError, match="state must be None or what it returned for 2 rows"):
+        model.stream_losses(chars[:, :2], targets[:, :2], state)                   # a state of 3 rows
+    with pytest.raises(ValueError, match="state must be None or what it returned"):
+        model.stream_losses(chars, targets, {"forward": []})
     with pytest.raises(ValueError, match="character ids must lie in"):
         model.stream_losses(chars + 300, targets)
 

@@ -75,6 +75,8 @@ def test_loss_falls_and_every_evaluation_is_logged(trained):
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5      # 3.65 → 2.80 nats in 40 steps
     ckpt = load_ckpt(trained)                                                # weights_only=True loads it
     assert ckpt["iter"] == 40 and ckpt["vocab"][:3] == ["<S>", "</S>", "<UNK>"]
+    forward, backward = ckpt["streams"]                     # two streams, each in its own order
+    assert forward["sentence"] != backward["sentence"] and len(forward["sentence"]) == 8
 
 
 def bilm_tf_batches(sentences, rows, T, orders):
@@ -310,16 +312,52 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus
 
 
 def test_resume_refuses_a_corpus_that_changed_since_the_checkpoint(corpus, tmp_path):
-    # the same words in another order: the vocabulary is the same, the streams' sentences are not
+    # the first two lines swapped: the same split and vocabulary, but the streams would read other sentences
     text = tmp_path / "corpus.txt"
     lines = open(corpus, encoding="utf-8").read().splitlines()
+    assert len(lines[0]) != len(lines[1])
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = str(tmp_path / "out")
     train_elmo.main(["--data", str(text), "--out_dir", out, "--max_iters", "2", "--eval_interval", "2", *SMALL])
-    text.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")
+    text.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n", encoding="utf-8")
+    train_elmo.main(["--data", str(text), "--out_dir", str(tmp_path / "new"), "--max_iters", "1", "--eval_interval", "1",
+                     *SMALL])
+    assert load_ckpt(tmp_path / "new")["vocab"] == load_ckpt(out)["vocab"]
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
     assert "has changed since" in usage_error("--out_dir", out, "--resume", "True", "--max_iters", "4")
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def _one_stream(c):
+    c["streams"] = c["streams"][:1]
+
+
+def _short_rows(c):
+    c["streams"][1]["sentence"].pop()
+
+
+def _no_such_sentence(c):
+    c["streams"][0]["sentence"][0] = 10 ** 6
+
+
+def _state_of_other_rows(c):
+    c["lstm_state"][0][0] = tuple(t[:3] for t in c["lstm_state"][0][0])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: c.pop("streams"), "sentence streams do not fit"), (_one_stream, "sentence streams do not fit"),
+    (_short_rows, "sentence streams do not fit"), (_no_such_sentence, "sentence streams do not fit"),
+    (lambda c: c.update(lstm_state=None), "LSTM state does not fit"), (_state_of_other_rows, "LSTM state does not fit"),
+    (lambda c: c.pop("corpus_sha256"), "has changed since")])
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(trained, tmp_path, damage, message):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    ckpt = load_ckpt(out)
+    damage(ckpt)
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    assert message in usage_error("--out_dir", str(out), "--resume", "True", "--max_iters", "50")
+    assert (out / "ckpt.pt").read_bytes() == before
 
 
 def test_resume_takes_the_optimizer_from_the_checkpoint(corpus, tmp_path):
