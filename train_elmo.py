@@ -288,11 +288,12 @@ class SentenceStream:
     `length` long, markers included: `<S> w_1 … w_n </S>` in the forward stream, `</S> w_n … w_1 <S>` in
     the backward one. At every step a row reads one token and its target is the next one, so a
     sentence's last marker is only ever a target and no (input, target) pair spans two sentences (the
-    LSTM state does run on from one to the next, as in bilm-tf): the forward LM reads `<S> w_1 … w_n` and predicts `w_1 … w_n </S>`. A batch takes T steps from each row
-    in turn, and a row whose sentence is used up draws the next one from a supply all rows share: the
-    split's sentences in a new random order on every pass (bilm-tf reshuffles a shard each time it
-    loads one). The rows' places are all the state there is, so a checkpoint keeps it (state_dict).
-    seed: a tuple of ints; pass e's order is numpy's default_rng([*seed, e]).permutation.
+    LSTM state does run on from one to the next, as in bilm-tf): the forward LM reads `<S> w_1 … w_n`
+    and predicts `w_1 … w_n </S>`. A batch takes T steps from each row in turn, and a row whose
+    sentence is used up draws the next one from a supply all rows share: the split's sentences in a
+    new random order on every pass (bilm-tf reshuffles a shard each time it loads one). The rows' places
+    are all the state there is, so a checkpoint keeps it (state_dict). seed: a tuple of ints; pass e's
+    order is numpy's default_rng([*seed, e]).permutation.
     """
 
     def __init__(self, lengths, rows, seed):
@@ -344,7 +345,8 @@ def restore_streams(checkpoint, path, streams, model):
     for stream, d in zip(streams, saved if isinstance(saved, list) and len(saved) == 2 else [None, None]):
         try:
             fits = (0 <= d["epoch"] and 0 <= d["drawn"] <= n and len(d["sentence"]) == len(d["place"]) == rows
-                    and all(s == -1 or (0 <= s < n and 0 <= p < stream.lengths[s]) for s, p in zip(d["sentence"], d["place"])))
+                    and all(s == -1 or (0 <= s < n and 0 <= p < stream.lengths[s])
+                            for s, p in zip(d["sentence"], d["place"])))
         except (TypeError, KeyError):
             fits = False
         if not fits:
@@ -443,7 +445,8 @@ def train(cfg, checkpoint=None):
         words, lengths[split] = direction_words(sents)
         tokens[split] = torch.tensor([[type_id[w] for w in ws] for ws in words])   # (2, N) type ids
     n_tokens = {split: sum(n - 1 for n in lengths[split]) for split in lengths}   # inputs (= targets) per pass
-    corpus_sha256 = hashlib.sha256("\n".join(types).encode() + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
+    corpus_sha256 = hashlib.sha256("\n".join(types).encode()
+                                   + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
     del sentences
 
     def make_streams(split, seed):

@@ -9,8 +9,9 @@ Conv1d per width → max → activation), and per direction and layer an `nn.LST
 connections, shared full softmax, loss ×unroll_steps, Adagrad) is the same code path, and the peer
 starts from minilm's weights. A step is train_elmo.py's (BiLM.stream_losses): each direction reads its
 own stream, so the token encoder runs on 2 × batch × unroll_steps tokens (random characters: every token
-is distinct, so train_elmo.py's encoding of each distinct word once saves nothing here). Reported: ms per training step (forward + backward + optimizer),
-tokens/s, model GFLOP/s (minilm.elmo.estimate_flops_per_token), and the token encoder alone.
+is distinct, so train_elmo.py's encoding of each distinct word once saves nothing here). Reported: ms
+per training step (forward + backward + optimizer), tokens/s, model GFLOP/s
+(minilm.elmo.estimate_flops_per_token), and the token encoder alone.
 """
 import torch
 import torch.nn as nn
