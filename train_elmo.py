@@ -400,6 +400,7 @@ def setup_device(cfg):
 def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import data_spec, load_documents, split_documents
+    from minilm.files import save_checkpoint, truncate_log
     from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset,
                              word_to_char_ids)
 
@@ -541,27 +542,15 @@ def train(cfg, checkpoint=None):
             return torch.cat(parts).cpu()
         return [[(gather(m), gather(c)) for m, c in layers] for layers in state]
 
-    def save_checkpoint(it, lstm_state):
-        """Written to a temporary file and renamed, so a kill never leaves a half-written ckpt.pt."""
-        state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
+    def checkpoint_state(it, lstm_state):
+        return {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": config.to_dict(),
                  "vocab": vocab, "iter": it, "train_config": {**cfg, "data": data_spec(cfg["data"])},
                  "batches": BATCHES, "corpus_sha256": corpus_sha256,
                  "streams": [stream.state_dict() for stream in train_streams],
                  "lstm_state": lstm_state}
-        tmp = ckpt_path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt_path)
 
-    if master and checkpoint and os.path.exists(log_path):
-        # drop evaluations logged after the checkpoint (a kill between logging and saving): they are redone
-        with open(log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= start_iter]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+    if master and checkpoint:
+        truncate_log(log_path, start_iter)   # evaluations logged after the checkpoint (then a kill) are redone
     elif master and not checkpoint:
         # a fresh run: nothing of an earlier one stays (its checkpoint is here only with --overwrite True);
         # the checkpoint goes first, so a kill in between leaves a log without one, which the next run drops
@@ -586,7 +575,7 @@ def train(cfg, checkpoint=None):
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if it > 0:
-                    save_checkpoint(it, saved_state)
+                    save_checkpoint(ckpt_path, checkpoint_state(it, saved_state))   # atomic: a kill leaves the old one
             t0, tokens_since = time.time(), 0
         if it == cfg["max_iters"]:
             break

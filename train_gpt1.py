@@ -38,8 +38,8 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.finetune import (finetune, load_checkpoint, model_from_checkpoint, resolve_device, save_checkpoint,
-                             truncate_log)
+from minilm.files import save_checkpoint, truncate_log
+from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
 
@@ -556,7 +556,8 @@ def main(argv):
 
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts): torch.load(weights_only=True).
-# They are read and written by load_checkpoint / save_checkpoint (minilm/finetune.py), shared with fine-tuning.
+# They are read by load_checkpoint (minilm/finetune.py, shared with fine-tuning) and written by
+# minilm.files.save_checkpoint.
 
 def get_rng_state():
     np_state = np.random.get_state()

@@ -20,9 +20,10 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
+
+from minilm.files import write_atomic
 
 UNK = "<unk>"
 EOW = "</w>"  # end-of-word marker carried by the last symbol of every word
@@ -122,23 +123,6 @@ def _merge_pair(symbols: list[str], first: str, second: str) -> list[str]:
             out.append(symbols[i])
             i += 1
     return out
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class BPETokenizer:
@@ -306,8 +290,8 @@ class BPETokenizer:
         os.makedirs(directory, exist_ok=True)
         vocab = json.dumps(self.encoder, ensure_ascii=False).encode("utf-8")
         merges = "\n".join([_MERGES_HEADER] + [f"{a} {b}" for a, b in self.merges]) + "\n"
-        _write_atomic(os.path.join(directory, "vocab.json"), vocab)
-        _write_atomic(os.path.join(directory, "merges.txt"), merges.encode("utf-8"))
+        write_atomic(os.path.join(directory, "vocab.json"), vocab)
+        write_atomic(os.path.join(directory, "merges.txt"), merges.encode("utf-8"))
 
     @classmethod
     def load(cls, directory: str) -> "BPETokenizer":

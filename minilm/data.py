@@ -30,7 +30,8 @@ import zipfile
 
 import numpy as np
 
-from minilm.bpe import BPETokenizer, DataError, _write_atomic
+from minilm.bpe import BPETokenizer, DataError
+from minilm.files import write_atomic
 
 __all__ = [
     "DataError", "cache_dir", "load_documents", "split_documents", "prepare_gpt1", "load_tokens",
@@ -346,7 +347,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the set is about to change: never leave an old meta over new files
     for split, ids in (("train", train_ids), ("val", val_ids)):
-        _write_atomic(os.path.join(data_dir, f"{split}.bin"), np.asarray(ids, dtype=dtype).tobytes())
+        write_atomic(os.path.join(data_dir, f"{split}.bin"), np.asarray(ids, dtype=dtype).tobytes())
     tokenizer.save(data_dir)
     meta = {
         **wanted,
@@ -360,7 +361,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
         "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt", "merges_learned": len(tokenizer.merges)},
         "prepare_seconds": round(time.perf_counter() - t0, 3),
     }
-    _write_atomic(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return {**meta, "reused": False}
 
 

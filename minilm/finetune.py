@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError
+from minilm.files import save_checkpoint, truncate_log
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")  # ids vocab_size, vocab_size + 1, vocab_size + 2
@@ -522,33 +523,9 @@ def lr_at(it, total, opts):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: train_gpt1.py (pre-training) and finetune() (fine-tuning) both read and write them here.
-# They hold plain types only (tensors, numbers, strings, lists, dicts): torch.load(weights_only=True).
-
-def write_atomic(path, write):
-    """write(f) into a temporary file, fsync it, then rename it to path: a crash (or a power cut) leaves
-    the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path, state):
-    write_atomic(path, lambda f: torch.save(state, f))
-
-
-def truncate_log(log_path, last_iter):
-    """Keep the evaluations logged up to last_iter (a resumed run redoes those an interrupted one logged
-    after its last checkpoint)."""
-    keep = []
-    if os.path.exists(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= last_iter]
-    write_atomic(log_path, lambda f: f.write("".join(keep).encode("utf-8")))
-
+# Checkpoints: train_gpt1.py (pre-training) and finetune() (fine-tuning) both read them here (and write
+# them with minilm.files.save_checkpoint). Plain types only (tensors, numbers, strings, lists, dicts):
+# torch.load(weights_only=True).
 
 _CKPT_KEYS = ("model", "model_config", "options", "iter_num")  # what every checkpoint of ours holds
 
