@@ -644,11 +644,13 @@ def embed_file(cfg):
                 arrays[f"tokens_{k}"] = np.array(words)
                 arrays[f"layers_{k}"] = torch.stack([h[b, 1:n + 1] for h in layers]).cpu().numpy()   # (L+1, n, 2P)
                 arrays[f"elmo_{k}"] = mixed[b, :n].cpu().numpy()                                     # (n, 2P)
+                arrays[f"sentence_{k}"] = mixed[b, :n].mean(0).cpu().numpy()     # (2P,) mean of its ELMo vectors
                 top.append(layers[-1][b, 1:n + 1].cpu())
     out_path = os.path.join(cfg["out_dir"], "elmo_features.npz")
     np.savez(out_path, n_sentences=len(sentences), **arrays)
     print(f"wrote ELMo features of {len(sentences)} sentences to {out_path}: per sentence i, tokens_i, "
-          f"layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}) and elmo_i (their average)")
+          f"layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}), elmo_i (their average) and sentence_i "
+          "(the mean of elmo_i over the tokens: a sentence embedding)")
     show_contexts(cfg, sentences, top, bilm)
     return 0
 

@@ -242,6 +242,7 @@ def test_embed_writes_features_and_context_changes_a_words_vector(trained, tmp_p
     assert tokens == ["A", "fool", "mocks", "the", "king", "."]
     assert layers.shape == (3, 6, 128) and f["elmo_1"].shape == (6, 128)
     np.testing.assert_allclose(f["elmo_1"], layers.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f["sentence_1"], f["elmo_1"].mean(0), rtol=1e-5, atol=1e-6)   # (128,)
     king = [f["layers_0"][:, 1], f["layers_1"][:, 4], f["layers_2"][:, 4]]        # (3, 128) each
     np.testing.assert_allclose(king[0][0], king[1][0], rtol=1e-6)                 # layer 0: context-free
     assert not np.allclose(king[0][2], king[1][2], atol=1e-3)                     # top layer: depends on context
