@@ -16,7 +16,7 @@ LMDataset makes them (SentenceStream): each of the `batch_size` rows reads sente
 one with (not backpropagated through). The forward LM reads `<S> w_1 … w_n` and predicts `w_1 … w_n
 </S>`; the backward LM reads its own stream of reversed sentences, `</S> w_n … w_1`, predicting `w_n …
 w_1 <S>`, in another random order (bilm-tf's two datasets shuffle independently), so the char-CNN
-encodes both streams. Inputs are characters, so any word has a representation; only the softmax has a
+encodes both streams (each distinct word of a batch once). Inputs are characters, so any word has a representation; only the softmax has a
 word vocabulary (`<S>`, `</S>`, `<UNK>`, then the training split's words by frequency — the order the
 log-uniform sampler of the sampled softmax assumes).
 
@@ -41,7 +41,8 @@ import torch
 
 # -----------------------------------------------------------------------------------------------
 # defaults (bilm-tf's where they make sense on a laptop; the paper's run: --preset original
-# --batch_size 128 per GPU --unroll_steps 20 --n_negative_samples 8192, 10 epochs of 1B Word Benchmark)
+# --batch_size 384 (bilm-tf: 128 per GPU on 3 GPUs) --unroll_steps 20 --n_negative_samples 8192, 10 epochs of
+# the 1B Word Benchmark)
 data = "shakespeare"       # "shakespeare", "korean", or a UTF-8 text file / directory of them
 out_dir = "out-elmo"
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +64,7 @@ seed = 1337               # 0 ≤ seed < 2**32
 compile = False            # torch.compile the model
 resume = False             # continue from out_dir/ckpt.pt
 overwrite = False          # start over in an out_dir that holds a checkpoint (deletes its ckpt.pt and log.jsonl)
-embed = ""                 # a text file: write ELMo features of its lines (needs a trained out_dir)
+embed = ""                 # a text file (or a directory of them): ELMo features of its lines (needs a trained out_dir)
 word = ""                  # --embed: the word whose contexts to compare (default: picked from the file)
 # -----------------------------------------------------------------------------------------------
 
@@ -101,7 +102,7 @@ def parse_args(argv, defaults):
             try:
                 out[key] = kind(val)
             except ValueError:
-                raise UsageError(f"--{key} must be a {kind.__name__}, got {val!r}") from None
+                raise UsageError(f"--{key} must be {'an' if kind is int else 'a'} {kind.__name__}, got {val!r}") from None
     return out
 
 
@@ -142,7 +143,7 @@ def sentences_of(text):
 # What a checkpoint fixes. --resume True takes every option from the checkpoint's train_config, then the
 # command line's; these may only repeat the checkpoint's value. The model, its softmax vocabulary and the
 # optimizer's state depend on the first ones; the rest decide every batch and step, and resume replays
-# the run exactly. max_iters (train longer), the evaluation and log intervals, device and compile may change.
+# the run exactly. max_iters (train longer), eval_interval, eval_iters, log_interval, device and compile may change.
 FIXED_BY_CHECKPOINT = ("data", "val_fraction", "max_vocab", "preset", "dropout", "n_negative_samples", "optimizer",
                        "learning_rate", "grad_clip", "batch_size", "unroll_steps", "seed")
 NOT_FROM_CHECKPOINT = ("out_dir", "device", "resume", "overwrite", "embed", "word")   # this command line's own
@@ -249,6 +250,8 @@ def check_train_options(cfg):
         raise UsageError(f"--optimizer must be adagrad or adam, got {cfg['optimizer']!r}")
     if cfg["preset"] not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {cfg['preset']!r}")
+    if cfg["word"]:
+        raise UsageError("--word picks the word whose contexts --embed compares: give it with --embed")
     if cfg["resume"] and cfg["overwrite"]:
         raise UsageError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
     check_device(cfg["device"])
@@ -510,6 +513,9 @@ def train(cfg, checkpoint=None):
         print(f"model {cfg['preset']}{resumed}: {n_params:,} parameters "
               f"({n_params - (len(vocab) * (config.projection_dim + 1)):,} without the softmax); "
               f"{world} process(es), device {dev}, global batch {B} × {T} tokens")
+        if checkpoint and start_iter >= cfg["max_iters"]:
+            print(f"{ckpt_path} is at iteration {start_iter} and --max_iters is {cfg['max_iters']}: nothing to train "
+                  "(pass a larger --max_iters to go on)")
     flops_per_token = estimate_flops_per_token(config, len(vocab))
 
     @torch.no_grad()
@@ -552,9 +558,11 @@ def train(cfg, checkpoint=None):
     if master and checkpoint:
         truncate_log(log_path, start_iter)   # evaluations logged after the checkpoint (then a kill) are redone
     elif master and not checkpoint:
-        # a fresh run: nothing of an earlier one stays (its checkpoint is here only with --overwrite True);
-        # the checkpoint goes first, so a kill in between leaves a log without one, which the next run drops
-        for path in (ckpt_path, log_path):
+        # a fresh run: nothing of an earlier one stays (its checkpoint is here only with --overwrite True),
+        # nor the features --embed made with it; the checkpoint goes first, so a kill in between leaves a log
+        # without one, which the next run drops
+        features = [os.path.join(out_dir, name) for name in ("elmo_features.npz", "elmo_contexts.png")]
+        for path in (ckpt_path, log_path, *features):
             if os.path.exists(path):
                 os.remove(path)
 
@@ -618,6 +626,7 @@ def train(cfg, checkpoint=None):
 def embed_file(cfg):
     from minilm.data import load_documents
     from minilm.elmo import ELMo, batch_to_ids
+    from minilm.files import write_atomic
 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.isfile(ckpt_path):
@@ -627,10 +636,15 @@ def embed_file(cfg):
     bilm = bilm_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
     elmo = ELMo(bilm.to(dev), dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
 
-    text = "\n".join(t for _, t in load_documents(cfg["embed"]))
+    try:
+        text = "\n".join(t for _, t in load_documents(cfg["embed"]))
+    except ValueError as e:          # DataError: missing, empty, not UTF-8 (its message speaks of training data)
+        raise UsageError(f"--embed {cfg['embed']}: {str(e).split(' (data is')[0]}") from None
     sentences = sentences_of(text)
     if not sentences:
         raise UsageError(f"{cfg['embed']} has no words to embed")
+    if cfg["word"] and not any(cfg["word"] in words for words in sentences):
+        raise UsageError(f"--word {cfg['word']!r} does not occur in {cfg['embed']}")
     arrays, top = {}, []
     with torch.no_grad():
         for i in range(0, len(sentences), 64):
@@ -647,9 +661,9 @@ def embed_file(cfg):
                 arrays[f"sentence_{k}"] = mixed[b, :n].mean(0).cpu().numpy()     # (2P,) mean of its ELMo vectors
                 top.append(layers[-1][b, 1:n + 1].cpu())
     out_path = os.path.join(cfg["out_dir"], "elmo_features.npz")
-    np.savez(out_path, n_sentences=len(sentences), **arrays)
-    print(f"wrote ELMo features of {len(sentences)} sentences to {out_path}: per sentence i, tokens_i, "
-          f"layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}), elmo_i (their average) and sentence_i "
+    write_atomic(out_path, lambda f: np.savez(f, n_sentences=len(sentences), **arrays))
+    print(f"wrote ELMo features of {len(sentences)} sentence{'s' if len(sentences) > 1 else ''} to {out_path}: "
+          f"per sentence i, tokens_i, layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}), elmo_i (their average) and sentence_i "
           "(the mean of elmo_i over the tokens: a sentence embedding)")
     show_contexts(cfg, sentences, top, bilm)
     return 0
@@ -661,9 +675,7 @@ def show_contexts(cfg, sentences, top, bilm):
     for s, words in enumerate(sentences):
         for t, w in enumerate(words):
             where.setdefault(w, []).append((s, t))
-    if cfg["word"]:
-        if cfg["word"] not in where:
-            raise UsageError(f"--word {cfg['word']!r} does not occur in {cfg['embed']}")
+    if cfg["word"]:                 # embed_file checked that it occurs
         target = cfg["word"]
     else:   # the alphabetic word found in the most different sentences
         candidates = [w for w in where if w.isalpha() and len({s for s, _ in where[w]}) >= 2]
@@ -699,7 +711,8 @@ def show_contexts(cfg, sentences, top, bilm):
     ax.set_ylabel("occurrence")
     fig.colorbar(im)
     path = os.path.join(cfg["out_dir"], "elmo_contexts.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    from minilm.files import write_atomic
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     print(f"plot: {path}")
 
 
@@ -711,7 +724,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except UsageError as e:
-        print(f"train_elmo.py: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print(f"train_elmo.py: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("train_elmo.py: interrupted", file=sys.stderr)

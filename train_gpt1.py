@@ -38,7 +38,7 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import save_checkpoint, truncate_log
+from minilm.files import save_checkpoint, truncate_log, write_atomic
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -466,7 +466,10 @@ def main(argv):
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
         if ckpt:  # forget what the interrupted run logged after its last checkpoint
-            truncate_log(log_path, iter_num)
+            try:
+                truncate_log(log_path, iter_num)
+            except ValueError as e:
+                raise UserError(str(e)) from None
         else:  # a fresh run; with --overwrite True the old run's checkpoint and log go together, now
             for path in (ckpt_path, log_path):
                 if os.path.exists(path):
@@ -604,7 +607,7 @@ def plot_losses(log_path, png_path):
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     print(f"loss curve: {png_path}", flush=True)
 

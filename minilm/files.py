@@ -1,5 +1,7 @@
-"""Files that survive a kill: everything minilm writes (the tokenizer, token files, checkpoints, logs)
-goes through write_atomic, so an interrupted run never leaves half a file behind."""
+"""Files that survive a kill. The tokenizer, token files, checkpoints, ELMo features and plots are written
+whole by write_atomic; a log gets one line appended per evaluation, and a resumed run rewrites it (atomically)
+without the lines an interrupted run wrote after its last checkpoint. A kill in the middle of a write can
+leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted."""
 import json
 import os
 import tempfile
@@ -43,5 +45,14 @@ def truncate_log(log_path, last_iter):
     keep = []
     if os.path.exists(log_path):
         with open(log_path, encoding="utf-8") as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= last_iter]
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    it = json.loads(line)["iter"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{log_path}, line {n}, is not an evaluation record: delete that line (or the "
+                                     "log) and resume again") from None
+                if it <= last_iter:
+                    keep.append(line)
     write_atomic(log_path, "".join(keep).encode("utf-8"))

@@ -808,7 +808,10 @@ def finetune(options, print_fn=print, ckpt=None):
 
     log_path = os.path.join(out_dir, "log.jsonl")
     if ckpt:  # forget what the interrupted run logged after its last checkpoint
-        truncate_log(log_path, iter_num)
+        try:
+            truncate_log(log_path, iter_num)
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
     elif os.path.exists(log_path):
         os.remove(log_path)
     chance = max(np.bincount(val_labels)) / len(val_labels)

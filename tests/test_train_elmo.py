@@ -248,6 +248,38 @@ def test_embed_writes_features_and_context_changes_a_words_vector(trained, tmp_p
     assert not np.allclose(king[0][2], king[1][2], atol=1e-3)                     # top layer: depends on context
 
 
+def test_embed_checks_its_file_and_word_before_any_work(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    (out / "elmo_features.npz").unlink(missing_ok=True)
+    text = tmp_path / "sentences.txt"
+    text.write_text("The king loves a play .\n", encoding="utf-8")
+    assert usage_error("--out_dir", str(out), "--embed", str(text), "--word", "queen") == \
+        f"--word 'queen' does not occur in {text}"
+    assert not (out / "elmo_features.npz").exists()
+    missing = tmp_path / "missing.txt"
+    assert usage_error("--out_dir", str(out), "--embed", str(missing)) == f"--embed {missing}: no such file or directory: {missing}"
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    assert "is empty" in usage_error("--out_dir", str(out), "--embed", str(tmp_path / "empty.txt"))
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    p = run("--out_dir", str(out), "--resume", "True")
+    assert "is at iteration 40 and --max_iters is 40: nothing to train" in p.stdout
+    assert read_log(out) == read_log(trained)
+
+
+def test_a_damaged_log_line_is_a_one_line_error_on_resume(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 50, "val_lo')                      # a line cut short
+    message = usage_error("--out_dir", str(out), "--resume", "True", "--max_iters", "50")
+    assert message.startswith(f"{out / 'log.jsonl'}, line 6, is not an evaluation record")
+
+
 def usage_error(*argv):
     """The one-line message main() stops with (printed as `train_elmo.py: <message>`, exit status 1)."""
     with pytest.raises(train_elmo.UsageError) as e:
@@ -263,7 +295,8 @@ def usage_error(*argv):
     (["--batch_size", "-4"], "--batch_size must be ≥ 1"), (["--seed", str(2**64)], "--seed must be in"),
     (["--seed", "-1"], "--seed must be in"), (["--device", "tpu"], "--device must be"),
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
-    (["--unroll_steps", "0"], "--unroll_steps must be ≥ 1")])
+    (["--unroll_steps", "0"], "--unroll_steps must be ≥ 1"), (["--max_iters", "1.5"], "--max_iters must be an int"),
+    (["--word", "king"], "--word picks the word whose contexts --embed compares")])
 def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
     # --data does not exist: an error about the option shows it was checked before the data
     assert message in usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out"), *args)

@@ -1,6 +1,7 @@
 """ELMo training step: minilm's biLM vs the same model written with stock PyTorch parts, in one run.
 
     python -m minilm.bench elmo [--device cpu|cuda] [--json] [--preset small] [--batch_size 16] [--unroll_steps 20]
+                                [--vocab_size 8192] [--iters N]
 
 The peer is what a user would otherwise write: the char-CNN as `char_cnn_reference` (embedding →
 Conv1d per width → max → activation), and per direction and layer an `nn.LSTM(P, C, proj_size=P)`
@@ -8,8 +9,8 @@ Conv1d per width → max → activation), and per direction and layer an `nn.LST
 ±3 clips — slightly less work than the real model). Everything else (highway, projection, skip
 connections, shared full softmax, loss ×unroll_steps, Adagrad) is the same code path, and the peer
 starts from minilm's weights. A step is train_elmo.py's (BiLM.stream_losses): each direction reads its
-own stream, so the token encoder runs on 2 × batch × unroll_steps tokens (random characters: every token
-is distinct, so train_elmo.py's encoding of each distinct word once saves nothing here). Reported: ms
+own stream, so the token encoder runs on 2 × batch × unroll_steps tokens (all of them: the bench calls
+stream_losses without token_index, as its random tokens are all distinct anyway). Reported: ms
 per training step (forward + backward + optimizer), tokens/s, model GFLOP/s
 (minilm.elmo.estimate_flops_per_token), and the token encoder alone.
 """
