@@ -87,7 +87,7 @@ def parse_args(argv, defaults):
             key, val = arg[2:].split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--") and argv[i + 1][2:].partition("=")[0] in defaults:
                 raise UsageError(f"{arg} needs a value")
             key, val = arg[2:], argv[i + 1]
             i += 2

@@ -48,7 +48,7 @@ from minilm.lightconv import resolve_kernel_sizes
 DEFAULTS = dict(
     # data and output
     data="shakespeare",  # "shakespeare", "korean", or a path to a UTF-8 text file / directory
-    out_dir="out-gpt1",
+    out_dir="out-gpt1",  # with --task: out-finetune-<task>
     vocab_size=None,  # BPE vocabulary to learn (preset: cpu-tiny 256, cpu-small 2048, gpt1 40478)
     val_fraction=0.1,
     # model: a preset, then any field overridden
@@ -73,7 +73,7 @@ DEFAULTS = dict(
     resume=False,  # continue from out_dir/ckpt.pt
     overwrite=False,  # a fresh run in an out_dir that holds a checkpoint: delete it and its log first
     # sampling (at the end of training, or alone with --sample True)
-    sample=False, start="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
+    sample=False, start="", num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,  # top_k 0: no top-k
     # fine-tuning (paper §3.2-3.3): --task switches to minilm.finetune, whose defaults are the paper's
     # (lr 6.25e-5, batch 32, 3 epochs, warmup 0.2%, λ 0.5); see minilm/finetune.py's DEFAULTS
     task=None,  # classification | entailment | similarity | multiple_choice
@@ -103,6 +103,10 @@ FIXED_BY_CHECKPOINT = ("data", "vocab_size", "val_fraction", "preset", "arch", "
                        "block_size", "dropout", "kernel_sizes", "weight_dropout")
 
 
+# The options only fine-tuning (--task) reads.
+FINETUNE_OPTIONS = ("task_data", "init_from", "lm_coef", "clf_pdrop", "n_class", "epochs", "warmup_fraction")
+
+
 class UserError(Exception):
     """Something the user can fix: printed as one line, exit status 1."""
 
@@ -119,7 +123,7 @@ def parse_options(argv):
             raise UserError(f"unexpected argument {arg!r}: options are --name value or --name=value")
         name, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1][2:].partition("=")[0] in DEFAULTS and argv[i + 1].startswith("--"):
                 raise UserError(f"option --{name} needs a value")
             value, i = argv[i + 1], i + 1
         i += 1
@@ -153,7 +157,7 @@ def check_options(cfg):
                  "max_iters", "eval_interval", "eval_iters", "log_interval", "num_samples"):
         if cfg[name] is not None and cfg[name] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name]}")
-    for name in ("warmup_iters", "lr_decay_iters", "max_new_tokens", "seed"):
+    for name in ("warmup_iters", "lr_decay_iters", "max_new_tokens", "seed", "top_k"):
         if cfg[name] is not None and cfg[name] < 0:
             raise UserError(f"--{name} must be at least 0, got {cfg[name]}")
     if cfg["seed"] >= 2**32:  # it seeds torch and numpy with offsets added: keep it well inside 64 bits
@@ -165,6 +169,9 @@ def check_options(cfg):
     for name in ("min_lr", "weight_decay", "grad_clip"):  # grad_clip 0 turns clipping off
         if not number(name) or cfg[name] < 0:
             raise UserError(f"--{name} must be a finite number >= 0, got {cfg[name]}")
+    if cfg["min_lr"] > cfg["learning_rate"]:
+        raise UserError(f"--min_lr {cfg['min_lr']} is above --learning_rate {cfg['learning_rate']}: the decay would "
+                        "raise the learning rate")
     if not number("temperature") or cfg["temperature"] <= 0:
         raise UserError(f"--temperature must be a finite number > 0, got {cfg['temperature']}")
     for name in ("beta1", "beta2", "dropout", "weight_dropout"):
@@ -277,6 +284,8 @@ def main(argv):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if cfg["resume"] and cfg["overwrite"]:
         raise UserError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
+    if cfg["sample"] and cfg["overwrite"]:
+        raise UserError("--sample True reads the checkpoint and --overwrite True deletes it: pass one of them")
 
     # --- the checkpoint to continue or to sample from --------------------------------------------------
     ckpt = None
@@ -293,6 +302,9 @@ def main(argv):
         # given only (the rest are fine-tuning's defaults), and the out_dir whose checkpoint was read above
         finetune({**given, "out_dir": out_dir} if ckpt else given, print_fn=partial(print, flush=True), ckpt=ckpt)
         return
+    for name in FINETUNE_OPTIONS:
+        if name in given:
+            raise UserError(f"--{name} is a fine-tuning option: it needs --task")
     if ckpt:  # its model and data, then whatever else this command line says
         check_fixed_options(given, ckpt, what)
         if not cfg["sample"]:
@@ -480,6 +492,9 @@ def main(argv):
               + (f"; resuming at iter {iter_num}" if ckpt else ""), flush=True)
 
     # --- the loop -------------------------------------------------------------------------------------
+    if master and ckpt and iter_num >= cfg["max_iters"]:
+        print(f"{ckpt_path} is at iteration {iter_num} and --max_iters is {cfg['max_iters']}: nothing to train "
+              "(pass a larger --max_iters to go on)", flush=True)
     tokens_interval, train_time = 0, 0.0
     first_iter = iter_num
     while True:

@@ -180,7 +180,7 @@ class BPETokenizer:
         if vocab_size < len(base):
             raise DataError(
                 f"vocab_size={vocab_size} is smaller than the base vocabulary of this text "
-                f"({len(base)} = <unk> + {len(alphabet)} characters, each also with </w>)"
+                f"({len(base)} = <unk> + {len(alphabet)} characters, each also with </w>): ask for at least {len(base)}"
             )
         vocab = {tok: i for i, tok in enumerate(base)}
 

@@ -316,7 +316,8 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     if os.path.isdir(data):
         src, out = os.path.realpath(data), os.path.realpath(data_dir)
         if os.path.commonpath([src, out]) == src:
-            raise DataError(f"data_dir {data_dir} is inside the corpus directory {data}: its files would be read as text")
+            raise DataError(f"the token files' directory {data_dir} is inside the corpus directory {data}: they would "
+                            "be read as text (choose an output directory outside it)")
     t0 = time.perf_counter()
     docs = load_documents(data, cache_dir)
     fingerprint = _fingerprint(docs)

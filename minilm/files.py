@@ -41,18 +41,21 @@ def save_checkpoint(path, state):
 
 def truncate_log(log_path, last_iter):
     """Keep the evaluations of a JSON-lines log up to last_iter (a resumed run redoes those that an
-    interrupted one logged after its last checkpoint)."""
-    keep = []
+    interrupted one logged after its last checkpoint, and drops a last line that a kill cut short)."""
+    keep, lines = [], []
     if os.path.exists(log_path):
         with open(log_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    it = json.loads(line)["iter"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{log_path}, line {n}, is not an evaluation record: delete that line (or the "
-                                     "log) and resume again") from None
-                if it <= last_iter:
-                    keep.append(line)
+            lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            it = json.loads(line)["iter"]
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines) and not line.endswith("\n"):
+                break                   # an append cut short: that evaluation came after the checkpoint
+            raise ValueError(f"{log_path}, line {n}, is not an evaluation record: delete that line (or the log) "
+                             "and resume again") from None
+        if it <= last_iter:
+            keep.append(line)
     write_atomic(log_path, "".join(keep).encode("utf-8"))

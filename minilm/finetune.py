@@ -586,7 +586,8 @@ def _pretrained(init_from, opts):
     """(GPT1, tokenizer) of a pre-training out_dir: ckpt.pt's model_config and weights, its tokenizer files."""
     what, path = f"--init_from {init_from}", os.path.join(init_from, CKPT)
     ckpt = load_checkpoint(path, what, kind="pre-training")
-    tok_dir = next((d for d in (init_from, os.path.join(init_from, ckpt.get("data_dir", "data")))
+    # the checkpoint's own data directory first: a vocab.json beside ckpt.pt may be another run's
+    tok_dir = next((d for d in (os.path.join(init_from, ckpt.get("data_dir", "data")), init_from)
                     if os.path.isfile(os.path.join(d, "vocab.json"))), None)
     if tok_dir is None:
         raise FinetuneError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) beside the checkpoint")
@@ -701,8 +702,9 @@ def finetune(options, print_fn=print, ckpt=None):
         if opts[name] and opts[name] not in ("builtin", "shakespeare"):
             opts[name] = os.path.abspath(opts[name])
     task = opts["task"]
-    if opts["init_from"] or ckpt:
-        fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size") if k in given]
+    if opts["init_from"] or ckpt:   # a resume may repeat the checkpoint's values; --init_from takes them all
+        fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+                 if k in given and (not ckpt or given[k] != ckpt["options"].get(k))]
         if fixed:
             raise FinetuneError(f"--{fixed[0]}: the model's shape and tokenizer come from "
                                 + ("the checkpoint being resumed" if ckpt else f"--init_from {opts['init_from']}"))

@@ -369,6 +369,8 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
     for name, value in (("task", "entailment"), ("task_data", other), ("n_class", 3), ("init_from", str(tmp_path / "a"))):
         with pytest.raises(ft.FinetuneError, match=f"^--resume True: --{name} .* differs from the run in "):
             ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True, **{name: value}), print_fn=quiet)
+    with pytest.raises(ft.FinetuneError, match="^--preset: the model's shape and tokenizer come from the checkpoint"):
+        ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True, preset="cpu-small"), print_fn=quiet)
     # An edited task file behind the same path is refused too (its examples' digest is in the checkpoint).
     train_file = os.path.join(data, "train.jsonl")
     original = open(train_file, "rb").read()
@@ -378,8 +380,10 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
         ft.finetune(dict(out_dir=str(tmp_path / "b"), resume=True), print_fn=quiet)
     open(train_file, "wb").write(original)
     assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before
-    # train_gpt1.py --resume True (no --task) finds the fine-tuning run from its checkpoint alone
-    load_script("train_gpt1").main(["--resume", "True", "--out_dir", str(tmp_path / "b")])
+    # train_gpt1.py --resume True (no --task) finds the fine-tuning run from its checkpoint alone; the shape
+    # options may be repeated with the checkpoint's values
+    load_script("train_gpt1").main(["--resume", "True", "--out_dir", str(tmp_path / "b"), "--preset", "cpu-tiny",
+                                    "--vocab_size", "60"])
     resumed = json.loads(open(tmp_path / "b" / "log.jsonl").readlines()[-1])
     assert resumed == whole
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
@@ -474,6 +478,9 @@ def test_train_gpt1_finetunes_a_pretrained_run_and_reports_a_bad_task_file_in_on
     assert pre.stderr.strip() == ("train_gpt1.py: warning: --warmup_iters 10 is longer than --max_iters 2: "
                                   "the learning rate never reaches --learning_rate 0.003")
 
+    # a tokenizer beside ckpt.pt (left by an earlier fine-tuning run in that out_dir) is not the checkpoint's
+    (tmp_path / "pre" / "vocab.json").write_text('{"a</w>": 0}')
+    (tmp_path / "pre" / "merges.txt").write_text("#version: 0.2\n")
     # lr 0: the fine-tuned Transformer must still be exactly the pre-trained one, plus three rows
     ft_run = run("--task", "classification", "--task_data", data, "--init_from", str(tmp_path / "pre"),
                  "--out_dir", str(tmp_path / "ft"), "--learning_rate", "0", "--max_iters", "2", "--batch_size", "16")

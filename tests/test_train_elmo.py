@@ -271,13 +271,17 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(trained, tmp_pa
     assert read_log(out) == read_log(trained)
 
 
-def test_a_damaged_log_line_is_a_one_line_error_on_resume(trained, tmp_path):
+def test_a_log_line_cut_by_a_kill_is_dropped_and_a_damaged_one_is_a_one_line_error(trained, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained, out)
     with open(out / "log.jsonl", "a") as f:
-        f.write('{"iter": 50, "val_lo')                      # a line cut short
-    message = usage_error("--out_dir", str(out), "--resume", "True", "--max_iters", "50")
-    assert message.startswith(f"{out / 'log.jsonl'}, line 6, is not an evaluation record")
+        f.write('{"iter": 50, "val_lo')                      # an append that a kill cut short: dropped on resume
+    train_elmo.main(["--out_dir", str(out), "--resume", "True", "--max_iters", "50"])
+    assert [r["iter"] for r in read_log(out)] == [0, 10, 20, 30, 40, 50]
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    (out / "log.jsonl").write_text("".join(lines[:2] + ["not json\n"] + lines[2:]))
+    message = usage_error("--out_dir", str(out), "--resume", "True", "--max_iters", "60")
+    assert message.startswith(f"{out / 'log.jsonl'}, line 3, is not an evaluation record")
 
 
 def usage_error(*argv):
@@ -296,7 +300,8 @@ def usage_error(*argv):
     (["--seed", "-1"], "--seed must be in"), (["--device", "tpu"], "--device must be"),
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
     (["--unroll_steps", "0"], "--unroll_steps must be ≥ 1"), (["--max_iters", "1.5"], "--max_iters must be an int"),
-    (["--word", "king"], "--word picks the word whose contexts --embed compares")])
+    (["--word", "king"], "--word picks the word whose contexts --embed compares"),
+    (["--word", "--max_iters", "3"], "--word needs a value")])
 def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
     # --data does not exist: an error about the option shows it was checked before the data
     assert message in usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out"), *args)

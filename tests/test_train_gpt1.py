@@ -174,6 +174,12 @@ def _refused(*argv):
     (["--start", "\u200b"], "encodes to no tokens"),  # a zero-width space: no word at all
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
     (["--kernel_sizes", "3"], "--kernel_sizes is an option of LightConv: it needs --arch lightconv"),
+    (["--top_k", "-5"], "--top_k must be at least 0"),
+    (["--min_lr", "1"], "--min_lr 1.0 is above --learning_rate"),
+    (["--sample", "True", "--overwrite", "True"], "pass one of them"),
+    (["--init_from", "x"], "--init_from is a fine-tuning option: it needs --task"),
+    (["--lm_coef", "0.3"], "--lm_coef is a fine-tuning option: it needs --task"),
+    (["--start", "--max_new_tokens", "0"], "option --start needs a value"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(bad, message, corpus, tmp_path):
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""python -m minilm.bench <benchmark> [options] — see `python -m minilm.bench --help`."""
+"""python -m minilm.bench <benchmark> [options]; `python -m minilm.bench <benchmark> --help` lists a benchmark's options."""
 import argparse
 import importlib
 import sys
