@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from minilm.bpe import BPETokenizer, DataError
 from minilm.files import save_checkpoint, truncate_log
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
+from minilm.lightconv import LightweightConv1d
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")  # ids vocab_size, vocab_size + 1, vocab_size + 2
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
@@ -595,12 +596,15 @@ def _pretrained(init_from, opts):
     model = model_from_checkpoint(ckpt, path, what)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise FinetuneError(f"{what}: the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
-    if opts["dropout"] is not None:
+    if opts["dropout"] is not None:    # as pre-training's --dropout: every dropout, LightConv's DropConnect too
         p = opts["dropout"]
         for mod in model.modules():
             if isinstance(mod, nn.Dropout):
                 mod.p = p
+            elif isinstance(mod, LightweightConv1d):
+                mod.weight_dropout = p
         model.config.embd_pdrop = model.config.attn_pdrop = model.config.resid_pdrop = p
+        model.config.weight_dropout = p
     return model, tokenizer
 
 

@@ -498,3 +498,16 @@ def test_train_gpt1_finetunes_a_pretrained_run_and_reports_a_bad_task_file_in_on
     err = run("--task", "classification", "--task_data", str(bad), "--out_dir", str(tmp_path / "bad"))
     assert err.returncode == 1
     assert err.stderr.strip() == f"train_gpt1.py: error: {bad}:3: missing field 'label' (a classification example has text, label)"
+
+
+def test_finetuning_dropout_reaches_a_lightconv_models_dropconnect(tmp_path):
+    # --dropout in fine-tuning means what it means in pre-training: every dropout, LightConv's DropConnect too
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the apple and the pear were on the plum tree in the garden .\n" * 200)
+    load_script("train_gpt1").main(["--data", str(corpus), "--out_dir", str(tmp_path / "pre"), "--preset", "cpu-tiny",
+                                    "--arch", "lightconv", "--vocab_size", "60", "--max_iters", "1", "--eval_iters", "1",
+                                    "--max_new_tokens", "0", "--warmup_iters", "0"])
+    model, _ = ft._pretrained(str(tmp_path / "pre"), {"dropout": 0.3})
+    convs = [m for m in model.modules() if isinstance(m, ft.LightweightConv1d)]
+    assert convs and all(m.weight_dropout == 0.3 for m in convs) and model.config.weight_dropout == 0.3
+    assert all(m.p == 0.3 for m in model.modules() if isinstance(m, torch.nn.Dropout))
