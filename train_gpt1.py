@@ -381,11 +381,17 @@ def main(argv):
     expect = ckpt["data_meta"] if ckpt else None
     error = None
     if master:
+        made = not os.path.exists(out_dir)
         try:
             os.makedirs(out_dir, exist_ok=True)
             meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect)
         except (DataError, OSError) as e:
             error = ("--resume True: " if ckpt else "") + str(e)
+            for path in (data_dir, out_dir) if made else ():   # leave no empty out_dir behind (rmdir: only if empty)
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
     if ddp:  # rank 0 wrote the files (or failed): tell the others, rather than leave them waiting
         box = [error]
         torch.distributed.broadcast_object_list(box, src=0)

@@ -136,6 +136,7 @@ def test_user_errors_are_one_line_and_exit_1(case, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train_gpt1.py: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not os.path.exists(out)     # a run that fails on its data leaves no empty out_dir behind
 
 
 # --- options refused before any work is done (main() called in this process: no subprocess per case) ---
