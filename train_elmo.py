@@ -420,6 +420,7 @@ def train(cfg, checkpoint=None):
     log_path = os.path.join(out_dir, "log.jsonl")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
+    made = not os.path.exists(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -429,12 +430,20 @@ def train(cfg, checkpoint=None):
                          "--out_dir, or pass --overwrite True to start over")
 
     # -- data: each split's sentences as two token arrays (forward, backward), char ids of every word type
-    docs = load_documents(cfg["data"])
-    train_text, val_text = split_documents(docs, cfg["val_fraction"])
-    sentences = {"train": sentences_of(train_text), "val": sentences_of(val_text)}
-    for split, sents in sentences.items():
-        if not sents:
-            raise UsageError(f"the {split} split of {cfg['data']} has no words (give more text or another --val_fraction)")
+    try:
+        train_text, val_text = split_documents(load_documents(cfg["data"]), cfg["val_fraction"])
+        sentences = {"train": sentences_of(train_text), "val": sentences_of(val_text)}
+        for split, sents in sentences.items():
+            if not sents:
+                raise UsageError(f"the {split} split of {cfg['data']} has no words (give more text or another "
+                                 "--val_fraction)")
+    except (ValueError, UsageError):      # DataError is a ValueError; main() prints it in one line
+        try:
+            if made:
+                os.rmdir(out_dir)         # no empty out_dir left behind (rmdir: only if empty)
+        except OSError:
+            pass
+        raise
     counts = Counter(w for s in sentences["train"] for w in s)
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
     # <S>, </S> first, then <UNK> and the words by frequency

@@ -211,6 +211,7 @@ def test_bad_corpus_is_a_one_line_error(tmp_path, content, message):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr and lines[0].startswith("train_elmo.py: ")
     assert message.lower() in lines[0].lower()
+    assert not (tmp_path / "out").exists()              # no empty out_dir left behind
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
