@@ -1,6 +1,6 @@
 """Train an ELMo biLM from scratch (Peters et al. 2018; allenai/bilm-tf's bin/train_elmo.py), or embed text with one.
 
-    python train_elmo.py                                        # Shakespeare, tiny model: about 1 min on 2 CPU cores
+    python train_elmo.py                                        # Shakespeare, tiny model: under a minute on 2 CPU cores
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
@@ -403,7 +403,7 @@ def setup_device(cfg):
 def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import data_spec, load_documents, split_documents
-    from minilm.files import save_checkpoint, truncate_log
+    from minilm.files import make_dirs, remove_dirs, save_checkpoint, truncate_log
     from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset,
                              word_to_char_ids)
 
@@ -420,9 +420,8 @@ def train(cfg, checkpoint=None):
     log_path = os.path.join(out_dir, "log.jsonl")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
-    made = not os.path.exists(out_dir)
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        made = make_dirs(out_dir)
     except OSError as e:
         raise UsageError(f"cannot use --out_dir {out_dir}: {e.strerror or e}") from None
     if not checkpoint and os.path.exists(ckpt_path) and not cfg["overwrite"]:
@@ -438,11 +437,7 @@ def train(cfg, checkpoint=None):
                 raise UsageError(f"the {split} split of {cfg['data']} has no words (give more text or another "
                                  "--val_fraction)")
     except (ValueError, UsageError):      # DataError is a ValueError; main() prints it in one line
-        try:
-            if made:
-                os.rmdir(out_dir)         # no empty out_dir left behind (rmdir: only if empty)
-        except OSError:
-            pass
+        remove_dirs(made)                 # no empty out_dir left behind
         raise
     counts = Counter(w for s in sentences["train"] for w in s)
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
@@ -482,7 +477,7 @@ def train(cfg, checkpoint=None):
     # -- model and optimizer ------------------------------------------------------------------------
     torch.manual_seed(cfg["seed"])
     if checkpoint:
-        if checkpoint["vocab"] != vocab or checkpoint.get("corpus_sha256") != corpus_sha256:
+        if checkpoint.get("corpus_sha256") != corpus_sha256:   # the words and tokens, so the vocabulary too
             raise UsageError(f"--resume True: {cfg['data']} has changed since {ckpt_path} was trained on it (its "
                              "streams would read other sentences); start a new run to train on the new text")
         model = bilm_from_checkpoint(checkpoint, ckpt_path).to(dev)
@@ -645,10 +640,12 @@ def embed_file(cfg):
     bilm = bilm_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
     elmo = ELMo(bilm.to(dev), dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
 
+    if not os.path.exists(cfg["embed"]):
+        raise UsageError(f"--embed {cfg['embed']}: no such file or directory")
     try:
         text = "\n".join(t for _, t in load_documents(cfg["embed"]))
-    except ValueError as e:          # DataError: missing, empty, not UTF-8 (its message speaks of training data)
-        raise UsageError(f"--embed {cfg['embed']}: {str(e).split(' (data is')[0]}") from None
+    except ValueError as e:          # DataError: empty, not UTF-8, ...
+        raise UsageError(f"--embed {cfg['embed']}: {e}") from None
     sentences = sentences_of(text)
     if not sentences:
         raise UsageError(f"{cfg['embed']} has no words to embed")

@@ -38,7 +38,7 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import save_checkpoint, truncate_log, write_atomic
+from minilm.files import make_dirs, remove_dirs, save_checkpoint, truncate_log, write_atomic
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -381,17 +381,14 @@ def main(argv):
     expect = ckpt["data_meta"] if ckpt else None
     error = None
     if master:
-        made = not os.path.exists(out_dir)
+        made = []
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            made = make_dirs(out_dir)
             meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect)
         except (DataError, OSError) as e:
             error = ("--resume True: " if ckpt else "") + str(e)
-            for path in (data_dir, out_dir) if made else ():   # leave no empty out_dir behind (rmdir: only if empty)
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    pass
+            if made:  # out_dir is this run's: leave nothing of it (data_dir inside it, then out_dir), if empty
+                remove_dirs([data_dir, *made])
     if ddp:  # rank 0 wrote the files (or failed): tell the others, rather than leave them waiting
         box = [error]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -653,7 +650,7 @@ def sample(cfg, model, data_dir, device):
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
     model.eval()
     x = torch.tensor([prompt] * cfg["num_samples"], dtype=torch.long, device=device)
-    top_k = cfg["top_k"] if cfg["top_k"] and cfg["top_k"] > 0 else None
+    top_k = cfg["top_k"] or None  # 0: no top-k
     y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=top_k, generator=g)
     for row in y.tolist():
         print("-" * 60)

@@ -166,7 +166,7 @@ def _from_path(data: str) -> list[tuple[str, str]]:
         with open(data, "rb") as f:
             text = decode_utf8(f.read(), data)
         if not text.strip():
-            raise DataError(f"{data} is empty: there is no text to train on")
+            raise DataError(f"{data} is empty: there is no text in it")
         return [(os.path.basename(data), text)]
     docs = []
     for root, dirs, files in os.walk(data):

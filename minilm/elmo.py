@@ -322,9 +322,10 @@ class BiLM(nn.Module):
                              f"batch_to_ids, got shape {tuple(char_ids.shape)}")
         if char_ids.dtype != torch.long:
             raise TypeError(f"BiLM: char_ids must be int64, got {char_ids.dtype}")
-        if char_ids.numel() and (char_ids.min() < 0 or char_ids.max() >= c.n_characters):
-            raise ValueError(f"BiLM: character ids must lie in [0, {c.n_characters}), got "
-                             f"[{char_ids.min().item()}, {char_ids.max().item()}]")
+        if char_ids.numel():
+            lo, hi = torch.stack(torch.aminmax(char_ids)).tolist()      # one device sync
+            if lo < 0 or hi >= c.n_characters:
+                raise ValueError(f"BiLM: character ids must lie in [0, {c.n_characters}), got [{lo}, {hi}]")
 
     def _check_state(self, state, batch_size):
         if state is None:
@@ -451,7 +452,7 @@ class BiLM(nn.Module):
                 raise ValueError("BiLM.stream_losses: with token_index, char_ids must be (U, 50): the distinct words, "
                                  f"got {_shape(char_ids)}")
             self._check(char_ids[None])
-            if token_index.numel() and (token_index.min() < 0 or token_index.max() >= len(char_ids)):
+            if token_index.numel() and not all(0 <= i < len(char_ids) for i in torch.stack(torch.aminmax(token_index)).tolist()):
                 raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
             self.check_stream_state(state, token_index.shape[1])
             x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)

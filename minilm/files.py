@@ -33,6 +33,29 @@ def write_atomic(path, data):
         raise
 
 
+def make_dirs(path):
+    """os.makedirs(path, exist_ok=True), returning the directories it created, innermost first (remove_dirs
+    takes them away again when a run fails before writing anything)."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return made
+
+
+def remove_dirs(made):
+    """Remove the directories make_dirs created, innermost first, while they are empty (one already gone
+    is passed over)."""
+    for path in made:
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            continue
+        except OSError:     # not empty: it, and the directories above it, stay
+            return
+
+
 def save_checkpoint(path, state):
     """torch.save(state) to path, atomically. Checkpoints hold plain types only (tensors, numbers,
     strings, lists, dicts), so torch.load(path, weights_only=True) reads them."""
@@ -57,5 +80,5 @@ def truncate_log(log_path, last_iter):
             raise ValueError(f"{log_path}, line {n}, is not an evaluation record: delete that line (or the log) "
                              "and resume again") from None
         if it <= last_iter:
-            keep.append(line)
+            keep.append(line if line.endswith("\n") else line + "\n")   # the next evaluation starts a new line
     write_atomic(log_path, "".join(keep).encode("utf-8"))

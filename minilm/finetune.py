@@ -591,7 +591,8 @@ def _pretrained(init_from, opts):
     tok_dir = next((d for d in (os.path.join(init_from, ckpt.get("data_dir", "data")), init_from)
                     if os.path.isfile(os.path.join(d, "vocab.json"))), None)
     if tok_dir is None:
-        raise FinetuneError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) beside the checkpoint")
+        raise FinetuneError(f"--init_from {init_from}: no tokenizer (vocab.json + merges.txt) in "
+                            f"{os.path.join(init_from, ckpt.get('data_dir', 'data'))} or beside the checkpoint")
     tokenizer = BPETokenizer.load(tok_dir)
     model = model_from_checkpoint(ckpt, path, what)
     if tokenizer.vocab_size != model.config.vocab_size:
@@ -626,11 +627,13 @@ def _same_path(a, b):
 
 
 def _check_resume_options(given, ckpt, ckpt_path):
-    """A resumed run is the checkpoint's run: its task, its data, its classes, its starting point."""
+    """A resumed run is the checkpoint's run: its task, its data, its classes, its starting point, its model's
+    shape (the options may only repeat the checkpoint's values)."""
     saved = ckpt["options"]
     now = {"task": saved.get("task"), "task_data": saved.get("task_data"), "init_from": saved.get("init_from"),
            "n_class": ckpt["task_config"]["n_class"], "val_fraction": saved.get("val_fraction"),
-           "seed": saved.get("seed"), "dropout": saved.get("dropout")}
+           "seed": saved.get("seed"), "dropout": saved.get("dropout"),
+           **{k: saved.get(k) for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")}}
     for name, value in now.items():
         if name not in given:
             continue
@@ -706,12 +709,10 @@ def finetune(options, print_fn=print, ckpt=None):
         if opts[name] and opts[name] not in ("builtin", "shakespeare"):
             opts[name] = os.path.abspath(opts[name])
     task = opts["task"]
-    if opts["init_from"] or ckpt:   # a resume may repeat the checkpoint's values; --init_from takes them all
-        fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")
-                 if k in given and (not ckpt or given[k] != ckpt["options"].get(k))]
+    if opts["init_from"] and not ckpt:   # (a resume checked them above)
+        fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size") if k in given]
         if fixed:
-            raise FinetuneError(f"--{fixed[0]}: the model's shape and tokenizer come from "
-                                + ("the checkpoint being resumed" if ckpt else f"--init_from {opts['init_from']}"))
+            raise FinetuneError(f"--{fixed[0]}: the model's shape and tokenizer come from --init_from {opts['init_from']}")
     if task not in TASKS:
         raise FinetuneError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     _check_options(opts)

@@ -200,7 +200,7 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "no such file or directory"), (b"", "corpus.txt is empty: there is no text to train on"),
+    (None, "no such file or directory"), (b"", "corpus.txt is empty: there is no text in it"),
     (b"\xff\xfe bad bytes \xc3\x28\n", "UTF-8")])
 def test_bad_corpus_is_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "corpus.txt"
@@ -259,7 +259,7 @@ def test_embed_checks_its_file_and_word_before_any_work(trained, tmp_path):
         f"--word 'queen' does not occur in {text}"
     assert not (out / "elmo_features.npz").exists()
     missing = tmp_path / "missing.txt"
-    assert usage_error("--out_dir", str(out), "--embed", str(missing)) == f"--embed {missing}: no such file or directory: {missing}"
+    assert usage_error("--out_dir", str(out), "--embed", str(missing)) == f"--embed {missing}: no such file or directory"
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     assert "is empty" in usage_error("--out_dir", str(out), "--embed", str(tmp_path / "empty.txt"))
 

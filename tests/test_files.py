@@ -1,0 +1,47 @@
+"""minilm.files: the atomic writer's helpers that the training scripts share."""
+import json
+import os
+
+import pytest
+
+from minilm.files import make_dirs, remove_dirs, truncate_log, write_atomic
+
+
+def _log(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_truncate_log_keeps_the_records_up_to_the_checkpoint_each_on_its_own_line(tmp_path):
+    rec = lambda it: json.dumps({"iter": it, "val_loss": 1.0 / (it + 1)})  # noqa: E731
+    # the last record has no newline (a hand edit, or a kill right after the record): kept, and ended, so
+    # that the next evaluation appended to the log starts a line of its own
+    log = _log(tmp_path / "a.jsonl", f"{rec(0)}\n{rec(10)}\n{rec(20)}")
+    truncate_log(log, 20)
+    with open(log, "a") as f:
+        f.write(rec(30) + "\n")
+    assert [json.loads(line)["iter"] for line in open(log)] == [0, 10, 20, 30]
+    # records after the checkpoint go; a last line a kill cut short goes too
+    log = _log(tmp_path / "b.jsonl", f"{rec(0)}\n{rec(10)}\n\n{rec(20)}\n" + rec(30)[:9])
+    truncate_log(log, 10)
+    assert open(log).read() == f"{rec(0)}\n{rec(10)}\n"
+    # a damaged line anywhere else is an error that names the file and the line, and changes nothing
+    text = f"{rec(0)}\nnot json\n{rec(10)}\n"
+    log = _log(tmp_path / "c.jsonl", text)
+    with pytest.raises(ValueError, match=r"c\.jsonl, line 2, is not an evaluation record"):
+        truncate_log(log, 10)
+    assert open(log).read() == text
+    truncate_log(str(tmp_path / "missing.jsonl"), 10)          # no log yet: an empty one
+    assert open(tmp_path / "missing.jsonl").read() == ""
+
+
+def test_make_dirs_and_remove_dirs_take_away_only_what_they_made(tmp_path):
+    made = make_dirs(tmp_path / "a" / "b" / "c")
+    assert made == [str(tmp_path / "a" / "b" / "c"), str(tmp_path / "a" / "b"), str(tmp_path / "a")]
+    remove_dirs([str(tmp_path / "a" / "b" / "c" / "data"), *made])   # one that never existed is passed over
+    assert os.listdir(tmp_path) == []
+    made = make_dirs(tmp_path / "x" / "y")
+    write_atomic(str(tmp_path / "x" / "keep.txt"), b"the user's")
+    remove_dirs(made)                                             # y goes; x holds a file, so it stays
+    assert os.listdir(tmp_path / "x") == ["keep.txt"]
+    assert make_dirs(tmp_path / "x") == []                        # already there: nothing made
