@@ -392,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m minilm.data", description="Tokenise a corpus for GPT-1.")
     p.add_argument("--data", default="shakespeare", help="'shakespeare', 'korean', or a path to UTF-8 text (file or directory)")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=8000)        # train_gpt1.py spells it with _
+    p.add_argument("--val-fraction", "--val_fraction", type=float, default=0.1)
     p.add_argument("--out", default=None, help="output directory (default: <cache>/gpt1/<name>-bpe<vocab>)")
     args = p.parse_args(argv)
     out = args.out or default_data_dir(args.data, args.vocab_size)

@@ -232,3 +232,6 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     src = _write(tmp_path / "t.txt", PLAY)
     assert D.main(["--data", str(src), "--vocab-size", "100", "--out", str(tmp_path / "o")]) == 0
     assert "prepared" in capsys.readouterr().out
+    # train_gpt1.py's spelling works too
+    assert D.main(["--data", str(src), "--vocab_size", "90", "--val_fraction", "0.2", "--out", str(tmp_path / "p")]) == 0
+    assert "vocab 90" in capsys.readouterr().out
