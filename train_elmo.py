@@ -4,6 +4,7 @@
     python train_elmo.py --data my_corpus.txt --preset small --device cuda
     torchrun --nproc_per_node 2 train_elmo.py --batch_size 64   # DDP: the same global batch at any world size
     python train_elmo.py --out_dir out-elmo --embed sentences.txt   # ELMo features of a trained run (.npz)
+    python train_elmo.py --out_dir out-elmo --test val              # its perplexity on all of its validation split
     python train_elmo.py --resume True          # continue the run in out_dir, with its own options
     python train_elmo.py --overwrite True       # start over in an out_dir that holds a run
 
@@ -66,6 +67,7 @@ resume = False             # continue from out_dir/ckpt.pt
 overwrite = False          # start over in an out_dir that holds a checkpoint (deletes its ckpt.pt and log.jsonl)
 embed = ""                 # a text file (or a directory of them): ELMo features of its lines (needs a trained out_dir)
 word = ""                  # --embed: the word whose contexts to compare (default: picked from the file)
+test = ""                  # "val" (the run's validation split) or a text file: a trained out_dir's perplexity on all of it
 # -----------------------------------------------------------------------------------------------
 
 
@@ -146,7 +148,7 @@ def sentences_of(text):
 # the run exactly. max_iters (train longer), eval_interval, eval_iters, log_interval, device and compile may change.
 FIXED_BY_CHECKPOINT = ("data", "val_fraction", "max_vocab", "preset", "dropout", "n_negative_samples", "optimizer",
                        "learning_rate", "grad_clip", "batch_size", "unroll_steps", "seed")
-NOT_FROM_CHECKPOINT = ("out_dir", "device", "resume", "overwrite", "embed", "word")   # this command line's own
+NOT_FROM_CHECKPOINT = ("out_dir", "device", "resume", "overwrite", "embed", "word", "test")   # this command line's own
 
 
 def default_lr(optimizer):
@@ -188,8 +190,12 @@ def main(argv):
         return 0
     cfg = {**defaults, **given}
     try:
+        if cfg["embed"] and cfg["test"]:
+            raise UsageError("--embed and --test are two different jobs: pass one of them")
         if cfg["embed"]:
             return embed_file(cfg)
+        if cfg["test"]:
+            return held_out_perplexity(cfg)
         check_train_options(cfg)
         checkpoint = None
         if cfg["resume"]:       # the checkpoint's options, then whatever this command line says
@@ -296,23 +302,28 @@ class SentenceStream:
     sentence is used up draws the next one from a supply all rows share: the split's sentences in a
     new random order on every pass (bilm-tf reshuffles a shard each time it loads one). The rows' places
     are all the state there is, so a checkpoint keeps it (state_dict). seed: a tuple of ints; pass e's
-    order is numpy's default_rng([*seed, e]).permutation.
+    order is numpy's default_rng([*seed, e]).permutation. test: bilm-tf's test mode, one pass through the
+    sentences in their order, after which next_batch raises StopIteration.
     """
 
-    def __init__(self, lengths, rows, seed):
+    def __init__(self, lengths, rows, seed, test=False):
         self.lengths = np.asarray(lengths, dtype=np.int64)                   # tokens per sentence, markers included
         self.offsets = np.cumsum(self.lengths) - self.lengths                # where each one starts in the split's tokens
-        self.rows, self.seed = rows, seed
+        self.rows, self.seed, self.test = rows, seed, test
         self.epoch, self.drawn = 0, 0          # the pass through the sentences, and how many of it are drawn
         self.sentence = [-1] * rows            # each row's sentence (−1: none yet)
         self.place = [0] * rows                # and the place in it of the row's next input
         self.order = self._order()
 
     def _order(self):
+        if self.test:
+            return np.arange(len(self.lengths))
         return np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.lengths))
 
     def _draw(self):
         if self.drawn == len(self.lengths):
+            if self.test:       # bilm-tf's test mode: one pass in file order; the unfinished batch is dropped
+                raise StopIteration
             self.epoch, self.drawn = self.epoch + 1, 0
             self.order = self._order()
         self.drawn += 1
@@ -365,6 +376,34 @@ def restore_streams(checkpoint, path, streams, model):
     return state
 
 
+def encode_splits(sentences, vocab):
+    """{split: sentences} and the softmax vocabulary → (types: every word read, markers included, sorted;
+    type_chars (n_types, 50) their char ids; type_to_word (n_types,) their softmax ids, <UNK> for words outside
+    it; {split: (2, N) the type ids each direction reads}; {split: each sentence's length})."""
+    from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, word_to_char_ids
+    word_id = {w: i for i, w in enumerate(vocab)}
+    types = sorted({w for sents in sentences.values() for s in sents for w in s} | {BOS_TOKEN, EOS_TOKEN})
+    type_id = {w: i for i, w in enumerate(types)}
+    type_chars = torch.tensor([word_to_char_ids(w) for w in types], dtype=torch.long)      # (n_types, 50)
+    type_to_word = torch.tensor([word_id.get(w, word_id[UNK_TOKEN]) for w in types])        # (n_types,)
+    tokens, lengths = {}, {}
+    for split, sents in sentences.items():
+        words, lengths[split] = direction_words(sents)
+        tokens[split] = torch.tensor([[type_id[w] for w in ws] for ws in words])   # (2, N) type ids
+    return types, type_chars, type_to_word, tokens, lengths
+
+
+def next_batch(streams, T, tokens, type_chars, type_to_word, rows=slice(None)):
+    """The two streams' next batch, rows `rows` of it: the char ids of its distinct words (U, 50), which of them
+    each direction reads (2, b, T), and the targets (2, b, T), softmax ids. tokens (2, N): the split's type ids."""
+    index = torch.from_numpy(np.stack([stream.next_batch(T) for stream in streams])[:, rows])   # (2, b, T)
+    d = torch.arange(2).view(2, 1, 1)
+    read = tokens[d, index]                                      # (2, b, T) type ids of the inputs
+    distinct, where = torch.unique(read, return_inverse=True)    # each word once: the char-CNN encodes it once
+    targets = type_to_word[tokens[d, index + 1]]                 # (2, b, T) the token after each input
+    return type_chars[distinct], where, targets
+
+
 def direction_words(sentences):
     """The words each direction reads, sentence after sentence: ([forward: <S> w_1 … w_n </S> …, backward:
     </S> w_n … w_1 <S> …], each sentence's length in tokens)."""
@@ -404,8 +443,7 @@ def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import data_spec, load_documents, split_documents
     from minilm.files import make_dirs, remove_dirs, save_checkpoint, truncate_log
-    from minilm.elmo import (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset,
-                             word_to_char_ids)
+    from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset
 
     ddp, rank, world, dev = setup_device(cfg)
     master = rank == 0
@@ -443,15 +481,7 @@ def train(cfg, checkpoint=None):
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
     # <S>, </S> first, then <UNK> and the words by frequency
     vocab = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN] + ranked[: (cfg["max_vocab"] - 3) if cfg["max_vocab"] else None]
-    word_id = {w: i for i, w in enumerate(vocab)}
-    types = sorted({w for sents in sentences.values() for s in sents for w in s} | {BOS_TOKEN, EOS_TOKEN})
-    type_id = {w: i for i, w in enumerate(types)}
-    type_chars = torch.tensor([word_to_char_ids(w) for w in types], dtype=torch.long)      # (n_types, 50)
-    type_to_word = torch.tensor([word_id.get(w, word_id[UNK_TOKEN]) for w in types])        # (n_types,)
-    tokens, lengths = {}, {}
-    for split, sents in sentences.items():
-        words, lengths[split] = direction_words(sents)
-        tokens[split] = torch.tensor([[type_id[w] for w in ws] for ws in words])   # (2, N) type ids
+    types, type_chars, type_to_word, tokens, lengths = encode_splits(sentences, vocab)
     n_tokens = {split: sum(n - 1 for n in lengths[split]) for split in lengths}   # inputs (= targets) per pass
     corpus_sha256 = hashlib.sha256("\n".join(types).encode()
                                    + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
@@ -463,14 +493,8 @@ def train(cfg, checkpoint=None):
 
     def get_batch(split, streams):
         """The streams' next global batch (every rank steps every row, so a rank's rows are the same at any
-        world size), this rank's rows of it: the char ids of its distinct words (U, 50), which of them each
-        direction reads (2, b, T), and the targets (2, b, T), softmax ids."""
-        index = torch.from_numpy(np.stack([stream.next_batch(T) for stream in streams])[:, rows])   # (2, b, T)
-        d = torch.arange(2).view(2, 1, 1)
-        read = tokens[split][d, index]                               # (2, b, T) type ids of the inputs
-        distinct, where = torch.unique(read, return_inverse=True)    # each word once: the char-CNN encodes it once
-        targets = type_to_word[tokens[split][d, index + 1]]          # (2, b, T) the token after each input
-        return type_chars[distinct].to(dev), where.to(dev), targets.to(dev)
+        world size), this rank's rows of it, on the device (see next_batch)."""
+        return [x.to(dev) for x in next_batch(streams, T, tokens[split], type_chars, type_to_word, rows)]
 
     rows = slice(rank * (B // world), (rank + 1) * (B // world))
 
@@ -620,6 +644,61 @@ def train(cfg, checkpoint=None):
         del model
         gc.collect()
         torch.distributed.destroy_process_group()
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# --test: a trained biLM's perplexity on a whole text (bilm-tf's bin/run_test.py)
+
+
+def held_out_perplexity(cfg):
+    """Full-softmax perplexity of out_dir's model on every sentence of --test ("val": the run's own validation
+    split), read as bilm-tf's test mode reads it: batch_size rows of unroll_steps tokens, each direction's
+    stream in file order, the LSTM state carried from zero through the whole pass, the unfinished last
+    batch dropped."""
+    from minilm.data import load_documents, split_documents
+
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"--test needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
+    check_device(cfg["device"])
+    if cfg["batch_size"] < 1 or cfg["unroll_steps"] < 1:
+        raise UsageError("--batch_size and --unroll_steps must be ≥ 1")
+    checkpoint = load_checkpoint(ckpt_path)
+    bilm = bilm_from_checkpoint(checkpoint, ckpt_path).to(cfg["device"]).eval()
+    if cfg["test"] == "val":
+        trained_with = checkpoint.get("train_config") or {}
+        if "data" not in trained_with or "val_fraction" not in trained_with:
+            raise UsageError(f"{ckpt_path} does not record its run's --data and --val_fraction: give --test a text file")
+        text = split_documents(load_documents(trained_with["data"]), trained_with["val_fraction"])[1]
+    else:
+        if not os.path.exists(cfg["test"]):
+            raise UsageError(f"--test {cfg['test']}: no such file or directory")
+        text = "\n".join(t for _, t in load_documents(cfg["test"]))
+    sentences = sentences_of(text)
+    if not sentences:
+        raise UsageError(f"--test {cfg['test']} has no words")
+    B, T = cfg["batch_size"], cfg["unroll_steps"]
+    _, type_chars, type_to_word, tokens, lengths = encode_splits({"test": sentences}, checkpoint["vocab"])
+    streams = [SentenceStream(lengths["test"], B, (0, d), test=True) for d in (0, 1)]
+    total, n, state = torch.zeros(2, dtype=torch.float64), 0, None
+    with torch.no_grad():
+        while True:
+            try:
+                batch = next_batch(streams, T, tokens["test"], type_chars, type_to_word)
+            except StopIteration:
+                break
+            chars, where, targets = (x.to(cfg["device"]) for x in batch)
+            losses, state = bilm.stream_losses(chars, targets, state, where)
+            total += losses.double().cpu() * (B * T)
+            n += B * T
+    if n == 0:
+        raise UsageError(f"--test {cfg['test']} is shorter than one batch of --batch_size {B} × --unroll_steps {T} "
+                         "tokens: give more text or smaller values")
+    fwd, bwd = (total / n).tolist()
+    print(f"--test {cfg['test']}: {len(sentences):,} sentences, {n:,} of the {sum(lengths['test']) - len(sentences):,} "
+          f"tokens scored per direction ({B} × {T} per batch, the unfinished last batch left out, as bilm-tf)")
+    print(f"perplexity {math.exp((fwd + bwd) / 2):.1f} (forward {math.exp(fwd):.1f}, backward {math.exp(bwd):.1f})")
     return 0
 
 

@@ -489,3 +489,34 @@ def test_readme_elmo_snippet_runs(trained, monkeypatch):
     scope = {}
     exec(code, scope)
     assert scope["reps"].shape[:2] == (2, 4) and scope["mask"].sum().item() == 7
+
+
+def test_test_scores_the_whole_text_as_one_stream_with_the_state_carried(trained, tmp_path, capsys):
+    # batch 1 × 1 step: the pass through the file, state carried from zero, is one call over the whole stream
+    text = tmp_path / "held_out.txt"
+    sentences = [["The", "king", "loves", "a", "play", "."], ["A", "fool", "mocks", "the", "queen", "."], ["Go", "!"]]
+    text.write_text("\n".join(" ".join(s) for s in sentences) + "\n", encoding="utf-8")
+    assert train_elmo.main(["--out_dir", trained, "--test", str(text), "--batch_size", "1", "--unroll_steps", "1",
+                            "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "3 sentences, 17 of the 17 tokens scored per direction" in out
+    ppl = [float(x) for x in re.findall(r"perplexity ([\d.]+) \(forward ([\d.]+), backward ([\d.]+)\)", out)[0]]
+    ckpt = load_ckpt(trained)
+    bilm = train_elmo.bilm_from_checkpoint(ckpt, "ckpt").eval()
+    _, type_chars, type_to_word, tokens, _ = train_elmo.encode_splits({"t": sentences}, ckpt["vocab"])
+    ends = [len(s) + 2 for s in sentences]                                # the inputs: every token but each last
+    starts = np.cumsum([0] + ends[:-1])
+    inputs = torch.tensor([i for n, start in zip(ends, starts) for i in range(start, start + n - 1)])
+    chars, targets = type_chars[tokens["t"][:, inputs]], type_to_word[tokens["t"][:, inputs + 1]]   # (2, 17, 50), (2, 17)
+    with torch.no_grad():
+        losses, _ = bilm.stream_losses(chars[:, None], targets[:, None])                      # one row of 17 steps
+    expected = [np.exp(losses.mean().item()), np.exp(losses[0].item()), np.exp(losses[1].item())]
+    assert ppl == pytest.approx(expected, abs=0.051)
+    # the run's own validation split, in batches of the default size
+    assert train_elmo.main(["--out_dir", trained, "--test", "val", "--device", "cpu"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    for args, message in ((["--test", str(tmp_path / "missing.txt")], "no such file or directory"),
+                          (["--test", "val", "--embed", str(text)], "pass one of them"),
+                          (["--test", str(text), "--batch_size", "64"], "shorter than one batch")):
+        assert message in usage_error("--out_dir", trained, *args)
+    assert "--test needs a trained model" in usage_error("--out_dir", str(tmp_path / "none"), "--test", "val")
