@@ -393,7 +393,7 @@ def encode_splits(sentences, vocab):
     return types, type_chars, type_to_word, tokens, lengths
 
 
-def next_batch(streams, T, tokens, type_chars, type_to_word, rows=slice(None)):
+def stream_batch(streams, T, tokens, type_chars, type_to_word, rows=slice(None)):
     """The two streams' next batch, rows `rows` of it: the char ids of its distinct words (U, 50), which of them
     each direction reads (2, b, T), and the targets (2, b, T), softmax ids. tokens (2, N): the split's type ids."""
     index = torch.from_numpy(np.stack([stream.next_batch(T) for stream in streams])[:, rows])   # (2, b, T)
@@ -493,8 +493,8 @@ def train(cfg, checkpoint=None):
 
     def get_batch(split, streams):
         """The streams' next global batch (every rank steps every row, so a rank's rows are the same at any
-        world size), this rank's rows of it, on the device (see next_batch)."""
-        return [x.to(dev) for x in next_batch(streams, T, tokens[split], type_chars, type_to_word, rows)]
+        world size), this rank's rows of it, on the device (see stream_batch)."""
+        return [x.to(dev) for x in stream_batch(streams, T, tokens[split], type_chars, type_to_word, rows)]
 
     rows = slice(rank * (B // world), (rank + 1) * (B // world))
 
@@ -648,6 +648,31 @@ def train(cfg, checkpoint=None):
 
 
 # -----------------------------------------------------------------------------------------------
+# --test and --embed: jobs for a trained out_dir
+
+
+def trained_bilm(cfg, option):
+    """(out_dir's checkpoint, its BiLM on --device), or a one-line error naming the option that needs them."""
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"--{option} needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
+    check_device(cfg["device"])
+    checkpoint = load_checkpoint(ckpt_path)
+    return checkpoint, bilm_from_checkpoint(checkpoint, ckpt_path).to(cfg["device"])
+
+
+def text_sentences(path, option):
+    """The sentences of a text file (or a directory of them) given to --option, or a one-line error."""
+    from minilm.data import load_documents
+    if not os.path.exists(path):
+        raise UsageError(f"--{option} {path}: no such file or directory")
+    try:
+        text = "\n".join(t for _, t in load_documents(path))
+    except ValueError as e:          # DataError: empty, not UTF-8, ...
+        raise UsageError(f"--{option} {path}: {e}") from None
+    return sentences_of(text)
+
+
 # --test: a trained biLM's perplexity on a whole text (bilm-tf's bin/run_test.py)
 
 
@@ -658,24 +683,18 @@ def held_out_perplexity(cfg):
     batch dropped."""
     from minilm.data import load_documents, split_documents
 
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not os.path.isfile(ckpt_path):
-        raise UsageError(f"--test needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
-    check_device(cfg["device"])
     if cfg["batch_size"] < 1 or cfg["unroll_steps"] < 1:
         raise UsageError("--batch_size and --unroll_steps must be ≥ 1")
-    checkpoint = load_checkpoint(ckpt_path)
-    bilm = bilm_from_checkpoint(checkpoint, ckpt_path).to(cfg["device"]).eval()
+    checkpoint, bilm = trained_bilm(cfg, "test")
+    bilm.eval()
     if cfg["test"] == "val":
         trained_with = checkpoint.get("train_config") or {}
         if "data" not in trained_with or "val_fraction" not in trained_with:
-            raise UsageError(f"{ckpt_path} does not record its run's --data and --val_fraction: give --test a text file")
-        text = split_documents(load_documents(trained_with["data"]), trained_with["val_fraction"])[1]
+            raise UsageError(f"{cfg['out_dir']}/ckpt.pt does not record its run's --data and --val_fraction: give "
+                             "--test a text file")
+        sentences = sentences_of(split_documents(load_documents(trained_with["data"]), trained_with["val_fraction"])[1])
     else:
-        if not os.path.exists(cfg["test"]):
-            raise UsageError(f"--test {cfg['test']}: no such file or directory")
-        text = "\n".join(t for _, t in load_documents(cfg["test"]))
-    sentences = sentences_of(text)
+        sentences = text_sentences(cfg["test"], "test")
     if not sentences:
         raise UsageError(f"--test {cfg['test']} has no words")
     B, T = cfg["batch_size"], cfg["unroll_steps"]
@@ -685,7 +704,7 @@ def held_out_perplexity(cfg):
     with torch.no_grad():
         while True:
             try:
-                batch = next_batch(streams, T, tokens["test"], type_chars, type_to_word)
+                batch = stream_batch(streams, T, tokens["test"], type_chars, type_to_word)
             except StopIteration:
                 break
             chars, where, targets = (x.to(cfg["device"]) for x in batch)
@@ -707,25 +726,13 @@ def held_out_perplexity(cfg):
 
 
 def embed_file(cfg):
-    from minilm.data import load_documents
     from minilm.elmo import ELMo, batch_to_ids
     from minilm.files import write_atomic
 
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not os.path.isfile(ckpt_path):
-        raise UsageError(f"--embed needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
     dev = cfg["device"]
-    check_device(dev)
-    bilm = bilm_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
-    elmo = ELMo(bilm.to(dev), dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
-
-    if not os.path.exists(cfg["embed"]):
-        raise UsageError(f"--embed {cfg['embed']}: no such file or directory")
-    try:
-        text = "\n".join(t for _, t in load_documents(cfg["embed"]))
-    except ValueError as e:          # DataError: empty, not UTF-8, ...
-        raise UsageError(f"--embed {cfg['embed']}: {e}") from None
-    sentences = sentences_of(text)
+    _, bilm = trained_bilm(cfg, "embed")
+    elmo = ELMo(bilm, dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
+    sentences = text_sentences(cfg["embed"], "embed")
     if not sentences:
         raise UsageError(f"{cfg['embed']} has no words to embed")
     if cfg["word"] and not any(cfg["word"] in words for words in sentences):
@@ -748,8 +755,8 @@ def embed_file(cfg):
     out_path = os.path.join(cfg["out_dir"], "elmo_features.npz")
     write_atomic(out_path, lambda f: np.savez(f, n_sentences=len(sentences), **arrays))
     print(f"wrote ELMo features of {len(sentences)} sentence{'s' if len(sentences) > 1 else ''} to {out_path}: "
-          f"per sentence i, tokens_i, layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}), elmo_i (their average) and sentence_i "
-          "(the mean of elmo_i over the tokens: a sentence embedding)")
+          f"per sentence i, tokens_i, layers_i (n_layers+1, n_tokens, {2 * bilm.config.projection_dim}), elmo_i "
+          "(their average) and sentence_i (the mean of elmo_i over the tokens: a sentence embedding)")
     show_contexts(cfg, sentences, top, bilm)
     return 0
 

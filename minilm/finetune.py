@@ -626,6 +626,11 @@ def _same_path(a, b):
     return norm(a) == norm(b)
 
 
+# The options that make the model and its tokenizer: a fine-tuning run takes them from --init_from (or trains
+# from scratch with them); a resume may only repeat them.
+SHAPE_OPTIONS = ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+
+
 def _check_resume_options(given, ckpt, ckpt_path):
     """A resumed run is the checkpoint's run: its task, its data, its classes, its starting point, its model's
     shape (the options may only repeat the checkpoint's values)."""
@@ -633,7 +638,7 @@ def _check_resume_options(given, ckpt, ckpt_path):
     now = {"task": saved.get("task"), "task_data": saved.get("task_data"), "init_from": saved.get("init_from"),
            "n_class": ckpt["task_config"]["n_class"], "val_fraction": saved.get("val_fraction"),
            "seed": saved.get("seed"), "dropout": saved.get("dropout"),
-           **{k: saved.get(k) for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")}}
+           **{k: saved.get(k) for k in SHAPE_OPTIONS}}
     for name, value in now.items():
         if name not in given:
             continue
@@ -710,7 +715,7 @@ def finetune(options, print_fn=print, ckpt=None):
             opts[name] = os.path.abspath(opts[name])
     task = opts["task"]
     if opts["init_from"] and not ckpt:   # (a resume checked them above)
-        fixed = [k for k in ("preset", "vocab_size", "n_layer", "n_head", "n_embd", "block_size") if k in given]
+        fixed = [k for k in SHAPE_OPTIONS if k in given]
         if fixed:
             raise FinetuneError(f"--{fixed[0]}: the model's shape and tokenizer come from --init_from {opts['init_from']}")
     if task not in TASKS:
