@@ -6,6 +6,8 @@
 # dropout last).
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
+# GPU_CHECK_SKIP names steps not to run (e.g. "diag-char-cnn cnn-determinism perf-char-cnn" when the
+# char-CNN kernels have not changed since their last GPU run: the CUDA tests still check them).
 #   bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ passed=() failed=()
 t_all=$SECONDS
 step() {  # step NAME TIMEOUT_S CMD...: run, time, record; never stop the script
   local name=$1 limit=$2; shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then echo; echo "=== [$name] skipped: in GPU_CHECK_SKIP"; return; fi
   echo; echo "=== [$name] $* (limit ${limit} s)"
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@"
@@ -58,7 +61,10 @@ for op in ('causal_attention', 'causal_attention_backward', 'char_cnn', 'char_cn
 print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
 # 2. Correctness first: the CUDA tests with the built-in defaults (one line per test, so that a run cut
 #    short still says which passed).
-step pytest 200 python -m pytest -v -rfE --tb=short -p no:cacheprovider tests/test_cuda.py
+#    With pytest-xdist (the lent machines have it), four workers share the GPU.
+export PYTEST_WORKERS=
+python -c "import xdist" 2>/dev/null && PYTEST_WORKERS="-n 4"
+step pytest 200 python -m pytest -v -rfE --tb=short -p no:cacheprovider $PYTEST_WORKERS tests/test_cuda.py
 # 3. Every attention tiling, checked and timed; the fastest correct ones (per head dim) are printed and
 #    written to $OUT/attn_best.env as candidates for the defaults in attention_kernels.cu. Then the
 #    attention tests once more with the sweep's picks (the environment set for that step only), so that a
@@ -70,7 +76,7 @@ else echo "=== [attn-sweep] skipped: out of time"; fi
 if grep -q '^export' "$MINILM_SWEEP_ENV" 2>/dev/null && [ "$(left)" -gt 100 ]; then
   step pytest-picks 120 bash -c '. "$MINILM_SWEEP_ENV" &&
     echo "picks: $MINILM_ATTN_FWD / $MINILM_ATTN_BWD / ${MINILM_ATTN_DQ:-}" &&
-    python -m pytest -v -rfE --tb=short -p no:cacheprovider tests/test_cuda.py -k "attention and not dropout"'
+    python -m pytest -v -rfE --tb=short -p no:cacheprovider $PYTEST_WORKERS tests/test_cuda.py -k "attention and not dropout"'
 else echo "=== [pytest-picks] skipped: no picks, or out of time"; fi
 # The attention and GPT-1 benchmarks below run with the picks when their tests passed, so that their figures
 # are those of the tilings that would become the defaults; else with the defaults. Each says which.
