@@ -12,15 +12,12 @@ What makes it GPT-1 and not GPT-2 (paper §4.1):
 
 Attention runs through minilm's fused kernel, `minilm.ops.causal_attention`, which never stores the
 T×T probabilities, and drops them out (attn_pdrop, the paper's regularizer) from a mask it regenerates
-from a hash instead of storing it. One exception: on CUDA, until the kernels' dropout has been tested on a
-GPU (`minilm.ops.fused_dropout_available`), training with attn_pdrop > 0 computes attention step by step
-(scores, mask, softmax, dropout on the probabilities, weighted sum), the same math with torch's dropout.
+from a hash instead of storing it.
 
 `GPT1Config(arch="lightconv")` swaps each block's self-attention for the lightweight convolution of
 Wu et al. 2019 (minilm/lightconv.py): same post-LN block, MLP, embeddings and head.
 """
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -30,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.lightconv import LightConvLayer, resolve_kernel_sizes
-from minilm.ops import causal_attention, fused_dropout_available
+from minilm.ops import causal_attention
 
 
 @dataclass
@@ -88,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul, in that order
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)  # its p is applied inside causal_attention
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -98,17 +95,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs); heads are contiguous hs-wide chunks
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # Attention(Q, K, V) = softmax(QKᵀ/√d_k) V (Vaswani et al. eq. 1), causal, with dropout on the
+        # softmax while training: one fused kernel, the T×T matrix never stored.
         p = self.attn_dropout.p if self.training else 0.0
-        if p > 0 and not fused_dropout_available(x.device):
-            # Attention(Q, K, V) = softmax(QKᵀ/√d_k) V  (Vaswani et al. eq. 1), with dropout on the softmax,
-            # step by step (see the module docstring).
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~causal, float("-inf"))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
-            y = att @ v  # (B, nh, T, hs)
-        else:
-            y = causal_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs), the T×T matrix never stored
+        y = causal_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

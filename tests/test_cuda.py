@@ -10,6 +10,7 @@ Tolerances. The truth is the reference evaluated in float64 on the same (already
   with the reference evaluated at the kernel's own argmax (checked separately to be a maximum), so that a
   near-tie resolved differently in the last bit cannot make the test flaky.
 """
+import contextlib
 import math
 import os
 
@@ -231,11 +232,57 @@ def test_attention_dropout_edge_probabilities(D, dtype):
     assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
 
 
-def test_gpt1_attention_drops_through_the_fused_kernel(monkeypatch):
-    # With MINILM_FUSED_DROPOUT=1 (until this file has passed on a GPU, CUDA training takes the step-by-step
-    # path by default) the model's attention drops inside the kernel, with a seed from torch's CPU generator.
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    # warn_only: torch's own ops here (the fp64 reference's cuBLAS products) may not be deterministic
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_backward_is_reproducible_under_deterministic_algorithms(D, p):
+    """The default backward adds dQ with atomics (as FlashAttention-2 does), so dQ's last bits vary run to run;
+    under torch.use_deterministic_algorithms(True) a scheme without atomics runs: the same inputs give the
+    same bits, as accurately as the default (and with dropout, exactly the reference mask)."""
+    q, k, v = _qkv(2, 3, 1000, D, torch.bfloat16)
+    g = torch.randn_like(q)
+    scale, seed = 1.0 / math.sqrt(D), (SEED if p else None)
+    out, lse = ops.causal_attention(q, k, v, scale, p, seed)
+    default = ops.causal_attention_backward(g, q, k, v, out, lse, scale, p, seed)
+    with _deterministic_algorithms():
+        runs = [ops.causal_attention_backward(g, q, k, v, out, lse, scale, p, seed) for _ in range(3)]
+        if p:
+            check_drops_exactly(DEV, D, torch.bfloat16)
+    for run in runs[1:]:
+        for name, a, b in zip(("dq", "dk", "dv"), runs[0], run):
+            assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    truth = torch.autograd.grad(causal_attention_reference(q64, k64, v64, scale, p, seed), (q64, k64, v64),
+                                g.double())
+    size = max(t.abs().max().item() for t in truth)
+    for name, det, dflt, t in zip(("dq", "dk", "dv"), runs[0], default, truth):
+        err, err0 = ((x.double() - t).abs().max().item() for x in (det, dflt))
+        assert err <= 2 * err0 + _UNIT[torch.bfloat16] * size, f"{name}: deterministic {err:.3g}, default {err0:.3g}"
+
+
+@pytest.mark.parametrize("scheme", ["fused", "split"])
+def test_attention_dropout_in_the_fallback_schemes_at_head_dim_128(scheme, monkeypatch):
+    # Where a GPU lacks the 171 KB of shared memory per CTA that the 2-D backward takes at head dim 128 (an
+    # A100), fused runs instead (split when deterministic), so both are built with dropout; named here, they
+    # run on any GPU.
+    monkeypatch.setenv("MINILM_ATTN_BWD", f"128:{scheme}")
+    check_drops_exactly(DEV, 128, torch.bfloat16)
+    test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
+
+
+def test_gpt1_attention_drops_through_the_fused_kernel():
+    # The model's attention drops inside the kernel, with a seed from torch's CPU generator.
     from minilm.gpt1 import CausalSelfAttention, GPT1Config
-    monkeypatch.setenv("MINILM_FUSED_DROPOUT", "1")
     attn = CausalSelfAttention(GPT1Config(n_embd=128, n_head=2, n_ctx=96, attn_pdrop=0.3, resid_pdrop=0.0))
     attn = attn.to(DEV, torch.bfloat16).train()
     x = torch.randn(2, 96, 128, device=DEV, dtype=torch.bfloat16)

@@ -126,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     C10_CUDA_CHECK(minilm_cuda::attention_backward_tc(
         dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
         delta.data_ptr<float>(), dq_accum.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
-        static_cast<int>(Dp), static_cast<float>(scale), dropout, stream));
+        static_cast<int>(Dp), static_cast<float>(scale), dropout, at::globalContext().deterministicAlgorithms(),
+        stream));
     return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();

@@ -29,7 +29,8 @@
 // without dQ and a second kernel that owns query rows and recomputes S and dP to get dQ without atomics
 // (deterministic, 7 instead of 5 matrix products); without dQ, a warp skips the query tiles that lie
 // wholly before its keys. The "2d" schemes tile the same work differently (see attn_bwd_2d).
-// MINILM_ATTN_BWD picks the scheme, see bwd_variant.
+// The defaults add dQ with atomics; under torch.use_deterministic_algorithms(True) a scheme without them runs
+// (see "THE DEFAULTS" below). MINILM_ATTN_BWD picks the scheme, see bwd_variant.
 //
 // Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix
 // fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
@@ -47,7 +48,7 @@
 // dropped entries only in the P of O += P V, and folds the keep-scale 1/(1 − p) into the final 1/l. The
 // backward keeps Delta; dV += (P ∘ keep)ᵀ dO, scaled when stored (the dK/dV kernel stores a dropped P as
 // −P, so the sign is the keep bit), and dS = P ∘ (dP ∘ keep · scale − Delta): a dropped entry still has
-// dS = −P·Delta. Only the default tilings are built with dropout (see "Tuning choices" below).
+// dS = −P·Delta. Only some tilings are built with dropout (see "Tuning choices" below).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -1309,8 +1310,9 @@ cudaError_t launch_fwd_tc(const FwdArgs& a) {
 //                    fused2d | split2d
 //                                                         (backward scheme, see "Backward schemes" below)
 //   MINILM_ATTN_DQ : narrow | wide                        (dQ kernel of the split schemes, see DqCfg; wide: D = 64)
-// With attention dropout (dropout_p > 0) they are ignored: only the default tilings are built with dropout
-// (the DROP = true kernels, to bound the build time), so dropout always runs the defaults.
+// With attention dropout (dropout_p > 0) only a few tilings are built (the DROP = true kernels, to bound the
+// build time): the default forward and dQ tiling (MINILM_ATTN_FWD and MINILM_ATTN_DQ are then ignored), and
+// the backward schemes that built_with_dropout lists (any other MINILM_ATTN_BWD choice runs the default).
 int tuning_choice(const char* var, int D, std::initializer_list<const char*> names, int fallback) {
   const char* env = std::getenv(var);
   if (env == nullptr) return fallback;
@@ -1345,22 +1347,25 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
   }
   return fallback;
 }
-// THE DEFAULTS (index into the name lists above), from two sweeps on one H200 (bf16, fwd+bwd against SDPA's
-// flash backend in the same run; scripts/cuda_diagnostics.py attn-sweep):
-//   forward: wide for both head dims (fwd 1.07x / 0.96x / 0.99x flash at T = 512 / 2048 / 8192, D = 64;
-//            0.90x at D = 128; narrow 1.06 / 0.90 / 0.91 / 0.79, narrow2 and wide3 no better);
-//   backward D = 64: split3 with the wide dQ kernel (0.98x / 0.90x / 0.84x fwd+bwd; split2 + wide dQ
-//            1.00 / 0.89 / 0.82, fused 0.93 / 0.83 / 0.83: all within a few percent);
-//   backward D = 128: split (0.72x; fused 0.74x but not deterministic, split2/split3 0.53x: they spill).
-// Not yet timed on a GPU (written and compile-checked without one): the forward wide64 and the backward
-// splitkv, wide, wide16, fusedwide, fusedkv, fused2d and split2d. The next sweep decides whether they
-// replace a default.
-// default_fwd_layout, default_bwd_scheme and default_dq_wide below are the one place that names them (the
-// dropout path builds and runs whatever they say).
+// THE DEFAULTS (index into the name lists above), from the sweep on one H100 (bf16, fwd+bwd against SDPA's
+// flash backend in the same run; scripts/cuda_diagnostics.py attn-sweep, eighth session):
+//   forward D = 64: wide (1.11x / 1.00x / 0.97x flash at T = 512 / 2048 / 8192; narrow 1.07 / 0.92 / 0.87);
+//   forward D = 128: wide64 (0.98x; wide 0.91x, narrow2 0.87x);
+//   backward D = 64: fusedwide (fwd+bwd 1.02x / 1.02x / 0.99x; wide 1.05 / 0.96 / 0.87, split3 1.06 /
+//            0.93 / 0.85, fused 0.91 / 0.85 / 0.83);
+//   backward D = 128: fused2d (0.86x; split2d 0.79x, splitkv 0.77x, split 0.74x, split2 0.51x: it spills).
+// Both backward defaults add dQ with atomics, as FlashAttention-2 and SDPA's flash backend do, so dQ is not
+// bitwise reproducible. Under torch.use_deterministic_algorithms(True) the backward runs the fastest scheme
+// without atomics instead: wide at D = 64, split2d at D = 128 (deterministic_bwd_scheme).
+// The 2-D schemes at D = 128 need 171 KB of shared memory per CTA: where a GPU has less (an A100: 163 KB)
+// they fall back to fused / split (resolve_bwd_scheme).
+// default_fwd_layout, default_bwd_scheme, deterministic_bwd_scheme and default_dq_wide below are the one
+// place that names them (the dropout path builds and runs whatever they say).
 enum FwdLayout { kFwdNarrow, kFwdNarrow2, kFwdWide, kFwdWide3, kFwdWide64 };
 enum BwdScheme { kFused, kSplit, kSplit2, kSplit3, kSplitKV, kWide, kWide16, kFusedWide, kFusedKV, kFused2d, kSplit2d };
-constexpr int default_fwd_layout(int /*D*/) { return kFwdWide; }
-constexpr int default_bwd_scheme(int D) { return D <= 64 ? kSplit3 : kSplit; }
+constexpr int default_fwd_layout(int D) { return D <= 64 ? kFwdWide : kFwdWide64; }
+constexpr int default_bwd_scheme(int D) { return D <= 64 ? kFusedWide : kFused2d; }
+constexpr int deterministic_bwd_scheme(int D) { return D <= 64 ? kWide : kSplit2d; }
 constexpr bool default_dq_wide(int D) { return D <= 64; }
 
 int fwd_layout(int D) {
@@ -1525,6 +1530,46 @@ cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
   }
 }
 
+// Whether a CTA of the 2-D schemes fits this GPU's shared memory (171 KB at D = 128: Hopper has 227 KB per
+// CTA, an A100 163 KB).
+template <typename T, int D>
+bool bwd_2d_fits() {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return false;
+  return Bwd2dCfg<D>::smem_bytes(sizeof(T)) <= static_cast<size_t>(optin);
+}
+
+constexpr bool is_2d(int scheme) { return scheme == kFused2d || scheme == kSplit2d; }
+
+// The scheme that runs: the chosen one, without dQ atomics where torch asks for deterministic algorithms,
+// and without the 2-D tiling where the GPU lacks the shared memory for it.
+template <typename T, int D>
+int resolve_bwd_scheme(int scheme, bool deterministic) {
+  if (deterministic && is_fused(scheme, D)) scheme = deterministic_bwd_scheme(D);
+  if (is_2d(scheme) && !bwd_2d_fits<T, D>()) scheme = scheme == kFused2d ? kFused : kSplit;
+  return scheme;
+}
+
+// With dropout only a few schemes are built (to bound the build time): the default, the deterministic one,
+// and fused and split where either of those is a 2-D scheme (the fallbacks above).
+constexpr bool built_with_dropout(int scheme, int D) {
+  return scheme == default_bwd_scheme(D) || scheme == deterministic_bwd_scheme(D) ||
+         ((is_2d(default_bwd_scheme(D)) || is_2d(deterministic_bwd_scheme(D))) && (scheme == kFused || scheme == kSplit));
+}
+
+template <typename T, int D>
+cudaError_t launch_bwd_dropout(int scheme, const BwdArgs& a) {
+  constexpr int def = default_bwd_scheme(D), det = deterministic_bwd_scheme(D);
+  if (scheme == det) return launch_bwd_scheme<T, D, det, true>(a);
+  if constexpr (is_2d(def) || is_2d(det)) {
+    if (scheme == kFused) return launch_bwd_scheme<T, D, kFused, true>(a);
+    if (scheme == kSplit) return launch_bwd_scheme<T, D, kSplit, true>(a);
+  }
+  return launch_bwd_scheme<T, D, def, true>(a);
+}
+
 // The DqCfg of the dQ kernel's two tilings (wide exists for D = 64 only: at D = 128 it is narrow).
 template <int D, bool WIDE>
 using DqTiling = std::conditional_t<WIDE && D <= 64, DqWide<D>, DqNarrow<D>>;
@@ -1546,21 +1591,21 @@ cudaError_t launch_dq_tc(const BwdArgs& a, void* dq) {
 template <typename T, int D>
 cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
                    float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
-                   const minilm_dropout::Params& dropout, cudaStream_t stream) {
+                   const minilm_dropout::Params& dropout, bool deterministic, cudaStream_t stream) {
   const int64_t rows = BH * T_;
   attn_bwd_delta<T, float><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // With dropout the default scheme and dQ tiling run (MINILM_ATTN_BWD and MINILM_ATTN_DQ are ignored):
-  // only they are built with dropout.
+  // MINILM_ATTN_BWD may name any scheme; with dropout only those built with dropout (else the default), and
+  // with dropout the dQ kernel's tiling is the default (MINILM_ATTN_DQ is ignored).
   const bool drop = dropout.active();
-  const int scheme = drop ? default_bwd_scheme(D) : bwd_variant(D);
+  int scheme = bwd_variant(D);
+  if (drop && !built_with_dropout(scheme, D)) scheme = default_bwd_scheme(D);
+  scheme = resolve_bwd_scheme<T, D>(scheme, deterministic);
   const bool fused = is_fused(scheme, D);
   const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, dropout, stream};
-  auto dkdv = [&] {
-    return drop ? launch_bwd_scheme<T, D, default_bwd_scheme(D), true>(args) : launch_bwd_scheme<T, D>(scheme, args);
-  };
+  auto dkdv = [&] { return drop ? launch_bwd_dropout<T, D>(scheme, args) : launch_bwd_scheme<T, D>(scheme, args); };
   if (!fused) {  // the dK/dV kernel, then the dQ kernel
     err = dkdv();
     if (err != cudaSuccess) return err;
@@ -1638,9 +1683,10 @@ cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, cons
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                   const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
                                   void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
-                                  const minilm_dropout::Params& dropout, cudaStream_t stream) {
+                                  const minilm_dropout::Params& dropout, bool deterministic,
+                                  cudaStream_t stream) {
   auto run = [&](auto bwd) {
-    return bwd(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, dropout, stream);
+    return bwd(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, dropout, deterministic, stream);
   };
   if (dtype == Dtype::kBFloat16) {
     if (D == 64) return run(bwd_tc<__nv_bfloat16, 64>);

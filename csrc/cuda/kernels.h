@@ -24,11 +24,12 @@ bool attention_tc_supported(Dtype dtype, int head_dim);
 cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                                  int64_t BH, int64_t T, int D, float scale, const minilm_dropout::Params& dropout,
                                  cudaStream_t stream);
-// delta: [BH, T] fp32 workspace; dq_accum: [BH, T, D] fp32 workspace (zeroed here).
+// delta: [BH, T] fp32 workspace; dq_accum: [BH, T, D] fp32 workspace (zeroed here). deterministic: no
+// atomics (torch.use_deterministic_algorithms), so that dQ is bitwise the same run to run.
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                   const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
                                   void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
-                                  const minilm_dropout::Params& dropout, cudaStream_t stream);
+                                  const minilm_dropout::Params& dropout, bool deterministic, cudaStream_t stream);
 
 // CUDA-core kernels for every dtype and 1 <= D <= kSimpleMaxHeadDim (fp32/fp64, and half types with
 // other head dims). lse and delta are fp64 for fp64 inputs, fp32 otherwise.

@@ -15,8 +15,7 @@ CPU: the default CPU run's model, preset cpu-small (4 layers × 128, 4 heads, n_
 1,071,616 parameters), B=16, T=128, fp32.
 Dropout is 0 in every implementation by default (as in nanoGPT's bench.py). --dropout P times the paper's
 training setting instead: dropout P on the embeddings, the attention probabilities and each residual branch
-in all three (minilm drops inside its fused kernel -- on CUDA only with MINILM_FUSED_DROPOUT=1, see
-minilm.ops.fused_dropout_available -- and SDPA takes its dropout_p).
+in all three (minilm drops inside its fused kernel, SDPA takes its dropout_p).
 
 Model FLOPs per token = 6N + 12·L·H·Q·T (N parameters, L layers, H heads, Q head size, T context;
 PaLM appendix B); MFU = that × tokens/s / the GPU's dense bf16 peak (minilm.gpt1.GPU_PEAK_TFLOPS).

@@ -9,8 +9,7 @@ Linear → GLU → LightConv → Linear, forward + backward), which is where the
 width the tied output layer (vocab × n_embd) dominates the whole step and hides the difference.
 
 Dropout is off in both models (the CPU presets have none anyway): this benchmark is about the architectures,
-not about dropout (which the GPT-1 model applies inside its fused kernel on the CPU, and on CUDA through the
-step-by-step T×T path unless MINILM_FUSED_DROPOUT=1).
+not about dropout (which the GPT-1 model applies inside its fused attention kernel).
 """
 import torch
 

@@ -5,9 +5,8 @@
     char_cnn(char_ids, embedding, weights, biases, activation="relu") -> out  (minilm::char_cnn)
     char_cnn_reference(char_ids, embedding, weights, biases, activation="relu")
 """
-from minilm.ops.attention import (causal_attention, causal_attention_reference, dropout_keep_mask,
-                                  fused_dropout_available)
+from minilm.ops.attention import causal_attention, causal_attention_reference, dropout_keep_mask
 from minilm.ops.char_cnn import char_cnn, char_cnn_reference
 
-__all__ = ["causal_attention", "causal_attention_reference", "dropout_keep_mask", "fused_dropout_available",
-           "char_cnn", "char_cnn_reference"]
+__all__ = ["causal_attention", "causal_attention_reference", "dropout_keep_mask", "char_cnn",
+           "char_cnn_reference"]

@@ -13,7 +13,6 @@ Here, in Python: the input checks, the fake (shape) function that torch.compile 
 autograd formula that calls the backward op.
 """
 import math
-import os
 
 import torch
 
@@ -120,16 +119,6 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0, seed=None):
         seed = torch.randint(0, 2**32, (2,), dtype=torch.int64)
     out, _ = torch.ops.minilm.causal_attention(q, k, v, scale, dropout_p, seed if dropout_p > 0 else None)
     return out
-
-
-def fused_dropout_available(device):
-    """Whether models may train with attention dropout through the fused kernel on `device`.
-
-    The CPU kernel's dropout is tested everywhere. The CUDA kernels have it too, but they were written and
-    compile-checked on a machine without a GPU: until tests/test_cuda.py has passed them on one, a model
-    training on CUDA with attention dropout computes attention step by step instead (MINILM_FUSED_DROPOUT=1
-    opts in to the kernels)."""
-    return torch.device(device).type == "cpu" or os.environ.get("MINILM_FUSED_DROPOUT", "0") == "1"
 
 
 def _lse_dtype(dtype):
