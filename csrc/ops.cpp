@@ -1,7 +1,8 @@
 // The op schemas of the `minilm` namespace, and the Python module that carries them.
 //
 // Each kernel file adds its implementation with TORCH_LIBRARY_IMPL(minilm, CPU|CUDA, m);
-// minilm/ops/*.py registers the fake (meta) functions and the autograd formulas.
+// minilm/ops/*.py registers the fake (meta) functions and the autograd formulas (causal_attention's is in
+// C++, attention_autograd.cpp).
 // A schema `float` is a C++ double; `int` an int64_t.
 #include <Python.h>
 #include <torch/library.h>

@@ -9,8 +9,8 @@ and the backward op recomputes the probabilities from lse (FlashAttention, Dao e
 With dropout_p > 0 the probabilities are dropped out after the softmax, as nn.Dropout on them would,
 from a mask that is never stored either: every kernel regenerates it from a hash of (seed, batch·head,
 query, key) -- csrc/attention_dropout.h, spelled out in PyTorch by dropout_keep_mask below.
-Here, in Python: the input checks, the fake (shape) function that torch.compile needs, and the
-autograd formula that calls the backward op.
+Here, in Python: the input checks and the fake (shape) functions that torch.compile needs. The autograd
+formula, which calls the backward op, is registered in C++ (csrc/attention_autograd.cpp).
 """
 import math
 
@@ -141,24 +141,7 @@ def _(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, seed=None):
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] stand-in for lse's gradient
-
-
-def _backward(ctx, grad_out, grad_lse):
-    # lse is an internal by-product (marked non-differentiable), so grad_lse is ignored (None).
-    if grad_out is None:  # not materialised: nothing downstream used the output
-        return None, None, None, None, None, None
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.minilm.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.dropout_p,
-                                                            seed)
-    return dq, dk, dv, None, None, None
-
-
-torch.library.register_autograd("minilm::causal_attention", _backward, setup_context=_setup_context)
+# The autograd formula (dq, dk, dv = causal_attention_backward(grad_out, q, k, v, out, lse, ...); lse is not
+# differentiable) is registered in C++, csrc/attention_autograd.cpp: attention runs once per layer and step,
+# and a Python formula doubled the host time of each call. A double backward raises:
 forbid_double_backward("minilm::causal_attention_backward", "causal_attention")
