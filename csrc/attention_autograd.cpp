@@ -5,9 +5,9 @@
 //     dq, dk, dv = causal_attention_backward(grad_out, q, k, v, out, lse, scale, dropout_p, seed)
 //
 // lse is a by-product the backward reads, not differentiable. The formula sits here rather than in Python
-// (torch.library.register_autograd) because attention runs once per layer and step: the Python version cost
-// about 45 µs of host time per forward + backward on a 2-core CPU, twice what SDPA spends, and on a GPU a
-// host that falls behind leaves the device idle between kernels. The fake (shape) functions that
+// (torch.library.register_autograd) because attention runs once per layer and step: a forward + backward of a
+// tiny input took 54 µs of host time with the Python formula and takes 32 µs with this one (SDPA: 26 µs; one
+// thread of a 2-core CPU), and on a GPU a host that falls behind leaves the device idle between kernels. The fake (shape) functions that
 // torch.compile needs and the double-backward guard stay in minilm/ops/attention.py.
 #include <torch/autograd.h>
 #include <torch/library.h>
