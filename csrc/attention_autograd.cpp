@@ -23,6 +23,8 @@ using torch::autograd::variable_list;
 
 class CausalAttention : public torch::autograd::Function<CausalAttention> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd may trace backward() (it is plain op calls)
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
     static auto op = c10::Dispatcher::singleton()
@@ -35,8 +37,9 @@ class CausalAttention : public torch::autograd::Function<CausalAttention> {
     ctx->save_for_backward({q, k, v, out, lse, seed.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);  // no zero-filled [B, H, T] stand-in for lse's gradient
+    // lse is returned detached (causal_attention_autograd) rather than marked non-differentiable, which
+    // compiled autograd does not support for C++ Functions; its gradient is never materialised either.
+    ctx->set_materialize_grads(false);
     return {out, lse};
   }
 
@@ -62,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_autograd(const at::Tensor& q
                                                              const at::Tensor& v, double scale, double dropout_p,
                                                              const std::optional<at::Tensor>& seed) {
   const variable_list out = CausalAttention::apply(q, k, v, scale, dropout_p, seed);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};  // lse: not differentiable
 }
 
 }  // namespace

@@ -133,6 +133,7 @@ def load_extension():
         return load_jit(reason="MINILM_FORCE_JIT=1")
     try:
         from minilm import _C  # noqa: F401  (registers the ops as a side effect)
+        _check_complete(_C.__file__)
         _warn_if_stale(_C.__file__)
         return _C
     except ImportError as e:
@@ -142,6 +143,15 @@ def load_extension():
         reason = (f"the prebuilt extension {os.path.basename(prebuilt[0])} does not load ({e}); rebuild it with "
                   "pip install --no-build-isolation -e .") if prebuilt else "no prebuilt extension found"
     return load_jit(reason=reason)
+
+
+def _check_complete(so_path):
+    # An extension built before causal_attention's autograd formula moved to C++ (csrc/attention_autograd.cpp)
+    # would load and run without gradients: refuse it.
+    import torch
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("minilm::causal_attention", "Autograd"):
+        raise RuntimeError(f"minilm: {os.path.basename(so_path)} was built from older sources (it has no autograd "
+                           "formula for causal_attention); rebuild it with pip install --no-build-isolation -e .")
 
 
 def _warn_if_stale(so_path):

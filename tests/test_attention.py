@@ -295,6 +295,15 @@ def test_jit_build_compiles_and_runs(tmp_path):
     assert any(f.endswith(".so") for _, _, files in os.walk(tmp_path) for f in files)
 
 
+def test_an_extension_without_the_autograd_kernel_is_refused(monkeypatch):
+    # A minilm/_C built before the autograd formula moved to C++ would run without gradients.
+    from minilm import _build
+    _build._check_complete("_C.so")  # the extension in use has it
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.raises(RuntimeError, match="no autograd formula for causal_attention.*rebuild"):
+        _build._check_complete("_C.so")
+
+
 def test_jit_without_compiler_gives_clear_error(tmp_path):
     r = _run_python("import minilm", {"MINILM_FORCE_JIT": "1", "MINILM_CACHE": str(tmp_path),
                                       "CXX": "no-such-compiler-minilm"}, cwd=tmp_path)

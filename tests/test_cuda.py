@@ -245,10 +245,11 @@ def _deterministic_algorithms():
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("D", [64, 128])
-def test_attention_backward_is_reproducible_under_deterministic_algorithms(D, p):
+def test_attention_backward_is_reproducible_under_deterministic_algorithms(D, p, monkeypatch):
     """The default backward adds dQ with atomics (as FlashAttention-2 does), so dQ's last bits vary run to run;
-    under torch.use_deterministic_algorithms(True) a scheme without atomics runs: the same inputs give the
-    same bits, as accurately as the default (and with dropout, exactly the reference mask)."""
+    under torch.use_deterministic_algorithms(True) a scheme without atomics runs (wide at D = 64, split2d at
+    128: bitwise what naming them gives): the same inputs give the same bits, as accurately as the default
+    (and with dropout, exactly the reference mask)."""
     q, k, v = _qkv(2, 3, 1000, D, torch.bfloat16)
     g = torch.randn_like(q)
     scale, seed = 1.0 / math.sqrt(D), (SEED if p else None)
@@ -261,6 +262,10 @@ def test_attention_backward_is_reproducible_under_deterministic_algorithms(D, p)
     for run in runs[1:]:
         for name, a, b in zip(("dq", "dk", "dv"), runs[0], run):
             assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+    monkeypatch.setenv("MINILM_ATTN_BWD", "64:wide,128:split2d")
+    named = ops.causal_attention_backward(g, q, k, v, out, lse, scale, p, seed)
+    for name, a, b in zip(("dq", "dk", "dv"), runs[0], named):
+        assert torch.equal(a, b), f"{name}: the deterministic mode did not run the atomic-free scheme"
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     truth = torch.autograd.grad(causal_attention_reference(q64, k64, v64, scale, p, seed), (q64, k64, v64),
                                 g.double())

@@ -1270,6 +1270,16 @@ __global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restri
 }
 
 // ------------------------------------------------------------------------------------------ launchers
+// Whether this GPU gives one CTA `bytes` of shared memory (the opt-in limit: 227 KB on Hopper, 163 KB on an
+// A100, 99 KB on sm_86/89/120 GPUs such as the L4, L40S and RTX 4090). Defaults that need more fall back.
+bool smem_fits(size_t bytes) {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return false;
+  return bytes <= static_cast<size_t>(optin);
+}
+
 template <typename F>
 cudaError_t with_smem(F kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -1301,7 +1311,7 @@ cudaError_t launch_fwd_tc(const FwdArgs& a) {
 }
 
 // ---- Tuning choices. The tensor-core kernels come in several tilings (FwdCfg, DqCfg, the backward
-// schemes); which one runs is fixed per head dim by the defaults below, measured on an H200 with
+// schemes); which one runs is fixed per head dim by the defaults below, measured on an H100 with
 // `python scripts/cuda_diagnostics.py attn-sweep`. For such measurements an environment variable, read at
 // every call, overrides a default: one name for every head dim ("wide") or one per head dim
 // ("64:wide,128:narrow2").
@@ -1347,8 +1357,9 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
   }
   return fallback;
 }
-// THE DEFAULTS (index into the name lists above), from the sweep on one H100 (bf16, fwd+bwd against SDPA's
-// flash backend in the same run; scripts/cuda_diagnostics.py attn-sweep, eighth session):
+// THE DEFAULTS (index into the name lists above), from the first of two sweeps on one H100 (bf16, fwd+bwd
+// against SDPA's flash backend in the same run; scripts/cuda_diagnostics.py attn-sweep, eighth session; the
+// second sweep, with these defaults, agreed within a few percent except fusedwide at T = 512: 0.92x):
 //   forward D = 64: wide (1.11x / 1.00x / 0.97x flash at T = 512 / 2048 / 8192; narrow 1.07 / 0.92 / 0.87);
 //   forward D = 128: wide64 (0.98x; wide 0.91x, narrow2 0.87x);
 //   backward D = 64: fusedwide (fwd+bwd 1.02x / 1.02x / 0.99x; wide 1.05 / 0.96 / 0.87, split3 1.06 /
@@ -1401,8 +1412,15 @@ cudaError_t launch_fwd_layout(const FwdArgs& a) {
 
 template <typename T, int D>
 cudaError_t fwd_tc(const FwdArgs& a) {
-  if (a.dropout.active()) return launch_fwd_layout<T, D, default_fwd_layout(D), true>(a);  // MINILM_ATTN_FWD ignored
-  switch (fwd_layout(D)) {
+  // wide64 at D = 128 takes 102 KB of shared memory per CTA: on GPUs with 99 KB, wide (68 KB) runs instead
+  const auto fits = [](int layout) {
+    return layout != kFwdWide64 || smem_fits(FwdLayoutCfg<D, kFwdWide64>::smem_bytes(sizeof(T)));
+  };
+  if (a.dropout.active()) {  // MINILM_ATTN_FWD ignored: only the default and wide are built with dropout
+    if (fits(default_fwd_layout(D))) return launch_fwd_layout<T, D, default_fwd_layout(D), true>(a);
+    return launch_fwd_layout<T, D, kFwdWide, true>(a);
+  }
+  switch (fits(fwd_layout(D)) ? fwd_layout(D) : kFwdWide) {
     case kFwdNarrow: return launch_fwd_layout<T, D, kFwdNarrow>(a);
     case kFwdNarrow2: return launch_fwd_layout<T, D, kFwdNarrow2>(a);
     case kFwdWide3: return launch_fwd_layout<T, D, kFwdWide3>(a);
@@ -1431,7 +1449,7 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   fused2d: FlashAttention-2's backward tiling (attn_bwd_2d: 2-D warp grids, P and dS through shared
 //            memory, dQ by atomics); split2d: the same without dQ, plus the dQ kernel (deterministic).
 //            At D = 128 a CTA takes 171 KB of shared memory: Hopper has it (227 KB), an A100 (163 KB) does
-//            not, and the launch then fails with a CUDA error.
+//            not, and there fused / split run instead (resolve_bwd_scheme).
 //   The wide schemes exist for D = 64 only (at D = 128 the dK and dV accumulators of 32 keys alone would
 //   take 256 registers); at D = 128 they run split.
 // A model to read the schemes by (a model, not a measurement: occupancy, the exp throughput and the dQ
@@ -1452,9 +1470,8 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   fused2d    256 256 256 256 | 384         = 1408+    256 256 192 192 | 256         = 1152+
 //   split2d    256 256 256 256 | 128 128 128 = 1408     256 256 192 192 | 256 256 256 = 1664
 // The same count for FlashAttention-2's backward tiling (our reading of its kernel traits) gives 1152+ at
-// both head dims. The H200 sweeps behind the defaults do not contradict it (split and split3 measured within a few
-// percent of each other, split3 at twice split's occupancy); wide at D = 64 and fused2d at D = 128 are the
-// schemes the model favours.
+// both head dims. The H100 sweep bears it out at D = 128 (fused2d is the fastest there) and in part at D = 64
+// (wide is the fastest scheme without atomics, fusedwide the fastest with them).
 
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
 struct BwdArgs {
@@ -1530,17 +1547,6 @@ cudaError_t launch_bwd_scheme(int scheme, const BwdArgs& a) {
   }
 }
 
-// Whether a CTA of the 2-D schemes fits this GPU's shared memory (171 KB at D = 128: Hopper has 227 KB per
-// CTA, an A100 163 KB).
-template <typename T, int D>
-bool bwd_2d_fits() {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return false;
-  return Bwd2dCfg<D>::smem_bytes(sizeof(T)) <= static_cast<size_t>(optin);
-}
-
 constexpr bool is_2d(int scheme) { return scheme == kFused2d || scheme == kSplit2d; }
 
 // The scheme that runs: the chosen one, without dQ atomics where torch asks for deterministic algorithms,
@@ -1548,7 +1554,7 @@ constexpr bool is_2d(int scheme) { return scheme == kFused2d || scheme == kSplit
 template <typename T, int D>
 int resolve_bwd_scheme(int scheme, bool deterministic) {
   if (deterministic && is_fused(scheme, D)) scheme = deterministic_bwd_scheme(D);
-  if (is_2d(scheme) && !bwd_2d_fits<T, D>()) scheme = scheme == kFused2d ? kFused : kSplit;
+  if (is_2d(scheme) && !smem_fits(Bwd2dCfg<D>::smem_bytes(sizeof(T)))) scheme = scheme == kFused2d ? kFused : kSplit;
   return scheme;
 }
 
