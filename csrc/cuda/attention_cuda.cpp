@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   const auto dt = kernel_dtype(q_.scalar_type(), "causal_attention: q, k, v");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor dout_t = dout_.to(q_.scalar_type()), out_t = out_.to(q_.scalar_type());
-  if (use_tensor_cores(q_)) {
+  if (use_tensor_cores(q_) && minilm_cuda::attention_backward_tc_fits(dt, static_cast<int>(padded_head_dim(D)))) {
     const int64_t Dp = padded_head_dim(D);
     at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
     at::Tensor dout = prepare(dout_t, Dp), out = prepare(out_t, Dp);

@@ -1686,6 +1686,11 @@ cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, cons
   return cudaErrorInvalidValue;
 }
 
+bool attention_backward_tc_fits(Dtype /*dtype: bf16 and fp16 take the same room*/, int head_dim) {
+  // split's dK/dV CTA: the smallest that resolve_bwd_scheme can end on (the dQ kernel's is smaller)
+  return head_dim == 64 ? smem_fits(BwdCfg<64, 64>::smem_bytes(2)) : smem_fits(BwdCfg<128, 32>::smem_bytes(2));
+}
+
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
                                   const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
                                   void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,

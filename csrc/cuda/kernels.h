@@ -24,6 +24,10 @@ bool attention_tc_supported(Dtype dtype, int head_dim);
 cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                                  int64_t BH, int64_t T, int D, float scale, const minilm_dropout::Params& dropout,
                                  cudaStream_t stream);
+// Whether this GPU has the shared memory per CTA that the tensor-core backward takes at this head dim: head
+// dim 128 needs 113 KB, which GPUs with 99 KB (sm_86/89/120: L4, L40S, RTX 4090) lack. If not, the glue runs
+// the CUDA-core backward (the tensor-core forward's out and lse are what it reads).
+bool attention_backward_tc_fits(Dtype dtype, int head_dim);
 // delta: [BH, T] fp32 workspace; dq_accum: [BH, T, D] fp32 workspace (zeroed here). deterministic: no
 // atomics (torch.use_deterministic_algorithms), so that dQ is bitwise the same run to run.
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
