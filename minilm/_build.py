@@ -146,12 +146,13 @@ def load_extension():
 
 
 def _check_complete(so_path):
-    # An extension built before causal_attention's autograd formula moved to C++ (csrc/attention_autograd.cpp)
-    # would load and run without gradients: refuse it.
+    # An extension built before causal_attention's autograd formula and double-backward guard moved to C++
+    # (csrc/attention_autograd.cpp) would load and run without gradients, or without the guard: refuse it.
     import torch
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("minilm::causal_attention", "Autograd"):
-        raise RuntimeError(f"minilm: {os.path.basename(so_path)} was built from older sources (it has no autograd "
-                           "formula for causal_attention); rebuild it with pip install --no-build-isolation -e .")
+    for op in ("causal_attention", "causal_attention_backward"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"minilm::{op}", "Autograd"):
+            raise RuntimeError(f"minilm: {os.path.basename(so_path)} was built from older sources (it has no "
+                               f"autograd formula for {op}); rebuild it with pip install --no-build-isolation -e .")
 
 
 def _warn_if_stale(so_path):

@@ -249,6 +249,21 @@ def test_double_backward_raises_instead_of_a_wrong_answer():
         torch.autograd.grad((dq * q).sum(), q)
 
 
+def test_compiled_autograd_matches_eager_gradients():
+    # The C++ autograd formula must be traceable by compiled autograd (a backward compiled as one graph).
+    torch._dynamo.reset()
+    q, k, v = qkv((2, 2, 33, 16))
+    out, _ = torch.ops.minilm.causal_attention(q, k, v, 0.5)
+    want = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for t in (q, k, v):
+        t.grad = None
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        out, _ = torch.ops.minilm.causal_attention(q, k, v, 0.5)
+        out.square().sum().backward()
+    for name, t, w in zip("qkv", (q, k, v), want):
+        torch.testing.assert_close(t.grad, w, msg=lambda m: f"d{name}: {m}")
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 
@@ -301,6 +316,9 @@ def test_an_extension_without_the_autograd_kernel_is_refused(monkeypatch):
     _build._check_complete("_C.so")  # the extension in use has it
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
     with pytest.raises(RuntimeError, match="no autograd formula for causal_attention.*rebuild"):
+        _build._check_complete("_C.so")
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: "backward" not in op)
+    with pytest.raises(RuntimeError, match="no autograd formula for causal_attention_backward"):
         _build._check_complete("_C.so")
 
 

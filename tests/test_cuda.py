@@ -275,6 +275,26 @@ def test_attention_backward_is_reproducible_under_deterministic_algorithms(D, p,
         assert err <= 2 * err0 + _UNIT[torch.bfloat16] * size, f"{name}: deterministic {err:.3g}, default {err0:.3g}"
 
 
+@pytest.mark.parametrize("limit_kb", [163, 99])  # an A100; sm_86/89/120 GPUs (L4, L40S, RTX 4090)
+def test_attention_on_gpus_with_less_shared_memory(limit_kb, monkeypatch):
+    # MINILM_SMEM_LIMIT_KB makes the kernels act as on a GPU with that much shared memory per CTA: at 163 KB
+    # the 2-D backward (171 KB at head dim 128) falls back to fused / split; at 99 KB the 102 KB forwards at
+    # head dim 128 (wide64, narrow) fall back to wide, and the backward at head dim 128 (>= 113 KB) runs the
+    # CUDA-core kernels.
+    monkeypatch.setenv("MINILM_SMEM_LIMIT_KB", str(limit_kb))
+    for fwd in ("", "128:narrow"):
+        monkeypatch.setenv("MINILM_ATTN_FWD", fwd)
+        for D in (64, 128):
+            _check_attention(2, 3, 257, D, torch.bfloat16)
+    monkeypatch.setenv("MINILM_ATTN_BWD", "64:fused2d")
+    _check_attention(1, 2, 300, 64, torch.float16)
+    monkeypatch.delenv("MINILM_ATTN_BWD")
+    with _deterministic_algorithms():
+        _check_attention(2, 3, 257, 128, torch.bfloat16)
+    check_drops_exactly(DEV, 128, torch.bfloat16)
+    test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
+
+
 @pytest.mark.parametrize("scheme", ["fused", "split"])
 def test_attention_dropout_in_the_fallback_schemes_at_head_dim_128(scheme, monkeypatch):
     # Where a GPU lacks the 171 KB of shared memory per CTA that the 2-D backward takes at head dim 128 (an

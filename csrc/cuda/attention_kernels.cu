@@ -1271,13 +1271,16 @@ __global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restri
 
 // ------------------------------------------------------------------------------------------ launchers
 // Whether this GPU gives one CTA `bytes` of shared memory (the opt-in limit: 227 KB on Hopper, 163 KB on an
-// A100, 99 KB on sm_86/89/120 GPUs such as the L4, L40S and RTX 4090). Defaults that need more fall back.
+// A100, 99 KB on sm_86/89/120 GPUs such as the L4, L40S and RTX 4090). Tilings that need more fall back.
+// MINILM_SMEM_LIMIT_KB lowers the limit, so that tests run the fallbacks of smaller GPUs on a large one.
 bool smem_fits(size_t bytes) {
   int dev = 0, optin = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     return false;
-  return bytes <= static_cast<size_t>(optin);
+  size_t limit = static_cast<size_t>(optin);
+  if (const char* cap = std::getenv("MINILM_SMEM_LIMIT_KB")) limit = std::min(limit, std::strtoul(cap, nullptr, 10) * 1024);
+  return bytes <= limit;
 }
 
 template <typename F>
@@ -1412,9 +1415,18 @@ cudaError_t launch_fwd_layout(const FwdArgs& a) {
 
 template <typename T, int D>
 cudaError_t fwd_tc(const FwdArgs& a) {
-  // wide64 at D = 128 takes 102 KB of shared memory per CTA: on GPUs with 99 KB, wide (68 KB) runs instead
+  // At D = 128 wide64, narrow and narrow2 take 102 KB of shared memory per CTA: on GPUs with 99 KB, wide
+  // (68 KB) runs instead
   const auto fits = [](int layout) {
-    return layout != kFwdWide64 || smem_fits(FwdLayoutCfg<D, kFwdWide64>::smem_bytes(sizeof(T)));
+    size_t bytes = 0;
+    switch (layout) {
+      case kFwdNarrow: bytes = FwdLayoutCfg<D, kFwdNarrow>::smem_bytes(sizeof(T)); break;
+      case kFwdNarrow2: bytes = FwdLayoutCfg<D, kFwdNarrow2>::smem_bytes(sizeof(T)); break;
+      case kFwdWide3: bytes = FwdLayoutCfg<D, kFwdWide3>::smem_bytes(sizeof(T)); break;
+      case kFwdWide64: bytes = FwdLayoutCfg<D, kFwdWide64>::smem_bytes(sizeof(T)); break;
+      default: return true;  // wide: 68 KB at most
+    }
+    return smem_fits(bytes);
   };
   if (a.dropout.active()) {  // MINILM_ATTN_FWD ignored: only the default and wide are built with dropout
     if (fits(default_fwd_layout(D))) return launch_fwd_layout<T, D, default_fwd_layout(D), true>(a);
@@ -1687,7 +1699,8 @@ cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, cons
 }
 
 bool attention_backward_tc_fits(Dtype /*dtype: bf16 and fp16 take the same room*/, int head_dim) {
-  // split's dK/dV CTA: the smallest that resolve_bwd_scheme can end on (the dQ kernel's is smaller)
+  // split's dK/dV CTA: the largest that resolve_bwd_scheme can end on after its 2-D fallback (the dQ
+  // kernel's is smaller)
   return head_dim == 64 ? smem_fits(BwdCfg<64, 64>::smem_bytes(2)) : smem_fits(BwdCfg<128, 32>::smem_bytes(2));
 }
 
