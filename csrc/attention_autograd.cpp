@@ -22,19 +22,16 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                    double, const std::optional<at::Tensor>&);
 using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&, double, double,
                                                                   const std::optional<at::Tensor>&);
 
-c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                            double, double, const std::optional<at::Tensor>&)>
-forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("minilm::causal_attention", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, double, double,
-                                                                       const std::optional<at::Tensor>&)>();
+c10::TypedOperatorHandle<ForwardOp> forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("minilm::causal_attention", "").typed<ForwardOp>();
   return op;
 }
 
@@ -100,14 +97,14 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_autograd(const at::Tensor& q
   return {out[0], out[1].detach()};  // lse: not differentiable
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const variable_list g = CausalAttentionBackward::apply(grad_out, q, k, v, out, lse, scale, dropout_p, seed);
   return {g[0], g[1], g[2]};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(minilm, Autograd, m) {
   m.impl("causal_attention", &causal_attention_autograd);

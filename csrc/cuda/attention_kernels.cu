@@ -1408,31 +1408,21 @@ using FwdLayoutCfg = std::conditional_t<
                        std::conditional_t<LAYOUT == kFwdWide3, FwdWide3<D>,
                                           std::conditional_t<LAYOUT == kFwdWide64, FwdWide64<D>, FwdWide<D>>>>>;
 
+// A layout that needs more shared memory per CTA than this GPU has runs wide instead (at D = 128 wide64,
+// narrow and narrow2 take 102 KB, sm_86/89/120 GPUs have 99 KB; wide takes 68 KB).
 template <typename T, int D, int LAYOUT, bool DROP = false>
 cudaError_t launch_fwd_layout(const FwdArgs& a) {
+  if constexpr (LAYOUT != kFwdWide) {
+    if (!smem_fits(FwdLayoutCfg<D, LAYOUT>::smem_bytes(sizeof(T)))) return launch_fwd_layout<T, D, kFwdWide, DROP>(a);
+  }
   return launch_fwd_tc<T, D, FwdLayoutCfg<D, LAYOUT>, DROP>(a);
 }
 
 template <typename T, int D>
 cudaError_t fwd_tc(const FwdArgs& a) {
-  // At D = 128 wide64, narrow and narrow2 take 102 KB of shared memory per CTA: on GPUs with 99 KB, wide
-  // (68 KB) runs instead
-  const auto fits = [](int layout) {
-    size_t bytes = 0;
-    switch (layout) {
-      case kFwdNarrow: bytes = FwdLayoutCfg<D, kFwdNarrow>::smem_bytes(sizeof(T)); break;
-      case kFwdNarrow2: bytes = FwdLayoutCfg<D, kFwdNarrow2>::smem_bytes(sizeof(T)); break;
-      case kFwdWide3: bytes = FwdLayoutCfg<D, kFwdWide3>::smem_bytes(sizeof(T)); break;
-      case kFwdWide64: bytes = FwdLayoutCfg<D, kFwdWide64>::smem_bytes(sizeof(T)); break;
-      default: return true;  // wide: 68 KB at most
-    }
-    return smem_fits(bytes);
-  };
-  if (a.dropout.active()) {  // MINILM_ATTN_FWD ignored: only the default and wide are built with dropout
-    if (fits(default_fwd_layout(D))) return launch_fwd_layout<T, D, default_fwd_layout(D), true>(a);
-    return launch_fwd_layout<T, D, kFwdWide, true>(a);
-  }
-  switch (fits(fwd_layout(D)) ? fwd_layout(D) : kFwdWide) {
+  // with dropout only the default (and wide, its fallback) is built: MINILM_ATTN_FWD is ignored
+  if (a.dropout.active()) return launch_fwd_layout<T, D, default_fwd_layout(D), true>(a);
+  switch (fwd_layout(D)) {
     case kFwdNarrow: return launch_fwd_layout<T, D, kFwdNarrow>(a);
     case kFwdNarrow2: return launch_fwd_layout<T, D, kFwdNarrow2>(a);
     case kFwdWide3: return launch_fwd_layout<T, D, kFwdWide3>(a);
