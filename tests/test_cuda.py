@@ -305,6 +305,46 @@ def test_attention_dropout_in_the_fallback_schemes_at_head_dim_128(scheme, monke
     test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
 
 
+def _layouts(B, H, T, D, dtype):
+    """(name, q, k, v, grad_out) in layouts that the tensor-core kernels read where they lie, or copy first."""
+    def randn(*shape):
+        return torch.randn(*shape, device=DEV, dtype=dtype)
+    qkv = randn(B, T, 3 * H * D)  # GPT-1: q, k, v are views into one projection, grad_out a transpose
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    g = randn(B, T, H, D).transpose(1, 2)
+    yield "views of one projection", q, k, v, g
+    kv = randn(1, H, T, D).expand(B, H, T, D)  # stride 0 along the batch
+    yield "batch-expanded k and v", q, kv, kv, g
+    yield "rows 8 bytes off 16-byte alignment", randn(B, H, T, D + 4)[..., :D], k, v, g  # copied
+    yield "start 2 bytes off alignment", randn(B * H * T * D + 1)[1:].view(B, H, T, D), k, v, g  # copied
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("D", [64, 128, 48])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_reads_strided_inputs(dtype, D, p):
+    # q, k, v, grad_out and out are read through their strides where their rows are 16-byte aligned (GPT-1's
+    # q, k, v need no copy), else copied first: either way the result is bitwise that of contiguous copies
+    # (the backward in deterministic mode; with dQ atomics, equal up to their order of addition).
+    B, H, T = 2, 3, 257
+    scale, seed = 1.0 / math.sqrt(D), (SEED if p else None)
+    for name, q, k, v, g in _layouts(B, H, T, D, dtype):
+        qc, kc, vc, gc = (t.contiguous() for t in (q, k, v, g))
+        out, lse = ops.causal_attention(q, k, v, scale, p, seed)
+        out_c, lse_c = ops.causal_attention(qc, kc, vc, scale, p, seed)
+        assert torch.equal(out, out_c) and torch.equal(lse, lse_c), name
+        out_t = torch.empty(B, T, H, D, device=DEV, dtype=dtype).transpose(1, 2).copy_(out)  # a transpose, too
+        with _deterministic_algorithms():
+            got = ops.causal_attention_backward(g, q, k, v, out_t, lse, scale, p, seed)
+            want = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale, p, seed)
+        for grad, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert torch.equal(a, b), f"{name}: {grad}"
+        got = ops.causal_attention_backward(g, q, k, v, out_t, lse, scale, p, seed)
+        want = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale, p, seed)
+        for grad, a, b in zip(("dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {grad}: {m}")
+
+
 def test_gpt1_attention_drops_through_the_fused_kernel():
     # The model's attention drops inside the kernel, with a seed from torch's CPU generator.
     from minilm.gpt1 import CausalSelfAttention, GPT1Config

@@ -4,7 +4,9 @@
 // Which kernel runs:
 //   bf16/fp16, D <= 128: the tensor-core flash kernels, built for D = 64 and 128; other head dims are
 //     zero-padded to the next of these (zero columns change neither q·k nor the first D output columns,
-//     and `scale` is passed explicitly), then the result is cut back to D.
+//     and `scale` is passed explicitly), then the result is cut back to D. q, k, v (and the backward's
+//     grad_out and out) are read where they lie when their rows allow it (rows_readable: any strides with
+//     16-byte aligned rows, e.g. GPT-1's q, k, v, views into one projection), else copied first.
 //   fp32, fp64, or bf16/fp16 with 128 < D <= 256: the CUDA-core kernels (exact, slower).
 // Attention dropout (dropout_p, seed) becomes minilm_dropout::Params for either; its mask depends on
 // (batch·head, query, key) only, so head-dim padding does not change it.
@@ -14,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -39,7 +42,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   const int64_t D = q.size(3);
   TORCH_CHECK(q.numel() == 0 || (D >= 1 && D <= minilm_cuda::kSimpleMaxHeadDim),
               "causal_attention (CUDA): head dim must be in 1..", minilm_cuda::kSimpleMaxHeadDim, ", got ", D);
-  TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max(), "causal_attention (CUDA): T is too large");
+  TORCH_CHECK((q.size(2) + 128) * std::max<int64_t>(D, 128) <= std::numeric_limits<int>::max(),
+              "causal_attention (CUDA): T is too large (T · max(D, 128) must stay below 2^31)");
 }
 
 at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -51,12 +55,31 @@ bool use_tensor_cores(const at::Tensor& q) {
 
 int64_t padded_head_dim(int64_t D) { return D <= 64 ? 64 : 128; }
 
-// Contiguous, 16-byte aligned (cp.async), and zero-padded to head dim Dp.
+bool aligned16(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
+
+// Whether the tensor-core kernels can read x's rows where they are: head dim Dp, the last dim contiguous, and
+// every row 16 bytes aligned (cp.async). Other strides are read as they are (minilm_cuda::InputLayout), so
+// GPT-1's q, k, v, views into one [B, T, 3C] projection, are not copied.
+bool rows_readable(const at::Tensor& x, int64_t Dp) {
+  if (x.size(3) != Dp || x.stride(3) != 1 || !aligned16(x)) return false;
+  for (int d = 0; d < 3; ++d)
+    if (x.size(d) > 1 && (x.stride(d) * static_cast<int64_t>(x.element_size())) % 16 != 0) return false;
+  // row offsets are 32-bit in the kernels (a tile may start up to 128 rows past T)
+  return (x.size(2) + 128) * x.stride(2) <= std::numeric_limits<int>::max();
+}
+
+// x as the tensor-core kernels read it: as it is where they can, else a contiguous copy, zero-padded to
+// head dim Dp and 16-byte aligned.
 at::Tensor prepare(const at::Tensor& x, int64_t Dp) {
+  if (rows_readable(x, Dp)) return x;
   at::Tensor c = x.contiguous();
   if (c.size(3) != Dp) return at::constant_pad_nd(c, {0, Dp - c.size(3)}, 0);
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) return c.clone();
-  return c;
+  return aligned16(c) ? c : c.clone();
+}
+
+minilm_cuda::RowStrides row_strides(const at::Tensor& x) {
+  auto stride = [&x](int d) { return x.size(d) > 1 ? x.stride(d) : int64_t{0}; };  // size 1: never stepped along
+  return {stride(0), stride(1), static_cast<int>(stride(2))};
 }
 
 at::Tensor unpad(const at::Tensor& x, int64_t D) { return x.size(3) == D ? x : x.narrow(3, 0, D).contiguous(); }
@@ -76,11 +99,13 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, c
   if (use_tensor_cores(q_)) {
     const int64_t Dp = padded_head_dim(D);
     at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
-    at::Tensor out = at::empty(q.sizes(), q.options());
+    const minilm_cuda::InputLayout in{static_cast<int>(H), row_strides(q), row_strides(k), row_strides(v), {}, {}};
+    at::Tensor out = at::empty({B, H, T, Dp}, q.options());  // contiguous
     at::Tensor lse = at::empty({B, H, T}, lse_opts);
-    C10_CUDA_CHECK(minilm_cuda::attention_forward_tc(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                                     lse.data_ptr<float>(), B * H, T, static_cast<int>(Dp),
-                                                     static_cast<float>(scale), dropout, stream));
+    C10_CUDA_CHECK(minilm_cuda::attention_forward_tc(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), in,
+                                                     out.data_ptr(), lse.data_ptr<float>(), B * H, T,
+                                                     static_cast<int>(Dp), static_cast<float>(scale), dropout,
+                                                     stream));
     return {unpad(out, D), lse};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
@@ -118,16 +143,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const int64_t Dp = padded_head_dim(D);
     at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
     at::Tensor dout = prepare(dout_t, Dp), out = prepare(out_t, Dp);
+    const minilm_cuda::InputLayout in{static_cast<int>(H), row_strides(q), row_strides(k), row_strides(v),
+                                      row_strides(dout), row_strides(out)};
     at::Tensor lse = lse_.to(at::kFloat).contiguous();
     at::Tensor delta = at::empty({B, H, T}, q.options().dtype(at::kFloat));
-    at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    // the fp32 buffer that the schemes with dQ atomics add into (none for the others)
+    const bool adds_dq =
+        minilm_cuda::attention_backward_tc_adds_dq(dt, static_cast<int>(Dp), dropout.active(), deterministic);
+    at::Tensor dq_accum = adds_dq ? at::empty(q.sizes(), q.options().dtype(at::kFloat)) : at::Tensor();
     at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
-               dv = at::empty(q.sizes(), q.options());
+               dv = at::empty(q.sizes(), q.options());  // contiguous
     C10_CUDA_CHECK(minilm_cuda::attention_backward_tc(
-        dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-        delta.data_ptr<float>(), dq_accum.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
-        static_cast<int>(Dp), static_cast<float>(scale), dropout, at::globalContext().deterministicAlgorithms(),
-        stream));
+        dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), in, lse.data_ptr<float>(),
+        delta.data_ptr<float>(), adds_dq ? dq_accum.data_ptr<float>() : nullptr, dq.data_ptr(), dk.data_ptr(),
+        dv.data_ptr(), B * H, T, static_cast<int>(Dp), static_cast<float>(scale), dropout, deterministic, stream));
     return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();

@@ -15,7 +15,8 @@
 // fit (see FwdCfg for the layouts and their register budgets).
 // CTAs are ordered heaviest-first (the last query tiles see the most keys) for the causal imbalance.
 //
-// Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i). Then one CTA of 8 warps owns
+// Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i) (and zeroes the dQ buffer of the
+// schemes that add dQ with atomics, below) in one memory-bound pass. Then one CTA of 8 warps owns
 // BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys) and walks the query tiles (BR = 64,
 // 32 or 16 rows, see BwdCfg and "Backward schemes" below) from the diagonal to the end, double-buffering
 // Q, dO, LSE and Delta. Per query tile each warp recomputes the transposed scores Sᵀ = K Qᵀ for its keys
@@ -32,8 +33,9 @@
 // The defaults add dQ with atomics; under torch.use_deterministic_algorithms(True) a scheme without them runs
 // (see "THE DEFAULTS" below). MINILM_ATTN_BWD picks the scheme, see bwd_variant.
 //
-// Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix
-// fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
+// The inputs (Q, K, V, dO, O) are read through their strides (InputLayout in kernels.h: views such as
+// GPT-1's q, k, v need no copy); outputs are written contiguous. Shared-memory rows are padded by 8
+// elements (16 bytes), so that the 8 row addresses of an ldmatrix fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
 //
 // CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
 // the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
@@ -155,15 +157,20 @@ __device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next)
   __syncthreads();
 }
 
-// Copies rows [row0, row0 + ROWS) of a [T, D] matrix into shared memory rows of STRIDE elements.
+// Copies rows [row0, row0 + ROWS) of a [T, D] matrix whose rows lie ld elements apart (16-byte aligned;
+// T·ld < 2³¹, see RowStrides) into shared memory rows of STRIDE elements. A thread copies the same 16-byte
+// column chunk of every STEP-th row, stepping one pointer (fewer live registers than an offset per row).
 template <typename T, int ROWS, int D, int STRIDE, int NTHREADS>
-__device__ __forceinline__ void load_tile_async(T* s, const T* g, int row0, int T_) {
+__device__ __forceinline__ void load_tile_async(T* s, const T* g, int ld, int row0, int T_) {
   constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-  for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
-    const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-    const int gr = row0 + r;
-    const bool ok = gr < T_;
-    cp_async16(s + r * STRIDE + col, g + static_cast<size_t>(ok ? gr : 0) * D + col, ok);
+  static_assert(NTHREADS % CHUNKS == 0, "every thread must keep one column chunk");
+  constexpr int STEP = NTHREADS / CHUNKS;
+  const int r0 = threadIdx.x / CHUNKS, col = (threadIdx.x % CHUNKS) * 8;
+  const T* src = g + ((row0 + r0) * ld + col);
+#pragma unroll
+  for (int r = r0; r < ROWS; r += STEP, src += STEP * ld) {
+    const bool ok = row0 + r < T_;
+    cp_async16(s + r * STRIDE + col, ok ? src : g, ok);
   }
 }
 
@@ -337,9 +344,9 @@ using FwdWide64 = FwdCfg<D, 4, 2, D <= 64, 1, 64>;
 
 template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
-                                                             const T* __restrict__ V, T* __restrict__ O,
-                                                             float* __restrict__ LSE, int T_, float scale_log2,
-                                                             minilm_dropout::Params drop) {
+                                                             const T* __restrict__ V, InputLayout in,
+                                                             T* __restrict__ O, float* __restrict__ LSE, int T_,
+                                                             float scale_log2, minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
   constexpr bool QREG = C::QREG;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -349,8 +356,8 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
 
   const int bh = blockIdx.x;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
-  const size_t base = static_cast<size_t>(bh) * T_ * D;
-  Q += base, K += base, V += base, O += base;
+  Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
+  O += static_cast<size_t>(bh) * T_ * D;
   LSE += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   const int wrow0 = q0 + warp * 16 * MT;  // first query row of this warp; row tile mt starts at wrow0 + 16 mt
@@ -358,9 +365,9 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
 
   const int kv_end = min(T_, q0 + BR);
   const int nkb = (kv_end + BC - 1) / BC;
-  load_tile_async<T, BR, D, S, NT>(sQ, Q, q0, T_);
-  load_tile_async<T, BC, D, S, NT>(sK, K, 0, T_);
-  load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
+  load_tile_async<T, BR, D, S, NT>(sQ, Q, in.q.row, q0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, in.k.row, 0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, in.v.row, 0, T_);
   cp_async_commit();
 
   uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];  // Q fragments, when they stay in registers
@@ -378,8 +385,8 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
     pipeline_step(kb + 1 < nkb, [&] {
-      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
-      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, in.k.row, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, in.v.row, (kb + 1) * BC, T_);
     });
     if constexpr (QREG) {
       if (kb == 0) {
@@ -503,7 +510,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
 }
 
 // ------------------------------------------------------------------------------ tensor-core backward
-// Delta[row] = sum_d dO[row, d] * O[row, d]: one warp per row.
+// Delta[row] = sum_d dO[row, d] * O[row, d]: one warp per row, any head dim (the CUDA-core backward's).
 template <typename T, typename A>
 __global__ void attn_bwd_delta(const T* __restrict__ dO, const T* __restrict__ O, A* __restrict__ delta,
                                int64_t rows, int D) {
@@ -516,11 +523,49 @@ __global__ void attn_bwd_delta(const T* __restrict__ dO, const T* __restrict__ O
   if (lane == 0) delta[row] = acc;
 }
 
+// The tensor-core backward's prologue, one memory-bound pass: Delta[row] = sum_d dO[row, d] * O[row, d]
+// in fp32 and, for the schemes that add dQ with atomics (ZERO_DQ), dQacc[row, :] = 0 (instead of a
+// separate memset: one launch fewer). D / 8 lanes per row, each loading 16 bytes (8 elements) of dO and of
+// O (rows 16-byte aligned, see InputLayout), and zeroing 32 bytes of dQacc. kPrologueThreads per CTA.
+constexpr int kPrologueThreads = 256;
+template <typename T, int D, bool ZERO_DQ>
+__global__ void __launch_bounds__(kPrologueThreads)
+    attn_bwd_prologue(const T* __restrict__ dO, const T* __restrict__ O, InputLayout in, float* __restrict__ delta,
+                      float* __restrict__ dQacc, int64_t rows, int T_) {
+  constexpr int LPR = D / 8, RPB = kPrologueThreads / LPR;  // lanes per row, rows per CTA
+  static_assert(D % 8 == 0 && 32 % LPR == 0, "a row's lanes must lie in one warp");
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / LPR;  // bh · T + t
+  const int col = (threadIdx.x % LPR) * 8;
+  float acc = 0.f;
+  if (row < rows) {  // no early return: every lane takes part in the shuffles below
+    const int bh = static_cast<int>(row / T_), t = static_cast<int>(row % T_);
+    const uint4 a = *reinterpret_cast<const uint4*>(dO + in.dout.offset(bh, in.heads) + (t * in.dout.row + col));
+    const uint4 b = *reinterpret_cast<const uint4*>(O + in.out.offset(bh, in.heads) + (t * in.out.row + col));
+    T x[8], y[8];
+    memcpy(x, &a, sizeof(a));
+    memcpy(y, &b, sizeof(b));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc += to_f(x[i]) * to_f(y[i]);
+    if constexpr (ZERO_DQ) {
+      uint4* z = reinterpret_cast<uint4*>(dQacc + row * D + col);  // 0u: the bits of 0.f
+      z[0] = make_uint4(0u, 0u, 0u, 0u);
+      z[1] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+#pragma unroll
+  for (int off = LPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
+  if (row < rows && threadIdx.x % LPR == 0) delta[row] = acc;
+}
+
+// dQ = scale · dQacc in the input dtype, 4 elements per thread and step (16 bytes read, 8 written);
+// n4 = the element count / 4 (the tensor-core head dims are multiples of 4).
 template <typename T>
-__global__ void attn_bwd_dq_convert(const float* __restrict__ acc, T* __restrict__ dq, int64_t n, float scale) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dq[i] = FromF<T>::cvt(acc[i] * scale);
+__global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, uint2* __restrict__ dq, int64_t n4, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 a = acc[i];
+    dq[i] = make_uint2(Half<T>::pack(a.x * scale, a.y * scale), Half<T>::pack(a.z * scale, a.w * scale));
+  }
 }
 
 // Adds an m16n8 accumulator tile (rows row_a and row_a + 8, columns col0 + 2·t4 and +1, see acc_to_a) into
@@ -552,9 +597,10 @@ __device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, in
 // commits) and its LSE · log2e and Delta (rows past T: zeros).
 template <typename T, int BR, int D, int S, int NT>
 __device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, float* sDl, const T* Q, const T* dO,
-                                                    const float* LSE, const float* Delta, int qb, int buf, int T_) {
-  load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, qb * BR, T_);
-  load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, qb * BR, T_);
+                                                    const InputLayout& in, const float* LSE, const float* Delta,
+                                                    int qb, int buf, int T_) {
+  load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, in.q.row, qb * BR, T_);
+  load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, in.dout.row, qb * BR, T_);
   for (int i = threadIdx.x; i < BR; i += NT) {
     const int q = qb * BR + i;
     sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
@@ -609,7 +655,7 @@ template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 3
           bool KVREG = !WITH_DQ && MINB == 1 && D <= 64, bool DROP = false>
 __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
-                const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
+                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
                 T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2,
                 minilm_dropout::Params drop) {
   using C = BwdCfg<D, BR_, NW_, MTK>;
@@ -625,8 +671,10 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 
   const int bh = blockIdx.x;
   const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
-  const size_t base = static_cast<size_t>(bh) * T_ * D;
-  Q += base, K += base, V += base, dO += base, dQacc += base, dK += base, dV += base;
+  Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
+  dO += in.dout.offset(bh, in.heads);
+  const size_t base = static_cast<size_t>(bh) * T_ * D;  // the outputs' (contiguous)
+  dQacc += base, dK += base, dV += base;
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
@@ -641,10 +689,10 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
   auto load_q_tile = [&](int qb, int buf) {
-    load_bwd_query_tile<T, BR, D, S, NT>(sQ, sdO, sL, sDl, Q, dO, LSE, Delta, qb, buf, T_);
+    load_bwd_query_tile<T, BR, D, S, NT>(sQ, sdO, sL, sDl, Q, dO, in, LSE, Delta, qb, buf, T_);
   };
-  load_tile_async<T, BC, D, S, NT>(sK, K, k0, T_);
-  load_tile_async<T, BC, D, S, NT>(sV, V, k0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, in.k.row, k0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, in.v.row, k0, T_);
   load_q_tile(qb0, 0);
   cp_async_commit();
 
@@ -805,7 +853,7 @@ struct Bwd2dCfg {
 template <typename T, int D, bool WITH_DQ, bool DROP = false>
 __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     attn_bwd_2d(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
-                const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
+                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
                 T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2,
                 minilm_dropout::Params drop) {
   using C = Bwd2dCfg<D>;
@@ -824,8 +872,10 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
 
   const int bh = blockIdx.x;
   const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
-  const size_t base = static_cast<size_t>(bh) * T_ * D;
-  Q += base, K += base, V += base, dO += base, dK += base, dV += base;
+  Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
+  dO += in.dout.offset(bh, in.heads);
+  const size_t base = static_cast<size_t>(bh) * T_ * D;  // the outputs' (contiguous)
+  dK += base, dV += base;
   if constexpr (WITH_DQ) dQacc += base;
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
@@ -838,10 +888,10 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   const int nqb = (T_ + BR - 1) / BR;
   const int qb0 = k0 / BR;  // query tiles before this one lie entirely before the keys
   auto load_q_tile = [&](int qb, int buf) {
-    load_bwd_query_tile<T, BR, D, S, NT>(sQ, sdO, sL, sDl, Q, dO, LSE, Delta, qb, buf, T_);
+    load_bwd_query_tile<T, BR, D, S, NT>(sQ, sdO, sL, sDl, Q, dO, in, LSE, Delta, qb, buf, T_);
   };
-  load_tile_async<T, BC, D, S, NT>(sK, K, k0, T_);
-  load_tile_async<T, BC, D, S, NT>(sV, V, k0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, in.k.row, k0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, in.v.row, k0, T_);
   load_q_tile(qb0, 0);
   cp_async_commit();
 
@@ -958,7 +1008,7 @@ using DqWide = DqCfg<D, 4, 2, 32>;
 template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT)
     attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                   const T* __restrict__ dO, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                   const T* __restrict__ dO, InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
                    T* __restrict__ dQ, int T_, float scale, float scale_log2, minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -968,8 +1018,9 @@ __global__ void __launch_bounds__(C::NT)
 
   const int bh = blockIdx.x;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
-  const size_t base = static_cast<size_t>(bh) * T_ * D;
-  Q += base, K += base, V += base, dO += base, dQ += base;
+  Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
+  dO += in.dout.offset(bh, in.heads);
+  dQ += static_cast<size_t>(bh) * T_ * D;
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
@@ -992,7 +1043,7 @@ __global__ void __launch_bounds__(C::NT)
   const int kv_end = min(T_, q0 + BR);
   const int nkb = (kv_end + BC - 1) / BC;
   uint32_t qf[MT][D / 16][4], of[MT][D / 16][4];
-  load_tile_async<T, BR, D, S, NT>(sQ, Q, q0, T_);
+  load_tile_async<T, BR, D, S, NT>(sQ, Q, in.q.row, q0, T_);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -1001,9 +1052,9 @@ __global__ void __launch_bounds__(C::NT)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[mt][kk], sQw + mt * 16 * S + kk * 16);
   __syncthreads();
-  load_tile_async<T, BR, D, S, NT>(sQ, dO, q0, T_);
-  load_tile_async<T, BC, D, S, NT>(sK, K, 0, T_);
-  load_tile_async<T, BC, D, S, NT>(sV, V, 0, T_);
+  load_tile_async<T, BR, D, S, NT>(sQ, dO, in.dout.row, q0, T_);
+  load_tile_async<T, BC, D, S, NT>(sK, K, in.k.row, 0, T_);
+  load_tile_async<T, BC, D, S, NT>(sV, V, in.v.row, 0, T_);
   cp_async_commit();
 
   float dq[MT][D / 8][4];
@@ -1012,8 +1063,8 @@ __global__ void __launch_bounds__(C::NT)
   for (int kb = 0; kb < nkb; ++kb) {
     const int buf = kb & 1;
     pipeline_step(kb + 1 < nkb, [&] {
-      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, (kb + 1) * BC, T_);
-      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sK + (buf ^ 1) * BC * S, K, in.k.row, (kb + 1) * BC, T_);
+      load_tile_async<T, BC, D, S, NT>(sV + (buf ^ 1) * BC * S, V, in.v.row, (kb + 1) * BC, T_);
     });
     if (kb == 0) {
 #pragma unroll
@@ -1292,6 +1343,7 @@ cudaError_t with_smem(F kernel, size_t bytes) {
 // The arguments of one forward launch.
 struct FwdArgs {
   const void *q, *k, *v;
+  InputLayout in;
   void* out;
   float* lse;
   int64_t BH, T;
@@ -1308,7 +1360,7 @@ cudaError_t launch_fwd_tc(const FwdArgs& a) {
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BR - 1) / C::BR));
   kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
-                                          static_cast<const T*>(a.v), static_cast<T*>(a.out), a.lse,
+                                          static_cast<const T*>(a.v), a.in, static_cast<T*>(a.out), a.lse,
                                           static_cast<int>(a.T), a.scale * kLog2e, a.dropout);
   return cudaGetLastError();
 }
@@ -1478,6 +1530,7 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
 struct BwdArgs {
   const void *dout, *q, *k, *v;
+  InputLayout in;
   const float *lse, *delta;
   float* dq_accum;
   void *dk, *dv;
@@ -1495,8 +1548,8 @@ cudaError_t launch_dkdv(Kernel kernel, const BwdArgs& a) {
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BC - 1) / C::BC));
   kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
-                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
-                                          a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
+                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.in, a.lse,
+                                          a.delta, a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
                                           static_cast<int>(a.T), a.scale, a.scale * kLog2e, a.dropout);
   return cudaGetLastError();
 }
@@ -1590,43 +1643,51 @@ cudaError_t launch_dq_tc(const BwdArgs& a, void* dq) {
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BR - 1) / C::BR));
   kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
-                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.lse, a.delta,
-                                          static_cast<T*>(dq), static_cast<int>(a.T), a.scale, a.scale * kLog2e,
+                                          static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.in, a.lse,
+                                          a.delta, static_cast<T*>(dq), static_cast<int>(a.T), a.scale, a.scale * kLog2e,
                                           a.dropout);
   return cudaGetLastError();
 }
 
+// The backward scheme that runs, from MINILM_ATTN_BWD or the default: with dropout only one built with
+// dropout (else the default); then resolve_bwd_scheme. The one place that decides it (bwd_tc and
+// attention_backward_tc_adds_dq).
 template <typename T, int D>
-cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out, const float* lse,
-                   float* delta, float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T_, float scale,
-                   const minilm_dropout::Params& dropout, bool deterministic, cudaStream_t stream) {
-  const int64_t rows = BH * T_;
-  attn_bwd_delta<T, float><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-      static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows, D);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  // MINILM_ATTN_BWD may name any scheme; with dropout only those built with dropout (else the default), and
-  // with dropout the dQ kernel's tiling is the default (MINILM_ATTN_DQ is ignored).
-  const bool drop = dropout.active();
+int backward_scheme(bool drop, bool deterministic) {
   int scheme = bwd_variant(D);
   if (drop && !built_with_dropout(scheme, D)) scheme = default_bwd_scheme(D);
-  scheme = resolve_bwd_scheme<T, D>(scheme, deterministic);
+  return resolve_bwd_scheme<T, D>(scheme, deterministic);
+}
+
+template <typename T, int D>
+cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                   const InputLayout& in, const float* lse, float* delta, float* dq_accum, void* dq, void* dk,
+                   void* dv, int64_t BH, int64_t T_, float scale, const minilm_dropout::Params& dropout,
+                   bool deterministic, cudaStream_t stream) {
+  const bool drop = dropout.active();
+  const int scheme = backward_scheme<T, D>(drop, deterministic);
   const bool fused = is_fused(scheme, D);
-  const BwdArgs args{dout, q, k, v, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, dropout, stream};
+  if (fused && dq_accum == nullptr) return cudaErrorInvalidValue;  // see attention_backward_tc_adds_dq
+  // Delta, and for the fused schemes dq_accum zeroed, in one pass
+  const int64_t rows = BH * T_;
+  constexpr int rows_per_cta = kPrologueThreads / (D / 8);
+  auto prologue = fused ? attn_bwd_prologue<T, D, true> : attn_bwd_prologue<T, D, false>;
+  prologue<<<static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), kPrologueThreads, 0, stream>>>(
+      static_cast<const T*>(dout), static_cast<const T*>(out), in, delta, dq_accum, rows, static_cast<int>(T_));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const BwdArgs args{dout, q, k, v, in, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, dropout, stream};
   auto dkdv = [&] { return drop ? launch_bwd_dropout<T, D>(scheme, args) : launch_bwd_scheme<T, D>(scheme, args); };
-  if (!fused) {  // the dK/dV kernel, then the dQ kernel
-    err = dkdv();
-    if (err != cudaSuccess) return err;
+  err = dkdv();
+  if (err != cudaSuccess) return err;
+  if (!fused) {  // split: the dQ kernel after the dK/dV kernel (with dropout: its default tiling)
     if (drop) return launch_dq_tc<T, D, DqTiling<D, default_dq_wide(D)>, true>(args, dq);
     return dq_wide(D) ? launch_dq_tc<T, D, DqTiling<D, true>>(args, dq) : launch_dq_tc<T, D, DqTiling<D, false>>(args, dq);
   }
-  err = cudaMemsetAsync(dq_accum, 0, static_cast<size_t>(rows) * D * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
-  err = dkdv();
-  if (err != cudaSuccess) return err;
-  const int64_t n = rows * D;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536));
-  attn_bwd_dq_convert<T><<<blocks, 256, 0, stream>>>(dq_accum, static_cast<T*>(dq), n, scale);
+  const int64_t n4 = rows * D / 4;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 65536));
+  attn_bwd_dq_convert<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_accum),
+                                                     static_cast<uint2*>(dq), n4, scale);
   return cudaGetLastError();
 }
 
@@ -1674,10 +1735,10 @@ bool attention_tc_supported(Dtype dtype, int head_dim) {
   return (dtype == Dtype::kBFloat16 || dtype == Dtype::kFloat16) && (head_dim == 64 || head_dim == 128);
 }
 
-cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
-                                 int64_t BH, int64_t T, int D, float scale, const minilm_dropout::Params& dropout,
-                                 cudaStream_t stream) {
-  const FwdArgs a{q, k, v, out, lse, BH, T, scale, dropout, stream};
+cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, const InputLayout& in,
+                                 void* out, float* lse, int64_t BH, int64_t T, int D, float scale,
+                                 const minilm_dropout::Params& dropout, cudaStream_t stream) {
+  const FwdArgs a{q, k, v, in, out, lse, BH, T, scale, dropout, stream};
   if (dtype == Dtype::kBFloat16) {
     if (D == 64) return fwd_tc<__nv_bfloat16, 64>(a);
     if (D == 128) return fwd_tc<__nv_bfloat16, 128>(a);
@@ -1694,13 +1755,26 @@ bool attention_backward_tc_fits(Dtype /*dtype: bf16 and fp16 take the same room*
   return head_dim == 64 ? smem_fits(BwdCfg<64, 64>::smem_bytes(2)) : smem_fits(BwdCfg<128, 32>::smem_bytes(2));
 }
 
+bool attention_backward_tc_adds_dq(Dtype dtype, int head_dim, bool dropout, bool deterministic) {
+  auto adds = [&](auto scheme, int D) { return is_fused(scheme(dropout, deterministic), D); };
+  if (dtype == Dtype::kBFloat16) {
+    if (head_dim == 64) return adds(backward_scheme<__nv_bfloat16, 64>, 64);
+    if (head_dim == 128) return adds(backward_scheme<__nv_bfloat16, 128>, 128);
+  } else if (dtype == Dtype::kFloat16) {
+    if (head_dim == 64) return adds(backward_scheme<__half, 64>, 64);
+    if (head_dim == 128) return adds(backward_scheme<__half, 128>, 128);
+  }
+  return false;
+}
+
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
-                                  const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
-                                  void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
-                                  const minilm_dropout::Params& dropout, bool deterministic,
+                                  const void* out, const InputLayout& in, const float* lse, float* delta,
+                                  float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int D,
+                                  float scale, const minilm_dropout::Params& dropout, bool deterministic,
                                   cudaStream_t stream) {
   auto run = [&](auto bwd) {
-    return bwd(dout, q, k, v, out, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, dropout, deterministic, stream);
+    return bwd(dout, q, k, v, out, in, lse, delta, dq_accum, dq, dk, dv, BH, T, scale, dropout, deterministic,
+               stream);
   };
   if (dtype == Dtype::kBFloat16) {
     if (D == 64) return run(bwd_tc<__nv_bfloat16, 64>);

@@ -1,7 +1,8 @@
 // Launchers of minilm's CUDA kernels: raw pointers and a cudaStream_t, no torch types, so that the
 // .cu files compile with nvcc alone (scripts/check_cuda_kernels.sh). The torch glue (input checks,
 // allocation, the current stream, dtype dispatch, registration) is in attention_cuda.cpp and
-// char_cnn_cuda.cpp. Every tensor is contiguous; every launcher returns the launch's cudaError_t.
+// char_cnn_cuda.cpp. Every tensor is contiguous (except the tensor-core attention kernels' inputs, see
+// InputLayout); every launcher returns the launch's cudaError_t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,22 +19,45 @@ enum class Dtype { kFloat32, kFloat64, kBFloat16, kFloat16 };
 // q, k, v, out, dout, dq, dk, dv: [BH, T, D] in `dtype`. `dropout`: attention dropout's mask and scale
 // (csrc/attention_dropout.h); inactive (threshold 0) = no dropout. The backward takes the forward's.
 
+// Where the rows of one [B, H, T, D] input of the tensor-core kernels lie, in elements: row t of head h of
+// batch b starts at b·batch + h·head + t·row (the last dim contiguous). So views need no copy, e.g. GPT-1's
+// q, k, v, which are slices of one [B, T, 3C] projection (batch = 3CT, head = D, row = 3C). Every row must
+// start 16 bytes aligned (cp.async), and T·row < 2³¹ (row offsets are 32-bit: fewer registers in the
+// kernels' loops). Contiguous: {H·T·D, T·D, D}.
+struct RowStrides {
+  int64_t batch, head;
+  int row;
+  __host__ __device__ int64_t offset(int bh, int heads) const {  // of row 0 of (batch·head) bh
+    return static_cast<int64_t>(bh / heads) * batch + static_cast<int64_t>(bh % heads) * head;
+  }
+};
+// The inputs' strides (dout and out: the backward only) and H, so that bh = b·H + h.
+struct InputLayout {
+  int heads;
+  RowStrides q, k, v, dout, out;
+};
+
 // Tensor-core (mma.sync) flash kernels: bf16/fp16 with head dim 64 or 128 only (the glue pads other
-// head dims up to these with zeros). lse: [BH, T] fp32.
+// head dims up to these with zeros). q, k, v (and dout, out) as `in` says; out, lse and the gradients are
+// written contiguous. lse: [BH, T] fp32.
 bool attention_tc_supported(Dtype dtype, int head_dim);
-cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, void* out, float* lse,
-                                 int64_t BH, int64_t T, int D, float scale, const minilm_dropout::Params& dropout,
-                                 cudaStream_t stream);
+cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, const InputLayout& in,
+                                 void* out, float* lse, int64_t BH, int64_t T, int D, float scale,
+                                 const minilm_dropout::Params& dropout, cudaStream_t stream);
 // Whether this GPU has the shared memory per CTA that the tensor-core backward takes at this head dim: head
 // dim 128 needs 113 KB, which GPUs with 99 KB (sm_86/89/120: L4, L40S, RTX 4090) lack. If not, the glue runs
 // the CUDA-core backward (the tensor-core forward's out and lse are what it reads).
 bool attention_backward_tc_fits(Dtype dtype, int head_dim);
-// delta: [BH, T] fp32 workspace; dq_accum: [BH, T, D] fp32 workspace (zeroed here). deterministic: no
-// atomics (torch.use_deterministic_algorithms), so that dQ is bitwise the same run to run.
+// Whether attention_backward_tc with these settings runs a scheme that adds dQ with atomics into dq_accum
+// (then a [BH, T, D] fp32 workspace it zeroes; else unused, and null may be passed).
+bool attention_backward_tc_adds_dq(Dtype dtype, int head_dim, bool dropout, bool deterministic);
+// delta: [BH, T] fp32 workspace; dq_accum: see attention_backward_tc_adds_dq. deterministic: no atomics
+// (torch.use_deterministic_algorithms), so that dQ is bitwise the same run to run.
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
-                                  const void* out, const float* lse, float* delta, float* dq_accum, void* dq,
-                                  void* dk, void* dv, int64_t BH, int64_t T, int D, float scale,
-                                  const minilm_dropout::Params& dropout, bool deterministic, cudaStream_t stream);
+                                  const void* out, const InputLayout& in, const float* lse, float* delta,
+                                  float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int D,
+                                  float scale, const minilm_dropout::Params& dropout, bool deterministic,
+                                  cudaStream_t stream);
 
 // CUDA-core kernels for every dtype and 1 <= D <= kSimpleMaxHeadDim (fp32/fp64, and half types with
 // other head dims). lse and delta are fp64 for fp64 inputs, fp32 otherwise.
