@@ -1,6 +1,10 @@
 """One-line-per-case diagnostics of the CUDA kernels, for a GPU run where every minute counts.
 
-    python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | cnn-perf | attn-sweep | cnn-determinism
+    python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | attn-host | cnn-perf | attn-sweep |
+                                       cnn-determinism
+
+attn-host: where a single attention fwd+bwd call's time goes (host, one call, back to back, per kernel),
+minilm against SDPA flash, at T = 512 (also with GPT-1's q, k, v views) and at head dim 128.
 
 cnn-correct and cnn-determinism check both char-CNN backward variants (the token-slot kernels, and the old
 ones selected by MINILM_CNN_BWD=old); cnn-perf times both, then prints the per-kernel GPU time of one
@@ -167,6 +171,67 @@ def kernel_breakdown(fn, label, top=10):
           f"top {top}:", flush=True)
     for name, (us, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {us / 1e3:8.3f} ms {100 * us / max(total, 1e-9):5.1f}%  x{n:<3d} {name}", flush=True)
+
+
+def attn_host():
+    """Where one bf16 fwd+bwd call's time goes, minilm against SDPA's flash backend: the host's time to enqueue
+    it (no synchronisation), one synchronised call timed with CUDA events (as minilm.bench times it), ten calls
+    back to back, and the GPU time of one call kernel by kernel. "views": q, k, v as GPT-1 makes them, views
+    into one [B, T, 3C] projection, with grad_out a transpose (minilm reads them in place)."""
+    import statistics
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for B, H, T, D, views in ((32, 12, 512, 64, False), (32, 12, 512, 64, True), (4, 16, 4096, 128, False)):
+        opts = dict(device="cuda", dtype=torch.bfloat16)
+        if views:
+            qkv = torch.randn(B, T, 3 * H * D, **opts, requires_grad=True)
+            leaves = [qkv]
+            g = torch.randn(B, T, H, D, **opts).transpose(1, 2)
+
+            def inputs():
+                return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]
+        else:
+            leaves = [torch.randn(B, H, T, D, **opts, requires_grad=True) for _ in range(3)]
+            g = torch.randn(B, H, T, D, **opts)
+
+            def inputs():
+                return leaves
+
+        def ours():
+            for t in leaves:
+                t.grad = None
+            causal_attention(*inputs()).backward(g)
+
+        def flash():
+            for t in leaves:
+                t.grad = None
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(*inputs(), is_causal=True).backward(g)
+
+        label = f"attention bf16 {B},{H},{T},{D}{' views' if views else ''} fwd+bwd"
+        for name, fn in (("minilm", ours), ("sdpa-flash", flash)):
+            try:
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                host, single = [], []
+                for _ in range(20):
+                    t0 = time.perf_counter()
+                    fn()
+                    host.append((time.perf_counter() - t0) * 1e3)
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    single.append(start.elapsed_time(end))
+                print(f"{label} {name}: host {statistics.median(host):.3f} ms to enqueue, one call "
+                      f"{statistics.median(single):.3f} ms, back to back {time_ms(fn):.3f} ms per call", flush=True)
+                kernel_breakdown(fn, f"{label} {name}")
+            except Exception as e:  # noqa: BLE001
+                print(f"{label} {name}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+        del leaves, g
+        torch.cuda.empty_cache()
 
 
 def cnn_perf(N=32768):
@@ -420,8 +485,8 @@ def cnn_determinism():
     return ok
 
 
-PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "cnn-perf": cnn_perf,
-         "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism}
+PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "attn-host": attn_host,
+         "cnn-perf": cnn_perf, "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in PARTS:

@@ -2,8 +2,8 @@
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
 # build (timed) -> import -> pytest tests/test_cuda.py (defaults; attention dropout included) -> attention
 # tiling sweep (reports the fastest correct tilings) -> the attention tests with the sweep's picks ->
-# char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed; attention with
-# dropout last).
+# char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed), with where one
+# attention call's time goes (attn-host) before GPT-1's; attention with dropout last.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 # GPU_CHECK_SKIP names steps not to run (e.g. "diag-char-cnn cnn-determinism perf-char-cnn" when the
@@ -93,6 +93,9 @@ for b in attention charcnn; do
   if [ "$(left)" -gt 40 ]; then step "bench-$b" "$(left)" bash -c "$with_tilings" _ python -m minilm.bench "$b" --device cuda --json
   else echo "=== [bench-$b] skipped: out of time"; fi
 done
+# Where a single attention call's time goes (host, one call, back to back, per kernel) against SDPA flash.
+if [ "$(left)" -gt 40 ]; then step attn-host 60 python scripts/cuda_diagnostics.py attn-host
+else echo "=== [attn-host] skipped: out of time"; fi
 if [ "$(left)" -gt 60 ]; then step bench-gpt1 "$(left)" bash -c "$with_tilings" _ python -m minilm.bench gpt1 --device cuda --json
 else echo "=== [bench-gpt1] skipped: out of time"; fi
 # Attention with dropout (training mode) against SDPA with dropout_p, default tilings.
