@@ -305,18 +305,43 @@ def test_attention_dropout_in_the_fallback_schemes_at_head_dim_128(scheme, monke
     test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
 
 
-def _layouts(B, H, T, D, dtype):
-    """(name, q, k, v, grad_out) in layouts that the tensor-core kernels read where they lie, or copy first."""
+def _layouts(H, T, D, dtype):
+    """(name, q, k, v, grad_out, out's layout, readable): inputs in layouts that the tensor-core kernels read
+    where they lie (readable) or must copy first. out's layout: a function that returns a copy of out."""
     def randn(*shape):
         return torch.randn(*shape, device=DEV, dtype=dtype)
+
+    def btdh(x):  # x ([B, H, T, D]) as the transpose of a contiguous [B, T, H, D]
+        return torch.empty_like(x.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2).copy_(x)
+
+    def tbhd(x):  # x as a permutation of a contiguous [T, B, H, D]
+        B = x.shape[0]
+        return torch.empty(T, B, H, D, device=DEV, dtype=dtype).permute(1, 2, 0, 3).copy_(x)
+
+    B = 2
     qkv = randn(B, T, 3 * H * D)  # GPT-1: q, k, v are views into one projection, grad_out a transpose
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
     g = randn(B, T, H, D).transpose(1, 2)
-    yield "views of one projection", q, k, v, g
+    yield "views of one projection", q, k, v, g, tbhd, True
+    # every input with strides of its own (so that one input's strides used for another's would show)
+    k2 = randn(B, H, T, D)
+    v2 = randn(B, T, H, D + 8)[..., :D].transpose(1, 2)  # rows (D + 8)·2 bytes apart within a head: readable
+    g2 = randn(T, B, H, D).permute(1, 2, 0, 3)
+    yield "a layout per input", q, k2, v2, g2, btdh, True
     kv = randn(1, H, T, D).expand(B, H, T, D)  # stride 0 along the batch
-    yield "batch-expanded k and v", q, kv, kv, g
-    yield "rows 8 bytes off 16-byte alignment", randn(B, H, T, D + 4)[..., :D], k, v, g  # copied
-    yield "start 2 bytes off alignment", randn(B * H * T * D + 1)[1:].view(B, H, T, D), k, v, g  # copied
+    yield "batch-expanded k and v", q, kv, kv, g, btdh, True
+    # size-1 dims may carry any stride (never stepped along)
+    one = [randn(2 * H * T * D).as_strided((1, H, T, D), (7, T * D, D, 1)) for _ in range(4)]
+    yield "size-1 batch with an odd stride", *one, btdh, True
+    yield "rows 8 bytes off 16-byte alignment", randn(B, H, T, D + 4)[..., :D], k, v, g, btdh, False
+    yield "start 2 bytes off alignment", randn(B * H * T * D + 1)[1:].view(B, H, T, D), k, v, g, btdh, False
+
+
+def _copies(fn):
+    """The aten copy ops that fn() runs (torch.profiler sees those that C++ code dispatches too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()} & {"aten::copy_", "aten::clone", "aten::constant_pad_nd"}
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
@@ -324,16 +349,18 @@ def _layouts(B, H, T, D, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_reads_strided_inputs(dtype, D, p):
     # q, k, v, grad_out and out are read through their strides where their rows are 16-byte aligned (GPT-1's
-    # q, k, v need no copy), else copied first: either way the result is bitwise that of contiguous copies
-    # (the backward in deterministic mode; with dQ atomics, equal up to their order of addition).
-    B, H, T = 2, 3, 257
+    # q, k, v need no copy), else copied first (and always where the head dim is padded): either way the
+    # result is bitwise that of contiguous copies (the backward in deterministic mode; with dQ atomics, equal
+    # up to their order of addition).
+    H, T = 3, 257
     scale, seed = 1.0 / math.sqrt(D), (SEED if p else None)
-    for name, q, k, v, g in _layouts(B, H, T, D, dtype):
+    for name, q, k, v, g, layout, readable in _layouts(H, T, D, dtype):
         qc, kc, vc, gc = (t.contiguous() for t in (q, k, v, g))
         out, lse = ops.causal_attention(q, k, v, scale, p, seed)
         out_c, lse_c = ops.causal_attention(qc, kc, vc, scale, p, seed)
         assert torch.equal(out, out_c) and torch.equal(lse, lse_c), name
-        out_t = torch.empty(B, T, H, D, device=DEV, dtype=dtype).transpose(1, 2).copy_(out)  # a transpose, too
+        out_t = layout(out)
+        assert not out_t.is_contiguous()
         with _deterministic_algorithms():
             got = ops.causal_attention_backward(g, q, k, v, out_t, lse, scale, p, seed)
             want = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale, p, seed)
@@ -343,6 +370,12 @@ def test_attention_reads_strided_inputs(dtype, D, p):
         want = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale, p, seed)
         for grad, a, b in zip(("dq", "dk", "dv"), got, want):
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {grad}: {m}")
+        copies = _copies(lambda: ops.causal_attention_backward(g, q, k, v, out_t, *ops.causal_attention(
+            q, k, v, scale, p, seed)[1:], scale, p, seed))
+        if readable and D in (64, 128):
+            assert not copies, f"{name}: read in place, yet {copies} ran"
+        else:
+            assert copies, f"{name}: copied first, yet no copy ran"
 
 
 def test_gpt1_attention_drops_through_the_fused_kernel():

@@ -16,7 +16,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -42,15 +41,17 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   const int64_t D = q.size(3);
   TORCH_CHECK(q.numel() == 0 || (D >= 1 && D <= minilm_cuda::kSimpleMaxHeadDim),
               "causal_attention (CUDA): head dim must be in 1..", minilm_cuda::kSimpleMaxHeadDim, ", got ", D);
-  TORCH_CHECK((q.size(2) + 128) * std::max<int64_t>(D, 128) <= std::numeric_limits<int>::max(),
-              "causal_attention (CUDA): T is too large (T · max(D, 128) must stay below 2^31)");
+  TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max(), "causal_attention (CUDA): T is too large");
 }
 
 at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// bf16/fp16 with D <= 128, and T small enough for the tensor-core kernels' 32-bit row offsets (a tile may
+// start up to 128 rows past T; rows_readable checks a strided input's own row stride)
 bool use_tensor_cores(const at::Tensor& q) {
   const auto t = q.scalar_type();
-  return (t == at::kBFloat16 || t == at::kHalf) && q.size(3) <= 128;
+  return (t == at::kBFloat16 || t == at::kHalf) && q.size(3) <= 128 &&
+         (q.size(2) + 128) * 128 <= std::numeric_limits<int>::max();
 }
 
 int64_t padded_head_dim(int64_t D) { return D <= 64 ? 64 : 128; }

@@ -35,7 +35,8 @@
 //
 // The inputs (Q, K, V, dO, O) are read through their strides (InputLayout in kernels.h: views such as
 // GPT-1's q, k, v need no copy); outputs are written contiguous. Shared-memory rows are padded by 8
-// elements (16 bytes), so that the 8 row addresses of an ldmatrix fall in different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
+// elements (16 bytes), so that the 8 row addresses of an ldmatrix fall in different banks. Rows past T are
+// zero-filled by cp.async (src-size 0) and never written back.
 //
 // CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
 // the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
@@ -158,7 +159,7 @@ __device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next)
 }
 
 // Copies rows [row0, row0 + ROWS) of a [T, D] matrix whose rows lie ld elements apart (16-byte aligned;
-// T·ld < 2³¹, see RowStrides) into shared memory rows of STRIDE elements. A thread copies the same 16-byte
+// (T + 128)·ld < 2³¹, see RowStrides) into shared memory rows of STRIDE elements. A thread copies the same 16-byte
 // column chunk of every STEP-th row, stepping one pointer (fewer live registers than an offset per row).
 template <typename T, int ROWS, int D, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int ld, int row0, int T_) {
@@ -324,7 +325,8 @@ __device__ __forceinline__ void acc_plus_pb_kept(float (*acc)[D / 8][4], const f
 //   wide3  : as wide with Q re-read, capped at 168 registers for D = 64 (3 CTAs per SM; spills a little).
 //            At D = 128 it is wide in all but name (the register cap binds nothing there).
 //   wide64 : at D = 128, wide with 64-key tiles (each Q fragment read feeds twice the mma of wide's 32-key
-//            tiles; 255 registers and a small spill, ~80 bytes). At D = 64 it is wide.
+//            tiles; 255 registers, no spills on sm_90: ~80 bytes before load_tile_async stepped one pointer,
+//            ~50 with dropout). At D = 64 it is wide.
 template <int D, int NW_, int MT_, bool QREG_, int MINB_, int BC_>
 struct FwdCfg {
   static constexpr int NW = NW_, MT = MT_, MINB = MINB_, NT = NW * 32, BR = 16 * MT * NW, BC = BC_, S = D + 8;
@@ -655,9 +657,9 @@ template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 3
           bool KVREG = !WITH_DQ && MINB == 1 && D <= 64, bool DROP = false>
 __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
-                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
-                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2,
-                minilm_dropout::Params drop) {
+                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, float scale,
+                float scale_log2, minilm_dropout::Params drop) {
   using C = BwdCfg<D, BR_, NW_, MTK>;
   constexpr int NW = C::NW, NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SS = C::SS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -853,9 +855,9 @@ struct Bwd2dCfg {
 template <typename T, int D, bool WITH_DQ, bool DROP = false>
 __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     attn_bwd_2d(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
-                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta, float* __restrict__ dQacc,
-                T* __restrict__ dK, T* __restrict__ dV, int T_, float scale, float scale_log2,
-                minilm_dropout::Params drop) {
+                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, float scale,
+                float scale_log2, minilm_dropout::Params drop) {
   using C = Bwd2dCfg<D>;
   constexpr int NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SP = C::SP;
   constexpr int DH = D / 2, DQ = D / 4;  // columns per warp in phases 2 and 3
@@ -1008,8 +1010,9 @@ using DqWide = DqCfg<D, 4, 2, 32>;
 template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT)
     attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                   const T* __restrict__ dO, InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
-                   T* __restrict__ dQ, int T_, float scale, float scale_log2, minilm_dropout::Params drop) {
+                   const T* __restrict__ dO, InputLayout in, const float* __restrict__ LSE,
+                   const float* __restrict__ Delta, T* __restrict__ dQ, int T_, float scale, float scale_log2,
+                   minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][S]: Q, then dO (fragments are read once into registers)
@@ -1487,7 +1490,7 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
-//   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64);
+//   split3 : as split2 with 32 query rows per step (fewer live registers: 24 bytes of spills at D = 64);
 //            at D = 128 split2 already steps by 32 rows, so there split3 is split2
 //   splitkv: as split with each warp's K and V fragments in registers at D = 128 too (split does that at
 //            D = 64 already, so there splitkv is split): the Sᵀ and dPᵀ products then read only Q and dO
@@ -1495,7 +1498,8 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
 //            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, so all
 //            four products read 128 bytes of shared memory per mma (split3: 256 to 384). 255 registers,
-//            2 CTAs per SM; no spills on sm_90 (about 200 bytes on sm_80).
+//            2 CTAs per SM; 60 bytes of spills on sm_90 since the inputs are read through their strides
+//            (none before; about 200 bytes on sm_80).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
 //   fusedkv: fused with the K/V fragments in registers (247 registers at D = 64; 255 and a 16-byte spill
@@ -1644,7 +1648,8 @@ cudaError_t launch_dq_tc(const BwdArgs& a, void* dq) {
   const dim3 grid(static_cast<unsigned>(a.BH), static_cast<unsigned>((a.T + C::BR - 1) / C::BR));
   kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
                                           static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.in, a.lse,
-                                          a.delta, static_cast<T*>(dq), static_cast<int>(a.T), a.scale, a.scale * kLog2e,
+                                          a.delta, static_cast<T*>(dq), static_cast<int>(a.T), a.scale,
+                                          a.scale * kLog2e,
                                           a.dropout);
   return cudaGetLastError();
 }
