@@ -209,9 +209,9 @@ class GPT1Classifier(nn.Module):
         if labels.shape != (B,):
             raise ValueError(f"GPT1Classifier: labels must have shape ({B},), got {tuple(labels.shape)}")
         n = logits.size(1)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(f"GPT1Classifier: labels must be in [0, {n}), got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)  # one host sync
+        if lo < 0 or hi >= n:
+            raise ValueError(f"GPT1Classifier: labels must be in [0, {n}), got values in [{lo}, {hi}]")
         clf_loss = F.cross_entropy(logits.float(), labels.long())  # L2 (paper eq. 4)
         lm_loss = None
         if self.config.lm_coef != 0:

@@ -176,9 +176,9 @@ class GPT1(nn.Module):
         if idx.device != self.tokens_embed.weight.device:
             raise ValueError(f"GPT1: {name} is on {idx.device} but the model is on {self.tokens_embed.weight.device}")
         # One reduction and one host sync: cheap next to a forward pass, and it turns a device-side assert
-        # (or silent garbage) into a message. Skipped inside torch.compile, where .item() would break the graph.
+        # (or silent garbage) into a message. Skipped inside torch.compile, where .tolist() would break the graph.
         if idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(idx.min()), int(idx.max())
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist()
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"GPT1: token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
 

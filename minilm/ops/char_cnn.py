@@ -105,7 +105,7 @@ def _check(char_ids, embedding, weights, biases, activation):
                          f"got L = {L} with width {w_min}")
     # Reading the ids' range needs their values: skipped while torch.compile traces (the kernels check it too).
     if char_ids.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(char_ids.min()), int(char_ids.max())
+        lo, hi = torch.stack(torch.aminmax(char_ids)).tolist()  # one host sync
         if lo < 0 or hi >= V:
             raise IndexError(f"{name}: character ids must lie in [0, {V}) (the embedding has {V} rows), "
                              f"got ids in [{lo}, {hi}]")
