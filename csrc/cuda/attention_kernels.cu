@@ -1498,7 +1498,7 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
 //            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, so all
 //            four products read 128 bytes of shared memory per mma (split3: 256 to 384). 255 registers,
-//            2 CTAs per SM; 60 bytes of spills on sm_90 since the inputs are read through their strides
+//            2 CTAs per SM; 64 bytes of spills on sm_90 since the inputs are read through their strides
 //            (none before; about 200 bytes on sm_80).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
