@@ -180,6 +180,8 @@ def attn_host():
     into one [B, T, 3C] projection, with grad_out a transpose (minilm reads them in place)."""
     import statistics
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from minilm.bench.common import time_ms as single_call_ms
     for B, H, T, D, views in ((32, 12, 512, 64, False), (32, 12, 512, 64, True), (4, 16, 4096, 128, False)):
         opts = dict(device="cuda", dtype=torch.bfloat16)
         if views:
@@ -210,23 +212,15 @@ def attn_host():
         label = f"attention bf16 {B},{H},{T},{D}{' views' if views else ''} fwd+bwd"
         for name, fn in (("minilm", ours), ("sdpa-flash", flash)):
             try:
-                for _ in range(3):
-                    fn()
-                torch.cuda.synchronize()
-                host, single = [], []
+                single = single_call_ms(fn, "cuda", warmup=3, iters=20)  # as minilm.bench times a call
+                host = []
                 for _ in range(20):
                     t0 = time.perf_counter()
                     fn()
                     host.append((time.perf_counter() - t0) * 1e3)
                     torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    single.append(start.elapsed_time(end))
-                print(f"{label} {name}: host {statistics.median(host):.3f} ms to enqueue, one call "
-                      f"{statistics.median(single):.3f} ms, back to back {time_ms(fn):.3f} ms per call", flush=True)
+                print(f"{label} {name}: host {statistics.median(host):.3f} ms to enqueue, one call {single:.3f} ms, "
+                      f"back to back {time_ms(fn):.3f} ms per call", flush=True)
                 kernel_breakdown(fn, f"{label} {name}")
             except Exception as e:  # noqa: BLE001
                 print(f"{label} {name}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
