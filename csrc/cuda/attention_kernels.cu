@@ -925,7 +925,17 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
       zero_acc<2>(s);
       zero_acc<2>(dp);
     }
-    // dropout: the row keys of this thread's 4 query rows (r = 0, 1: rows g and g + 8 of row tile mt)
+    // LSE·log2e and Delta of this thread's 4 query rows (r = 0, 1: rows g and g + 8 of row tile mt), read
+    // once: between the stores to sP and sdS below, the compiler would read them again for every element
+    float lse[2][2], delta[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        lse[mt][r] = sLb[r1 + mt * 16 + g + 8 * r];
+        delta[mt][r] = sDb[r1 + mt * 16 + g + 8 * r];
+      }
+    // dropout: the row keys of the same rows
     uint32_t rkey[DROP ? 2 : 1][2];
     if constexpr (DROP) dropout_row_keys(rkey, drop, bh, q0 + r1 + g);
 #pragma unroll
@@ -933,7 +943,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         float p[4], ds[4];
-        uint32_t bits[2];  // dropout: this thread's key pair in rows g and g + 8
+        [[maybe_unused]] uint32_t bits[2];  // dropout: this thread's key pair in rows g and g + 8
         if constexpr (DROP) {
           const uint32_t key0 = k0 + c1 + nt * 8 + t4 * 2;
           bits[0] = minilm_dropout::pair_bits(rkey[mt][0], key0);
@@ -943,14 +953,14 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
         for (int i = 0; i < 4; ++i) {
           const int qi = r1 + mt * 16 + g + (i < 2 ? 0 : 8);  // row of the tile
           const int q = q0 + qi, key = k0 + c1 + nt * 8 + t4 * 2 + (i & 1);
-          p[i] = (q < key || q >= T_) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - sLb[qi]);
+          p[i] = (q < key || q >= T_) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
           if constexpr (DROP) {
             // sP gets the dropped P (scaled at the end, with dV); dS = P ∘ (dP ∘ keep · scale − Delta)
             const bool k = minilm_dropout::kept(bits[i >> 1], key, drop.threshold);
-            ds[i] = p[i] * ((k ? dp[mt][nt][i] * drop_scale : 0.f) - sDb[qi]);
+            ds[i] = p[i] * ((k ? dp[mt][nt][i] * drop_scale : 0.f) - delta[mt][i >> 1]);
             if (!k) p[i] = 0.f;
           } else {
-            ds[i] = p[i] * (dp[mt][nt][i] - sDb[qi]);
+            ds[i] = p[i] * (dp[mt][nt][i] - delta[mt][i >> 1]);
           }
         }
         const int row = r1 + mt * 16 + g, col = c1 + nt * 8 + t4 * 2;
