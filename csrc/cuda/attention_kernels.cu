@@ -23,10 +23,11 @@
 // (so that Pᵀ is already an mma operand), then
 //     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
 //     dK += dSᵀ Q   (dK and dV stay in registers for the whole query loop),
-// writes dSᵀ to shared memory, and the CTA computes dQ_tile = dS K, added into an fp32 [B,H,T,D]
-// buffer with atomicAdd (as FlashAttention-2 does: several key tiles add into one query row, so dQ is
-// not bitwise deterministic run to run; on sm_90 one 4-wide vector atomic per lane and n8 tile). A last
-// kernel writes dQ = scale · buffer in the input dtype. The "split" schemes instead run this kernel
+// writes dSᵀ to shared memory, and the CTA computes dQ_tile = dS K, added into an fp32 buffer with
+// atomicAdd (as FlashAttention-2 does: several key tiles add into one query row, so dQ is not bitwise
+// deterministic run to run; on sm_90 one 4-wide vector atomic per lane and n8 tile; each head's rows are
+// padded to whole 64-row tiles, so that no atomic needs a bounds check). A last kernel writes
+// dQ = scale · buffer in the input dtype. The "split" schemes instead run this kernel
 // without dQ and a second kernel that owns query rows and recomputes S and dP to get dQ without atomics
 // (deterministic, 7 instead of 5 matrix products); without dQ, a warp skips the query tiles that lie
 // wholly before its keys. The "2d" schemes tile the same work differently (see attn_bwd_2d).
@@ -526,8 +527,8 @@ __global__ void attn_bwd_delta(const T* __restrict__ dO, const T* __restrict__ O
 }
 
 // The tensor-core backward's prologue, one memory-bound pass: Delta[row] = sum_d dO[row, d] * O[row, d]
-// in fp32 and, for the schemes that add dQ with atomics (ZERO_DQ), dQacc[row, :] = 0 (instead of a
-// separate memset: one launch fewer). D / 8 lanes per row, each loading 16 bytes (8 elements) of dO and of
+// in fp32 and, for the schemes that add dQ with atomics (ZERO_DQ), the row of dQacc zeroed (instead of a
+// separate memset: one launch fewer; dQacc's padding rows, see attention_dq_rows, are left as they are). D / 8 lanes per row, each loading 16 bytes (8 elements) of dO and of
 // O (rows 16-byte aligned, see InputLayout), and zeroing 32 bytes of dQacc. kPrologueThreads per CTA.
 constexpr int kPrologueThreads = 256;
 template <typename T, int D, bool ZERO_DQ>
@@ -549,7 +550,8 @@ __global__ void __launch_bounds__(kPrologueThreads)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc += to_f(x[i]) * to_f(y[i]);
     if constexpr (ZERO_DQ) {
-      uint4* z = reinterpret_cast<uint4*>(dQacc + row * D + col);  // 0u: the bits of 0.f
+      uint4* z = reinterpret_cast<uint4*>(dQacc + (static_cast<int64_t>(bh) * attention_dq_rows(T_) + t) * D + col);
+      // 0u: the bits of 0.f
       z[0] = make_uint4(0u, 0u, 0u, 0u);
       z[1] = make_uint4(0u, 0u, 0u, 0u);
     }
@@ -559,39 +561,39 @@ __global__ void __launch_bounds__(kPrologueThreads)
   if (row < rows && threadIdx.x % LPR == 0) delta[row] = acc;
 }
 
-// dQ = scale · dQacc in the input dtype, 4 elements per thread and step (16 bytes read, 8 written);
-// n4 = the element count / 4 (the tensor-core head dims are multiples of 4).
-template <typename T>
-__global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, uint2* __restrict__ dq, int64_t n4, float scale) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+// dQ ([BH·T, D], the input dtype) = scale · dQacc (fp32, each head's rows padded: attention_dq_rows), 4
+// elements per thread and step (16 bytes read, 8 written).
+template <typename T, int D>
+__global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, uint2* __restrict__ dq, int64_t rows, int T_,
+                                    float scale) {
+  constexpr int C4 = D / 4;  // float4s per row
+  const int64_t Tp = attention_dq_rows(T_);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * C4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float4 a = acc[i];
+    const int64_t row = i / C4, bh = row / T_, t = row % T_;  // row = bh · T + t
+    const float4 a = acc[(bh * Tp + t) * C4 + i % C4];
     dq[i] = make_uint2(Half<T>::pack(a.x * scale, a.y * scale), Half<T>::pack(a.z * scale, a.w * scale));
   }
 }
 
-// Adds an m16n8 accumulator tile (rows row_a and row_a + 8, columns col0 + 2·t4 and +1, see acc_to_a) into
-// an fp32 [T, D] matrix with atomics. On sm_90 and later, lanes t4 = 2u and 2u + 1 swap halves so that each
-// adds 4 consecutive columns of one row (the even lane row_a, the odd lane row_a + 8) with one vector atomic.
+// Adds an m16n8 accumulator tile (rows g and g + 8 of the tile, columns 2·t4 and 2·t4 + 1, see acc_to_a)
+// into dQacc, an fp32 matrix of D columns, with atomics; `at` points to the tile's row g, column 0. dQacc's
+// rows are padded to whole query tiles (attention_dq_rows), so no row needs a bounds check (rows past T
+// receive zeros: their P is masked). On sm_90 and later, lanes t4 = 2u and 2u + 1 swap halves so that each
+// adds 4 consecutive columns of one row (the even lane row g, the odd lane row g + 8) with one vector atomic.
 template <int D>
-__device__ __forceinline__ void atomic_add_acc(float* M, int row_a, int col0, int t4, const float (&c)[4], int T_) {
+__device__ __forceinline__ void atomic_add_acc(float* at, int t4, const float (&c)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const bool even = (t4 & 1) == 0;
   const float r0 = __shfl_xor_sync(kFull, even ? c[2] : c[0], 1);
   const float r1 = __shfl_xor_sync(kFull, even ? c[3] : c[1], 1);
-  const int row = even ? row_a : row_a + 8;
   const float4 v = even ? make_float4(c[0], c[1], r0, r1) : make_float4(r0, r1, c[2], c[3]);
-  if (row < T_) atomicAdd(reinterpret_cast<float4*>(M + static_cast<size_t>(row) * D + col0 + (t4 >> 1) * 4), v);
+  atomicAdd(reinterpret_cast<float4*>(at + (even ? 0 : 8 * D) + (t4 >> 1) * 4), v);
 #else
-  const int col = col0 + 2 * t4;
-  if (row_a < T_) {
-    atomicAdd(M + static_cast<size_t>(row_a) * D + col, c[0]);
-    atomicAdd(M + static_cast<size_t>(row_a) * D + col + 1, c[1]);
-  }
-  if (row_a + 8 < T_) {
-    atomicAdd(M + static_cast<size_t>(row_a + 8) * D + col, c[2]);
-    atomicAdd(M + static_cast<size_t>(row_a + 8) * D + col + 1, c[3]);
-  }
+  atomicAdd(at + 2 * t4, c[0]);
+  atomicAdd(at + 2 * t4 + 1, c[1]);
+  atomicAdd(at + 8 * D + 2 * t4, c[2]);
+  atomicAdd(at + 8 * D + 2 * t4 + 1, c[3]);
 #endif
 }
 
@@ -676,7 +678,9 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
   dO += in.dout.offset(bh, in.heads);
   const size_t base = static_cast<size_t>(bh) * T_ * D;  // the outputs' (contiguous)
-  dQacc += base, dK += base, dV += base;
+  dK += base, dV += base;
+  static_assert(64 % BR == 0, "dQacc's rows are padded to whole 64-row tiles (attention_dq_rows)");
+  if constexpr (WITH_DQ) dQacc += static_cast<size_t>(bh) * attention_dq_rows(T_) * D;
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
@@ -819,7 +823,8 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
         // A = dS rows (queries) x k (keys), stored transposed as [key][query]
         acc_plus_ab<T, 1, BC, 16 * NPW, S>(&acc, a_trans_frag<T, SS>(sdS + mt * 16, lane), sK + np0 * 16, lane);
 #pragma unroll
-        for (int j = 0; j < 2 * NPW; ++j) atomic_add_acc<D>(dQacc, q0 + mt * 16 + g, np0 * 16 + j * 8, t4, acc[j], T_);
+        for (int j = 0; j < 2 * NPW; ++j)  // this lane's row g of the tile, columns from np0·16 + 8j
+          atomic_add_acc<D>(dQacc + static_cast<size_t>(q0 + mt * 16 + g) * D + np0 * 16 + j * 8, t4, acc[j]);
       }  // WITH_DQ
     }
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
@@ -878,7 +883,8 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   dO += in.dout.offset(bh, in.heads);
   const size_t base = static_cast<size_t>(bh) * T_ * D;  // the outputs' (contiguous)
   dK += base, dV += base;
-  if constexpr (WITH_DQ) dQacc += base;
+  static_assert(64 % BR == 0, "dQacc's rows are padded to whole 64-row tiles (attention_dq_rows)");
+  if constexpr (WITH_DQ) dQacc += static_cast<size_t>(bh) * attention_dq_rows(T_) * D;
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
@@ -988,11 +994,11 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
             ldsm_x4(a, sA + (mt * 16 + a_row(lane)) * SP + kk * 16 + a_col(lane));
           },
           sK + c3, lane);
+      float* dq_at = dQacc + static_cast<size_t>(q0 + r3 + g) * D + c3;  // this lane's row g
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int j = 0; j < DQ / 8; ++j)
-          atomic_add_acc<D>(dQacc, q0 + r3 + mt * 16 + g, c3 + j * 8, t4, dq[mt][j], T_);
+        for (int j = 0; j < DQ / 8; ++j) atomic_add_acc<D>(dq_at + mt * 16 * D + j * 8, t4, dq[mt][j]);
     }
     __syncthreads();  // sP, sdS and this Q/dO buffer are rewritten next iteration
   }
@@ -1699,10 +1705,9 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
     if (drop) return launch_dq_tc<T, D, DqTiling<D, default_dq_wide(D)>, true>(args, dq);
     return dq_wide(D) ? launch_dq_tc<T, D, DqTiling<D, true>>(args, dq) : launch_dq_tc<T, D, DqTiling<D, false>>(args, dq);
   }
-  const int64_t n4 = rows * D / 4;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 65536));
-  attn_bwd_dq_convert<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_accum),
-                                                     static_cast<uint2*>(dq), n4, scale);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows * D / 4 + 255) / 256, 65536));
+  attn_bwd_dq_convert<T, D><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_accum),
+                                                        static_cast<uint2*>(dq), rows, static_cast<int>(T_), scale);
   return cudaGetLastError();
 }
 

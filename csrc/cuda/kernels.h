@@ -48,8 +48,12 @@ cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, cons
 // dim 128 needs 113 KB, which GPUs with 99 KB (sm_86/89/120: L4, L40S, RTX 4090) lack. If not, the glue runs
 // the CUDA-core backward (the tensor-core forward's out and lse are what it reads).
 bool attention_backward_tc_fits(Dtype dtype, int head_dim);
+// The rows per head of attention_backward_tc's fp32 dQ buffer: T padded to whole query tiles (64 rows), so
+// that its atomics need no bounds checks.
+__host__ __device__ constexpr int64_t attention_dq_rows(int64_t T) { return (T + 63) / 64 * 64; }
 // Whether attention_backward_tc with these settings runs a scheme that adds dQ with atomics into dq_accum
-// (then a [BH, T, D] fp32 workspace it zeroes; else unused, and null may be passed).
+// (then an fp32 workspace of [BH, attention_dq_rows(T), D], whose first T rows per head it zeroes; else
+// unused, and null may be passed).
 bool attention_backward_tc_adds_dq(Dtype dtype, int head_dim, bool dropout, bool deterministic);
 // delta: [BH, T] fp32 workspace; dq_accum: see attention_backward_tc_adds_dq. deterministic: no atomics
 // (torch.use_deterministic_algorithms), so that dQ is bitwise the same run to run.
