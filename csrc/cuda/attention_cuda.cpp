@@ -152,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     // the fp32 buffer that the schemes with dQ atomics add into (none for the others)
     const bool adds_dq =
         minilm_cuda::attention_backward_tc_adds_dq(dt, static_cast<int>(Dp), dropout.active(), deterministic);
-    at::Tensor dq_accum =
-        adds_dq ? at::empty({B * H, minilm_cuda::attention_dq_rows(T), Dp}, q.options().dtype(at::kFloat)) : at::Tensor();
+    const auto fp32 = q.options().dtype(at::kFloat);
+    at::Tensor dq_accum = adds_dq ? at::empty({B * H, minilm_cuda::attention_dq_rows(T), Dp}, fp32) : at::Tensor();
     at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
                dv = at::empty(q.sizes(), q.options());  // contiguous
     C10_CUDA_CHECK(minilm_cuda::attention_backward_tc(

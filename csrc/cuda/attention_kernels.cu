@@ -528,8 +528,9 @@ __global__ void attn_bwd_delta(const T* __restrict__ dO, const T* __restrict__ O
 
 // The tensor-core backward's prologue, one memory-bound pass: Delta[row] = sum_d dO[row, d] * O[row, d]
 // in fp32 and, for the schemes that add dQ with atomics (ZERO_DQ), the row of dQacc zeroed (instead of a
-// separate memset: one launch fewer; dQacc's padding rows, see attention_dq_rows, are left as they are). D / 8 lanes per row, each loading 16 bytes (8 elements) of dO and of
-// O (rows 16-byte aligned, see InputLayout), and zeroing 32 bytes of dQacc. kPrologueThreads per CTA.
+// separate memset: one launch fewer; dQacc's padding rows, see attention_dq_rows, are left as they are).
+// D / 8 lanes per row, each loading 16 bytes (8 elements) of dO and of O (rows 16-byte aligned, see
+// InputLayout), and zeroing 32 bytes of dQacc. kPrologueThreads per CTA.
 constexpr int kPrologueThreads = 256;
 template <typename T, int D, bool ZERO_DQ>
 __global__ void __launch_bounds__(kPrologueThreads)
