@@ -46,12 +46,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// bf16/fp16 with D <= 128, and T small enough for the tensor-core kernels' 32-bit row offsets (a tile may
-// start up to 128 rows past T; rows_readable checks a strided input's own row stride)
+// bf16/fp16 with D <= 128, and sizes small enough for the tensor-core kernels' 32-bit row offsets (within a
+// head, where a tile may start up to 128 rows past T; rows_readable checks a strided input's own row
+// stride) and row indices (B·H·T)
 bool use_tensor_cores(const at::Tensor& q) {
   const auto t = q.scalar_type();
+  const int64_t T = q.size(2), rows = q.size(0) * q.size(1) * T;
   return (t == at::kBFloat16 || t == at::kHalf) && q.size(3) <= 128 &&
-         (q.size(2) + 128) * 128 <= std::numeric_limits<int>::max();
+         (T + 128) * 128 <= std::numeric_limits<int>::max() && rows <= std::numeric_limits<int>::max();
 }
 
 int64_t padded_head_dim(int64_t D) { return D <= 64 ? 64 : 128; }

@@ -542,7 +542,7 @@ __global__ void __launch_bounds__(kPrologueThreads)
   const int col = (threadIdx.x % LPR) * 8;
   float acc = 0.f;
   if (row < rows) {  // no early return: every lane takes part in the shuffles below
-    const int bh = static_cast<int>(row / T_), t = static_cast<int>(row % T_);
+    const int bh = static_cast<int>(row) / T_, t = static_cast<int>(row) - bh * T_;  // row < 2³¹ (the glue)
     const uint4 a = *reinterpret_cast<const uint4*>(dO + in.dout.offset(bh, in.heads) + (t * in.dout.row + col));
     const uint4 b = *reinterpret_cast<const uint4*>(O + in.out.offset(bh, in.heads) + (t * in.out.row + col));
     T x[8], y[8];
@@ -571,7 +571,7 @@ __global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, uint2* __res
   const int64_t Tp = attention_dq_rows(T_);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * C4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / C4, bh = row / T_, t = row % T_;  // row = bh · T + t
+    const int row = static_cast<int>(i / C4), bh = row / T_, t = row - bh * T_;  // bh·T + t < 2³¹ (the glue)
     const float4 a = acc[(bh * Tp + t) * C4 + i % C4];
     dq[i] = make_uint2(Half<T>::pack(a.x * scale, a.y * scale), Half<T>::pack(a.z * scale, a.w * scale));
   }
@@ -579,17 +579,20 @@ __global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, uint2* __res
 
 // Adds an m16n8 accumulator tile (rows g and g + 8 of the tile, columns 2·t4 and 2·t4 + 1, see acc_to_a)
 // into dQacc, an fp32 matrix of D columns, with atomics; `at` points to the tile's row g, column 0. dQacc's
-// rows are padded to whole query tiles (attention_dq_rows), so no row needs a bounds check (rows past T
-// receive zeros: their P is masked). On sm_90 and later, lanes t4 = 2u and 2u + 1 swap halves so that each
+// rows are padded to whole query tiles (attention_dq_rows), so no row needs a bounds check (what lands in
+// the rows past T is never read). On sm_90 and later, lanes t4 = 2u and 2u + 1 swap halves so that each
 // adds 4 consecutive columns of one row (the even lane row g, the odd lane row g + 8) with one vector atomic.
-template <int D>
-__device__ __forceinline__ void atomic_add_acc(float* at, int t4, const float (&c)[4]) {
+// CHECK: also skip rows at or past T (rows_left = T − the tile's row g). Not needed, as padding takes them,
+// but the 1-D kernels keep it: without the branch, ptxas gives them more registers and they spill (sm_90).
+template <int D, bool CHECK = false>
+__device__ __forceinline__ void atomic_add_acc(float* at, int t4, const float (&c)[4], int rows_left = 16) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const bool even = (t4 & 1) == 0;
   const float r0 = __shfl_xor_sync(kFull, even ? c[2] : c[0], 1);
   const float r1 = __shfl_xor_sync(kFull, even ? c[3] : c[1], 1);
   const float4 v = even ? make_float4(c[0], c[1], r0, r1) : make_float4(r0, r1, c[2], c[3]);
-  atomicAdd(reinterpret_cast<float4*>(at + (even ? 0 : 8 * D) + (t4 >> 1) * 4), v);
+  if (!CHECK || rows_left > (even ? 0 : 8))
+    atomicAdd(reinterpret_cast<float4*>(at + (even ? 0 : 8 * D) + (t4 >> 1) * 4), v);
 #else
   atomicAdd(at + 2 * t4, c[0]);
   atomicAdd(at + 2 * t4 + 1, c[1]);
@@ -825,7 +828,8 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
         acc_plus_ab<T, 1, BC, 16 * NPW, S>(&acc, a_trans_frag<T, SS>(sdS + mt * 16, lane), sK + np0 * 16, lane);
 #pragma unroll
         for (int j = 0; j < 2 * NPW; ++j)  // this lane's row g of the tile, columns from np0·16 + 8j
-          atomic_add_acc<D>(dQacc + static_cast<size_t>(q0 + mt * 16 + g) * D + np0 * 16 + j * 8, t4, acc[j]);
+          atomic_add_acc<D, true>(dQacc + static_cast<size_t>(q0 + mt * 16 + g) * D + np0 * 16 + j * 8, t4, acc[j],
+                                  T_ - (q0 + mt * 16 + g));
       }  // WITH_DQ
     }
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
