@@ -616,6 +616,19 @@ __device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, fl
   }
 }
 
+// Where (batch·head) bh starts, in elements, in each array of a dK/dV kernel: the inputs by their strides,
+// the outputs (contiguous), the dQ buffer (rows padded to whole 64-row tiles, see attention_dq_rows) and the
+// per-row LSE and Delta.
+template <int D, int BR>
+struct HeadOffsets {
+  static_assert(64 % BR == 0, "dQacc's rows are padded to whole 64-row tiles (attention_dq_rows)");
+  int64_t q, k, v, dout, out, dq, row;
+  __device__ HeadOffsets(int bh, int T_, const InputLayout& in)
+      : q(in.q.offset(bh, in.heads)), k(in.k.offset(bh, in.heads)), v(in.v.offset(bh, in.heads)),
+        dout(in.dout.offset(bh, in.heads)), out(static_cast<int64_t>(bh) * T_ * D),
+        dq(static_cast<int64_t>(bh) * attention_dq_rows(T_) * D), row(static_cast<int64_t>(bh) * T_) {}
+};
+
 // Writes a warp's dK (times `scale`) and dV accumulators to the [T, D] outputs: MT row tiles of 16 keys (this
 // lane's rows: key_a + 16 mt and key_a + 16 mt + 8) by N columns from col0; keys >= T are not written.
 template <typename T, int MT, int N, int D>
@@ -679,14 +692,9 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 
   const int bh = blockIdx.x;
   const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
-  Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
-  dO += in.dout.offset(bh, in.heads);
-  const size_t base = static_cast<size_t>(bh) * T_ * D;  // the outputs' (contiguous)
-  dK += base, dV += base;
-  static_assert(64 % BR == 0, "dQacc's rows are padded to whole 64-row tiles (attention_dq_rows)");
-  if constexpr (WITH_DQ) dQacc += static_cast<size_t>(bh) * attention_dq_rows(T_) * D;
-  LSE += static_cast<size_t>(bh) * T_;
-  Delta += static_cast<size_t>(bh) * T_;
+  const HeadOffsets<D, BR> off(bh, T_, in);
+  Q += off.q, K += off.k, V += off.v, dO += off.dout, dK += off.out, dV += off.out, LSE += off.row, Delta += off.row;
+  if constexpr (WITH_DQ) dQacc += off.dq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   // This warp's keys: tile rows wk0 .. wk0 + 16·MTK − 1. The rows of this thread's Sᵀ accumulators in row
   // tile mt are the keys key_a + 16 mt and key_b + 16 mt.
@@ -884,14 +892,9 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
 
   const int bh = blockIdx.x;
   const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
-  Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
-  dO += in.dout.offset(bh, in.heads);
-  const size_t base = static_cast<size_t>(bh) * T_ * D;  // the outputs' (contiguous)
-  dK += base, dV += base;
-  static_assert(64 % BR == 0, "dQacc's rows are padded to whole 64-row tiles (attention_dq_rows)");
-  if constexpr (WITH_DQ) dQacc += static_cast<size_t>(bh) * attention_dq_rows(T_) * D;
-  LSE += static_cast<size_t>(bh) * T_;
-  Delta += static_cast<size_t>(bh) * T_;
+  const HeadOffsets<D, BR> off(bh, T_, in);
+  Q += off.q, K += off.k, V += off.v, dO += off.dout, dK += off.out, dV += off.out, LSE += off.row, Delta += off.row;
+  if constexpr (WITH_DQ) dQacc += off.dq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   const int r1 = (warp / 4) * 32, c1 = (warp % 4) * 32;  // phase 1: query rows r1.., keys c1.. of the tile
   const int r2 = (warp / 2) * 32, c2 = (warp % 2) * DH;  // phase 2: keys r2.., columns c2..
