@@ -185,6 +185,14 @@ def test_lm_coef_adds_lambda_times_the_lm_loss_on_the_real_tokens_of_the_transfo
     torch.testing.assert_close(lm_loss, l1, rtol=1e-5, atol=1e-6)
 
 
+def test_labels_out_of_range_raise_a_clear_error():
+    model = _classifier("classification", n_class=3).eval()
+    idx, mask = ft.collate([[[100, 5, 102]], [[100, 1, 2, 102]]])
+    for bad in ([0, 3], [-1, 1]):
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got values in \[" + str(min(bad))):
+            model(idx, mask, torch.tensor(bad))
+
+
 def test_the_lm_loss_does_not_see_the_padding():
     model = _classifier("classification", lm_coef=1.0).eval()
     idx, mask = ft.collate([[[100, 5, 102]], [[100, 1, 2, 3, 4, 5, 6, 102]]])
