@@ -160,8 +160,9 @@ __device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next)
 }
 
 // Copies rows [row0, row0 + ROWS) of a [T, D] matrix whose rows lie ld elements apart (16-byte aligned;
-// (T + 128)·ld < 2³¹, see RowStrides) into shared memory rows of STRIDE elements. A thread copies the same 16-byte
-// column chunk of every STEP-th row, stepping one pointer (fewer live registers than an offset per row).
+// (T + 128)·ld < 2³¹, see RowStrides) into shared memory rows of STRIDE elements. A thread copies the same
+// 16-byte column chunk of every STEP-th row, stepping one pointer (fewer live registers than an offset per
+// row).
 template <typename T, int ROWS, int D, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int ld, int row0, int T_) {
   constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
@@ -834,10 +835,10 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
         zero_acc<1>(&acc);
         // A = dS rows (queries) x k (keys), stored transposed as [key][query]
         acc_plus_ab<T, 1, BC, 16 * NPW, S>(&acc, a_trans_frag<T, SS>(sdS + mt * 16, lane), sK + np0 * 16, lane);
+        const int row_g = q0 + mt * 16 + g;  // this lane's row g of the tile; columns from np0·16 + 8j
 #pragma unroll
-        for (int j = 0; j < 2 * NPW; ++j)  // this lane's row g of the tile, columns from np0·16 + 8j
-          atomic_add_acc<D, true>(dQacc + static_cast<size_t>(q0 + mt * 16 + g) * D + np0 * 16 + j * 8, t4, acc[j],
-                                  T_ - (q0 + mt * 16 + g));
+        for (int j = 0; j < 2 * NPW; ++j)
+          atomic_add_acc<D, true>(dQacc + static_cast<size_t>(row_g) * D + np0 * 16 + j * 8, t4, acc[j], T_ - row_g);
       }  // WITH_DQ
     }
     __syncthreads();  // sdS and this Q/dO buffer are rewritten next iteration
