@@ -408,7 +408,8 @@ def main(argv):
     T = gconf.n_ctx
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < T + 1:
-            raise UserError(f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = {T + 1}: "
+            raise UserError(f"the {name} split has {len(split)} token{'' if len(split) == 1 else 's'}, fewer than "
+                            f"block_size + 1 = {T + 1}: "
                             "use more text or a smaller --block_size")
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = model_from_checkpoint(ckpt, ckpt_path, "--resume True") if ckpt else GPT1(gconf)
