@@ -337,10 +337,6 @@ def main(argv):
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    if cfg["warmup_iters"] > cfg["max_iters"] and not cfg["sample"] and os.environ.get("RANK", "0") == "0":
-        print(f"train_gpt1.py: warning: --warmup_iters {cfg['warmup_iters']} is longer than --max_iters "
-              f"{cfg['max_iters']}: the learning rate never reaches --learning_rate {cfg['learning_rate']}",
-              file=sys.stderr, flush=True)
 
     # --- setup: processes, precision ----------------------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
@@ -494,6 +490,10 @@ def main(argv):
               f"n_ctx {T}, vocab {gconf.vocab_size}; {len(train_data):,} train / {len(val_data):,} val tokens; "
               f"{device}, {dtype}, {world} process(es), batch {B} = {n_slices} × {micro}"
               + (f"; resuming at iter {iter_num}" if ckpt else ""), flush=True)
+        if cfg["warmup_iters"] > cfg["max_iters"]:  # after every check that could still refuse the run
+            print(f"train_gpt1.py: warning: --warmup_iters {cfg['warmup_iters']} is longer than --max_iters "
+                  f"{cfg['max_iters']}: the learning rate never reaches --learning_rate {cfg['learning_rate']}",
+                  file=sys.stderr, flush=True)
 
     # --- the loop -------------------------------------------------------------------------------------
     if master and ckpt and iter_num >= cfg["max_iters"]:
