@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import ops
+from minilm.ops._checks import id_range
 
 # ----------------------------------------------------------------------------------------------
 # Character vocabulary (bilm-tf UnicodeCharsVocabulary; allennlp ELMoCharacterMapper)
@@ -323,7 +324,7 @@ class BiLM(nn.Module):
         if char_ids.dtype != torch.long:
             raise TypeError(f"BiLM: char_ids must be int64, got {char_ids.dtype}")
         if char_ids.numel():
-            lo, hi = torch.stack(torch.aminmax(char_ids)).tolist()      # one device sync
+            lo, hi = id_range(char_ids)
             if lo < 0 or hi >= c.n_characters:
                 raise ValueError(f"BiLM: character ids must lie in [0, {c.n_characters}), got [{lo}, {hi}]")
 
@@ -452,7 +453,7 @@ class BiLM(nn.Module):
                 raise ValueError("BiLM.stream_losses: with token_index, char_ids must be (U, 50): the distinct words, "
                                  f"got {_shape(char_ids)}")
             self._check(char_ids[None])
-            if token_index.numel() and not all(0 <= i < len(char_ids) for i in torch.stack(torch.aminmax(token_index)).tolist()):
+            if token_index.numel() and not all(0 <= i < len(char_ids) for i in id_range(token_index)):
                 raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
             self.check_stream_state(state, token_index.shape[1])
             x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)

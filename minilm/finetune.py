@@ -53,6 +53,7 @@ from minilm.bpe import BPETokenizer, DataError
 from minilm.files import save_checkpoint, truncate_log
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
+from minilm.ops._checks import id_range
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")  # ids vocab_size, vocab_size + 1, vocab_size + 2
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
@@ -209,7 +210,7 @@ class GPT1Classifier(nn.Module):
         if labels.shape != (B,):
             raise ValueError(f"GPT1Classifier: labels must have shape ({B},), got {tuple(labels.shape)}")
         n = logits.size(1)
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)  # one host sync
+        lo, hi = id_range(labels) if labels.numel() else (0, 0)
         if lo < 0 or hi >= n:
             raise ValueError(f"GPT1Classifier: labels must be in [0, {n}), got values in [{lo}, {hi}]")
         clf_loss = F.cross_entropy(logits.float(), labels.long())  # L2 (paper eq. 4)

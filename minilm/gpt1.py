@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from minilm.lightconv import LightConvLayer, resolve_kernel_sizes
 from minilm.ops import causal_attention
+from minilm.ops._checks import id_range
 
 
 @dataclass
@@ -178,7 +179,7 @@ class GPT1(nn.Module):
         # One reduction and one host sync: cheap next to a forward pass, and it turns a device-side assert
         # (or silent garbage) into a message. Skipped inside torch.compile, where .tolist() would break the graph.
         if idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+            lo, hi = id_range(idx)
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"GPT1: token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
 

@@ -13,6 +13,7 @@ It is a model for comparing two versions of a kernel, not a timing (scripts/gpu_
 import argparse
 import collections
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -21,10 +22,18 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-         "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 SHOWN = ("HMMA", "LDSM", "LDS", "STS", "LDGSTS", "MUFU", "REDG", "BRA", "BAR", "LDL", "STL")
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def nvcc_flags():
+    """The flags the extension's own build gives nvcc: minilm/_build.py's (loaded on its own, as setup.py does)
+    and the macros torch's build adds."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    spec = importlib.util.spec_from_file_location("minilm_build", os.path.join(ROOT, "minilm", "_build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return ["-std=c++17", *COMMON_NVCC_FLAGS, *build.nvcc_flags()]
 
 
 def cuobjdump():
@@ -111,8 +120,8 @@ def main(argv=None):
     p.add_argument("--file", default=os.path.join(ROOT, "csrc", "cuda", "attention_kernels.cu"))
     p.add_argument("--arch", default="90", help="compute capability without the dot (default 90)")
     p.add_argument("--match", default="__nv_bfloat16", help="only kernels whose demangled name contains this")
-    p.add_argument("--flash", metavar="LIB", help="read this library's kernels instead of minilm's (e.g. the CUDA "
-                                                  "torch's libtorch_cuda.so), those whose mangled name contains --match")
+    p.add_argument("--flash", metavar="LIB", help="read this library's kernels instead of minilm's (e.g. the "
+                   "CUDA torch's libtorch_cuda.so), those whose mangled name contains --match")
     p.add_argument("--most", type=int, default=8, help="with --flash: at most this many kernels (default 8)")
     args = p.parse_args(argv)
     tool = cuobjdump()
@@ -120,8 +129,9 @@ def main(argv=None):
         return flash(tool, args)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
-        build = subprocess.run(["nvcc", *FLAGS, "-Xptxas=-v", "-gencode", f"arch=compute_{args.arch},code=sm_{args.arch}",
-                                "-cubin", args.file, "-o", cubin], capture_output=True, text=True)
+        arch = f"arch=compute_{args.arch},code=sm_{args.arch}"
+        build = subprocess.run(["nvcc", *nvcc_flags(), "-Xptxas=-v", "-gencode", arch, "-cubin", args.file,
+                                "-o", cubin], capture_output=True, text=True)
         if build.returncode != 0:
             sys.exit(f"sass_stats: nvcc failed:\n{build.stderr[-3000:]}")
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout

@@ -1,5 +1,13 @@
-"""Two guards the ops share: one device for every tensor argument, and no double backward."""
+"""Guards the ops and models share: one device for every tensor argument, no double backward, and the range
+of integer ids."""
 import torch
+
+
+def id_range(x):
+    """(min, max) of a non-empty integer tensor as Python ints: one reduction pass and one host sync (a device
+    sync on a GPU), so that an id out of range becomes a clear message instead of a device-side assert."""
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()
+    return lo, hi
 
 
 def check_one_device(op, tensors, seed=None):

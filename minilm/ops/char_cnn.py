@@ -26,7 +26,7 @@ with dx scattered into grad_embedding by character id. Here, in Python: the inpu
 import torch
 import torch.nn.functional as F
 
-from minilm.ops._checks import check_one_device, forbid_double_backward
+from minilm.ops._checks import check_one_device, forbid_double_backward, id_range
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACTIVATIONS = ("relu", "tanh")
@@ -105,7 +105,7 @@ def _check(char_ids, embedding, weights, biases, activation):
                          f"got L = {L} with width {w_min}")
     # Reading the ids' range needs their values: skipped while torch.compile traces (the kernels check it too).
     if char_ids.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(torch.aminmax(char_ids)).tolist()  # one host sync
+        lo, hi = id_range(char_ids)
         if lo < 0 or hi >= V:
             raise IndexError(f"{name}: character ids must lie in [0, {V}) (the embedding has {V} rows), "
                              f"got ids in [{lo}, {hi}]")
