@@ -8,12 +8,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(minilm, m) {
-  // out [B,H,T,D] (input dtype), lse [B,H,T] (fp32; fp64 for fp64 inputs): row log-sum-exp of scale·QKᵀ.
+  // out [B,H,T,D] (input dtype; [B,T,H,D] in memory when q is, see attention_layout.h), lse [B,H,T] (fp32;
+  // fp64 for fp64 inputs): row log-sum-exp of scale·QKᵀ.
   // dropout_p > 0: the probabilities are dropped out with the mask of csrc/attention_dropout.h, made from
   // seed (int64 [2] on the CPU: two 32-bit words); lse stays that of the undropped scores.
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0., Tensor? seed=None) "
         "-> (Tensor out, Tensor lse)");
-  // -> dq, dk, dv (the same dropout_p and seed as the forward)
+  // -> dq, dk, dv (laid out as the forward's out; the same dropout_p and seed as the forward)
   m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, float scale, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
 

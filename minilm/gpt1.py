@@ -99,8 +99,8 @@ class CausalSelfAttention(nn.Module):
         # Attention(Q, K, V) = softmax(QKᵀ/√d_k) V (Vaswani et al. eq. 1), causal, with dropout on the
         # softmax while training: one fused kernel, the T×T matrix never stored.
         p = self.attn_dropout.p if self.training else 0.0
-        y = causal_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = causal_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs), laid out (B, T, nh, hs) in memory like q
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again (no copy)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -180,6 +180,66 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a.double(), b, **FP32_TOL["grad"])
 
 
+def _interleaved_strides(B, H, T, D):  # [B, H, T, D] laid out [B, T, H, D] in memory
+    return (T * H * D, D, H * D, 1)
+
+
+def _layouts(B, H, T, D):
+    """(name, q, k, v, the strides out and the gradients must have)."""
+    x = torch.randn(B, T, 3 * H * D)  # one projection, split into heads as GPT-1 does
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2))
+    bhtd = (H * T * D, T * D, D, 1)
+    yield "gpt1-views", q, k, v, _interleaved_strides(B, H, T, D)
+    yield "contiguous", q.contiguous(), k.contiguous(), v.contiguous(), bhtd
+    yield "q-contiguous-kv-views", q.contiguous(), k, v, bhtd  # q decides, for all three gradients
+    yield "q-view-kv-contiguous", q, k.contiguous(), v.contiguous(), _interleaved_strides(B, H, T, D)
+    qt = torch.randn(B, T, H, 2 * D)[..., ::2].transpose(1, 2)  # heads interleaved, last dim strided: copied
+    yield "strided-last-dim", qt, k, v, _interleaved_strides(B, H, T, D)
+    yield "permuted-dhtb", torch.randn(D, H, T, B).permute(3, 1, 2, 0), k, v, bhtd  # H before T: contiguous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B, H, T, D", [(2, 3, 21, 8), (1, 1, 9, 4), (2, 4, 1, 8)])
+def test_results_lie_like_q(dtype, B, H, T, D):
+    # out, dq, dk, dv are [B, T, H, D] in memory when q is (so GPT-1's out.transpose(1, 2) needs no copy, and
+    # neither do the view backward of its q, k, v), else contiguous; with H = 1 or T = 1 both are one memory
+    # order and the contiguous strides are used. The fake functions must say the same (torch.compile).
+    tol = {torch.float32: FP32_TOL, torch.float64: FP32_TOL}.get(dtype, {"out": dict(atol=2e-2, rtol=2e-2),
+                                                                        "grad": dict(atol=5e-2, rtol=5e-2)})
+    for name, q, k, v, strides in _layouts(B, H, T, D):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        if H == 1 or T == 1:
+            strides = (H * T * D, T * D, D, 1)
+        out = causal_attention(q, k, v)
+        g = torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        for what, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+            assert t.stride() == strides, (name, what, t.stride())
+        ref_out, ref_grads = exact(q, k, v, g)
+        torch.testing.assert_close(out.double(), ref_out, **tol["out"])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a.double(), b, **tol["grad"])
+        mode = torch._subclasses.fake_tensor.FakeTensorMode()
+        fq, fk, fv, fg = (mode.from_tensor(t.detach()) for t in (q, k, v, g))
+        flse = mode.from_tensor(torch.zeros(B, H, T))
+        with mode:
+            fout, _ = torch.ops.minilm.causal_attention(fq, fk, fv, 0.5)
+            fgrads = torch.ops.minilm.causal_attention_backward(fg, fq, fk, fv, fout, flse, 0.5)
+        assert all(t.stride() == strides for t in (fout, *fgrads)), name
+
+
+def test_opcheck_with_gpt1_views():
+    B, H, T, D = 2, 3, 13, 8
+    x = torch.randn(B, T, 3 * H * D, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2))
+    torch.library.opcheck(torch.ops.minilm.causal_attention.default, (q, k, v, 0.35))
+    with torch.no_grad():
+        out, lse = torch.ops.minilm.causal_attention(q, k, v, 0.35)
+    g = torch.randn(B, T, H, D).transpose(1, 2)
+    torch.library.opcheck(torch.ops.minilm.causal_attention_backward.default,
+                          (g, q.detach(), k.detach(), v.detach(), out, lse, 0.35))
+
+
 def test_empty_inputs():
     for shape in [(0, 2, 5, 8), (2, 2, 0, 8)]:
         q, k, v = qkv(shape)

@@ -337,6 +337,12 @@ def _layouts(H, T, D, dtype):
     yield "start 2 bytes off alignment", randn(B * H * T * D + 1)[1:].view(B, H, T, D), k, v, g, btdh, False
 
 
+def _result_strides(q):
+    """The strides of out, dq, dk, dv for q (csrc/attention_layout.h): [B, T, H, D] in memory when q is."""
+    B, H, T, D = q.shape
+    return (T * H * D, D, H * D, 1) if H > 1 and T > 1 and q.stride(1) < q.stride(2) else (H * T * D, T * D, D, 1)
+
+
 def _copies(fn):
     """The aten copy ops that fn() runs (torch.profiler sees those that C++ code dispatches too)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -359,6 +365,7 @@ def test_attention_reads_strided_inputs(dtype, D, p):
         out, lse = ops.causal_attention(q, k, v, scale, p, seed)
         out_c, lse_c = ops.causal_attention(qc, kc, vc, scale, p, seed)
         assert torch.equal(out, out_c) and torch.equal(lse, lse_c), name
+        assert out.stride() == _result_strides(q), name  # written in place: [B, T, H, D] when q is
         out_t = layout(out)
         assert not out_t.is_contiguous()
         with _deterministic_algorithms():
@@ -366,6 +373,7 @@ def test_attention_reads_strided_inputs(dtype, D, p):
             want = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale, p, seed)
         for grad, a, b in zip(("dq", "dk", "dv"), got, want):
             assert torch.equal(a, b), f"{name}: {grad}"
+            assert a.stride() == _result_strides(q), f"{name}: {grad}"
         got = ops.causal_attention_backward(g, q, k, v, out_t, lse, scale, p, seed)
         want = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale, p, seed)
         for grad, a, b in zip(("dq", "dk", "dv"), got, want):
@@ -376,6 +384,31 @@ def test_attention_reads_strided_inputs(dtype, D, p):
             assert not copies, f"{name}: read in place, yet {copies} ran"
         else:
             assert copies, f"{name}: copied first, yet no copy ran"
+
+
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 48),
+                                      (torch.bfloat16, 200), (torch.float32, 64)])
+def test_attention_results_lie_like_q(dtype, D):
+    # Every path (tensor-core kernels writing in place; padded head dims and the CUDA-core kernels, copied) gives
+    # out, dq, dk, dv [B, T, H, D] in memory when q is (GPT-1's views), bitwise what contiguous inputs give
+    # (deterministic mode), and the fake functions say the same strides.
+    B, H, T = 2, 3, 133
+    x = torch.randn(B, T, 3 * H * D, device=DEV, dtype=dtype)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2))
+    g = torch.randn(B, T, H, D, device=DEV, dtype=dtype).transpose(1, 2)
+    scale = 1.0 / math.sqrt(D)
+    with _deterministic_algorithms():
+        out, lse = ops.causal_attention(q, k, v, scale)
+        grads = ops.causal_attention_backward(g, q, k, v, out, lse, scale)
+        qc, kc, vc, gc = (t.contiguous() for t in (q, k, v, g))
+        out_c, lse_c = ops.causal_attention(qc, kc, vc, scale)
+        grads_c = ops.causal_attention_backward(gc, qc, kc, vc, out_c, lse_c, scale)
+    assert out.transpose(1, 2).is_contiguous() and out_c.is_contiguous()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_c, *grads_c)):
+        assert a.stride() == _result_strides(q) and b.stride() == _result_strides(qc), name
+        assert torch.equal(a, b), name
+    torch.library.opcheck(ops.causal_attention.default, (q, k, v, scale))
+    torch.library.opcheck(ops.causal_attention_backward.default, (g, q, k, v, out, lse, scale))
 
 
 def test_gpt1_attention_drops_through_the_fused_kernel():

@@ -53,6 +53,7 @@
 #include <type_traits>
 
 #include "../attention_dropout_args.h"
+#include "../attention_layout.h"
 
 // The Fortran BLAS entry points that libtorch_cpu exports (MKL, or OpenBLAS on other builds).
 // at::native::cpublas::gemm would be the natural call, but its float/double overloads are not
@@ -158,17 +159,18 @@ T exp_rows(const T* s, T* p, int64_t n, int64_t len, T sub) {
 }
 
 // One [B, H, T, D] tensor whose rows (the last dim) are contiguous; any other strides. So q from
-// x.view(B, T, H, D).transpose(1, 2) is read in place: BLAS takes the row stride as its ld.
-template <typename scalar_t>
+// x.view(B, T, H, D).transpose(1, 2) is read in place (BLAS takes the row stride as its ld), and results are
+// written in their layout (../attention_layout.h). E: const scalar_t (an input) or scalar_t (a result).
+template <typename E>
 struct Rows {
-  const scalar_t* data;
+  E* data;
   int64_t sb, sh, st;
-  const scalar_t* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+  E* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
-template <typename scalar_t>
-Rows<scalar_t> rows_of(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : t.size(3)};
+template <typename E>
+Rows<E> rows_of(const at::Tensor& t) {
+  return {static_cast<E*>(t.data_ptr()), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : t.size(3)};
 }
 
 // A tensor that rows_of() can read: last dim contiguous and rows that do not overlap (BLAS's ld ≥ D).
@@ -176,6 +178,13 @@ at::Tensor with_contiguous_rows(const at::Tensor& t) {
   const bool ok = (t.size(3) == 1 || t.stride(3) == 1) && (t.size(2) == 1 || t.stride(2) >= t.size(3)) &&
                   t.stride(2) < INT_MAX;
   return ok ? t : t.contiguous();
+}
+
+// Where the kernels write a result for q: in its layout (../attention_layout.h), unless its rows lie too far
+// apart for BLAS's 32-bit ld; then contiguous, and as_result copies it into that layout.
+at::Tensor writable_result(const at::Tensor& q) {
+  at::Tensor res = empty_result(q);
+  return res.stride(2) < INT_MAX ? res : at::empty(q.sizes(), q.options());
 }
 
 // rows [0, n) of a [n×D] tile as acc_t: the memory itself when the dtypes agree (row stride ld), or
@@ -239,8 +248,9 @@ void dropout_row(const T* x, T* m, int64_t n, uint32_t row, int64_t j0, const mi
 // Forward
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar_t* out, acc_t* lse, int64_t B,
-                    int64_t H, int64_t T, int64_t D, acc_t scale, const minilm_dropout::Params& drop) {
+void forward_kernel(Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v, Rows<scalar_t> out,
+                    acc_t* lse, int64_t B, int64_t H, int64_t T, int64_t D, acc_t scale,
+                    const minilm_dropout::Params& drop) {
   const int64_t Bq = q_block_fwd(T), Bk = kKvBlock;
   const int64_t nq = (T + Bq - 1) / Bq;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
@@ -299,11 +309,11 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
         gemm<acc_t>(false, false, qb, D, kb, acc_t(1), S, kb, V, ldv, acc_t(1), acc, D);  // acc += P V
       }
 
-      scalar_t* o = out + (bh * T + i0) * D;  // (qb, D), contiguous
+      scalar_t* o = out.head(b, h) + i0 * out.st;  // (qb, D), rows out.st apart
       acc_t* lse_row = lse + bh * T + i0;
       for (int64_t r = 0; r < qb; ++r) {
         const acc_t inv_l = acc_t(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) o[r * D + d] = scalar_t(acc[r * D + d] * inv_l);
+        for (int64_t d = 0; d < D; ++d) o[r * out.st + d] = scalar_t(acc[r * D + d] * inv_l);
         lse_row[r] = m[r] + std::log(l[r]);
       }
     }
@@ -314,9 +324,10 @@ void forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, scalar
 // Backward
 
 template <typename scalar_t, typename acc_t>
-void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Rows<scalar_t> out,
-                     const acc_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t B, int64_t H, int64_t T,
-                     int64_t D, acc_t scale, const minilm_dropout::Params& drop) {
+void backward_kernel(Rows<const scalar_t> dout, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
+                     Rows<const scalar_t> out, const acc_t* lse, Rows<scalar_t> dq, Rows<scalar_t> dk,
+                     Rows<scalar_t> dv, int64_t B, int64_t H, int64_t T, int64_t D, acc_t scale,
+                     const minilm_dropout::Params& drop) {
   const int64_t Bq = q_block_bwd(T), Bk = kKvBlock;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   // per thread: P and dS tiles, dQ, D; for bf16/fp16 also fp32 dK, dV accumulators and fp32 copies of
@@ -343,15 +354,18 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
       int64_t ldk, ldv, ldq, lddo;
       const acc_t* Kh = load_tile(k.head(b, h), k.st, T, D, khead, &ldk);  // (T, D)
       const acc_t* Vh = load_tile(v.head(b, h), v.st, T, D, vhead, &ldv);  // (T, D)
-      acc_t* dK;  // (T, D), this head's gradients, accumulated over all query blocks
+      acc_t* dK;  // (T, D), rows ldkv apart: this head's gradients, accumulated over all query blocks
       acc_t* dV;
+      int64_t ldkv;
       if constexpr (convert) {
-        dK = dK_buf, dV = dV_buf;
-      } else {
-        dK = dk + bh * T * D, dV = dv + bh * T * D;
+        dK = dK_buf, dV = dV_buf, ldkv = D;
+      } else {  // fp32/fp64: in the results themselves (dk and dv have one layout)
+        dK = dk.head(b, h), dV = dv.head(b, h), ldkv = dk.st;
       }
-      std::fill(dK, dK + T * D, acc_t(0));
-      std::fill(dV, dV + T * D, acc_t(0));
+      for (int64_t t = 0; t < T; ++t) {
+        std::fill(dK + t * ldkv, dK + t * ldkv + D, acc_t(0));
+        std::fill(dV + t * ldkv, dV + t * ldkv + D, acc_t(0));
+      }
 
       for (int64_t i0 = 0; i0 < T; i0 += Bq) {
         const int64_t qb = std::min(Bq, T - i0);
@@ -385,7 +399,8 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
             }
           }
           // dV += Pᵀ dO (with dropout: (P ∘ M)ᵀ dO)
-          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), drop.active() ? dS : P, kb, dO, lddo, acc_t(1), dV + j0 * D, D);
+          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), drop.active() ? dS : P, kb, dO, lddo, acc_t(1), dV + j0 * ldkv,
+                      ldkv);
           gemm<acc_t>(false, true, qb, kb, D, acc_t(1), dO, lddo, V, ldv, acc_t(0), dS, kb);  // dP = dO Vᵀ
           for (int64_t r = 0; r < qb; ++r) {  // dS = P ∘ (dP − D) (with dropout: P ∘ (dP ∘ M − D))
             const acc_t* p = P + r * kb;
@@ -401,18 +416,20 @@ void backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Ro
             }
           }
           gemm<acc_t>(false, false, qb, D, kb, scale, dS, kb, K, ldk, acc_t(1), dQ, D);  // dQ += scale·dS K
-          gemm<acc_t>(true, false, kb, D, qb, scale, dS, kb, Q, ldq, acc_t(1), dK + j0 * D, D);  // dK += scale·dSᵀ Q
+          gemm<acc_t>(true, false, kb, D, qb, scale, dS, kb, Q, ldq, acc_t(1), dK + j0 * ldkv, ldkv);  // dK += scale·dSᵀ Q
         }
-        scalar_t* dq_out = dq + (bh * T + i0) * D;
-        for (int64_t x = 0; x < qb * D; ++x) dq_out[x] = scalar_t(dQ[x]);
+        scalar_t* dq_out = dq.head(b, h) + i0 * dq.st;
+        for (int64_t r = 0; r < qb; ++r)
+          for (int64_t d = 0; d < D; ++d) dq_out[r * dq.st + d] = scalar_t(dQ[r * D + d]);
       }
       if constexpr (convert) {
-        scalar_t* dk_out = dk + bh * T * D;
-        scalar_t* dv_out = dv + bh * T * D;
-        for (int64_t x = 0; x < T * D; ++x) {
-          dk_out[x] = scalar_t(dK[x]);
-          dv_out[x] = scalar_t(dV[x]);
-        }
+        scalar_t* dk_out = dk.head(b, h);
+        scalar_t* dv_out = dv.head(b, h);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t d = 0; d < D; ++d) {
+            dk_out[t * dk.st + d] = scalar_t(dK[t * D + d]);
+            dv_out[t * dv.st + d] = scalar_t(dV[t * D + d]);
+          }
       }
     }
   });
@@ -445,15 +462,15 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_, co
   const auto drop = attention_dropout_params("causal_attention", dropout_p, seed);
   const auto q = with_contiguous_rows(q_), k = with_contiguous_rows(k_), v = with_contiguous_rows(v_);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  auto out = at::empty({B, H, T, D}, q.options());
+  auto out = writable_result(q_);
   auto lse = at::empty({B, H, T}, q.options().dtype(lse_dtype(q.scalar_type())));
-  if (out.numel() == 0) return {out, lse};
+  if (out.numel() == 0) return {as_result(q_, out), lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t>(rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
-                                    out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), B, H, T, D, acc_t(scale), drop);
+    forward_kernel<scalar_t, acc_t>(rows_of<const scalar_t>(q), rows_of<const scalar_t>(k), rows_of<const scalar_t>(v),
+                                    rows_of<scalar_t>(out), lse.data_ptr<acc_t>(), B, H, T, D, acc_t(scale), drop);
   });
-  return {out, lse};
+  return {as_result(q_, out), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
@@ -477,16 +494,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
   const auto out = with_contiguous_rows(out_.to(q.scalar_type()));
   const auto lse = lse_.to(lse_dtype(q.scalar_type())).contiguous();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  auto dq = at::empty({B, H, T, D}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
-  if (dq.numel() == 0) return {dq, dk, dv};
+  auto dq = writable_result(q_), dk = writable_result(q_), dv = writable_result(q_);  // one layout: q's
+  if (dq.numel() == 0) return {as_result(q_, dq), as_result(q_, dk), as_result(q_, dv)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k),
-                                     rows_of<scalar_t>(v), rows_of<scalar_t>(out), lse.data_ptr<acc_t>(),
-                                     dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B,
-                                     H, T, D, acc_t(scale), drop);
+    backward_kernel<scalar_t, acc_t>(rows_of<const scalar_t>(dout), rows_of<const scalar_t>(q),
+                                     rows_of<const scalar_t>(k), rows_of<const scalar_t>(v),
+                                     rows_of<const scalar_t>(out), lse.data_ptr<acc_t>(), rows_of<scalar_t>(dq),
+                                     rows_of<scalar_t>(dk), rows_of<scalar_t>(dv), B, H, T, D, acc_t(scale), drop);
   });
-  return {dq, dk, dv};
+  return {as_result(q_, dq), as_result(q_, dk), as_result(q_, dv)};
 }
 
 }  // namespace

@@ -6,8 +6,11 @@
 //     zero-padded to the next of these (zero columns change neither q·k nor the first D output columns,
 //     and `scale` is passed explicitly), then the result is cut back to D. q, k, v (and the backward's
 //     grad_out and out) are read where they lie when their rows allow it (rows_readable: any strides with
-//     16-byte aligned rows, e.g. GPT-1's q, k, v, views into one projection), else copied first.
-//   fp32, fp64, or bf16/fp16 with 128 < D <= 256: the CUDA-core kernels (exact, slower).
+//     16-byte aligned rows, e.g. GPT-1's q, k, v, views into one projection), else copied first. The
+//     results (out; dq, dk, dv) are written where they belong (../attention_layout.h: [B, T, H, D] in
+//     memory when q is), except with padded head dims (cut and copied there).
+//   fp32, fp64, or bf16/fp16 with 128 < D <= 256: the CUDA-core kernels (exact, slower), on contiguous
+//     copies; their results are copied into the results' layout where that is not contiguous.
 // Attention dropout (dropout_p, seed) becomes minilm_dropout::Params for either; its mask depends on
 // (batch·head, query, key) only, so head-dim padding does not change it.
 #include <ATen/ATen.h>
@@ -21,6 +24,7 @@
 #include <optional>
 
 #include "../attention_dropout_args.h"
+#include "../attention_layout.h"
 #include "glue.h"
 #include "kernels.h"
 
@@ -61,7 +65,7 @@ int64_t padded_head_dim(int64_t D) { return D <= 64 ? 64 : 128; }
 bool aligned16(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
 
 // Whether the tensor-core kernels can read x's rows where they are: head dim Dp, the last dim contiguous, and
-// every row 16 bytes aligned (cp.async). Other strides are read as they are (minilm_cuda::InputLayout), so
+// every row 16 bytes aligned (cp.async). Other strides are read as they are (minilm_cuda::Layout), so
 // GPT-1's q, k, v, views into one [B, T, 3C] projection, are not copied.
 bool rows_readable(const at::Tensor& x, int64_t Dp) {
   if (x.size(3) != Dp || x.stride(3) != 1 || !aligned16(x)) return false;
@@ -85,7 +89,13 @@ minilm_cuda::RowStrides row_strides(const at::Tensor& x) {
   return {stride(0), stride(1), static_cast<int>(stride(2))};
 }
 
-at::Tensor unpad(const at::Tensor& x, int64_t D) { return x.size(3) == D ? x : x.narrow(3, 0, D).contiguous(); }
+// Where the tensor-core kernels write a result for q with head dim Dp: in its final layout (../attention_layout.h)
+// when they can, else (padded head dims, rows too far apart for 32-bit offsets) contiguous, to be copied into
+// that layout by as_result.
+at::Tensor tc_result(const at::Tensor& q, int64_t Dp) {
+  at::Tensor res = empty_result(q, Dp);
+  return q.size(3) == Dp && rows_readable(res, Dp) ? res : at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());
+}
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, const at::Tensor& k_,
                                                          const at::Tensor& v_, double scale, double dropout_p,
@@ -95,29 +105,29 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, c
   const c10::cuda::CUDAGuard guard(q_.device());
   const int64_t B = q_.size(0), H = q_.size(1), T = q_.size(2), D = q_.size(3);
   const auto lse_opts = q_.options().dtype(lse_dtype(q_.scalar_type()));
-  if (q_.numel() == 0)
-    return {at::empty(q_.sizes(), q_.options()), at::empty({B, H, T}, lse_opts)};
+  if (q_.numel() == 0) return {empty_result(q_), at::empty({B, H, T}, lse_opts)};
   const auto dt = kernel_dtype(q_.scalar_type(), "causal_attention: q, k, v");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (use_tensor_cores(q_)) {
     const int64_t Dp = padded_head_dim(D);
     at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
-    const minilm_cuda::InputLayout in{static_cast<int>(H), row_strides(q), row_strides(k), row_strides(v), {}, {}};
-    at::Tensor out = at::empty({B, H, T, Dp}, q.options());  // contiguous
+    at::Tensor out = tc_result(q_, Dp);
+    const minilm_cuda::Layout in{static_cast<int>(H), row_strides(q), row_strides(k), row_strides(v), {}, {},
+                                 row_strides(out)};
     at::Tensor lse = at::empty({B, H, T}, lse_opts);
     C10_CUDA_CHECK(minilm_cuda::attention_forward_tc(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), in,
                                                      out.data_ptr(), lse.data_ptr<float>(), B * H, T,
                                                      static_cast<int>(Dp), static_cast<float>(scale), dropout,
                                                      stream));
-    return {unpad(out, D), lse};
+    return {as_result(q_, out), lse};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, as the CUDA-core kernels write it
   at::Tensor lse = at::empty({B, H, T}, lse_opts);
   C10_CUDA_CHECK(minilm_cuda::attention_forward_simple(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                                        lse.data_ptr(), B * H, T, static_cast<int>(D), scale, dropout,
                                                        stream));
-  return {out, lse};
+  return {as_result(q_, out), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
@@ -136,9 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   TORCH_CHECK(dout_.device() == q_.device() && out_.device() == q_.device() && lse_.device() == q_.device(),
               "causal_attention_backward: all tensors must be on ", q_.device());
   const c10::cuda::CUDAGuard guard(q_.device());
-  if (q_.numel() == 0)
-    return {at::zeros(q_.sizes(), q_.options()), at::zeros(q_.sizes(), q_.options()),
-            at::zeros(q_.sizes(), q_.options())};
+  if (q_.numel() == 0) return {empty_result(q_), empty_result(q_), empty_result(q_)};
   const auto dt = kernel_dtype(q_.scalar_type(), "causal_attention: q, k, v");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor dout_t = dout_.to(q_.scalar_type()), out_t = out_.to(q_.scalar_type());
@@ -146,8 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const int64_t Dp = padded_head_dim(D);
     at::Tensor q = prepare(q_, Dp), k = prepare(k_, Dp), v = prepare(v_, Dp);
     at::Tensor dout = prepare(dout_t, Dp), out = prepare(out_t, Dp);
-    const minilm_cuda::InputLayout in{static_cast<int>(H), row_strides(q), row_strides(k), row_strides(v),
-                                      row_strides(dout), row_strides(out)};
+    // dq, dk, dv: one layout, q's (../attention_layout.h)
+    at::Tensor dq = tc_result(q_, Dp), dk = tc_result(q_, Dp), dv = tc_result(q_, Dp);
+    const minilm_cuda::Layout in{static_cast<int>(H), row_strides(q), row_strides(k), row_strides(v),
+                                 row_strides(dout), row_strides(out), row_strides(dq)};
     at::Tensor lse = lse_.to(at::kFloat).contiguous();
     at::Tensor delta = at::empty({B, H, T}, q.options().dtype(at::kFloat));
     const bool deterministic = at::globalContext().deterministicAlgorithms();
@@ -156,25 +166,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
         minilm_cuda::attention_backward_tc_adds_dq(dt, static_cast<int>(Dp), dropout.active(), deterministic);
     const auto fp32 = q.options().dtype(at::kFloat);
     at::Tensor dq_accum = adds_dq ? at::empty({B * H, minilm_cuda::attention_dq_rows(T), Dp}, fp32) : at::Tensor();
-    at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
-               dv = at::empty(q.sizes(), q.options());  // contiguous
     C10_CUDA_CHECK(minilm_cuda::attention_backward_tc(
         dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), in, lse.data_ptr<float>(),
         delta.data_ptr<float>(), adds_dq ? dq_accum.data_ptr<float>() : nullptr, dq.data_ptr(), dk.data_ptr(),
         dv.data_ptr(), B * H, T, static_cast<int>(Dp), static_cast<float>(scale), dropout, deterministic, stream));
-    return {unpad(dq, D), unpad(dk, D), unpad(dv, D)};
+    return {as_result(q_, dq), as_result(q_, dk), as_result(q_, dv)};
   }
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   at::Tensor dout = dout_t.contiguous(), out = out_t.contiguous();
   at::Tensor lse = lse_.to(lse_dtype(q.scalar_type())).contiguous();
   at::Tensor delta = at::empty({B, H, T}, lse.options());
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
-             dv = at::empty(q.sizes(), q.options());
+             dv = at::empty(q.sizes(), q.options());  // contiguous, as the CUDA-core kernels write them
   C10_CUDA_CHECK(minilm_cuda::attention_backward_simple(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                                         out.data_ptr(), lse.data_ptr(), delta.data_ptr(),
                                                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * H, T,
                                                         static_cast<int>(D), scale, dropout, stream));
-  return {dq, dk, dv};
+  return {as_result(q_, dq), as_result(q_, dk), as_result(q_, dv)};
 }
 
 }  // namespace

@@ -34,8 +34,8 @@
 // The defaults add dQ with atomics; under torch.use_deterministic_algorithms(True) a scheme without them runs
 // (see "THE DEFAULTS" below). MINILM_ATTN_BWD picks the scheme, see bwd_variant.
 //
-// The inputs (Q, K, V, dO, O) are read through their strides (InputLayout in kernels.h: views such as
-// GPT-1's q, k, v need no copy); outputs are written contiguous. Shared-memory rows are padded by 8
+// The inputs (Q, K, V, dO, O) are read, and the results (O; dQ, dK, dV) written, through their strides (Layout
+// in kernels.h: views such as GPT-1's q, k, v need no copy, and results can lie as [B, T, H, D], as SDPA's). Shared-memory rows are padded by 8
 // elements (16 bytes), so that the 8 row addresses of an ldmatrix fall in different banks. Rows past T are
 // zero-filled by cp.async (src-size 0) and never written back.
 //
@@ -348,7 +348,7 @@ using FwdWide64 = FwdCfg<D, 4, 2, D <= 64, 1, 64>;
 
 template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restrict__ Q, const T* __restrict__ K,
-                                                             const T* __restrict__ V, InputLayout in,
+                                                             const T* __restrict__ V, Layout in,
                                                              T* __restrict__ O, float* __restrict__ LSE, int T_,
                                                              float scale_log2, minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
@@ -361,7 +361,6 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
   const int bh = blockIdx.x;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
   Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
-  O += static_cast<size_t>(bh) * T_ * D;
   LSE += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   const int wrow0 = q0 + warp * 16 * MT;  // first query row of this warp; row tile mt starts at wrow0 + 16 mt
@@ -486,9 +485,12 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
 
+  O += in.res.offset(bh, in.heads);  // here, not before the loop: one pointer fewer live in it
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int row_a = wrow0 + mt * 16 + g, row_b = row_a + 8;
+    T* const Oa = O + row_a * in.res.row;
+    T* const Ob = O + row_b * in.res.row;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       l[mt][r] += __shfl_xor_sync(kFull, l[mt][r], 1);
@@ -500,10 +502,9 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
       if (row_a < T_)
-        *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_a) * D + col) =
-            Half<T>::pack(o[mt][dt][0] * inv_a, o[mt][dt][1] * inv_a);
+        *reinterpret_cast<uint32_t*>(Oa + col) = Half<T>::pack(o[mt][dt][0] * inv_a, o[mt][dt][1] * inv_a);
       if (row_b < T_)
-        *reinterpret_cast<uint32_t*>(O + static_cast<size_t>(row_b) * D + col) =
+        *reinterpret_cast<uint32_t*>(Ob + col) =
             Half<T>::pack(o[mt][dt][2] * inv_b, o[mt][dt][3] * inv_b);
     }
     if (t4 == 0) {
@@ -531,11 +532,11 @@ __global__ void attn_bwd_delta(const T* __restrict__ dO, const T* __restrict__ O
 // in fp32 and, for the schemes that add dQ with atomics (ZERO_DQ), the row of dQacc zeroed (instead of a
 // separate memset: one launch fewer; dQacc's padding rows, see attention_dq_rows, are left as they are).
 // D / 8 lanes per row, each loading 16 bytes (8 elements) of dO and of O (rows 16-byte aligned, see
-// InputLayout), and zeroing 32 bytes of dQacc. kPrologueThreads per CTA.
+// Layout), and zeroing 32 bytes of dQacc. kPrologueThreads per CTA.
 constexpr int kPrologueThreads = 256;
 template <typename T, int D, bool ZERO_DQ>
 __global__ void __launch_bounds__(kPrologueThreads)
-    attn_bwd_prologue(const T* __restrict__ dO, const T* __restrict__ O, InputLayout in, float* __restrict__ delta,
+    attn_bwd_prologue(const T* __restrict__ dO, const T* __restrict__ O, Layout in, float* __restrict__ delta,
                       float* __restrict__ dQacc, int64_t rows, int T_) {
   constexpr int LPR = D / 8, RPB = kPrologueThreads / LPR;  // lanes per row, rows per CTA
   static_assert(D % 8 == 0 && 32 % LPR == 0, "a row's lanes must lie in one warp");
@@ -563,18 +564,20 @@ __global__ void __launch_bounds__(kPrologueThreads)
   if (row < rows && threadIdx.x % LPR == 0) delta[row] = acc;
 }
 
-// dQ ([BH·T, D], the input dtype) = scale · dQacc (fp32, each head's rows padded: attention_dq_rows), 4
+// dQ (the input dtype, laid out as in.res says) = scale · dQacc (fp32 [BH, attention_dq_rows(T), D]), 4
 // elements per thread and step (16 bytes read, 8 written).
 template <typename T, int D>
-__global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, uint2* __restrict__ dq, int64_t rows, int T_,
-                                    float scale) {
+__global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, T* __restrict__ dq, Layout in, int64_t rows,
+                                    int T_, float scale) {
   constexpr int C4 = D / 4;  // float4s per row
   const int64_t Tp = attention_dq_rows(T_);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * C4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int row = static_cast<int>(i / C4), bh = row / T_, t = row - bh * T_;  // bh·T + t < 2³¹ (the glue)
-    const float4 a = acc[(bh * Tp + t) * C4 + i % C4];
-    dq[i] = make_uint2(Half<T>::pack(a.x * scale, a.y * scale), Half<T>::pack(a.z * scale, a.w * scale));
+    const int c4 = static_cast<int>(i % C4);
+    const float4 a = acc[(bh * Tp + t) * C4 + c4];
+    *reinterpret_cast<uint2*>(dq + in.res.offset(bh, in.heads) + (t * in.res.row + c4 * 4)) =
+        make_uint2(Half<T>::pack(a.x * scale, a.y * scale), Half<T>::pack(a.z * scale, a.w * scale));
   }
 }
 
@@ -606,7 +609,7 @@ __device__ __forceinline__ void atomic_add_acc(float* at, int t4, const float (&
 // commits) and its LSE · log2e and Delta (rows past T: zeros).
 template <typename T, int BR, int D, int S, int NT>
 __device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, float* sDl, const T* Q, const T* dO,
-                                                    const InputLayout& in, const float* LSE, const float* Delta,
+                                                    const Layout& in, const float* LSE, const float* Delta,
                                                     int qb, int buf, int T_) {
   load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, in.q.row, qb * BR, T_);
   load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, in.dout.row, qb * BR, T_);
@@ -617,41 +620,40 @@ __device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, fl
   }
 }
 
-// Where (batch·head) bh starts, in elements, in each array of a dK/dV kernel: the inputs by their strides,
-// the outputs (contiguous), the dQ buffer (rows padded to whole 64-row tiles, see attention_dq_rows) and the
-// per-row LSE and Delta.
+// Where (batch·head) bh starts, in elements, in the arrays a dK/dV kernel reads: the inputs by their strides,
+// the dQ buffer (rows padded to whole 64-row tiles, see attention_dq_rows) and the per-row LSE and Delta.
+// (dK and dV: in.res.offset, taken after the query loop, so that no pointer to them is live in it.)
 template <int D, int BR>
 struct HeadOffsets {
   static_assert(64 % BR == 0, "dQacc's rows are padded to whole 64-row tiles (attention_dq_rows)");
-  int64_t q, k, v, dout, out, dq, row;
-  __device__ HeadOffsets(int bh, int T_, const InputLayout& in)
+  int64_t q, k, v, dout, dq, row;
+  __device__ HeadOffsets(int bh, int T_, const Layout& in)
       : q(in.q.offset(bh, in.heads)), k(in.k.offset(bh, in.heads)), v(in.v.offset(bh, in.heads)),
-        dout(in.dout.offset(bh, in.heads)), out(static_cast<int64_t>(bh) * T_ * D),
+        dout(in.dout.offset(bh, in.heads)),
         dq(static_cast<int64_t>(bh) * attention_dq_rows(T_) * D), row(static_cast<int64_t>(bh) * T_) {}
 };
 
-// Writes a warp's dK (times `scale`) and dV accumulators to the [T, D] outputs: MT row tiles of 16 keys (this
-// lane's rows: key_a + 16 mt and key_a + 16 mt + 8) by N columns from col0; keys >= T are not written.
-template <typename T, int MT, int N, int D>
+// Writes a warp's dK (times `scale`) and dV accumulators to the [T, D] results (rows `ld` elements apart): MT
+// row tiles of 16 keys (this lane's rows: key_a + 16 mt and key_a + 16 mt + 8) by N columns from col0; keys
+// >= T are not written.
+template <typename T, int MT, int N>
 __device__ __forceinline__ void store_dkdv(T* dK, T* dV, const float (*dk)[N / 8][4], const float (*dv)[N / 8][4],
-                                           int key_a, int col0, int t4, float scale, int T_) {
+                                           int key_a, int col0, int t4, float scale, int T_, int ld) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int ka = key_a + mt * 16, kb = ka + 8;
+    T *const dKa = dK + (ka * ld + col0), *const dVa = dV + (ka * ld + col0);
+    T *const dKb = dK + (kb * ld + col0), *const dVb = dV + (kb * ld + col0);
 #pragma unroll
     for (int dt = 0; dt < N / 8; ++dt) {
-      const int col = col0 + dt * 8 + t4 * 2;
+      const int col = dt * 8 + t4 * 2;
       if (ka < T_) {
-        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(ka) * D + col) =
-            Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
-        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(ka) * D + col) =
-            Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
+        *reinterpret_cast<uint32_t*>(dKa + col) = Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dVa + col) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
       }
       if (kb < T_) {
-        *reinterpret_cast<uint32_t*>(dK + static_cast<size_t>(kb) * D + col) =
-            Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
-        *reinterpret_cast<uint32_t*>(dV + static_cast<size_t>(kb) * D + col) =
-            Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
+        *reinterpret_cast<uint32_t*>(dKb + col) = Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
+        *reinterpret_cast<uint32_t*>(dVb + col) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
       }
     }
   }
@@ -677,7 +679,7 @@ template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 3
           bool KVREG = !WITH_DQ && MINB == 1 && D <= 64, bool DROP = false>
 __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
-                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                Layout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
                 float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, float scale,
                 float scale_log2, minilm_dropout::Params drop) {
   using C = BwdCfg<D, BR_, NW_, MTK>;
@@ -694,7 +696,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   const int bh = blockIdx.x;
   const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
   const HeadOffsets<D, BR> off(bh, T_, in);
-  Q += off.q, K += off.k, V += off.v, dO += off.dout, dK += off.out, dV += off.out, LSE += off.row, Delta += off.row;
+  Q += off.q, K += off.k, V += off.v, dO += off.dout, LSE += off.row, Delta += off.row;
   if constexpr (WITH_DQ) dQacc += off.dq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   // This warp's keys: tile rows wk0 .. wk0 + 16·MTK − 1. The rows of this thread's Sᵀ accumulators in row
@@ -845,7 +847,8 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   }
 
   if constexpr (DROP) scale_acc<MTK>(dv, drop_scale);  // dV = (Pᵀ ∘ keep) dO · dropout's scale
-  store_dkdv<T, MTK, D, D>(dK, dV, dk, dv, key_a, 0, t4, scale, T_);
+  const int64_t res = in.res.offset(bh, in.heads);
+  store_dkdv<T, MTK, D>(dK + res, dV + res, dk, dv, key_a, 0, t4, scale, T_, in.res.row);
 }
 
 // The "2d" backward schemes (FlashAttention-2's own backward tiling; meant for D = 128, where a warp cannot
@@ -874,7 +877,7 @@ struct Bwd2dCfg {
 template <typename T, int D, bool WITH_DQ, bool DROP = false>
 __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     attn_bwd_2d(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
-                InputLayout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
+                Layout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
                 float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, float scale,
                 float scale_log2, minilm_dropout::Params drop) {
   using C = Bwd2dCfg<D>;
@@ -894,7 +897,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   const int bh = blockIdx.x;
   const int k0 = blockIdx.y * BC;  // key tile 0 has the most query tiles: it goes first
   const HeadOffsets<D, BR> off(bh, T_, in);
-  Q += off.q, K += off.k, V += off.v, dO += off.dout, dK += off.out, dV += off.out, LSE += off.row, Delta += off.row;
+  Q += off.q, K += off.k, V += off.v, dO += off.dout, LSE += off.row, Delta += off.row;
   if constexpr (WITH_DQ) dQacc += off.dq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   const int r1 = (warp / 4) * 32, c1 = (warp % 4) * 32;  // phase 1: query rows r1.., keys c1.. of the tile
@@ -1013,7 +1016,8 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   }
 
   if constexpr (DROP) scale_acc<2>(dv, drop_scale);  // dV = (P ∘ keep)ᵀ dO · dropout's scale
-  store_dkdv<T, 2, DH, D>(dK, dV, dk, dv, k0 + r2 + g, c2, t4, scale, T_);
+  const int64_t res = in.res.offset(bh, in.heads);
+  store_dkdv<T, 2, DH>(dK + res, dV + res, dk, dv, k0 + r2 + g, c2, t4, scale, T_, in.res.row);
 }
 
 // dQ alone (the "split" backward): a CTA of NW warps owns BR = 16·MT·NW query rows (MT row tiles of 16 per
@@ -1035,7 +1039,7 @@ using DqWide = DqCfg<D, 4, 2, 32>;
 template <typename T, int D, typename C, bool DROP = false>
 __global__ void __launch_bounds__(C::NT)
     attn_bwd_dq_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                   const T* __restrict__ dO, InputLayout in, const float* __restrict__ LSE,
+                   const T* __restrict__ dO, Layout in, const float* __restrict__ LSE,
                    const float* __restrict__ Delta, T* __restrict__ dQ, int T_, float scale, float scale_log2,
                    minilm_dropout::Params drop) {
   constexpr int BR = C::BR, BC = C::BC, S = C::S, NT = C::NT, MT = C::MT;
@@ -1048,7 +1052,6 @@ __global__ void __launch_bounds__(C::NT)
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;  // heaviest query tiles first
   Q += in.q.offset(bh, in.heads), K += in.k.offset(bh, in.heads), V += in.v.offset(bh, in.heads);
   dO += in.dout.offset(bh, in.heads);
-  dQ += static_cast<size_t>(bh) * T_ * D;
   LSE += static_cast<size_t>(bh) * T_;
   Delta += static_cast<size_t>(bh) * T_;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
@@ -1160,17 +1163,19 @@ __global__ void __launch_bounds__(C::NT)
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
+  dQ += in.res.offset(bh, in.heads);  // here, not before the loop: one pointer fewer live in it
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int row_a = wrow0 + mt * 16 + g, row_b = row_a + 8;
+    T* const dQa = dQ + row_a * in.res.row;
+    T* const dQb = dQ + row_b * in.res.row;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
       if (row_a < T_)
-        *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_a) * D + col) =
-            Half<T>::pack(dq[mt][dt][0] * scale, dq[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dQa + col) = Half<T>::pack(dq[mt][dt][0] * scale, dq[mt][dt][1] * scale);
       if (row_b < T_)
-        *reinterpret_cast<uint32_t*>(dQ + static_cast<size_t>(row_b) * D + col) =
+        *reinterpret_cast<uint32_t*>(dQb + col) =
             Half<T>::pack(dq[mt][dt][2] * scale, dq[mt][dt][3] * scale);
     }
   }
@@ -1371,7 +1376,7 @@ cudaError_t with_smem(F kernel, size_t bytes) {
 // The arguments of one forward launch.
 struct FwdArgs {
   const void *q, *k, *v;
-  InputLayout in;
+  Layout in;
   void* out;
   float* lse;
   int64_t BH, T;
@@ -1559,7 +1564,7 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
 struct BwdArgs {
   const void *dout, *q, *k, *v;
-  InputLayout in;
+  Layout in;
   const float *lse, *delta;
   float* dq_accum;
   void *dk, *dv;
@@ -1691,7 +1696,7 @@ int backward_scheme(bool drop, bool deterministic) {
 
 template <typename T, int D>
 cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v, const void* out,
-                   const InputLayout& in, const float* lse, float* delta, float* dq_accum, void* dq, void* dk,
+                   const Layout& in, const float* lse, float* delta, float* dq_accum, void* dq, void* dk,
                    void* dv, int64_t BH, int64_t T_, float scale, const minilm_dropout::Params& dropout,
                    bool deterministic, cudaStream_t stream) {
   const bool drop = dropout.active();
@@ -1715,8 +1720,8 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
     return dq_wide(D) ? launch_dq_tc<T, D, DqTiling<D, true>>(args, dq) : launch_dq_tc<T, D, DqTiling<D, false>>(args, dq);
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows * D / 4 + 255) / 256, 65536));
-  attn_bwd_dq_convert<T, D><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_accum),
-                                                        static_cast<uint2*>(dq), rows, static_cast<int>(T_), scale);
+  attn_bwd_dq_convert<T, D><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float4*>(dq_accum), static_cast<T*>(dq),
+                                                        in, rows, static_cast<int>(T_), scale);
   return cudaGetLastError();
 }
 
@@ -1764,7 +1769,7 @@ bool attention_tc_supported(Dtype dtype, int head_dim) {
   return (dtype == Dtype::kBFloat16 || dtype == Dtype::kFloat16) && (head_dim == 64 || head_dim == 128);
 }
 
-cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, const InputLayout& in,
+cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, const Layout& in,
                                  void* out, float* lse, int64_t BH, int64_t T, int D, float scale,
                                  const minilm_dropout::Params& dropout, cudaStream_t stream) {
   const FwdArgs a{q, k, v, in, out, lse, BH, T, scale, dropout, stream};
@@ -1797,7 +1802,7 @@ bool attention_backward_tc_adds_dq(Dtype dtype, int head_dim, bool dropout, bool
 }
 
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
-                                  const void* out, const InputLayout& in, const float* lse, float* delta,
+                                  const void* out, const Layout& in, const float* lse, float* delta,
                                   float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int D,
                                   float scale, const minilm_dropout::Params& dropout, bool deterministic,
                                   cudaStream_t stream) {

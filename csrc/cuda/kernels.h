@@ -1,8 +1,8 @@
 // Launchers of minilm's CUDA kernels: raw pointers and a cudaStream_t, no torch types, so that the
 // .cu files compile with nvcc alone (scripts/check_cuda_kernels.sh). The torch glue (input checks,
 // allocation, the current stream, dtype dispatch, registration) is in attention_cuda.cpp and
-// char_cnn_cuda.cpp. Every tensor is contiguous (except the tensor-core attention kernels' inputs, see
-// InputLayout); every launcher returns the launch's cudaError_t.
+// char_cnn_cuda.cpp. Every tensor is contiguous (except the tensor-core attention kernels' inputs and
+// results, see Layout); every launcher returns the launch's cudaError_t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,11 +19,12 @@ enum class Dtype { kFloat32, kFloat64, kBFloat16, kFloat16 };
 // q, k, v, out, dout, dq, dk, dv: [BH, T, D] in `dtype`. `dropout`: attention dropout's mask and scale
 // (csrc/attention_dropout.h); inactive (threshold 0) = no dropout. The backward takes the forward's.
 
-// Where the rows of one [B, H, T, D] input of the tensor-core kernels lie, in elements: row t of head h of
+// Where the rows of one [B, H, T, D] tensor of the tensor-core kernels lie, in elements: row t of head h of
 // batch b starts at b·batch + h·head + t·row (the last dim contiguous). So views need no copy, e.g. GPT-1's
 // q, k, v, which are slices of one [B, T, 3C] projection (batch = 3CT, head = D, row = 3C). Every row must
 // start 16 bytes aligned (cp.async), and (T + 128)·row < 2³¹ (row offsets are 32-bit, fewer registers in
-// the kernels' loops; a tile may start up to 128 rows past T). Contiguous: {H·T·D, T·D, D}.
+// the kernels' loops; a tile may start up to 128 rows past T). Contiguous: {H·T·D, T·D, D}; [B, T, H, D] in
+// memory: {T·H·D, D, H·D}.
 struct RowStrides {
   int64_t batch, head;
   int row;
@@ -31,17 +32,18 @@ struct RowStrides {
     return static_cast<int64_t>(bh / heads) * batch + static_cast<int64_t>(bh % heads) * head;
   }
 };
-// The inputs' strides (dout and out: the backward only) and H, so that bh = b·H + h.
-struct InputLayout {
+// The strides of the inputs (dout and out: the backward only) and of the results the kernels write (`res`:
+// out in the forward; dq, dk and dv, which share one layout, in the backward), and H, so that bh = b·H + h.
+struct Layout {
   int heads;
-  RowStrides q, k, v, dout, out;
+  RowStrides q, k, v, dout, out, res;
 };
 
 // Tensor-core (mma.sync) flash kernels: bf16/fp16 with head dim 64 or 128 only (the glue pads other
-// head dims up to these with zeros). q, k, v (and dout, out) as `in` says; out, lse and the gradients are
-// written contiguous. lse: [BH, T] fp32.
+// head dims up to these with zeros). q, k, v (and dout, out) are read, and out (forward) or dq, dk, dv
+// (backward) written, as `in` says. lse: [BH, T] fp32.
 bool attention_tc_supported(Dtype dtype, int head_dim);
-cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, const InputLayout& in,
+cudaError_t attention_forward_tc(Dtype dtype, const void* q, const void* k, const void* v, const Layout& in,
                                  void* out, float* lse, int64_t BH, int64_t T, int D, float scale,
                                  const minilm_dropout::Params& dropout, cudaStream_t stream);
 // Whether this GPU has the shared memory per CTA that the tensor-core backward takes at this head dim: head
@@ -58,7 +60,7 @@ bool attention_backward_tc_adds_dq(Dtype dtype, int head_dim, bool dropout, bool
 // delta: [BH, T] fp32 workspace; dq_accum: see attention_backward_tc_adds_dq. deterministic: no atomics
 // (torch.use_deterministic_algorithms), so that dQ is bitwise the same run to run.
 cudaError_t attention_backward_tc(Dtype dtype, const void* dout, const void* q, const void* k, const void* v,
-                                  const void* out, const InputLayout& in, const float* lse, float* delta,
+                                  const void* out, const Layout& in, const float* lse, float* delta,
                                   float* dq_accum, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int D,
                                   float scale, const minilm_dropout::Params& dropout, bool deterministic,
                                   cudaStream_t stream);

@@ -103,7 +103,9 @@ def _check_dropout(dropout_p, seed):
 
 
 def causal_attention(q, k, v, scale=None, dropout_p=0.0, seed=None):
-    """Fused causal self-attention. q, k, v: [B, H, T, D]; scale defaults to 1/sqrt(D). Returns [B, H, T, D].
+    """Fused causal self-attention. q, k, v: [B, H, T, D]; scale defaults to 1/sqrt(D). Returns [B, H, T, D],
+    laid out [B, T, H, D] in memory when q is (q = x.view(B, T, H, D).transpose(1, 2), as in GPT-1: then
+    out.transpose(1, 2) is contiguous, as with SDPA), else contiguous. The gradients of q, k, v lie like out.
 
     dropout_p > 0 drops attention probabilities (after the softmax) with that probability and scales the
     rest by 1 / (1 − p), as nn.Dropout on them would (exactly: p is rounded to a multiple of 1/65536 and the
@@ -125,20 +127,28 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _empty_result(q):
+    """An uninitialised result (out; dq, dk, dv) laid out as the kernels write it (csrc/attention_layout.h):
+    [B, T, H, D] in memory when q is (heads closer together than rows, as in GPT-1 and in SDPA's results),
+    else contiguous [B, H, T, D]. The fake functions must give exactly the kernels' strides."""
+    B, H, T, D = q.shape
+    if H > 1 and T > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))
+    return q.new_empty_strided((B, H, T, D), (H * T * D, T * D, D, 1))
+
+
 @torch.library.register_fake("minilm::causal_attention")
 def _(q, k, v, scale, dropout_p=0.0, seed=None):
     _check(q, k, v)  # so that torch.compile reports bad inputs at trace time, as eager does
     check_one_device("causal_attention", {"q": q, "k": k, "v": v}, seed)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+    return _empty_result(q), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("minilm::causal_attention_backward")
 def _(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, seed=None):
     check_one_device("causal_attention_backward", {"q": q, "k": k, "v": v, "grad_out": grad_out, "out": out,
                                                    "lse": lse}, seed)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+    return _empty_result(q), _empty_result(q), _empty_result(q)  # one layout, q's
 
 
 # The autograd formula (dq, dk, dv = causal_attention_backward(grad_out, q, k, v, out, lse, ...); lse is not
