@@ -170,7 +170,7 @@ struct Rows {
 
 template <typename E>
 Rows<E> rows_of(const at::Tensor& t) {
-  return {static_cast<E*>(t.data_ptr()), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : t.size(3)};
+  return {t.data_ptr<std::remove_const_t<E>>(), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : t.size(3)};
 }
 
 // A tensor that rows_of() can read: last dim contiguous and rows that do not overlap (BLAS's ld ≥ D).
@@ -183,8 +183,7 @@ at::Tensor with_contiguous_rows(const at::Tensor& t) {
 // Where the kernels write a result for q: in its layout (../attention_layout.h), unless its rows lie too far
 // apart for BLAS's 32-bit ld; then contiguous, and as_result copies it into that layout.
 at::Tensor writable_result(const at::Tensor& q) {
-  at::Tensor res = empty_result(q);
-  return res.stride(2) < INT_MAX ? res : at::empty(q.sizes(), q.options());
+  return result_strides(q, q.size(3))[2] < INT_MAX ? empty_result(q) : at::empty(q.sizes(), q.options());
 }
 
 // rows [0, n) of a [n×D] tile as acc_t: the memory itself when the dtypes agree (row stride ld), or

@@ -93,8 +93,11 @@ minilm_cuda::RowStrides row_strides(const at::Tensor& x) {
 // when they can, else (padded head dims, rows too far apart for 32-bit offsets) contiguous, to be copied into
 // that layout by as_result.
 at::Tensor tc_result(const at::Tensor& q, int64_t Dp) {
-  at::Tensor res = empty_result(q, Dp);
-  return q.size(3) == Dp && rows_readable(res, Dp) ? res : at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());
+  if (q.size(3) == Dp) {
+    at::Tensor res = empty_result(q);
+    if (rows_readable(res, Dp)) return res;
+  }
+  return at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_, const at::Tensor& k_,

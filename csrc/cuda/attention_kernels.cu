@@ -489,8 +489,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int row_a = wrow0 + mt * 16 + g, row_b = row_a + 8;
-    T* const Oa = O + row_a * in.res.row;
-    T* const Ob = O + row_b * in.res.row;
+    const int oa = row_a * in.res.row, ob = row_b * in.res.row;  // < (T + 128)·row < 2³¹ (the glue)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       l[mt][r] += __shfl_xor_sync(kFull, l[mt][r], 1);
@@ -502,9 +501,9 @@ __global__ void __launch_bounds__(C::NT, C::MINB) attn_fwd_tc(const T* __restric
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
       if (row_a < T_)
-        *reinterpret_cast<uint32_t*>(Oa + col) = Half<T>::pack(o[mt][dt][0] * inv_a, o[mt][dt][1] * inv_a);
+        *reinterpret_cast<uint32_t*>(O + (oa + col)) = Half<T>::pack(o[mt][dt][0] * inv_a, o[mt][dt][1] * inv_a);
       if (row_b < T_)
-        *reinterpret_cast<uint32_t*>(Ob + col) =
+        *reinterpret_cast<uint32_t*>(O + (ob + col)) =
             Half<T>::pack(o[mt][dt][2] * inv_b, o[mt][dt][3] * inv_b);
     }
     if (t4 == 0) {
@@ -642,18 +641,17 @@ __device__ __forceinline__ void store_dkdv(T* dK, T* dV, const float (*dk)[N / 8
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int ka = key_a + mt * 16, kb = ka + 8;
-    T *const dKa = dK + (ka * ld + col0), *const dVa = dV + (ka * ld + col0);
-    T *const dKb = dK + (kb * ld + col0), *const dVb = dV + (kb * ld + col0);
+    const int oa = ka * ld + col0, ob = kb * ld + col0;  // < (T + 128)·ld < 2³¹ (the glue)
 #pragma unroll
     for (int dt = 0; dt < N / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
       if (ka < T_) {
-        *reinterpret_cast<uint32_t*>(dKa + col) = Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
-        *reinterpret_cast<uint32_t*>(dVa + col) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
+        *reinterpret_cast<uint32_t*>(dK + (oa + col)) = Half<T>::pack(dk[mt][dt][0] * scale, dk[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dV + (oa + col)) = Half<T>::pack(dv[mt][dt][0], dv[mt][dt][1]);
       }
       if (kb < T_) {
-        *reinterpret_cast<uint32_t*>(dKb + col) = Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
-        *reinterpret_cast<uint32_t*>(dVb + col) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
+        *reinterpret_cast<uint32_t*>(dK + (ob + col)) = Half<T>::pack(dk[mt][dt][2] * scale, dk[mt][dt][3] * scale);
+        *reinterpret_cast<uint32_t*>(dV + (ob + col)) = Half<T>::pack(dv[mt][dt][2], dv[mt][dt][3]);
       }
     }
   }
@@ -1167,15 +1165,14 @@ __global__ void __launch_bounds__(C::NT)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int row_a = wrow0 + mt * 16 + g, row_b = row_a + 8;
-    T* const dQa = dQ + row_a * in.res.row;
-    T* const dQb = dQ + row_b * in.res.row;
+    const int oa = row_a * in.res.row, ob = row_b * in.res.row;  // < (T + 128)·row < 2³¹ (the glue)
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + t4 * 2;
       if (row_a < T_)
-        *reinterpret_cast<uint32_t*>(dQa + col) = Half<T>::pack(dq[mt][dt][0] * scale, dq[mt][dt][1] * scale);
+        *reinterpret_cast<uint32_t*>(dQ + (oa + col)) = Half<T>::pack(dq[mt][dt][0] * scale, dq[mt][dt][1] * scale);
       if (row_b < T_)
-        *reinterpret_cast<uint32_t*>(dQb + col) =
+        *reinterpret_cast<uint32_t*>(dQ + (ob + col)) =
             Half<T>::pack(dq[mt][dt][2] * scale, dq[mt][dt][3] * scale);
     }
   }
