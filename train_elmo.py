@@ -192,6 +192,12 @@ def main(argv):
     try:
         if cfg["embed"] and cfg["test"]:
             raise UsageError("--embed and --test are two different jobs: pass one of them")
+        for job, takes in (("embed", ("out_dir", "device", "word")), ("test", ("out_dir", "device", "batch_size",
+                                                                                "unroll_steps"))):
+            other = sorted(set(given) - {job, *takes})
+            if cfg[job] and other:
+                raise UsageError(f"--{job} takes only --{', --'.join(takes)}, not --{', --'.join(other)} (training "
+                                 "options; --resume and --overwrite are for training too)")
         if cfg["embed"]:
             return embed_file(cfg)
         if cfg["test"]:
@@ -215,10 +221,18 @@ def main(argv):
                                  "no sentence streams or LSTM state to go on from; start a new run (its weights "
                                  "still work with --embed)")
             check_fixed_options(given, trained_with)
+            for k, v in trained_with.items():   # a hand-edited or damaged checkpoint: its options checked as given ones
+                if type(v) is not type(defaults[k]) and not (type(defaults[k]) is float and type(v) is int):
+                    raise UsageError(f"{ckpt_path} is damaged: its --{k} is {v!r}")
             cfg = {**defaults, **trained_with, **given}
+            check_train_options(cfg)
         return train(cfg, checkpoint)
     except (ValueError, FileNotFoundError) as e:    # minilm.data.DataError is a ValueError; library checks raise these
         raise UsageError(str(e)) from None
+    except OSError as e:                            # a full disk, a read-only out_dir, ...
+        raise UsageError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
+    except MemoryError:
+        raise UsageError("out of memory: give a smaller --batch_size (or --unroll_steps, --preset)") from None
 
 
 def check_device(dev):
@@ -235,14 +249,16 @@ def check_device(dev):
 def check_train_options(cfg):
     """Everything on the command line that can be wrong on its own, checked before any work."""
     from minilm.elmo import PRESETS
-    for key, low in (("batch_size", 1), ("unroll_steps", 1), ("max_iters", 0), ("eval_interval", 1),
+    for key, low in (("max_iters", 0), ("eval_interval", 1),
                      ("eval_iters", 1), ("log_interval", 1), ("n_negative_samples", 0)):
         if cfg[key] < low:
             raise UsageError(f"--{key} must be ≥ {low}, got {cfg[key]}")
     if not cfg["grad_clip"] > 0:      # 0 would zero every gradient, a negative one would climb the loss
         raise UsageError(f"--grad_clip must be > 0 (inf turns clipping off), got {cfg['grad_clip']}")
-    if not cfg["learning_rate"] >= 0:
-        raise UsageError(f"--learning_rate must be ≥ 0 (0: the optimizer's default), got {cfg['learning_rate']}")
+    if not (math.isfinite(cfg["learning_rate"]) and cfg["learning_rate"] >= 0):
+        raise UsageError(f"--learning_rate must be a finite number ≥ 0 (0: the optimizer's default), got "
+                         f"{cfg['learning_rate']}")
+    check_batch_shape(cfg)
     if not 0 <= cfg["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
     if not 0 < cfg["val_fraction"] < 1:
@@ -263,6 +279,22 @@ def check_train_options(cfg):
     check_device(cfg["device"])
 
 
+def check_batch_shape(cfg):
+    """--batch_size rows of --unroll_steps tokens: each ≥ 1, and a batch no larger than 2³¹ tokens."""
+    B, T = cfg["batch_size"], cfg["unroll_steps"]
+    for key in ("batch_size", "unroll_steps"):
+        if cfg[key] < 1:
+            raise UsageError(f"--{key} must be ≥ 1, got {cfg[key]}")
+    if B * T > 2**31:
+        raise UsageError(f"--batch_size {B} × --unroll_steps {T} tokens is more than any machine holds in one batch "
+                         "(at most 2**31)")
+
+
+def perplexity(nats):
+    """exp(nats), inf where that overflows (a diverged run's loss)."""
+    return math.exp(nats) if nats < 709 else math.inf
+
+
 def load_checkpoint(path):
     """A train_elmo.py checkpoint as a dict, or a one-line UsageError saying why the file is not one."""
     try:
@@ -274,6 +306,19 @@ def load_checkpoint(path):
     if missing:
         raise UsageError(f"{path} is not a train_elmo.py checkpoint (no {', '.join(sorted(missing))}: "
                          "a train_gpt1.py one, or another file?)")
+    from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
+    vocab, weights, config = checkpoint["vocab"], checkpoint["model"], checkpoint["config"]
+    if type(checkpoint["iter"]) is not int or checkpoint["iter"] < 0:
+        raise UsageError(f"{path} is damaged: its iteration is {checkpoint['iter']!r}")
+    specials = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    if not (isinstance(vocab, list) and all(isinstance(w, str) for w in vocab) and vocab[:3] == specials
+            and isinstance(config, dict) and len(vocab) == config.get("vocab_size")):
+        raise UsageError(f"{path} is damaged: its vocabulary is not the model's list of words starting with "
+                         f"{', '.join(specials)}")
+    if not (isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values())):
+        raise UsageError(f"{path} is damaged: its model is not a state dict")
+    if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+        raise UsageError(f"{path} holds NaN or infinite weights (a damaged file, or a run that diverged)")
     return checkpoint
 
 
@@ -358,7 +403,9 @@ def restore_streams(checkpoint, path, streams, model):
     rows, n = streams[0].rows, len(streams[0].lengths)
     for stream, d in zip(streams, saved if isinstance(saved, list) and len(saved) == 2 else [None, None]):
         try:
-            fits = (0 <= d["epoch"] and 0 <= d["drawn"] <= n and len(d["sentence"]) == len(d["place"]) == rows
+            ints = [d["epoch"], d["drawn"], *d["sentence"], *d["place"]]
+            fits = (all(type(x) is int for x in ints) and 0 <= d["epoch"] and 0 <= d["drawn"] <= n
+                    and len(d["sentence"]) == len(d["place"]) == rows
                     and all(s == -1 or (0 <= s < n and 0 <= p < stream.lengths[s])
                             for s, p in zip(d["sentence"], d["place"])))
         except (TypeError, KeyError):
@@ -424,12 +471,19 @@ class StreamLM(torch.nn.Module):
         return self.bilm.stream_losses(char_ids, targets, state, token_index)
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def setup_device(cfg):
     """DDP when launched by torchrun (RANK in the environment), else one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = 0, 1
     dev = cfg["device"]
     if ddp:
+        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+        if missing:
+            raise UsageError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                             "launch several processes with torchrun (or unset RANK)")
         import torch.distributed as dist
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if dev.startswith("cuda"):
@@ -458,6 +512,10 @@ def train(cfg, checkpoint=None):
     log_path = os.path.join(out_dir, "log.jsonl")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
+    corpus = os.path.realpath(cfg["data"])
+    if os.path.isdir(corpus) and os.path.commonpath([corpus, os.path.realpath(out_dir)]) == corpus:
+        raise UsageError(f"--out_dir {out_dir} is inside the corpus directory {cfg['data']}: its log and checkpoint "
+                         "would be read as text; choose an --out_dir outside it")
     try:
         made = make_dirs(out_dir)
     except OSError as e:
@@ -515,7 +573,14 @@ def train(cfg, checkpoint=None):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     if checkpoint:
-        opt.load_state_dict(checkpoint["optimizer"])
+        try:
+            opt.load_state_dict(checkpoint["optimizer"])
+            fits = all(v.shape == p.shape for p in model.parameters() for v in opt.state[p].values()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0)
+        except (ValueError, KeyError, TypeError, RuntimeError):
+            fits = False
+        if not fits:
+            raise UsageError(f"{ckpt_path} is damaged: its optimizer state does not fit the model")
     raw_model = model
     model = StreamLM(raw_model)          # forward = BiLM.stream_losses
     if cfg["compile"]:
@@ -599,12 +664,16 @@ def train(cfg, checkpoint=None):
     t0, tokens_since = time.time(), 0
     for it in range(start_iter, cfg["max_iters"] + 1):
         if (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]) and not (checkpoint and it == start_iter):
-            losses = estimate_loss()
+            losses = estimate_loss()                  # the same on every rank
+            if not all(math.isfinite(x) for x in losses["train"] + losses["val"]):
+                raise UsageError(f"iter {it}: the loss is {losses['train'] + losses['val']}: training diverged; "
+                                 f"nothing is saved ({ckpt_path} keeps the last good iteration, if any): lower "
+                                 "--learning_rate or --grad_clip")
             saved_state = all_rows(lstm_state) if it > 0 else None     # every rank takes part in the gather
             if master:
                 (tf, tb), (vf, vb) = losses["train"], losses["val"]
-                record = {"iter": it, "train_loss": (tf + tb) / 2, "val_loss": (vf + vb) / 2,
-                          "val_ppl_fwd": math.exp(vf), "val_ppl_bwd": math.exp(vb), "val_ppl": math.exp((vf + vb) / 2)}
+                record = {"iter": it, "train_loss": (tf + tb) / 2, "val_loss": (vf + vb) / 2, "val_ppl_fwd": perplexity(vf),
+                          "val_ppl_bwd": perplexity(vb), "val_ppl": perplexity((vf + vb) / 2)}
                 print(f"eval {it}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
                       f"val ppl {record['val_ppl']:.1f} (fwd {record['val_ppl_fwd']:.1f}, bwd {record['val_ppl_bwd']:.1f})",
                       flush=True)
@@ -683,8 +752,7 @@ def held_out_perplexity(cfg):
     batch dropped."""
     from minilm.data import load_documents, split_documents
 
-    if cfg["batch_size"] < 1 or cfg["unroll_steps"] < 1:
-        raise UsageError("--batch_size and --unroll_steps must be ≥ 1")
+    check_batch_shape(cfg)
     checkpoint, bilm = trained_bilm(cfg, "test")
     bilm.eval()
     if cfg["test"] == "val":
@@ -717,7 +785,7 @@ def held_out_perplexity(cfg):
     fwd, bwd = (total / n).tolist()
     print(f"--test {cfg['test']}: {len(sentences):,} sentences, {n:,} of the {sum(lengths['test']) - len(sentences):,} "
           f"tokens scored per direction ({B} × {T} per batch, the unfinished last batch left out, as bilm-tf)")
-    print(f"perplexity {math.exp((fwd + bwd) / 2):.1f} (forward {math.exp(fwd):.1f}, backward {math.exp(bwd):.1f})")
+    print(f"perplexity {perplexity((fwd + bwd) / 2):.1f} (forward {perplexity(fwd):.1f}, backward {perplexity(bwd):.1f})")
     return 0
 
 
@@ -737,21 +805,24 @@ def embed_file(cfg):
         raise UsageError(f"{cfg['embed']} has no words to embed")
     if cfg["word"] and not any(cfg["word"] in words for words in sentences):
         raise UsageError(f"--word {cfg['word']!r} does not occur in {cfg['embed']}")
-    arrays, top = {}, []
+    features, top = [None] * len(sentences), [None] * len(sentences)
+    # batches of 64 sentences of similar length (a batch is as long as its longest sentence)
+    order = sorted(range(len(sentences)), key=lambda k: len(sentences[k]))
     with torch.no_grad():
-        for i in range(0, len(sentences), 64):
-            batch = sentences[i: i + 64]
-            ids = batch_to_ids(batch).to(dev)
+        for i in range(0, len(order), 64):
+            batch = order[i: i + 64]
+            ids = batch_to_ids([sentences[k] for k in batch]).to(dev)
             layers, mask, _ = bilm(ids)                                # [(b, T+2, 2P)] × (n_layers + 1)
             mixed, _ = elmo.mix(layers, mask)                          # (b, T, 2P): the same biLM run, mixed
-            for b, words in enumerate(batch):
+            for b, k in enumerate(batch):                              # sentence k is row b
+                words = sentences[k]
                 n = len(words)
-                k = i + b
-                arrays[f"tokens_{k}"] = np.array(words)
-                arrays[f"layers_{k}"] = torch.stack([h[b, 1:n + 1] for h in layers]).cpu().numpy()   # (L+1, n, 2P)
-                arrays[f"elmo_{k}"] = mixed[b, :n].cpu().numpy()                                     # (n, 2P)
-                arrays[f"sentence_{k}"] = mixed[b, :n].mean(0).cpu().numpy()     # (2P,) mean of its ELMo vectors
-                top.append(layers[-1][b, 1:n + 1].cpu())
+                features[k] = {"tokens": np.array(words),
+                               "layers": torch.stack([h[b, 1:n + 1] for h in layers]).cpu().numpy(),  # (L+1, n, 2P)
+                               "elmo": mixed[b, :n].cpu().numpy(),                                   # (n, 2P)
+                               "sentence": mixed[b, :n].mean(0).cpu().numpy()}  # (2P,) mean of its ELMo vectors
+                top[k] = layers[-1][b, 1:n + 1].cpu()
+    arrays = {f"{name}_{k}": a for k, f in enumerate(features) for name, a in f.items()}    # in the file's order
     out_path = os.path.join(cfg["out_dir"], "elmo_features.npz")
     write_atomic(out_path, lambda f: np.savez(f, n_sentences=len(sentences), **arrays))
     print(f"wrote ELMo features of {len(sentences)} sentence{'s' if len(sentences) > 1 else ''} to {out_path}: "
@@ -816,7 +887,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except UsageError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        if os.environ.get("RANK", "0") == "0" or not all(v in os.environ for v in TORCHRUN_VARIABLES):
+            # under torchrun, say it once (a RANK without torchrun's other variables: every process says why)
             print(f"train_elmo.py: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

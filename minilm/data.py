@@ -164,7 +164,11 @@ def _from_path(data: str) -> list[tuple[str, str]]:
         raise DataError(f"no such file or directory: {data} (data is 'shakespeare', 'korean' or a path to UTF-8 text)")
     if os.path.isfile(data):
         with open(data, "rb") as f:
-            text = decode_utf8(f.read(), data)
+            raw = f.read()
+        if _is_binary(raw[:8192]):  # a directory skips such files; one named on its own is an error
+            raise DataError(f"{data} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 text: save it "
+                            "as UTF-8)")
+        text = decode_utf8(raw, data)
         if not text.strip():
             raise DataError(f"{data} is empty: there is no text in it")
         return [(os.path.basename(data), text)]
@@ -191,7 +195,8 @@ def load_documents(data: str = "shakespeare", cache_dir: str | None = None) -> l
     """(name, text) pairs, in a fixed order, for ``"shakespeare"``, ``"korean"`` or a path.
 
     A path is a UTF-8 text file, or a directory whose files are all read recursively in sorted
-    order (hidden files, empty files and binary files -- a NUL byte in the first 8 KiB -- skipped).
+    order (hidden files, empty files and binary files -- a NUL byte in the first 8 KiB -- skipped; a
+    binary file named on its own is an error).
     """
     cache = cache_dir or _cache_dir()
     if data == "shakespeare":

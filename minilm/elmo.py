@@ -683,57 +683,69 @@ def load_bilm(options_file, weight_file):
         raise ValueError(f"load_bilm: {options_file}: {str(e).removeprefix('ELMoConfig: ')}") from None
     if config.max_characters_per_token != MAX_CHARS:
         raise ValueError(f"load_bilm: max_characters_per_token must be {MAX_CHARS}, got {config.max_characters_per_token}")
-    model = BiLM(config)
 
     try:
         f = h5py.File(weight_file, "r")
     except OSError as e:                                              # not HDF5, truncated, unreadable
         raise ValueError(f"load_bilm: {weight_file} is not a readable HDF5 weight file ({e})") from None
-    with f:
-        in_file = []
-        f.visititems(lambda name, obj: in_file.append(name) if isinstance(obj, h5py.Dataset) else None)
-        used = set()
-
-        def get(name, shape):
-            if not isinstance(f.get(name), h5py.Dataset):
-                raise ValueError(f"load_bilm: {weight_file} has no dataset {name!r}")
-            if f[name].dtype.kind != "f" or f[name].shape != tuple(shape):
-                raise ValueError(f"load_bilm: {weight_file}: {name} is {f[name].dtype} {f[name].shape}, "
-                                 f"options.json implies float {tuple(shape)}")
-            try:
-                a = torch.from_numpy(f[name][...]).float()
-            except OSError as e:                                      # a truncated or damaged file
-                raise ValueError(f"load_bilm: {weight_file}: cannot read {name} ({e})") from None
-            if not torch.isfinite(a).all():
-                raise ValueError(f"load_bilm: {weight_file}: {name} holds NaN or infinite values")
-            used.add(name)
-            return a
-
-        E, D, P, C = config.char_embed_dim, config.n_filters, config.projection_dim, config.lstm_dim
-        sd = {}
-        # bilm-tf ids are one lower than ours: row 0 (our "no token" id) is new and zero
-        sd["char_embed.weight"] = torch.cat([torch.zeros(1, E), get("char_embed", (N_CHARACTERS - 1, E))])
-        for i, (w, n) in enumerate(config.filters):
-            W = get(f"CNN/W_cnn_{i}", (1, w, E, n))                            # TF conv2d (1, w, E, n)
-            sd[f"char_cnn.{i}.weight"] = W[0].permute(2, 1, 0).contiguous()    # Conv1d (n, E, w)
-            sd[f"char_cnn.{i}.bias"] = get(f"CNN/b_cnn_{i}", (n,))
-        for k in range(config.n_highway):                                     # TF [in, out] → Linear [out, in]
-            for ours, theirs in (("carry", "carry"), ("transform", "transform")):
-                sd[f"highway.{k}.{ours}.weight"] = get(f"CNN_high_{k}/W_{theirs}", (D, D)).t()
-                sd[f"highway.{k}.{ours}.bias"] = get(f"CNN_high_{k}/b_{theirs}", (D,))
-        sd["projection.weight"] = get("CNN_proj/W_proj", (D, P)).t()
-        sd["projection.bias"] = get("CNN_proj/b_proj", (P,))
-        for d, stack in ((0, "forward_layers"), (1, "backward_layers")):      # RNN_0 forward, RNN_1 backward
-            for l in range(config.n_layers):
-                prefix = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
-                W = get(prefix + "W_0", (P + P, 4 * C))      # rows: input weights, then recurrent; gates i, j, f, o
-                sd[f"{stack}.{l}.input_linearity.weight"] = W[:P].t()
-                sd[f"{stack}.{l}.state_linearity.weight"] = W[P:].t()
-                sd[f"{stack}.{l}.state_linearity.bias"] = get(prefix + "B", (4 * C,))   # forget bias 1.0 added at run time
-                sd[f"{stack}.{l}.state_projection.weight"] = get(prefix + "W_P_0", (C, P)).t()
-        unused = [name for name in in_file if name not in used]
-        if unused:
-            raise ValueError(f"load_bilm: {weight_file} holds {len(unused)} dataset(s) that {options_file} does not "
-                             f"ask for (n_highway, n_layers or filters too small?), e.g. {', '.join(unused[:3])}")
+    try:
+        sd = _bilm_tf_state_dict(f, config, weight_file, options_file)
+    except (RuntimeError, KeyError, OSError, UnicodeDecodeError) as e:   # h5py reading a damaged file
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"load_bilm: {weight_file} is damaged ({type(e).__name__}: {detail})") from None
+    finally:
+        f.close()
+    model = BiLM(config)                     # after the file's shapes agreed with the options: no huge allocation
     model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True)
     return model.eval()
+
+
+def _bilm_tf_state_dict(f, config, weight_file, options_file):
+    """load_bilm's reading of the open hdf5 file f: our state dict, every dataset used exactly once."""
+    import h5py
+    in_file = []
+    f.visititems(lambda name, obj: in_file.append(name) if isinstance(obj, h5py.Dataset) else None)
+    used = set()
+
+    def get(name, shape):
+        if not isinstance(f.get(name), h5py.Dataset):
+            raise ValueError(f"load_bilm: {weight_file} has no dataset {name!r}")
+        if f[name].dtype.kind != "f" or f[name].shape != tuple(shape):
+            raise ValueError(f"load_bilm: {weight_file}: {name} is {f[name].dtype} {f[name].shape}, "
+                             f"options.json implies float {tuple(shape)}")
+        try:
+            a = torch.from_numpy(f[name][...]).float()
+        except OSError as e:                                      # a truncated or damaged file
+            raise ValueError(f"load_bilm: {weight_file}: cannot read {name} ({e})") from None
+        if not torch.isfinite(a).all():
+            raise ValueError(f"load_bilm: {weight_file}: {name} holds NaN or infinite values")
+        used.add(name)
+        return a
+
+    E, D, P, C = config.char_embed_dim, config.n_filters, config.projection_dim, config.lstm_dim
+    sd = {}
+    # bilm-tf ids are one lower than ours: row 0 (our "no token" id) is new and zero
+    sd["char_embed.weight"] = torch.cat([torch.zeros(1, E), get("char_embed", (N_CHARACTERS - 1, E))])
+    for i, (w, n) in enumerate(config.filters):
+        W = get(f"CNN/W_cnn_{i}", (1, w, E, n))                            # TF conv2d (1, w, E, n)
+        sd[f"char_cnn.{i}.weight"] = W[0].permute(2, 1, 0).contiguous()    # Conv1d (n, E, w)
+        sd[f"char_cnn.{i}.bias"] = get(f"CNN/b_cnn_{i}", (n,))
+    for k in range(config.n_highway):                                     # TF [in, out] → Linear [out, in]
+        for ours, theirs in (("carry", "carry"), ("transform", "transform")):
+            sd[f"highway.{k}.{ours}.weight"] = get(f"CNN_high_{k}/W_{theirs}", (D, D)).t()
+            sd[f"highway.{k}.{ours}.bias"] = get(f"CNN_high_{k}/b_{theirs}", (D,))
+    sd["projection.weight"] = get("CNN_proj/W_proj", (D, P)).t()
+    sd["projection.bias"] = get("CNN_proj/b_proj", (P,))
+    for d, stack in ((0, "forward_layers"), (1, "backward_layers")):      # RNN_0 forward, RNN_1 backward
+        for l in range(config.n_layers):
+            prefix = f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell/"
+            W = get(prefix + "W_0", (P + P, 4 * C))      # rows: input weights, then recurrent; gates i, j, f, o
+            sd[f"{stack}.{l}.input_linearity.weight"] = W[:P].t()
+            sd[f"{stack}.{l}.state_linearity.weight"] = W[P:].t()
+            sd[f"{stack}.{l}.state_linearity.bias"] = get(prefix + "B", (4 * C,))   # forget bias 1.0 added at run time
+            sd[f"{stack}.{l}.state_projection.weight"] = get(prefix + "W_P_0", (C, P)).t()
+    unused = [name for name in in_file if name not in used]
+    if unused:
+        raise ValueError(f"load_bilm: {weight_file} holds {len(unused)} dataset(s) that {options_file} does not "
+                         f"ask for (n_highway, n_layers or filters too small?), e.g. {', '.join(unused[:3])}")
+    return sd

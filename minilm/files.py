@@ -2,6 +2,7 @@
 whole by write_atomic; a log gets one line appended per evaluation, and a resumed run rewrites it (atomically)
 without the lines an interrupted run wrote after its last checkpoint. A kill in the middle of a write can
 leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted."""
+import io
 import json
 import os
 import tempfile
@@ -59,7 +60,10 @@ def remove_dirs(made):
 def save_checkpoint(path, state):
     """torch.save(state) to path, atomically. Checkpoints hold plain types only (tensors, numbers,
     strings, lists, dicts), so torch.load(path, weights_only=True) reads them."""
-    write_atomic(path, lambda f: torch.save(state, f))
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+    except RuntimeError as e:       # torch.save's writer reports a full disk as a RuntimeError
+        raise OSError(f"cannot write {path}: {(str(e).strip().splitlines() or [''])[0]}") from None
 
 
 def truncate_log(log_path, last_iter):
@@ -67,13 +71,15 @@ def truncate_log(log_path, last_iter):
     interrupted one logged after its last checkpoint, and drops a last line that a kill cut short)."""
     keep, lines = [], []
     if os.path.exists(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(log_path, "rb") as f:       # a line that is not UTF-8 is not a record (below)
+            lines = io.StringIO(f.read().decode("utf-8", errors="replace"), newline="\n").readlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             it = json.loads(line)["iter"]
+            if type(it) is not int:
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             if n == len(lines) and not line.endswith("\n"):
                 break                   # an append cut short: that evaluation came after the checkpoint

@@ -41,6 +41,14 @@ def test_non_utf8_file_names_the_file_and_byte_offset(tmp_path):
         D.load_documents(str(tmp_path))
 
 
+def test_a_utf16_or_binary_file_named_on_its_own_is_refused(tmp_path):
+    # its NUL bytes are valid UTF-8, so it would decode into garbage "words"; a directory skips such files
+    p = tmp_path / "utf16.txt"
+    p.write_bytes("the king is here .\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"utf16\.txt is not UTF-8 text: it has NUL bytes"):
+        D.load_documents(str(p))
+
+
 def test_missing_and_empty_inputs(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         D.load_documents(str(tmp_path / "nope.txt"))

@@ -666,6 +666,27 @@ def test_load_bilm_names_a_weight_file_that_is_not_hdf5_or_is_truncated(tmp_path
         assert "\n" not in str(e.value) and name in str(e.value)
 
 
+def test_load_bilm_names_a_damaged_weight_file(tmp_path):
+    # bytes flipped inside the file (not cut short): whatever h5py raises becomes one line naming the file
+    cfg = tiny_config()
+    _write_weight_file(tmp_path / "weights.hdf5", cfg)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
+    whole = bytearray((tmp_path / "weights.hdf5").read_bytes())
+    rng, outcomes = np.random.default_rng(0), set()
+    for _ in range(40):
+        damaged = bytearray(whole)
+        for i in rng.integers(0, 4096, 24):          # the superblock and object headers lie in the first pages
+            damaged[i] ^= 0xFF
+        (tmp_path / "damaged.hdf5").write_bytes(bytes(damaged))
+        try:
+            load_bilm(tmp_path / "options.json", tmp_path / "damaged.hdf5")
+            outcomes.add("loaded")
+        except ValueError as e:
+            assert "\n" not in str(e) and "damaged.hdf5" in str(e), str(e)
+            outcomes.add("damaged" if "damaged.hdf5 is damaged (" in str(e) else "other error")
+    assert "damaged" in outcomes   # h5py's own errors were met, and named
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 def test_lstmp_stack_equals_torch_lstm_with_projection_when_clips_are_off():
     # An independent implementation of the same cell: nn.LSTM(proj_size=P) given our weights (gate

@@ -302,7 +302,9 @@ def usage_error(*argv):
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
     (["--unroll_steps", "0"], "--unroll_steps must be ≥ 1"), (["--max_iters", "1.5"], "--max_iters must be an int"),
     (["--word", "king"], "--word picks the word whose contexts --embed compares"),
-    (["--word", "--max_iters", "3"], "--word needs a value")])
+    (["--word", "--max_iters", "3"], "--word needs a value"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
+    (["--batch_size", str(10**11)], "more than any machine holds")])
 def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
     # --data does not exist: an error about the option shows it was checked before the data
     assert message in usage_error("--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "out"), *args)
@@ -334,6 +336,57 @@ def test_foreign_or_truncated_checkpoints_are_one_line_errors(trained, tmp_path)
     for out, message in ((foreign, "not a train_elmo.py checkpoint"), (truncated, "cannot read")):
         assert message in usage_error("--out_dir", str(out), "--resume", "True", "--data", missing)
         assert message in usage_error("--out_dir", str(out), "--embed", missing)
+
+
+def test_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
+    # fields a damaged (or hand-edited) checkpoint can get wrong, each caught before any work is done
+    good = load_ckpt(trained)
+    nan_weights = {**good["model"]}
+    name = next(k for k, t in nan_weights.items() if t.is_floating_point())
+    nan_weights[name] = torch.full_like(nan_weights[name], float("nan"))
+    for i, (change, message) in enumerate((
+            ({"model": nan_weights}, "NaN or infinite weights"),
+            ({"iter": 2.5}, "its iteration is 2.5"),
+            ({"vocab": None}, "its vocabulary is not"),
+            ({"train_config": {**good["train_config"], "batch_size": "4"}}, "its --batch_size is '4'"),
+            ({"train_config": {**good["train_config"], "preset": "bogus"}}, "--preset must be one of"),
+            ({"optimizer": {}}, "its optimizer state does not fit"))):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        torch.save({**good, **change}, out / "ckpt.pt")
+        shutil.copy(os.path.join(trained, "log.jsonl"), out / "log.jsonl")
+        assert message in usage_error("--out_dir", str(out), "--resume", "True"), change
+
+
+def test_embed_and_test_refuse_training_options(trained, tmp_path):
+    text = tmp_path / "s.txt"
+    text.write_text("The king loves a play .\n", encoding="utf-8")
+    assert "--embed takes only" in usage_error("--out_dir", trained, "--embed", str(text), "--resume", "True")
+    assert "--test takes only" in usage_error("--out_dir", trained, "--test", str(text), "--preset", "small")
+    assert "--test takes only" in usage_error("--out_dir", trained, "--test", str(text), "--word", "king")
+
+
+def test_out_dir_inside_the_corpus_directory_is_refused(corpus, tmp_path):
+    shutil.copy(corpus, tmp_path / "corpus.txt")
+    message = usage_error("--data", str(tmp_path), "--out_dir", str(tmp_path / "out"), "--max_iters", "0", *SMALL)
+    assert "inside the corpus directory" in message and not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_without_saving(corpus, tmp_path):
+    out = tmp_path / "out"
+    p = run("--data", corpus, "--out_dir", str(out), "--max_iters", "4", "--eval_interval", "2", *SMALL,
+            "--learning_rate", "1e30", check=False)
+    assert p.returncode == 1 and "training diverged" in p.stderr.strip().splitlines()[-1], p.stderr
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_rank_without_torchrun_is_a_one_line_error(corpus, tmp_path):
+    env = {**script_env(), "RANK": "1", "WORLD_SIZE": "2"}
+    p = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "out"), *SMALL],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip() == ("train_elmo.py: RANK is set but LOCAL_RANK, MASTER_ADDR, "
+                                                      "MASTER_PORT are not: launch several processes with torchrun "
+                                                      "(or unset RANK)"), p.stderr
 
 
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus, tmp_path):
