@@ -418,6 +418,8 @@ class BiLM(nn.Module):
         if next_ids is not None or previous_ids is not None:
             if next_ids is None or previous_ids is None:
                 raise ValueError("BiLM: give both next_ids and previous_ids, or neither")
+            self._check_targets(next_ids, "next_ids")
+            self._check_targets(previous_ids, "previous_ids")
             # paper eq. (3): maximise log p(t_k | t_1..t_k-1) + log p(t_k | t_k+1..t_N); we report both
             losses = torch.stack([self.lm_loss(self.dropout(h_fwd[-1]), next_ids),
                                   self.lm_loss(self.dropout(h_bwd[-1]), previous_ids)])
@@ -457,12 +459,26 @@ class BiLM(nn.Module):
                 raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
             self.check_stream_state(state, token_index.shape[1])
             x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)
+        self._check_targets(targets, "targets")
         losses, last = [], []
         for d, layers in enumerate((self.forward_layers, self.backward_layers)):
             h, s = self._run_stack(layers, x[d], state[d] if state is not None else None)
             losses.append(self.lm_loss(self.dropout(h[-1]), targets[d]))
             last.append([(m.detach(), c.detach()) for m, c in s])
         return torch.stack(losses), last
+
+    def _check_targets(self, targets, name):
+        """Softmax targets: integer word ids in [0, vocab_size), or −1 (ignored); one host sync."""
+        if self.softmax is None:
+            raise ValueError("BiLM: this model has no softmax (vocab_size=0); it can only make features")
+        if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+            what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"BiLM: {name} must be integer word ids, got {what}")
+        if targets.numel():
+            lo, hi = id_range(targets)
+            if lo < -1 or hi >= self.config.vocab_size:
+                raise ValueError(f"BiLM: {name} must be word ids in [0, {self.config.vocab_size}) or −1 (ignored), "
+                                 f"got values in [{lo}, {hi}]")
 
     def lm_loss(self, h, targets):
         """Mean cross-entropy (nats) of the shared softmax over h (B, T, P) against targets (B, T), −1 ignored."""

@@ -706,3 +706,18 @@ def test_lstmp_stack_equals_torch_lstm_with_projection_when_clips_are_off():
     ga = torch.autograd.grad(a.sum(), ours.projection.weight)[0]
     gb = torch.autograd.grad(b.sum(), base.projection.weight)[0]
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_targets_out_of_range_are_one_line_errors():
+    # an id past the vocabulary would be an IndexError (a device-side assert on a GPU), one below −1 silently ignored
+    model = BiLM(tiny_config(vocab_size=30))
+    ids = batch_to_ids([["a", "b", "c"]])
+    ok = torch.zeros(1, 3, dtype=torch.long)
+    for bad, message in ((torch.tensor([[25, 1, 40]]), r"got values in \[1, 40\]"),
+                         (torch.tensor([[-2, 1, 1]]), r"got values in \[-2, 1\]"),
+                         (torch.ones(1, 3), "must be integer word ids")):
+        with pytest.raises(ValueError, match=message):
+            model(ids, next_ids=bad, previous_ids=ok)
+    chars = torch.stack([ids, ids])                                   # (2, 1, 3, 50)
+    with pytest.raises(ValueError, match=r"targets must be word ids in \[0, 30\)"):
+        model.stream_losses(chars, torch.full((2, 1, 3), 30))
