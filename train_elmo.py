@@ -496,7 +496,7 @@ def setup_device(cfg):
 def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import data_spec, load_documents, split_documents
-    from minilm.files import make_dirs, remove_dirs, save_checkpoint, truncate_log
+    from minilm.files import make_dirs, optimizer_state_fits, remove_dirs, save_checkpoint, truncate_log
     from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset
 
     ddp, rank, world, dev = setup_device(cfg)
@@ -575,8 +575,7 @@ def train(cfg, checkpoint=None):
     if checkpoint:
         try:
             opt.load_state_dict(checkpoint["optimizer"])
-            fits = all(v.shape == p.shape for p in model.parameters() for v in opt.state[p].values()
-                       if isinstance(v, torch.Tensor) and v.dim() > 0)
+            fits = optimizer_state_fits(opt)
         except (ValueError, KeyError, TypeError, RuntimeError):
             fits = False
         if not fits:

@@ -38,7 +38,7 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import make_dirs, remove_dirs, save_checkpoint, truncate_log, write_atomic
+from minilm.files import make_dirs, optimizer_state_fits, remove_dirs, save_checkpoint, truncate_log, write_atomic
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -105,6 +105,9 @@ FIXED_BY_CHECKPOINT = ("data", "vocab_size", "val_fraction", "preset", "arch", "
 
 # The options only fine-tuning (--task) reads.
 FINETUNE_OPTIONS = ("task_data", "init_from", "lm_coef", "clf_pdrop", "n_class", "epochs", "warmup_fraction")
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class UserError(Exception):
@@ -211,8 +214,8 @@ def parse_kernel_sizes(text):
 
 def check_fixed_options(given, ckpt, what):
     """--resume / --sample: an option in FIXED_BY_CHECKPOINT may only repeat the checkpoint's value."""
-    mc, dm = ckpt["model_config"], ckpt["data_meta"]
     try:
+        mc, dm = ckpt["model_config"], ckpt["data_meta"]
         kernels = resolve_kernel_sizes(mc.get("kernel_sizes"), mc["n_layer"]) if mc.get("arch") == "lightconv" else None
         trained_with = {
             "data": dm["data"], "vocab_size": dm["vocab_size_requested"], "val_fraction": dm["val_fraction"],
@@ -342,6 +345,10 @@ def main(argv):
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
     rank, local_rank, world = 0, 0, 1
     if ddp:
+        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+        if missing:
+            raise UserError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                            "launch several processes with torchrun (or unset RANK)")
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
@@ -380,7 +387,8 @@ def main(argv):
         made = []
         try:
             made = make_dirs(out_dir)
-            meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect)
+            meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect,
+                                min_tokens=gconf.n_ctx + 1)  # too little text: refused before anything is written
         except (DataError, OSError) as e:
             error = ("--resume True: " if ckpt else "") + str(e)
             if made:  # out_dir is this run's: leave nothing of it (data_dir inside it, then out_dir), if empty
@@ -392,7 +400,8 @@ def main(argv):
     if error:
         raise UserError(error)
     if not master:
-        meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect)
+        meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect,
+                            min_tokens=gconf.n_ctx + 1)
     meta = {k: v for k, v in meta.items() if k != "reused"}
     train_data, val_data = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
 
@@ -401,12 +410,7 @@ def main(argv):
         raise UserError(f"--resume True: {data_dir} holds a tokenizer of {meta['vocab_size']} tokens, the checkpoint's "
                         f"model has {gconf.vocab_size}")
     gconf = replace(gconf, vocab_size=meta["vocab_size"])  # may be below --vocab_size: the text ran out of pairs
-    T = gconf.n_ctx
-    for name, split in (("train", train_data), ("val", val_data)):
-        if len(split) < T + 1:
-            raise UserError(f"the {name} split has {len(split)} token{'' if len(split) == 1 else 's'}, fewer than "
-                            f"block_size + 1 = {T + 1}: "
-                            "use more text or a smaller --block_size")
+    T = gconf.n_ctx  # prepare_gpt1 made sure that each split holds T + 1 tokens or more
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = model_from_checkpoint(ckpt, ckpt_path, "--resume True") if ckpt else GPT1(gconf)
     model.to(device)
@@ -419,14 +423,19 @@ def main(argv):
                                   fused=device_type == "cuda")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     iter_num = 0
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num = ckpt["iter_num"]
     torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ between ranks
     if ckpt:
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler") and scaler.is_enabled():  # --dtype may change on resume: fp16's loss scale only
+                scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+            if not optimizer_state_fits(optimizer):
+                raise ValueError("its optimizer state does not fit the model")
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--resume True: {ckpt_path} is damaged ({first})") from None
+        iter_num = ckpt["iter_num"]
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -507,7 +516,11 @@ def main(argv):
             group["lr"] = lr
 
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and not (ckpt and iter_num == first_iter):
-            losses = estimate_loss()
+            losses = estimate_loss()  # the same on every rank
+            if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+                raise UserError(f"iter {iter_num}: the loss is {losses['train']} (train), {losses['val']} (val): "
+                                f"training diverged; nothing is saved ({ckpt_path} keeps the last good iteration, if "
+                                "any): lower --learning_rate")
             if master:
                 tps = tokens_interval / train_time if train_time > 0 else None
                 record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
@@ -659,10 +672,32 @@ def sample(cfg, model, data_dir, device):
     print("-" * 60, flush=True)
 
 
+def one_line(e):
+    """The message of an error that ends a run: the user's to fix (bad input, a full disk, too little memory).
+    None for anything else, which is a bug and keeps its traceback."""
+    if isinstance(e, (UserError, DataError)):  # DataError: a bad path, non-UTF-8 or empty text, ...
+        return str(e)
+    if isinstance(e, OSError):  # a full disk, a read-only out_dir, ...
+        return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("can't allocate memory" in str(e)
+                                                                        or "out of memory" in str(e))):
+        return "out of memory: give a smaller --batch_size (or --block_size, or a smaller model)"
+    return None
+
+
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (UserError, DataError) as e:  # DataError: a bad path, non-UTF-8 or empty text, ...
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
-            print(f"train_gpt1.py: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("train_gpt1.py: interrupted (the last checkpoint stays; --resume True goes on from it)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        message = one_line(e)
+        if message is None:
+            raise
+        # under torchrun, say it once (a RANK without torchrun's other variables: every process says why)
+        if os.environ.get("RANK", "0") == "0" or not all(v in os.environ for v in TORCHRUN_VARIABLES):
+            print(f"train_gpt1.py: error: {message}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # leaving with the group up can abort the ranks
         sys.exit(1)

@@ -181,6 +181,8 @@ def _from_path(data: str) -> list[tuple[str, str]]:
                 continue
             with open(path, "rb") as f:
                 raw = f.read()
+            if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark: text, not to be skipped silently
+                raise DataError(f"{path} is UTF-16 text: save it as UTF-8 (every file of {data} is read as UTF-8)")
             if _is_binary(raw[:8192]):
                 continue  # an image or archive lying next to the text
             text = decode_utf8(raw, path)
@@ -257,7 +259,7 @@ def _fingerprint(docs: list[tuple[str, str]]) -> str:
     h = hashlib.sha256()
     for name, text in docs:
         for part in (name, text):
-            b = part.encode("utf-8")
+            b = part.encode("utf-8", "surrogateescape")  # file names that are not UTF-8 too
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
     return h.hexdigest()
@@ -302,7 +304,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float = 0.1,
-                 cache_dir: str | None = None, expect: dict | None = None) -> dict:
+                 cache_dir: str | None = None, expect: dict | None = None, min_tokens: int = 1) -> dict:
     """Tokenise a corpus for GPT-1 into ``data_dir`` and return its meta.json as a dict.
 
     Writes ``train.bin`` / ``val.bin`` (flat token ids, uint16 when the vocabulary fits, else uint32),
@@ -315,6 +317,9 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     ``expect``: the meta of an earlier preparation that this one must reproduce (a checkpoint's, when a
     run is resumed). If the corpus (its spec or its text), vocab_size or val_fraction differ from it, a
     DataError says which, and ``data_dir`` is left untouched.
+
+    ``min_tokens``: the fewest tokens each split must hold (GPT-1 training: block_size + 1); a corpus that
+    gives fewer is a DataError, raised before anything is written, so an earlier run's files stay whole.
     """
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise DataError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
@@ -338,6 +343,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
             raise DataError(f"{data_dir} was prepared with {k} {expect.get(k)!r}, not {wanted[k]!r}")
     old = _read_meta(data_dir)
     if old is not None and all(old.get(k) == v for k, v in wanted.items()) and _is_complete(data_dir, old):
+        _check_split_sizes(old["n_train_tokens"], old["n_val_tokens"], min_tokens)
         return {**old, "reused": True}
 
     train_text, val_text = split_documents(docs, val_fraction)
@@ -346,6 +352,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     val_ids = tokenizer.encode(val_text)
     if not train_ids or not val_ids:
         raise DataError(f"{data}: a split has no tokens after pre-tokenisation (the text is too small)")
+    _check_split_sizes(len(train_ids), len(val_ids), min_tokens)
     dtype = token_dtype(tokenizer.vocab_size)
 
     os.makedirs(data_dir, exist_ok=True)
@@ -367,8 +374,20 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
         "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt", "merges_learned": len(tokenizer.merges)},
         "prepare_seconds": round(time.perf_counter() - t0, 3),
     }
-    write_atomic(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    try:
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not UTF-8: \u-escaped, so that the file stays UTF-8 JSON
+        text = json.dumps(meta, indent=2) + "\n"
+    write_atomic(meta_path, text.encode("utf-8"))
     return {**meta, "reused": False}
+
+
+def _check_split_sizes(n_train: int, n_val: int, min_tokens: int) -> None:
+    for name, n in (("train", n_train), ("val", n_val)):
+        if n < min_tokens:
+            raise DataError(f"the {name} split has {n} token{'' if n == 1 else 's'}, fewer than block_size + 1 = "
+                            f"{min_tokens}: use more text or a smaller --block_size")
 
 
 def load_tokens(data_dir: str, split: str) -> np.memmap:
@@ -385,7 +404,11 @@ def load_tokens(data_dir: str, split: str) -> np.memmap:
     if (dtype is None or not isinstance(n, int) or n <= 0 or not os.path.isfile(path)
             or os.path.getsize(path) != n * dtype.itemsize):
         raise DataError(f"{path} is missing or does not match meta.json; prepare the data again")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    ids = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    if not isinstance(meta.get("vocab_size"), int) or int(ids.max()) >= meta["vocab_size"]:
+        raise DataError(f"{path} holds token ids outside the tokenizer's {meta.get('vocab_size')} (a damaged file); "
+                        "prepare the data again")
+    return ids
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,13 @@ def save_checkpoint(path, state):
         raise OSError(f"cannot write {path}: {(str(e).strip().splitlines() or [''])[0]}") from None
 
 
+def optimizer_state_fits(optimizer):
+    """Whether an optimizer's state, as a checkpoint's load_state_dict gave it, has its parameters' shapes (a
+    damaged or foreign checkpoint would otherwise fail inside the first step)."""
+    return all(v.shape == p.shape for group in optimizer.param_groups for p in group["params"]
+               for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
 def truncate_log(log_path, last_iter):
     """Keep the evaluations of a JSON-lines log up to last_iter (a resumed run redoes those that an
     interrupted one logged after its last checkpoint, and drops a last line that a kill cut short)."""

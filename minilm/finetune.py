@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError
-from minilm.files import save_checkpoint, truncate_log
+from minilm.files import optimizer_state_fits, save_checkpoint, truncate_log
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
 from minilm.ops._checks import id_range
@@ -277,6 +277,8 @@ def read_jsonl(path, task):
                                     "(every example of a file must have the same number)")
             elif not isinstance(value, str):
                 raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+            if not all(text.strip() for text in (value if name == "choices" else [value])):
+                raise DataError(f"{where}: field {name!r} is empty (there is no text to classify)")
             parts.append(value)
         label = obj["label"]
         if not _is_int(label):
@@ -550,6 +552,17 @@ def load_checkpoint(path, what, kind="any"):
     found = "fine-tuning" if "task_config" in ckpt else "pre-training"
     if kind != "any" and found != kind:
         raise FinetuneError(f"{what}: {path} is a {found} checkpoint, not a {kind} one")
+    # a damaged or hand-edited file: each entry a later step reads, of the type it needs
+    needs = {"optimizer": dict, "rng": (list if found == "pre-training" else dict), "model": dict, "options": dict,
+             "model_config": dict, **({"data_meta": dict} if found == "pre-training" else {"task_config": dict})}
+    bad = [k for k, t in needs.items() if k in ckpt and not isinstance(ckpt[k], t)]  # missing: met where read
+    if type(ckpt["iter_num"]) is not int or ckpt["iter_num"] < 0:
+        bad.append("iter_num")
+    if bad:
+        raise FinetuneError(f"{what}: {path} is damaged (its {bad[0]!r} is of the wrong type)")
+    if not all(isinstance(t, torch.Tensor) and (not t.is_floating_point() or torch.isfinite(t).all())
+               for t in ckpt["model"].values()):
+        raise FinetuneError(f"{what}: {path} holds NaN or infinite weights (a damaged file, or a run that diverged)")
     return ckpt
 
 
@@ -675,8 +688,9 @@ def _check_options(opts):
         if not number(name) or not 0 <= opts[name] < 1:
             raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
     for name in ("weight_decay", "grad_clip", "lm_coef"):
-        if not number(name) or (name != "grad_clip" and opts[name] < 0):
-            raise FinetuneError(f"--{name} must be a finite number{'' if name == 'grad_clip' else ' >= 0'}, got {opts[name]!r}")
+        if not number(name) or opts[name] < 0:
+            raise FinetuneError(f"--{name} must be a finite number >= 0{' (0: off)' if name == 'grad_clip' else ''}, "
+                                f"got {opts[name]!r}")
     for name in ("clf_pdrop", "dropout"):
         if opts[name] is not None and (not number(name) or not 0 <= opts[name] < 1):
             raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
@@ -785,12 +799,18 @@ def finetune(options, print_fn=print, ckpt=None):
                                   lr=opts["learning_rate"], betas=(opts["beta1"], opts["beta2"]), eps=1e-8)
     iter_num = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            if not optimizer_state_fits(optimizer):
+                raise ValueError("its optimizer state does not fit the model")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FinetuneError(f"--resume True: {ckpt_path} is damaged ({first})") from None
         iter_num = ckpt["iter_num"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     else:
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(ckpt_path):  # --overwrite True (checked above): the old run goes, its log just below
@@ -839,6 +859,9 @@ def finetune(options, print_fn=print, ckpt=None):
     while True:
         if (iter_num % eval_interval == 0 or iter_num == total) and not (ckpt and iter_num == first_iter):
             acc, val_loss = evaluate()
+            if not math.isfinite(val_loss):
+                raise FinetuneError(f"step {iter_num}: the validation loss is {val_loss}: training diverged; nothing is "
+                                    f"saved ({ckpt_path} keeps the last good step, if any): lower --learning_rate")
             record = {"iter": iter_num, "epoch": round(iter_num / steps_per_epoch, 3),
                       "train_loss": float(sums[0] / n_sum) if n_sum else None,
                       "train_clf_loss": float(sums[1] / n_sum) if n_sum else None,

@@ -47,6 +47,21 @@ def test_a_utf16_or_binary_file_named_on_its_own_is_refused(tmp_path):
     p.write_bytes("the king is here .\n".encode("utf-16-le"))
     with pytest.raises(DataError, match=r"utf16\.txt is not UTF-8 text: it has NUL bytes"):
         D.load_documents(str(p))
+    # in a directory, a file with a UTF-16 byte-order mark is text the user meant to give: an error too
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("the queen .\n", encoding="utf-8")
+    (tmp_path / "d" / "b.txt").write_bytes("the king .\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"b\.txt is UTF-16 text: save it as UTF-8"):
+        D.load_documents(str(tmp_path / "d"))
+
+
+def test_file_names_that_are_not_utf8_are_read_and_prepared(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    name = os.fsdecode(b"caf\xe9.txt")  # Latin-1 bytes in a file name: a surrogate-escaped str
+    (d / name).write_text("the king and the queen rode to the castle .\n" * 200, encoding="utf-8")
+    meta = D.prepare_gpt1(str(d), str(tmp_path / "out"), 64)
+    assert meta["n_documents"] == 1 and D.prepare_gpt1(str(d), str(tmp_path / "out"), 64)["reused"]
 
 
 def test_missing_and_empty_inputs(tmp_path):

@@ -227,6 +227,8 @@ def test_jsonl_examples_are_read_for_each_task(tmp_path):
     ("multiple_choice", '{"context": "x", "choices": ["a", "b"], "label": 2}', "out of range"),
     ("multiple_choice", '{"context": "x", "choices": ["a", "b", "c"], "label": 0}', "same number"),
     ("classification", '["a", 1]', "JSON object"),
+    ("classification", '{"text": "  ", "label": 0}', "field 'text' is empty"),
+    ("multiple_choice", '{"context": "x", "choices": ["a", ""], "label": 0}', "field 'choices' is empty"),
 ])
 def test_a_malformed_jsonl_line_is_reported_with_its_file_and_line_number(tmp_path, task, bad, message):
     good = {"classification": '{"text": "ok", "label": 0}', "entailment": '{"premise": "p", "hypothesis": "h", "label": 0}',

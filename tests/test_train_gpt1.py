@@ -279,6 +279,60 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint_unless_told_to(trained, cor
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 10
 
 
+def test_a_refused_overwrite_leaves_the_old_run_whole(trained, tmp_path):
+    # too little text for a block: refused before out_dir/data is touched, so the old run still resumes
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    before = snapshot(out)
+    short = tmp_path / "short.txt"
+    short.write_text("a b c\n", encoding="utf-8")
+    message = _refused("--data", str(short), "--out_dir", out, *TINY, "--overwrite", "True")
+    assert message.startswith("the train split has") and "fewer than block_size + 1" in message
+    assert snapshot(out) == before
+
+
+def test_a_diverging_run_stops_in_one_line_without_saving(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = _train("--data", corpus, "--out_dir", str(out), *TINY, "--learning_rate", "1000", "--warmup_iters", "0",
+                  "--max_iters", "30", "--eval_interval", "10", "--max_new_tokens", "0", check=False)
+    assert proc.returncode == 1 and "training diverged" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_damaged_checkpoint_entries_and_token_files_are_one_line(trained, tmp_path):
+    good = torch.load(os.path.join(trained[0], "ckpt.pt"), weights_only=True)
+    weights = dict(good["model"])
+    name = next(k for k, t in weights.items() if t.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    opt = {**good["optimizer"], "state": {k: {**v, "exp_avg": torch.zeros(3)} for k, v in good["optimizer"]["state"].items()}}
+    for i, (change, message) in enumerate((({"model": weights}, "NaN or infinite weights"),
+                                           ({"iter_num": -5}, "is damaged (its 'iter_num'"),
+                                           ({"rng": {}}, "is damaged (its 'rng'"),
+                                           ({"optimizer": opt}, "optimizer state does not fit"))):
+        out = shutil.copytree(trained[0], tmp_path / f"run{i}")
+        torch.save({**good, **change}, out / "ckpt.pt")
+        assert message in _refused("--resume", "True", "--out_dir", str(out), "--max_iters", "70"), change
+    out = shutil.copytree(trained[0], tmp_path / "tokens")
+    ids = (out / "data" / "val.bin").read_bytes()
+    (out / "data" / "val.bin").write_bytes(b"\xff" * len(ids))  # the right size, ids past the vocabulary
+    assert "holds token ids outside the tokenizer's" in _refused("--resume", "True", "--out_dir", str(out),
+                                                                   "--max_iters", "70")
+
+
+def test_resume_may_change_the_dtype(trained, tmp_path):
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    _train("--resume", "True", "--out_dir", out, "--max_iters", "62", "--eval_interval", "2", "--dtype", "float16",
+           "--max_new_tokens", "0")
+
+
+def test_rank_without_torchrun_is_one_line(corpus, tmp_path):
+    env = {**script_env(), "RANK": "1", "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "run"), *TINY],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "train_gpt1.py: error: RANK is set but LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: launch several "
+        "processes with torchrun (or unset RANK)"), proc.stderr
+
+
 # --- the batch builder and the learning-rate schedule, as functions (no subprocess) ---------------------
 
 def test_get_batch_targets_are_the_next_tokens_of_the_stream():
