@@ -172,6 +172,12 @@ def check_options(cfg):
     for name in ("min_lr", "weight_decay", "grad_clip"):  # grad_clip 0 turns clipping off
         if not number(name) or cfg[name] < 0:
             raise UserError(f"--{name} must be a finite number >= 0, got {cfg[name]}")
+    if cfg["lr_decay_iters"] and cfg["lr_decay_iters"] < (cfg["warmup_iters"] or 0):
+        raise UserError(f"--lr_decay_iters {cfg['lr_decay_iters']} ends the decay before the warmup ends "
+                        f"(--warmup_iters {cfg['warmup_iters']}): the learning rate would drop to --min_lr at once")
+    if cfg["batch_size"] * (cfg["block_size"] or 1) > 2**31:
+        raise UserError(f"--batch_size {cfg['batch_size']} × --block_size {cfg['block_size']} tokens is more than any "
+                        "machine holds in one batch (at most 2**31)")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UserError(f"--min_lr {cfg['min_lr']} is above --learning_rate {cfg['learning_rate']}: the decay would "
                         "raise the learning rate")
@@ -289,6 +295,10 @@ def main(argv):
         raise UserError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
     if cfg["sample"] and cfg["overwrite"]:
         raise UserError("--sample True reads the checkpoint and --overwrite True deletes it: pass one of them")
+    if cfg["sample"] and cfg["resume"]:
+        raise UserError("--sample True samples from the checkpoint and --resume True trains it on: pass one of them")
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file, not a directory")
 
     # --- the checkpoint to continue or to sample from --------------------------------------------------
     ckpt = None

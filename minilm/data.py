@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_data_dir(args.data, args.vocab_size)
     try:
         meta = prepare_gpt1(args.data, out, args.vocab_size, args.val_fraction)
-    except DataError as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     what = "reused" if meta["reused"] else f"prepared in {meta['prepare_seconds']:.1f} s"

@@ -158,6 +158,8 @@ class GPT1Classifier(nn.Module):
     def __init__(self, transformer: GPT1, config: TaskConfig):
         super().__init__()
         _check_task(config.task)
+        if config.task != "multiple_choice" and (not _is_int(config.n_class) or config.n_class < 2):
+            raise ValueError(f"GPT1Classifier: n_class must be an integer >= 2, got {config.n_class!r}")
         self.config = config
         self.transformer = transformer
         self.classify_id = transformer.config.vocab_size - 1  # _classify_ is the last special token
@@ -183,6 +185,12 @@ class GPT1Classifier(nn.Module):
             raise ValueError(f"GPT1Classifier: idx and mask must both be (B, K, T), got {tuple(idx.shape)} "
                              f"and {tuple(mask.shape)}")
         B, K, T = idx.shape
+        want = {"similarity": 2, "multiple_choice": None}.get(self.config.task, 1)  # sequences per example
+        if (want is not None and K != want) or (want is None and K < 2):
+            raise ValueError(f"GPT1Classifier: a {self.config.task} example is {want or '2 or more'} sequence(s) "
+                             f"(K), got K = {K}")
+        if ((mask != 0) & (mask != 1)).any():  # NaN too
+            raise ValueError("GPT1Classifier: mask must hold 0 (padding) and 1 (tokens) only")
         C = self.transformer.config.n_embd
         x = idx.reshape(B * K, T)
         m = mask.reshape(B * K, T)

@@ -521,3 +521,18 @@ def test_finetuning_dropout_reaches_a_lightconv_models_dropconnect(tmp_path):
     convs = [m for m in model.modules() if isinstance(m, ft.LightweightConv1d)]
     assert convs and all(m.weight_dropout == 0.3 for m in convs) and model.config.weight_dropout == 0.3
     assert all(m.p == 0.3 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_classifier_refuses_a_bad_mask_or_number_of_sequences():
+    from minilm.gpt1 import GPT1, GPT1Config
+    base = GPT1(GPT1Config(vocab_size=40, n_ctx=16, n_embd=32, n_head=2, n_layer=1))
+    with pytest.raises(ValueError, match="n_class must be an integer >= 2"):
+        ft.GPT1Classifier(base, ft.TaskConfig(task="classification", n_class=1))
+    clf = ft.GPT1Classifier(base, ft.TaskConfig(task="classification", n_class=3))
+    idx = torch.full((2, 1, 5), 39)  # every token _classify_ (the last id): a valid sequence end anywhere
+    mask = torch.ones(2, 1, 5)
+    clf.losses(idx, mask)
+    with pytest.raises(ValueError, match="mask must hold 0"):
+        clf.losses(idx, mask * 2)
+    with pytest.raises(ValueError, match="got K = 2"):
+        clf.losses(idx.repeat(1, 2, 1), mask.repeat(1, 2, 1))

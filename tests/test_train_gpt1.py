@@ -181,11 +181,20 @@ def _refused(*argv):
     (["--init_from", "x"], "--init_from is a fine-tuning option: it needs --task"),
     (["--lm_coef", "0.3"], "--lm_coef is a fine-tuning option: it needs --task"),
     (["--start", "--max_new_tokens", "0"], "option --start needs a value"),
+    (["--sample", "True", "--resume", "True"], "pass one of them"),
+    (["--warmup_iters", "100", "--lr_decay_iters", "50"], "ends the decay before the warmup ends"),
+    (["--batch_size", str(10**12)], "more than any machine holds"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(bad, message, corpus, tmp_path):
     out = tmp_path / "out"
     assert message in _refused("--data", corpus, "--out_dir", str(out), *TINY, *bad)
     assert not out.exists()  # not even the out_dir: nothing was prepared
+
+
+def test_an_out_dir_that_is_a_file_is_refused(corpus, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert _refused("--data", corpus, "--out_dir", str(tmp_path / "afile"), *TINY) == \
+        f"--out_dir {tmp_path / 'afile'} is a file, not a directory"
 
 
 def test_a_bad_option_is_one_line_on_stderr_and_exit_1(corpus, tmp_path):
