@@ -341,6 +341,10 @@ def main(argv):
     # reported now, not after the data is prepared. vocab_size becomes the tokenizer's once it exists.
     try:
         gconf = GPT1Config(**ckpt["model_config"]) if ckpt else fresh_model_config(cfg, preset)
+        size = gconf.n_layer * 12 * gconf.n_embd ** 2 + (gconf.vocab_size + gconf.n_ctx) * gconf.n_embd
+        if gconf.n_layer > 10_000 or size > 10**11:  # building even the meta model would take hours
+            raise ValueError(f"a model of {gconf.n_layer} layers × {gconf.n_embd} would have about {size:.2g} "
+                             "parameters: more than any machine trains (at most 1e11)")
         with torch.device("meta"):
             GPT1(gconf)
     except (TypeError, ValueError) as e:  # TypeError: a checkpoint's model_config with unknown or missing fields
