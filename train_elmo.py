@@ -75,6 +75,14 @@ class UsageError(Exception):
     """Something the user got wrong: printed as one line, exit status 1."""
 
 
+class LaunchError(UsageError):
+    """A process started wrongly (RANK without torchrun's other variables): every process says it."""
+
+
+class RankError(UsageError):
+    """A full disk, too little memory: maybe one rank's alone, so every rank says its own."""
+
+
 def parse_args(argv, defaults):
     """`--name value` / `--name=value` overrides for the defaults above, typed like the default; None for
     --help (-h)."""
@@ -230,9 +238,11 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:    # minilm.data.DataError is a ValueError; library checks raise these
         raise UsageError(str(e)) from None
     except OSError as e:                            # a full disk, a read-only out_dir, ...
-        raise UsageError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
-    except MemoryError:
-        raise UsageError("out of memory: give a smaller --batch_size (or --unroll_steps, --preset)") from None
+        raise RankError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
+    except (MemoryError, RuntimeError) as e:        # torch's allocators raise RuntimeErrors (CUDA: OutOfMemoryError)
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
+            raise
+        raise RankError("out of memory: give a smaller --batch_size (or --unroll_steps, --preset)") from None
 
 
 def check_device(dev):
@@ -292,7 +302,7 @@ def check_batch_shape(cfg):
 
 def perplexity(nats):
     """exp(nats), inf where that overflows (a diverged run's loss)."""
-    return math.exp(nats) if nats < 709 else math.inf
+    return math.inf if nats >= 709 else math.exp(nats)   # nan stays nan
 
 
 def load_checkpoint(path):
@@ -480,10 +490,11 @@ def setup_device(cfg):
     rank, world = 0, 1
     dev = cfg["device"]
     if ddp:
-        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ
+                   and (v != "LOCAL_RANK" or dev.startswith("cuda"))]   # LOCAL_RANK: which GPU
         if missing:
-            raise UsageError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-                             "launch several processes with torchrun (or unset RANK)")
+            raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                              "launch several processes with torchrun (or unset RANK)")
         import torch.distributed as dist
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if dev.startswith("cuda"):
@@ -666,8 +677,8 @@ def train(cfg, checkpoint=None):
             losses = estimate_loss()                  # the same on every rank
             if not all(math.isfinite(x) for x in losses["train"] + losses["val"]):
                 raise UsageError(f"iter {it}: the loss is {losses['train'] + losses['val']}: training diverged; "
-                                 f"nothing is saved ({ckpt_path} keeps the last good iteration, if any): lower "
-                                 "--learning_rate or --grad_clip")
+                                 f"nothing is saved ({ckpt_path} keeps the last good iteration, if any): start a "
+                                 "new run with a lower --learning_rate or --grad_clip")
             saved_state = all_rows(lstm_state) if it > 0 else None     # every rank takes part in the gather
             if master:
                 (tf, tb), (vf, vb) = losses["train"], losses["val"]
@@ -886,9 +897,14 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except UsageError as e:
-        if os.environ.get("RANK", "0") == "0" or not all(v in os.environ for v in TORCHRUN_VARIABLES):
-            # under torchrun, say it once (a RANK without torchrun's other variables: every process says why)
+        # Under torchrun a user error is every rank's: rank 0 says it (RankError: each rank its own).
+        rank = os.environ.get("RANK", "0")
+        if isinstance(e, LaunchError) or rank == "0":
             print(f"train_elmo.py: {e}", file=sys.stderr)
+        elif isinstance(e, RankError):
+            print(f"train_elmo.py (rank {rank}): {e}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # leaving with the group up can abort the ranks
         sys.exit(1)
     except KeyboardInterrupt:
         print("train_elmo.py: interrupted", file=sys.stderr)

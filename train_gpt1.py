@@ -114,6 +114,10 @@ class UserError(Exception):
     """Something the user can fix: printed as one line, exit status 1."""
 
 
+class LaunchError(UserError):
+    """A process started wrongly (RANK without torchrun's other variables): every process says it."""
+
+
 def parse_options(argv):
     """--name value | --name=value, for the names in DEFAULTS; returns {name: value} for the given ones,
     or None for --help (-h)."""
@@ -175,9 +179,6 @@ def check_options(cfg):
     if cfg["lr_decay_iters"] and cfg["lr_decay_iters"] < (cfg["warmup_iters"] or 0):
         raise UserError(f"--lr_decay_iters {cfg['lr_decay_iters']} ends the decay before the warmup ends "
                         f"(--warmup_iters {cfg['warmup_iters']}): the learning rate would drop to --min_lr at once")
-    if cfg["batch_size"] * (cfg["block_size"] or 1) > 2**31:
-        raise UserError(f"--batch_size {cfg['batch_size']} × --block_size {cfg['block_size']} tokens is more than any "
-                        "machine holds in one batch (at most 2**31)")
     if cfg["min_lr"] > cfg["learning_rate"]:
         raise UserError(f"--min_lr {cfg['min_lr']} is above --learning_rate {cfg['learning_rate']}: the decay would "
                         "raise the learning rate")
@@ -297,8 +298,6 @@ def main(argv):
         raise UserError("--sample True reads the checkpoint and --overwrite True deletes it: pass one of them")
     if cfg["sample"] and cfg["resume"]:
         raise UserError("--sample True samples from the checkpoint and --resume True trains it on: pass one of them")
-    if os.path.isfile(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file, not a directory")
 
     # --- the checkpoint to continue or to sample from --------------------------------------------------
     ckpt = None
@@ -318,6 +317,8 @@ def main(argv):
     for name in FINETUNE_OPTIONS:
         if name in given:
             raise UserError(f"--{name} is a fine-tuning option: it needs --task")
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file, not a directory")
     if ckpt:  # its model and data, then whatever else this command line says
         check_fixed_options(given, ckpt, what)
         if not cfg["sample"]:
@@ -345,6 +346,9 @@ def main(argv):
         if gconf.n_layer > 10_000 or size > 10**11:  # building even the meta model would take hours
             raise ValueError(f"a model of {gconf.n_layer} layers × {gconf.n_embd} would have about {size:.2g} "
                              "parameters: more than any machine trains (at most 1e11)")
+        if cfg["batch_size"] * gconf.n_ctx > 2**31:
+            raise ValueError(f"--batch_size {cfg['batch_size']} × block_size {gconf.n_ctx} tokens is more than any "
+                             "machine holds in one batch (at most 2**31)")
         with torch.device("meta"):
             GPT1(gconf)
     except (TypeError, ValueError) as e:  # TypeError: a checkpoint's model_config with unknown or missing fields
@@ -361,8 +365,8 @@ def main(argv):
     if ddp:
         missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
         if missing:
-            raise UserError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-                            "launch several processes with torchrun (or unset RANK)")
+            raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                              "launch several processes with torchrun (or unset RANK)")
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
@@ -443,6 +447,8 @@ def main(argv):
             optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt.get("scaler") and scaler.is_enabled():  # --dtype may change on resume: fp16's loss scale only
                 scaler.load_state_dict(ckpt["scaler"])
+            for state in ckpt["rng"]:  # every rank's, on every rank: a damaged one stops them all alike
+                set_rng_state(state)
             set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
             if not optimizer_state_fits(optimizer):
                 raise ValueError("its optimizer state does not fit the model")
@@ -703,15 +709,19 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        print("train_gpt1.py: interrupted (the last checkpoint stays; --resume True goes on from it)", file=sys.stderr)
+        print("train_gpt1.py: interrupted (a run goes on from its last checkpoint with --resume True)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         message = one_line(e)
         if message is None:
             raise
-        # under torchrun, say it once (a RANK without torchrun's other variables: every process says why)
-        if os.environ.get("RANK", "0") == "0" or not all(v in os.environ for v in TORCHRUN_VARIABLES):
+        # Under torchrun a user error is every rank's: rank 0 says it. A full disk or too little memory may be
+        # one rank's alone: that rank says it. LaunchError: no rank is sure to be rank 0.
+        rank = os.environ.get("RANK", "0")
+        if isinstance(e, LaunchError) or rank == "0":
             print(f"train_gpt1.py: error: {message}", file=sys.stderr)
+        elif not isinstance(e, (UserError, DataError)):
+            print(f"train_gpt1.py: error (rank {rank}): {message}", file=sys.stderr)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # leaving with the group up can abort the ranks
         sys.exit(1)

@@ -726,8 +726,12 @@ def _bilm_tf_state_dict(f, config, weight_file, options_file):
     def get(name, shape):
         if not isinstance(f.get(name), h5py.Dataset):
             raise ValueError(f"load_bilm: {weight_file} has no dataset {name!r}")
-        if f[name].dtype.kind != "f" or f[name].shape != tuple(shape):
-            raise ValueError(f"load_bilm: {weight_file}: {name} is {f[name].dtype} {f[name].shape}, "
+        try:
+            dtype, found = f[name].dtype, f[name].shape
+        except (ValueError, TypeError) as e:                      # a damaged datatype or dataspace header
+            raise ValueError(f"load_bilm: {weight_file} is damaged ({type(e).__name__}: {e})") from None
+        if dtype.kind != "f" or found != tuple(shape):
+            raise ValueError(f"load_bilm: {weight_file}: {name} is {dtype} {found}, "
                              f"options.json implies float {tuple(shape)}")
         try:
             a = torch.from_numpy(f[name][...]).float()

@@ -31,10 +31,11 @@ def test_truncate_log_keeps_the_records_up_to_the_checkpoint_each_on_its_own_lin
     with pytest.raises(ValueError, match=r"c\.jsonl, line 2, is not an evaluation record"):
         truncate_log(log, 10)
     assert open(log).read() == text
-    for bad in ('{"iter": "5"}', b"\xff\xfe".decode("latin-1")):   # not an int; not UTF-8
-        log = _log(tmp_path / "d.jsonl", f"{rec(0)}\n{bad}\n{rec(10)}\n")
+    for bad in (b'{"iter": "5"}', b"\xff\xfe"):   # not an int; not UTF-8
+        log = tmp_path / "d.jsonl"
+        log.write_bytes(f"{rec(0)}\n".encode() + bad + f"\n{rec(10)}\n".encode())
         with pytest.raises(ValueError, match=r"d\.jsonl, line 2, is not an evaluation record"):
-            truncate_log(log, 10)
+            truncate_log(str(log), 10)
     truncate_log(str(tmp_path / "missing.jsonl"), 10)          # no log yet: an empty one
     assert open(tmp_path / "missing.jsonl").read() == ""
 
