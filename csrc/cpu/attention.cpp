@@ -330,10 +330,12 @@ void backward_kernel(Rows<const scalar_t> dout, Rows<const scalar_t> q, Rows<con
   const int64_t Bq = q_block_bwd(T), Bk = kKvBlock;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   // per thread: P and dS tiles, dQ, D; for bf16/fp16 also fp32 dK, dV accumulators and fp32 copies of
-  // K, V (whole head) and the Q, dO tiles. fp32 accumulates dK, dV straight into the outputs. With
-  // dropout, the tile M = keep · scale too.
-  ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (convert ? 4 * T * D + 2 * Bq * D : 0) +
-                               (drop.active() ? Bq * Bk : 0));
+  // K, V (whole head) and the Q, dO tiles. With dropout, the tile M = keep · scale too. fp32/fp64 accumulate
+  // dK, dV straight into contiguous results; results laid out [B, T, H, D] get the scratch accumulators too
+  // (a head's T×D block, spread over T·H·D elements, would cost cache misses in every one of its updates).
+  const bool acc_buf = convert || dk.st != D;
+  ThreadScratch<acc_t> scratch(2 * Bq * Bk + Bq * D + Bq + (acc_buf ? 2 * T * D : 0) +
+                               (convert ? 2 * T * D + 2 * Bq * D : 0) + (drop.active() ? Bq * Bk : 0));
   at::parallel_for(0, B * H, grain_for(5 * T * T * D / 2), [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
     acc_t* const P = scratch.get();         // (Bq, Bk)
@@ -341,9 +343,9 @@ void backward_kernel(Rows<const scalar_t> dout, Rows<const scalar_t> q, Rows<con
     acc_t* const dQ = dS + Bq * Bk;         // (Bq, D)
     acc_t* const Di = dQ + Bq * D;          // (Bq,)
     acc_t* const M = Di + Bq;               // (Bq, Bk) if dropout
-    acc_t* const dK_buf = M + (drop.active() ? Bq * Bk : 0);  // (T, D) if convert
-    acc_t* const dV_buf = dK_buf + T * D;   // (T, D) if convert
-    acc_t* const khead = dV_buf + T * D;    // (T, D) if convert
+    acc_t* const dK_buf = M + (drop.active() ? Bq * Bk : 0);  // (T, D) if acc_buf
+    acc_t* const dV_buf = dK_buf + T * D;   // (T, D) if acc_buf
+    acc_t* const khead = dK_buf + (acc_buf ? 2 * T * D : 0);  // (T, D) if convert
     acc_t* const vhead = khead + T * D;     // (T, D) if convert
     acc_t* const qbuf = vhead + T * D;      // (Bq, D) if convert
     acc_t* const dobuf = qbuf + Bq * D;     // (Bq, D) if convert
@@ -353,18 +355,13 @@ void backward_kernel(Rows<const scalar_t> dout, Rows<const scalar_t> q, Rows<con
       int64_t ldk, ldv, ldq, lddo;
       const acc_t* Kh = load_tile(k.head(b, h), k.st, T, D, khead, &ldk);  // (T, D)
       const acc_t* Vh = load_tile(v.head(b, h), v.st, T, D, vhead, &ldv);  // (T, D)
-      acc_t* dK;  // (T, D), rows ldkv apart: this head's gradients, accumulated over all query blocks
-      acc_t* dV;
-      int64_t ldkv;
-      if constexpr (convert) {
-        dK = dK_buf, dV = dV_buf, ldkv = D;
-      } else {  // fp32/fp64: in the results themselves (dk and dv have one layout)
-        dK = dk.head(b, h), dV = dv.head(b, h), ldkv = dk.st;
+      acc_t* dK = dK_buf;  // (T, D): this head's gradients, accumulated over all query blocks
+      acc_t* dV = dV_buf;
+      if constexpr (!convert) {
+        if (!acc_buf) dK = dk.head(b, h), dV = dv.head(b, h);  // fp32/fp64, contiguous results: in place
       }
-      for (int64_t t = 0; t < T; ++t) {
-        std::fill(dK + t * ldkv, dK + t * ldkv + D, acc_t(0));
-        std::fill(dV + t * ldkv, dV + t * ldkv + D, acc_t(0));
-      }
+      std::fill(dK, dK + T * D, acc_t(0));
+      std::fill(dV, dV + T * D, acc_t(0));
 
       for (int64_t i0 = 0; i0 < T; i0 += Bq) {
         const int64_t qb = std::min(Bq, T - i0);
@@ -398,8 +395,7 @@ void backward_kernel(Rows<const scalar_t> dout, Rows<const scalar_t> q, Rows<con
             }
           }
           // dV += Pᵀ dO (with dropout: (P ∘ M)ᵀ dO)
-          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), drop.active() ? dS : P, kb, dO, lddo, acc_t(1), dV + j0 * ldkv,
-                      ldkv);
+          gemm<acc_t>(true, false, kb, D, qb, acc_t(1), drop.active() ? dS : P, kb, dO, lddo, acc_t(1), dV + j0 * D, D);
           gemm<acc_t>(false, true, qb, kb, D, acc_t(1), dO, lddo, V, ldv, acc_t(0), dS, kb);  // dP = dO Vᵀ
           for (int64_t r = 0; r < qb; ++r) {  // dS = P ∘ (dP − D) (with dropout: P ∘ (dP ∘ M − D))
             const acc_t* p = P + r * kb;
@@ -415,13 +411,13 @@ void backward_kernel(Rows<const scalar_t> dout, Rows<const scalar_t> q, Rows<con
             }
           }
           gemm<acc_t>(false, false, qb, D, kb, scale, dS, kb, K, ldk, acc_t(1), dQ, D);  // dQ += scale·dS K
-          gemm<acc_t>(true, false, kb, D, qb, scale, dS, kb, Q, ldq, acc_t(1), dK + j0 * ldkv, ldkv);  // dK += scale·dSᵀ Q
+          gemm<acc_t>(true, false, kb, D, qb, scale, dS, kb, Q, ldq, acc_t(1), dK + j0 * D, D);  // dK += scale·dSᵀ Q
         }
         scalar_t* dq_out = dq.head(b, h) + i0 * dq.st;
         for (int64_t r = 0; r < qb; ++r)
           for (int64_t d = 0; d < D; ++d) dq_out[r * dq.st + d] = scalar_t(dQ[r * D + d]);
       }
-      if constexpr (convert) {
+      if (acc_buf) {
         scalar_t* dk_out = dk.head(b, h);
         scalar_t* dv_out = dv.head(b, h);
         for (int64_t t = 0; t < T; ++t)
