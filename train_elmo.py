@@ -228,10 +228,10 @@ def main(argv):
                 raise UsageError(f"{ckpt_path} was trained by an older train_elmo.py on independent windows: it holds "
                                  "no sentence streams or LSTM state to go on from; start a new run (its weights "
                                  "still work with --embed)")
-            check_fixed_options(given, trained_with)
             for k, v in trained_with.items():   # a hand-edited or damaged checkpoint: its options checked as given ones
                 if type(v) is not type(defaults[k]) and not (type(defaults[k]) is float and type(v) is int):
                     raise UsageError(f"{ckpt_path} is damaged: its --{k} is {v!r}")
+            check_fixed_options(given, trained_with)
             cfg = {**defaults, **trained_with, **given}
             check_train_options(cfg)
         return train(cfg, checkpoint)
