@@ -552,7 +552,7 @@ def load_checkpoint(path, what, kind="any"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, on one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's first sentence
         raise FinetuneError(f"{what}: cannot read {path} ({first})") from None
     missing = [k for k in _CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_CKPT_KEYS)
     if missing:
@@ -786,6 +786,9 @@ def finetune(options, print_fn=print, ckpt=None):
             raise FinetuneError(f"--task {task} needs at least two classes; every label is 0")
         if max(train_labels + val_labels) >= n_class:
             raise FinetuneError(f"a label is out of range for --n_class {n_class} (largest label {max(train_labels + val_labels)})")
+        if n_class > 2**20:  # W_y would take n_class × n_embd weights: a label like 10**12 is a mistake
+            raise FinetuneError(f"{n_class:,} classes (the largest label + 1, or --n_class) are more than a "
+                                f"classifier head holds (at most {2**20:,}): are the labels class indices?")
     else:
         n_class = 2 if task == "similarity" else len(train_seqs[0])
     tconf = TaskConfig(task=task, n_class=n_class, clf_pdrop=opts["clf_pdrop"], lm_coef=opts["lm_coef"])

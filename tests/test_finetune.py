@@ -436,6 +436,7 @@ def test_lr_schedule_is_opt_py_warmup_linear():
     (dict(seed=-1), "--seed must be an integer >= 0"),
     (dict(grad_clip=float("nan")), "--grad_clip must be a finite number"),
     (dict(resume=True, overwrite=True), "pass one of them"),
+    (dict(grad_clip=-1.0), "--grad_clip must be a finite number >= 0 (0: off)"),
 ])
 def test_bad_options_are_refused_before_any_work(bad, message, tmp_path):
     out = tmp_path / "out"
@@ -536,3 +537,10 @@ def test_classifier_refuses_a_bad_mask_or_number_of_sequences():
         clf.losses(idx, mask * 2)
     with pytest.raises(ValueError, match="got K = 2"):
         clf.losses(idx.repeat(1, 2, 1), mask.repeat(1, 2, 1))
+
+
+def test_labels_too_large_for_a_classifier_head_are_one_line(tmp_path):
+    rows = [json.dumps({"text": f"some words {i}", "label": 10**12 if i == 3 else i % 2}) for i in range(40)]
+    _write(tmp_path / "task.jsonl", rows)
+    with pytest.raises(ft.FinetuneError, match="more than a classifier head holds"):
+        ft.finetune(_tiny_run(str(tmp_path / "task.jsonl"), tmp_path / "out", epochs=1), print_fn=lambda *a: None)
