@@ -317,6 +317,7 @@ def load_checkpoint(path):
         raise UsageError(f"{path} is not a train_elmo.py checkpoint (no {', '.join(sorted(missing))}: "
                          "a train_gpt1.py one, or another file?)")
     from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
+    from minilm.files import weights_finite
     vocab, weights, config = checkpoint["vocab"], checkpoint["model"], checkpoint["config"]
     if type(checkpoint["iter"]) is not int or checkpoint["iter"] < 0:
         raise UsageError(f"{path} is damaged: its iteration is {checkpoint['iter']!r}")
@@ -327,7 +328,7 @@ def load_checkpoint(path):
                          f"{', '.join(specials)}")
     if not (isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values())):
         raise UsageError(f"{path} is damaged: its model is not a state dict")
-    if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+    if not weights_finite(weights):
         raise UsageError(f"{path} holds NaN or infinite weights (a damaged file, or a run that diverged)")
     return checkpoint
 

@@ -18,27 +18,21 @@ namespace minilm {
 // two layouts are the same memory, and the contiguous one is used.
 inline bool heads_interleaved(const at::Tensor& q) { return q.size(1) > 1 && q.size(2) > 1 && q.stride(1) < q.stride(2); }
 
-// The strides of a result for q with head dim D: [B, T, H, D] or [B, H, T, D] in memory (see above).
-inline std::array<int64_t, 4> result_strides(const at::Tensor& q, int64_t D) {
-  const int64_t H = q.size(1), T = q.size(2);
+// The strides of a result for q: [B, T, H, D] or [B, H, T, D] in memory (see above).
+inline std::array<int64_t, 4> result_strides(const at::Tensor& q) {
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
   if (heads_interleaved(q)) return {T * H * D, D, H * D, 1};
   return {H * T * D, T * D, D, 1};
 }
 
-// An uninitialised result for q: [B, H, T, D] (D: q's head dim unless given), laid out as above.
-inline at::Tensor empty_result(const at::Tensor& q, int64_t D = -1) {
-  if (D < 0) D = q.size(3);
-  const std::array<int64_t, 4> strides = result_strides(q, D);
-  return at::empty_strided({q.size(0), q.size(1), q.size(2), D}, strides, q.options());
-}
+// An uninitialised result for q: q's shape, laid out as above.
+inline at::Tensor empty_result(const at::Tensor& q) { return at::empty_strided(q.sizes(), result_strides(q), q.options()); }
 
 // x ([B, H, T, D'] with D' >= q's head dim D, any layout) cut to D and laid out as a result for q: x itself
 // when it is that already, else a copy.
 inline at::Tensor as_result(const at::Tensor& q, const at::Tensor& x) {
-  const int64_t D = q.size(3);
-  const at::Tensor cut = x.size(3) == D ? x : x.narrow(3, 0, D);
-  const std::array<int64_t, 4> strides = result_strides(q, D);
-  if (cut.strides() == at::IntArrayRef(strides)) return cut;
+  const at::Tensor cut = x.size(3) == q.size(3) ? x : x.narrow(3, 0, q.size(3));
+  if (cut.strides() == at::IntArrayRef(result_strides(q))) return cut;
   return empty_result(q).copy_(cut);
 }
 

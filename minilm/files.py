@@ -73,6 +73,13 @@ def optimizer_state_fits(optimizer):
                for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def weights_finite(state_dict):
+    """Whether a checkpoint's state dict holds tensors only, each floating one free of NaN and infinity (a
+    damaged file, or a run that diverged, fails)."""
+    return all(isinstance(t, torch.Tensor) and (not t.is_floating_point() or torch.isfinite(t).all())
+               for t in state_dict.values())
+
+
 def truncate_log(log_path, last_iter):
     """Keep the evaluations of a JSON-lines log up to last_iter (a resumed run redoes those that an
     interrupted one logged after its last checkpoint, and drops a last line that a kill cut short)."""

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError
-from minilm.files import optimizer_state_fits, save_checkpoint, truncate_log
+from minilm.files import optimizer_state_fits, save_checkpoint, truncate_log, weights_finite
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
 from minilm.ops._checks import id_range
@@ -568,8 +568,7 @@ def load_checkpoint(path, what, kind="any"):
         bad.append("iter_num")
     if bad:
         raise FinetuneError(f"{what}: {path} is damaged (its {bad[0]!r} is of the wrong type)")
-    if not all(isinstance(t, torch.Tensor) and (not t.is_floating_point() or torch.isfinite(t).all())
-               for t in ckpt["model"].values()):
+    if not weights_finite(ckpt["model"]):
         raise FinetuneError(f"{what}: {path} holds NaN or infinite weights (a damaged file, or a run that diverged)")
     return ckpt
 

@@ -183,7 +183,7 @@ at::Tensor with_contiguous_rows(const at::Tensor& t) {
 // Where the kernels write a result for q: in its layout (../attention_layout.h), unless its rows lie too far
 // apart for BLAS's 32-bit ld; then contiguous, and as_result copies it into that layout.
 at::Tensor writable_result(const at::Tensor& q) {
-  return result_strides(q, q.size(3))[2] < INT_MAX ? empty_result(q) : at::empty(q.sizes(), q.options());
+  return result_strides(q)[2] < INT_MAX ? empty_result(q) : at::empty(q.sizes(), q.options());
 }
 
 // rows [0, n) of a [n×D] tile as acc_t: the memory itself when the dtypes agree (row stride ld), or
