@@ -13,8 +13,9 @@ Training (`stream_losses`, bilm-tf's graph) feeds the two stacks differently: ea
 stream of sentences (the backward one already reversed, so both run left to right), and the LSTM state
 is carried from one batch to the next.
 
-Names follow bilm-tf and its weight dump (`char_embed`, `CNN/W_cnn_i`, `CNN_high_k`, `CNN_proj`,
-`RNN_0` forward, `RNN_1` backward), so `load_bilm` is a key map; the LSTM cell is TF's
+Module names are allennlp's (`char_cnn.i`, `highway.k.carry`, `forward_layers.l.input_linearity`, ...); each
+is commented with the bilm-tf dataset it holds (`char_embed`, `CNN/W_cnn_i`, `CNN_high_k`, `CNN_proj`,
+`RNN_0` forward, `RNN_1` backward), which `load_bilm` reads, transposes and splits. The LSTM cell is TF's
 `LSTMCell(num_proj=..., cell_clip=..., proj_clip=...)` written out.
 
 Why not `nn.LSTM(E, H, num_layers=2, bidirectional=True)`? In a stacked bidirectional LSTM, layer 2
@@ -135,6 +136,15 @@ class ELMoConfig:
             raise ValueError(f"ELMoConfig: use_skip_connections must be true or false, got {self.use_skip_connections!r}")
         if self.activation not in ("relu", "tanh"):
             raise ValueError(f"ELMoConfig: activation must be 'relu' or 'tanh', got {self.activation!r}")
+        # bilm-tf leaves out CNN_proj when n_filters == projection_dim, and builds its LSTMCell without num_proj
+        # (no W_P_0, no proj_clip) when projection_dim >= lstm_dim. This BiLM always has both, so such options
+        # would describe a model other than bilm-tf's: refused rather than silently built differently.
+        if self.projection_dim >= self.lstm_dim:
+            raise ValueError(f"ELMoConfig: projection_dim ({self.projection_dim}) must be smaller than lstm_dim "
+                             f"({self.lstm_dim}): bilm-tf builds no LSTM projection otherwise")
+        if self.projection_dim == self.n_filters:
+            raise ValueError(f"ELMoConfig: projection_dim must differ from the filter count ({self.n_filters}): "
+                             "bilm-tf builds no CNN projection then")
 
     @property
     def n_filters(self):
@@ -216,6 +226,13 @@ class LSTMP(nn.Module):
         state: the (m, c) to start from; None: zeros. lengths (B,): each row's state stops changing after
         its own last real step (so the state returned is the one after that step); None: after step T.
         """
+        if torch.is_autocast_enabled(x.device.type):
+            # TF's cell keeps its state in fp32. Under autocast, c and m would be rounded to bf16/fp16 at every
+            # one of the T steps, and the error compounds: the recurrence runs in the weights' own precision,
+            # and only the outputs are rounded to the autocast dtype (the state returned keeps its precision).
+            with torch.autocast(x.device.type, enabled=False):
+                out, state = self.forward(x.to(self.state_linearity.weight.dtype), state, lengths)
+            return out.to(torch.get_autocast_dtype(x.device.type)), state
         B, T, _ = x.shape
         C = self.cell_size
         # the input part of z for every step at once, plus B and TF's forget bias 1.0 on the f block
@@ -323,7 +340,7 @@ class BiLM(nn.Module):
                              f"batch_to_ids, got shape {tuple(char_ids.shape)}")
         if char_ids.dtype != torch.long:
             raise TypeError(f"BiLM: char_ids must be int64, got {char_ids.dtype}")
-        if char_ids.numel():
+        if char_ids.numel() and not torch.compiler.is_compiling():   # .tolist() would break a compiled graph
             lo, hi = id_range(char_ids)
             if lo < 0 or hi >= c.n_characters:
                 raise ValueError(f"BiLM: character ids must lie in [0, {c.n_characters}), got [{lo}, {hi}]")
@@ -474,7 +491,7 @@ class BiLM(nn.Module):
         if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
             what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"BiLM: {name} must be integer word ids, got {what}")
-        if targets.numel():
+        if targets.numel() and not torch.compiler.is_compiling():
             lo, hi = id_range(targets)
             if lo < -1 or hi >= self.config.vocab_size:
                 raise ValueError(f"BiLM: {name} must be word ids in [0, {self.config.vocab_size}) or −1 (ignored), "
@@ -488,6 +505,8 @@ class BiLM(nn.Module):
             raise ValueError(f"BiLM: targets must be {tuple(h.shape[:2])}, got {tuple(targets.shape)}")
         keep = targets >= 0
         h, targets = h[keep], targets[keep]                          # (N, P), (N,)
+        if h.shape[0] == 0:   # nothing to predict (every target −1): 0, as allennlp's LM, not the NaN of a mean of none
+            return h.sum() * 0.0
         c = self.config
         if self.training and 0 < c.n_negative_samples < c.vocab_size:
             return self._sampled_softmax_loss(h, targets)
@@ -506,7 +525,7 @@ class BiLM(nn.Module):
         sampled, num_tries = log_uniform_candidates(V, K, h.device)                             # (K,)
 
         def log_expected_count(ids):
-            return torch.log(log_uniform_expected_count(ids, V, K, num_tries)).to(h.dtype)
+            return torch.log(log_uniform_expected_count(ids, V, K, num_tries))                   # fp32
 
         W, b = self.softmax.weight, self.softmax.bias
         true_logits = (h * W[targets]).sum(-1) + b[targets] - log_expected_count(targets)        # (N,)

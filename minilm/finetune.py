@@ -14,7 +14,8 @@ start with ``_start_``, separate their parts with ``_delimiter_`` and end with `
 
 The only new parameters are W_y (with a bias, as the original ``clf``) and the three special-token rows
 of the embedding (``GPT1.add_tokens``). Training minimizes L3 = L2 + λ·L1 (paper eq. 5), λ = 0.5:
-L2 the task's cross-entropy, L1 the language-modelling loss on the transformed sequences.
+L2 the task's cross-entropy, L1 the language-modelling loss on the transformed sequences. (The paper's L1,
+L2, L3 are log-likelihoods that it maximises; here, as in its code, they are the negated means, minimised.)
 
 How L1 treats the special tokens. The output layer is the (tied) embedding, so the softmax runs over the
 old vocabulary plus the three specials, as in the original (whose ``we`` matrix also held the position

@@ -721,3 +721,36 @@ def test_softmax_targets_out_of_range_are_one_line_errors():
     chars = torch.stack([ids, ids])                                   # (2, 1, 3, 50)
     with pytest.raises(ValueError, match=r"targets must be word ids in \[0, 30\)"):
         model.stream_losses(chars, torch.full((2, 1, 3), 30))
+
+
+def test_all_ignored_targets_give_a_zero_loss_not_nan():
+    # a batch of nothing but padding (every target −1) has nothing to predict: 0, as allennlp's LM returns
+    model = BiLM(tiny_config(vocab_size=30))
+    ids = batch_to_ids([["a", "b"], ["c"]])
+    none = torch.full(ids.shape[:2], -1)
+    losses = model(ids, next_ids=none, previous_ids=none)[2]
+    assert losses.tolist() == [0.0, 0.0]
+    losses.sum().backward()                                          # still part of the graph
+
+
+def test_the_lstm_state_stays_fp32_under_autocast():
+    # TF's cell keeps c and m in fp32; rounding them to bf16 at each step would compound over T
+    from minilm.elmo import LSTMP
+    torch.manual_seed(0)
+    cell = LSTMP(8, 24, 8, cell_clip=3.0, proj_clip=3.0)
+    x = torch.randn(2, 40, 8)
+    out32, (m32, c32) = cell(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (m, c) = cell(x)
+    assert m.dtype == c.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(m, m32) and torch.equal(c, c32)               # the same recurrence, in fp32
+    assert torch.equal(out, out32.to(torch.bfloat16))                # only the outputs are rounded
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lstm_dim=8), "smaller than lstm_dim"),                     # bilm-tf: an LSTMCell without num_proj
+    (dict(projection_dim=20, lstm_dim=40), "filter count"),          # bilm-tf: no CNN_proj
+])
+def test_config_refuses_shapes_that_bilm_tf_builds_without_a_projection(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kw)

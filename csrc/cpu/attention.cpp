@@ -30,7 +30,8 @@
 //   One thread owns a whole head: every query block adds into the same dK, dV rows, so splitting a
 //   head's query blocks across threads would race (or need atomics / per-thread copies of dK, dV).
 //   With B·H ≥ threads (the usual case) the heads are enough parallelism; with fewer heads than
-//   threads some threads idle. fp32 accumulates dK, dV in the output tensors; bf16/fp16 use fp32
+//   threads some threads idle. Contiguous fp32/fp64 results accumulate dK, dV in the output tensors;
+//   bf16/fp16, and results laid out [B, T, H, D] (a head's rows spread over T·H·D elements), use fp32/fp64
 //   accumulators (O(T·D) per thread). The other scratch is O(Bq·Bk) per thread. Bq = 32/64/128.
 //
 // Precision: everything is computed in fp32 (fp64 for fp64 inputs, for gradcheck). bf16/fp16 tiles
