@@ -112,17 +112,28 @@ def _word_symbols(word: str) -> list[str]:
     return list(word[:-1]) + [word[-1] + EOW]
 
 
-def _merge_pair(symbols: list[str], first: str, second: str) -> list[str]:
-    """Replace every non-overlapping (first, second), left to right, by first+second."""
-    out, i, n = [], 0, len(symbols)
-    while i < n:
-        if i < n - 1 and symbols[i] == first and symbols[i + 1] == second:
+def _merge_pair(symbols: list[str], first: str, second: str) -> tuple[list[str], list[int]]:
+    """Replace every non-overlapping (first, second), left to right, by first+second.
+
+    Returns the new symbols and where the merged ones stand in them. The scan for `first` is list.index
+    and the copying is slicing, both in C, so a very long word (text without spaces) costs little per merge.
+    """
+    out, merged, i, n = [], [], 0, len(symbols)
+    while True:
+        try:
+            j = symbols.index(first, i, n - 1)   # a `first` with a symbol after it
+        except ValueError:
+            break
+        if symbols[j + 1] == second:
+            out += symbols[i:j]
+            merged.append(len(out))
             out.append(first + second)
-            i += 2
+            i = j + 2
         else:
-            out.append(symbols[i])
-            i += 1
-    return out
+            out += symbols[i:j + 1]
+            i = j + 1
+    out += symbols[i:]
+    return out, merged
 
 
 class BPETokenizer:
@@ -207,17 +218,22 @@ class BPETokenizer:
             changed: set[tuple[str, str]] = set()
             for i in sorted(pair_words.pop(pair)):
                 syms = symbols[i]
-                new = _merge_pair(syms, first, second)
-                if len(new) == len(syms):
+                new, merged = _merge_pair(syms, first, second)
+                if not merged:
                     continue  # the word no longer holds the pair (a stale index)
+                # Only the pairs that touch a merge change: in the old word the pair itself and its two
+                # neighbours (the m-th merged symbol stood at k + m there), in the new word the two pairs
+                # around the merged symbol. Sets, so that neighbouring merges count a pair once.
                 n = counts[i]
-                for p in zip(syms, syms[1:]):
-                    pair_count[p] -= n
-                    changed.add(p)
-                for p in zip(new, new[1:]):
-                    pair_count[p] += n
-                    pair_words[p].add(i)
-                    changed.add(p)
+                gone = {p for m, k in enumerate(merged) for p in (k + m - 1, k + m, k + m + 1) if 0 <= p < len(syms) - 1}
+                come = {p for k in merged for p in (k - 1, k) if 0 <= p < len(new) - 1}
+                for p in gone:
+                    pair_count[syms[p], syms[p + 1]] -= n
+                    changed.add((syms[p], syms[p + 1]))
+                for p in come:
+                    pair_count[new[p], new[p + 1]] += n
+                    pair_words[new[p], new[p + 1]].add(i)
+                    changed.add((new[p], new[p + 1]))
                 symbols[i] = new
             for p in changed:
                 if pair_count[p] > 0:
@@ -231,16 +247,37 @@ class BPETokenizer:
     # ---- encoding / decoding ----------------------------------------------------------------
 
     def _bpe(self, word: str) -> list[int]:
-        """GPT-1's bpe(): merge the lowest-ranked adjacent pair everywhere, until none is left."""
-        symbols = _word_symbols(word)
-        ranks = self.bpe_ranks
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-            if best not in ranks:
-                break
-            symbols = _merge_pair(symbols, *best)
-        return [self.encoder.get(s, self.unk_id) for s in symbols]
+        """GPT-1's bpe(): merge the lowest-ranked adjacent pair everywhere (left to right), until none is left.
+
+        GPT-1 rescans the word for every merge, which takes minutes on a word of 100k letters (text without
+        spaces). Here the symbols form a linked list and their adjacent pairs wait in a heap by (rank,
+        position): every occurrence of the lowest rank is merged, left to right, before the pairs those
+        merges create, exactly as GPT-1's loop does, at a heap operation per merge.
+        """
+        symbols: list = _word_symbols(word)   # a merged-away symbol becomes None
+        ranks, n = self.bpe_ranks, len(symbols)
+        after = list(range(1, n + 1))         # the next live symbol; n: none
+        before = list(range(-1, n - 1))       # the previous one; -1: none
+        heap = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            first, second = self.merges[rank]
+            starts = []
+            while heap and heap[0][0] == rank:
+                starts.append(heapq.heappop(heap)[1])
+            for i in sorted(starts):
+                j = after[i]
+                if symbols[i] != first or j == n or symbols[j] != second:
+                    continue  # this pair is gone: an earlier merge took one of its symbols
+                symbols[i], symbols[j] = first + second, None
+                k = after[i] = after[j]
+                if k < n:
+                    before[k] = i
+                for a, b in ((before[i], i), (i, k)):  # the two pairs the merged symbol is now part of
+                    if a >= 0 and b < n and (symbols[a], symbols[b]) in ranks:
+                        heapq.heappush(heap, (ranks[symbols[a], symbols[b]], a))
+        return [self.encoder.get(s, self.unk_id) for s in symbols if s is not None]
 
     def _encode_words(self, text: str) -> list[int]:
         ids: list[int] = []

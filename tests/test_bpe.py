@@ -111,6 +111,83 @@ def test_train_reaches_vocab_size_and_is_the_same_in_every_process():
         assert [tuple(m) for m in merges] == a.merges and encoder == a.encoder, f"PYTHONHASHSEED={seed}"
 
 
+def _naive_bpe(tok, word):
+    """GPT-1's bpe() as its text_utils.py writes it: rescan the word for the lowest-ranked pair, merge it
+    everywhere (left to right, non-overlapping), repeat."""
+    symbols = list(word[:-1]) + [word[-1] + EOW]
+    while len(symbols) > 1:
+        best = min(zip(symbols, symbols[1:]), key=lambda p: tok.bpe_ranks.get(p, float("inf")))
+        if best not in tok.bpe_ranks:
+            break
+        out, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                out.append(best[0] + best[1])
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return [tok.encoder.get(s, tok.unk_id) for s in symbols]
+
+
+def _naive_train_merges(words, n_merges):
+    """The merges BPE learns, recounting every pair of every word before each merge (ties: smaller pair)."""
+    import collections
+
+    symbols = [list(w[:-1]) + [w[-1] + EOW] for w in words]
+    merges = []
+    for _ in range(n_merges):
+        count = collections.Counter(p for syms in symbols for p in zip(syms, syms[1:]))
+        if not count:
+            break
+        pair = min(count, key=lambda p: (-count[p], p))
+        merges.append(pair)
+        for w, syms in enumerate(symbols):
+            out, i = [], 0
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == pair:
+                    out.append(pair[0] + pair[1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            symbols[w] = out
+    return merges
+
+
+def test_training_and_encoding_equal_the_naive_algorithms_on_repetitive_and_long_words():
+    # The trainer updates only the pairs around each merge and the encoder keeps a heap of pairs (both so
+    # that a word of 100k letters stays fast); they must give exactly what the plain algorithms give,
+    # overlapping runs ("aaaa", "abab") and words of thousands of letters included.
+    import random
+
+    rng = random.Random(0)
+    for trial in range(40):
+        alphabet = ["ab", "aab", "abc", "a", "abcdefg"][trial % 5]
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.choice([1, 2, 5, 12, 40])))
+                 for _ in range(rng.randint(1, 30))]
+        if trial % 10 == 0:
+            words.append("".join(rng.choice(alphabet) for _ in range(3000)))
+        tok = BPETokenizer.train(" ".join(words), vocab_size=rng.randint(20, 150))
+        assert tok.merges == _naive_train_merges(words, len(tok.merges)), trial
+        for word in words[:10] + ["".join(rng.choice(alphabet) for _ in range(2000))]:
+            assert tok._bpe(word) == _naive_bpe(tok, word), (trial, word[:50])
+    # Two merges spelling one token ("abc" from a+bc and from ab+c), so that a merge can create a pair of a
+    # lower rank than its own: GPT-1 still finishes the current rank everywhere first.
+    merges = [("b", "c"), ("a", "bc"), ("abc", "ab"), ("a", "b"), ("ab", "c"), ("b", "c" + EOW)]
+    tokens = [UNK, "a", "b", "c", "a" + EOW, "b" + EOW, "c" + EOW, "bc", "abc", "abcab", "ab", "bc" + EOW]
+    tok = BPETokenizer({t: i for i, t in enumerate(tokens)}, merges)
+    for _ in range(2000):
+        word = "".join(rng.choice("abc") for _ in range(rng.randint(1, 25)))
+        assert tok._bpe(word) == _naive_bpe(tok, word), word
+    # ab c ab c x</w>: (ab, c) makes abc twice; merging (abc, ab) in between would take the second ab
+    tokens = [UNK, "a", "b", "c", "x", "x" + EOW, "ab", "abc", "abcab"]
+    tok = BPETokenizer({t: i for i, t in enumerate(tokens)}, [("a", "b"), ("abc", "ab"), ("ab", "c")])
+    assert [tok.decoder[i] for i in tok._bpe("abcabcx")] == ["abc", "abc", "x" + EOW] == \
+        [tok.decoder[i] for i in _naive_bpe(tok, "abcabcx")]
+
+
 def test_train_errors():
     with pytest.raises(DataError, match="smaller than the base vocabulary"):
         BPETokenizer.train("abcdef", vocab_size=5)
