@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import operator
 import os
 import unicodedata
 from collections import Counter, defaultdict
@@ -28,6 +29,10 @@ from minilm.files import write_atomic
 UNK = "<unk>"
 EOW = "</w>"  # end-of-word marker carried by the last symbol of every word
 _MERGES_HEADER = "#version: 0.2"
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class DataError(ValueError):
@@ -179,6 +184,10 @@ class BPETokenizer:
         there and the vocabulary is smaller than asked for. A ``vocab_size`` below the base
         vocabulary is an error.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"train() takes a str, got {type(text).__name__}")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
         words = Counter(basic_tokenize(text))
         if not words:
             raise DataError("cannot train a BPE tokenizer on empty text (no words after pre-tokenisation)")
@@ -308,10 +317,17 @@ class BPETokenizer:
         Punctuation comes back space-separated ("hello , world !"), as from GPT-1. The result is
         NFC-normalised so that Hangul syllables, split into jamo by the accent stripping, recompose.
         """
+        if isinstance(ids, (str, bytes)):
+            raise TypeError("decode() takes a sequence of token ids (ints), not a string")
         tokens = []
         n = self.vocab_size
         for i in ids:
-            i = int(i)
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                i = operator.index(i)   # ints, numpy and torch integers; not floats, which int() would truncate
+            except TypeError:
+                raise TypeError(f"decode() takes integer token ids, got {i!r}") from None
             if not 0 <= i < n:
                 raise DataError(f"token id {i} is out of range for a vocabulary of {n}")
             tokens.append(self.decoder[i])
@@ -344,9 +360,9 @@ class BPETokenizer:
         try:
             with open(vocab_json, encoding="utf-8") as f:
                 vocab = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{vocab_json} is not a JSON vocabulary: {e}") from None
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: JSON, or a 5,000-digit number
+            raise DataError(f"{vocab_json} is not a JSON vocabulary: {_first_line(e)}") from None
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
             raise DataError(f"{vocab_json} must map tokens to integer ids")
         merges = []
         try:

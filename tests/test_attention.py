@@ -450,3 +450,18 @@ def test_bench_rows_and_shape_parsing(capsys):
     for bad in ("4,12,256", "4,12,x,64", "0,1,2,3"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_shape(bad)
+
+
+def test_bench_sizes_too_big_to_allocate_are_one_line(capsys):
+    from minilm.bench.__main__ import main
+    assert main(["charcnn", "--tokens", "10000000000"]) == 1   # 4 TB of activations
+    err = capsys.readouterr().err
+    assert err.startswith("minilm.bench: out of memory") and err.count("\n") == 1, err
+
+
+def test_bench_checks_the_plot_path_before_the_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from minilm.bench.__main__ import main
+    for path, message in ((tmp_path / "missing" / "a.png", "no such directory"), (tmp_path / "a.txt", "must end in")):
+        with pytest.raises(SystemExit, match=message):
+            main(["attention", "--shapes", "1,1,8,8", "--plot", str(path)])

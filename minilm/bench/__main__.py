@@ -1,6 +1,7 @@
 """python -m minilm.bench <benchmark> [options]; `python -m minilm.bench <benchmark> --help` lists a benchmark's options."""
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module in minilm.bench that defines add_arguments(parser) and run(args), one-line help)
@@ -36,7 +37,22 @@ def main(argv=None):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.exit(2, "minilm.bench: --device cuda was asked for, but torch sees no CUDA device\n")
-    chosen.run(args)
+    from minilm.bench.common import is_out_of_memory
+    try:
+        chosen.run(args)
+    except BrokenPipeError:  # `... | head`: the reader has gone, and so do we, without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:     # a full disk or stdout, a plot path that cannot be written
+        print(f"minilm.bench: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"minilm.bench: out of memory ({str(e).strip().splitlines()[0][:160]}): give smaller sizes",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

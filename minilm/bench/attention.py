@@ -15,11 +15,12 @@ composite with F.dropout).
 """
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from minilm.bench.common import Reporter, device_name, peak_mib, sync, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, is_out_of_memory, peak_mib, sync, threads_note, time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SHAPES = [(4, 12, 256, 64), (1, 12, 1024, 64), (1, 4, 4096, 64)]
@@ -130,7 +131,9 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
             try:
                 ms = time_ms(call, device, warmup=2, iters=5, min_time_s=min_time_s)
                 mib = peak_mib(call, device)
-            except torch.OutOfMemoryError:
+            except (MemoryError, RuntimeError) as e:   # the naive composite's T×T scores, on either device
+                if not is_out_of_memory(e):
+                    raise
                 reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -175,11 +178,18 @@ def run(args):
         raise SystemExit(f"minilm.bench attention: --dropout must be in [0, 1), got {args.dropout}")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = args.shapes or (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    if args.plot:
+    if args.plot:  # checked before the run, which may take minutes, rather than when the figure is saved
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
         except ImportError:
             raise SystemExit("minilm.bench: --plot needs matplotlib (pip install matplotlib)")
+        kinds = FigureCanvasAgg.get_supported_filetypes()
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        if ext not in kinds:
+            raise SystemExit(f"minilm.bench: --plot {args.plot}: the file name must end in one of "
+                             f"{', '.join('.' + k for k in sorted(kinds))}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+            raise SystemExit(f"minilm.bench: --plot {args.plot}: no such directory")
 
     rows = []
 
