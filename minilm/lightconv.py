@@ -78,12 +78,14 @@ class LightweightConv1d(nn.Module):
 
     def __init__(self, n_embd, n_head, kernel_size, weight_dropout=0.0):
         super().__init__()
+        if isinstance(n_embd, bool) or not isinstance(n_embd, int) or n_embd < 1:
+            raise ValueError(f"lightconv: n_embd must be a positive int, got {n_embd!r}")
         if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1 or n_embd % n_head != 0:
             raise ValueError(f"lightconv: n_head must be a positive int that divides n_embd ({n_embd}), got {n_head!r}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"lightconv: kernel_size must be a positive int, got {kernel_size!r}")
-        if not 0.0 <= weight_dropout < 1.0:
-            raise ValueError(f"lightconv: weight_dropout must be in [0, 1), got {weight_dropout}")
+        if isinstance(weight_dropout, bool) or not isinstance(weight_dropout, (int, float)) or not 0.0 <= weight_dropout < 1.0:
+            raise ValueError(f"lightconv: weight_dropout must be a number in [0, 1), got {weight_dropout!r}")
         self.n_embd, self.n_head, self.kernel_size = n_embd, n_head, kernel_size
         self.weight_dropout = weight_dropout
         self.weight = nn.Parameter(torch.empty(n_head, kernel_size))  # (H, K), the logits of softmax(W)
@@ -140,6 +142,7 @@ class LightConvLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):  # (B, T, d)
+        check_lightconv_input(x, self.conv.n_embd)  # before linear1, whose own error would be less clear
         x = F.glu(self.linear1(x), dim=-1)  # (B, T, 2d) → (B, T, d)
         x = self.conv(x)  # (B, T, d)
         return self.dropout(self.linear2(x))  # (B, T, d)

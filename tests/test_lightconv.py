@@ -133,8 +133,14 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match="kernel_size"):
             LightweightConv1d(8, 2, kernel_size)
     assert conv(torch.randn(2, 0, 8)).shape == (2, 0, 8)
-    with pytest.raises(ValueError, match="weight_dropout"):
-        LightweightConv1d(8, 2, 3, weight_dropout=1.0)
+    for p in (1.0, "0.1"):
+        with pytest.raises(ValueError, match="weight_dropout"):
+            LightweightConv1d(8, 2, 3, weight_dropout=p)
+    for n_embd in (0, -4, 8.0):
+        with pytest.raises(ValueError, match="n_embd must be a positive int"):
+            LightweightConv1d(n_embd, 1, 3)
+    with pytest.raises(ValueError, match=r"\(B, T, 8\)"):              # the whole sublayer checks, before linear1
+        LightConvLayer(8, 2, 3)(torch.randn(2, 3, 5))
 
 
 def test_default_kernel_sizes_grow_then_stay_at_31():
