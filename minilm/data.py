@@ -396,6 +396,12 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     if old is not None and all(old.get(k) == v for k, v in wanted.items()) and _is_complete(data_dir, old):
         _check_split_sizes(old["n_train_tokens"], old["n_val_tokens"], min_tokens)
         return {**old, "reused": True}
+    # Files of these names that no preparation of ours wrote (a model's vocab.json, say) are the user's: refused,
+    # never overwritten. A preparation's meta.json says "format" from its first write on (see below).
+    taken = [n for n in ("meta.json", *_PREPARED_FILES) if os.path.lexists(os.path.join(data_dir, n))]
+    if taken and (old is None or "format" not in old):
+        raise DataError(f"{data_dir} holds {', '.join(taken)} but no meta.json of minilm's: files it did not write "
+                        "are not overwritten (choose another output directory, or delete them)")
 
     train_text, val_text = split_documents(docs, val_fraction)
     tokenizer = BPETokenizer.train(train_text, vocab_size)
@@ -408,8 +414,9 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
 
     os.makedirs(data_dir, exist_ok=True)
     meta_path = os.path.join(data_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the set is about to change: never leave an old meta over new files
+    # The set is about to change: never leave an old meta over new files. This one marks the directory as a
+    # preparation (that a kill may have cut short), which a later run redoes.
+    write_atomic(meta_path, json.dumps({"format": _FORMAT_VERSION, "preparing": True}).encode("utf-8"))
     for split, ids in (("train", train_ids), ("val", val_ids)):
         write_atomic(os.path.join(data_dir, f"{split}.bin"), np.asarray(ids, dtype=dtype).tobytes())
     tokenizer.save(data_dir)

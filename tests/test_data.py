@@ -234,7 +234,22 @@ def test_prepare_writes_reuses_and_redoes(tmp_path):
         assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"], name
         assert D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]
     (out / "meta.json").write_text("[]")                                      # JSON, but not ours
-    assert not D.prepare_gpt1(str(src), str(out), vocab_size=130)["reused"]
+    with pytest.raises(DataError, match="no meta.json of minilm's"):
+        D.prepare_gpt1(str(src), str(out), vocab_size=130)
+
+
+def test_prepare_never_overwrites_files_it_did_not_write(tmp_path):
+    src = _write(tmp_path / "t.txt", PLAY)
+    mine = tmp_path / "model"
+    _write(mine / "vocab.json", '{"my": 0}')                                # e.g. another tokenizer's files
+    with pytest.raises(DataError, match=r"holds vocab.json but no meta.json of minilm's"):
+        D.prepare_gpt1(str(src), str(mine), vocab_size=100)
+    assert (mine / "vocab.json").read_text() == '{"my": 0}'
+    out = tmp_path / "out"                                                  # a preparation a kill cut short
+    _write(out / "meta.json", json.dumps({"format": D._FORMAT_VERSION, "preparing": True}))
+    _write(out / "train.bin", "")
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=100)["reused"]
+    assert D.prepare_gpt1(str(src), str(out), vocab_size=100)["reused"]
     assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
 
 
