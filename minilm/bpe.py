@@ -31,8 +31,9 @@ EOW = "</w>"  # end-of-word marker carried by the last symbol of every word
 _MERGES_HEADER = "#version: 0.2"
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def first_line(e: Exception) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
 
 
 class DataError(ValueError):
@@ -234,8 +235,10 @@ class BPETokenizer:
                 # neighbours (the m-th merged symbol stood at k + m there), in the new word the two pairs
                 # around the merged symbol. Sets, so that neighbouring merges count a pair once.
                 n = counts[i]
-                gone = {p for m, k in enumerate(merged) for p in (k + m - 1, k + m, k + m + 1) if 0 <= p < len(syms) - 1}
-                come = {p for k in merged for p in (k - 1, k) if 0 <= p < len(new) - 1}
+                gone, come = set(), set()   # positions (in syms, in new) of the pairs that change
+                for m, k in enumerate(merged):
+                    gone.update(p for p in (k + m - 1, k + m, k + m + 1) if 0 <= p < len(syms) - 1)
+                    come.update(p for p in (k - 1, k) if 0 <= p < len(new) - 1)
                 for p in gone:
                     pair_count[syms[p], syms[p + 1]] -= n
                     changed.add((syms[p], syms[p + 1]))
@@ -360,8 +363,8 @@ class BPETokenizer:
         try:
             with open(vocab_json, encoding="utf-8") as f:
                 vocab = json.load(f)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: JSON, or a 5,000-digit number
-            raise DataError(f"{vocab_json} is not a JSON vocabulary: {_first_line(e)}") from None
+        except (ValueError, RecursionError) as e:   # bad UTF-8 or JSON, a 5,000-digit number; deep nesting
+            raise DataError(f"{vocab_json} is not a JSON vocabulary: {first_line(e)}") from None
         if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
             raise DataError(f"{vocab_json} must map tokens to integer ids")
         merges = []

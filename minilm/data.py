@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from minilm.bpe import BPETokenizer, DataError
+from minilm.bpe import BPETokenizer, DataError, first_line
 from minilm.files import write_atomic
 
 __all__ = [
@@ -98,10 +98,6 @@ def strip_gutenberg(text: str) -> str:
     return "\n".join(lines[start:end])
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
-
-
 def read_tarball_texts(path: str, match) -> list[tuple[str, str]]:
     """(member name, text) for the regular files of a .tar.gz whose name satisfies ``match``, sorted."""
     try:
@@ -109,7 +105,7 @@ def read_tarball_texts(path: str, match) -> list[tuple[str, str]]:
             members = sorted((m for m in tar.getmembers() if m.isfile() and match(m.name)), key=lambda m: m.name)
             return [(m.name, decode_utf8(tar.extractfile(m).read(), f"{path}:{m.name}")) for m in members]
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
+        raise DataError(f"cannot read the archive {path} ({first_line(e)}); delete it to download it again") from None
 
 
 def read_wheel_texts(path: str, match) -> list[tuple[str, str]]:
@@ -119,7 +115,7 @@ def read_wheel_texts(path: str, match) -> list[tuple[str, str]]:
             names = sorted(n for n in zf.namelist() if not n.endswith("/") and match(n))
             return [(n, decode_utf8(zf.read(n), f"{path}:{n}")) for n in names]
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise DataError(f"cannot read the archive {path} ({_first_line(e)}); delete it to download it again") from None
+        raise DataError(f"cannot read the archive {path} ({first_line(e)}); delete it to download it again") from None
 
 
 def _file_sha256(path: str) -> str:
@@ -212,9 +208,9 @@ def _from_path(data: str) -> list[tuple[str, str]]:
                 continue
             with open(path, "rb") as f:
                 head = f.read(8192)   # a large binary file (a checkpoint next to the text) is never read whole
-                if _utf16_or_32(head):  # a byte-order mark: text, not to be skipped silently
-                    raise DataError(f"{path} is {_utf16_or_32(head)} text: save it as UTF-8 (every file of {data} "
-                                    "is read as UTF-8)")
+                wide = _utf16_or_32(head)
+                if wide:  # a byte-order mark: text, not to be skipped silently
+                    raise DataError(f"{path} is {wide} text: save it as UTF-8 (every file of {data} is read as UTF-8)")
                 if _is_binary(head):
                     continue  # an image or archive lying next to the text
                 raw = head + f.read()
@@ -342,11 +338,28 @@ def holds_preparation(data_dir: str, meta: dict) -> bool:
 
 
 def _is_complete(data_dir: str, meta: dict) -> bool:
-    """Whether the files meta.json describes are all there, unchanged (their sha256 is in meta.json)."""
+    """Whether the files meta.json describes are all there and unchanged: token files of the recorded sizes and
+    every file's recorded sha256. A preparation by an older minilm recorded no digests: its tokenizer must load."""
     try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            if os.path.getsize(os.path.join(data_dir, f"{split}.bin")) != meta[f"n_{split}_tokens"] * itemsize:
+                return False
+        if "sha256" not in meta:
+            BPETokenizer.load(data_dir)
+            return True
         return meta["sha256"] == _files_sha256(data_dir)
-    except (OSError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError, ValueError):
         return False
+
+
+def _write_meta(data_dir: str, meta: dict) -> None:
+    try:
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not UTF-8: \u-escaped, so that the file stays UTF-8 JSON
+        text = json.dumps(meta, indent=2) + "\n"
+    write_atomic(os.path.join(data_dir, "meta.json"), text.encode("utf-8"))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -395,15 +408,24 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     old = _read_meta(data_dir)
     if old is not None and all(old.get(k) == v for k, v in wanted.items()) and _is_complete(data_dir, old):
         _check_split_sizes(old["n_train_tokens"], old["n_val_tokens"], min_tokens)
+        if "sha256" not in old:  # an older minilm's preparation: its files' digests are checked from now on
+            old = {**old, "sha256": _files_sha256(data_dir)}
+            _write_meta(data_dir, old)
         return {**old, "reused": True}
     # Files of these names that no preparation of ours wrote (a model's vocab.json, say) are the user's: refused,
     # never overwritten. A preparation's meta.json says "format" from its first write on (see below).
     taken = [n for n in ("meta.json", *_PREPARED_FILES) if os.path.lexists(os.path.join(data_dir, n))]
     if taken and (old is None or "format" not in old):
-        raise DataError(f"{data_dir} holds {', '.join(taken)} but no meta.json of minilm's: files it did not write "
-                        "are not overwritten (choose another output directory, or delete them)")
+        raise DataError(f"{data_dir} holds {', '.join(taken)} but no meta.json of minilm's (or a damaged one): files "
+                        "it did not write are not overwritten; choose another output directory, or delete them")
 
     train_text, val_text = split_documents(docs, val_fraction)
+    if expect is not None and "n_train_chars" in expect and (
+            (expect["n_train_chars"], expect.get("n_val_chars")) != (len(train_text), len(val_text))):
+        # the same text, split elsewhere (an older minilm's cut): another tokenizer would come out, and a resumed
+        # model would read its ids as the old ones
+        raise DataError(f"{data} is split differently now than when {data_dir} was prepared from it (by an older "
+                        "minilm), so its tokenizer cannot be made again: start a new run")
     tokenizer = BPETokenizer.train(train_text, vocab_size)
     train_ids = tokenizer.encode(train_text)
     val_ids = tokenizer.encode(val_text)
@@ -433,12 +455,7 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
         "prepare_seconds": round(time.perf_counter() - t0, 3),
         "sha256": _files_sha256(data_dir),   # so that a reuse notices an edited or damaged file
     }
-    try:
-        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a path that is not UTF-8: \u-escaped, so that the file stays UTF-8 JSON
-        text = json.dumps(meta, indent=2) + "\n"
-    write_atomic(meta_path, text.encode("utf-8"))
+    _write_meta(data_dir, meta)
     return {**meta, "reused": False}
 
 

@@ -506,7 +506,8 @@ class BiLM(nn.Module):
         keep = targets >= 0
         h, targets = h[keep], targets[keep]                          # (N, P), (N,)
         if h.shape[0] == 0:   # nothing to predict (every target −1): 0, as allennlp's LM, not the NaN of a mean of none
-            return h.sum() * 0.0
+            # an fp32 zero that reaches the softmax's parameters too, so that every parameter gets a (zero) gradient
+            return (h.float().sum() + self.softmax.weight.sum() + self.softmax.bias.sum()) * 0.0
         c = self.config
         if self.training and 0 < c.n_negative_samples < c.vocab_size:
             return self._sampled_softmax_loss(h, targets)

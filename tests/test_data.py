@@ -314,3 +314,20 @@ def test_a_directory_names_utf32_and_a_path_that_is_not_utf8_has_a_cache_name(tm
         D.load_documents(str(tmp_path / "corpus"))
     name = os.fsdecode(b"\xff.txt")                                 # how Python spells a non-UTF-8 file name
     assert D.default_data_dir(str(tmp_path / name), 100).endswith("-bpe100")
+
+
+def test_an_older_preparation_is_reused_and_a_split_that_moved_is_refused(tmp_path):
+    src = _write(tmp_path / "t.txt", PLAY)
+    out = tmp_path / "out"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    old = {k: v for k, v in json.loads((out / "meta.json").read_text()).items() if k != "sha256"}
+    (out / "meta.json").write_text(json.dumps(old))                         # as an older minilm wrote it
+    again = D.prepare_gpt1(str(src), str(out), vocab_size=100, expect=old)
+    assert again["reused"] and json.loads((out / "meta.json").read_text())["sha256"] == meta["sha256"]
+    # a resumed run whose data must be made again, but whose text an older minilm cut elsewhere: another
+    # tokenizer would come out, so it is refused rather than fed to the old model
+    (out / "val.bin").write_bytes(b"")
+    moved = {**old, "n_train_chars": old["n_train_chars"] - 7, "n_val_chars": old["n_val_chars"] + 7}
+    with pytest.raises(DataError, match="split differently now"):
+        D.prepare_gpt1(str(src), str(out), vocab_size=100, expect=moved)
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=100, expect=old)["reused"]

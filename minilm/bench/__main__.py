@@ -49,7 +49,8 @@ def main(argv=None):
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        print(f"minilm.bench: out of memory ({str(e).strip().splitlines()[0][:160]}): give smaller sizes",
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]   # MemoryError() has no message
+        print(f"minilm.bench: out of memory ({what}): give smaller sizes",
               file=sys.stderr)
         return 1
     return 0
