@@ -111,6 +111,19 @@ def test_train_reaches_vocab_size_and_is_the_same_in_every_process():
         assert [tuple(m) for m in merges] == a.merges and encoder == a.encoder, f"PYTHONHASHSEED={seed}"
 
 
+def _naive_merge(symbols, pair):
+    """Every non-overlapping occurrence of pair, left to right, merged into one symbol."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
 def _naive_bpe(tok, word):
     """GPT-1's bpe() as its text_utils.py writes it: rescan the word for the lowest-ranked pair, merge it
     everywhere (left to right, non-overlapping), repeat."""
@@ -119,15 +132,7 @@ def _naive_bpe(tok, word):
         best = min(zip(symbols, symbols[1:]), key=lambda p: tok.bpe_ranks.get(p, float("inf")))
         if best not in tok.bpe_ranks:
             break
-        out, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                out.append(best[0] + best[1])
-                i += 2
-            else:
-                out.append(symbols[i])
-                i += 1
-        symbols = out
+        symbols = _naive_merge(symbols, best)
     return [tok.encoder.get(s, tok.unk_id) for s in symbols]
 
 
@@ -143,16 +148,7 @@ def _naive_train_merges(words, n_merges):
             break
         pair = min(count, key=lambda p: (-count[p], p))
         merges.append(pair)
-        for w, syms in enumerate(symbols):
-            out, i = [], 0
-            while i < len(syms):
-                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == pair:
-                    out.append(pair[0] + pair[1])
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            symbols[w] = out
+        symbols = [_naive_merge(syms, pair) for syms in symbols]
     return merges
 
 
