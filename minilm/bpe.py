@@ -261,8 +261,8 @@ class BPETokenizer:
     def _bpe(self, word: str) -> list[int]:
         """GPT-1's bpe(): merge the lowest-ranked adjacent pair everywhere (left to right), until none is left.
 
-        GPT-1 rescans the word for every merge, which takes minutes on a word of 100k letters (text without
-        spaces). Here the symbols form a linked list and their adjacent pairs wait in a heap by (rank,
+        GPT-1 rescans the word for every merge: 5 s for a 40,000-letter word (text without spaces) against
+        0.06 s here (README, Tokenizer). Here the symbols form a linked list and their adjacent pairs wait in a heap by (rank,
         position): every occurrence of the lowest rank is merged, left to right, before the pairs those
         merges create, exactly as GPT-1's loop does, at a heap operation per merge.
         """
