@@ -572,8 +572,9 @@ def train(cfg, checkpoint=None):
     torch.manual_seed(cfg["seed"])
     if checkpoint:
         if checkpoint.get("corpus_sha256") != corpus_sha256:   # the words and tokens, so the vocabulary too
-            raise UsageError(f"--resume True: {cfg['data']} has changed since {ckpt_path} was trained on it (its "
-                             "streams would read other sentences); start a new run to train on the new text")
+            raise UsageError(f"--resume True: {cfg['data']} has changed since {ckpt_path} was trained on it, or an "
+                             "older minilm split it into train and validation text elsewhere (its streams would read "
+                             "other sentences); start a new run")
         model = bilm_from_checkpoint(checkpoint, ckpt_path).to(dev)
         config = model.config
     else:
