@@ -238,9 +238,11 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:    # minilm.data.DataError is a ValueError; library checks raise these
         raise UsageError(str(e)) from None
     except OSError as e:                            # a full disk, a read-only out_dir, ...
-        raise RankError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
+        from minilm.files import os_error_line
+        raise RankError(os_error_line(e)) from None
     except (MemoryError, RuntimeError) as e:        # torch's allocators raise RuntimeErrors (CUDA: OutOfMemoryError)
-        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
+        from minilm.files import is_out_of_memory
+        if not is_out_of_memory(e):
             raise
         raise RankError("out of memory: give a smaller --batch_size (or --unroll_steps, --preset)") from None
 

@@ -38,7 +38,8 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import make_dirs, optimizer_state_fits, remove_dirs, save_checkpoint, truncate_log, write_atomic
+from minilm.files import (is_out_of_memory, make_dirs, optimizer_state_fits, os_error_line, remove_dirs, save_checkpoint,
+                          truncate_log, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -698,9 +699,8 @@ def one_line(e):
     if isinstance(e, (UserError, DataError)):  # DataError: a bad path, non-UTF-8 or empty text, ...
         return str(e)
     if isinstance(e, OSError):  # a full disk, a read-only out_dir, ...
-        return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
-    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("can't allocate memory" in str(e)
-                                                                        or "out of memory" in str(e))):
+        return os_error_line(e)
+    if is_out_of_memory(e):
         return "out of memory: give a smaller --batch_size (or --block_size, or a smaller model)"
     return None
 

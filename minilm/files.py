@@ -1,13 +1,27 @@
 """Files that survive a kill. The tokenizer, token files, checkpoints, ELMo features and plots are written
 whole by write_atomic; a log gets one line appended per evaluation, and a resumed run rewrites it (atomically)
 without the lines an interrupted run wrote after its last checkpoint. A kill in the middle of a write can
-leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted."""
+leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted.
+Here too: how the scripts turn a failed write (os_error_line) or allocation (is_out_of_memory) into one line."""
 import io
 import json
 import os
 import tempfile
 
 import torch
+
+
+def os_error_line(e):
+    """An OSError (a full disk, a read-only or missing directory) as one line: "path: reason"."""
+    return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+
+
+def is_out_of_memory(e):
+    """Whether an exception is an allocation failure, which the scripts report in one line (a smaller batch is the
+    fix, not a traceback): Python's MemoryError, torch's RuntimeError from the CPU allocator (CUDA's
+    OutOfMemoryError is a RuntimeError saying "out of memory" too), or a size whose byte count overflows."""
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
 
 
 def write_atomic(path, data):

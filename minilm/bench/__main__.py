@@ -37,14 +37,14 @@ def main(argv=None):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.exit(2, "minilm.bench: --device cuda was asked for, but torch sees no CUDA device\n")
-    from minilm.bench.common import is_out_of_memory
+    from minilm.files import is_out_of_memory, os_error_line
     try:
         chosen.run(args)
     except BrokenPipeError:  # `... | head`: the reader has gone, and so do we, without a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:     # a full disk or stdout, a plot path that cannot be written
-        print(f"minilm.bench: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"minilm.bench: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):

@@ -20,7 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from minilm.bench.common import Reporter, device_name, is_out_of_memory, peak_mib, sync, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, peak_mib, sync, threads_note, time_ms
+from minilm.files import is_out_of_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SHAPES = [(4, 12, 256, 64), (1, 12, 1024, 64), (1, 4, 4096, 64)]

@@ -22,14 +22,6 @@ def positive_int(text):
     return value
 
 
-def is_out_of_memory(e):
-    """Whether an exception is an allocation failure: Python's MemoryError, or torch's RuntimeError from the
-    CPU allocator (CUDA's OutOfMemoryError is a RuntimeError saying "out of memory" too), or a size whose byte
-    count overflows."""
-    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
-
-
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
