@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA kernels, for a fresh H100/H200 machine with torch + CUDA installed:
-# build (timed) -> import -> pytest tests/test_cuda.py (defaults; attention dropout included) -> attention
+# build (timed) -> import -> pytest tests/test_cuda.py (defaults; attention dropout included; where a test
+# failed, the attention tests again with inputs and results copied contiguous) -> attention
 # tiling sweep (reports the fastest correct tilings) -> the attention tests with the sweep's picks ->
 # char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed), with where one
 # attention call's time goes (attn-host) before GPT-1's; attention with dropout last.
@@ -65,6 +66,13 @@ print('CUDA kernels registered; minilm._C from', minilm._C.__file__)"
 export PYTEST_WORKERS=
 python -c "import xdist" 2>/dev/null && PYTEST_WORKERS="-n 4"
 step pytest 200 python -m pytest -v -rfE --tb=short -p no:cacheprovider $PYTEST_WORKERS tests/test_cuda.py
+#    Where a test failed, the attention tests once more with every input and result copied contiguous
+#    (MINILM_ATTN_COPY=1, csrc/cuda/attention_cuda.cpp): a failure only above points to the strided reads and
+#    writes, one in both runs to the kernels themselves.
+if [[ " ${failed[*]:-} " == *" pytest(rc="* ]]; then
+  step pytest-copy 150 env MINILM_ATTN_COPY=1 python -m pytest -q -rfE --tb=line -p no:cacheprovider \
+    $PYTEST_WORKERS tests/test_cuda.py -k attention
+fi
 # 3. Every attention tiling, checked and timed; the fastest correct ones (per head dim) are printed and
 #    written to $OUT/attn_best.env as candidates for the defaults in attention_kernels.cu. Then the
 #    attention tests once more with the sweep's picks (the environment set for that step only), so that a

@@ -9,8 +9,9 @@
 //     16-byte aligned rows, e.g. GPT-1's q, k, v, views into one projection), else copied first. The
 //     results (out; dq, dk, dv) are written where they belong (../attention_layout.h: [B, T, H, D] in
 //     memory when q is), except with padded head dims (cut and copied there).
-//   fp32, fp64, or bf16/fp16 with 128 < D <= 256: the CUDA-core kernels (exact, slower), on contiguous
-//     copies; their results are copied into the results' layout where that is not contiguous.
+//   fp32, fp64, or bf16/fp16 with 128 < D <= 256 or sizes past the tensor-core kernels' limits
+//     (use_tensor_cores): the CUDA-core kernels (exact, slower), on contiguous copies; their results are
+//     copied into the results' layout where that is not contiguous.
 // Attention dropout (dropout_p, seed) becomes minilm_dropout::Params for either; its mask depends on
 // (batch·head, query, key) only, so head-dim padding does not change it.
 #include <ATen/ATen.h>
@@ -20,6 +21,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 
@@ -52,11 +55,12 @@ at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 
 // bf16/fp16 with D <= 128, and sizes small enough for the tensor-core kernels' 32-bit row offsets (within a
 // head, where a tile may start up to 128 rows past T; rows_readable checks a strided input's own row
-// stride) and row indices (B·H·T)
+// stride), row indices (B·H·T) and grids (a CTA per tile of 64 or more rows along a grid's y, which ends at
+// 65,535: T <= 4,194,240)
 bool use_tensor_cores(const at::Tensor& q) {
   const auto t = q.scalar_type();
   const int64_t T = q.size(2), rows = q.size(0) * q.size(1) * T;
-  return (t == at::kBFloat16 || t == at::kHalf) && q.size(3) <= 128 &&
+  return (t == at::kBFloat16 || t == at::kHalf) && q.size(3) <= 128 && T <= int64_t{65535} * 64 &&
          (T + 128) * 128 <= std::numeric_limits<int>::max() && rows <= std::numeric_limits<int>::max();
 }
 
@@ -64,10 +68,20 @@ int64_t padded_head_dim(int64_t D) { return D <= 64 ? 64 : 128; }
 
 bool aligned16(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
 
+// MINILM_ATTN_COPY=1: the tensor-core kernels read contiguous copies of their inputs and write contiguous
+// results, which are then copied into the results' layout, as before they read and wrote through strides. A
+// diagnostic, read at every call: scripts/gpu_check.sh reruns failed attention tests with it, to tell a fault
+// of the strided reads and writes from one of the kernels themselves.
+bool copy_io() {
+  const char* env = std::getenv("MINILM_ATTN_COPY");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 // Whether the tensor-core kernels can read x's rows where they are: head dim Dp, the last dim contiguous, and
 // every row 16 bytes aligned (cp.async). Other strides are read as they are (minilm_cuda::Layout), so
 // GPT-1's q, k, v, views into one [B, T, 3C] projection, are not copied.
 bool rows_readable(const at::Tensor& x, int64_t Dp) {
+  if (copy_io() && !x.is_contiguous()) return false;
   if (x.size(3) != Dp || x.stride(3) != 1 || !aligned16(x)) return false;
   for (int d = 0; d < 3; ++d)
     if (x.size(d) > 1 && (x.stride(d) * static_cast<int64_t>(x.element_size())) % 16 != 0) return false;
