@@ -121,8 +121,8 @@ class Block(nn.Module):
         self.arch = config.arch
         if config.arch == "lightconv":  # Linear → GLU → LightConv → Linear in place of attention
             kernel_size = resolve_kernel_sizes(config.kernel_sizes, config.n_layer)[layer_idx]
-            self.lightconv = LightConvLayer(config.n_embd, config.n_head, kernel_size,
-                                            config.weight_dropout, config.resid_pdrop)
+            self.lightconv = LightConvLayer(config.n_embd, config.n_head, kernel_size, config.weight_dropout,
+                                            dropout=config.resid_pdrop, input_dropout=config.resid_pdrop)
         else:
             self.attn = CausalSelfAttention(config)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)

@@ -29,7 +29,7 @@ every entry of softmax(W) is dropped with probability p and the rest divided by 
 fairseq's CUDA layer (`LightconvLayer`), one (H, K) mask is drawn per forward pass and shared by all
 sequences and positions of the batch; fairseq's pure-PyTorch path (`LightweightConv1dTBC`) draws
 one per sequence, position and head instead, which needs a K-times larger unfolded input or a
-(T, T) band matrix per head. The expectation is the same; the noise is more correlated here.
+(T, T) band matrix per sequence and head. The expectation is the same; the noise is more correlated here.
 
 The cost is O(T·d·K) per sequence, linear in the length T, against attention's O(T²·d).
 
@@ -89,8 +89,9 @@ class LightweightConv1d(nn.Module):
         self.n_embd, self.n_head, self.kernel_size = n_embd, n_head, kernel_size
         self.weight_dropout = weight_dropout
         self.weight = nn.Parameter(torch.empty(n_head, kernel_size))  # (H, K), the logits of softmax(W)
-        # Xavier-uniform as in fairseq: the logits start small, so each kernel starts close to a plain
-        # average over its window.
+        # Xavier-uniform on the (H, K) logits, as fairseq's CUDA layer (`LightconvLayer`): uniform in
+        # ±√(6 / (H + K)). (Its pure-PyTorch layer's weight is (H, 1, K), so its bound √(6 / (K + HK)) is
+        # smaller.) Small logits: each kernel starts as a rough average over its window.
         nn.init.xavier_uniform_(self.weight)
 
     def kernel(self):
@@ -129,13 +130,16 @@ class LightConvLayer(nn.Module):
 
     The GLU (Dauphin et al. 2017) gates the input: GLU([a, b]) = a ⊗ σ(b), with a and b the two
     halves of linear1's output. The convolution mixes positions, linear2 mixes channels.
-    `dropout` is applied to the output, before the residual add (fairseq's `dropout_module`; the
-    place of GPT-1's residual dropout after attention's c_proj). fairseq also has an input dropout
-    before linear1, 0 by default; it is left out.
+    `input_dropout` is applied to the input of linear1 (fairseq's `input_dropout`, 0.1 in its base
+    architectures) and `dropout` to the output, before the residual add (fairseq's `dropout_module`;
+    the place of GPT-1's residual dropout after attention's c_proj). GPT-1 passes its resid_pdrop as
+    both (fairseq's base architectures use 0.1 for both). fairseq initialises linear1 and linear2
+    Xavier-uniform; in GPT-1 they get GPT-1's N(0, 0.02), like every other weight.
     """
 
-    def __init__(self, n_embd, n_head, kernel_size, weight_dropout=0.0, dropout=0.0):
+    def __init__(self, n_embd, n_head, kernel_size, weight_dropout=0.0, dropout=0.0, input_dropout=0.0):
         super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout)
         self.linear1 = nn.Linear(n_embd, 2 * n_embd)
         self.conv = LightweightConv1d(n_embd, n_head, kernel_size, weight_dropout)
         self.linear2 = nn.Linear(n_embd, n_embd)
@@ -143,7 +147,7 @@ class LightConvLayer(nn.Module):
 
     def forward(self, x):  # (B, T, d)
         check_lightconv_input(x, self.conv.n_embd)  # before linear1, whose own error would be less clear
-        x = F.glu(self.linear1(x), dim=-1)  # (B, T, 2d) → (B, T, d)
+        x = F.glu(self.linear1(self.input_dropout(x)), dim=-1)  # (B, T, 2d) → (B, T, d)
         x = self.conv(x)  # (B, T, d)
         return self.dropout(self.linear2(x))  # (B, T, d)
 

@@ -219,6 +219,21 @@ def test_layer_output_dropout_drops_the_output_before_the_residual():
     assert not torch.allclose(model.train()(idx)[0], model.eval()(idx)[0])
 
 
+def test_layer_input_dropout_drops_the_input_of_linear1():
+    # fairseq's input_dropout: on the sublayer's input, before linear1 (GPT-1 passes its resid_pdrop)
+    layer = LightConvLayer(16, 2, 3, weight_dropout=0.0, dropout=0.0, input_dropout=0.5).train()
+    x = torch.randn(4, 24, 16)
+    torch.manual_seed(0)
+    got = layer(x)
+    torch.manual_seed(0)
+    x_dropped = F.dropout(x, 0.5, training=True)
+    assert (x_dropped == 0).any()
+    want = layer.linear2(layer.conv.eval()(F.glu(layer.linear1(x_dropped), dim=-1)))
+    torch.testing.assert_close(got, want)
+    model = _lightconv_gpt(resid_pdrop=0.3)
+    assert model.h[0].lightconv.input_dropout.p == 0.3
+
+
 def test_model_loss_falls_on_a_tiny_synthetic_task():
     # Sequences that count up modulo 13 from a random start: the next token is a function of the
     # current one, which one LightConv tap (plus the MLP) can learn. Uniform guessing is ln 13 = 2.56;

@@ -35,9 +35,9 @@
 // (see "THE DEFAULTS" below). MINILM_ATTN_BWD picks the scheme, see bwd_variant.
 //
 // The inputs (Q, K, V, dO, O) are read, and the results (O; dQ, dK, dV) written, through their strides (Layout
-// in kernels.h: views such as GPT-1's q, k, v need no copy, and results can lie as [B, T, H, D], as SDPA's). Shared-memory rows are padded by 8
-// elements (16 bytes), so that the 8 row addresses of an ldmatrix fall in different banks. Rows past T are
-// zero-filled by cp.async (src-size 0) and never written back.
+// in kernels.h: views such as GPT-1's q, k, v need no copy, and results can lie as [B, T, H, D], as SDPA's).
+// Shared-memory rows are padded by 8 elements (16 bytes), so that the 8 row addresses of an ldmatrix fall in
+// different banks. Rows past T are zero-filled by cp.async (src-size 0) and never written back.
 //
 // CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
 // the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
