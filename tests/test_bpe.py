@@ -1,6 +1,7 @@
 """GPT-1 BPE tokenizer: pre-tokenisation, merges by rank, training, files, and parity with HF."""
 import json
 import os
+import unicodedata
 
 import pytest
 
@@ -20,17 +21,22 @@ VARIED = [
     "«quotes» “curly” ‘single’ — dashes – and… ellipsis",
     "123 4567 89.0 1,000,000 ٣٤٥",
     "unseen letters: ж ק ღ ✓",
+    # the first and last code point of each CJK block that BERT's normaliser splits off (minilm.bpe._CJK_RANGES)
+    "x\u4e00\u9fffx\u3400\u4dbfx\U00020000\U0002a6dfx\U0002a700\U0002b73fx\U0002b740\U0002b81fx"
+    "\U0002b920\U0002ceafx\uf900\ufaffx\U0002f800\U0002fa1fx",
     "a<unk>b <unk> literal",
     "aaaaaa bbbbbb abababab",
 ]
 
-CORPUS = "\n".join(VARIED[1:-3]) * 3 + "\nthe the the then there theory"
+CORPUS = "\n".join(VARIED[1:-4]) * 3 + "\nthe the the then there theory"
 
 
 def test_basic_tokenize_lowercases_strips_accents_and_splits_punctuation():
     assert basic_tokenize("Héllo, World!") == ["hello", ",", "world", "!"]
     assert basic_tokenize("don't  a+b") == ["don", "'", "t", "a", "+", "b"]
     assert basic_tokenize("中文 ok") == ["中", "文", "ok"]  # CJK ideographs are words of their own
+    cjk = VARIED[-3]  # every CJK block's first and last code point, between x's: each one a word
+    assert basic_tokenize(cjk) == list(unicodedata.normalize("NFD", cjk))  # (NFD maps U+F900 to U+8C48)
     assert basic_tokenize("a\x00b\u200bc") == ["abc"]  # control and format characters are dropped
     assert basic_tokenize("a\u00a0b\u3000c") == ["a", "b", "c"]  # any Unicode space separates
     assert basic_tokenize("") == [] and basic_tokenize(" \n\t") == []

@@ -137,6 +137,18 @@ def test_repeated_characters_and_runs():
     assert (argmax[1] == 0).all()  # a token of one repeated id: every window ties, the first wins
 
 
+def test_ties_between_different_characters_go_to_the_first_window():
+    # Two characters with one embedding row: their windows tie exactly, and the whole gradient goes to the
+    # first (the reference's .max; .amax would split it between the two rows).
+    emb = torch.tensor([[0.0, 0.0], [0.5, -1.0], [0.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64, requires_grad=True)  # one filter of width 1
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    for fn in (char_cnn, char_cnn_reference):
+        out = fn(torch.tensor([[1, 2, 0]]), emb, [w], [b], "relu")  # windows: 1.5, 1.5, 0
+        (g_emb,) = torch.autograd.grad(out.sum(), [emb])
+        assert out.item() == 1.5 and g_emb.tolist() == [[0.0, 0.0], [1.0, -1.0], [0.0, 0.0]], fn.__name__
+
+
 def test_large_vocabulary():
     # A large character vocabulary makes the backward split the filters into small chunks.
     vocab = 20000
@@ -247,6 +259,7 @@ def test_argmax_int16_limit():
     out, argmax = torch.ops.minilm.char_cnn(ids, emb, [w], [b], "relu")
     assert argmax.dtype == torch.int16 and argmax.tolist() == [[32767], [0]]
     assert out.tolist() == [[1.0], [0.0]]
+    assert char_cnn(ids, emb, [w], [b], "relu").tolist() == [[1.0], [0.0]]  # the Python wrapper takes it too
     g_emb, (g_w,), g_b = torch.ops.minilm.char_cnn_backward(torch.ones_like(out), ids, emb, [w], out, argmax, "relu")
     assert g_emb.tolist() == [[0.0], [1.0]] and g_w.item() == 1.0 and g_b.item() == 1.0
     # one character more and the C++ op refuses (the Python wrapper raises ValueError first)

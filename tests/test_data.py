@@ -183,6 +183,10 @@ def test_split_cuts_at_a_word_when_no_line_start_is_near_the_fraction():
     train, val = D.split_documents([("essay", "My Essay\n" + words)], 0.1)
     assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
     assert (train + val).split() == ["My", "Essay"] + words.split()
+    # and a short last line under it: the only line start would leave that line alone in val
+    train, val = D.split_documents([("essay", words + "\nThe End")], 0.1)
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+    assert (train + val).split() == words.split() + ["The", "End"]
 
 
 def test_split_of_tiny_inputs():
@@ -190,6 +194,7 @@ def test_split_of_tiny_inputs():
     assert (train.strip(), val.strip()) == ("first line", "second line")
     train, val = D.split_documents([("t", "first line\nsecond line")], 0.1)  # the line start: val 5x too big
     assert (train.strip(), val.strip()) == ("first line\nsecond", "line")
+    assert D.split_documents([("t", "x\ny\nz")], 0.4) == ("x\ny\n", "z\n")  # a tie: the later line start
     train, val = D.split_documents([("t", "just three words")], 0.5)  # one line: cut at a word
     assert train.strip() and val.strip() and (train + val).split() == ["just", "three", "words"]
     with pytest.raises(DataError, match="too small to split"):

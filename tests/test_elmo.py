@@ -492,6 +492,31 @@ def test_bilm_drops_out_each_lstm_layers_input_and_the_softmax_input_in_training
                     assert torch.equal(got, top)
 
 
+def test_bilm_stream_losses_drop_out_the_softmax_input_in_training_only():
+    # train_elmo.py's path (stream_losses): the top layer's output is dropped out before the softmax there too
+    model = make_model(dropout=0.5, vocab_size=20, n_negative_samples=0)
+    seen = {}
+    for name, module in (("f1", model.forward_layers[1]), ("b1", model.backward_layers[1]), ("softmax", model.softmax)):
+        module.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
+            (inp[0], out[0] if isinstance(out, tuple) else out)))                  # an LSTMP returns (m, state)
+    ids = batch_to_ids([["a", "sentence", "long", "enough", "to", "count", "dropped", "values"]])   # (1, T, 50)
+    char_ids = torch.stack([ids, ids.flip(1)])                                     # (2, 1, T, 50)
+    targets = torch.zeros(2, 1, ids.shape[1], dtype=torch.long)
+    P = model.config.projection_dim
+    with torch.no_grad():
+        for training in (True, False):
+            seen.clear()
+            model.train(training).stream_losses(char_ids, targets)
+            # each direction's top output: the last LSTMP's, plus its (dropped) input with skip connections
+            skip = model.config.use_skip_connections
+            tops = [(out + inp if skip else out).reshape(-1, P) for inp, out in (seen["f1"][0], seen["b1"][0])]
+            for (got, _), top in zip(seen["softmax"], tops):
+                if training:
+                    _assert_dropped_out(got, top, 0.5)
+                else:
+                    assert torch.equal(got, top)
+
+
 def _strip_by_hand(layers, mask):
     """<S>, </S> and padding removed from each sentence, one sentence at a time: [(B, T, D)], (B, T)."""
     B, T2, D = layers[0].shape

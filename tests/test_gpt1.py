@@ -154,6 +154,14 @@ def test_mlp_residual_dropout_drops_the_mlp_output():
     _assert_inverted_dropout(mlp.train()(x), mlp.eval()(x), 0.5)
 
 
+def test_attention_residual_dropout_drops_the_attention_output():
+    from minilm.gpt1 import CausalSelfAttention
+
+    attn = CausalSelfAttention(config_from_preset("cpu-tiny", attn_pdrop=0.0, resid_pdrop=0.5))
+    x = torch.randn(4, 32, 32)
+    _assert_inverted_dropout(attn.train()(x), attn.eval()(x), 0.5)
+
+
 def test_loss_falls_on_a_tiny_corpus():
     torch.manual_seed(0)
     text = "the quick brown fox jumps over the lazy dog. " * 20
