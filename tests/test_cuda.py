@@ -693,3 +693,11 @@ def test_train_elmo_on_cuda_resumes_exactly(tmp_path):
     assert a["lstm_state"][0][0][0].device.type == "cpu" and a["iter"] == b["iter"] == 4
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k].cpu(), a["model"][k].cpu(), rtol=1e-5, atol=1e-6, msg=k)   # atomics
+
+
+def test_bench_peak_mib_counts_only_what_a_call_adds_on_the_gpu():
+    from minilm.bench.common import peak_mib
+
+    held = torch.empty(100 << 20, dtype=torch.uint8, device=DEV)  # 100 MiB held before the call: not counted
+    assert 3.99 < peak_mib(lambda: torch.ones(1 << 20, device=DEV).sum(), DEV) < 4.01  # a 4 MiB temporary
+    del held

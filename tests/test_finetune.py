@@ -544,3 +544,70 @@ def test_labels_too_large_for_a_classifier_head_are_one_line(tmp_path):
     _write(tmp_path / "task.jsonl", rows)
     with pytest.raises(ft.FinetuneError, match="more than a classifier head holds"):
         ft.finetune(_tiny_run(str(tmp_path / "task.jsonl"), tmp_path / "out", epochs=1), print_fn=lambda *a: None)
+
+
+# -- the fine-tuning loop's parts, each checked by what it must do to a run ---------------------------------
+
+def _quiet(*args):
+    pass
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_order_partial_batch_included(tmp_path, monkeypatch):
+    # 100 examples in batches of 32: an epoch is 4 steps, the last of 4 examples; two epochs, two orders.
+    import inspect
+
+    data = _separable_task(tmp_path / "data", n_train=100, n_val=32)
+    batches, collate = [], ft.collate
+
+    def recording(batch, device="cpu"):
+        if inspect.stack()[1].function == "train_batch":  # not the evaluations' batches
+            batches.append([tuple(map(tuple, example)) for example in batch])
+        return collate(batch, device)
+
+    monkeypatch.setattr(ft, "collate", recording)
+    record = ft.finetune(_tiny_run(data, tmp_path / "out", epochs=2), print_fn=_quiet)
+    assert record["iter"] == 8 and [len(b) for b in batches] == [32, 32, 32, 4] * 2
+    first, second = sum(batches[:4], []), sum(batches[4:], [])
+    assert len(set(first)) == 100 and sorted(first) == sorted(second) and first != second
+
+
+def test_the_auxiliary_lm_loss_weight_is_lm_coef(tmp_path):
+    # L3 = L2 + λ·L1 (paper eq. 5), with the λ given
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    record = ft.finetune(_tiny_run(data, tmp_path / "out", epochs=1, lm_coef=2.0), print_fn=_quiet)
+    assert record["train_loss"] == pytest.approx(record["train_clf_loss"] + 2.0 * record["train_lm_loss"], rel=1e-5)
+
+
+def test_weight_decay_acts_on_matrices_only(tmp_path):
+    # lr · weight_decay = 1 zeroes every decayed weight in one step, then Adam's first step moves each by at
+    # most lr: matrices (the classifier's too) end within lr of 0, LayerNorm gains within lr of 1.
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    lr = 1e-3
+    ft.finetune(_tiny_run(data, tmp_path / "out", max_iters=1, eval_interval=1, learning_rate=lr, weight_decay=1 / lr,
+                          warmup_fraction=0.0), print_fn=_quiet)
+    state = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"]
+    for name, p in state.items():
+        if p.dim() >= 2:
+            assert p.abs().max() <= lr * 1.01, name
+        elif name.endswith(("ln_1.weight", "ln_2.weight")):
+            assert (p - 1).abs().max() <= lr * 1.01, name
+
+
+def test_evaluation_runs_without_dropout(tmp_path):
+    # learning rate 0, dropout 0.5 in training: every evaluation must score the same (eval mode)
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    ft.finetune(_tiny_run(data, tmp_path / "out", max_iters=3, eval_interval=1, learning_rate=0.0, dropout=0.5,
+                          clf_pdrop=0.5), print_fn=_quiet)
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert len(log) == 4 and len({r["val_loss"] for r in log}) == 1, log
+
+
+def test_gradients_are_clipped(tmp_path):
+    # A clip norm of 1e-12 leaves Adam's updates ~1e-4 of the learning rate (eps dominates): two steps at lr 1e-2
+    # must leave the weights where a run at lr 0 leaves them, to 1e-4.
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    opts = dict(max_iters=2, eval_interval=2, weight_decay=0.0, warmup_fraction=0.0)
+    ft.finetune(_tiny_run(data, tmp_path / "a", learning_rate=0.0, **opts), print_fn=_quiet)
+    ft.finetune(_tiny_run(data, tmp_path / "b", learning_rate=1e-2, grad_clip=1e-12, **opts), print_fn=_quiet)
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("a", "b"))
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4

@@ -573,3 +573,39 @@ def test_test_scores_the_whole_text_as_one_stream_with_the_state_carried(trained
                           (["--test", str(text), "--batch_size", "64"], "shorter than one batch")):
         assert message in usage_error("--out_dir", trained, *args)
     assert "--test needs a trained model" in usage_error("--out_dir", str(tmp_path / "none"), "--test", "val")
+
+
+def test_training_and_evaluation_carry_the_lstm_state_from_batch_to_batch(corpus, tmp_path, monkeypatch):
+    # bilm-tf carries each row's LSTM state from one batch to the next: training from zero at the start, and
+    # every evaluation from zero at its start, on each split's own streams (never the training state).
+    from minilm.elmo import BiLM
+
+    calls, stream_losses = [], BiLM.stream_losses
+
+    def recording(self, char_ids, targets, state=None, token_index=None):
+        losses, last = stream_losses(self, char_ids, targets, state, token_index)
+        calls.append((self.training, state, last))
+        return losses, last
+
+    monkeypatch.setattr(BiLM, "stream_losses", recording)
+    train_elmo.main(["--data", corpus, "--out_dir", str(tmp_path / "r"), "--max_iters", "3", "--eval_interval", "3",
+                     *SMALL])                                                   # --eval_iters 2
+    training = [(state, last) for is_training, state, last in calls if is_training]
+    evaluations = [(state, last) for is_training, state, last in calls if not is_training]
+    assert len(training) == 3 and len(evaluations) == 2 * 2 * 2               # 2 evaluations × 2 splits × 2 batches
+    for batches in (training, *(evaluations[i:i + 2] for i in range(0, len(evaluations), 2))):
+        assert batches[0][0] is None
+        for (_, last), (state, _) in zip(batches, batches[1:]):
+            torch.testing.assert_close(state, last, rtol=0, atol=0)
+
+
+def test_optimizer_and_clipping_are_bilm_tfs(corpus, tmp_path):
+    # bilm-tf: Adagrad with learning rate 0.2 and initial accumulator 1.0, global-norm clipping (a clip norm of
+    # 1e-9 leaves every update ~1e-10: the model does not move).
+    out = tmp_path / "r"
+    train_elmo.main(["--data", corpus, "--out_dir", str(out), "--max_iters", "10", "--eval_interval", "10", *SMALL,
+                     "--grad_clip", "1e-9"])
+    group = load_ckpt(out)["optimizer"]["param_groups"][0]
+    assert group["lr"] == 0.2 and group["initial_accumulator_value"] == 1.0
+    log = read_log(out)
+    assert len(log) == 2 and abs(log[-1]["val_loss"] - log[0]["val_loss"]) < 1e-3, log

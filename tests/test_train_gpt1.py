@@ -85,12 +85,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_torchrun_two_processes_match_one_process(corpus, tmp_path, accumulation):
     # Dropout 0: each rank draws its own dropout masks, which no single process reproduces; everything
-    # else -- batches, slices, gradient averaging, evaluation batches -- is the same computation, so the
-    # losses agree up to float summation order (DDP averages gradients in a different order).
+    # else -- batches, slices, gradient averaging (once, after a rank's last micro-batch), evaluation
+    # batches -- is the same computation, so the losses agree up to float summation order (DDP averages
+    # gradients in a different order).
     args = ["--data", corpus, *TINY, "--max_iters", "30", "--eval_interval", "10", "--batch_size", "8",
-            "--dropout", "0.0", "--max_new_tokens", "0", "--log_interval", "10"]
+            "--dropout", "0.0", "--max_new_tokens", "0", "--log_interval", "10",
+            "--gradient_accumulation_steps", str(accumulation)]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     single = _train(*args, "--out_dir", one)
     torchrun = shutil.which("torchrun")
@@ -98,7 +101,7 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
     proc = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "2", SCRIPT, *args, "--out_dir", two],
                           cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es), batch 8 = 2 × 4" in proc.stdout
+    assert ("2 process(es), batch 8 = 2 × 4" if accumulation == 1 else "batch 8 = 4 × 2") in proc.stdout
     a, b = read_log(one), read_log(two)
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 10, 20, 30]
     for ra, rb in zip(a, b):
@@ -110,6 +113,28 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
                for p in (single, proc)]
     assert len(printed[0]) == len(printed[1]) == 3
     assert printed[1] == pytest.approx(printed[0], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_resume_gives_every_rank_its_own_random_state_back(corpus, tmp_path):
+    # Dropout 0.1: each rank draws its own masks, so a resumed two-process run matches the uninterrupted one
+    # only if every rank gets back its own RNG state (not rank 0's). lr_decay_iters fixes the schedule, so
+    # that a run stopped at 20 and resumed to 30 steps is the 30-step run.
+    args = ["--data", corpus, *TINY, "--eval_interval", "10", "--batch_size", "8", "--dropout", "0.1",
+            "--lr_decay_iters", "30", "--max_new_tokens", "0"]
+    torchrun = shutil.which("torchrun")
+    cmd = [*([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]), "--standalone",
+           "--nproc_per_node", "2", SCRIPT]
+    for extra in (["--out_dir", str(tmp_path / "whole"), "--max_iters", "30"],
+                  ["--out_dir", str(tmp_path / "parts"), "--max_iters", "20"],
+                  ["--out_dir", str(tmp_path / "parts"), "--max_iters", "30", "--resume", "True"]):
+        proc = subprocess.run([*cmd, *args, *extra], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, parts = read_log(tmp_path / "whole"), read_log(tmp_path / "parts")
+    assert [r["iter"] for r in parts] == [r["iter"] for r in whole] == [0, 10, 20, 30]
+    for a, b in zip(whole, parts):
+        assert (b["train_loss"], b["val_loss"]) == (a["train_loss"], a["val_loss"]), (a, b)
 
 
 @pytest.mark.parametrize("case", ["unknown_option", "bad_bool", "missing_data", "non_utf8", "empty",
@@ -402,3 +427,84 @@ def test_get_lr_decays_to_max_iters_without_lr_decay_iters():
     assert train_gpt1.get_lr(0, cfg) == pytest.approx(1e-3, rel=1e-12)  # no warmup: the peak at once
     assert train_gpt1.get_lr(100, cfg) == pytest.approx(5e-4, rel=1e-12)  # the middle of 0 ... max_iters 200
     assert train_gpt1.get_lr(200, cfg) == 0.0
+
+
+# -- the training step's parts, each checked by what it must do to a run -----------------------------------
+
+def test_evaluation_uses_fixed_batches_in_eval_mode(corpus, tmp_path):
+    # With a learning rate too small to move a weight, every evaluation must score the same: the same batches
+    # (not new ones each time) and no dropout (eval mode), though training runs with dropout.
+    out = tmp_path / "r"
+    _train("--data", corpus, "--out_dir", str(out), *TINY, "--max_new_tokens", "0", "--max_iters", "30",
+           "--eval_interval", "10", "--learning_rate", "1e-30", "--weight_decay", "0", "--warmup_iters", "0",
+           "--dropout", "0.1")
+    log = read_log(out)
+    assert len(log) == 4 and len({r["val_loss"] for r in log}) == 1 and len({r["train_loss"] for r in log}) == 1, log
+
+
+def test_gradients_are_clipped(corpus, tmp_path):
+    # A clip norm of 1e-12 leaves Adam's updates ~1e-4 of the learning rate (eps dominates): nothing is learned.
+    out = tmp_path / "r"
+    _train("--data", corpus, "--out_dir", str(out), *TINY, "--max_new_tokens", "0", "--max_iters", "20",
+           "--eval_interval", "20", "--grad_clip", "1e-12")
+    log = read_log(out)
+    assert abs(log[-1]["val_loss"] - log[0]["val_loss"]) < 0.05, log
+
+
+def test_weight_decay_acts_on_matrices_only(corpus, tmp_path):
+    # Decoupled decay with lr · weight_decay = 1 sets every decayed weight to 0 in one step; Adam's first step
+    # then moves each weight by at most lr. So matrices and embeddings end within lr of 0, LayerNorm gains (and
+    # biases, not decayed) within lr of where they started.
+    lr, out = 1e-3, tmp_path / "r"
+    _train("--data", corpus, "--out_dir", str(out), *TINY, "--max_new_tokens", "0", "--max_iters", "1",
+           "--eval_interval", "1", "--learning_rate", str(lr), "--weight_decay", str(1 / lr), "--warmup_iters", "0")
+    state = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    for name, p in state.items():
+        if p.dim() >= 2:
+            assert p.abs().max() <= lr * 1.01, name
+        elif name.endswith(("ln_1.weight", "ln_2.weight")):
+            assert (p - 1).abs().max() <= lr * 1.01, name
+    assert any(n.endswith("ln_1.weight") for n in state) and any(n.endswith("bias") for n in state)
+
+
+def test_gradient_accumulation_is_the_same_step(corpus, tmp_path):
+    # Two micro-batches of 4 sequences must be the step that one batch of 8 is (each micro-batch's loss divided
+    # by the number of micro-batches), and the printed step loss the batch's.
+    args = ["--data", corpus, *TINY, "--max_new_tokens", "0", "--max_iters", "20", "--eval_interval", "10",
+            "--log_interval", "10", "--dropout", "0.0"]
+    procs = [_train(*args, "--out_dir", str(tmp_path / str(n)), "--gradient_accumulation_steps", str(n)) for n in (1, 2)]
+    for a, b in zip(read_log(tmp_path / "1"), read_log(tmp_path / "2")):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4) and b["iter"] == a["iter"]
+    printed = [[float(line.split("loss ")[1].split(",")[0]) for line in p.stdout.splitlines() if line.startswith("iter ")]
+               for p in procs]
+    assert len(printed[0]) == 2 and printed[1] == pytest.approx(printed[0], abs=2e-4)
+
+
+def test_float16_clips_the_unscaled_gradients(corpus, tmp_path, monkeypatch):
+    # Under float16 the loss is scaled (GradScaler); the gradients must be unscaled before they are clipped,
+    # so that the norm clipped is the true one, as in float32.
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, **kw):
+        norm = clip(params, max_norm, **kw)
+        norms.append(norm.item())
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    for dtype in ("float32", "float16"):
+        train_gpt1.main(["--data", corpus, "--out_dir", str(tmp_path / dtype), *TINY, "--max_new_tokens", "0",
+                         "--max_iters", "1", "--eval_interval", "1", "--warmup_iters", "0", "--dtype", dtype])
+    assert len(norms) == 2 and norms[1] == pytest.approx(norms[0], rel=0.05), norms
+
+
+def test_resume_drops_log_records_written_after_the_checkpoint(corpus, tmp_path):
+    # A run killed between a log record and its checkpoint leaves a record the checkpoint does not know; the
+    # resumed run drops it and logs that evaluation anew.
+    out = tmp_path / "r"
+    _train("--data", corpus, "--out_dir", str(out), *TINY, "--max_new_tokens", "0", "--max_iters", "20",
+           "--eval_interval", "10")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 30, "train_loss": 9.0, "val_loss": 9.0, "lr": 0.0, "tokens_per_s": 1.0}\n')
+    _train("--resume", "True", "--out_dir", str(out), "--max_iters", "30")
+    log = read_log(out)
+    assert [r["iter"] for r in log] == [0, 10, 20, 30] and log[-1]["val_loss"] != 9.0
