@@ -180,6 +180,24 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a.double(), b, **FP32_TOL["grad"])
 
 
+@pytest.mark.parametrize("T", [40, 1])
+def test_inputs_whose_rows_overlap(T):
+    # k broadcast along T (row stride 0, every row the same memory): BLAS cannot take such a matrix, so the
+    # kernel copies it first. T = 1: a row stride of 0 is then harmless, and the kernel reads it where it is.
+    B, H, D = 2, 2, 16
+    q, v = torch.randn(B, H, T, D, requires_grad=True), torch.randn(B, H, T, D, requires_grad=True)
+    k0 = torch.randn(B, H, 1, D, requires_grad=True)
+    k = k0.expand(B, H, T, D) if T > 1 else k0.as_strided((B, H, T, D), (H * D, D, 0, 1))
+    g = torch.randn(B, H, T, D)
+    out = causal_attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k0, v), g)
+    ref_out, ref_grads = exact(q, k, v, g)
+    ref_grads = (ref_grads[0], ref_grads[1].sum(2, keepdim=True), ref_grads[2])  # k0's gradient: the rows' sum
+    torch.testing.assert_close(out.double(), ref_out, **FP32_TOL["out"])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, **FP32_TOL["grad"])
+
+
 def _interleaved_strides(B, H, T, D):  # [B, H, T, D] laid out [B, T, H, D] in memory
     return (T * H * D, D, H * D, 1)
 

@@ -173,6 +173,27 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_matches_reference_on_several_threads(act):
+    # Enough tokens (600 · 124 token-filter pairs ≥ 2¹⁶) that the backward splits its work between threads,
+    # each adding into a partial d(embedding) table that are summed at the end; 2,000 tokens also split the
+    # forward's window tiles.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (600, 2000):
+            ids = make_ids(n, 16, gen=torch.Generator().manual_seed(n))
+            emb, ws, bs = make_params(ELMO_SMALL, 4, torch.float64)
+            g = torch.randn(n, 124, dtype=torch.float64)
+            out, grads = run_with_grads(char_cnn, ids, emb, ws, bs, act, g)
+            ref, ref_grads = run_with_grads(char_cnn_reference, ids, emb, ws, bs, act, g)
+            torch.testing.assert_close(out, ref)
+            for name, a, b in zip(("embedding", *("weight",) * 5, *("bias",) * 5), grads, ref_grads):
+                torch.testing.assert_close(a, b, msg=lambda m: f"N={n}, d{name}: {m}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_gradcheck_fp64(act):
     ids = make_ids(4, 8, vocab=6, gen=torch.Generator().manual_seed(1))
     emb, ws, bs = make_params([(1, 2), (3, 2), (8, 1)], 2, torch.float64, vocab=6)
