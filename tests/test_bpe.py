@@ -318,3 +318,22 @@ def test_from_files_refuses_bool_ids_and_unreadable_json(tmp_path):
         (tmp_path / "vocab.json").write_text(content)
         with pytest.raises(DataError, match=message):
             BPETokenizer.load(str(tmp_path))
+
+
+def test_unknown_characters_get_the_vocabularys_own_unk_id():
+    # HF / GPT-1 style files need not put <unk> first
+    vocab = {"a": 0, "b": 1, "a" + EOW: 2, "b" + EOW: 3, UNK: 4, "ab" + EOW: 5}
+    tok = BPETokenizer(vocab, [("a", "b" + EOW)])
+    assert tok.encode("azb ab") == [0, 4, 3, 5]
+    assert tok.encode("z") == [4] and tok.encode("a <unk>") == [2, 4]
+
+
+def test_decode_keeps_the_last_symbol_of_a_word_cut_short():
+    # generation can stop inside a word: the last token has no </w>, and nothing may be dropped
+    tok = BPETokenizer.train("ab ab abc", vocab_size=8)          # one merge: (a, b</w>)
+    ids = tok.encode("ab abc")
+    assert [tok.decoder[i] for i in ids] == ["ab" + EOW, "a", "b", "c" + EOW]
+    assert tok.decode(ids) == "ab abc"
+    assert tok.decode(ids[:-1]) == "ab ab"                            # cut before c</w>
+    assert tok.decode([tok.encoder["a"]]) == "a"
+    assert tok.decode([tok.encoder["a" + EOW]]) == "a"

@@ -336,3 +336,81 @@ def test_an_older_preparation_is_reused_and_a_split_that_moved_is_refused(tmp_pa
     with pytest.raises(DataError, match="split differently now"):
         D.prepare_gpt1(str(src), str(out), vocab_size=100, expect=moved)
     assert not D.prepare_gpt1(str(src), str(out), vocab_size=100, expect=old)["reused"]
+
+
+# -- reuse rules, meta.json fields and markers, found unchecked by a mutation run ---------------------------
+
+def test_holds_preparation_compares_the_text_fingerprint(tmp_path):
+    # same spec, vocab sizes and split, other text: not the preparation a checkpoint was trained with
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "out"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    assert D.holds_preparation(str(out), meta)
+    _write(src, PLAY.replace("France", "Spain "))
+    other = D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    assert not other["reused"] and other["vocab_size"] == meta["vocab_size"]
+    assert other["fingerprint"] != meta["fingerprint"]
+    assert not D.holds_preparation(str(out), meta)
+
+
+def test_another_val_fraction_is_prepared_again(tmp_path):
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "out"
+    a = D.prepare_gpt1(str(src), str(out), vocab_size=100, val_fraction=0.1)
+    b = D.prepare_gpt1(str(src), str(out), vocab_size=100, val_fraction=0.3)
+    assert not b["reused"] and b["val_fraction"] == 0.3 and b["n_val_tokens"] > a["n_val_tokens"]
+
+
+def test_a_json_meta_that_is_not_minilms_is_not_overwritten(tmp_path):
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "model"
+    _write(out / "meta.json", json.dumps({"vocab_size": 100}))     # a dict, but no "format": someone else's
+    _write(out / "vocab.json", '{"my": 0}')
+    with pytest.raises(DataError, match="no meta.json of minilm's"):
+        D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    assert (out / "vocab.json").read_text() == '{"my": 0}'
+
+
+def test_a_preparation_cut_short_is_marked_and_redone(tmp_path, monkeypatch):
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "out"
+    D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    _write(src, PLAY + "more text\n")
+
+    def killed(self, directory):
+        raise KeyboardInterrupt                                     # a kill between the token files and the tokenizer
+    monkeypatch.setattr(BPETokenizer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    assert json.loads((out / "meta.json").read_text()) == {"format": D._FORMAT_VERSION, "preparing": True}
+    monkeypatch.undo()
+    assert not D.prepare_gpt1(str(src), str(out), vocab_size=100)["reused"]
+    assert D.prepare_gpt1(str(src), str(out), vocab_size=100)["reused"]
+
+
+def test_a_vocabulary_past_65536_is_stored_and_read_as_uint32(tmp_path):
+    # 33,000 distinct CJK ideographs, each a word of its own: the base vocabulary alone is 66,001 tokens
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 20992)] + [chr(c) for c in range(0x20000, 0x20000 + 12008)]
+    lines = [" ".join(chars[i:i + 100]) for i in range(0, len(chars), 100)]
+    src = _write(tmp_path / "cjk.txt", "\n".join(lines + lines[:37]) + "\n")   # the val tail repeats some
+    out = tmp_path / "out"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=66_001)
+    assert meta["vocab_size"] == 66_001 and meta["dtype"] == "uint32"
+    assert json.loads((out / "meta.json").read_text())["dtype"] == "uint32"
+    train = D.load_tokens(str(out), "train")
+    assert train.dtype == np.uint32 and int(train.max()) > 65_535
+    assert BPETokenizer.load(str(out)).decode(train[:3]) == " ".join(chars[:3])
+
+
+def test_a_reused_preparation_still_checks_the_split_sizes(tmp_path):
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "out"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    with pytest.raises(DataError, match="fewer than block_size"):
+        D.prepare_gpt1(str(src), str(out), vocab_size=100, min_tokens=meta["n_val_tokens"] + 1)
+
+
+def test_expect_refuses_a_single_changed_setting_and_leaves_the_directory(tmp_path):
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "out"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    with pytest.raises(DataError, match="prepared with vocab_size_requested 100, not 120"):
+        D.prepare_gpt1(str(src), str(out), vocab_size=120, expect=meta)
+    with pytest.raises(DataError, match="prepared with val_fraction 0.1, not 0.2"):
+        D.prepare_gpt1(str(src), str(out), vocab_size=100, val_fraction=0.2, expect=meta)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before

@@ -780,3 +780,41 @@ def test_the_lstm_state_stays_fp32_under_autocast():
 def test_config_refuses_shapes_that_bilm_tf_builds_without_a_projection(kw, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**kw)
+
+
+# -- weight files and inputs found unchecked by a mutation run ------------------------------------------
+
+def _write_hdf5(path, arrays):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        for name, arr in arrays.items():
+            f.create_dataset(name, data=arr)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_load_bilm_refuses_nan_or_infinite_weights(tmp_path, bad):
+    cfg = tiny_config()
+    a = _tf_arrays(cfg, np.random.default_rng(0))
+    a["CNN_proj/b_proj"][3] = float(bad)
+    _write_hdf5(tmp_path / "w.hdf5", a)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
+    with pytest.raises(ValueError, match=r"CNN_proj/b_proj holds NaN or infinite values"):
+        load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
+def test_load_bilm_refuses_integer_datasets(tmp_path):
+    cfg = tiny_config()
+    a = _tf_arrays(cfg, np.random.default_rng(0))
+    a["CNN/b_cnn_0"] = np.round(a["CNN/b_cnn_0"] * 10).astype(np.int32)   # right shape, wrong kind
+    _write_hdf5(tmp_path / "w.hdf5", a)
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
+    with pytest.raises(ValueError, match=r"CNN/b_cnn_0 is int32 .*implies float"):
+        load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
+def test_batch_to_ids_keeps_every_word_of_a_long_sentence():
+    words = [f"w{i}" for i in range(120)]
+    ids = batch_to_ids([words, ["short"]])
+    assert ids.shape == (2, 122, 50)
+    assert ids[0, 120].tolist() == word_to_char_ids("w119") and ids[0, 121].tolist() == word_to_char_ids("</S>")
+    assert (ids[1, 3:] == 0).all()

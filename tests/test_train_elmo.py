@@ -609,3 +609,47 @@ def test_optimizer_and_clipping_are_bilm_tfs(corpus, tmp_path):
     assert group["lr"] == 0.2 and group["initial_accumulator_value"] == 1.0
     log = read_log(out)
     assert len(log) == 2 and abs(log[-1]["val_loss"] - log[0]["val_loss"]) < 1e-3, log
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_max_vocab_counts_the_specials_and_keeps_the_most_frequent_words(tmp_path, monkeypatch):
+    text = tmp_path / "t.txt"
+    # c: 4, a: 3, b: 3, d: 1 ... ties broken alphabetically (a before b)
+    text.write_text("c c a b\nc a b d\nc a b e\nf g h i\n" * 3, encoding="utf-8")
+    seen = {}
+
+    def capture(sentences, vocab):
+        seen["vocab"] = list(vocab)
+        raise _Stop
+    monkeypatch.setattr(train_elmo, "encode_splits", capture)
+    with pytest.raises(_Stop):
+        train_elmo.main(["--data", str(text), "--out_dir", str(tmp_path / "o"), "--max_vocab", "5", *SMALL])
+    assert seen["vocab"] == ["<S>", "</S>", "<UNK>", "c", "a"]
+
+
+def test_words_outside_the_vocabulary_are_unk_targets():
+    vocab = ["<S>", "</S>", "<UNK>", "a"]
+    types, _, type_to_word, tokens, lengths = train_elmo.encode_splits({"t": [["a", "zz", "a"]]}, vocab)
+    assert types == ["</S>", "<S>", "a", "zz"]
+    assert type_to_word.tolist() == [1, 0, 3, 2]                      # zz → <UNK> (2), never <S> or </S>
+    assert lengths["t"] == [5]
+
+
+def test_embed_sentence_vectors_average_only_their_own_tokens(trained, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(os.path.join(trained, "ckpt.pt"), out / "ckpt.pt")
+    text = tmp_path / "s.txt"
+    text.write_text("The king loves a play in the end .\nThe king !\n", encoding="utf-8")   # 9 and 3 words: padding
+    shown = {}
+    monkeypatch.setattr(train_elmo, "show_contexts", lambda cfg, sentences, top, bilm: shown.update(top=top))
+    assert train_elmo.main(["--out_dir", str(out), "--embed", str(text), "--device", "cpu"]) == 0
+    f = np.load(out / "elmo_features.npz")
+    for i, n in ((0, 9), (1, 3)):
+        assert f[f"elmo_{i}"].shape[0] == n
+        np.testing.assert_allclose(f[f"sentence_{i}"], f[f"elmo_{i}"].mean(0), rtol=1e-5, atol=1e-6)
+        # the vectors the context comparison uses are the top layer of the same tokens
+        torch.testing.assert_close(shown["top"][i], torch.from_numpy(f[f"layers_{i}"][-1]), rtol=1e-5, atol=1e-6)

@@ -10,8 +10,12 @@ import sys
 import pytest
 import torch
 from script_helpers import kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
+from test_data import PLAY, _write
 
+from minilm import data as D
+from minilm.bpe import BPETokenizer
 from minilm.data import DataError
+from minilm.gpt1 import GPT1, config_from_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt1.py")
@@ -508,3 +512,38 @@ def test_resume_drops_log_records_written_after_the_checkpoint(corpus, tmp_path)
     _train("--resume", "True", "--out_dir", str(out), "--max_iters", "30")
     log = read_log(out)
     assert [r["iter"] for r in log] == [0, 10, 20, 30] and log[-1]["val_loss"] != 9.0
+
+
+# -- sampling: what sample() hands to generate ---------------------------------------------------------
+
+def _sample(tmp_path, monkeypatch, capsys, **options):
+    src, out = _write(tmp_path / "t.txt", PLAY), tmp_path / "data"
+    meta = D.prepare_gpt1(str(src), str(out), vocab_size=100)
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=meta["vocab_size"]))
+    seen, generate = {}, model.generate
+
+    def recording(idx, max_new_tokens, **kw):
+        seen.update(idx=idx.clone(), max_new_tokens=max_new_tokens, **kw)
+        return generate(idx, max_new_tokens, **kw)
+    monkeypatch.setattr(model, "generate", recording)
+    cfg = {"start": "", "seed": 3, "num_samples": 2, "max_new_tokens": 4, "temperature": 0.8, "top_k": 200, **options}
+    train_gpt1.sample(cfg, model, str(out), "cpu")
+    return seen, BPETokenizer.load(str(out)), str(out), capsys.readouterr().out
+
+
+def test_sample_passes_temperature_and_top_k_and_zero_means_no_top_k(tmp_path, monkeypatch, capsys):
+    seen, *_ = _sample(tmp_path, monkeypatch, capsys, temperature=0.37, top_k=0)
+    assert seen["temperature"] == 0.37 and seen["top_k"] is None and seen["max_new_tokens"] == 4
+    seen, *_ = _sample(tmp_path / "b", monkeypatch, capsys, top_k=7)
+    assert seen["top_k"] == 7 and seen["temperature"] == 0.8
+
+
+def test_sample_without_start_continues_the_first_validation_tokens(tmp_path, monkeypatch, capsys):
+    seen, tok, data_dir, printed = _sample(tmp_path, monkeypatch, capsys)
+    val = [int(t) for t in D.load_tokens(data_dir, "val")[:8]]
+    assert seen["idx"].tolist() == [val, val]                            # num_samples rows of the val prompt
+    samples = [p.strip() for p in printed.split("-" * 60)[1:-1]]
+    assert len(samples) == 2 and all(p.startswith(tok.decode(val)) for p in samples)   # printed with its prompt
+    seen, tok, _, printed = _sample(tmp_path / "b", monkeypatch, capsys, start="the king", num_samples=1)
+    assert seen["idx"].tolist() == [tok.encode("the king")]
+    assert printed.split("-" * 60)[1].strip().startswith("the king")
