@@ -614,13 +614,18 @@ def _numpy_bilm_top_layer(a, cfg, words):
     return np.concatenate(tops, -1)
 
 
+def _write_arrays(path, arrays):
+    """An hdf5 file at path holding arrays ({dataset name: array})."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        for name, arr in arrays.items():
+            f.create_dataset(name, data=arr)
+
+
 def _write_weight_file(path, cfg):
     """A synthetic bilm-tf dump of cfg's shapes at path; returns its arrays."""
-    h5py = pytest.importorskip("h5py")
     a = _tf_arrays(cfg, np.random.default_rng(0))
-    with h5py.File(path, "w") as f:
-        for name, arr in a.items():
-            f.create_dataset(name, data=arr)
+    _write_arrays(path, a)
     return a
 
 
@@ -784,19 +789,12 @@ def test_config_refuses_shapes_that_bilm_tf_builds_without_a_projection(kw, mess
 
 # -- weight files and inputs found unchecked by a mutation run ------------------------------------------
 
-def _write_hdf5(path, arrays):
-    h5py = pytest.importorskip("h5py")
-    with h5py.File(path, "w") as f:
-        for name, arr in arrays.items():
-            f.create_dataset(name, data=arr)
-
-
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_load_bilm_refuses_nan_or_infinite_weights(tmp_path, bad):
     cfg = tiny_config()
     a = _tf_arrays(cfg, np.random.default_rng(0))
     a["CNN_proj/b_proj"][3] = float(bad)
-    _write_hdf5(tmp_path / "w.hdf5", a)
+    _write_arrays(tmp_path / "w.hdf5", a)
     (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
     with pytest.raises(ValueError, match=r"CNN_proj/b_proj holds NaN or infinite values"):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
@@ -806,7 +804,7 @@ def test_load_bilm_refuses_integer_datasets(tmp_path):
     cfg = tiny_config()
     a = _tf_arrays(cfg, np.random.default_rng(0))
     a["CNN/b_cnn_0"] = np.round(a["CNN/b_cnn_0"] * 10).astype(np.int32)   # right shape, wrong kind
-    _write_hdf5(tmp_path / "w.hdf5", a)
+    _write_arrays(tmp_path / "w.hdf5", a)
     (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
     with pytest.raises(ValueError, match=r"CNN/b_cnn_0 is int32 .*implies float"):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
