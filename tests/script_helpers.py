@@ -34,6 +34,17 @@ def kill_at_first_checkpoint(cmd, out_dir, timeout=240):
     return proc
 
 
+def assert_decayed_on_matrices_only(state, lr):
+    """For a model state after one step with lr · weight_decay = 1 (decoupled decay zeroes every decayed weight,
+    then Adam's first step moves each weight by at most lr): matrices and embeddings lie within lr of 0,
+    LayerNorm gains (not decayed) within lr of 1."""
+    for name, p in state.items():
+        if p.dim() >= 2:
+            assert p.abs().max() <= lr * 1.01, name
+        elif name.endswith(("ln_1.weight", "ln_2.weight")):
+            assert (p - 1).abs().max() <= lr * 1.01, name
+
+
 def load_script(name):
     """A training script (e.g. "train_gpt1") imported as a module, to call its main() in this process: the
     quick way to check options that must be refused before any work is done."""

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from script_helpers import kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
+from script_helpers import (assert_decayed_on_matrices_only, kill_at_first_checkpoint, load_script, read_log,
+                            script_env, snapshot)
 from test_data import PLAY, _write
 
 from minilm import data as D
@@ -27,6 +28,16 @@ def _train(*args, check=True, timeout=240):
                           timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _torchrun(*args):
+    """train_gpt1.py under torchrun with two processes; the finished process (exit status 0 asserted)."""
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    proc = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "2", SCRIPT, *args], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -100,11 +111,7 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path, accumulation
             "--gradient_accumulation_steps", str(accumulation)]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     single = _train(*args, "--out_dir", one)
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    proc = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "2", SCRIPT, *args, "--out_dir", two],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(*args, "--out_dir", two)
     assert ("2 process(es), batch 8 = 2 × 4" if accumulation == 1 else "batch 8 = 4 × 2") in proc.stdout
     a, b = read_log(one), read_log(two)
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 10, 20, 30]
@@ -126,15 +133,10 @@ def test_torchrun_resume_gives_every_rank_its_own_random_state_back(corpus, tmp_
     # that a run stopped at 20 and resumed to 30 steps is the 30-step run.
     args = ["--data", corpus, *TINY, "--eval_interval", "10", "--batch_size", "8", "--dropout", "0.1",
             "--lr_decay_iters", "30", "--max_new_tokens", "0"]
-    torchrun = shutil.which("torchrun")
-    cmd = [*([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]), "--standalone",
-           "--nproc_per_node", "2", SCRIPT]
     for extra in (["--out_dir", str(tmp_path / "whole"), "--max_iters", "30"],
                   ["--out_dir", str(tmp_path / "parts"), "--max_iters", "20"],
                   ["--out_dir", str(tmp_path / "parts"), "--max_iters", "30", "--resume", "True"]):
-        proc = subprocess.run([*cmd, *args, *extra], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _torchrun(*args, *extra)
     whole, parts = read_log(tmp_path / "whole"), read_log(tmp_path / "parts")
     assert [r["iter"] for r in parts] == [r["iter"] for r in whole] == [0, 10, 20, 30]
     for a, b in zip(whole, parts):
@@ -463,11 +465,7 @@ def test_weight_decay_acts_on_matrices_only(corpus, tmp_path):
     _train("--data", corpus, "--out_dir", str(out), *TINY, "--max_new_tokens", "0", "--max_iters", "1",
            "--eval_interval", "1", "--learning_rate", str(lr), "--weight_decay", str(1 / lr), "--warmup_iters", "0")
     state = torch.load(out / "ckpt.pt", weights_only=True)["model"]
-    for name, p in state.items():
-        if p.dim() >= 2:
-            assert p.abs().max() <= lr * 1.01, name
-        elif name.endswith(("ln_1.weight", "ln_2.weight")):
-            assert (p - 1).abs().max() <= lr * 1.01, name
+    assert_decayed_on_matrices_only(state, lr)
     assert any(n.endswith("ln_1.weight") for n in state) and any(n.endswith("bias") for n in state)
 
 
