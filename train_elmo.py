@@ -366,6 +366,8 @@ class SentenceStream:
 
     def __init__(self, lengths, rows, seed, test=False):
         self.lengths = np.asarray(lengths, dtype=np.int64)                   # tokens per sentence, markers included
+        if self.lengths.size == 0 or self.lengths.min() < 2:   # a sentence with no (input, target) pair: next_batch would never end
+            raise ValueError("SentenceStream needs at least one sentence, each at least its two markers long")
         self.offsets = np.cumsum(self.lengths) - self.lengths                # where each one starts in the split's tokens
         self.rows, self.seed, self.test = rows, seed, test
         self.epoch, self.drawn = 0, 0          # the pass through the sentences, and how many of it are drawn

@@ -133,6 +133,15 @@ def test_a_stream_goes_on_from_its_state_dict():
         np.testing.assert_array_equal(copy.next_batch(3), stream.next_batch(3))
 
 
+def test_a_stream_refuses_sentences_it_could_never_step_through():
+    # a sentence shorter than its two markers has no (input, target) pair, and no sentence at all no draw:
+    # next_batch would loop for ever on either
+    for lengths in ([], [3, 1, 4], [0]):
+        with pytest.raises(ValueError, match="at least"):
+            train_elmo.SentenceStream(lengths, 2, (0, 0))
+    assert train_elmo.SentenceStream([2], 1, (0, 0)).next_batch(3).tolist() == [[0, 0, 0]]
+
+
 def test_the_forward_lm_never_reads_the_end_marker_nor_the_backward_lm_the_start_marker():
     # bilm-tf's targets: the forward LM reads <S> a b and predicts a b </S>, the backward reads </S> b a
     # and predicts b a <S>; no target is a free marker-after-marker guess
