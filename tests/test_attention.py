@@ -483,6 +483,23 @@ def test_bench_time_ms_is_the_median_of_the_calls():
     assert time_ms(fn, warmup=0, iters=9) < 10 and len(calls) == 9
 
 
+def test_bench_times_the_implementations_in_alternating_rounds():
+    from minilm.bench.common import time_interleaved
+
+    calls = []
+
+    def call(name, slow_at=None):
+        def fn():
+            calls.append(name)
+            if calls.count(name) == slow_at:
+                time.sleep(0.3)
+        return fn
+
+    ms = time_interleaved({"a": call("a", slow_at=4), "b": call("b")}, warmup=1, iters=5)
+    assert calls == ["a", "b"] * 6            # one warmup each, then five rounds of a, b
+    assert set(ms) == {"a", "b"} and ms["a"] < 10 and ms["b"] < 10   # a's slow call is not the median
+
+
 def test_bench_sizes_too_big_to_allocate_are_one_line(capsys):
     from minilm.bench.__main__ import main
     assert main(["charcnn", "--tokens", "100000000000000000"]) == 1   # a byte count past 2**63: fails at once

@@ -3,11 +3,13 @@
     python -m minilm.bench attention [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--dropout P]
                                      [--shapes B,H,T,D ...] [--json] [--plot FILE.png]
 
-All implementations run on the same q, k, v (shape [B, H, T, D]) in one process, one after the
-other. GFLOP/s counts the useful work of causal attention for every implementation alike: forward
-2·B·H·T²·D (QKᵀ and PV over the causal half, 2 FLOPs per multiply-add); forward+backward 3.5× that
-(the backward's five products, of which the recomputation of QKᵀ is one). peak_mib is the memory
-one call allocates on top of its inputs (tensors only; see minilm.bench.common.peak_mib).
+All implementations run on the same q, k, v (shape [B, H, T, D]) in one process, timed in
+alternating rounds (minilm, SDPA, ..., minilm, SDPA, ...; the median of each one's single calls), so
+that a change of the machine's load or clock during the run weighs on all of them alike. GFLOP/s
+counts the useful work of causal attention for every implementation alike: forward 2·B·H·T²·D (QKᵀ
+and PV over the causal half, 2 FLOPs per multiply-add); forward+backward 3.5× that (the backward's
+five products, of which the recomputation of QKᵀ is one). peak_mib is the memory one call allocates
+on top of its inputs (tensors only; see minilm.bench.common.peak_mib).
 On the CPU a 2048³ fp32 matmul is timed first: the machine's practical GEMM rate, the ceiling
 for the GEMM-bound attention kernels. --dropout P times training-mode attention: every implementation
 drops the probabilities with probability P (minilm from its hashed mask, SDPA with its dropout_p, the
@@ -20,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from minilm.bench.common import Reporter, device_name, peak_mib, sync, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, peak_mib, sync, threads_note, time_interleaved, time_ms
 from minilm.files import is_out_of_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,7 +111,7 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
-    results = {}  # (impl, pass) -> ms
+    calls = {}  # impl -> {pass: call}
     for name, fn in implementations(device, T, dropout_p):
         try:  # a peer that this device/dtype/torch does not support is skipped, not fatal
             with torch.no_grad():
@@ -119,30 +121,37 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
             reporter.note(f"  skipped {name} at {shape}: {str(e).strip().splitlines()[0][:120]}")
             continue
 
-        def fwd():
+        def fwd(fn=fn):
             with torch.no_grad():
                 return fn(q, k, v)
 
-        def fwdbwd():
+        def fwdbwd(fn=fn):
             for t in (qg, kg, vg):
                 t.grad = None
             fn(qg, kg, vg).backward(grad)
 
-        for pass_name, call in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        calls[name] = {"fwd": fwd, "fwdbwd": fwdbwd}
+
+    results = {}  # (impl, pass) -> ms
+    for pass_name in ("fwd", "fwdbwd"):
+        mibs = {}  # a first call (does it fit in memory?), the peak of a second one, then all timed side by side
+        for name, passes in calls.items():
             try:
-                ms = time_ms(call, device, warmup=2, iters=5, min_time_s=min_time_s)
-                mib = peak_mib(call, device)
+                passes[pass_name]()
+                mibs[name] = peak_mib(passes[pass_name], device)
             except (MemoryError, RuntimeError) as e:   # the naive composite's T×T scores, on either device
                 if not is_out_of_memory(e):
                     raise
                 reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                continue
+        times = time_interleaved({name: calls[name][pass_name] for name in mibs}, device, warmup=2, iters=5,
+                                 min_time_s=min_time_s)
+        for name, ms in times.items():
             results[name, pass_name] = ms
             reporter.row({"op": "attention", "device": device.type, "dtype": dtype_name(dtype), "shape": list(shape),
                           "dropout": dropout_p, "pass": pass_name, "impl": name, "ms": ms, "gflops": flops[pass_name] / ms / 1e6,
-                          "peak_mib": mib})
+                          "peak_mib": mibs[name]})
     for peer in ("sdpa", "sdpa-flash", "sdpa-cudnn", "naive"):
         parts = [f"{p} {results[peer, p] / results['minilm', p]:.2f}×" for p in ("fwd", "fwdbwd")
                  if (peer, p) in results and ("minilm", p) in results]

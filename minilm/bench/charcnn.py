@@ -1,7 +1,8 @@
 """ELMo char-CNN: minilm's fused op vs the PyTorch composite (embedding -> 7x Conv1d -> max -> relu -> cat).
 
-Both run on the same inputs in the same process: ELMo's original token encoder (filters
-[[1,32],[2,32],[3,64],[4,128],[5,256],[6,512],[7,1024]], char dim 16, 50 characters, 262 ids, relu).
+Both run on the same inputs in the same process, timed in alternating rounds (the median of each
+one's single calls): ELMo's original token encoder (filters [[1,32],[2,32],[3,64],[4,128],[5,256],
+[6,512],[7,1024]], char dim 16, 50 characters, 262 ids, relu).
 Tokens are words as ELMo sees them, [BOW, bytes, EOW, PAD...] with 1 + Poisson(4) bytes (mean 5, like
 English text), or with --chars random, 50 uniformly random ids (no padding: the kernel's worst case,
 since it computes the identical all-padding windows at the end of a token only once).
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_interleaved
 from minilm.ops import char_cnn, char_cnn_reference
 
 ELMO_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
@@ -79,13 +80,13 @@ def run(args):
             ids = make_tokens(n, args.chars, gen).to(device)
             grad = torch.randn(n, sum(f for _, f in ELMO_FILTERS), generator=gen).to(device, dtype)
             flops = forward_flops(n)
-            res = {}
+            passes = {}  # (impl, pass) -> call
             for impl, fn in impls.items():
-                def fwd():
+                def fwd(fn=fn):
                     with torch.no_grad():
                         return fn(ids, emb, ws, bs, "relu")
 
-                def fwdbwd():
+                def fwdbwd(fn=fn):
                     for p in params:
                         p.requires_grad_(True)
                     out = fn(ids, emb, ws, bs, "relu")
@@ -94,13 +95,16 @@ def run(args):
                         p.requires_grad_(False)
                     return g
 
-                for pname, f, mult in (("fwd", fwd, 1), ("fwdbwd", fwdbwd, 3)):
-                    ms = time_ms(f, device, warmup=warmup, iters=iters)
-                    mib = peak_mib(f, device)
-                    res[impl, pname] = (ms, mib)
+                passes[impl, "fwd"], passes[impl, "fwdbwd"] = fwd, fwdbwd
+            res = {}
+            for pname, mult in (("fwd", 1), ("fwdbwd", 3)):
+                times = time_interleaved({impl: passes[impl, pname] for impl in impls}, device, warmup=warmup, iters=iters)
+                mibs = {impl: peak_mib(passes[impl, pname], device) for impl in impls}
+                for impl, ms in times.items():
+                    res[impl, pname] = (ms, mibs[impl])
                     rep.row({"op": "charcnn", "device": device.type, "device_name": device_name(device), "dtype": dname,
                              "shape": [n, MAX_CHARS], "pass": pname, "impl": impl, "ms": ms,
-                             "gflops": mult * flops / ms / 1e6, "peak_mib": mib, "chars": args.chars})
+                             "gflops": mult * flops / ms / 1e6, "peak_mib": mibs[impl], "chars": args.chars})
             for pname in ("fwd", "fwdbwd"):
                 (m_ms, m_mib), (c_ms, c_mib) = res["minilm", pname], res["composite", pname]
                 mem = f"{c_mib / m_mib:.1f}x less peak memory" if m_mib else f"peak {m_mib} vs {c_mib} MiB"

@@ -29,26 +29,40 @@ def sync(device):
 
 def time_ms(fn, device="cpu", warmup=2, iters=10, min_time_s=0.0):
     """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved({"fn": fn}, device, warmup, iters, min_time_s)["fn"]
+
+
+def time_interleaved(fns, device="cpu", warmup=2, iters=10, min_time_s=0.0):
+    """{name: median wall time of one call of fn, in ms} for fns = {name: fn}, timed in rounds that call
+    each fn once in turn (A B C A B C ...), so that a change in the machine's load or clock during the run
+    falls on every implementation alike rather than on whichever was timed last. Each call is timed on
+    its own: with CUDA events and a synchronisation after it on a GPU, so the host's launch overhead
+    counts. At least `iters` rounds, and more until about `min_time_s` per fn has passed (1000 at most)."""
+    cuda = torch.device(device).type == "cuda"
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times = {name: [] for name in fns}
     t_start = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - t_start < min_time_s:
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 1000:
+    rounds = 0
+    while rounds < iters or time.perf_counter() - t_start < min_time_s * len(fns):
+        for name, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if rounds >= 1000:
             break
-    return statistics.median(times)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ per training step (forward + backward + optimizer), tokens/s, model GFLOP/s
 import torch
 import torch.nn as nn
 
-from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_ms
+from minilm.bench.common import Reporter, device_name, peak_mib, positive_int, threads_note, time_interleaved
 from minilm.elmo import PRESETS, BiLM, estimate_flops_per_token, preset
 from minilm.ops import char_cnn_reference
 
@@ -97,34 +97,33 @@ def run(args):
              f"with a {V}-word softmax), batch {B} × {T} tokens, fp32, {device_name(dev)}; {threads_note()}")
 
     flops = estimate_flops_per_token(config, V) * B * T
-    results = {}
+    steps, enc_steps = {}, {}
     for impl, model in (("minilm", minilm_model), ("composite", peer)):
         opt = torch.optim.Adagrad(model.parameters(), lr=0.2, initial_accumulator_value=1.0)
         forward = (lambda m=model: m.stream_losses(chars, targets)[0]) if impl == "minilm" else (lambda m=model: m(chars, targets))
 
-        def step():
+        def step(model=model, opt=opt, forward=forward):
             loss = forward().mean()
             opt.zero_grad(set_to_none=True)
             (loss * T).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
 
-        ms = time_ms(step, dev, warmup=1, iters=iters)
-        mem = peak_mib(step, dev)
-        results[impl] = ms
+        def enc_step(model=model):
+            model.zero_grad(set_to_none=True)
+            model.token_embedding(chars.view(2 * B, T, -1)).sum().backward()    # both streams, as a step encodes them
+
+        steps[impl], enc_steps[impl] = step, enc_step
+
+    results = time_interleaved(steps, dev, warmup=1, iters=iters)
+    mems = {impl: peak_mib(step, dev) for impl, step in steps.items()}
+    for impl, ms in results.items():
         rep.row({"op": "elmo", "dtype": "fp32", "shape": [B, T], "pass": "train", "impl": impl, "ms": ms,
-                 "gflops": flops / ms / 1e6, "peak_mib": mem, "tokens_per_s": B * T / ms * 1e3,
+                 "gflops": flops / ms / 1e6, "peak_mib": mems[impl], "tokens_per_s": B * T / ms * 1e3,
                  "device": device_name(dev), "preset": args.preset})
-
-        encoder = model.token_embedding
-
-        def enc_step():
-            encoder(chars.view(2 * B, T, -1)).sum().backward()       # both streams, as a step encodes them
-
-        ms_enc = time_ms(enc_step, dev, warmup=1, iters=iters)
+    for impl, ms_enc in time_interleaved(enc_steps, dev, warmup=1, iters=iters).items():
         rep.row({"op": "token_enc", "dtype": "fp32", "shape": [2 * B, T], "pass": "fwd+bwd", "impl": impl, "ms": ms_enc,
                  "gflops": None, "peak_mib": None, "tokens_per_s": 2 * B * T / ms_enc * 1e3,
                  "device": device_name(dev), "preset": args.preset})
-        model.zero_grad(set_to_none=True)
     rep.note(f"tokens/s: minilm {B * T / results['minilm'] * 1e3:,.0f}, composite {B * T / results['composite'] * 1e3:,.0f}; "
              f"minilm / composite speed = {results['composite'] / results['minilm']:.2f}×")
