@@ -11,7 +11,9 @@
 //     memory when q is), except with padded head dims (cut and copied there).
 //   fp32, fp64, or bf16/fp16 with 128 < D <= 256 or sizes past the tensor-core kernels' limits
 //     (use_tensor_cores): the CUDA-core kernels (exact, slower), on contiguous copies; their results are
-//     copied into the results' layout where that is not contiguous.
+//     copied into the results' layout where that is not contiguous. The backward also runs them where the
+//     GPU lacks the shared memory of the tensor-core backward (attention_backward_tc_fits: D = 128 on a
+//     GPU with 99 KB per block).
 // Attention dropout (dropout_p, seed) becomes minilm_dropout::Params for either; its mask depends on
 // (batch·head, query, key) only, so head-dim padding does not change it.
 #include <ATen/ATen.h>
@@ -54,7 +56,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // bf16/fp16 with D <= 128, and sizes small enough for the tensor-core kernels' 32-bit row offsets (within a
-// head, where a tile may start up to 128 rows past T; rows_readable checks a strided input's own row
+// head, where a tile that starts before T may reach up to 127 rows past it; rows_readable checks a strided input's own row
 // stride), row indices (B·H·T) and grids (a CTA per tile of 64 or more rows along a grid's y, which ends at
 // 65,535: T <= 4,194,240)
 bool use_tensor_cores(const at::Tensor& q) {
@@ -85,7 +87,7 @@ bool rows_readable(const at::Tensor& x, int64_t Dp) {
   if (x.size(3) != Dp || x.stride(3) != 1 || !aligned16(x)) return false;
   for (int d = 0; d < 3; ++d)
     if (x.size(d) > 1 && (x.stride(d) * static_cast<int64_t>(x.element_size())) % 16 != 0) return false;
-  // row offsets are 32-bit in the kernels (a tile may start up to 128 rows past T)
+  // row offsets are 32-bit in the kernels (a tile that starts before T may reach up to 127 rows past it)
   return (x.size(2) + 128) * x.stride(2) <= std::numeric_limits<int>::max();
 }
 

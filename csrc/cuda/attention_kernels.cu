@@ -41,14 +41,16 @@
 //
 // CUDA-core kernels ("simple"): one warp per query row (forward, dQ) or key row (dK, dV); lanes split
 // the head dim; scores are reduced with warp shuffles; fp32 accumulation (fp64 for fp64). Exact, O(T)
-// memory, deterministic, slow: they exist for fp32/fp64 (gradcheck) and head dims the mma path lacks.
+// memory, deterministic, slow: they exist for fp32/fp64 (gradcheck), head dims the mma path lacks, and the
+// backward on GPUs without the shared memory of the tensor-core backward (attention_backward_tc_fits).
 //
 // Attention dropout (dropout_p > 0, the kernels' DROP = true versions): whether P_ij is kept is a hash of
 // (seed, batch·head, query i, key j) (csrc/attention_dropout.h), so no mask is stored: each thread hashes
 // the entries its accumulators hold, from the indices the causal mask uses -- one row key per query (once
 // per row for the whole key loop in the forward and dQ kernels; once per query column and tile in the
 // dK/dV kernel, whose rows are keys), then one hash per key pair (2m, 2m + 1), which is exactly an
-// accumulator's two columns c[0], c[1]. The forward takes m, l and LSE from the undropped P, zeroes the
+// accumulator's two columns c[0], c[1] in the forward, dQ and 2-D kernels (the 1-D dK/dV kernel, whose
+// columns are queries, hashes once per element). The forward takes m, l and LSE from the undropped P, zeroes the
 // dropped entries only in the P of O += P V, and folds the keep-scale 1/(1 − p) into the final 1/l. The
 // backward keeps Delta; dV += (P ∘ keep)ᵀ dO, scaled when stored (the dK/dV kernel stores a dropped P as
 // −P, so the sign is the keep bit), and dS = P ∘ (dP ∘ keep · scale − Delta): a dropped entry still has
@@ -162,7 +164,8 @@ __device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next)
 // Copies rows [row0, row0 + ROWS) of a [T, D] matrix whose rows lie ld elements apart (16-byte aligned;
 // (T + 128)·ld < 2³¹, see RowStrides) into shared memory rows of STRIDE elements. A thread copies the same
 // 16-byte column chunk of every STEP-th row, stepping one pointer (fewer live registers than an offset per
-// row).
+// row). For rows at or past T that pointer runs past the matrix (by at most ROWS rows, within the 32-bit
+// bound above) but is never used: cp.async gets g, with a source size of 0, and zero-fills the row.
 template <typename T, int ROWS, int D, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int ld, int row0, int T_) {
   constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
@@ -585,7 +588,8 @@ __global__ void attn_bwd_dq_convert(const float4* __restrict__ acc, T* __restric
 // rows are padded to whole query tiles (attention_dq_rows), so no row needs a bounds check (what lands in
 // the rows past T is never read). On sm_90 and later, lanes t4 = 2u and 2u + 1 swap halves so that each
 // adds 4 consecutive columns of one row (the even lane row g, the odd lane row g + 8) with one vector atomic.
-// CHECK: also skip rows at or past T (rows_left = T − the tile's row g). Not needed, as padding takes them,
+// CHECK: also skip rows at or past T (rows_left = T − the tile's row g; the sm_90 path only, the scalar
+// path before it adds every row). Not needed, as padding takes them,
 // but the 1-D kernels keep it: without the branch, ptxas gives them more registers and they spill (sm_90).
 template <int D, bool CHECK = false>
 __device__ __forceinline__ void atomic_add_acc(float* at, int t4, const float (&c)[4], int rows_left = 16) {
@@ -1513,11 +1517,12 @@ cudaError_t fwd_tc(const FwdArgs& a) {
   }
 }
 
-// Backward schemes (MINILM_ATTN_BWD; the defaults are above, with the sweep's figures):
+// Backward schemes (MINILM_ATTN_BWD; the defaults are above, with the sweep's figures; register and spill
+// counts are ptxas's, nvcc 13.0, sm_90 unless said: python scripts/sass_stats.py prints them):
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
-//   split3 : as split2 with 32 query rows per step (fewer live registers: 24 bytes of spills at D = 64);
+//   split3 : as split2 with 32 query rows per step (fewer live registers: 12 bytes of spills at D = 64);
 //            at D = 128 split2 already steps by 32 rows, so there split3 is split2
 //   splitkv: as split with each warp's K and V fragments in registers at D = 128 too (split does that at
 //            D = 64 already, so there splitkv is split): the Sᵀ and dPᵀ products then read only Q and dO
@@ -1525,11 +1530,11 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
 //            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, so all
 //            four products read 128 bytes of shared memory per mma (split3: 256 to 384). 255 registers,
-//            2 CTAs per SM; 64 bytes of spills on sm_90 since the inputs are read through their strides
+//            2 CTAs per SM; 84 bytes of spills on sm_90 since the inputs are read through their strides
 //            (none before; about 200 bytes on sm_80).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
-//   fusedkv: fused with the K/V fragments in registers (247 registers at D = 64; 255 and a 16-byte spill
+//   fusedkv: fused with the K/V fragments in registers (242 registers at D = 64; 255 and a 12-byte spill
 //            at D = 128)
 //   fused2d: FlashAttention-2's backward tiling (attn_bwd_2d: 2-D warp grids, P and dS through shared
 //            memory, dQ by atomics); split2d: the same without dQ, plus the dQ kernel (deterministic).

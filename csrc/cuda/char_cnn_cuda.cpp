@@ -1,6 +1,7 @@
 // Torch glue for the CUDA char-CNN kernels (char_cnn_kernels.cu): input checks (including the range of
-// the character ids, checked on the host before any kernel reads the embedding with them), allocation,
-// dtype dispatch, the current stream, and registration for the CUDA dispatch key.
+// the character ids: a min/max reduction on the device, compared on the host, before any kernel reads the
+// embedding with them), allocation, dtype dispatch, the current stream, and registration for the CUDA
+// dispatch key.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -417,7 +417,7 @@ __device__ __forceinline__ A sum_over_slots(A v, int NT, int E, int e) {
 // keeps dW_f[e][w0 .. w0 + WC) and db_f of the filters f = f0 + k, f0 + k + 8, ... (kFPW of them) in registers
 // and adds the tokens of slot h: per batch of TS tokens, x = embedding[ids] is staged in the slot layout and
 // g = grad_out · act'(out), t* as [filter][token]; then for each filter and token, acc[w] += g · x[t* + w][e]
-// (E·WC lanes of a warp read their own token's row: conflict-free). At the end the NT slots' sums are added
+// (the lanes (h, e) of a warp each read their own token's row: conflict-free). At the end the NT slots' sums are added
 // in slot order and written as this chunk's partial sums (charcnn_bwd_reduce adds the chunks in order).
 template <typename T, int WC>
 __global__ void __launch_bounds__(kSlotThreads, 2)
@@ -723,7 +723,8 @@ int sm_count() {
 }
 
 // ---- backward plans: the same functions size the workspace (char_cnn_backward_partial_elems) and launch.
-// Shared memory that lets 2 CTAs share an SM (228 KB per SM, 1 KB reserved per CTA).
+// Shared memory that lets 2 CTAs share an SM on Hopper (228 KB per SM, 1 KB reserved per CTA). On a GPU with
+// less (an A100: 164 KB) two such CTAs do not fit side by side: the grid of 2 per SM then runs in two waves.
 constexpr size_t kTwoPerSm = 110 * 1024;
 
 // -- the old kernels (MINILM_CNN_BWD=old, and shapes the slot kernels do not take)

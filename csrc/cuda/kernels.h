@@ -23,7 +23,7 @@ enum class Dtype { kFloat32, kFloat64, kBFloat16, kFloat16 };
 // batch b starts at b·batch + h·head + t·row (the last dim contiguous). So views need no copy, e.g. GPT-1's
 // q, k, v, which are slices of one [B, T, 3C] projection (batch = 3CT, head = D, row = 3C). Every row must
 // start 16 bytes aligned (cp.async), and (T + 128)·row < 2³¹ (row offsets are 32-bit, fewer registers in
-// the kernels' loops; a tile may start up to 128 rows past T). Contiguous: {H·T·D, T·D, D}; [B, T, H, D] in
+// the kernels' loops; a tile that starts before T may reach up to 127 rows past it). Contiguous: {H·T·D, T·D, D}; [B, T, H, D] in
 // memory: {T·H·D, D, H·D}.
 struct RowStrides {
   int64_t batch, head;

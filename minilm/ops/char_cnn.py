@@ -103,7 +103,7 @@ def _check(char_ids, embedding, weights, biases, activation):
     if L - w_min > MAX_ARGMAX:
         raise ValueError(f"{name}: argmax is int16, so L - (narrowest width) must be <= {MAX_ARGMAX}; "
                          f"got L = {L} with width {w_min}")
-    # Reading the ids' range needs their values: skipped while torch.compile traces (the kernels check it too).
+    # Reading the ids' range needs their values: skipped while torch.compile traces (the C++ glue checks it too).
     if char_ids.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = id_range(char_ids)
         if lo < 0 or hi >= V:
