@@ -39,7 +39,7 @@ import torch
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
 from minilm.files import (is_out_of_memory, make_dirs, optimizer_state_fits, os_error_line, remove_dirs, save_checkpoint,
-                          truncate_log, write_atomic)
+                          set_adamw_options, truncate_log, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -446,6 +446,7 @@ def main(argv):
     if ckpt:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
+            set_adamw_options(optimizer, cfg)   # the moments are the checkpoint's, the options this run's
             if ckpt.get("scaler") and scaler.is_enabled():  # --dtype may change on resume: fp16's loss scale only
                 scaler.load_state_dict(ckpt["scaler"])
             for state in ckpt["rng"]:  # every rank's, on every rank: a damaged one stops them all alike
@@ -651,8 +652,16 @@ def plot_losses(log_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return  # the plot is optional
-    with open(log_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, RecursionError):
+                pass
+    # the evaluations (a record edited by hand into something else is left out of the plot, not an error)
+    rows = [r for r in rows if isinstance(r, dict) and all(type(r.get(k)) in (int, float) for k in
+                                                           ("iter", "train_loss", "val_loss"))]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train")
     ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="val")

@@ -87,6 +87,16 @@ def optimizer_state_fits(optimizer):
                for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def set_adamw_options(optimizer, options):
+    """On resume, after optimizer.load_state_dict (which puts back the checkpoint's hyperparameters with its
+    moments): this run's weight decay (group 0: matrices; group 1: none) and betas, as the learning rate is
+    set at every step, so that a --weight_decay, --beta1 or --beta2 given on resume is not ignored."""
+    decay, no_decay = optimizer.param_groups
+    decay["weight_decay"], no_decay["weight_decay"] = options["weight_decay"], 0.0
+    for group in optimizer.param_groups:
+        group["betas"] = (options["beta1"], options["beta2"])
+
+
 def weights_finite(state_dict):
     """Whether a checkpoint's state dict holds tensors only, each floating one free of NaN and infinity (a
     damaged file, or a run that diverged, fails)."""
@@ -108,7 +118,7 @@ def truncate_log(log_path, last_iter):
             it = json.loads(line)["iter"]
             if type(it) is not int:
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):   # RecursionError: a line of nested brackets
             if n == len(lines) and not line.endswith("\n"):
                 break                   # an append cut short: that evaluation came after the checkpoint
             raise ValueError(f"{log_path}, line {n}, is not an evaluation record: delete that line (or the log) "

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError
-from minilm.files import optimizer_state_fits, save_checkpoint, truncate_log, weights_finite
+from minilm.files import optimizer_state_fits, save_checkpoint, set_adamw_options, truncate_log, weights_finite
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
 from minilm.ops._checks import id_range
@@ -813,6 +813,7 @@ def finetune(options, print_fn=print, ckpt=None):
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            set_adamw_options(optimizer, opts)   # the moments are the checkpoint's, the options this run's
             torch.set_rng_state(ckpt["rng"]["torch"])
             if ckpt["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

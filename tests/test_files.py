@@ -31,7 +31,7 @@ def test_truncate_log_keeps_the_records_up_to_the_checkpoint_each_on_its_own_lin
     with pytest.raises(ValueError, match=r"c\.jsonl, line 2, is not an evaluation record"):
         truncate_log(log, 10)
     assert open(log).read() == text
-    for bad in (b'{"iter": "5"}', b"\xff\xfe"):   # not an int; not UTF-8
+    for bad in (b'{"iter": "5"}', b"\xff\xfe", b"[" * 100_000):   # not an int; not UTF-8; nested past the parser's depth
         log = tmp_path / "d.jsonl"
         log.write_bytes(f"{rec(0)}\n".encode() + bad + f"\n{rec(10)}\n".encode())
         with pytest.raises(ValueError, match=r"d\.jsonl, line 2, is not an evaluation record"):

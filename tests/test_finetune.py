@@ -402,6 +402,17 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
     assert open(tmp_path / "a" / "log.jsonl").read() == open(tmp_path / "b" / "log.jsonl").read()
 
 
+def test_resume_applies_this_runs_weight_decay_and_betas(tmp_path):
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    quiet = lambda *a: None  # noqa: E731
+    ft.finetune(_tiny_run(data, tmp_path / "out", epochs=1), print_fn=quiet)
+    ft.finetune(dict(out_dir=str(tmp_path / "out"), resume=True, epochs=2, weight_decay=0.3, beta1=0.7, beta2=0.95),
+                print_fn=quiet)
+    groups = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.3, 0.0]
+    assert all(tuple(g["betas"]) == (0.7, 0.95) for g in groups)
+
+
 def test_lr_schedule_is_opt_py_warmup_linear():
     # opt.py: lrt *= schedule(t / t_total), t the updates made so far, with
     # warmup_linear(x, warmup) = (s*(x/warmup) + (1-s))*(1-x), s = (x <= warmup).

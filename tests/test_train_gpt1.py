@@ -368,6 +368,19 @@ def test_resume_may_change_the_dtype(trained, tmp_path):
            "--max_new_tokens", "0")
 
 
+def test_resume_applies_this_runs_weight_decay_and_betas(trained, tmp_path):
+    # optimizer.load_state_dict puts back the checkpoint's hyperparameters; the run's options must win, as
+    # --learning_rate's do (and the checkpoint's record of its options must be true)
+    out = str(shutil.copytree(trained[0], tmp_path / "run"))
+    _train("--resume", "True", "--out_dir", out, "--max_iters", "62", "--eval_interval", "2", "--max_new_tokens", "0",
+           "--weight_decay", "0.5", "--beta1", "0.8", "--beta2", "0.99")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.99) for g in groups)
+    assert (ckpt["options"]["weight_decay"], ckpt["options"]["beta1"]) == (0.5, 0.8)
+
+
 def test_rank_without_torchrun_is_one_line(corpus, tmp_path):
     env = {**script_env(), "RANK": "1", "WORLD_SIZE": "2"}
     proc = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "run"), *TINY],
@@ -545,3 +558,12 @@ def test_sample_without_start_continues_the_first_validation_tokens(tmp_path, mo
     seen, tok, _, printed = _sample(tmp_path / "b", monkeypatch, capsys, start="the king", num_samples=1)
     assert seen["idx"].tolist() == [tok.encode("the king")]
     assert printed.split("-" * 60)[1].strip().startswith("the king")
+
+
+def test_the_loss_plot_leaves_out_records_that_are_not_evaluations(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 0, "train_loss": 5.0, "val_loss": 5.1}\n{"iter": 1}\n{"iter": 2, "train_loss": 4.0, '
+                   '"val_loss": null}\n' + "[" * 100_000 + '\n{"iter": 3, "train_loss": 3.0, "val_loss": 3.2}\n')
+    train_gpt1.plot_losses(str(log), str(tmp_path / "loss.png"))   # a hand-edited log: no traceback
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
