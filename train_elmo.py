@@ -593,7 +593,7 @@ def train(cfg, checkpoint=None):
         try:
             opt.load_state_dict(checkpoint["optimizer"])
             fits = optimizer_state_fits(opt)
-        except (ValueError, KeyError, TypeError, RuntimeError):
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError):   # AttributeError: not a dict
             fits = False
         if not fits:
             raise UsageError(f"{ckpt_path} is damaged: its optimizer state does not fit the model")

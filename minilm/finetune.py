@@ -563,7 +563,8 @@ def load_checkpoint(path, what, kind="any"):
         raise FinetuneError(f"{what}: {path} is a {found} checkpoint, not a {kind} one")
     # a damaged or hand-edited file: each entry a later step reads, of the type it needs
     needs = {"optimizer": dict, "rng": (list if found == "pre-training" else dict), "model": dict, "options": dict,
-             "model_config": dict, **({"data_meta": dict} if found == "pre-training" else {"task_config": dict})}
+             "model_config": dict, "data_dir": str,
+             **({"data_meta": dict} if found == "pre-training" else {"task_config": dict})}
     bad = [k for k, t in needs.items() if k in ckpt and not isinstance(ckpt[k], t)]  # missing: met where read
     if type(ckpt["iter_num"]) is not int or ckpt["iter_num"] < 0:
         bad.append("iter_num")

@@ -48,6 +48,17 @@ class GPT1Config:
     kernel_sizes: tuple | None = None  # lightconv: width per layer (or one for all); None = 3, 7, 15, 31, 31, ...
     weight_dropout: float = 0.1  # lightconv: DropConnect on the normalised kernels (the paper's 0.1)
 
+    def __post_init__(self):  # a bad value (a typo, a damaged checkpoint) is one line now, not a failure later
+        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):   # n_layer 0: the embeddings alone
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "n_layer"):
+                raise ValueError(f"GPT1Config: {name} must be a {'non-negative' if name == 'n_layer' else 'positive'} "
+                                 f"integer, got {value!r}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "weight_dropout", "layer_norm_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN too
+                raise ValueError(f"GPT1Config: {name} must be a number in [0, 1], got {value!r}")
+
 
 # Model shapes by purpose. vocab_size comes from the tokenizer, so the presets leave it at the default.
 # The CPU presets train for minutes, seeing each token only a few times: there is nothing to regularize

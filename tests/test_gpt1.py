@@ -296,3 +296,10 @@ def test_gpu_peak_flops_for_mfu():
     assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12  # not the A10's
     assert gpu_peak_flops("NVIDIA L40S") == 362e12 and gpu_peak_flops("NVIDIA L4") == 121e12
     assert gpu_peak_flops("Some Future GPU") is None  # no MFU rather than a wrong one
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", -1), ("n_head", 0), ("n_embd", 2.5), ("vocab_size", True),
+                                          ("resid_pdrop", float("nan")), ("attn_pdrop", 1.5), ("weight_dropout", "0.1")])
+def test_a_bad_config_value_is_refused_when_the_config_is_made(field, value):
+    with pytest.raises(ValueError, match=f"GPT1Config: {field} must be"):
+        GPT1Config(**{field: value})

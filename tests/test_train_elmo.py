@@ -359,7 +359,8 @@ def test_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
             ({"vocab": None}, "its vocabulary is not"),
             ({"train_config": {**good["train_config"], "batch_size": "4"}}, "its --batch_size is '4'"),
             ({"train_config": {**good["train_config"], "preset": "bogus"}}, "--preset must be one of"),
-            ({"optimizer": {}}, "its optimizer state does not fit"))):
+            ({"optimizer": {}}, "its optimizer state does not fit"),
+            ({"optimizer": None}, "its optimizer state does not fit"))):
         out = tmp_path / f"out{i}"
         out.mkdir()
         torch.save({**good, **change}, out / "ckpt.pt")

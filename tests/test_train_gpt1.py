@@ -303,6 +303,11 @@ def test_a_damaged_model_config_is_one_line(trained, tmp_path):
     for what in ("--resume", "--sample"):
         message = _refused(what, "True", "--out_dir", str(out))
         assert message.startswith(f"{what} True: the checkpoint's model_config does not make a GPT-1 ("), message
+    del ckpt["model_config"]["n_experts"]
+    ckpt["model_config"]["resid_pdrop"] = float("nan")   # GPT1Config's own checks, not a failure in the first step
+    torch.save(ckpt, out / "ckpt.pt")
+    for what in ("--resume", "--sample"):
+        assert "resid_pdrop must be a number in [0, 1], got nan" in _refused(what, "True", "--out_dir", str(out))
     del ckpt["model_config"]["n_layer"]
     torch.save(ckpt, out / "ckpt.pt")
     assert "model_config or data_meta is damaged (KeyError" in _refused("--resume", "True", "--out_dir", str(out))
@@ -348,6 +353,7 @@ def test_damaged_checkpoint_entries_and_token_files_are_one_line(trained, tmp_pa
     for i, (change, message) in enumerate((({"model": weights}, "NaN or infinite weights"),
                                            ({"iter_num": -5}, "is damaged (its 'iter_num'"),
                                            ({"rng": {}}, "is damaged (its 'rng'"),
+                                           ({"data_dir": 5}, "is damaged (its 'data_dir'"),
                                            ({"optimizer": opt}, "optimizer state does not fit"))):
         out = shutil.copytree(trained[0], tmp_path / f"run{i}")
         torch.save({**good, **change}, out / "ckpt.pt")
