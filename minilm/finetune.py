@@ -268,6 +268,8 @@ def read_jsonl(path, task):
             raise DataError(f"{where}: not UTF-8 text (invalid byte at column {e.start + 1})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
         for name in fields:
@@ -286,8 +288,12 @@ def read_jsonl(path, task):
                                     "(every example of a file must have the same number)")
             elif not isinstance(value, str):
                 raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-            if not all(text.strip() for text in (value if name == "choices" else [value])):
+            texts = value if name == "choices" else [value]
+            if not all(text.strip() for text in texts):
                 raise DataError(f"{where}: field {name!r} is empty (there is no text to classify)")
+            if not all(text.isascii() or _is_unicode(text) for text in texts):
+                raise DataError(f"{where}: field {name!r} holds an unpaired surrogate (an escape \\ud800-\\udfff "
+                                "that is no character)")
             parts.append(value)
         label = obj["label"]
         if not _is_int(label):
@@ -330,6 +336,15 @@ def load_task(task, task_data, seed=1337, val_fraction=0.1):
     held_out = set(order[:n_val].tolist())
     return ([e for i, e in enumerate(examples) if i not in held_out],
             [e for i, e in enumerate(examples) if i in held_out])
+
+
+def _is_unicode(text):
+    """Whether a str is text: JSON's \\ud800 escapes decode to lone surrogates, which no encoding writes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def examples_digest(train, val):
@@ -685,8 +700,8 @@ def _check_options(opts):
             raise FinetuneError(f"--{name} must be a positive integer, got {opts[name]!r}")
     if opts["n_class"] is not None and (not _is_int(opts["n_class"]) or opts["n_class"] < 2):
         raise FinetuneError(f"--n_class must be at least 2 (a classifier tells classes apart), got {opts['n_class']!r}")
-    if not _is_int(opts["seed"]) or opts["seed"] < 0:
-        raise FinetuneError(f"--seed must be an integer >= 0, got {opts['seed']!r}")
+    if not _is_int(opts["seed"]) or not 0 <= opts["seed"] < 2**32:   # as pre-training's (torch.manual_seed takes 64 bits)
+        raise FinetuneError(f"--seed must be an integer in [0, 2**32), got {opts['seed']!r}")
     if not number("learning_rate") or opts["learning_rate"] < 0:  # 0 is allowed: the weights stay as imported
         raise FinetuneError(f"--learning_rate must be a finite number >= 0, got {opts['learning_rate']!r}")
     if not number("warmup_fraction") or not 0 <= opts["warmup_fraction"] <= 1:
@@ -727,6 +742,9 @@ def finetune(options, print_fn=print, ckpt=None):
         ckpt = None
     elif ckpt is None or "task_config" not in ckpt:
         ckpt = load_checkpoint(ckpt_path, "--resume True", kind="fine-tuning")
+    if opts["init_from"] and not ckpt and _same_path(opts["init_from"], out_dir):
+        raise FinetuneError(f"--out_dir {out_dir} is --init_from's run: a fine-tuning run there would replace the "
+                            "checkpoint it starts from; choose another --out_dir")
     if ckpt:
         _check_resume_options(given, ckpt, ckpt_path)
         opts = {**DEFAULTS, **ckpt["options"], **given, "resume": True, "overwrite": False}

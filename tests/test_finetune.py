@@ -229,6 +229,9 @@ def test_jsonl_examples_are_read_for_each_task(tmp_path):
     ("classification", '["a", 1]', "JSON object"),
     ("classification", '{"text": "  ", "label": 0}', "field 'text' is empty"),
     ("multiple_choice", '{"context": "x", "choices": ["a", ""], "label": 0}', "field 'choices' is empty"),
+    ("classification", '{"text": "a \\ud800 b", "label": 0}', "field 'text' holds an unpaired surrogate"),
+    ("multiple_choice", '{"context": "x", "choices": ["a", "\\udfff"], "label": 0}', "'choices' holds an unpaired"),
+    ("classification", "[" * 100_000, "nested too deeply"),
 ])
 def test_a_malformed_jsonl_line_is_reported_with_its_file_and_line_number(tmp_path, task, bad, message):
     good = {"classification": '{"text": "ok", "label": 0}', "entailment": '{"premise": "p", "hypothesis": "h", "label": 0}',
@@ -444,7 +447,8 @@ def test_lr_schedule_is_opt_py_warmup_linear():
     (dict(eval_interval=0), "--eval_interval must be a positive integer"),
     (dict(log_interval=0), "--log_interval must be a positive integer"),
     (dict(warmup_fraction=2.0), "--warmup_fraction must be in [0, 1]"),
-    (dict(seed=-1), "--seed must be an integer >= 0"),
+    (dict(seed=-1), "--seed must be an integer in [0, 2**32), got -1"),
+    (dict(seed=10**20), "--seed must be an integer in"),
     (dict(grad_clip=float("nan")), "--grad_clip must be a finite number"),
     (dict(resume=True, overwrite=True), "pass one of them"),
     (dict(grad_clip=-1.0), "--grad_clip must be a finite number >= 0 (0: off)"),
@@ -514,6 +518,12 @@ def test_train_gpt1_finetunes_a_pretrained_run_and_reports_a_bad_task_file_in_on
         assert torch.equal(w[:v.shape[0]], v), k
     assert ckpt["model"]["transformer.tokens_embed.weight"].shape[0] == pre_sd["tokens_embed.weight"].shape[0] + 3
     assert "val_accuracy" in json.loads(open(tmp_path / "ft" / "log.jsonl").readlines()[-1])
+    # fine-tuning into the pre-training run's own out_dir would delete the checkpoint it starts from
+    before = (tmp_path / "pre" / "ckpt.pt").read_bytes()
+    same = run("--task", "classification", "--task_data", data, "--init_from", str(tmp_path / "pre"),
+               "--out_dir", str(tmp_path / "pre"), "--overwrite", "True", "--max_iters", "2")
+    assert same.returncode == 1 and "is --init_from's run" in same.stderr and same.stderr.count("\n") == 1
+    assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n{"text": "e", "lab": 1}\n')
