@@ -18,6 +18,7 @@ from a hash instead of storing it.
 Wu et al. 2019 (minilm/lightconv.py): same post-LN block, MLP, embeddings and head.
 """
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -247,8 +248,8 @@ class GPT1(nn.Module):
         self._check_input(idx, check_length=False)
         if idx.size(1) == 0:
             raise ValueError("GPT1.generate: idx must hold at least one token to condition on")
-        if temperature <= 0:
-            raise ValueError(f"GPT1.generate: temperature must be > 0, got {temperature}")
+        if not (0 < temperature < math.inf):   # NaN too
+            raise ValueError(f"GPT1.generate: temperature must be a finite number > 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"GPT1.generate: top_k must be >= 1, got {top_k}")
         was_training = self.training
@@ -256,7 +257,9 @@ class GPT1(nn.Module):
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.n_ctx:]  # (B, <= n_ctx)
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float() / temperature  # (B, vocab_size)
+            logits = logits[:, -1, :].float()  # (B, vocab_size)
+            # softmax(l / t) = softmax((l − max l) / t); the second stays finite for any small t (→ greedy)
+            logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

@@ -241,6 +241,8 @@ def test_generate_samples_from_the_softmax_of_logits_over_temperature():
             want = torch.cat((want, nxt), dim=1)
         assert torch.equal(out, want), temperature
         assert not torch.equal(out, model.generate(idx, 3, top_k=1))  # and it is sampling, not greedy
+    # a temperature so small that logits / T overflows: greedy decoding, not NaN probabilities
+    assert torch.equal(model.generate(idx, 3, temperature=1e-40), model.generate(idx, 3, top_k=1))
 
 
 def test_generate_top_k_samples_among_the_k_largest_logits_only():
@@ -285,8 +287,9 @@ def test_bad_input_gives_clear_errors():
         config_from_preset("gpt9")
     with pytest.raises(ValueError, match="divisible"):
         GPT1(config_from_preset("cpu-tiny", n_head=3))
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=0)
+    for temperature in (0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=temperature)
 
 
 def test_gpu_peak_flops_for_mfu():
