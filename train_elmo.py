@@ -491,7 +491,7 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 def setup_device(cfg):
     """DDP when launched by torchrun (RANK in the environment), else one process."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    ddp = os.environ.get("RANK", "-1").strip() != "-1"
     rank, world = 0, 1
     dev = cfg["device"]
     if ddp:
@@ -501,9 +501,14 @@ def setup_device(cfg):
             raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
                               "launch several processes with torchrun (or unset RANK)")
         import torch.distributed as dist
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+        from minilm.files import torchrun_ranks
+        try:
+            rank, local_rank, world = torchrun_ranks()
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
         if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            dev = f"cuda:{local_rank}"
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     return ddp, rank, world, dev

@@ -39,7 +39,7 @@ import torch
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
 from minilm.files import (is_out_of_memory, make_dirs, optimizer_state_fits, os_error_line, remove_dirs, save_checkpoint,
-                          set_adamw_options, truncate_log, write_atomic)
+                          set_adamw_options, torchrun_ranks, truncate_log, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -310,7 +310,7 @@ def main(argv):
     if cfg["task"] or (ckpt and "task_config" in ckpt):
         from functools import partial
 
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if os.environ.get("WORLD_SIZE", "1").strip() != "1":
             raise UserError("fine-tuning runs in one process: start it without torchrun")
         # given only (the rest are fine-tuning's defaults), and the out_dir whose checkpoint was read above
         finetune({**given, "out_dir": out_dir} if ckpt else given, print_fn=partial(print, flush=True), ckpt=ckpt)
@@ -361,14 +361,17 @@ def main(argv):
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
 
     # --- setup: processes, precision ----------------------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
+    ddp = os.environ.get("RANK", "-1").strip() != "-1"  # started by torchrun?
     rank, local_rank, world = 0, 0, 1
     if ddp:
         missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
         if missing:
             raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
                               "launch several processes with torchrun (or unset RANK)")
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        try:
+            rank, local_rank, world = torchrun_ranks()
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)

@@ -11,6 +11,23 @@ import tempfile
 import torch
 
 
+def torchrun_ranks():
+    """(rank, local_rank, world) from the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE; LOCAL_RANK 0
+    when unset), or a one-line ValueError for values no launcher sets, which would otherwise end in a
+    traceback or, for a RANK outside [0, WORLD_SIZE), a rendezvous that waits for ever."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    values = [os.environ.get(name, "0") for name in names]
+    try:
+        rank, local_rank, world = (int(v) for v in values)
+    except ValueError:
+        raise ValueError("RANK, LOCAL_RANK and WORLD_SIZE must be integers, got "
+                         + ", ".join(f"{n}={v!r}" for n, v in zip(names, values))) from None
+    if not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world}: a rank must lie in "
+                         "[0, WORLD_SIZE) and LOCAL_RANK be >= 0 (launch the processes with torchrun)")
+    return rank, local_rank, world
+
+
 def os_error_line(e):
     """An OSError (a full disk, a read-only or missing directory) as one line: "path: reason"."""
     return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"

@@ -390,13 +390,16 @@ def test_a_diverging_run_stops_without_saving(corpus, tmp_path):
     assert not (out / "ckpt.pt").exists()
 
 
-def test_rank_without_torchrun_is_a_one_line_error(corpus, tmp_path):
-    env = {**script_env(), "RANK": "1", "WORLD_SIZE": "2"}
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "RANK is set but MASTER_ADDR, MASTER_PORT are not: launch several processes "
+                                       "with torchrun (or unset RANK)"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29578"},
+     "RANK=2, LOCAL_RANK=0, WORLD_SIZE=2: a rank must lie in [0, WORLD_SIZE)"),   # the rendezvous would wait for ever
+])
+def test_rank_without_torchrun_is_a_one_line_error(env, message, corpus, tmp_path):
     p = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "out"), *SMALL],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and p.stderr.strip() == ("train_elmo.py: RANK is set but MASTER_ADDR, "
-                                                      "MASTER_PORT are not: launch several processes with torchrun "
-                                                      "(or unset RANK)"), p.stderr
+                       cwd=ROOT, env={**script_env(), **env}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and p.stderr.startswith(f"train_elmo.py: {message}"), p.stderr
 
 
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoint(trained, corpus, tmp_path):

@@ -387,13 +387,21 @@ def test_resume_applies_this_runs_weight_decay_and_betas(trained, tmp_path):
     assert (ckpt["options"]["weight_decay"], ckpt["options"]["beta1"]) == (0.5, 0.8)
 
 
-def test_rank_without_torchrun_is_one_line(corpus, tmp_path):
-    env = {**script_env(), "RANK": "1", "WORLD_SIZE": "2"}
+LAUNCHED = {"LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577"}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "RANK is set but LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: launch several "
+                                       "processes with torchrun (or unset RANK)"),
+    ({"RANK": "1", "WORLD_SIZE": "1", **LAUNCHED}, "RANK=1, LOCAL_RANK=0, WORLD_SIZE=1: a rank must lie in "
+                                                   "[0, WORLD_SIZE)"),   # the rendezvous would wait for ever
+    ({"RANK": "abc", "WORLD_SIZE": "2", **LAUNCHED}, "RANK, LOCAL_RANK and WORLD_SIZE must be integers, got RANK='abc'"),
+])
+def test_rank_without_torchrun_is_one_line(env, message, corpus, tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "run"), *TINY],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 1 and proc.stderr.strip() == (
-        "train_gpt1.py: error: RANK is set but LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: launch several "
-        "processes with torchrun (or unset RANK)"), proc.stderr
+                          cwd=ROOT, env={**script_env(), **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"train_gpt1.py: error: {message}"), proc.stderr
 
 
 # --- the batch builder and the learning-rate schedule, as functions (no subprocess) ---------------------
