@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilm.bpe import first_line
 from minilm.lightconv import LightConvLayer, resolve_kernel_sizes
 from minilm.ops import causal_attention
 from minilm.ops._checks import id_range
@@ -354,18 +355,34 @@ def gpu_peak_flops(device_name):
     return None
 
 
+def _load_safetensors(path):
+    from safetensors.torch import load_file  # only needed for this format
+    return load_file(path)
+
+
 def _read_hf_directory(path):
-    """config.json + model.safetensors (or pytorch_model.bin) from a local Hugging Face model directory."""
+    """config.json + model.safetensors (or pytorch_model.bin) from a local Hugging Face model directory;
+    a file that is not what its name says is a one-line ValueError that names it."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"GPT1.from_huggingface: {path!r} is not a directory")
     hf_config = {}
-    if os.path.exists(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            hf_config = json.load(f)
+    config_path = os.path.join(path, "config.json")
+    if os.path.exists(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                hf_config = json.load(f)
+        except (ValueError, RecursionError) as e:   # not JSON, or not UTF-8
+            raise ValueError(f"GPT1.from_huggingface: {config_path} is not a JSON config ({first_line(e)})") from None
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"GPT1.from_huggingface: {config_path} holds a {type(hf_config).__name__}, not a JSON object")
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(st):
-        from safetensors.torch import load_file  # only needed for this format
-        return hf_config, load_file(st)
-    if os.path.exists(pt):
-        return hf_config, torch.load(pt, map_location="cpu", weights_only=True)
+    for weights, load in ((st, _load_safetensors), (pt, lambda p: torch.load(p, map_location="cpu", weights_only=True))):
+        if os.path.exists(weights):
+            try:
+                state_dict = load(weights)
+            except Exception as e:   # a truncated or foreign file: its loader's first line, with the file's name
+                raise ValueError(f"GPT1.from_huggingface: cannot read {weights} ({first_line(e)})") from None
+            if not isinstance(state_dict, dict):
+                raise ValueError(f"GPT1.from_huggingface: {weights} holds a {type(state_dict).__name__}, not a state dict")
+            return hf_config, state_dict
     raise FileNotFoundError(f"GPT1.from_huggingface: {path!r} has neither model.safetensors nor pytorch_model.bin")

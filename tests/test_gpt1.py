@@ -88,6 +88,22 @@ def test_from_huggingface_rejects_wrong_weights():
         GPT1.from_huggingface({"wte.weight": torch.zeros(3, 4)})
 
 
+def test_from_huggingface_names_a_damaged_file_in_one_line(tmp_path):
+    pytest.importorskip("safetensors")
+    for name, content, message in (("config.json", b"{", "config.json is not a JSON config"),
+                                   ("config.json", b"[1]", "config.json holds a list, not a JSON object"),
+                                   ("model.safetensors", b"garbage!", "cannot read .*model.safetensors"),
+                                   ("pytorch_model.bin", b"garbage!", "cannot read .*pytorch_model.bin")):
+        folder = tmp_path / f"{name}-{len(content)}"
+        folder.mkdir()
+        (folder / name).write_bytes(content)
+        if name == "config.json":
+            torch.save({}, folder / "pytorch_model.bin")
+        with pytest.raises(ValueError, match=message) as info:
+            GPT1.from_huggingface(folder)
+        assert "\n" not in str(info.value)
+
+
 def test_attention_dropout_drops_the_probabilities_without_bias(monkeypatch):
     # attn_pdrop 0.5, resid_pdrop 0, so the only noise is the dropout on the attention probabilities,
     # inside the fused kernel.
