@@ -325,6 +325,21 @@ def test_double_backward_raises_instead_of_a_wrong_answer():
         torch.autograd.grad((demb * emb).sum(), emb)
 
 
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+    ids = make_ids(4, 8, vocab=20)
+    emb, ws, bs = make_params([(2, 3)], 4, torch.float64, vocab=20)
+    for which in ("embedding", "weight", "bias"):
+        with fwAD.dual_level():
+            dual = lambda t: fwAD.make_dual(t, torch.ones_like(t))  # noqa: E731
+            args = (dual(emb) if which == "embedding" else emb, [dual(ws[0])] if which == "weight" else ws,
+                    [dual(bs[0])] if which == "bias" else bs)
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                char_cnn(ids, *args, "tanh")
+    with fwAD.dual_level():   # no tangent anywhere: runs
+        assert char_cnn(ids, emb, ws, bs, "tanh").shape == (4, 3)
+
+
 def test_nan_propagates():
     # Like torch.max, a NaN among a token's windows makes its max NaN (no silent finite answer).
     ids = make_ids(6, 10, vocab=20)

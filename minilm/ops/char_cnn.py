@@ -25,6 +25,7 @@ with dx scattered into grad_embedding by character id. Here, in Python: the inpu
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from minilm.ops._checks import check_one_device, forbid_double_backward, id_range
 
@@ -117,6 +118,12 @@ def char_cnn(char_ids, embedding, weights, biases, activation="relu"):
     Returns [N, sum F_i] in the embedding's dtype. Differentiable in embedding, weights and biases.
     """
     _check(char_ids, embedding, weights, biases, activation)
+    # torch.library's autograd formula is reverse-mode only: under forward-mode AD the output would silently
+    # carry no tangent (causal_attention's C++ formula raises by itself)
+    if not torch.compiler.is_compiling() and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in (embedding, *weights, *biases)):
+        raise NotImplementedError("char_cnn: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported; "
+                                  "differentiate in reverse mode (backward)")
     out, _ = torch.ops.minilm.char_cnn(char_ids, embedding, list(weights), list(biases), activation)
     return out
 
