@@ -59,9 +59,11 @@ def write_atomic(path, data):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename == tmp and e.errno is not None:   # e.g. path is a directory
+            raise OSError(e.errno, e.strerror, path) from None   # name the user's file, not the hidden temporary
         raise
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minilm.files import make_dirs, remove_dirs, truncate_log, write_atomic
+from minilm.files import make_dirs, os_error_line, remove_dirs, truncate_log, write_atomic
 
 
 def _log(path, text):
@@ -50,3 +50,12 @@ def test_make_dirs_and_remove_dirs_take_away_only_what_they_made(tmp_path):
     remove_dirs(made)                                             # y goes; x holds a file, so it stays
     assert os.listdir(tmp_path / "x") == ["keep.txt"]
     assert make_dirs(tmp_path / "x") == []                        # already there: nothing made
+
+
+def test_a_failed_atomic_write_names_the_target_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "loss.png"
+    target.mkdir()                         # a directory where the file should go: the rename fails
+    with pytest.raises(OSError) as info:
+        write_atomic(str(target), b"png")
+    assert info.value.filename == str(target) and os_error_line(info.value).startswith(f"{target}: ")
+    assert os.listdir(tmp_path) == ["loss.png"] and os.listdir(target) == []
