@@ -218,6 +218,8 @@ class GPT1Classifier(nn.Module):
             return logits, None, None
         if labels.shape != (B,):
             raise ValueError(f"GPT1Classifier: labels must have shape ({B},), got {tuple(labels.shape)}")
+        if labels.dtype not in (torch.int64, torch.int32):   # a float 1.7 would silently become class 1
+            raise TypeError(f"GPT1Classifier: labels must hold integer class ids (torch.long), got {labels.dtype}")
         n = logits.size(1)
         lo, hi = id_range(labels) if labels.numel() else (0, 0)
         if lo < 0 or hi >= n:

@@ -237,6 +237,8 @@ class GPT1(nn.Module):
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"GPT1: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            if targets.dtype not in (torch.int64, torch.int32):   # a float 3.7 would silently become class 3
+                raise TypeError(f"GPT1: targets must hold integer token ids (torch.long), got {targets.dtype}")
             # loss = −L1(U) / N: the paper maximises L1(U) = Σ_i log P(u_i | u_{i-k}, ..., u_{i-1}) (eq. 1).
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(),
                                    ignore_index=-1)

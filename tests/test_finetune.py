@@ -191,6 +191,8 @@ def test_labels_out_of_range_raise_a_clear_error():
     for bad in ([0, 3], [-1, 1]):
         with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got values in \[" + str(min(bad))):
             model(idx, mask, torch.tensor(bad))
+    with pytest.raises(TypeError, match="labels must hold integer class ids"):
+        model(idx, mask, torch.tensor([0.0, 1.7]))
 
 
 def test_the_lm_loss_does_not_see_the_padding():

@@ -295,6 +295,8 @@ def test_bad_input_gives_clear_errors():
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids"):
         model(torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="targets must hold integer token ids"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), 3.7))
     with pytest.raises(ValueError, match="2-D"):
         model(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
