@@ -439,6 +439,8 @@ def test_sources_edited_after_the_build_are_reported(tmp_path, monkeypatch):
     (["gpt1", "--batch_size", "0"], "--batch_size: must be a positive integer, got '0'"),
     (["charcnn", "--tokens", "64", "-3"], "--tokens: must be a positive integer, got '-3'"),
     (["elmo", "--preset", "nope"], "invalid choice: 'nope'"),
+    (["attention", "--min-time", "nan"], "--min-time: must be a finite number of seconds >= 0, got 'nan'"),
+    (["attention", "--min-time", "-1"], "--min-time: must be a finite number of seconds >= 0, got '-1'"),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
     from minilm.bench.__main__ import main

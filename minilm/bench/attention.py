@@ -22,7 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from minilm.bench.common import Reporter, device_name, peak_mib, sync, threads_note, time_interleaved, time_ms
+from minilm.bench.common import (Reporter, device_name, peak_mib, seconds, sync, threads_note, time_interleaved,
+                                 time_ms)
 from minilm.files import is_out_of_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,7 +50,7 @@ def add_arguments(parser):
     parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
                         help="attention dropout probability, as in training (default 0: no dropout)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also draw a bar chart (matplotlib)")
-    parser.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--min-time", type=seconds, default=1.0, metavar="SECONDS",
                         help="time each case for at least this long (default 1.0; the median is reported)")
 
 

@@ -22,6 +22,17 @@ def positive_int(text):
     return value
 
 
+def seconds(text):
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):   # NaN too
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -153,6 +153,8 @@ def run(args):
     if T > config.n_ctx:
         config.n_ctx = T
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    if not impls:
+        raise SystemExit(f"minilm.bench gpt1: --impls names no implementation; choose from {', '.join(IMPLS)}")
     bad = [s for s in impls if s not in IMPLS]
     if bad:
         raise SystemExit(f"minilm.bench gpt1: unknown implementation(s) {', '.join(bad)}; choose from {', '.join(IMPLS)}")
