@@ -656,6 +656,8 @@ class ELMo(nn.Module):
 
     def __init__(self, bilm, dropout=0.5, do_layer_norm=False):
         super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:   # NaN too
+            raise ValueError(f"ELMo: dropout must be a number in [0, 1], got {dropout!r}")
         self.bilm = bilm
         for p in self.bilm.parameters():
             p.requires_grad_(False)
