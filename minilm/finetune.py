@@ -259,6 +259,8 @@ def read_jsonl(path, task):
         raise DataError(f"no such task file: {path}")
     with open(path, "rb") as f:
         raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte order mark, as some Windows editors write: not part of line 1
+        raw = raw[3:]
     examples, n_choices = [], None
     for lineno, line in enumerate(raw.split(b"\n"), 1):
         where = f"{path}:{lineno}"

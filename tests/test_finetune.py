@@ -216,6 +216,9 @@ def test_jsonl_examples_are_read_for_each_task(tmp_path):
     assert ft.read_jsonl(p, "classification") == [(("a b",), 1), (("c",), 0)]
     p = _write(tmp_path / "m.jsonl", ['{"context": "x", "choices": ["y", "z"], "label": 1}'])
     assert ft.read_jsonl(p, "multiple_choice") == [(("x", ["y", "z"]), 1)]
+    bom = tmp_path / "bom.jsonl"    # a byte order mark before the first line (some Windows editors write one)
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a b", "label": 1}\n')
+    assert ft.read_jsonl(str(bom), "classification") == [(("a b",), 1)]
 
 
 @pytest.mark.parametrize("task,bad,message", [
