@@ -366,7 +366,9 @@ class SentenceStream:
 
     def __init__(self, lengths, rows, seed, test=False):
         self.lengths = np.asarray(lengths, dtype=np.int64)                   # tokens per sentence, markers included
-        if self.lengths.size == 0 or self.lengths.min() < 2:   # a sentence with no (input, target) pair: next_batch would never end
+        # a sentence shorter than its two markers has no (input, target) pair (one of length 0 would make
+        # next_batch step backwards), and with no sentence at all there is nothing to draw
+        if self.lengths.size == 0 or self.lengths.min() < 2:
             raise ValueError("SentenceStream needs at least one sentence, each at least its two markers long")
         self.offsets = np.cumsum(self.lengths) - self.lengths                # where each one starts in the split's tokens
         self.rows, self.seed, self.test = rows, seed, test
@@ -909,8 +911,8 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except UsageError as e:
         # Under torchrun a user error is every rank's: rank 0 says it (RankError: each rank its own).
-        rank = os.environ.get("RANK", "0")
-        if isinstance(e, LaunchError) or rank == "0":
+        rank = os.environ.get("RANK", "0").strip()
+        if isinstance(e, LaunchError) or rank in ("0", "-1"):   # RANK -1: no torchrun, one process
             print(f"train_elmo.py: {e}", file=sys.stderr)
         elif isinstance(e, RankError):
             print(f"train_elmo.py (rank {rank}): {e}", file=sys.stderr)

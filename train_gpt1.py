@@ -729,8 +729,8 @@ if __name__ == "__main__":
             raise
         # Under torchrun a user error is every rank's: rank 0 says it. A full disk or too little memory may be
         # one rank's alone: that rank says it. LaunchError: no rank is sure to be rank 0.
-        rank = os.environ.get("RANK", "0")
-        if isinstance(e, LaunchError) or rank == "0":
+        rank = os.environ.get("RANK", "0").strip()
+        if isinstance(e, LaunchError) or rank in ("0", "-1"):   # RANK -1: no torchrun, one process
             print(f"train_gpt1.py: error: {message}", file=sys.stderr)
         elif not isinstance(e, (UserError, DataError)):
             print(f"train_gpt1.py: error (rank {rank}): {message}", file=sys.stderr)

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.bpe import BPETokenizer, DataError
+from minilm.bpe import BPETokenizer, DataError, first_line
 from minilm.files import optimizer_state_fits, save_checkpoint, set_adamw_options, truncate_log, weights_finite
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
@@ -594,11 +594,19 @@ def load_checkpoint(path, what, kind="any"):
     return ckpt
 
 
+def config_from_checkpoint(ckpt, path, what):
+    """The GPT1Config of a checkpoint read by load_checkpoint, or a one-line FinetuneError for a damaged one."""
+    try:
+        return GPT1Config(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise FinetuneError(f"{what}: {path} is damaged (its model_config: {first_line(e)})") from None
+
+
 def model_from_checkpoint(ckpt, path, what):
     """The GPT1 of a checkpoint read by load_checkpoint (its model_config and weights), or a one-line
     FinetuneError when they do not fit together (a damaged or hand-edited file)."""
+    model = GPT1(config_from_checkpoint(ckpt, path, what))
     try:
-        model = GPT1(GPT1Config(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         first = " ".join(str(e).strip().splitlines()[:2]) or type(e).__name__  # line 2 names the first bad weight
@@ -704,8 +712,8 @@ def _check_options(opts):
             raise FinetuneError(f"--{name} must be a positive integer, got {opts[name]!r}")
     if opts["n_class"] is not None and (not _is_int(opts["n_class"]) or opts["n_class"] < 2):
         raise FinetuneError(f"--n_class must be at least 2 (a classifier tells classes apart), got {opts['n_class']!r}")
-    if not _is_int(opts["seed"]) or not 0 <= opts["seed"] < 2**32:   # as pre-training's (torch.manual_seed takes 64 bits)
-        raise FinetuneError(f"--seed must be an integer in [0, 2**32), got {opts['seed']!r}")
+    if not _is_int(opts["seed"]) or not 0 <= opts["seed"] < 2**64:   # what torch.manual_seed takes
+        raise FinetuneError(f"--seed must be an integer in [0, 2**64), got {opts['seed']!r}")
     if not number("learning_rate") or opts["learning_rate"] < 0:  # 0 is allowed: the weights stay as imported
         raise FinetuneError(f"--learning_rate must be a finite number >= 0, got {opts['learning_rate']!r}")
     if not number("warmup_fraction") or not 0 <= opts["warmup_fraction"] <= 1:
@@ -746,7 +754,7 @@ def finetune(options, print_fn=print, ckpt=None):
         ckpt = None
     elif ckpt is None or "task_config" not in ckpt:
         ckpt = load_checkpoint(ckpt_path, "--resume True", kind="fine-tuning")
-    if opts["init_from"] and not ckpt and _same_path(opts["init_from"], out_dir):
+    if opts["init_from"] and not ckpt and os.path.realpath(opts["init_from"]) == os.path.realpath(out_dir):
         raise FinetuneError(f"--out_dir {out_dir} is --init_from's run: a fine-tuning run there would replace the "
                             "checkpoint it starts from; choose another --out_dir")
     if ckpt:
@@ -786,7 +794,7 @@ def finetune(options, print_fn=print, ckpt=None):
     torch.manual_seed(opts["seed"])
     if ckpt:  # the run's own tokenizer and model shape
         tokenizer = BPETokenizer.load(out_dir)
-        gconf = GPT1Config(**ckpt["model_config"])
+        gconf = config_from_checkpoint(ckpt, ckpt_path, "--resume True")
         base = GPT1(gconf)
     elif opts["init_from"]:
         base, tokenizer = _pretrained(opts["init_from"], opts)

@@ -19,6 +19,7 @@ Wu et al. 2019 (minilm/lightconv.py): same post-LN block, MLP, embeddings and he
 """
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -53,12 +54,12 @@ class GPT1Config:
     def __post_init__(self):  # a bad value (a typo, a damaged checkpoint) is one line now, not a failure later
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):   # n_layer 0: the embeddings alone
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "n_layer"):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (name != "n_layer"):
                 raise ValueError(f"GPT1Config: {name} must be a {'non-negative' if name == 'n_layer' else 'positive'} "
                                  f"integer, got {value!r}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "weight_dropout", "layer_norm_epsilon"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN too
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:  # NaN too
                 raise ValueError(f"GPT1Config: {name} must be a number in [0, 1], got {value!r}")
 
 
@@ -260,8 +261,9 @@ class GPT1(nn.Module):
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.n_ctx:]  # (B, <= n_ctx)
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, vocab_size)
-            # softmax(l / t) = softmax((l − max l) / t); the second stays finite for any small t (→ greedy)
+            logits = logits[:, -1, :].double()  # (B, vocab_size)
+            # softmax(l / t) = softmax((l − max l) / t); the second stays finite for any small t (→ greedy),
+            # in fp64, where t itself stays > 0 down to 5e-324
             logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -382,6 +384,8 @@ def _read_hf_directory(path):
         if os.path.exists(weights):
             try:
                 state_dict = load(weights)
+            except MemoryError:
+                raise
             except Exception as e:   # a truncated or foreign file: its loader's first line, with the file's name
                 raise ValueError(f"GPT1.from_huggingface: cannot read {weights} ({first_line(e)})") from None
             if not isinstance(state_dict, dict):

@@ -502,6 +502,21 @@ def test_bench_times_the_implementations_in_alternating_rounds():
     assert set(ms) == {"a", "b"} and ms["a"] < 10 and ms["b"] < 10   # a's slow call is not the median
 
 
+def test_bench_times_each_implementation_alone_when_all_in_turn_run_out_of_memory(monkeypatch, capsys):
+    import json
+
+    from minilm.bench import attention as bench
+    from minilm.bench.common import Reporter
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "time_interleaved", out_of_memory)
+    bench.bench_shape((1, 2, 24, 16), torch.device("cpu"), torch.float32, Reporter(as_json=True), min_time_s=0.0)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in ("minilm", "sdpa", "naive") for p in ("fwd", "fwdbwd")}
+
+
 def test_bench_sizes_too_big_to_allocate_are_one_line(capsys):
     from minilm.bench.__main__ import main
     assert main(["charcnn", "--tokens", "100000000000000000"]) == 1   # a byte count past 2**63: fails at once

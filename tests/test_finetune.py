@@ -421,6 +421,21 @@ def test_resume_applies_this_runs_weight_decay_and_betas(tmp_path):
     assert all(tuple(g["betas"]) == (0.7, 0.95) for g in groups)
 
 
+def test_a_damaged_model_config_is_one_line_on_resume_and_init_from(tmp_path):
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    quiet = lambda *a: None  # noqa: E731
+    ft.finetune(_tiny_run(data, tmp_path / "out", epochs=1), print_fn=quiet)
+    ckpt_path = tmp_path / "out" / "ckpt.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["model_config"]["resid_pdrop"] = float("nan")
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ft.FinetuneError, match=r"^--resume True: .*ckpt.pt is damaged \(its model_config: "
+                                               r"GPT1Config: resid_pdrop must be a number in \[0, 1\], got nan\)$"):
+        ft.finetune(dict(out_dir=str(tmp_path / "out"), resume=True, epochs=2), print_fn=quiet)
+    with pytest.raises(ft.FinetuneError, match="is damaged \\(its model_config: GPT1Config: resid_pdrop"):
+        ft.model_from_checkpoint(ckpt, str(ckpt_path), "--init_from")
+
+
 def test_lr_schedule_is_opt_py_warmup_linear():
     # opt.py: lrt *= schedule(t / t_total), t the updates made so far, with
     # warmup_linear(x, warmup) = (s*(x/warmup) + (1-s))*(1-x), s = (x <= warmup).
@@ -452,8 +467,8 @@ def test_lr_schedule_is_opt_py_warmup_linear():
     (dict(eval_interval=0), "--eval_interval must be a positive integer"),
     (dict(log_interval=0), "--log_interval must be a positive integer"),
     (dict(warmup_fraction=2.0), "--warmup_fraction must be in [0, 1]"),
-    (dict(seed=-1), "--seed must be an integer in [0, 2**32), got -1"),
-    (dict(seed=10**20), "--seed must be an integer in"),
+    (dict(seed=-1), "--seed must be an integer in [0, 2**64), got -1"),
+    (dict(seed=2**64), "--seed must be an integer in"),
     (dict(grad_clip=float("nan")), "--grad_clip must be a finite number"),
     (dict(resume=True, overwrite=True), "pass one of them"),
     (dict(grad_clip=-1.0), "--grad_clip must be a finite number >= 0 (0: off)"),

@@ -134,8 +134,8 @@ def test_a_stream_goes_on_from_its_state_dict():
 
 
 def test_a_stream_refuses_sentences_it_could_never_step_through():
-    # a sentence shorter than its two markers has no (input, target) pair, and no sentence at all no draw:
-    # next_batch would loop for ever on either
+    # a sentence shorter than its two markers has no (input, target) pair (length 0 would make next_batch step
+    # backwards), and with no sentence at all there is nothing to draw
     for lengths in ([], [3, 1, 4], [0]):
         with pytest.raises(ValueError, match="at least"):
             train_elmo.SentenceStream(lengths, 2, (0, 0))

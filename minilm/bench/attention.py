@@ -146,8 +146,23 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
                 reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        times = time_interleaved({name: calls[name][pass_name] for name in mibs}, device, warmup=2, iters=5,
-                                 min_time_s=min_time_s)
+        try:
+            times = time_interleaved({name: calls[name][pass_name] for name in mibs}, device, warmup=2, iters=5,
+                                     min_time_s=min_time_s)
+        except (MemoryError, RuntimeError) as e:   # together they did not fit: each one alone, as far as it fits
+            if not is_out_of_memory(e):
+                raise
+            reporter.note(f"  out of memory with every implementation in turn at {shape}: each timed alone")
+            times = {}
+            for name in mibs:
+                try:
+                    times[name] = time_ms(calls[name][pass_name], device, warmup=2, iters=5, min_time_s=min_time_s)
+                except (MemoryError, RuntimeError) as e2:
+                    if not is_out_of_memory(e2):
+                        raise
+                    reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         for name, ms in times.items():
             results[name, pass_name] = ms
             reporter.row({"op": "attention", "device": device.type, "dtype": dtype_name(dtype), "shape": list(shape),
