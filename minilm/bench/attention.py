@@ -133,6 +133,15 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
 
         calls[name] = {"fwd": fwd, "fwdbwd": fwdbwd}
 
+    def skip_if_out_of_memory(e, what):
+        """An allocation failure is noted and its case skipped (the naive composite's T×T scores, on either
+        device); any other error is raised."""
+        if not is_out_of_memory(e):
+            raise e
+        reporter.note(f"  skipped {what} at {shape}: out of memory")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     results = {}  # (impl, pass) -> ms
     for pass_name in ("fwd", "fwdbwd"):
         mibs = {}  # a first call (does it fit in memory?), the peak of a second one, then all timed side by side
@@ -140,29 +149,19 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
             try:
                 passes[pass_name]()
                 mibs[name] = peak_mib(passes[pass_name], device)
-            except (MemoryError, RuntimeError) as e:   # the naive composite's T×T scores, on either device
-                if not is_out_of_memory(e):
-                    raise
-                reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            except (MemoryError, RuntimeError) as e:
+                skip_if_out_of_memory(e, f"{name} {pass_name}")
         try:
             times = time_interleaved({name: calls[name][pass_name] for name in mibs}, device, warmup=2, iters=5,
                                      min_time_s=min_time_s)
         except (MemoryError, RuntimeError) as e:   # together they did not fit: each one alone, as far as it fits
-            if not is_out_of_memory(e):
-                raise
-            reporter.note(f"  out of memory with every implementation in turn at {shape}: each timed alone")
+            skip_if_out_of_memory(e, f"timing every implementation in turn ({pass_name}; each is timed alone)")
             times = {}
             for name in mibs:
                 try:
                     times[name] = time_ms(calls[name][pass_name], device, warmup=2, iters=5, min_time_s=min_time_s)
                 except (MemoryError, RuntimeError) as e2:
-                    if not is_out_of_memory(e2):
-                        raise
-                    reporter.note(f"  skipped {name} {pass_name} at {shape}: out of memory")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    skip_if_out_of_memory(e2, f"{name} {pass_name}")
         for name, ms in times.items():
             results[name, pass_name] = ms
             reporter.row({"op": "attention", "device": device.type, "dtype": dtype_name(dtype), "shape": list(shape),
