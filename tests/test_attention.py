@@ -530,3 +530,106 @@ def test_bench_checks_the_plot_path_before_the_run(tmp_path):
     for path, message in ((tmp_path / "missing" / "a.png", "no such directory"), (tmp_path / "a.txt", "must end in")):
         with pytest.raises(SystemExit, match=message):
             main(["attention", "--shapes", "1,1,8,8", "--plot", str(path)])
+
+
+# --- the benchmarks' timing, from a mutation run on it: each check fails with a small planted bug ---------
+
+def test_bench_min_time_is_a_finite_number_of_seconds():
+    import argparse
+
+    from minilm.bench.common import seconds
+    for bad in ("abc", "inf", "-inf", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{bad}'"):
+            seconds(bad)
+    assert seconds("0") == 0.0 and seconds("1.5") == 1.5
+
+
+def test_bench_reports_the_median_not_the_fastest_call():
+    from minilm.bench.common import time_ms
+    calls = []
+
+    def fn():  # 0, then 20, 20 ms: the median is 20, the minimum 0
+        calls.append(None)
+        if len(calls) > 1:
+            time.sleep(0.02)
+
+    assert time_ms(fn, warmup=0, iters=3) >= 15
+
+
+def test_bench_rounds_run_for_min_time_per_implementation_and_stop_at_1000():
+    from minilm.bench.common import time_interleaved
+    t0 = time.perf_counter()
+    time_interleaved({k: (lambda: time.sleep(0.002)) for k in "ab"}, warmup=0, iters=1, min_time_s=0.05)
+    assert time.perf_counter() - t0 >= 0.1          # about min_time_s for each of the two
+    calls = []
+    time_interleaved({"a": lambda: calls.append(None)}, warmup=0, iters=1, min_time_s=2)
+    assert len(calls) == 1000
+
+
+def _recording_implementations(monkeypatch, bench, oom_after=None):
+    """Three stand-in implementations that record their calls; naive runs out of memory after oom_after calls."""
+    seen = []
+
+    def impl(name):
+        def fn(q, k, v):
+            seen.append(name)
+            if name == "naive" and oom_after is not None and seen.count(name) > oom_after:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return q * 1.0
+        return fn
+
+    monkeypatch.setattr(bench, "implementations", lambda *a: [(n, impl(n)) for n in ("minilm", "sdpa", "naive")])
+    return seen
+
+
+def test_bench_times_each_implementation_with_its_own_function(monkeypatch):
+    from minilm.bench import attention as bench
+    from minilm.bench.common import Reporter
+    seen = _recording_implementations(monkeypatch, bench)
+    bench.bench_shape((1, 1, 4, 4), torch.device("cpu"), torch.float32, Reporter(as_json=True), min_time_s=0.0)
+    assert seen.count("minilm") == seen.count("sdpa") == seen.count("naive") > 10
+
+
+def test_bench_raises_errors_other_than_out_of_memory(monkeypatch):
+    from minilm.bench import attention as bench
+    from minilm.bench.common import Reporter
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench, "time_interleaved", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.bench_shape((1, 2, 24, 16), torch.device("cpu"), torch.float32, Reporter(as_json=True), min_time_s=0.0)
+
+
+def test_bench_leaves_an_implementation_that_does_not_fit_out_of_the_rounds(monkeypatch, capsys):
+    from minilm.bench import attention as bench
+    from minilm.bench.common import Reporter
+    _recording_implementations(monkeypatch, bench, oom_after=1)      # naive: its first probe fits, its fwd does not
+    bench.bench_shape((1, 1, 4, 4), torch.device("cpu"), torch.float32, Reporter(as_json=False), min_time_s=0.0)
+    out = capsys.readouterr().out
+    assert "skipped naive fwd" in out and "in turn" not in out
+
+
+def test_bench_charcnn_and_elmo_time_minilm_and_the_peer_alike(monkeypatch, capsys):
+    import minilm.bench.charcnn as cb
+    import minilm.bench.elmo as eb
+    from minilm.bench.__main__ import main
+    count = {"minilm": 0, "composite": 0}
+
+    def counted(name, f):
+        def g(*args, **kwargs):
+            count[name] += 1
+            return f(*args, **kwargs)
+        return g
+
+    monkeypatch.setattr(cb, "char_cnn", counted("minilm", cb.char_cnn))
+    monkeypatch.setattr(cb, "char_cnn_reference", counted("composite", cb.char_cnn_reference))
+    main(["charcnn", "--tokens", "16", "--iters", "1", "--json"])
+    assert count["minilm"] == count["composite"] > 0
+    count.update(minilm=0, composite=0)
+    monkeypatch.setattr(eb.BiLM, "stream_losses", counted("minilm", eb.BiLM.stream_losses))
+    monkeypatch.setattr(eb.CompositeBiLM, "forward", counted("composite", eb.CompositeBiLM.forward))
+    main(["elmo", "--preset", "tiny", "--batch_size", "1", "--unroll_steps", "2", "--vocab_size", "16", "--iters", "1",
+          "--json"])
+    assert count["minilm"] == count["composite"] > 0

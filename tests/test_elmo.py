@@ -423,9 +423,10 @@ def test_scalar_mix_starts_as_an_average_and_layer_norm_uses_unmasked_elements()
 
 def test_elmo_strips_markers_and_trains_only_the_mix():
     bilm = make_model()
-    for bad in (float("nan"), 1.5, -0.1, "0.5"):
+    for bad in (float("nan"), 1.5, -0.1, "0.5", True):
         with pytest.raises(ValueError, match="ELMo: dropout must be a number in"):
             ELMo(bilm, dropout=bad)
+    ELMo(bilm, dropout=1.0), ELMo(bilm, dropout=0)   # the bounds themselves are dropouts
     elmo = ELMo(bilm, dropout=0.0)
     sents = [["I", "saw", "a", "play"], ["Let", "us", "play"]]
     ids = batch_to_ids(sents)

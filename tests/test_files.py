@@ -59,3 +59,13 @@ def test_a_failed_atomic_write_names_the_target_and_leaves_no_temporary(tmp_path
         write_atomic(str(target), b"png")
     assert info.value.filename == str(target) and os_error_line(info.value).startswith(f"{target}: ")
     assert os.listdir(tmp_path) == ["loss.png"] and os.listdir(target) == []
+
+
+def test_torchrun_ranks_refuses_a_negative_local_rank(monkeypatch):
+    from minilm.files import torchrun_ranks
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="LOCAL_RANK be >= 0"):
+        torchrun_ranks()
+    monkeypatch.setenv("LOCAL_RANK", " 0 ")
+    assert torchrun_ranks() == (0, 0, 1)

@@ -647,3 +647,30 @@ def test_gradients_are_clipped(tmp_path):
     ft.finetune(_tiny_run(data, tmp_path / "b", learning_rate=1e-2, grad_clip=1e-12, **opts), print_fn=_quiet)
     a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("a", "b"))
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+
+def test_the_seed_may_take_64_bits(tmp_path):
+    # torch.manual_seed takes any seed below 2**64; runs saved with such a seed must resume
+    with pytest.raises(DataError) as info:   # the task file is missing: the seed passed the checks
+        ft.finetune(_tiny_run(str(tmp_path / "missing.jsonl"), tmp_path / "out", seed=2**64 - 1), print_fn=lambda *a: None)
+    assert "--seed" not in str(info.value)
+
+
+def test_int32_labels_are_class_ids_too():
+    model = _classifier("classification", n_class=3).eval()
+    idx, mask = ft.collate([[[100, 5, 102]], [[100, 1, 2, 102]]])
+    torch.testing.assert_close(model(idx, mask, torch.tensor([0, 2], dtype=torch.int32))[1],
+                               model(idx, mask, torch.tensor([0, 2]))[1])
+
+
+def test_a_model_config_with_an_unknown_field_is_damaged():
+    with pytest.raises(ft.FinetuneError, match="is damaged \\(its model_config"):
+        ft.model_from_checkpoint({"model_config": {"bogus": 1}, "model": {}}, "x/ckpt.pt", "--init_from")
+
+
+def test_an_out_dir_that_links_to_init_from_is_refused_too(tmp_path):
+    (tmp_path / "pre").mkdir()
+    os.symlink(tmp_path / "pre", tmp_path / "link")
+    with pytest.raises(ft.FinetuneError, match="is --init_from's run"):
+        ft.finetune(_tiny_run(str(tmp_path / "t.jsonl"), tmp_path / "pre", init_from=str(tmp_path / "link"),
+                              overwrite=True), print_fn=lambda *a: None)

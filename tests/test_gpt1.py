@@ -258,7 +258,7 @@ def test_generate_samples_from_the_softmax_of_logits_over_temperature():
         assert torch.equal(out, want), temperature
         assert not torch.equal(out, model.generate(idx, 3, top_k=1))  # and it is sampling, not greedy
     # a temperature so small that logits / T overflows: greedy decoding, not NaN probabilities
-    for tiny in (1e-40, 1e-300):
+    for tiny in (1e-40, 1e-300, 5e-324):
         assert torch.equal(model.generate(idx, 3, temperature=tiny), model.generate(idx, 3, top_k=1))
 
 
@@ -325,3 +325,34 @@ def test_gpu_peak_flops_for_mfu():
 def test_a_bad_config_value_is_refused_when_the_config_is_made(field, value):
     with pytest.raises(ValueError, match=f"GPT1Config: {field} must be"):
         GPT1Config(**{field: value})
+
+
+def test_a_config_takes_numpy_numbers_and_the_bounds_themselves():
+    import numpy as np
+    config = GPT1Config(n_layer=np.int64(2), n_embd=np.int32(64), attn_pdrop=1.0, resid_pdrop=np.float32(0.5),
+                        embd_pdrop=0)
+    assert config.n_layer == 2 and config.attn_pdrop == 1.0
+
+
+def test_int32_targets_are_token_ids_too():
+    model = GPT1(config_from_preset("cpu-tiny", vocab_size=40)).eval()
+    idx = torch.randint(0, 40, (2, 5))
+    torch.testing.assert_close(model(idx, idx.int())[1], model(idx, idx)[1])
+
+
+def test_from_huggingface_refuses_a_weight_file_that_is_no_state_dict_and_lets_memory_errors_through(tmp_path,
+                                                                                                      monkeypatch):
+    import minilm.gpt1 as g
+    (tmp_path / "a").mkdir()
+    torch.save([1, 2], tmp_path / "a" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        GPT1.from_huggingface(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"x")
+
+    def out_of_memory(path):
+        raise MemoryError
+
+    monkeypatch.setattr(g, "_load_safetensors", out_of_memory)
+    with pytest.raises(MemoryError):
+        GPT1.from_huggingface(tmp_path / "b")

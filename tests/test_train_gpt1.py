@@ -578,6 +578,22 @@ def test_the_loss_plot_leaves_out_records_that_are_not_evaluations(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "log.jsonl"
     log.write_text('{"iter": 0, "train_loss": 5.0, "val_loss": 5.1}\n{"iter": 1}\n{"iter": 2, "train_loss": 4.0, '
-                   '"val_loss": null}\n' + "[" * 100_000 + '\n{"iter": 3, "train_loss": 3.0, "val_loss": 3.2}\n')
+                   '"val_loss": null}\n' + "[" * 100_000 + '\n{"iter": 3, "train_loss": 3.0, "val_loss": 3.2}\n'
+                   '{"iter": 4, "train_loss": 2.0}\n{"iter": 5, "train_loss": 2.0, "val_loss": "n/a"}\n')
     train_gpt1.plot_losses(str(log), str(tmp_path / "loss.png"))   # a hand-edited log: no traceback
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("script, argv, prefix", [("train_elmo.py", ["--batch_size", "-4"], "train_elmo.py: "),
+                                                  ("train_gpt1.py", ["--seed", "-1"], "train_gpt1.py: error: ")])
+def test_rank_minus_one_is_one_process_that_says_its_errors(script, argv, prefix):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                          env={**script_env(), "RANK": "-1"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith(prefix), proc.stderr
+
+
+def test_finetuning_refuses_any_world_size_but_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(train_gpt1.UserError, match="fine-tuning runs in one process"):
+        train_gpt1.main(["--task", "classification", "--task_data", str(tmp_path / "t.jsonl"),
+                         "--out_dir", str(tmp_path / "o")])
