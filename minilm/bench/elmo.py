@@ -12,7 +12,8 @@ starts from minilm's weights. A step is train_elmo.py's (BiLM.stream_losses): ea
 own stream, so the token encoder runs on 2 × batch × unroll_steps tokens (all of them: the bench calls
 stream_losses without token_index, as its random tokens are all distinct anyway). Reported: ms
 per training step (forward + backward + optimizer), tokens/s, model GFLOP/s
-(minilm.elmo.estimate_flops_per_token), and the token encoder alone.
+(minilm.elmo.estimate_flops_per_token), and the token encoder alone. The two models are timed in
+alternating rounds (common.time_interleaved: the median of each one's steps).
 """
 import torch
 import torch.nn as nn
