@@ -488,25 +488,17 @@ class StreamLM(torch.nn.Module):
         return self.bilm.stream_losses(char_ids, targets, state, token_index)
 
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def setup_device(cfg):
     """DDP when launched by torchrun (RANK in the environment), else one process."""
     ddp = os.environ.get("RANK", "-1").strip() != "-1"
     rank, world = 0, 1
     dev = cfg["device"]
     if ddp:
-        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ
-                   and (v != "LOCAL_RANK" or dev.startswith("cuda"))]   # LOCAL_RANK: which GPU
-        if missing:
-            raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-                              "launch several processes with torchrun (or unset RANK)")
         import torch.distributed as dist
 
-        from minilm.files import torchrun_ranks
+        from minilm.files import torchrun_launch
         try:
-            rank, local_rank, world = torchrun_ranks()
+            rank, local_rank, world = torchrun_launch(need_local_rank=dev.startswith("cuda"))   # LOCAL_RANK: which GPU
         except ValueError as e:
             raise LaunchError(str(e)) from None
         if dev.startswith("cuda"):

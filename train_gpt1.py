@@ -39,7 +39,7 @@ import torch
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
 from minilm.files import (is_out_of_memory, make_dirs, optimizer_state_fits, os_error_line, remove_dirs, save_checkpoint,
-                          set_adamw_options, torchrun_ranks, truncate_log, write_atomic)
+                          set_adamw_options, torchrun_launch, truncate_log, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -106,9 +106,6 @@ FIXED_BY_CHECKPOINT = ("data", "vocab_size", "val_fraction", "preset", "arch", "
 
 # The options only fine-tuning (--task) reads.
 FINETUNE_OPTIONS = ("task_data", "init_from", "lm_coef", "clf_pdrop", "n_class", "epochs", "warmup_fraction")
-
-
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class UserError(Exception):
@@ -364,12 +361,8 @@ def main(argv):
     ddp = os.environ.get("RANK", "-1").strip() != "-1"  # started by torchrun?
     rank, local_rank, world = 0, 0, 1
     if ddp:
-        missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
-        if missing:
-            raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-                              "launch several processes with torchrun (or unset RANK)")
         try:
-            rank, local_rank, world = torchrun_ranks()
+            rank, local_rank, world = torchrun_launch()
         except ValueError as e:
             raise LaunchError(str(e)) from None
         if device.startswith("cuda"):

@@ -28,6 +28,18 @@ def torchrun_ranks():
     return rank, local_rank, world
 
 
+def torchrun_launch(need_local_rank=True):
+    """A script's check that torchrun started it (RANK is set): (rank, local_rank, world), or a one-line
+    ValueError when a variable torchrun sets is missing (LOCAL_RANK only where it picks the GPU) or holds
+    a value no launcher sets (torchrun_ranks)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    missing = [v for v in names if v not in os.environ and (v != "LOCAL_RANK" or need_local_rank)]
+    if missing:
+        raise ValueError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                         "launch several processes with torchrun (or unset RANK)")
+    return torchrun_ranks()
+
+
 def os_error_line(e):
     """An OSError (a full disk, a read-only or missing directory) as one line: "path: reason"."""
     return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
