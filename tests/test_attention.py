@@ -498,8 +498,12 @@ def test_bench_times_the_implementations_in_alternating_rounds():
         return fn
 
     ms = time_interleaved({"a": call("a", slow_at=4), "b": call("b")}, warmup=1, iters=5)
-    assert calls == ["a", "b"] * 6            # one warmup each, then five rounds of a, b
+    # one warmup each, then five rounds, each starting one further on
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2 + ["a", "b"]
     assert set(ms) == {"a", "b"} and ms["a"] < 10 and ms["b"] < 10   # a's slow call is not the median
+    calls.clear()
+    time_interleaved({name: call(name) for name in "abc"}, warmup=0, iters=3)
+    assert calls == list("abcbcacab")         # no implementation always follows the same one
 
 
 def test_bench_times_each_implementation_alone_when_all_in_turn_run_out_of_memory(monkeypatch, capsys):

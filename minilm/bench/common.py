@@ -45,21 +45,30 @@ def time_ms(fn, device="cpu", warmup=2, iters=10, min_time_s=0.0):
 
 def time_interleaved(fns, device="cpu", warmup=2, iters=10, min_time_s=0.0):
     """{name: median wall time of one call of fn, in ms} for fns = {name: fn}, timed in rounds that call
-    each fn once in turn (A B C A B C ...), so that a change in the machine's load or clock during the run
-    falls on every implementation alike rather than on whichever was timed last. Each call is timed on
-    its own: with CUDA events and a synchronisation after it on a GPU, so the host's launch overhead
-    counts. At least `iters` rounds, and more until about `min_time_s` per fn has passed (1000 at most)."""
+    each fn once in turn (A B C, B C A, C A B, ...: each round starts one further on, so that no fn always
+    follows the same one), so that a change in the machine's load or clock during the run falls on every
+    implementation alike rather than on whichever was timed last. Each call is timed on its own: with CUDA
+    events and a synchronisation after it on a GPU, so the host's launch overhead counts, and with the GPU's
+    L2 cache flushed before it, so that no call finds its inputs left in the cache by the one before (as
+    llm.c's and Triton's benchmarks do). At least `iters` rounds, and more until about `min_time_s` per fn
+    has passed (1000 at most)."""
     cuda = torch.device(device).type == "cuda"
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    flush = l2_flush_buffer(device) if cuda else None
     sync(device)
-    times = {name: [] for name in fns}
+    names = list(fns)
+    times = {name: [] for name in names}
     t_start = time.perf_counter()
     rounds = 0
     while rounds < iters or time.perf_counter() - t_start < min_time_s * len(fns):
-        for name, fn in fns.items():
+        turn = rounds % len(names)
+        for name in names[turn:] + names[:turn]:
+            fn = fns[name]
             if cuda:
+                flush.zero_()
+                torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
@@ -74,6 +83,13 @@ def time_interleaved(fns, device="cpu", warmup=2, iters=10, min_time_s=0.0):
         if rounds >= 1000:
             break
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def l2_flush_buffer(device):
+    """A byte buffer whose zeroing evicts everything else from the GPU's L2 cache: twice the L2's size and at
+    least 256 MiB (an H100 has 50 MB of L2, an H200 60 MB)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return torch.empty(max(2 * l2, 256 << 20), dtype=torch.uint8, device=device)
 
 
 @contextlib.contextmanager
