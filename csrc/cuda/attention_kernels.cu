@@ -1454,6 +1454,8 @@ int tuning_choice(const char* var, int D, std::initializer_list<const char*> nam
 //   backward D = 64: fusedwide (fwd+bwd 1.02x / 1.02x / 0.99x; wide 1.05 / 0.96 / 0.87, split3 1.06 /
 //            0.93 / 0.85, fused 0.91 / 0.85 / 0.83);
 //   backward D = 128: fused2d (0.86x; split2d 0.79x, splitkv 0.77x, split 0.74x, split2 0.51x: it spills).
+// A third sweep (fourteenth session, the same H100 model, kernels read and write through strides) picked the
+// same tilings: backward fusedwide 1.13x / 1.06x / 1.03x and fused2d 0.89x flash (ten calls back to back).
 // Both backward defaults add dQ with atomics, as FlashAttention-2 and SDPA's flash backend do, so dQ is not
 // bitwise reproducible. Under torch.use_deterministic_algorithms(True) the backward runs the fastest scheme
 // without atomics instead: wide at D = 64, split2d at D = 128 (deterministic_bwd_scheme).

@@ -4,9 +4,9 @@
                                      [--shapes B,H,T,D ...] [--json] [--plot FILE.png]
 
 All implementations run on the same q, k, v (shape [B, H, T, D]) in one process, timed in
-alternating rounds (minilm, SDPA, ..., SDPA, ..., minilm, ...: each round starts one further on; the
-median of each one's single calls, on a GPU each with the L2 cache flushed before it), so that a change
-of the machine's load or clock during the run weighs on all of them alike. GFLOP/s
+rounds that call each implementation once, in a new random order every round (the median of each
+one's single calls, on a GPU each with the L2 cache flushed before it), so that a change of the
+machine's load or clock during the run weighs on all of them alike. GFLOP/s
 counts the useful work of causal attention for every implementation alike: forward 2·B·H·T²·D (QKᵀ
 and PV over the causal half, 2 FLOPs per multiply-add); forward+backward 3.5× that (the backward's
 five products, of which the recomputation of QKᵀ is one). peak_mib is the memory one call allocates

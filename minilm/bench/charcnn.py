@@ -1,7 +1,7 @@
 """ELMo char-CNN: minilm's fused op vs the PyTorch composite (embedding -> 7x Conv1d -> max -> relu -> cat).
 
 Both run on the same inputs in the same process, timed in alternating rounds (the median of each
-one's single calls): ELMo's original token encoder (filters [[1,32],[2,32],[3,64],[4,128],[5,256],
+one's single calls; common.time_interleaved): ELMo's original token encoder (filters [[1,32],[2,32],[3,64],[4,128],[5,256],
 [6,512],[7,1024]], char dim 16, 50 characters, 262 ids, relu).
 Tokens are words as ELMo sees them, [BOW, bytes, EOW, PAD...] with 1 + Poisson(4) bytes (mean 5, like
 English text), or with --chars random, 50 uniformly random ids (no padding: the kernel's worst case,

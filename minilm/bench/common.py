@@ -4,11 +4,14 @@ import contextlib
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import time
 
 import torch
+
+from minilm.files import is_out_of_memory
 
 
 def positive_int(text):
@@ -45,35 +48,40 @@ def time_ms(fn, device="cpu", warmup=2, iters=10, min_time_s=0.0):
 
 def time_interleaved(fns, device="cpu", warmup=2, iters=10, min_time_s=0.0):
     """{name: median wall time of one call of fn, in ms} for fns = {name: fn}, timed in rounds that call
-    each fn once in turn (A B C, B C A, C A B, ...: each round starts one further on, so that no fn always
-    follows the same one), so that a change in the machine's load or clock during the run falls on every
-    implementation alike rather than on whichever was timed last. Each call is timed on its own: with CUDA
-    events and a synchronisation after it on a GPU, so the host's launch overhead counts, and with the GPU's
-    L2 cache flushed before it, so that no call finds its inputs left in the cache by the one before (as
-    llm.c's and Triton's benchmarks do). At least `iters` rounds, and more until about `min_time_s` per fn
-    has passed (1000 at most)."""
-    cuda = torch.device(device).type == "cuda"
+    each fn once, so that a change in the machine's load or clock during the run falls on every
+    implementation alike rather than on whichever was timed last. Each round takes the fns in a new random
+    order (seeded: the same for every run), so that none always runs first, or right after the same one.
+    Each call is timed on its own: with CUDA events and a synchronisation after it on a GPU, so the host's
+    launch overhead counts, and with the GPU's L2 cache flushed before it, so that no call finds its inputs
+    left in the cache by the one before (as llm.c's and Triton's benchmarks do). At least `iters` rounds,
+    and more until about `min_time_s` per fn has passed (1000 at most)."""
+    if not fns:
+        return {}
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     flush = l2_flush_buffer(device) if cuda else None
     sync(device)
-    names = list(fns)
-    times = {name: [] for name in names}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
+    times = {name: [] for name in order}
     t_start = time.perf_counter()
     rounds = 0
     while rounds < iters or time.perf_counter() - t_start < min_time_s * len(fns):
-        turn = rounds % len(names)
-        for name in names[turn:] + names[:turn]:
+        shuffle(order)
+        for name in order:
             fn = fns[name]
             if cuda:
-                flush.zero_()
-                torch.cuda.synchronize()
+                if flush is not None:
+                    flush.zero_()
+                torch.cuda.synchronize(device)   # the flush is done before the clock starts
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
                 times[name].append(start.elapsed_time(end))
             else:
                 t0 = time.perf_counter()
@@ -85,11 +93,27 @@ def time_interleaved(fns, device="cpu", warmup=2, iters=10, min_time_s=0.0):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+_L2_FLUSH = {}  # torch.device -> its flush buffer (None where it did not fit)
+
+
 def l2_flush_buffer(device):
     """A byte buffer whose zeroing evicts everything else from the GPU's L2 cache: twice the L2's size and at
-    least 256 MiB (an H100 has 50 MB of L2, an H200 60 MB)."""
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-    return torch.empty(max(2 * l2, 256 << 20), dtype=torch.uint8, device=device)
+    least 256 MiB (torch reports 50 MB of L2 on an H100, 60 MB on an H200). Allocated once per device, by the
+    first timing or memory measurement (peak_mib), and kept, so that whether a call fits in memory is judged
+    with it held; None, with a note, where it does not fit: the calls are then timed without a flush."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _L2_FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        try:
+            _L2_FLUSH[device] = torch.empty(max(2 * l2, 256 << 20), dtype=torch.uint8, device=device)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            print(f"minilm.bench: no room on {device} for the L2 cache flush; timing without it", file=sys.stderr)
+            _L2_FLUSH[device] = None
+    return _L2_FLUSH[device]
 
 
 @contextlib.contextmanager
@@ -131,6 +155,7 @@ def peak_mib(fn, device="cpu"):
     """
     gc.collect()
     if torch.device(device).type == "cuda":
+        l2_flush_buffer(device)  # held from the first measurement on, as during the timing
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
