@@ -241,7 +241,9 @@ def main(argv):
         from minilm.files import os_error_line
         raise RankError(os_error_line(e)) from None
     except (MemoryError, RuntimeError) as e:        # torch's allocators raise RuntimeErrors (CUDA: OutOfMemoryError)
-        from minilm.files import is_out_of_memory
+        from minilm.files import compile_error_line, is_out_of_memory
+        if compile_error_line(e):                   # --compile True, and torch.compile failed
+            raise RankError(compile_error_line(e)) from None
         if not is_out_of_memory(e):
             raise
         raise RankError("out of memory: give a smaller --batch_size (or --unroll_steps, --preset)") from None
@@ -270,6 +272,9 @@ def check_train_options(cfg):
     if not (math.isfinite(cfg["learning_rate"]) and cfg["learning_rate"] >= 0):
         raise UsageError(f"--learning_rate must be a finite number ≥ 0 (0: the optimizer's default), got "
                          f"{cfg['learning_rate']}")
+    from minilm.files import FLOAT32_MAX
+    if cfg["learning_rate"] > FLOAT32_MAX:   # the optimizer computes in float32
+        raise UsageError(f"--learning_rate {cfg['learning_rate']} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
     check_batch_shape(cfg)
     if not 0 <= cfg["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
@@ -511,7 +516,8 @@ def setup_device(cfg):
 def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import data_spec, load_documents, split_documents
-    from minilm.files import make_dirs, optimizer_state_fits, remove_dirs, save_checkpoint, truncate_log
+    from minilm.files import (lock_out_dir, make_dirs, optimizer_state_fits, out_dir_busy, remove_dirs, save_checkpoint,
+                              truncate_log, unlock_out_dir)
     from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset
 
     ddp, rank, world, dev = setup_device(cfg)
@@ -535,6 +541,8 @@ def train(cfg, checkpoint=None):
         made = make_dirs(out_dir)
     except OSError as e:
         raise UsageError(f"cannot use --out_dir {out_dir}: {e.strerror or e}") from None
+    if master and not lock_out_dir(out_dir):   # held until the process ends: no second run writes here meanwhile
+        raise UsageError(out_dir_busy(out_dir))
     if not checkpoint and os.path.exists(ckpt_path) and not cfg["overwrite"]:
         raise UsageError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose another "
                          "--out_dir, or pass --overwrite True to start over")
@@ -548,6 +556,8 @@ def train(cfg, checkpoint=None):
                 raise UsageError(f"the {split} split of {cfg['data']} has no words (give more text or another "
                                  "--val_fraction)")
     except (ValueError, UsageError):      # DataError is a ValueError; main() prints it in one line
+        if made:
+            unlock_out_dir(out_dir)
         remove_dirs(made)                 # no empty out_dir left behind
         raise
     counts = Counter(w for s in sentences["train"] for w in s)

@@ -38,8 +38,9 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import (is_out_of_memory, make_dirs, optimizer_state_fits, os_error_line, remove_dirs, save_checkpoint,
-                          set_adamw_options, torchrun_launch, truncate_log, write_atomic)
+from minilm.files import (FLOAT32_MAX, compile_error_line, is_out_of_memory, lock_out_dir, make_dirs, optimizer_state_fits,
+                          os_error_line, out_dir_busy, remove_dirs, save_checkpoint, set_adamw_options, torchrun_launch,
+                          truncate_log, unlock_out_dir, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -174,6 +175,9 @@ def check_options(cfg):
     for name in ("min_lr", "weight_decay", "grad_clip"):  # grad_clip 0 turns clipping off
         if not number(name) or cfg[name] < 0:
             raise UserError(f"--{name} must be a finite number >= 0, got {cfg[name]}")
+    for name in ("learning_rate", "min_lr", "weight_decay"):  # the optimizer computes in float32
+        if cfg[name] > FLOAT32_MAX:
+            raise UserError(f"--{name} {cfg[name]} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
     if cfg["lr_decay_iters"] and cfg["lr_decay_iters"] < (cfg["warmup_iters"] or 0):
         raise UserError(f"--lr_decay_iters {cfg['lr_decay_iters']} ends the decay before the warmup ends "
                         f"(--warmup_iters {cfg['warmup_iters']}): the learning rate would drop to --min_lr at once")
@@ -402,11 +406,15 @@ def main(argv):
         made = []
         try:
             made = make_dirs(out_dir)
+            if not lock_out_dir(out_dir):   # held until the process ends: no second run writes here meanwhile
+                made = []
+                raise OSError(out_dir_busy(out_dir))
             meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect,
                                 min_tokens=gconf.n_ctx + 1)  # too little text: refused before anything is written
         except (DataError, OSError) as e:
             error = ("--resume True: " if ckpt else "") + str(e)
             if made:  # out_dir is this run's: leave nothing of it (data_dir inside it, then out_dir), if empty
+                unlock_out_dir(out_dir)
                 remove_dirs([data_dir, *made])
     if ddp:  # rank 0 wrote the files (or failed): tell the others, rather than leave them waiting
         box = [error]
@@ -707,7 +715,7 @@ def one_line(e):
         return os_error_line(e)
     if is_out_of_memory(e):
         return "out of memory: give a smaller --batch_size (or --block_size, or a smaller model)"
-    return None
+    return compile_error_line(e)
 
 
 if __name__ == "__main__":

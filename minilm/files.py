@@ -45,12 +45,25 @@ def os_error_line(e):
     return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
 
 
+FLOAT32_MAX = 3.4028234663852886e38   # the largest float32: the optimizers compute in float32
+
+
 def is_out_of_memory(e):
     """Whether an exception is an allocation failure, which the scripts report in one line (a smaller batch is the
     fix, not a traceback): Python's MemoryError, torch's RuntimeError from the CPU allocator (CUDA's
     OutOfMemoryError is a RuntimeError saying "out of memory" too), or a size whose byte count overflows."""
     return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
         s in str(e) for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
+
+
+def compile_error_line(e):
+    """The one-line message for a failure of torch.compile (its errors come from torch._dynamo or
+    torch._inductor: no working C++ compiler, an unsupported platform, ...), which --compile True turned on;
+    None for any other exception."""
+    if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return f"--compile True: torch.compile failed ({first[:300]}); run without --compile True"
 
 
 def write_atomic(path, data):
@@ -88,6 +101,52 @@ def make_dirs(path):
         p = os.path.dirname(p)
     os.makedirs(path, exist_ok=True)
     return made
+
+
+_LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
+
+
+def lock_out_dir(out_dir):
+    """Hold an exclusive lock on out_dir (flock on its file .lock) for the rest of the process, so that a second
+    run started in the same out_dir (or a --resume of a run still going) is refused instead of splicing its log
+    and checkpoint with this one's. The lock goes with the process however it ends, a kill too, so a stale one
+    never blocks. False when another process holds it; True otherwise (also where the platform or the file
+    system has no flock: then nothing is locked)."""
+    key = os.path.realpath(out_dir)
+    if key in _LOCKS:
+        return True
+    try:
+        import fcntl
+    except ImportError:     # Windows
+        return True
+    f = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return False
+    except OSError:         # a file system without locks (some network mounts)
+        f.close()
+        return True
+    _LOCKS[key] = f
+    return True
+
+
+def out_dir_busy(out_dir):
+    """The one-line error for an out_dir whose lock another process holds."""
+    return (f"--out_dir {out_dir} is in use: another run holds its lock {os.path.join(out_dir, '.lock')}; wait for "
+            "that run to end, or choose another --out_dir")
+
+
+def unlock_out_dir(out_dir):
+    """Release lock_out_dir's lock and remove its file (before remove_dirs takes away an out_dir this run made)."""
+    f = _LOCKS.pop(os.path.realpath(out_dir), None)
+    if f is not None:
+        try:
+            os.remove(f.name)
+        except OSError:
+            pass
+        f.close()
 
 
 def remove_dirs(made):

@@ -51,7 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError, first_line
-from minilm.files import optimizer_state_fits, save_checkpoint, set_adamw_options, truncate_log, weights_finite
+from minilm.files import (FLOAT32_MAX, lock_out_dir, optimizer_state_fits, out_dir_busy, save_checkpoint, set_adamw_options,
+                          truncate_log, weights_finite)
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
 from minilm.ops._checks import id_range
@@ -727,6 +728,9 @@ def _check_options(opts):
         if not number(name) or opts[name] < 0:
             raise FinetuneError(f"--{name} must be a finite number >= 0{' (0: off)' if name == 'grad_clip' else ''}, "
                                 f"got {opts[name]!r}")
+    for name in ("learning_rate", "weight_decay"):  # the optimizer computes in float32
+        if opts[name] > FLOAT32_MAX:
+            raise FinetuneError(f"--{name} {opts[name]} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
     for name in ("clf_pdrop", "dropout"):
         if opts[name] is not None and (not number(name) or not 0 <= opts[name] < 1):
             raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
@@ -839,6 +843,9 @@ def finetune(options, print_fn=print, ckpt=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=opts["learning_rate"], betas=(opts["beta1"], opts["beta2"]), eps=1e-8)
+    os.makedirs(out_dir, exist_ok=True)
+    if not lock_out_dir(out_dir):   # held until the process ends: no second run writes here meanwhile
+        raise FinetuneError(out_dir_busy(out_dir))
     iter_num = 0
     if ckpt:
         try:

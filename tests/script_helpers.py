@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,3 +66,25 @@ def snapshot(directory):
             with open(path, "rb") as f:
                 out[os.path.relpath(path, directory)] = f.read()
     return out
+
+
+class OutDirLockHolder:
+    """Another process holding out_dir's lock (minilm.files.lock_out_dir), as a run in it would: `with
+    OutDirLockHolder(out_dir):` ... ; the lock goes when the process is killed on leaving the block."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def __enter__(self):
+        code = ("import sys, time; from minilm.files import lock_out_dir; "
+                "print(lock_out_dir(sys.argv[1]), flush=True); time.sleep(600)")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, self.out_dir], cwd=ROOT, env=script_env(),
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "True"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minilm.files import make_dirs, os_error_line, remove_dirs, truncate_log, write_atomic
+from minilm.files import compile_error_line, lock_out_dir, make_dirs, os_error_line, remove_dirs, truncate_log, unlock_out_dir, write_atomic
 
 
 def _log(path, text):
@@ -69,3 +69,23 @@ def test_torchrun_ranks_refuses_a_negative_local_rank(monkeypatch):
         torchrun_ranks()
     monkeypatch.setenv("LOCAL_RANK", " 0 ")
     assert torchrun_ranks() == (0, 0, 1)
+
+
+def test_an_out_dir_lock_is_refused_while_another_process_holds_it_and_free_once_it_is_gone(tmp_path):
+    from script_helpers import OutDirLockHolder
+
+    with OutDirLockHolder(tmp_path):
+        assert lock_out_dir(str(tmp_path)) is False
+    assert lock_out_dir(str(tmp_path)) is True      # the holder was killed: no stale lock
+    assert lock_out_dir(str(tmp_path)) is True      # this process holds it already
+    unlock_out_dir(str(tmp_path))
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_torch_compile_failure_is_one_line_and_other_errors_are_not_taken_for_one():
+    CompileFailure = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+    e = CompileFailure("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 for more")
+    assert compile_error_line(e) == ("--compile True: torch.compile failed (InvalidCxxCompiler: No working C++ "
+                                     "compiler found); run without --compile True")
+    assert compile_error_line(RuntimeError("InvalidCxxCompiler")) is None
+

@@ -362,6 +362,17 @@ def test_a_fresh_run_in_a_finetuning_out_dir_is_refused_unless_overwrite_and_sam
     assert str(info.value) == f"--sample True: {out}/ckpt.pt is a fine-tuning checkpoint; sample from a pre-training run"
 
 
+def test_a_finetune_in_an_out_dir_that_another_run_uses_is_refused(tmp_path):
+    from script_helpers import OutDirLockHolder
+
+    data = _separable_task(tmp_path / "data", n_train=64, n_val=32)
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutDirLockHolder(out), pytest.raises(ft.FinetuneError, match="is in use: another run holds its lock"):
+        ft.finetune(_tiny_run(data, out, epochs=1), print_fn=lambda *a: None)
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     data = _separable_task(tmp_path / "data", n_train=96, n_val=32)
     opts = dict(epochs=3, eval_interval=2, lm_coef=0.5, clf_pdrop=0.1, dropout=0.1)
@@ -460,6 +471,8 @@ def test_lr_schedule_is_opt_py_warmup_linear():
     (dict(n_class=1), "--n_class must be at least 2"),
     (dict(learning_rate=float("nan")), "--learning_rate must be a finite number >= 0"),
     (dict(learning_rate=-1e-3), "--learning_rate must be a finite number >= 0"),
+    (dict(learning_rate=1e39), "--learning_rate 1e+39 is beyond float32's range"),
+    (dict(weight_decay=1e39), "--weight_decay 1e+39 is beyond float32's range"),
     (dict(device="gpu"), "--device gpu: choose auto, cpu, cuda or cuda:N"),
     (dict(batch_size=0), "--batch_size must be a positive integer"),
     (dict(epochs=0), "--epochs must be a positive integer"),

@@ -12,7 +12,7 @@ import unicodedata
 import numpy as np
 import pytest
 import torch
-from script_helpers import kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
+from script_helpers import OutDirLockHolder, kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
@@ -313,6 +313,7 @@ def usage_error(*argv):
     (["--word", "king"], "--word picks the word whose contexts --embed compares"),
     (["--word", "--max_iters", "3"], "--word needs a value"),
     (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
+    (["--learning_rate", "1e39"], "--learning_rate 1e+39 is beyond float32's range (at most 3.403e+38)"),
     (["--batch_size", str(10**11)], "more than any machine holds")])
 def test_bad_option_values_stop_before_any_work(tmp_path, args, message):
     # --data does not exist: an error about the option shows it was checked before the data
@@ -324,6 +325,20 @@ def test_a_device_torch_does_not_see_is_a_one_line_error(tmp_path):
     if t.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     assert "no MPS device" in usage_error("--device", "mps", "--out_dir", str(tmp_path))
+
+
+def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothing(trained, corpus, tmp_path):
+    busy, fresh = tmp_path / "busy", tmp_path / "fresh"   # a run's out_dir, before and after its first checkpoint
+    shutil.copytree(trained, busy)
+    fresh.mkdir()
+    unlocked = lambda files: {k: v for k, v in files.items() if not k.endswith(".lock")}   # noqa: E731
+    before = unlocked(snapshot(tmp_path))
+    for out, extra in ((busy, ["--resume", "True"]), (busy, ["--overwrite", "True"]), (fresh, [])):
+        with OutDirLockHolder(out):
+            message = usage_error("--data", corpus, "--out_dir", str(out), *SMALL, *extra)
+        assert message.endswith(f"another run holds its lock {out / '.lock'}; wait for that run to end, or "
+                                "choose another --out_dir"), message
+    assert unlocked(snapshot(tmp_path)) == before
 
 
 def test_out_dir_under_a_file_is_reported_before_the_data_is_read(tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from script_helpers import (assert_decayed_on_matrices_only, kill_at_first_checkpoint, load_script, read_log,
+from script_helpers import (OutDirLockHolder, assert_decayed_on_matrices_only, kill_at_first_checkpoint, load_script, read_log,
                             script_env, snapshot)
 from test_data import PLAY, _write
 
@@ -194,6 +194,8 @@ def _refused(*argv):
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--batch_size", "-8"], "--batch_size must be at least 1"),
     (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+    (["--learning_rate", "1e39"], "--learning_rate 1e+39 is beyond float32's range (at most 3.403e+38)"),
+    (["--weight_decay", "1e39"], "--weight_decay 1e+39 is beyond float32's range"),
     (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
     (["--seed", "-1"], "--seed must be at least 0"),
     (["--seed", str(2**64)], "--seed must be below 2**32"),
@@ -227,6 +229,32 @@ def test_an_out_dir_that_is_a_file_is_refused(corpus, tmp_path):
     (tmp_path / "afile").write_text("x")
     assert _refused("--data", corpus, "--out_dir", str(tmp_path / "afile"), *TINY) == \
         f"--out_dir {tmp_path / 'afile'} is a file, not a directory"
+
+
+def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothing(trained, corpus, tmp_path):
+    busy, fresh = tmp_path / "busy", tmp_path / "fresh"   # a run's out_dir, before and after its first checkpoint
+    shutil.copytree(trained[0], busy)
+    fresh.mkdir()
+    unlocked = lambda files: {k: v for k, v in files.items() if not k.endswith(".lock")}   # noqa: E731
+    before = unlocked(snapshot(tmp_path))
+    for out, extra in ((busy, ["--resume", "True"]), (busy, ["--overwrite", "True"]), (fresh, [])):
+        with OutDirLockHolder(out):
+            data = [] if extra == ["--resume", "True"] else ["--data", corpus]   # a resumed run reads its own
+            message = _refused(*data, "--out_dir", str(out), *TINY, *extra)
+        assert message.endswith(f"another run holds its lock {out / '.lock'}; wait for that run to end, or "
+                                "choose another --out_dir"), message
+    assert unlocked(snapshot(tmp_path)) == before
+
+
+def test_a_torch_compile_that_fails_is_one_line_on_stderr(corpus, tmp_path):
+    env = dict(script_env(), CXX="/nonexistent/c++", CC="/nonexistent/cc")   # no C++ compiler for inductor
+    proc = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY,
+                           "--max_iters", "1", "--warmup_iters", "0", "--compile", "True"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith("train_gpt1.py: error: --compile True: torch.compile failed (")
+    assert last.endswith("; run without --compile True")
 
 
 def test_a_bad_option_is_one_line_on_stderr_and_exit_1(corpus, tmp_path):
