@@ -280,6 +280,8 @@ def check_train_options(cfg):
         raise UsageError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
     if not 0 < cfg["val_fraction"] < 1:
         raise UsageError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+    if not cfg["data"].strip():
+        raise UsageError("--data is empty: give a text file or a directory of them")
     if cfg["max_vocab"] != 0 and cfg["max_vocab"] < 4:
         raise UsageError(f"--max_vocab must be 0 (every training word) or ≥ 4 (<S>, </S>, <UNK> and at least "
                          f"one word), got {cfg['max_vocab']}")
@@ -566,8 +568,7 @@ def train(cfg, checkpoint=None):
     vocab = [BOS_TOKEN, EOS_TOKEN, UNK_TOKEN] + ranked[: (cfg["max_vocab"] - 3) if cfg["max_vocab"] else None]
     types, type_chars, type_to_word, tokens, lengths = encode_splits(sentences, vocab)
     n_tokens = {split: sum(n - 1 for n in lengths[split]) for split in lengths}   # inputs (= targets) per pass
-    corpus_sha256 = hashlib.sha256("\n".join(types).encode()
-                                   + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
+    corpus_sha256 = corpus_fingerprint(types, tokens)
     del sentences
 
     def make_streams(split, seed):
@@ -770,6 +771,13 @@ def text_sentences(path, option):
 # --test: a trained biLM's perplexity on a whole text (bilm-tf's bin/run_test.py)
 
 
+def corpus_fingerprint(types, tokens):
+    """sha256 of a run's corpus as its streams read it (encode_splits' word types and each split's tokens, train
+    then val): a checkpoint records it, so that resuming on, or scoring the validation split of, a corpus that
+    has changed since is refused."""
+    return hashlib.sha256("\n".join(types).encode() + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
+
+
 def held_out_perplexity(cfg):
     """Full-softmax perplexity of out_dir's model on every sentence of --test ("val": the run's own validation
     split), read as bilm-tf's test mode reads it: batch_size rows of unroll_steps tokens, each direction's
@@ -782,15 +790,25 @@ def held_out_perplexity(cfg):
     bilm.eval()
     if cfg["test"] == "val":
         trained_with = checkpoint.get("train_config") or {}
-        if "data" not in trained_with or "val_fraction" not in trained_with:
+        data, fraction = trained_with.get("data"), trained_with.get("val_fraction")
+        if not (isinstance(data, str) and type(fraction) in (int, float) and 0 < fraction < 1):
             raise UsageError(f"{cfg['out_dir']}/ckpt.pt does not record its run's --data and --val_fraction: give "
                              "--test a text file")
-        sentences = sentences_of(split_documents(load_documents(trained_with["data"]), trained_with["val_fraction"])[1])
+        train_text, val_text = split_documents(load_documents(data), fraction)
+        splits = {"train": sentences_of(train_text), "val": sentences_of(val_text)}   # the order train() hashes
+        types, _, _, split_tokens, _ = encode_splits(splits, checkpoint["vocab"])
+        if corpus_fingerprint(types, split_tokens) != checkpoint.get("corpus_sha256"):
+            raise UsageError(f"--test val: {data} has changed since {cfg['out_dir']}/ckpt.pt was trained on it, so "
+                             "its validation split is no longer the run's: give --test a text file")
+        sentences = splits["val"]
     else:
         sentences = text_sentences(cfg["test"], "test")
     if not sentences:
         raise UsageError(f"--test {cfg['test']} has no words")
     B, T = cfg["batch_size"], cfg["unroll_steps"]
+    if len(sentences) < B:   # every row reads sentences of its own, to the end of the text (bilm-tf's test mode)
+        raise UsageError(f"--test {cfg['test']} has {len(sentences):,} sentences, fewer than the --batch_size {B} rows "
+                         f"that read them: give --batch_size {len(sentences)} or less")
     _, type_chars, type_to_word, tokens, lengths = encode_splits({"test": sentences}, checkpoint["vocab"])
     streams = [SentenceStream(lengths["test"], B, (0, d), test=True) for d in (0, 1)]
     total, n, state = torch.zeros(2, dtype=torch.float64), 0, None

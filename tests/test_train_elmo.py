@@ -598,9 +598,37 @@ def test_test_scores_the_whole_text_as_one_stream_with_the_state_carried(trained
     assert "perplexity" in capsys.readouterr().out
     for args, message in ((["--test", str(tmp_path / "missing.txt")], "no such file or directory"),
                           (["--test", "val", "--embed", str(text)], "pass one of them"),
-                          (["--test", str(text), "--batch_size", "64"], "shorter than one batch")):
+                          (["--test", str(text), "--batch_size", "2", "--unroll_steps", "64"], "shorter than one batch"),
+                          (["--test", str(text), "--batch_size", "64"], "fewer than the --batch_size 64 rows")):
         assert message in usage_error("--out_dir", trained, *args)
     assert "--test needs a trained model" in usage_error("--out_dir", str(tmp_path / "none"), "--test", "val")
+
+
+def test_test_val_refuses_a_corpus_changed_since_training_and_a_damaged_record_of_it(trained, corpus, tmp_path):
+    out, text = tmp_path / "out", tmp_path / "corpus.txt"
+    shutil.copytree(trained, out)
+    shutil.copy(corpus, text)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    ckpt["train_config"]["data"] = str(text)        # the run as if trained on this copy of its corpus
+    torch.save(ckpt, out / "ckpt.pt")
+    assert train_elmo.main(["--out_dir", str(out), "--test", "val", "--device", "cpu"]) == 0
+    with open(text, "a", encoding="utf-8") as f:
+        f.write("The king fears a new line .\n")
+    assert usage_error("--out_dir", str(out), "--test", "val") == (
+        f"--test val: {text} has changed since {out}/ckpt.pt was trained on it, so its validation split is no "
+        "longer the run's: give --test a text file")
+    ckpt["train_config"]["val_fraction"] = "x"
+    torch.save(ckpt, out / "ckpt.pt")
+    assert "does not record its run's --data and --val_fraction" in usage_error("--out_dir", str(out), "--test", "val")
+
+
+def test_an_empty_data_path_and_a_test_text_of_fewer_sentences_than_rows_are_named_as_such(trained, tmp_path):
+    assert usage_error("--data", "", "--out_dir", str(tmp_path / "out")) == \
+        "--data is empty: give a text file or a directory of them"
+    text = tmp_path / "few.txt"
+    text.write_text(" ".join(["the king loves the crown"] * 200) + " .\nA fool .\nMy lord .\n", encoding="utf-8")
+    assert usage_error("--out_dir", trained, "--test", str(text), "--batch_size", "8") == \
+        f"--test {text} has 3 sentences, fewer than the --batch_size 8 rows that read them: give --batch_size 3 or less"
 
 
 def test_training_and_evaluation_carry_the_lstm_state_from_batch_to_batch(corpus, tmp_path, monkeypatch):
