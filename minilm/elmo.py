@@ -157,8 +157,11 @@ class ELMoConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """The config to_dict made (a ValueError for a field it does not have: a typo would build the default)."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"ELMoConfig: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        return cls(**d)
 
 
 # The three released bilm-tf models (all: 2048-filter CNN, clips 3/3, skip connections) and a tiny one.
@@ -350,27 +353,36 @@ class BiLM(nn.Module):
             return
         if not isinstance(state, dict):
             raise TypeError(f"BiLM: state must be a dict (empty at first) or None, got {type(state).__name__}")
-        if state and not ("forward" in state and "backward" in state):
-            raise ValueError("BiLM: state must be a dict that only BiLM calls have filled (start with {})")
-        if state and state["forward"][0][0].shape[0] != batch_size:
+        if not state:
+            return
+        directions = (state.get("forward"), state.get("backward"))
+        if set(state) != {"forward", "backward"} or not self._holds_states(directions, None):
+            raise ValueError("BiLM: state must be a dict that only BiLM calls of this model have filled (start with "
+                             "{}): per direction, its layers' (m, c)")
+        if state["forward"][0][0].shape[0] != batch_size:
             raise ValueError(f"BiLM: state holds {state['forward'][0][0].shape[0]} rows, this batch has "
                              f"{batch_size}: carried state needs the same batch size")
 
+    def _holds_states(self, directions, batch_size):
+        """Whether directions is two directions' per-layer (m, c) states of this model (for batch_size rows; any
+        number of rows, the same in every tensor, when batch_size is None)."""
+        c = self.config
+        try:
+            rows = batch_size if batch_size is not None else directions[0][0][0].shape[0]
+            want = ((rows, c.projection_dim), (rows, c.lstm_dim))
+            return len(directions) == 2 and all(len(layers) == c.n_layers and all(
+                len(mc) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == w for t, w in zip(mc, want))
+                for mc in layers) for layers in directions)
+        except (TypeError, IndexError, KeyError, AttributeError):
+            return False
+
     def check_stream_state(self, state, batch_size):
         """A ValueError unless state is None or what stream_losses returns for batch_size rows."""
-        if state is None:
-            return
-        c = self.config
-        want = ((batch_size, c.projection_dim), (batch_size, c.lstm_dim))
-        try:
-            ok = len(state) == 2 and all(len(layers) == c.n_layers and all(
-                len(mc) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == w for t, w in zip(mc, want))
-                for mc in layers) for layers in state)
-        except TypeError:
-            ok = False
-        if not ok:
+        if state is not None and not self._holds_states(state, batch_size):
+            c = self.config
             raise ValueError(f"BiLM.stream_losses: state must be None or what it returned for {batch_size} rows: per "
-                             f"direction, {c.n_layers} layers of (m {want[0]}, c {want[1]})")
+                             f"direction, {c.n_layers} layers of (m ({batch_size}, {c.projection_dim}), c ({batch_size}, "
+                             f"{c.lstm_dim}))")
 
     def token_embedding(self, char_ids):
         """(B, T, 50) char ids → (B, T, P) context-independent token representations."""
@@ -461,22 +473,28 @@ class BiLM(nn.Module):
                 raise ValueError("BiLM.stream_losses: char_ids must be (2, B, T, 50): the forward and backward "
                                  f"streams, got {_shape(char_ids)}")
             _, B, T, L = char_ids.shape
+            self._check_stream_size(B, T)
             self._check(char_ids.reshape(2 * B, T, L))
             self.check_stream_state(state, B)
             x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)   # one char-CNN call for both
         else:
             if not (isinstance(token_index, torch.Tensor) and token_index.dim() == 3 and token_index.shape[0] == 2
-                    and not token_index.is_floating_point()):
+                    and not token_index.is_floating_point() and token_index.dtype != torch.bool):
                 raise ValueError(f"BiLM.stream_losses: token_index must be (2, B, T) integers, got {_shape(token_index)}")
             if not (isinstance(char_ids, torch.Tensor) and char_ids.dim() == 2):
                 raise ValueError("BiLM.stream_losses: with token_index, char_ids must be (U, 50): the distinct words, "
                                  f"got {_shape(char_ids)}")
+            B, T = token_index.shape[1:]
+            self._check_stream_size(B, T)
             self._check(char_ids[None])
             if token_index.numel() and not all(0 <= i < len(char_ids) for i in id_range(token_index)):
                 raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
             self.check_stream_state(state, token_index.shape[1])
             x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)
         self._check_targets(targets, "targets")
+        if tuple(targets.shape) != (2, B, T):
+            raise ValueError(f"BiLM.stream_losses: targets must be (2, B, T) = {(2, B, T)}, like the inputs, got "
+                             f"{tuple(targets.shape)}")
         losses, last = [], []
         for d, layers in enumerate((self.forward_layers, self.backward_layers)):
             h, s = self._run_stack(layers, x[d], state[d] if state is not None else None)
@@ -484,13 +502,18 @@ class BiLM(nn.Module):
             last.append([(m.detach(), c.detach()) for m, c in s])
         return torch.stack(losses), last
 
+    @staticmethod
+    def _check_stream_size(B, T):
+        if B < 1 or T < 1:   # the carried state needs rows, and a loss needs steps
+            raise ValueError(f"BiLM.stream_losses: needs at least one row and one step, got B = {B}, T = {T}")
+
     def _check_targets(self, targets, name):
-        """Softmax targets: integer word ids in [0, vocab_size), or −1 (ignored); one host sync."""
+        """Softmax targets: int64 word ids in [0, vocab_size), or −1 (ignored); one host sync."""
         if self.softmax is None:
             raise ValueError("BiLM: this model has no softmax (vocab_size=0); it can only make features")
-        if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long:   # cross_entropy's target dtype
             what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ValueError(f"BiLM: {name} must be integer word ids, got {what}")
+            raise ValueError(f"BiLM: {name} must be integer word ids (int64), got {what}")
         if targets.numel() and not torch.compiler.is_compiling():
             lo, hi = id_range(targets)
             if lo < -1 or hi >= self.config.vocab_size:
@@ -713,7 +736,8 @@ def load_bilm(options_file, weight_file):
             projection_dim=lstm["projection_dim"], lstm_dim=lstm["dim"],
             n_layers=lstm.get("n_layers", 1), cell_clip=lstm.get("cell_clip"), proj_clip=lstm.get("proj_clip"),
             use_skip_connections=lstm.get("use_skip_connections", False))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, a key missing, not an object
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:   # not JSON, a key missing, not an
+        # object, nested past the parser's depth
         raise ValueError(f"load_bilm: {options_file} is not a bilm-tf options file ({type(e).__name__}: {e})") from None
     try:
         config = ELMoConfig(n_characters=N_CHARACTERS, dropout=0.0, vocab_size=0, **settings)
@@ -756,7 +780,7 @@ def _bilm_tf_state_dict(f, config, weight_file, options_file):
             raise ValueError(f"load_bilm: {weight_file}: {name} is {dtype} {found}, "
                              f"options.json implies float {tuple(shape)}")
         try:
-            a = torch.from_numpy(f[name][...]).float()
+            a = torch.from_numpy(f[name][...].astype("=f4"))   # float32 in native byte order, from any float
         except OSError as e:                                      # a truncated or damaged file
             raise ValueError(f"load_bilm: {weight_file}: cannot read {name} ({e})") from None
         if not torch.isfinite(a).all():

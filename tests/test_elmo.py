@@ -194,8 +194,11 @@ def test_carried_state_continues_each_row_where_the_last_call_left_it():
             model(batch_to_ids(B[:1]), state=state)
         with pytest.raises(TypeError, match="state must be a dict"):
             model(batch_to_ids(B), state=[])
-        with pytest.raises(ValueError, match="only BiLM calls have filled"):
-            model(batch_to_ids(B), state={"forward": []})
+        for bad in ({"forward": []}, {"forward": 1, "backward": 2},
+                    {"forward": state["forward"][:-1], "backward": state["backward"][:-1]},   # another model's layers
+                    {**state, "extra": state["forward"]}):
+            with pytest.raises(ValueError, match="only BiLM calls of this model have filled"):
+                model(batch_to_ids(B), state=bad)
     state = {}
     for batch in (A, B):   # carried state is detached: the second backward does not reach into the first graph
         model(batch_to_ids(batch), state=state)[0][-1].sum().backward()
@@ -654,6 +657,24 @@ def test_load_bilm_matches_an_independent_numpy_bilm_on_a_synthetic_weight_file(
         np.testing.assert_allclose(layers[-1][b, : len(words) + 2].numpy(), expected, rtol=1e-4, atol=2e-5)
 
 
+def test_load_bilm_reads_big_endian_and_float64_datasets_as_the_same_weights(tmp_path):
+    cfg = tiny_config()
+    a = _write_weight_file(tmp_path / "native.hdf5", cfg)
+    _write_arrays(tmp_path / "other.hdf5", {name: arr.astype(">f4" if i % 2 else "<f8") for i, (name, arr)
+                                            in enumerate(a.items())})
+    (tmp_path / "options.json").write_text(json.dumps(_options(cfg)))
+    native = load_bilm(tmp_path / "options.json", tmp_path / "native.hdf5").state_dict()
+    other = load_bilm(tmp_path / "options.json", tmp_path / "other.hdf5").state_dict()
+    assert all(torch.equal(native[k], other[k]) for k in native)
+
+
+def test_load_bilm_refuses_options_nested_past_the_json_parser_in_one_line(tmp_path):
+    (tmp_path / "options.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "w.hdf5").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a bilm-tf options file .RecursionError"):
+        load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
+
+
 def test_load_bilm_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_bilm(tmp_path / "options.json", tmp_path / "w.hdf5")
@@ -749,12 +770,30 @@ def test_softmax_targets_out_of_range_are_one_line_errors():
     ok = torch.zeros(1, 3, dtype=torch.long)
     for bad, message in ((torch.tensor([[25, 1, 40]]), r"got values in \[1, 40\]"),
                          (torch.tensor([[-2, 1, 1]]), r"got values in \[-2, 1\]"),
-                         (torch.ones(1, 3), "must be integer word ids")):
+                         (torch.ones(1, 3), "must be integer word ids"),
+                         (torch.ones(1, 3, dtype=torch.int32), r"must be integer word ids \(int64\), got torch.int32")):
         with pytest.raises(ValueError, match=message):
             model(ids, next_ids=bad, previous_ids=ok)
     chars = torch.stack([ids, ids])                                   # (2, 1, 3, 50)
     with pytest.raises(ValueError, match=r"targets must be word ids in \[0, 30\)"):
         model.stream_losses(chars, torch.full((2, 1, 3), 30))
+    with pytest.raises(ValueError, match=r"targets must be integer word ids \(int64\)"):
+        model.stream_losses(chars, torch.zeros(2, 1, 3, dtype=torch.int16))
+
+
+def test_stream_losses_refuses_targets_of_another_shape_empty_streams_and_a_bool_token_index():
+    model = BiLM(tiny_config(vocab_size=30))
+    chars = torch.stack([batch_to_ids([["a", "b", "c"]])] * 2)         # (2, 1, 5, 50): <S> a b c </S>
+    for targets in (torch.zeros(1, 1, 5, dtype=torch.long), torch.zeros(3, 1, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"targets must be \(2, B, T\) = \(2, 1, 5\), like the inputs"):
+            model.stream_losses(chars, targets)
+    with pytest.raises(ValueError, match="needs at least one row and one step, got B = 0, T = 5"):
+        model.stream_losses(chars[:, :0], torch.zeros(2, 0, 5, dtype=torch.long))
+    words = batch_to_ids([["a", "b"]])[0]                              # (4, 50): four distinct words
+    with pytest.raises(ValueError, match=r"token_index must be \(2, B, T\) integers"):
+        model.stream_losses(words, torch.zeros(2, 1, 3, dtype=torch.long), token_index=torch.zeros(2, 1, 3).bool())
+    with pytest.raises(ValueError, match="needs at least one row and one step, got B = 1, T = 0"):
+        model.stream_losses(words, torch.zeros(2, 1, 0, dtype=torch.long), token_index=torch.zeros(2, 1, 0).long())
 
 
 def test_all_ignored_targets_give_a_zero_loss_not_nan():
@@ -789,6 +828,13 @@ def test_the_lstm_state_stays_fp32_under_autocast():
 def test_config_refuses_shapes_that_bilm_tf_builds_without_a_projection(kw, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**kw)
+
+
+def test_config_round_trips_through_its_dict_and_refuses_an_unknown_field():
+    config = tiny_config()
+    assert ELMoConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="ELMoConfig: unknown field.s. lstm_dims"):
+        ELMoConfig.from_dict({**config.to_dict(), "lstm_dims": 4096})    # a typo would build the default width
 
 
 # -- weight files and inputs found unchecked by a mutation run ------------------------------------------
