@@ -439,11 +439,12 @@ def restore_streams(checkpoint, path, streams, model):
         stream.load_state_dict(d)
     try:
         model.check_stream_state(state, rows)
-        fits = state is not None
+        fits = state is not None and all(torch.isfinite(t).all() for layers in state for mc in layers for t in mc)
     except ValueError:
         fits = False
     if not fits:
-        raise UsageError(f"{path} is damaged: its carried LSTM state does not fit the model and --batch_size")
+        raise UsageError(f"{path} is damaged: its carried LSTM state does not fit the model and --batch_size, or is "
+                         "not finite")
     return state
 
 
@@ -606,7 +607,8 @@ def train(cfg, checkpoint=None):
         except (ValueError, KeyError, TypeError, RuntimeError, AttributeError):   # AttributeError: not a dict
             fits = False
         if not fits:
-            raise UsageError(f"{ckpt_path} is damaged: its optimizer state does not fit the model")
+            raise UsageError(f"{ckpt_path} is damaged: its optimizer state does not fit the model, or holds NaN, infinite "
+                             "or negative accumulators")
     raw_model = model
     model = StreamLM(raw_model)          # forward = BiLM.stream_losses
     if cfg["compile"]:

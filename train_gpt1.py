@@ -457,7 +457,8 @@ def main(argv):
                 set_rng_state(state)
             set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
             if not optimizer_state_fits(optimizer):
-                raise ValueError("its optimizer state does not fit the model")
+                raise ValueError("its optimizer state does not fit the model, or holds NaN, infinite or negative "
+                                 "accumulators")
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"--resume True: {ckpt_path} is damaged ({first})") from None

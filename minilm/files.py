@@ -170,11 +170,23 @@ def save_checkpoint(path, state):
         raise OSError(f"cannot write {path}: {(str(e).strip().splitlines() or [''])[0]}") from None
 
 
+SECOND_MOMENTS = ("sum", "exp_avg_sq")   # Adagrad's and Adam(W)'s sums of squared gradients: never negative
+
+
 def optimizer_state_fits(optimizer):
-    """Whether an optimizer's state, as a checkpoint's load_state_dict gave it, has its parameters' shapes (a
-    damaged or foreign checkpoint would otherwise fail inside the first step)."""
-    return all(v.shape == p.shape for group in optimizer.param_groups for p in group["params"]
-               for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    """Whether an optimizer's state, as a checkpoint's load_state_dict gave it, has its parameters' shapes and
+    values a run can reach: finite, and second moments not negative (a damaged or foreign checkpoint would
+    otherwise fail inside the first step, or train on to a NaN loss that looks like divergence)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                    continue
+                if (v.dim() > 0 and v.shape != p.shape) or not torch.isfinite(v).all():
+                    return False
+                if name in SECOND_MOMENTS and (v < 0).any():
+                    return False
+    return True
 
 
 def set_adamw_options(optimizer, options):

@@ -856,7 +856,8 @@ def finetune(options, print_fn=print, ckpt=None):
             if ckpt["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
             if not optimizer_state_fits(optimizer):
-                raise ValueError("its optimizer state does not fit the model")
+                raise ValueError("its optimizer state does not fit the model, or holds NaN, infinite or negative "
+                                 "accumulators")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise FinetuneError(f"--resume True: {ckpt_path} is damaged ({first})") from None

@@ -1,5 +1,6 @@
 """train_elmo.py end to end, as a user runs it: subprocesses on a small corpus the tests write themselves.
 Checks that stop before any training call its main() in this process, which is much faster."""
+import copy
 import os
 import random
 import re
@@ -368,8 +369,18 @@ def test_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
     nan_weights = {**good["model"]}
     name = next(k for k, t in nan_weights.items() if t.is_floating_point())
     nan_weights[name] = torch.full_like(nan_weights[name], float("nan"))
+    nan_state = [[(torch.full_like(m, float("nan")), c) for m, c in layers] for layers in good["lstm_state"]]
+    bad_sums = []   # Adagrad's accumulators: NaN, then negative (no run reaches either; the loss would go NaN)
+    for bad in (float("nan"), -1.0):
+        opt = copy.deepcopy(good["optimizer"])
+        first = opt["state"][next(iter(opt["state"]))]
+        first["sum"] = torch.full_like(first["sum"], bad)
+        bad_sums.append(opt)
     for i, (change, message) in enumerate((
             ({"model": nan_weights}, "NaN or infinite weights"),
+            ({"lstm_state": nan_state}, "its carried LSTM state does not fit the model and --batch_size, or is not finite"),
+            ({"optimizer": bad_sums[0]}, "or holds NaN, infinite or negative accumulators"),
+            ({"optimizer": bad_sums[1]}, "or holds NaN, infinite or negative accumulators"),
             ({"iter": 2.5}, "its iteration is 2.5"),
             ({"vocab": None}, "its vocabulary is not"),
             ({"train_config": {**good["train_config"], "batch_size": "4"}}, "its --batch_size is '4'"),

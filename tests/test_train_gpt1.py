@@ -378,7 +378,10 @@ def test_damaged_checkpoint_entries_and_token_files_are_one_line(trained, tmp_pa
     name = next(k for k, t in weights.items() if t.is_floating_point())
     weights[name] = torch.full_like(weights[name], float("nan"))
     opt = {**good["optimizer"], "state": {k: {**v, "exp_avg": torch.zeros(3)} for k, v in good["optimizer"]["state"].items()}}
+    negative = {**good["optimizer"], "state": {k: {**v, "exp_avg_sq": -1 - v["exp_avg_sq"]}    # a sum of squares < 0
+                                               for k, v in good["optimizer"]["state"].items()}}
     for i, (change, message) in enumerate((({"model": weights}, "NaN or infinite weights"),
+                                           ({"optimizer": negative}, "or holds NaN, infinite or negative accumulators"),
                                            ({"iter_num": -5}, "is damaged (its 'iter_num'"),
                                            ({"rng": {}}, "is damaged (its 'rng'"),
                                            ({"data_dir": 5}, "is damaged (its 'data_dir'"),
