@@ -700,6 +700,10 @@ class ELMo(nn.Module):
 
     def mix(self, layers, mask):
         """The biLM's outputs (layers, mask), markers included → (representations (B, T, 2P), mask (B, T))."""
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(layers, (list, tuple)) and all(
+                isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[:2] == mask.shape for h in layers)):
+            raise ValueError("ELMo.mix: give the BiLM's (layers, mask): layers a list of (B, T, 2P) tensors, mask "
+                             f"(B, T); got mask {_shape(mask)}")
         layers, mask = remove_sentence_boundaries(layers, mask)    # [(B, T, 2P)], (B, T)
         mixed = self.scalar_mix(layers, mask)                      # eq. (1), (B, T, 2P)
         representations = mixed * mask.unsqueeze(-1).to(mixed.dtype)   # layer norm shifts padding off zero

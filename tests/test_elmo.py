@@ -830,6 +830,16 @@ def test_config_refuses_shapes_that_bilm_tf_builds_without_a_projection(kw, mess
         tiny_config(**kw)
 
 
+def test_elmo_mix_refuses_a_mask_or_layers_that_are_not_the_bilms():
+    bilm = BiLM(tiny_config())
+    elmo = ELMo(bilm, dropout=0.0)
+    layers, mask, _ = bilm(batch_to_ids([["a", "b"]]))
+    elmo.mix(layers, mask)
+    for bad_layers, bad_mask in ((layers, mask[..., None]), (layers[:1] + [layers[1][:, :1]], mask), (None, mask)):
+        with pytest.raises(ValueError, match=r"ELMo.mix: give the BiLM's \(layers, mask\)"):
+            elmo.mix(bad_layers, bad_mask)
+
+
 def test_config_round_trips_through_its_dict_and_refuses_an_unknown_field():
     config = tiny_config()
     assert ELMoConfig.from_dict(config.to_dict()) == config
