@@ -99,7 +99,8 @@ def matmul_reference(device, dtype, reporter):
     n = 2048 if device.type == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     ms = time_ms(lambda: a @ b, device, warmup=2, iters=5, min_time_s=0.5)
-    reporter.row({"op": "matmul", "device": device.type, "dtype": dtype_name(dtype), "shape": [n, n, n],
+    reporter.row({"op": "matmul", "device": device.type, "device_name": device_name(device), "dtype": dtype_name(dtype),
+                  "shape": [n, n, n],
                   "pass": "fwd", "impl": "torch.mm", "ms": ms, "gflops": 2 * n**3 / ms / 1e6, "peak_mib": None})
 
 
@@ -165,7 +166,8 @@ def bench_shape(shape, device, dtype, reporter, min_time_s=1.0, dropout_p=0.0):
                     skip_if_out_of_memory(e2, f"{name} {pass_name}")
         for name, ms in times.items():
             results[name, pass_name] = ms
-            reporter.row({"op": "attention", "device": device.type, "dtype": dtype_name(dtype), "shape": list(shape),
+            reporter.row({"op": "attention", "device": device.type, "device_name": device_name(device),
+                          "dtype": dtype_name(dtype), "shape": list(shape),
                           "dropout": dropout_p, "pass": pass_name, "impl": name, "ms": ms, "gflops": flops[pass_name] / ms / 1e6,
                           "peak_mib": mibs[name]})
     for peer in ("sdpa", "sdpa-flash", "sdpa-cudnn", "naive"):

@@ -121,10 +121,10 @@ def run(args):
     for impl, ms in results.items():
         rep.row({"op": "elmo", "dtype": "fp32", "shape": [B, T], "pass": "train", "impl": impl, "ms": ms,
                  "gflops": flops / ms / 1e6, "peak_mib": mems[impl], "tokens_per_s": B * T / ms * 1e3,
-                 "device": device_name(dev), "preset": args.preset})
+                 "device": torch.device(dev).type, "device_name": device_name(dev), "preset": args.preset})
     for impl, ms_enc in time_interleaved(enc_steps, dev, warmup=1, iters=iters).items():
         rep.row({"op": "token_enc", "dtype": "fp32", "shape": [2 * B, T], "pass": "fwd+bwd", "impl": impl, "ms": ms_enc,
                  "gflops": None, "peak_mib": None, "tokens_per_s": 2 * B * T / ms_enc * 1e3,
-                 "device": device_name(dev), "preset": args.preset})
+                 "device": torch.device(dev).type, "device_name": device_name(dev), "preset": args.preset})
     rep.note(f"tokens/s: minilm {B * T / results['minilm'] * 1e3:,.0f}, composite {B * T / results['composite'] * 1e3:,.0f}; "
              f"minilm / composite speed = {results['composite'] / results['minilm']:.2f}×")

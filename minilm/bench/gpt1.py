@@ -200,8 +200,9 @@ def run(args):
             peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if on_cuda else None  # none for a shared CPU
             mfu = flops_per_token * tps / peak if peak else None
             results[impl] = tps
-            record = {"op": "gpt1_train_step", "device": device_name(device), "dtype": dtype_name,
-                      "shape": [B, T], "pass": "train", "dropout": args.dropout, "impl": impl, "ms": ms, "tokens_per_s": tps, "mfu": mfu,
+            record = {"op": "gpt1_train_step", "device": torch.device(device).type, "device_name": device_name(device),
+                      "dtype": dtype_name, "shape": [B, T], "pass": "train", "dropout": args.dropout, "impl": impl, "ms": ms,
+                      "tokens_per_s": tps, "mfu": mfu,
                       "model_tflops": flops_per_token * tps / 1e12, "params": n_params, "peak_mib": mem}
             if args.json:
                 print(json.dumps(record), flush=True)

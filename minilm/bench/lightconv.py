@@ -91,7 +91,7 @@ def run(args):
         print(f"{'part':>9} {'T':>6} {'impl':>10} {'ms':>9} {'tokens/s':>10} {'vs attn':>8} {'peak_mib':>9}", flush=True)
 
     def row(part, T, arch, ms, peak, ratio):
-        record = dict(op="lightconv", device=device_name(device), dtype=dtype, shape=[batch, T], preset=preset,
+        record = dict(op="lightconv", device=torch.device(device).type, device_name=device_name(device), dtype=dtype, shape=[batch, T], preset=preset,
                       **{"pass": part}, impl=arch, ms=ms, tokens_per_s=batch * T / ms * 1e3, peak_mib=peak,
                       speedup_vs_attention=ratio, params=params[arch] if part == "step" else None)
         if args.json:
