@@ -40,6 +40,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from minilm.files import releases_out_dir_locks
+
 # -----------------------------------------------------------------------------------------------
 # defaults (bilm-tf's where they make sense on a laptop; the paper's run: --preset original
 # --batch_size 384 (bilm-tf: 128 per GPU on 3 GPUs) --unroll_steps 20 --n_negative_samples 8192, 10 epochs of
@@ -190,6 +192,7 @@ def usage():
     return f"{__doc__.strip()}\n\nOptions (--name value), with their defaults:\n\n{options}"
 
 
+@releases_out_dir_locks
 def main(argv):
     defaults = {k: globals()[k] for k in _CONFIG_KEYS}
     given = parse_args(argv, defaults)
@@ -242,8 +245,9 @@ def main(argv):
         raise RankError(os_error_line(e)) from None
     except (MemoryError, RuntimeError) as e:        # torch's allocators raise RuntimeErrors (CUDA: OutOfMemoryError)
         from minilm.files import compile_error_line, is_out_of_memory
-        if compile_error_line(e):                   # --compile True, and torch.compile failed
-            raise RankError(compile_error_line(e)) from None
+        compile_failure = compile_error_line(e)     # --compile True, and torch.compile failed
+        if compile_failure:
+            raise RankError(compile_failure) from None
         if not is_out_of_memory(e):
             raise
         raise RankError("out of memory: give a smaller --batch_size (or --unroll_steps, --preset)") from None
@@ -272,9 +276,9 @@ def check_train_options(cfg):
     if not (math.isfinite(cfg["learning_rate"]) and cfg["learning_rate"] >= 0):
         raise UsageError(f"--learning_rate must be a finite number ≥ 0 (0: the optimizer's default), got "
                          f"{cfg['learning_rate']}")
-    from minilm.files import FLOAT32_MAX
-    if cfg["learning_rate"] > FLOAT32_MAX:   # the optimizer computes in float32
-        raise UsageError(f"--learning_rate {cfg['learning_rate']} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
+    from minilm.files import beyond_float32
+    if beyond_float32("learning_rate", cfg["learning_rate"]):
+        raise UsageError(beyond_float32("learning_rate", cfg["learning_rate"]))
     check_batch_shape(cfg)
     if not 0 <= cfg["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
@@ -799,7 +803,10 @@ def held_out_perplexity(cfg):
         train_text, val_text = split_documents(load_documents(data), fraction)
         splits = {"train": sentences_of(train_text), "val": sentences_of(val_text)}   # the order train() hashes
         types, _, _, split_tokens, _ = encode_splits(splits, checkpoint["vocab"])
-        if corpus_fingerprint(types, split_tokens) != checkpoint.get("corpus_sha256"):
+        if "corpus_sha256" not in checkpoint:
+            raise UsageError(f"{cfg['out_dir']}/ckpt.pt does not record its corpus (an older minilm wrote it): give "
+                             "--test a text file")
+        if corpus_fingerprint(types, split_tokens) != checkpoint["corpus_sha256"]:
             raise UsageError(f"--test val: {data} has changed since {cfg['out_dir']}/ckpt.pt was trained on it, so "
                              "its validation split is no longer the run's: give --test a text file")
         sentences = splits["val"]

@@ -38,9 +38,9 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import (FLOAT32_MAX, compile_error_line, is_out_of_memory, lock_out_dir, make_dirs, optimizer_state_fits,
+from minilm.files import (beyond_float32, compile_error_line, is_out_of_memory, lock_out_dir, make_dirs, optimizer_state_fits,
                           os_error_line, out_dir_busy, remove_dirs, save_checkpoint, set_adamw_options, torchrun_launch,
-                          truncate_log, unlock_out_dir, write_atomic)
+                          out_dir_in_use, releases_out_dir_locks, truncate_log, unlock_out_dir, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -175,9 +175,9 @@ def check_options(cfg):
     for name in ("min_lr", "weight_decay", "grad_clip"):  # grad_clip 0 turns clipping off
         if not number(name) or cfg[name] < 0:
             raise UserError(f"--{name} must be a finite number >= 0, got {cfg[name]}")
-    for name in ("learning_rate", "min_lr", "weight_decay"):  # the optimizer computes in float32
-        if cfg[name] > FLOAT32_MAX:
-            raise UserError(f"--{name} {cfg[name]} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
+    for name in ("learning_rate", "weight_decay"):  # (min_lr <= learning_rate is checked below)
+        if beyond_float32(name, cfg[name]):
+            raise UserError(beyond_float32(name, cfg[name]))
     if cfg["lr_decay_iters"] and cfg["lr_decay_iters"] < (cfg["warmup_iters"] or 0):
         raise UserError(f"--lr_decay_iters {cfg['lr_decay_iters']} ends the decay before the warmup ends "
                         f"(--warmup_iters {cfg['warmup_iters']}): the learning rate would drop to --min_lr at once")
@@ -286,6 +286,7 @@ def usage():
     return f"{__doc__.strip()}\n\nOptions (--name value), with their defaults:\n\n{options}"
 
 
+@releases_out_dir_locks
 def main(argv):
     given = parse_options(argv)
     if given is None:  # --help
@@ -327,6 +328,8 @@ def main(argv):
             cfg = {**DEFAULTS, **ckpt["options"], **given, "resume": True, "overwrite": False,
                    "device": cfg["device"], "data": ckpt["data_meta"]["data"]}
     elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        if out_dir_in_use(out_dir):   # a run still going: --resume or --overwrite would not help
+            raise UserError(out_dir_busy(out_dir))
         raise UserError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose another "
                         "--out_dir, or pass --overwrite True to start over")
 

@@ -479,8 +479,9 @@ class BiLM(nn.Module):
             x = self.token_embedding(char_ids.reshape(2 * B, T, L)).view(2, B, T, -1)   # one char-CNN call for both
         else:
             if not (isinstance(token_index, torch.Tensor) and token_index.dim() == 3 and token_index.shape[0] == 2
-                    and not token_index.is_floating_point() and token_index.dtype != torch.bool):
-                raise ValueError(f"BiLM.stream_losses: token_index must be (2, B, T) integers, got {_shape(token_index)}")
+                    and token_index.dtype == torch.long):
+                what = f"{_shape(token_index)} {token_index.dtype}" if isinstance(token_index, torch.Tensor) else _shape(token_index)
+                raise ValueError(f"BiLM.stream_losses: token_index must be (2, B, T) int64, got {what}")
             if not (isinstance(char_ids, torch.Tensor) and char_ids.dim() == 2):
                 raise ValueError("BiLM.stream_losses: with token_index, char_ids must be (U, 50): the distinct words, "
                                  f"got {_shape(char_ids)}")

@@ -3,6 +3,7 @@ whole by write_atomic; a log gets one line appended per evaluation, and a resume
 without the lines an interrupted run wrote after its last checkpoint. A kill in the middle of a write can
 leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted.
 Here too: how the scripts turn a failed write (os_error_line) or allocation (is_out_of_memory) into one line."""
+import functools
 import io
 import json
 import os
@@ -45,7 +46,15 @@ def os_error_line(e):
     return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
 
 
-FLOAT32_MAX = 3.4028234663852886e38   # the largest float32: the optimizers compute in float32
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def beyond_float32(option, value):
+    """The one-line error for an option whose value the optimizers, which compute in float32, cannot hold; None
+    for one they can."""
+    if value > FLOAT32_MAX:
+        return f"--{option} {value} is beyond float32's range (at most {FLOAT32_MAX:.4g})"
+    return None
 
 
 def is_out_of_memory(e):
@@ -62,7 +71,13 @@ def compile_error_line(e):
     None for any other exception."""
     if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
         return None
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    inner = getattr(e, "inner_exception", None)   # dynamo's BackendCompilerFailed wraps the backend's error
+    if inner is not None:
+        e = inner
+        text = f"{type(e).__name__}: {e}"
+    else:
+        text = str(e)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
     return f"--compile True: torch.compile failed ({first[:300]}); run without --compile True"
 
 
@@ -107,19 +122,24 @@ _LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
 
 
 def lock_out_dir(out_dir):
-    """Hold an exclusive lock on out_dir (flock on its file .lock) for the rest of the process, so that a second
-    run started in the same out_dir (or a --resume of a run still going) is refused instead of splicing its log
-    and checkpoint with this one's. The lock goes with the process however it ends, a kill too, so a stale one
-    never blocks. False when another process holds it; True otherwise (also where the platform or the file
-    system has no flock: then nothing is locked)."""
-    key = os.path.realpath(out_dir)
+    """Hold an exclusive lock on out_dir (flock on its file .lock) while this run goes on (until the function that
+    releases_out_dir_locks marks returns, or the process ends, a kill too, so a stale lock never blocks), so
+    that a second run started in the same out_dir (or a --resume of a run still going) is refused instead of
+    splicing its log and checkpoint with this one's. False when another process holds it; True otherwise (also
+    where the platform or the file system has no flock: then nothing is locked)."""
+    key, path = os.path.realpath(out_dir), os.path.join(out_dir, ".lock")
     if key in _LOCKS:
-        return True
+        try:
+            if os.fstat(_LOCKS[key].fileno()).st_ino == os.stat(path).st_ino:
+                return True     # this process holds it already
+        except OSError:
+            pass
+        _LOCKS.pop(key).close()   # out_dir was removed and made again since: that lock guards nothing
     try:
         import fcntl
     except ImportError:     # Windows
         return True
-    f = open(os.path.join(out_dir, ".lock"), "a")
+    f = open(path, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -130,6 +150,18 @@ def lock_out_dir(out_dir):
         return True
     _LOCKS[key] = f
     return True
+
+
+def out_dir_in_use(out_dir):
+    """Whether another process holds out_dir's lock (nothing is taken)."""
+    if os.path.realpath(out_dir) in _LOCKS or not os.path.exists(os.path.join(out_dir, ".lock")):
+        return False
+    held = set(_LOCKS)
+    if not lock_out_dir(out_dir):
+        return True
+    for key in set(_LOCKS) - held:
+        _LOCKS.pop(key).close()
+    return False
 
 
 def out_dir_busy(out_dir):
@@ -147,6 +179,21 @@ def unlock_out_dir(out_dir):
         except OSError:
             pass
         f.close()
+
+
+def releases_out_dir_locks(fn):
+    """Decorator of a run's entry point (the scripts' main, finetune): the out_dir locks that the run takes are
+    released when it returns or raises, so that a run called in-process (a test, a notebook) leaves its
+    out_dir free for the next one."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        held = set(_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_LOCKS) - held:
+                _LOCKS.pop(key).close()
+    return run
 
 
 def remove_dirs(made):

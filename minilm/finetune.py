@@ -51,8 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError, first_line
-from minilm.files import (FLOAT32_MAX, lock_out_dir, optimizer_state_fits, out_dir_busy, save_checkpoint, set_adamw_options,
-                          truncate_log, weights_finite)
+from minilm.files import (beyond_float32, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
+                          save_checkpoint, set_adamw_options, truncate_log, weights_finite)
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
 from minilm.ops._checks import id_range
@@ -728,14 +728,15 @@ def _check_options(opts):
         if not number(name) or opts[name] < 0:
             raise FinetuneError(f"--{name} must be a finite number >= 0{' (0: off)' if name == 'grad_clip' else ''}, "
                                 f"got {opts[name]!r}")
-    for name in ("learning_rate", "weight_decay"):  # the optimizer computes in float32
-        if opts[name] > FLOAT32_MAX:
-            raise FinetuneError(f"--{name} {opts[name]} is beyond float32's range (at most {FLOAT32_MAX:.4g})")
+    for name in ("learning_rate", "weight_decay"):
+        if beyond_float32(name, opts[name]):
+            raise FinetuneError(beyond_float32(name, opts[name]))
     for name in ("clf_pdrop", "dropout"):
         if opts[name] is not None and (not number(name) or not 0 <= opts[name] < 1):
             raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
 
 
+@releases_out_dir_locks
 def finetune(options, print_fn=print, ckpt=None):
     """Fine-tune GPT-1 on a task; options are DEFAULTS' names (train_gpt1.py passes its command line's).
 
@@ -767,6 +768,8 @@ def finetune(options, print_fn=print, ckpt=None):
     elif os.path.exists(ckpt_path) and not opts["overwrite"]:
         raise FinetuneError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose "
                             "another --out_dir, or pass --overwrite True to start over")
+    if os.path.isdir(out_dir) and not lock_out_dir(out_dir):   # a run still going there; a new out_dir: locked below
+        raise FinetuneError(out_dir_busy(out_dir))
     opts["out_dir"] = out_dir
     for name in ("task_data", "init_from"):  # paths as absolute ones, so that a resume from elsewhere finds them
         if opts[name] and opts[name] not in ("builtin", "shakespeare"):
@@ -843,9 +846,6 @@ def finetune(options, print_fn=print, ckpt=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=opts["learning_rate"], betas=(opts["beta1"], opts["beta2"]), eps=1e-8)
-    os.makedirs(out_dir, exist_ok=True)
-    if not lock_out_dir(out_dir):   # held until the process ends: no second run writes here meanwhile
-        raise FinetuneError(out_dir_busy(out_dir))
     iter_num = 0
     if ckpt:
         try:
@@ -864,6 +864,8 @@ def finetune(options, print_fn=print, ckpt=None):
         iter_num = ckpt["iter_num"]
     else:
         os.makedirs(out_dir, exist_ok=True)
+        if not lock_out_dir(out_dir):   # held for the run: no second run writes here meanwhile
+            raise FinetuneError(out_dir_busy(out_dir))
         if os.path.exists(ckpt_path):  # --overwrite True (checked above): the old run goes, its log just below
             os.remove(ckpt_path)
         tokenizer.save(out_dir)

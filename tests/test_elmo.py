@@ -790,8 +790,9 @@ def test_stream_losses_refuses_targets_of_another_shape_empty_streams_and_a_bool
     with pytest.raises(ValueError, match="needs at least one row and one step, got B = 0, T = 5"):
         model.stream_losses(chars[:, :0], torch.zeros(2, 0, 5, dtype=torch.long))
     words = batch_to_ids([["a", "b"]])[0]                              # (4, 50): four distinct words
-    with pytest.raises(ValueError, match=r"token_index must be \(2, B, T\) integers"):
-        model.stream_losses(words, torch.zeros(2, 1, 3, dtype=torch.long), token_index=torch.zeros(2, 1, 3).bool())
+    for dtype in (torch.bool, torch.uint8, torch.int16):
+        with pytest.raises(ValueError, match=r"token_index must be \(2, B, T\) int64, got \(2, 1, 3\) " + str(dtype)):
+            model.stream_losses(words, torch.zeros(2, 1, 3, dtype=torch.long), token_index=torch.zeros(2, 1, 3, dtype=dtype))
     with pytest.raises(ValueError, match="needs at least one row and one step, got B = 1, T = 0"):
         model.stream_losses(words, torch.zeros(2, 1, 0, dtype=torch.long), token_index=torch.zeros(2, 1, 0).long())
 

@@ -88,4 +88,10 @@ def test_a_torch_compile_failure_is_one_line_and_other_errors_are_not_taken_for_
     assert compile_error_line(e) == ("--compile True: torch.compile failed (InvalidCxxCompiler: No working C++ "
                                      "compiler found); run without --compile True")
     assert compile_error_line(RuntimeError("InvalidCxxCompiler")) is None
+    # older torch: dynamo's BackendCompilerFailed, whose own text starts "backend='inductor' raised:", wraps it
+    Wrapper = type("BackendCompilerFailed", (RuntimeError,), {"__module__": "torch._dynamo.exc"})
+    wrapped = Wrapper("backend='inductor' raised:\nInvalidCxxCompiler: No working C++ compiler found")
+    wrapped.inner_exception = RuntimeError("No working C++ compiler found")
+    assert compile_error_line(wrapped) == ("--compile True: torch.compile failed (RuntimeError: No working C++ "
+                                           "compiler found); run without --compile True")
 

@@ -371,6 +371,9 @@ def test_a_finetune_in_an_out_dir_that_another_run_uses_is_refused(tmp_path):
     with OutDirLockHolder(out), pytest.raises(ft.FinetuneError, match="is in use: another run holds its lock"):
         ft.finetune(_tiny_run(data, out, epochs=1), print_fn=lambda *a: None)
     assert [p.name for p in out.iterdir()] == [".lock"]
+    ft.finetune(_tiny_run(data, out, max_iters=1), print_fn=lambda *a: None)
+    with OutDirLockHolder(out):   # the run in this process has ended: its lock is free
+        pass
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):

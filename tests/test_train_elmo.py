@@ -340,6 +340,10 @@ def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothin
         assert message.endswith(f"another run holds its lock {out / '.lock'}; wait for that run to end, or "
                                 "choose another --out_dir"), message
     assert unlocked(snapshot(tmp_path)) == before
+    # a run in this process that took the lock, then stopped, leaves it free for the next one
+    assert "already holds a checkpoint" in usage_error("--data", corpus, "--out_dir", str(busy), *SMALL)
+    with OutDirLockHolder(busy):
+        pass
 
 
 def test_out_dir_under_a_file_is_reported_before_the_data_is_read(tmp_path):
@@ -628,9 +632,22 @@ def test_test_val_refuses_a_corpus_changed_since_training_and_a_damaged_record_o
     assert usage_error("--out_dir", str(out), "--test", "val") == (
         f"--test val: {text} has changed since {out}/ckpt.pt was trained on it, so its validation split is no "
         "longer the run's: give --test a text file")
+    del ckpt["corpus_sha256"]
+    torch.save(ckpt, out / "ckpt.pt")
+    assert "does not record its corpus" in usage_error("--out_dir", str(out), "--test", "val")
     ckpt["train_config"]["val_fraction"] = "x"
     torch.save(ckpt, out / "ckpt.pt")
     assert "does not record its run's --data and --val_fraction" in usage_error("--out_dir", str(out), "--test", "val")
+
+
+def test_a_torch_compile_that_fails_is_one_line(corpus, tmp_path):
+    env = dict(script_env(), CXX="/nonexistent/c++", CC="/nonexistent/cc")   # no C++ compiler for inductor
+    p = subprocess.run([sys.executable, SCRIPT, "--data", corpus, "--out_dir", str(tmp_path / "out"), *SMALL,
+                        "--max_iters", "1", "--compile", "True"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    last = p.stderr.splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert last.startswith("train_elmo.py: --compile True: torch.compile failed (") and "C++ compiler" in last
 
 
 def test_an_empty_data_path_and_a_test_text_of_fewer_sentences_than_rows_are_named_as_such(trained, tmp_path):
