@@ -548,7 +548,12 @@ def train(cfg, checkpoint=None):
         made = make_dirs(out_dir)
     except OSError as e:
         raise UsageError(f"cannot use --out_dir {out_dir}: {e.strerror or e}") from None
-    if master and not lock_out_dir(out_dir):   # held until the process ends: no second run writes here meanwhile
+    busy = master and not lock_out_dir(out_dir)   # held for the run: no second run writes here meanwhile
+    if ddp:   # rank 0 took the lock (or found it taken): every rank stops, rather than run on alone
+        box = [busy]
+        torch.distributed.broadcast_object_list(box, src=0)
+        busy = box[0]
+    if busy:
         raise UsageError(out_dir_busy(out_dir))
     if not checkpoint and os.path.exists(ckpt_path) and not cfg["overwrite"]:
         raise UsageError(f"{out_dir} already holds a checkpoint: pass --resume True to continue it, choose another "

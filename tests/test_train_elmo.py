@@ -340,6 +340,12 @@ def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothin
         assert message.endswith(f"another run holds its lock {out / '.lock'}; wait for that run to end, or "
                                 "choose another --out_dir"), message
     assert unlocked(snapshot(tmp_path)) == before
+    # under torchrun, rank 0's finding is every rank's: one message, exit status 1
+    with OutDirLockHolder(fresh):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            SCRIPT, "--data", corpus, "--out_dir", str(fresh), *SMALL], cwd=ROOT, env=script_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.count("is in use: another run holds its lock") == 1, p.stderr[-3000:]
     # a run in this process that took the lock, then stopped, leaves it free for the next one
     assert "already holds a checkpoint" in usage_error("--data", corpus, "--out_dir", str(busy), *SMALL)
     with OutDirLockHolder(busy):
