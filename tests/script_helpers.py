@@ -88,3 +88,25 @@ class OutDirLockHolder:
         self.proc.wait()
         self.proc.stdout.close()
 
+
+def locked_elsewhere(out_dir):
+    """Whether another process finds out_dir's lock taken (minilm.files.lock_out_dir answers False there)."""
+    code = "import sys; from minilm.files import lock_out_dir; print(lock_out_dir(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(out_dir)], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True, timeout=60)
+    return proc.stdout.strip() == "False"
+
+
+def locked_while_running(cmd, out_dir, timeout=240):
+    """Start cmd (a training run into out_dir), and once its first checkpoint is on disk, whether another process
+    finds out_dir locked; the run is then killed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.exists(os.path.join(out_dir, "ckpt.pt")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before its lock was looked at"
+        return locked_elsewhere(out_dir)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -549,6 +549,38 @@ def test_bench_flushes_the_gpu_cache_before_each_timed_call_outside_the_timed_sp
         assert (flush, sync, start, end, done) == ("flush", "sync", "record", "record", "sync") and call in "ab"
 
 
+def test_bench_l2_flush_buffer_is_twice_the_l2_at_least_256_mib_once_per_device(monkeypatch, capsys):
+    """(torch.cuda's device queries and torch.empty stood in for: no GPU here.)"""
+    from types import SimpleNamespace
+
+    from minilm.bench import common
+
+    sizes, l2 = [], {"bytes": 50 << 20}
+
+    def empty(n, dtype, device):
+        if l2["bytes"] == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 256.00 MiB")
+        if l2["bytes"] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        sizes.append(n)
+        return object()
+
+    monkeypatch.setattr(common, "_L2_FLUSH", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(L2_cache_size=l2["bytes"]))
+    monkeypatch.setattr(torch, "empty", empty)
+    buffer = common.l2_flush_buffer("cuda")
+    assert common.l2_flush_buffer("cuda:0") is buffer and sizes == [256 << 20]   # once per device, >= 256 MiB
+    l2["bytes"] = 200 << 20
+    common.l2_flush_buffer("cuda:1")
+    assert sizes[-1] == 400 << 20                                                  # twice the L2
+    l2["bytes"] = 1
+    assert common.l2_flush_buffer("cuda:2") is None and "no room on cuda:2" in capsys.readouterr().err
+    l2["bytes"] = 2
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        common.l2_flush_buffer("cuda:3")
+
+
 def test_bench_times_each_implementation_alone_when_all_in_turn_run_out_of_memory(monkeypatch, capsys):
     import json
 

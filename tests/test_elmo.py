@@ -194,7 +194,7 @@ def test_carried_state_continues_each_row_where_the_last_call_left_it():
             model(batch_to_ids(B[:1]), state=state)
         with pytest.raises(TypeError, match="state must be a dict"):
             model(batch_to_ids(B), state=[])
-        for bad in ({"forward": []}, {"forward": 1, "backward": 2},
+        for bad in ({"forward": []}, {"forward": 1, "backward": 2}, {"forward": {}, "backward": {}},
                     {"forward": state["forward"][:-1], "backward": state["backward"][:-1]},   # another model's layers
                     {**state, "extra": state["forward"]}):
             with pytest.raises(ValueError, match="only BiLM calls of this model have filled"):
@@ -836,7 +836,8 @@ def test_elmo_mix_refuses_a_mask_or_layers_that_are_not_the_bilms():
     elmo = ELMo(bilm, dropout=0.0)
     layers, mask, _ = bilm(batch_to_ids([["a", "b"]]))
     elmo.mix(layers, mask)
-    for bad_layers, bad_mask in ((layers, mask[..., None]), (layers[:1] + [layers[1][:, :1]], mask), (None, mask)):
+    for bad_layers, bad_mask in ((layers, mask[..., None]), (layers[:1] + [layers[1][:, :1]], mask), (None, mask),
+                                 ([h[..., 0] for h in layers], mask), ([h[..., None] for h in layers], mask)):
         with pytest.raises(ValueError, match=r"ELMo.mix: give the BiLM's \(layers, mask\)"):
             elmo.mix(bad_layers, bad_mask)
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minilm.files import compile_error_line, lock_out_dir, make_dirs, os_error_line, remove_dirs, truncate_log, unlock_out_dir, write_atomic
+from minilm.files import FLOAT32_MAX, beyond_float32, compile_error_line, lock_out_dir, out_dir_in_use, make_dirs, os_error_line, remove_dirs, truncate_log, unlock_out_dir, write_atomic
 
 
 def _log(path, text):
@@ -95,3 +95,35 @@ def test_a_torch_compile_failure_is_one_line_and_other_errors_are_not_taken_for_
     assert compile_error_line(wrapped) == ("--compile True: torch.compile failed (RuntimeError: No working C++ "
                                            "compiler found); run without --compile True")
 
+
+def test_an_out_dir_made_again_is_locked_again_and_out_dir_in_use_takes_nothing(tmp_path):
+    import shutil
+
+    from script_helpers import OutDirLockHolder, locked_elsewhere
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert lock_out_dir(str(out))
+    shutil.rmtree(out)
+    out.mkdir()                                   # the old lock guards nothing now: taken again
+    assert lock_out_dir(str(out)) is True and locked_elsewhere(out)
+    shutil.rmtree(out)
+    out.mkdir()
+    with OutDirLockHolder(out):                   # ... unless another run took the new one first
+        assert lock_out_dir(str(out)) is False
+        assert out_dir_in_use(str(out)) is True
+    unlock_out_dir(str(out))
+    assert out_dir_in_use(str(tmp_path / "missing")) is False
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert out_dir_in_use(str(empty)) is False and list(empty.iterdir()) == []   # no .lock made
+    (empty / ".lock").touch()
+    assert out_dir_in_use(str(empty)) is False and not locked_elsewhere(empty)   # the probe kept nothing
+
+
+def test_compile_error_line_skips_blank_lines_and_is_bounded_and_float32s_largest_is_allowed():
+    CompileFailure = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+    assert "(real first line)" in compile_error_line(CompileFailure("\n  \nreal first line\nmore"))
+    assert len(compile_error_line(CompileFailure("x" * 5000))) < 400
+    assert beyond_float32("learning_rate", FLOAT32_MAX) is None
+    assert beyond_float32("learning_rate", FLOAT32_MAX * 1.0000001) is not None

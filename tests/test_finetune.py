@@ -374,6 +374,14 @@ def test_a_finetune_in_an_out_dir_that_another_run_uses_is_refused(tmp_path):
     ft.finetune(_tiny_run(data, out, max_iters=1), print_fn=lambda *a: None)
     with OutDirLockHolder(out):   # the run in this process has ended: its lock is free
         pass
+    from script_helpers import locked_elsewhere
+
+    new, seen = tmp_path / "new", []   # a run into a new out_dir holds its lock while it runs
+    ft.finetune(_tiny_run(data, new, max_iters=2, eval_interval=1),
+                print_fn=lambda *a: seen.append(locked_elsewhere(new)) if not seen else None)
+    assert seen == [True]
+    with OutDirLockHolder(new), pytest.raises(ft.FinetuneError, match="is in use"):   # and so does a resumed one
+        ft.finetune(_tiny_run(data, new, max_iters=4, resume=True), print_fn=lambda *a: None)
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import unicodedata
 import numpy as np
 import pytest
 import torch
-from script_helpers import OutDirLockHolder, kill_at_first_checkpoint, load_script, read_log, script_env, snapshot
+from script_helpers import OutDirLockHolder, kill_at_first_checkpoint, locked_while_running, load_script, read_log, script_env, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_elmo.py")
@@ -334,7 +334,7 @@ def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothin
     fresh.mkdir()
     unlocked = lambda files: {k: v for k, v in files.items() if not k.endswith(".lock")}   # noqa: E731
     before = unlocked(snapshot(tmp_path))
-    for out, extra in ((busy, ["--resume", "True"]), (busy, ["--overwrite", "True"]), (fresh, [])):
+    for out, extra in ((busy, ["--resume", "True"]), (busy, ["--overwrite", "True"]), (busy, []), (fresh, [])):
         with OutDirLockHolder(out):
             message = usage_error("--data", corpus, "--out_dir", str(out), *SMALL, *extra)
         assert message.endswith(f"another run holds its lock {out / '.lock'}; wait for that run to end, or "
@@ -346,6 +346,10 @@ def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothin
                             SCRIPT, "--data", corpus, "--out_dir", str(fresh), *SMALL], cwd=ROOT, env=script_env(),
                            capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and p.stderr.count("is in use: another run holds its lock") == 1, p.stderr[-3000:]
+    # a run holds its lock while it runs
+    running = str(tmp_path / "running")
+    assert locked_while_running([sys.executable, SCRIPT, "--data", corpus, "--out_dir", running, *SMALL, "--max_iters",
+                                 "100000", "--eval_interval", "2"], running)
     # a run in this process that took the lock, then stopped, leaves it free for the next one
     assert "already holds a checkpoint" in usage_error("--data", corpus, "--out_dir", str(busy), *SMALL)
     with OutDirLockHolder(busy):
@@ -657,12 +661,15 @@ def test_a_torch_compile_that_fails_is_one_line(corpus, tmp_path):
 
 
 def test_an_empty_data_path_and_a_test_text_of_fewer_sentences_than_rows_are_named_as_such(trained, tmp_path):
-    assert usage_error("--data", "", "--out_dir", str(tmp_path / "out")) == \
-        "--data is empty: give a text file or a directory of them"
+    for empty in ("", "  "):
+        assert usage_error("--data", empty, "--out_dir", str(tmp_path / "out")) == \
+            "--data is empty: give a text file or a directory of them"
     text = tmp_path / "few.txt"
     text.write_text(" ".join(["the king loves the crown"] * 200) + " .\nA fool .\nMy lord .\n", encoding="utf-8")
     assert usage_error("--out_dir", trained, "--test", str(text), "--batch_size", "8") == \
         f"--test {text} has 3 sentences, fewer than the --batch_size 8 rows that read them: give --batch_size 3 or less"
+    assert train_elmo.main(["--out_dir", trained, "--test", str(text), "--batch_size", "3", "--unroll_steps", "2",
+                            "--device", "cpu"]) == 0
 
 
 def test_training_and_evaluation_carry_the_lstm_state_from_batch_to_batch(corpus, tmp_path, monkeypatch):

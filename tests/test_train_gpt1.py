@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from script_helpers import (OutDirLockHolder, assert_decayed_on_matrices_only, kill_at_first_checkpoint, load_script, read_log,
+from script_helpers import (OutDirLockHolder, assert_decayed_on_matrices_only, locked_while_running, kill_at_first_checkpoint, load_script, read_log,
                             script_env, snapshot)
 from test_data import PLAY, _write
 
@@ -244,6 +244,12 @@ def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothin
         assert message.endswith(f"another run holds its lock {out / '.lock'}; wait for that run to end, or "
                                 "choose another --out_dir"), message
     assert unlocked(snapshot(tmp_path)) == before
+    _refused("--data", str(tmp_path / "missing.txt"), "--out_dir", str(fresh), *TINY)   # in this process, after the lock
+    with OutDirLockHolder(fresh):                  # ... which it left free
+        pass
+    running = str(tmp_path / "running")            # a run holds its lock while it runs
+    assert locked_while_running([sys.executable, SCRIPT, "--data", corpus, "--out_dir", running, *TINY, "--max_iters",
+                                 "100000", "--eval_interval", "2"], running)
 
 
 def test_a_torch_compile_that_fails_is_one_line_on_stderr(corpus, tmp_path):
