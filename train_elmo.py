@@ -277,8 +277,8 @@ def check_train_options(cfg):
         raise UsageError(f"--learning_rate must be a finite number ≥ 0 (0: the optimizer's default), got "
                          f"{cfg['learning_rate']}")
     from minilm.files import beyond_float32
-    if beyond_float32("learning_rate", cfg["learning_rate"]):
-        raise UsageError(beyond_float32("learning_rate", cfg["learning_rate"]))
+    if message := beyond_float32("learning_rate", cfg["learning_rate"]):
+        raise UsageError(message)
     check_batch_shape(cfg)
     if not 0 <= cfg["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
@@ -523,8 +523,8 @@ def setup_device(cfg):
 def train(cfg, checkpoint=None):
     """A run with the options cfg (checked by main); checkpoint: the run in out_dir that --resume True continues."""
     from minilm.data import data_spec, load_documents, split_documents
-    from minilm.files import (lock_out_dir, make_dirs, optimizer_state_fits, out_dir_busy, remove_dirs, save_checkpoint,
-                              truncate_log, unlock_out_dir)
+    from minilm.files import (OPTIMIZER_STATE_UNFIT, lock_out_dir, make_dirs, optimizer_state_fits, out_dir_busy,
+                              remove_dirs, save_checkpoint, truncate_log, unlock_out_dir)
     from minilm.elmo import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, BiLM, estimate_flops_per_token, preset as make_preset
 
     ddp, rank, world, dev = setup_device(cfg)
@@ -616,8 +616,7 @@ def train(cfg, checkpoint=None):
         except (ValueError, KeyError, TypeError, RuntimeError, AttributeError):   # AttributeError: not a dict
             fits = False
         if not fits:
-            raise UsageError(f"{ckpt_path} is damaged: its optimizer state does not fit the model, or holds NaN, infinite "
-                             "or negative accumulators")
+            raise UsageError(f"{ckpt_path} is damaged: {OPTIMIZER_STATE_UNFIT}")
     raw_model = model
     model = StreamLM(raw_model)          # forward = BiLM.stream_losses
     if cfg["compile"]:
@@ -805,12 +804,12 @@ def held_out_perplexity(cfg):
         if not (isinstance(data, str) and type(fraction) in (int, float) and 0 < fraction < 1):
             raise UsageError(f"{cfg['out_dir']}/ckpt.pt does not record its run's --data and --val_fraction: give "
                              "--test a text file")
-        train_text, val_text = split_documents(load_documents(data), fraction)
-        splits = {"train": sentences_of(train_text), "val": sentences_of(val_text)}   # the order train() hashes
-        types, _, _, split_tokens, _ = encode_splits(splits, checkpoint["vocab"])
         if "corpus_sha256" not in checkpoint:
             raise UsageError(f"{cfg['out_dir']}/ckpt.pt does not record its corpus (an older minilm wrote it): give "
                              "--test a text file")
+        train_text, val_text = split_documents(load_documents(data), fraction)
+        splits = {"train": sentences_of(train_text), "val": sentences_of(val_text)}   # the order train() hashes
+        types, _, _, split_tokens, _ = encode_splits(splits, checkpoint["vocab"])
         if corpus_fingerprint(types, split_tokens) != checkpoint["corpus_sha256"]:
             raise UsageError(f"--test val: {data} has changed since {cfg['out_dir']}/ckpt.pt was trained on it, so "
                              "its validation split is no longer the run's: give --test a text file")

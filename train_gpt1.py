@@ -38,9 +38,10 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import (beyond_float32, compile_error_line, is_out_of_memory, lock_out_dir, make_dirs, optimizer_state_fits,
-                          os_error_line, out_dir_busy, remove_dirs, save_checkpoint, set_adamw_options, torchrun_launch,
-                          out_dir_in_use, releases_out_dir_locks, truncate_log, unlock_out_dir, write_atomic)
+from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, compile_error_line, is_out_of_memory, lock_out_dir,
+                          make_dirs, optimizer_state_fits, os_error_line, out_dir_busy, out_dir_in_use,
+                          releases_out_dir_locks, remove_dirs, save_checkpoint, set_adamw_options, torchrun_launch,
+                          truncate_log, unlock_out_dir, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -176,8 +177,8 @@ def check_options(cfg):
         if not number(name) or cfg[name] < 0:
             raise UserError(f"--{name} must be a finite number >= 0, got {cfg[name]}")
     for name in ("learning_rate", "weight_decay"):  # (min_lr <= learning_rate is checked below)
-        if beyond_float32(name, cfg[name]):
-            raise UserError(beyond_float32(name, cfg[name]))
+        if message := beyond_float32(name, cfg[name]):
+            raise UserError(message)
     if cfg["lr_decay_iters"] and cfg["lr_decay_iters"] < (cfg["warmup_iters"] or 0):
         raise UserError(f"--lr_decay_iters {cfg['lr_decay_iters']} ends the decay before the warmup ends "
                         f"(--warmup_iters {cfg['warmup_iters']}): the learning rate would drop to --min_lr at once")
@@ -409,7 +410,7 @@ def main(argv):
         made = []
         try:
             made = make_dirs(out_dir)
-            if not lock_out_dir(out_dir):   # held until the process ends: no second run writes here meanwhile
+            if not lock_out_dir(out_dir):   # held for the run: no second run writes here meanwhile
                 made = []
                 raise OSError(out_dir_busy(out_dir))
             meta = prepare_gpt1(cfg["data"], data_dir, cfg["vocab_size"], val_fraction=cfg["val_fraction"], expect=expect,
@@ -460,8 +461,7 @@ def main(argv):
                 set_rng_state(state)
             set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
             if not optimizer_state_fits(optimizer):
-                raise ValueError("its optimizer state does not fit the model, or holds NaN, infinite or negative "
-                                 "accumulators")
+                raise ValueError(OPTIMIZER_STATE_UNFIT)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"--resume True: {ckpt_path} is damaged ({first})") from None

@@ -159,8 +159,7 @@ def out_dir_in_use(out_dir):
     held = set(_LOCKS)
     if not lock_out_dir(out_dir):
         return True
-    for key in set(_LOCKS) - held:
-        _LOCKS.pop(key).close()
+    _release_locks_taken_since(held)
     return False
 
 
@@ -191,9 +190,14 @@ def releases_out_dir_locks(fn):
         try:
             return fn(*args, **kwargs)
         finally:
-            for key in set(_LOCKS) - held:
-                _LOCKS.pop(key).close()
+            _release_locks_taken_since(held)
     return run
+
+
+def _release_locks_taken_since(held):
+    """Release the out_dir locks taken since `held` (a set of _LOCKS' keys) was read."""
+    for key in set(_LOCKS) - held:
+        _LOCKS.pop(key).close()
 
 
 def remove_dirs(made):
@@ -217,6 +221,7 @@ def save_checkpoint(path, state):
         raise OSError(f"cannot write {path}: {(str(e).strip().splitlines() or [''])[0]}") from None
 
 
+OPTIMIZER_STATE_UNFIT = "its optimizer state does not fit the model, or holds NaN, infinite or negative accumulators"
 SECOND_MOMENTS = ("sum", "exp_avg_sq")   # Adagrad's and Adam(W)'s sums of squared gradients: never negative
 
 

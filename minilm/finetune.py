@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError, first_line
-from minilm.files import (beyond_float32, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
+from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
                           save_checkpoint, set_adamw_options, truncate_log, weights_finite)
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
@@ -729,8 +729,8 @@ def _check_options(opts):
             raise FinetuneError(f"--{name} must be a finite number >= 0{' (0: off)' if name == 'grad_clip' else ''}, "
                                 f"got {opts[name]!r}")
     for name in ("learning_rate", "weight_decay"):
-        if beyond_float32(name, opts[name]):
-            raise FinetuneError(beyond_float32(name, opts[name]))
+        if message := beyond_float32(name, opts[name]):
+            raise FinetuneError(message)
     for name in ("clf_pdrop", "dropout"):
         if opts[name] is not None and (not number(name) or not 0 <= opts[name] < 1):
             raise FinetuneError(f"--{name} must be in [0, 1), got {opts[name]!r}")
@@ -856,8 +856,7 @@ def finetune(options, print_fn=print, ckpt=None):
             if ckpt["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
             if not optimizer_state_fits(optimizer):
-                raise ValueError("its optimizer state does not fit the model, or holds NaN, infinite or negative "
-                                 "accumulators")
+                raise ValueError(OPTIMIZER_STATE_UNFIT)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise FinetuneError(f"--resume True: {ckpt_path} is damaged ({first})") from None
