@@ -1,7 +1,7 @@
 """One-line-per-case diagnostics of the CUDA kernels, for a GPU run where every minute counts.
 
     python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | attn-host | cnn-perf | attn-sweep |
-                                       cnn-determinism
+                                       cnn-determinism | attn-ncu
 
 attn-host: where a single attention fwd+bwd call's time goes (host, one call, back to back, per kernel),
 minilm against SDPA flash, at T = 512 (also with GPT-1's q, k, v views) and at head dim 128.
@@ -15,6 +15,10 @@ and backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3 | 
 fusedwide | fusedkv | fused2d | split2d, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu):
 correctness on a few shapes, then the forward (layouts) or fwd+bwd (backward configurations) time on the four
 target shapes next to SDPA's flash and cuDNN backends.
+
+attn-ncu: Nsight Compute's counters (time, occupancy, issue slots, warp stall reasons, pipe use, shared-memory
+bank conflicts, L2 atomics) of the main forward and backward kernels, minilm next to SDPA flash's, at head dim
+128 and at T = 2048; the table goes to the log, every metric to $OUT/attn_ncu_*.csv.
 
 Correctness parts print the max errors of every case (PASS or FAIL, never stopping at the first
 failure); the checks are the ones of tests/test_cuda.py. Perf parts time the fused ops against what a
@@ -479,10 +483,116 @@ def cnn_determinism():
     return ok
 
 
+# ---- attn-ncu: hardware counters of the attention kernels (Nsight Compute), minilm next to SDPA's flash backend.
+# Profiles one bf16 fwd+bwd of each at the shapes below: every kernel with attn_ (minilm) or
+# flash_ (FlashAttention-2 in torch) in their names, with the sections below; prints the main forward and backward kernels
+# side by side and writes every metric of every kernel to $OUT/attn_ncu_<shape>.csv (or the temp folder).
+# ncu replays each kernel once per counter pass, with the caches flushed (its default) and the clocks as
+# they are (--clock-control none: the lent machines' clocks are left alone).
+NCU_SHAPES = ((4, 16, 4096, 128), (8, 12, 2048, 64))
+NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "ComputeWorkloadAnalysis",
+                "InstructionStats", "MemoryWorkloadAnalysis_Tables", "SchedulerStats")
+# the metrics of the side-by-side table (regular expressions over ncu's raw metric names; the CSV has all)
+NCU_SHOWN = (r"gpu__time_duration\.sum", r"launch__(registers_per_thread|shared_mem_per_block_dynamic|grid_size|"
+             r"block_size|occupancy_limit_\w+)$", r"sm__warps_active\.avg\.pct_of_peak_sustained_active",
+             r"sm__throughput\.avg\.pct_of_peak_sustained_elapsed", r"smsp__inst_executed\.sum$",
+             r"smsp__issue_active\.avg\.pct_of_peak_sustained_active",
+             r"sm__inst_executed_pipe_\w+\.avg\.pct_of_peak_sustained_active",
+             r"sm__pipe_\w*tensor\w*\.avg\.pct_of_peak_sustained_active",
+             r"smsp__average_warp_latency_per_inst_issued\.ratio",
+             r"smsp__average_warps_issue_stalled_\w+_per_issue_active\.ratio",
+             r"l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_(ld|st)\.sum",
+             r"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_(ld|st)\.sum", r"lts__t_sectors_op_(red|atom)\.sum",
+             r"lts__t_sectors_srcunit_tex_op_(read|write)\.sum", r"dram__bytes_(read|write)\.sum",
+             r"lts__throughput\.avg\.pct_of_peak_sustained_elapsed",
+             r"l1tex__throughput\.avg\.pct_of_peak_sustained_active")
+NCU_KERNELS = "regex:(attn_|flash_)"
+NCU_TIMEOUT_S = 150
+
+
+def attn_ncu_child():
+    """What ncu profiles: one bf16 fwd+bwd of minilm, then one of SDPA flash, at the shape in argv."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, H, T, D = (int(x) for x in sys.argv[2].split(","))
+    q, k, v, g = _sweep_inputs(B, H, T, D)
+    causal_attention(q, k, v).backward(g)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+    torch.cuda.synchronize()
+
+
+def _ncu_table(rows, shape):
+    """The main kernels (not the Delta / dQ conversion passes) side by side, one metric a line."""
+    key = next((k for k in ("Kernel Name", "Function Name", "Name") if k in rows[0]), None)
+    if key is None:
+        print(f"attn-ncu {shape}: no kernel name column in ncu's CSV", flush=True)
+        return
+    main = [r for r in rows if not re.search(r"prologue|delta|convert|dot_do_o|simple", r[key])]
+    names = [_short_kernel_name(r[key]).split("<")[0].split("::")[-1][:22] for r in main]
+    print(f"attn-ncu {shape}: " + " | ".join(names), flush=True)
+    shown = [re.compile(p) for p in NCU_SHOWN]
+    for metric in rows[0]:
+        if not any(p.fullmatch(metric) or p.match(metric) for p in shown):
+            continue
+        vals = [r.get(metric, "") for r in main]
+        if all(v in ("", "0", "0.0", "n/a") for v in vals):
+            continue
+        print(f"  {metric[:72]:72s} " + " ".join(f"{v[:15]:>15s}" for v in vals), flush=True)
+
+
+def attn_ncu():
+    """Runs attn_ncu_child under ncu per shape and prints the side-by-side table (see NCU_SHAPES)."""
+    import csv
+    import glob
+    import io
+    import shutil
+    import subprocess
+    import tempfile
+    ncu = shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True)), None)
+    if not ncu:
+        print("attn-ncu: no ncu (Nsight Compute) on this machine", flush=True)
+        return False
+    out_dir = os.environ.get("OUT") or tempfile.gettempdir()
+    ok = True
+    for shape in NCU_SHAPES:
+        tag = ",".join(map(str, shape))
+        cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--kernel-name", NCU_KERNELS,
+               "--csv", "--page", "raw"]
+        for section in NCU_SECTIONS:
+            cmd += ["--section", section]
+        cmd += [sys.executable, os.path.abspath(__file__), "attn-ncu-child", tag]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NCU_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"attn-ncu {tag}: ncu ran past {NCU_TIMEOUT_S} s; stopped", flush=True)
+            ok = False
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('"')]  # the CSV (ncu's own lines: ==PROF==)
+        path = os.path.join(out_dir, f"attn_ncu_{tag.replace(',', 'x')}.csv")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+        rows = [r for r in rows if str(r.get("ID", "0")).strip().isdigit()]  # not the row of units
+        print(f"attn-ncu {tag}: ncu rc={proc.returncode}, {len(rows)} kernels in "
+              f"{time.perf_counter() - t0:.0f} s; every metric in {path}", flush=True)
+        if proc.returncode != 0 or not rows:
+            tail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if not ln.startswith('"')][-8:]
+            print("\n".join("  " + ln for ln in tail), flush=True)
+            ok = False
+            continue
+        _ncu_table(rows, tag)
+    return ok
+
+
 PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "attn-host": attn_host,
-         "cnn-perf": cnn_perf, "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism}
+         "cnn-perf": cnn_perf, "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism,
+         "attn-ncu": attn_ncu}
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "attn-ncu-child":  # what attn-ncu runs under ncu
+        attn_ncu_child()
+        sys.exit(0)
     if len(sys.argv) != 2 or sys.argv[1] not in PARTS:
         sys.exit(f"usage: python scripts/cuda_diagnostics.py {{{'|'.join(PARTS)}}}")
     if not torch.cuda.is_available():

@@ -3,6 +3,7 @@
 # build (timed) -> import -> pytest tests/test_cuda.py (defaults; attention dropout included; where a test
 # failed, the attention tests again with inputs and results copied contiguous) -> attention
 # tiling sweep (reports the fastest correct tilings) -> the attention tests with the sweep's picks ->
+# hardware counters of the main attention kernels next to FlashAttention-2's (attn-ncu) ->
 # char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed), with where one
 # attention call's time goes (attn-host) before GPT-1's; attention with dropout last.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
@@ -93,6 +94,10 @@ export PICKS=$MINILM_SWEEP_ENV PICKS_OK=
 unset MINILM_SWEEP_ENV
 with_tilings='if [ -n "$PICKS_OK" ]; then . "$PICKS"; fi
 echo "tilings: ${MINILM_ATTN_FWD:-default} / ${MINILM_ATTN_BWD:-default} / ${MINILM_ATTN_DQ:-default}"; exec "$@"'
+# The hardware counters of the main attention kernels next to FlashAttention-2's (Nsight Compute; where ncu
+# cannot read the counters, the step says so and fails alone).
+if [ "$(left)" -gt 90 ]; then step attn-ncu "$(( $(left) < 200 ? $(left) : 200 ))" python scripts/cuda_diagnostics.py attn-ncu
+else echo "=== [attn-ncu] skipped: out of time"; fi
 step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
 step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
 # 4. Speed: the char-CNN breakdown, then the project's benchmarks while there is time.

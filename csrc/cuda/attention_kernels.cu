@@ -19,8 +19,9 @@
 // schemes that add dQ with atomics, below) in one memory-bound pass. Then one CTA of 8 warps owns
 // BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys) and walks the query tiles (BR = 64,
 // 32 or 16 rows, see BwdCfg and "Backward schemes" below) from the diagonal to the end, double-buffering
-// Q, dO, LSE and Delta. Per query tile each warp recomputes the transposed scores Sᵀ = K Qᵀ for its keys
-// (so that Pᵀ is already an mma operand), then
+// Q, dO, LSE and Delta (all with cp.async, see load_bwd_query_tile). Per query tile each warp recomputes the
+// transposed scores Sᵀ = K Qᵀ for its keys (so that Pᵀ is already an mma operand; the causal mask only on the
+// tiles that cross the diagonal and the last one), then
 //     Pᵀ = 2^(Sᵀ·scale·log2e − LSE·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),
 //     dK += dSᵀ Q   (dK and dV stay in registers for the whole query loop),
 // writes dSᵀ to shared memory, and the CTA computes dQ_tile = dS K, added into an fp32 buffer with
@@ -87,6 +88,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+// 4-byte global -> shared copy (cp.async.ca: 4 bytes is below .cg's 16); pred == false writes a zero.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -159,6 +166,18 @@ __device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next)
     cp_async_wait<0>();
   }
   __syncthreads();
+}
+
+// Runs body(std::true_type{}) where `masked`, else body(std::false_type{}): a loop compiled twice, so that
+// the tiles that need no mask (in the backward kernels all but those on the diagonal and the last query
+// tile) do without the per-element compares. The argument converts to a constant bool.
+template <typename Body>
+__device__ __forceinline__ void masked_or_not(bool masked, Body body) {
+  if (masked) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
 }
 
 // Copies rows [row0, row0 + ROWS) of a [T, D] matrix whose rows lie ld elements apart (16-byte aligned;
@@ -608,18 +627,22 @@ __device__ __forceinline__ void atomic_add_acc(float* at, int t4, const float (&
 #endif
 }
 
-// Query tile qb of the dK/dV kernels into double-buffer slot buf: its Q and dO rows (cp.async; the caller
-// commits) and its LSE · log2e and Delta (rows past T: zeros).
+// Query tile qb of the dK/dV kernels into double-buffer slot buf: its Q and dO rows, LSE and Delta (rows past
+// T: zeros), all with cp.async (the caller commits). A plain load of LSE or Delta here would have to land
+// before the __syncthreads that ends the pipeline step, so every query tile would wait out one global-memory
+// latency (the kernels run 1 or 2 CTAs per SM: nothing else would fill that time).
 template <typename T, int BR, int D, int S, int NT>
 __device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, float* sDl, const T* Q, const T* dO,
                                                     const Layout& in, const float* LSE, const float* Delta,
                                                     int qb, int buf, int T_) {
+  static_assert(BR <= NT, "one thread per row of LSE and Delta");
   load_tile_async<T, BR, D, S, NT>(sQ + buf * BR * S, Q, in.q.row, qb * BR, T_);
   load_tile_async<T, BR, D, S, NT>(sdO + buf * BR * S, dO, in.dout.row, qb * BR, T_);
-  for (int i = threadIdx.x; i < BR; i += NT) {
-    const int q = qb * BR + i;
-    sL[buf * BR + i] = q < T_ ? LSE[q] * kLog2e : 0.f;
-    sDl[buf * BR + i] = q < T_ ? Delta[q] : 0.f;
+  if (threadIdx.x < BR) {
+    const int q = qb * BR + threadIdx.x;
+    const int at = q < T_ ? q : 0;  // a row past T reads nothing (source size 0) but needs a valid address
+    cp_async4(sL + buf * BR + threadIdx.x, LSE + at, q < T_);
+    cp_async4(sDl + buf * BR + threadIdx.x, Delta + at, q < T_);
   }
 }
 
@@ -692,7 +715,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   T* sQ = sV + BC * S;                      // [2][BR][S]
   T* sdO = sQ + 2 * BR * S;                 // [2][BR][S]
   T* sdS = sdO + 2 * BR * S;                // [BC][SS]: dSᵀ, keys x queries
-  float* sL = reinterpret_cast<float*>(sdS + BC * SS);  // [2][BR]: LSE · log2e
+  float* sL = reinterpret_cast<float*>(sdS + BC * SS);  // [2][BR]: LSE
   float* sDl = sL + 2 * BR;                              // [2][BR]: Delta
 
   const int bh = blockIdx.x;
@@ -762,20 +785,23 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
       // Sᵀ = K Qᵀ (16·MTK keys x BR queries per warp)
       float st[MTK][BR / 8][4];
       acc_abt<T, MTK, BR, D, S>(st, rows_frag(kf, sK), sQb, lane);
-      // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile)
+      // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile): masked only where
+      // the warp's last key lies after the tile's first query or the tile has rows past T (warp-uniform)
+      masked_or_not(q0 < k0 + wk0 + 16 * MTK - 1 || q0 + BR > T_, [&](auto masked) {
 #pragma unroll
-      for (int mt = 0; mt < MTK; ++mt)
+        for (int mt = 0; mt < MTK; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
+          for (int nt = 0; nt < BR / 8; ++nt) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int qi = nt * 8 + t4 * 2 + (i & 1);
-            const int q = q0 + qi;
-            const int key = (i < 2 ? key_a : key_b) + mt * 16;
-            const float p = exp2f(st[mt][nt][i] * scale_log2 - sLb[qi]);
-            st[mt][nt][i] = (q < key || q >= T_) ? 0.f : p;
+            for (int i = 0; i < 4; ++i) {
+              const int qi = nt * 8 + t4 * 2 + (i & 1);
+              const int q = q0 + qi;
+              const int key = (i < 2 ? key_a : key_b) + mt * 16;
+              const float p = exp2f(st[mt][nt][i] * scale_log2 - sLb[qi] * kLog2e);
+              st[mt][nt][i] = (masked && (q < key || q >= T_)) ? 0.f : p;
+            }
           }
-        }
+      });
       // Dropout: a dropped entry of Pᵀ is stored as −P (see acc_plus_pb_kept; a keep mask in a register spills
       // at split3's 128-register cap). The hash's row is the query, a column here: one row key per query
       // column, then one pair hash per element (this thread's keys key_a + 16 mt and key_b + 16 mt lie in
@@ -855,16 +881,18 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
 
 // The "2d" backward schemes (FlashAttention-2's own backward tiling; meant for D = 128, where a warp cannot
 // hold the dK and dV accumulators of 32 keys beside its scores). A CTA of 8 warps owns BC = 128 keys and
-// walks query tiles of BR = 64 rows from the diagonal; per tile it runs three phases, each with its own
-// 2-D grid of warps, handing P and dS over through shared memory:
+// walks query tiles of BR = 64 rows from the diagonal; per tile it runs three kinds of products, each with
+// its own 2-D grid of warps, handing P and dS over through shared memory:
 //   1. S = Q Kᵀ and dP = dO Vᵀ (BR x BC): warps in 2 (queries) x 4 (keys), 32 x 32 each. P and
-//      dS = P ∘ (dP − Delta) go to shared memory as [query][key] tiles.
-//   2. dV += Pᵀ dO and dK += dSᵀ Q (BC x D): warps in 4 (keys) x 2 (columns), 32 keys x D/2 each, the
-//      A operands Pᵀ and dSᵀ read with ldmatrix.trans from the [query][key] tiles. dK and dV stay in
+//      dS = P ∘ (dP − Delta) go to shared memory as [query][key] tiles (the causal mask only in the warp
+//      tiles that need it).
+//   2. dV += Pᵀ dO and (step 4) dK += dSᵀ Q (BC x D): warps in 4 (keys) x 2 (columns), 32 keys x D/2 each,
+//      the A operands Pᵀ and dSᵀ read with ldmatrix.trans from the [query][key] tiles. dK and dV stay in
 //      registers for the whole query loop (2 x 64 registers at D = 128).
 //   3. With dQ ("fused2d"): dQ_tile = dS K (BR x D): warps in 2 (queries) x 4 (columns), 32 x D/4 each,
-//      added into the fp32 buffer with atomics, as in the fused scheme. Without ("split2d"), the dQ kernel
-//      computes dQ afterwards.
+//      added into the fp32 buffer with atomics, as in the fused scheme; between dV and dK, as
+//      FlashAttention-2 orders them, so that the dK products run while the atomics drain. Without
+//      ("split2d"), the dQ kernel computes dQ afterwards.
 // At D = 128 every product's warp tile is 32 x 32 or larger, so each fragment read from shared memory feeds
 // at least 2 mma: phases 1 and 3 read 256 bytes of shared memory per mma, phase 2 192 (the 1-D schemes above
 // read 256 to 384 there). At D = 64 phase 3's tiles are 32 x 16 (384 bytes per mma).
@@ -893,7 +921,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   T* sdO = sQ + 2 * BR * S;                 // [2][BR][S]
   T* sP = sdO + 2 * BR * S;                 // [BR][SP]: P, queries x keys
   T* sdS = sP + BR * SP;                    // [BR][SP]: dS, queries x keys
-  float* sL = reinterpret_cast<float*>(sdS + BR * SP);  // [2][BR]: LSE · log2e
+  float* sL = reinterpret_cast<float*>(sdS + BR * SP);  // [2][BR]: LSE
   float* sDl = sL + 2 * BR;                              // [2][BR]: Delta
 
   const int bh = blockIdx.x;
@@ -952,53 +980,56 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        lse[mt][r] = sLb[r1 + mt * 16 + g + 8 * r];
+        lse[mt][r] = sLb[r1 + mt * 16 + g + 8 * r] * kLog2e;
         delta[mt][r] = sDb[r1 + mt * 16 + g + 8 * r];
       }
     // dropout: the row keys of the same rows
     uint32_t rkey[DROP ? 2 : 1][2];
     if constexpr (DROP) dropout_row_keys(rkey, drop, bh, q0 + r1 + g);
+    // P and dS of the warp's 32 x 32 tile; the causal mask (and the rows past T) only where the warp's tile
+    // has a key after its first query or a row past T (warp-uniform)
+    masked_or_not(q0 + r1 < k0 + c1 + 31 || q0 + r1 + 31 >= T_, [&](auto masked) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        float p[4], ds[4];
-        [[maybe_unused]] uint32_t bits[2];  // dropout: this thread's key pair in rows g and g + 8
-        if constexpr (DROP) {
-          const uint32_t key0 = k0 + c1 + nt * 8 + t4 * 2;
-          bits[0] = minilm_dropout::pair_bits(rkey[mt][0], key0);
-          bits[1] = minilm_dropout::pair_bits(rkey[mt][1], key0);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int qi = r1 + mt * 16 + g + (i < 2 ? 0 : 8);  // row of the tile
-          const int q = q0 + qi, key = k0 + c1 + nt * 8 + t4 * 2 + (i & 1);
-          p[i] = (q < key || q >= T_) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
+        for (int nt = 0; nt < 4; ++nt) {
+          float p[4], ds[4];
+          [[maybe_unused]] uint32_t bits[2];  // dropout: this thread's key pair in rows g and g + 8
           if constexpr (DROP) {
-            // sP gets the dropped P (scaled at the end, with dV); dS = P ∘ (dP ∘ keep · scale − Delta)
-            const bool k = minilm_dropout::kept(bits[i >> 1], key, drop.threshold);
-            ds[i] = p[i] * ((k ? dp[mt][nt][i] * drop_scale : 0.f) - delta[mt][i >> 1]);
-            if (!k) p[i] = 0.f;
-          } else {
-            ds[i] = p[i] * (dp[mt][nt][i] - delta[mt][i >> 1]);
+            const uint32_t key0 = k0 + c1 + nt * 8 + t4 * 2;
+            bits[0] = minilm_dropout::pair_bits(rkey[mt][0], key0);
+            bits[1] = minilm_dropout::pair_bits(rkey[mt][1], key0);
           }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int qi = r1 + mt * 16 + g + (i < 2 ? 0 : 8);  // row of the tile
+            const int q = q0 + qi, key = k0 + c1 + nt * 8 + t4 * 2 + (i & 1);
+            p[i] = (masked && (q < key || q >= T_)) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
+            if constexpr (DROP) {
+              // sP gets the dropped P (scaled at the end, with dV); dS = P ∘ (dP ∘ keep · scale − Delta)
+              const bool k = minilm_dropout::kept(bits[i >> 1], key, drop.threshold);
+              ds[i] = p[i] * ((k ? dp[mt][nt][i] * drop_scale : 0.f) - delta[mt][i >> 1]);
+              if (!k) p[i] = 0.f;
+            } else {
+              ds[i] = p[i] * (dp[mt][nt][i] - delta[mt][i >> 1]);
+            }
+          }
+          const int row = r1 + mt * 16 + g, col = c1 + nt * 8 + t4 * 2;
+          *reinterpret_cast<uint32_t*>(sP + row * SP + col) = Half<T>::pack(p[0], p[1]);
+          *reinterpret_cast<uint32_t*>(sP + (row + 8) * SP + col) = Half<T>::pack(p[2], p[3]);
+          *reinterpret_cast<uint32_t*>(sdS + row * SP + col) = Half<T>::pack(ds[0], ds[1]);
+          *reinterpret_cast<uint32_t*>(sdS + (row + 8) * SP + col) = Half<T>::pack(ds[2], ds[3]);
         }
-        const int row = r1 + mt * 16 + g, col = c1 + nt * 8 + t4 * 2;
-        *reinterpret_cast<uint32_t*>(sP + row * SP + col) = Half<T>::pack(p[0], p[1]);
-        *reinterpret_cast<uint32_t*>(sP + (row + 8) * SP + col) = Half<T>::pack(p[2], p[3]);
-        *reinterpret_cast<uint32_t*>(sdS + row * SP + col) = Half<T>::pack(ds[0], ds[1]);
-        *reinterpret_cast<uint32_t*>(sdS + (row + 8) * SP + col) = Half<T>::pack(ds[2], ds[3]);
-      }
+    });
     __syncthreads();
 
-    // 2. dV += Pᵀ dO and dK += dSᵀ Q for keys r2.. and columns c2.. (nothing to add when every key of
-    //    the warp lies after the last query of the tile)
-    if (k0 + r2 <= q0 + BR - 1) {
-      acc_plus_ab<T, 2, BR, DH, S>(dv, a_trans_frag<T, SP>(sP + r2, lane), sdOb + c2, lane);
-      acc_plus_ab<T, 2, BR, DH, S>(dk, a_trans_frag<T, SP>(sdS + r2, lane), sQb + c2, lane);
-    }
+    // 2. dV += Pᵀ dO for keys r2.. and columns c2.. (nothing to add when every key of the warp lies after
+    //    the last query of the tile)
+    const bool adds_dkdv = k0 + r2 <= q0 + BR - 1;
+    if (adds_dkdv) acc_plus_ab<T, 2, BR, DH, S>(dv, a_trans_frag<T, SP>(sP + r2, lane), sdOb + c2, lane);
 
-    // 3. dQ_tile += dS K for query rows r3.. and columns c3.., into the fp32 buffer
+    // 3. dQ_tile += dS K for query rows r3.. and columns c3.., into the fp32 buffer (before dK, as in
+    //    FlashAttention-2, so that the dK products below run while the atomics drain)
     if constexpr (WITH_DQ) {
       float dq[2][DQ / 8][4];
       zero_acc<2>(dq);
@@ -1014,6 +1045,9 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
 #pragma unroll
         for (int j = 0; j < DQ / 8; ++j) atomic_add_acc<D>(dq_at + mt * 16 * D + j * 8, t4, dq[mt][j]);
     }
+
+    // 4. dK += dSᵀ Q for the keys and columns of phase 2
+    if (adds_dkdv) acc_plus_ab<T, 2, BR, DH, S>(dk, a_trans_frag<T, SP>(sdS + r2, lane), sQb + c2, lane);
     __syncthreads();  // sP, sdS and this Q/dO buffer are rewritten next iteration
   }
 
@@ -1524,7 +1558,7 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   fused  : one kernel, dQ added into an fp32 buffer with atomicAdd (FlashAttention-2's scheme)
 //   split  : a dK/dV kernel without dQ + a dQ kernel (no atomics, deterministic)
 //   split2 : as split, with the dK/dV kernel limited to 128 registers (2 CTAs per SM; spills for D = 128)
-//   split3 : as split2 with 32 query rows per step (fewer live registers: 12 bytes of spills at D = 64);
+//   split3 : as split2 with 32 query rows per step (fewer live registers: no spills at D = 64);
 //            at D = 128 split2 already steps by 32 rows, so there split3 is split2
 //   splitkv: as split with each warp's K and V fragments in registers at D = 128 too (split does that at
 //            D = 64 already, so there splitkv is split): the Sᵀ and dPᵀ products then read only Q and dO
@@ -1532,12 +1566,11 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
 //            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, so all
 //            four products read 128 bytes of shared memory per mma (split3: 256 to 384). 255 registers,
-//            2 CTAs per SM; 84 bytes of spills on sm_90 since the inputs are read through their strides
-//            (none before; about 200 bytes on sm_80).
+//            2 CTAs per SM; 168 bytes of spills on sm_90 since its Pᵀ loop has a masked and a mask-free
+//            version (84 before that, none before the inputs were read through their strides).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
-//   fusedkv: fused with the K/V fragments in registers (242 registers at D = 64; 255 and a 12-byte spill
-//            at D = 128)
+//   fusedkv: fused with the K/V fragments in registers (244 registers at D = 64, 255 at D = 128)
 //   fused2d: FlashAttention-2's backward tiling (attn_bwd_2d: 2-D warp grids, P and dS through shared
 //            memory, dQ by atomics); split2d: the same without dQ, plus the dQ kernel (deterministic).
 //            At D = 128 a CTA takes 171 KB of shared memory: Hopper has it (227 KB), an A100 (163 KB) does
