@@ -3,9 +3,9 @@
 # build (timed) -> import -> pytest tests/test_cuda.py (defaults; attention dropout included; where a test
 # failed, the attention tests again with inputs and results copied contiguous) -> attention
 # tiling sweep (reports the fastest correct tilings) -> the attention tests with the sweep's picks ->
-# hardware counters of the main attention kernels next to FlashAttention-2's (attn-ncu) ->
-# char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed), with where one
-# attention call's time goes (attn-host) before GPT-1's; attention with dropout last.
+# char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed): attention, then
+# the hardware counters of the main attention kernels next to FlashAttention-2's (attn-ncu), char-CNN,
+# where one attention call's time goes (attn-host), GPT-1; attention with dropout last.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 # GPU_CHECK_SKIP names steps not to run (e.g. "diag-char-cnn cnn-determinism perf-char-cnn" when the
@@ -94,18 +94,20 @@ export PICKS=$MINILM_SWEEP_ENV PICKS_OK=
 unset MINILM_SWEEP_ENV
 with_tilings='if [ -n "$PICKS_OK" ]; then . "$PICKS"; fi
 echo "tilings: ${MINILM_ATTN_FWD:-default} / ${MINILM_ATTN_BWD:-default} / ${MINILM_ATTN_DQ:-default}"; exec "$@"'
-# The hardware counters of the main attention kernels next to FlashAttention-2's (Nsight Compute; where ncu
-# cannot read the counters, the step says so and fails alone).
-if [ "$(left)" -gt 90 ]; then step attn-ncu "$(( $(left) < 200 ? $(left) : 200 ))" python scripts/cuda_diagnostics.py attn-ncu
-else echo "=== [attn-ncu] skipped: out of time"; fi
 step diag-char-cnn 90 python scripts/cuda_diagnostics.py cnn-correct
 step cnn-determinism 60 python scripts/cuda_diagnostics.py cnn-determinism
 # 4. Speed: the char-CNN breakdown, then the project's benchmarks while there is time.
 step perf-char-cnn 90 python scripts/cuda_diagnostics.py cnn-perf
-for b in attention charcnn; do
-  if [ "$(left)" -gt 40 ]; then step "bench-$b" "$(left)" bash -c "$with_tilings" _ python -m minilm.bench "$b" --device cuda --json
-  else echo "=== [bench-$b] skipped: out of time"; fi
-done
+bench() {  # bench NAME: python -m minilm.bench NAME --device cuda --json, while the budget lasts
+  if [ "$(left)" -gt 40 ]; then step "bench-$1" "$(left)" bash -c "$with_tilings" _ python -m minilm.bench "$1" --device cuda --json
+  else echo "=== [bench-$1] skipped: out of time"; fi
+}
+bench attention
+# The hardware counters of the main attention kernels next to FlashAttention-2's (Nsight Compute; where ncu
+# cannot read the counters, the step says so and fails alone).
+if [ "$(left)" -gt 60 ]; then step attn-ncu "$(( $(left) < 150 ? $(left) : 150 ))" python scripts/cuda_diagnostics.py attn-ncu
+else echo "=== [attn-ncu] skipped: out of time"; fi
+bench charcnn
 # Where a single attention call's time goes (host, one call, back to back, per kernel) against SDPA flash.
 if [ "$(left)" -gt 40 ]; then step attn-host 60 python scripts/cuda_diagnostics.py attn-host
 else echo "=== [attn-host] skipped: out of time"; fi
