@@ -1,7 +1,7 @@
 """One-line-per-case diagnostics of the CUDA kernels, for a GPU run where every minute counts.
 
     python scripts/cuda_diagnostics.py attn-correct | cnn-correct | attn-perf | attn-host | cnn-perf | attn-sweep |
-                                       cnn-determinism | attn-ncu
+                                       cnn-determinism | attn-order | attn-ncu
 
 attn-host: where a single attention fwd+bwd call's time goes (host, one call, back to back, per kernel),
 minilm against SDPA flash, at T = 512 (also with GPT-1's q, k, v views) and at head dim 128.
@@ -15,6 +15,9 @@ and backward configuration (MINILM_ATTN_BWD = fused | split | split2 | split3 | 
 fusedwide | fusedkv | fused2d | split2d, MINILM_ATTN_DQ = narrow | wide; see csrc/cuda/attention_kernels.cu):
 correctness on a few shapes, then the forward (layouts) or fwd+bwd (backward configurations) time on the four
 target shapes next to SDPA's flash and cuDNN backends.
+
+attn-order: fwd+bwd with the dK/dV kernels' CTAs in head groups of the default size, all heads at once and one
+head at a time (MINILM_ATTN_HEAD_GROUP), next to SDPA flash.
 
 attn-ncu: Nsight Compute's counters (time, occupancy, issue slots, warp stall reasons, pipe use, shared-memory
 bank conflicts, L2 atomics) of the main forward and backward kernels, minilm next to SDPA flash's, at head dim
@@ -483,6 +486,47 @@ def cnn_determinism():
     return ok
 
 
+def attn_order():
+    """The dK/dV kernels' CTA order (dkdv_tile and dkdv_head_group in attention_kernels.cu): fwd+bwd with the
+    default head groups, with all heads at once (MINILM_ATTN_HEAD_GROUP=0, the order before groups) and with one
+    head at a time (=1), next to SDPA flash, at the sweep's shapes: single calls, the L2 flushed before each, in
+    rounds of random order (minilm.bench's timing)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from minilm.bench.common import time_interleaved
+    var = "MINILM_ATTN_HEAD_GROUP"
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for B, H, T, D in SWEEP_SHAPES:
+        q, k, v, g = _sweep_inputs(B, H, T, D)
+        default = max(1, min(B * H, l2 // 2 // (T * D * (2 * 2 + 4))))  # bf16 inputs, the fp32 dQ buffer
+
+        def ours(group):
+            def fn():
+                if group is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = group
+                q.grad = k.grad = v.grad = None
+                causal_attention(q, k, v).backward(g)
+            return fn
+
+        def flash():
+            q.grad = k.grad = v.grad = None
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+        fns = {f"groups of {default}": ours(None), "all heads": ours("0"), "one head": ours("1"), "sdpa-flash": flash}
+        try:
+            ms = time_interleaved(fns, "cuda", warmup=3, iters=30)
+            print(f"attn-order bf16 {B},{H},{T},{D} fwd+bwd ms: " + ", ".join(
+                f"{name} {t:.3f} ({ms['sdpa-flash'] / t:.2f}x flash)" for name, t in ms.items() if name != "sdpa-flash")
+                + f", sdpa-flash {ms['sdpa-flash']:.3f}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"attn-order {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+        os.environ.pop(var, None)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+
+
 # ---- attn-ncu: hardware counters of the attention kernels (Nsight Compute), minilm next to SDPA's flash backend.
 # Profiles one bf16 fwd+bwd of each at the shapes below: every kernel with attn_ (minilm) or
 # flash_ (FlashAttention-2 in torch) in their names, with the sections below; prints the main forward and backward kernels
@@ -587,7 +631,7 @@ def attn_ncu():
 
 PARTS = {"attn-correct": attn_correct, "cnn-correct": cnn_correct, "attn-perf": attn_perf, "attn-host": attn_host,
          "cnn-perf": cnn_perf, "attn-sweep": attn_sweep, "cnn-determinism": cnn_determinism,
-         "attn-ncu": attn_ncu}
+         "attn-order": attn_order, "attn-ncu": attn_ncu}
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "attn-ncu-child":  # what attn-ncu runs under ncu

@@ -4,7 +4,8 @@
 # failed, the attention tests again with inputs and results copied contiguous) -> attention
 # tiling sweep (reports the fastest correct tilings) -> the attention tests with the sweep's picks ->
 # char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed): attention, then
-# the hardware counters of the main attention kernels next to FlashAttention-2's (attn-ncu), char-CNN,
+# the dK/dV CTA orders (attn-order), the hardware counters of the main attention kernels next to
+# FlashAttention-2's (attn-ncu), char-CNN,
 # where one attention call's time goes (attn-host), GPT-1; attention with dropout last.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
@@ -103,6 +104,9 @@ bench() {  # bench NAME: python -m minilm.bench NAME --device cuda --json, while
   else echo "=== [bench-$1] skipped: out of time"; fi
 }
 bench attention
+# The dK/dV kernels' CTA order: head groups (the default), all heads at once, one head at a time.
+if [ "$(left)" -gt 50 ]; then step attn-order 60 python scripts/cuda_diagnostics.py attn-order
+else echo "=== [attn-order] skipped: out of time"; fi
 # The hardware counters of the main attention kernels next to FlashAttention-2's (Nsight Compute; where ncu
 # cannot read the counters, the step says so and fails alone).
 if [ "$(left)" -gt 60 ]; then step attn-ncu "$(( $(left) < 150 ? $(left) : 150 ))" python scripts/cuda_diagnostics.py attn-ncu

@@ -295,6 +295,21 @@ def test_attention_on_gpus_with_less_shared_memory(limit_kb, monkeypatch):
     test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
 
 
+@pytest.mark.parametrize("group", ["1", "4", "0"])
+def test_attention_backward_in_every_cta_order(group, monkeypatch):
+    # The dK/dV kernels take their (batch·head, key tile) from the block index, heads in groups (dkdv_tile in
+    # attention_kernels.cu). At these sizes the default is one group of all heads; here also groups of one
+    # head, and groups of 4 of the 6 heads (the last group has 2). 3 key tiles per head.
+    monkeypatch.setenv("MINILM_ATTN_HEAD_GROUP", group)
+    for D in (64, 128):
+        _check_attention(2, 3, 300, D, torch.bfloat16)
+    for scheme, D in (("fused2d", 64), ("wide", 64), ("split2d", 128), ("fused", 128)):  # and the defaults above
+        monkeypatch.setenv("MINILM_ATTN_BWD", f"{D}:{scheme}")
+        _check_attention(2, 3, 300, D, torch.float16)
+    monkeypatch.delenv("MINILM_ATTN_BWD")
+    test_attention_dropout_matches_reference(300, 64, torch.bfloat16)
+
+
 @pytest.mark.parametrize("scheme", ["fused", "split"])
 def test_attention_dropout_in_the_fallback_schemes_at_head_dim_128(scheme, monkeypatch):
     # Where a GPU lacks the 171 KB of shared memory per CTA that the 2-D backward takes at head dim 128 (an
