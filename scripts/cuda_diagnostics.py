@@ -498,7 +498,7 @@ def attn_order():
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for B, H, T, D in SWEEP_SHAPES:
         q, k, v, g = _sweep_inputs(B, H, T, D)
-        default = max(1, min(B * H, l2 // 2 // (T * D * (2 * 2 + 4))))  # bf16 inputs, the fp32 dQ buffer
+        default = max(1, min(B * H, l2 // 4 // (T * D * (2 * 2 + 4))))  # bf16 inputs, the fp32 dQ buffer
 
         def ours(group):
             def fn():

@@ -1618,7 +1618,8 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 // (wide is the fastest scheme without atomics, fusedwide the fastest with them).
 
 // Heads per group in the dK/dV kernels' CTA order (dkdv_tile): as many as keep the rows that a head's CTAs
-// all read (Q, dO) and add into (the fp32 dQ buffer of the fused schemes) within half of this GPU's L2 cache.
+// all read (Q, dO) and add into (the fp32 dQ buffer of the fused schemes) within a quarter of this GPU's L2
+// cache (a group's long CTAs still run when the next group starts: about two groups run at once).
 // All heads at once (the grid's own order) span about 250 MB of them at (4, 16, 4096, 128), five times an
 // H100's L2: CTAs of a head that run far apart in time then read its Q and dO, and add into its dQ rows,
 // from device memory. MINILM_ATTN_HEAD_GROUP=n overrides (0: all heads), for measurements.
@@ -1632,7 +1633,7 @@ int dkdv_head_group(int64_t BH, int64_t T, int D, size_t elem, bool fused) {
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) != cudaSuccess)
       l2 = 0;
     const int64_t per_head = T * D * static_cast<int64_t>(2 * elem + (fused ? sizeof(float) : 0));
-    group = l2 / 2 / std::max<int64_t>(per_head, 1);
+    group = l2 / 4 / std::max<int64_t>(per_head, 1);
   }
   return static_cast<int>(std::clamp<int64_t>(group, 1, BH));
 }
