@@ -490,12 +490,14 @@ def attn_order():
     """The dK/dV kernels' CTA order (dkdv_tile and dkdv_head_group in attention_kernels.cu): fwd+bwd with the
     default head groups, with all heads at once (MINILM_ATTN_HEAD_GROUP=0, the order before groups) and with one
     head at a time (=1), next to SDPA flash, at the sweep's shapes: single calls, the L2 flushed before each, in
-    rounds of random order (minilm.bench's timing)."""
+    rounds of random order (minilm.bench's timing). The default's size is printed as dkdv_head_group computes it
+    for the default (fused) schemes in bf16."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from minilm.bench.common import time_interleaved
     var = "MINILM_ATTN_HEAD_GROUP"
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+    ok = True
     for B, H, T, D in SWEEP_SHAPES:
         q, k, v, g = _sweep_inputs(B, H, T, D)
         default = max(1, min(B * H, l2 // 4 // (T * D * (2 * 2 + 4))))  # bf16 inputs, the fp32 dQ buffer
@@ -522,9 +524,11 @@ def attn_order():
                 + f", sdpa-flash {ms['sdpa-flash']:.3f}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"attn-order {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+            ok = False
         os.environ.pop(var, None)
         del q, k, v, g
         torch.cuda.empty_cache()
+    return ok
 
 
 # ---- attn-ncu: hardware counters of the attention kernels (Nsight Compute), minilm next to SDPA's flash backend.

@@ -105,7 +105,7 @@ bench() {  # bench NAME: python -m minilm.bench NAME --device cuda --json, while
 }
 bench attention
 # The dK/dV kernels' CTA order: head groups (the default), all heads at once, one head at a time.
-if [ "$(left)" -gt 50 ]; then step attn-order 60 python scripts/cuda_diagnostics.py attn-order
+if [ "$(left)" -gt 70 ]; then step attn-order 60 python scripts/cuda_diagnostics.py attn-order
 else echo "=== [attn-order] skipped: out of time"; fi
 # The hardware counters of the main attention kernels next to FlashAttention-2's (Nsight Compute; where ncu
 # cannot read the counters, the step says so and fails alone).
