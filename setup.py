@@ -32,7 +32,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "transformers", "h5py", "safetensors"],
+        "test": ["pytest", "transformers", "h5py", "safetensors", "matplotlib"],
         "plot": ["matplotlib"],
         "elmo": ["h5py"],
     },
