@@ -1412,11 +1412,7 @@ __global__ void attn_bwd_dkdv_simple(const T* __restrict__ dO, const T* __restri
 // A100, 99 KB on sm_86/89/120 GPUs such as the L4, L40S and RTX 4090). Tilings that need more fall back.
 // MINILM_SMEM_LIMIT_KB lowers the limit, so that tests run the fallbacks of smaller GPUs on a large one.
 bool smem_fits(size_t bytes) {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return false;
-  size_t limit = static_cast<size_t>(optin);
+  size_t limit = static_cast<size_t>(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
   if (const char* cap = std::getenv("MINILM_SMEM_LIMIT_KB")) limit = std::min(limit, std::strtoul(cap, nullptr, 10) * 1024);
   return bytes <= limit;
 }
@@ -1629,9 +1625,7 @@ int dkdv_head_group(int64_t BH, int64_t T, int D, size_t elem, bool fused) {
     group = std::strtol(env, nullptr, 10);
     if (group <= 0) group = BH;
   } else {
-    int dev = 0, l2 = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) != cudaSuccess)
-      l2 = 0;
+    const int64_t l2 = current_device_attribute(cudaDevAttrL2CacheSize, 0);
     const int64_t per_head = T * D * static_cast<int64_t>(2 * elem + (fused ? sizeof(float) : 0));
     group = l2 / 4 / std::max<int64_t>(per_head, 1);
   }

@@ -649,12 +649,7 @@ __global__ void __launch_bounds__(kSlotThreads, 2)
 }
 
 // ------------------------------------------------------------------------------------------ launchers
-int max_smem_optin() {
-  int dev = 0, v = 48 * 1024;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 48 * 1024;
-  return v;
-}
+int max_smem_optin() { return current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024); }
 
 template <typename F>
 cudaError_t allow_smem(F kernel, size_t bytes) {
@@ -715,12 +710,7 @@ cudaError_t forward_all(const int64_t* ids, const void* emb, int64_t N, int L, i
   return cudaSuccess;
 }
 
-int sm_count() {
-  int dev = 0, v = 132;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
-  return v;
-}
+int sm_count() { return current_device_attribute(cudaDevAttrMultiProcessorCount, 132); }
 
 // ---- backward plans: the same functions size the workspace (char_cnn_backward_partial_elems) and launch.
 // Shared memory that lets 2 CTAs share an SM on Hopper (228 KB per SM, 1 KB reserved per CTA). On a GPU with

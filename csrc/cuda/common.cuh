@@ -1,8 +1,9 @@
-// Small device helpers shared by the kernel files (CUDA headers only).
+// Small helpers shared by the kernel files (CUDA headers only).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 namespace minilm_cuda {
 
@@ -36,5 +37,13 @@ template <>
 struct AccOf<double> {
   using type = double;
 };
+
+// An attribute of the current device (the launchers' limits: shared memory, SMs, L2), or `fallback` where it
+// cannot be read.
+inline int current_device_attribute(cudaDeviceAttr attr, int fallback) {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) return fallback;
+  return v;
+}
 
 }  // namespace minilm_cuda
