@@ -37,7 +37,7 @@ python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version
   || { echo "torch sees no CUDA device: nothing to check"; exit 1; }
 nvcc --version 2>/dev/null | tail -1 || echo "nvcc not on PATH (torch's CUDA_HOME: $(python -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)'))"
 
-# On the lent H100/H200 image, CXX points to a relocated GCC wrapper (/opt/gcc/bin/g++ with its own as and
+# On the lent H100/H200 image, CXX points to a relocated GCC wrapper (a g++ with its own as and
 # collect2); an extension it builds segfaults whenever a C++ error (TORCH_CHECK) propagates, while the same
 # sources built with the distribution's g++ (same GCC 13.3) raise RuntimeError as they should. So prefer
 # the system compiler when there is one; MINILM_GPU_CHECK_CXX overrides.
