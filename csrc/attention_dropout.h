@@ -24,11 +24,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MINILM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MINILM_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace minilm_dropout {
 

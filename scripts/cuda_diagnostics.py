@@ -16,8 +16,8 @@ fusedwide | fusedkv | fused2d | split2d, MINILM_ATTN_DQ = narrow | wide; see csr
 correctness on a few shapes, then the forward (layouts) or fwd+bwd (backward configurations) time on the four
 target shapes next to SDPA's flash and cuDNN backends.
 
-attn-order: fwd+bwd with the dK/dV kernels' CTAs in head groups of the default size, all heads at once and one
-head at a time (MINILM_ATTN_HEAD_GROUP), next to SDPA flash.
+attn-order: fwd+bwd with the dK/dV kernels' CTAs in the default order, the grid's order, head groups in 3 key-tile
+phases and in 1, and one head at a time (MINILM_ATTN_HEAD_GROUP, MINILM_ATTN_KEY_PHASES), next to SDPA flash.
 
 attn-ncu: Nsight Compute's counters (time, occupancy, issue slots, warp stall reasons, pipe use, shared-memory
 bank conflicts, L2 atomics) of the main forward and backward kernels, minilm next to SDPA flash's, at head dim
@@ -487,24 +487,27 @@ def cnn_determinism():
 
 
 def attn_order():
-    """The dK/dV kernels' CTA order (dkdv_tile and dkdv_head_group in attention_kernels.cu): fwd+bwd with the
-    default head groups, with all heads at once (MINILM_ATTN_HEAD_GROUP=0, the order before groups) and with one
-    head at a time (=1), next to SDPA flash, at the sweep's shapes: single calls, the L2 flushed before each, in
-    rounds of random order (minilm.bench's timing)."""
+    """The dK/dV kernels' CTA order (csrc/cuda/dkdv_order.h): fwd+bwd with the default order, the grid's own
+    order (MINILM_ATTN_HEAD_GROUP=0), groups of 4 heads in 3 key-tile phases and in 1 (MINILM_ATTN_KEY_PHASES),
+    and one head at a time (FlashAttention-2's order), next to SDPA flash, at the sweep's shapes: single calls,
+    the L2 flushed before each, in rounds of random order (minilm.bench's timing)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from minilm.bench.common import time_interleaved
-    var = "MINILM_ATTN_HEAD_GROUP"
+    orders = {"default": {}, "grid order": {"MINILM_ATTN_HEAD_GROUP": "0"},
+              "4 heads x 3 phases": {"MINILM_ATTN_HEAD_GROUP": "4", "MINILM_ATTN_KEY_PHASES": "3"},
+              "4 heads x 1 phase": {"MINILM_ATTN_HEAD_GROUP": "4", "MINILM_ATTN_KEY_PHASES": "1"},
+              "one head": {"MINILM_ATTN_HEAD_GROUP": "1", "MINILM_ATTN_KEY_PHASES": "1"}}
+    names = ("MINILM_ATTN_HEAD_GROUP", "MINILM_ATTN_KEY_PHASES")
     ok = True
     for B, H, T, D in SWEEP_SHAPES:
         q, k, v, g = _sweep_inputs(B, H, T, D)
 
-        def ours(group):
+        def ours(env):
             def fn():
-                if group is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = group
+                for name in names:
+                    os.environ.pop(name, None)
+                os.environ.update(env)
                 q.grad = k.grad = v.grad = None
                 causal_attention(q, k, v).backward(g)
             return fn
@@ -513,7 +516,7 @@ def attn_order():
             q.grad = k.grad = v.grad = None
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
-        fns = {"head groups": ours(None), "all heads": ours("0"), "one head": ours("1"), "sdpa-flash": flash}
+        fns = {**{name: ours(env) for name, env in orders.items()}, "sdpa-flash": flash}
         try:
             ms = time_interleaved(fns, "cuda", warmup=3, iters=30)
             print(f"attn-order bf16 {B},{H},{T},{D} fwd+bwd ms: " + ", ".join(
@@ -522,7 +525,8 @@ def attn_order():
         except Exception as e:  # noqa: BLE001
             print(f"attn-order {B},{H},{T},{D}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
             ok = False
-        os.environ.pop(var, None)
+        for name in names:
+            os.environ.pop(name, None)
         del q, k, v, g
         torch.cuda.empty_cache()
     return ok

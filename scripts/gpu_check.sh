@@ -104,7 +104,7 @@ bench() {  # bench NAME: python -m minilm.bench NAME --device cuda --json, while
   else echo "=== [bench-$1] skipped: out of time"; fi
 }
 bench attention
-# The dK/dV kernels' CTA order: head groups (the default), all heads at once, one head at a time.
+# The dK/dV kernels' CTA order: the default, the grid's, head groups in 3 phases and in 1, one head at a time.
 if [ "$(left)" -gt 70 ]; then step attn-order 60 python scripts/cuda_diagnostics.py attn-order
 else echo "=== [attn-order] skipped: out of time"; fi
 # The hardware counters of the main attention kernels next to FlashAttention-2's (Nsight Compute; where ncu

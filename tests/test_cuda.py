@@ -295,12 +295,14 @@ def test_attention_on_gpus_with_less_shared_memory(limit_kb, monkeypatch):
     test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
 
 
-@pytest.mark.parametrize("group", ["1", "4", "0"])
-def test_attention_backward_in_every_cta_order(group, monkeypatch):
-    # The dK/dV kernels take their (batch·head, key tile) from the block index, heads in groups (dkdv_tile in
-    # attention_kernels.cu). At these sizes the default is one group of all heads; here also groups of one
-    # head, and groups of 4 of the 6 heads (the last group has 2). 3 key tiles per head.
+@pytest.mark.parametrize("group,phases", [("1", "1"), ("4", "2"), ("2", "3"), ("0", "1")])
+def test_attention_backward_in_every_cta_order(group, phases, monkeypatch):
+    # The dK/dV kernels take their (batch·head, key tile) from the block index (csrc/cuda/dkdv_order.h; the map
+    # itself: tests/test_cta_order.py). At these sizes the default is the grid's order; here also groups of one
+    # head in one phase (FlashAttention-2's order), groups of 4 of the 6 heads (the last has 2) in 2 phases of
+    # the 3 key tiles per head (the last has 1), groups of 2 in 3 phases, and the grid's order named.
     monkeypatch.setenv("MINILM_ATTN_HEAD_GROUP", group)
+    monkeypatch.setenv("MINILM_ATTN_KEY_PHASES", phases)
     for D in (64, 128):
         _check_attention(2, 3, 300, D, torch.bfloat16)
     for scheme, D in (("fused2d", 64), ("wide", 64), ("split2d", 128), ("fused", 128)):  # and the defaults above

@@ -17,9 +17,9 @@
 //
 // Tensor-core backward: a prologue computes Delta_i = rowsum(dO_i ∘ O_i) (and zeroes the dQ buffer of the
 // schemes that add dQ with atomics, below) in one memory-bound pass. Then one CTA of 8 warps owns
-// BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys; the CTAs run head group by head group
-// for L2 locality, see dkdv_tile) and walks the query tiles (BR = 64,
-// 32 or 16 rows, see BwdCfg and "Backward schemes" below) from the diagonal to the end, double-buffering
+// BC = 128 keys (16 per warp; the "wide" schemes: 4 warps x 32 keys; the CTAs start in the order of
+// dkdv_order.h, balance against L2 locality) and walks the query tiles (BR = 64, 32 or 16 rows, see BwdCfg
+// and "Backward schemes" below) from the diagonal to the end, double-buffering
 // Q, dO, LSE and Delta (all with cp.async, see load_bwd_query_tile). Per query tile each warp recomputes the
 // transposed scores Sᵀ = K Qᵀ for its keys (so that Pᵀ is already an mma operand; the causal mask only on the
 // tiles that cross the diagonal and the last one), then
@@ -58,6 +58,7 @@
 // −P, so the sign is the keep bit), and dS = P ∘ (dP ∘ keep · scale − Delta): a dropped entry still has
 // dS = −P·Delta. Only some tilings are built with dropout (see "Tuning choices" below).
 #include "common.cuh"
+#include "dkdv_order.h"
 #include "kernels.h"
 
 #include <cuda_bf16.h>
@@ -647,22 +648,9 @@ __device__ __forceinline__ void load_bwd_query_tile(T* sQ, T* sdO, float* sL, fl
   }
 }
 
-// The (batch·head, key tile) of a dK/dV CTA, from the linear index of its block (blocks start roughly in
-// that order; grid: batch·head x key tiles). Heads go in groups of head_group, and within a group key tile 0
-// of each head comes first, then key tile 1, and so on: the CTAs with the most query tiles start first
-// (against a long tail), and only a group's Q, dO, LSE, Delta and dQ rows are read and added into at a time,
-// so that they stay in L2 (dkdv_head_group picks the size; head_group = batch·head is one group, the order
-// bh-fastest of the grid itself).
-struct DkdvTile {
-  int bh, kt;
-};
-__device__ __forceinline__ DkdvTile dkdv_tile(int head_group) {
-  const int heads_all = gridDim.x, key_tiles = gridDim.y;
-  const int lin = blockIdx.y * heads_all + blockIdx.x;
-  const int group = lin / (head_group * key_tiles);
-  const int heads = min(head_group, heads_all - group * head_group);  // the last group may have fewer
-  const int r = lin - group * head_group * key_tiles;
-  return {group * head_group + r % heads, r / heads};
+// The (batch·head, key tile) of this dK/dV CTA, in the order of dkdv_order.h (grid: batch·head x key tiles).
+__device__ __forceinline__ DkdvTile cta_dkdv_tile(DkdvOrder order) {
+  return dkdv_tile(blockIdx.y * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, order);
 }
 
 // Where (batch·head) bh starts, in elements, in the arrays a dK/dV kernel reads: the inputs by their strides,
@@ -724,7 +712,7 @@ template <typename T, int D, bool WITH_DQ, int MINB, int BR_ = (D <= 64 ? 64 : 3
 __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
     attn_bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 Layout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
-                float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, int head_group,
+                float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, DkdvOrder order,
                 float scale, float scale_log2, minilm_dropout::Params drop) {
   using C = BwdCfg<D, BR_, NW_, MTK>;
   constexpr int NW = C::NW, NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SS = C::SS;
@@ -737,7 +725,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
   float* sL = reinterpret_cast<float*>(sdS + BC * SS);  // [2][BR]: LSE
   float* sDl = sL + 2 * BR;                              // [2][BR]: Delta
 
-  const DkdvTile tile = dkdv_tile(head_group);
+  const DkdvTile tile = cta_dkdv_tile(order);
   const int bh = tile.bh, k0 = tile.kt * BC;
   const HeadOffsets<D, BR> off(bh, T_, in);
   Q += off.q, K += off.k, V += off.v, dO += off.dout, LSE += off.row, Delta += off.row;
@@ -927,7 +915,7 @@ template <typename T, int D, bool WITH_DQ, bool DROP = false>
 __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     attn_bwd_2d(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                 Layout in, const float* __restrict__ LSE, const float* __restrict__ Delta,
-                float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, int head_group,
+                float* __restrict__ dQacc, T* __restrict__ dK, T* __restrict__ dV, int T_, DkdvOrder order,
                 float scale, float scale_log2, minilm_dropout::Params drop) {
   using C = Bwd2dCfg<D>;
   constexpr int NT = C::NT, BC = C::BC, BR = C::BR, S = C::S, SP = C::SP;
@@ -943,7 +931,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
   float* sL = reinterpret_cast<float*>(sdS + BR * SP);  // [2][BR]: LSE
   float* sDl = sL + 2 * BR;                              // [2][BR]: Delta
 
-  const DkdvTile tile = dkdv_tile(head_group);
+  const DkdvTile tile = cta_dkdv_tile(order);
   const int bh = tile.bh, k0 = tile.kt * BC;
   const HeadOffsets<D, BR> off(bh, T_, in);
   Q += off.q, K += off.k, V += off.v, dO += off.dout, LSE += off.row, Delta += off.row;
@@ -1613,23 +1601,20 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 // both head dims. The H100 sweep bears it out at D = 128 (fused2d is the fastest there) and in part at D = 64
 // (wide is the fastest scheme without atomics, fusedwide the fastest with them).
 
-// Heads per group in the dK/dV kernels' CTA order (dkdv_tile): as many as keep the rows that a head's CTAs
-// all read (Q, dO) and add into (the fp32 dQ buffer of the fused schemes) within a quarter of this GPU's L2
-// cache (a group's long CTAs still run when the next group starts: about two groups run at once).
-// All heads at once (the grid's own order) span about 250 MB of them at (4, 16, 4096, 128), five times an
-// H100's L2: CTAs of a head that run far apart in time then read its Q and dO, and add into its dQ rows,
-// from device memory. MINILM_ATTN_HEAD_GROUP=n overrides (0: all heads), for measurements.
-int dkdv_head_group(int64_t BH, int64_t T, int D, size_t elem, bool fused) {
-  int64_t group = 0;
+// The dK/dV kernels' CTA order (dkdv_order.h): default_dkdv_order for this GPU's L2, or MINILM_ATTN_HEAD_GROUP=n
+// heads per group (0: all heads, the grid's own order) and MINILM_ATTN_KEY_PHASES=p key-tile ranges, for
+// measurements (scripts/cuda_diagnostics.py attn-order).
+DkdvOrder dkdv_order(int64_t BH, int64_t T, int D, size_t elem, bool fused) {
+  const int64_t row_bytes = D * static_cast<int64_t>(2 * elem + (fused ? sizeof(float) : 0));  // Q, dO (, dQ)
+  DkdvOrder order = default_dkdv_order(BH, T, row_bytes, current_device_attribute(cudaDevAttrL2CacheSize, 0));
   if (const char* env = std::getenv("MINILM_ATTN_HEAD_GROUP")) {
-    group = std::strtol(env, nullptr, 10);
-    if (group <= 0) group = BH;
-  } else {
-    const int64_t l2 = current_device_attribute(cudaDevAttrL2CacheSize, 0);
-    const int64_t per_head = T * D * static_cast<int64_t>(2 * elem + (fused ? sizeof(float) : 0));
-    group = l2 / 4 / std::max<int64_t>(per_head, 1);
+    const int64_t group = std::strtol(env, nullptr, 10);
+    order.head_group = static_cast<int>(group <= 0 ? BH : std::min<int64_t>(group, BH));
   }
-  return static_cast<int>(std::clamp<int64_t>(group, 1, BH));
+  if (const char* env = std::getenv("MINILM_ATTN_KEY_PHASES")) {
+    order.phases = static_cast<int>(std::clamp<long>(std::strtol(env, nullptr, 10), 1, 1 << 16));
+  }
+  return order;
 }
 
 // The arguments of one dK/dV launch (dq_accum: null for the split schemes).
@@ -1643,7 +1628,7 @@ struct BwdArgs {
   float scale;
   minilm_dropout::Params dropout;
   cudaStream_t stream;
-  int head_group;  // of the dK/dV kernels' CTA order (dkdv_tile, dkdv_head_group)
+  DkdvOrder order;  // of the dK/dV kernels' CTAs (dkdv_order)
 };
 
 // One dK/dV kernel: a CTA of C::NT threads per C::BC keys of one (batch, head).
@@ -1656,7 +1641,7 @@ cudaError_t launch_dkdv(Kernel kernel, const BwdArgs& a) {
   kernel<<<grid, C::NT, smem, a.stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
                                           static_cast<const T*>(a.v), static_cast<const T*>(a.dout), a.in, a.lse,
                                           a.delta, a.dq_accum, static_cast<T*>(a.dk), static_cast<T*>(a.dv),
-                                          static_cast<int>(a.T), a.head_group, a.scale, a.scale * kLog2e,
+                                          static_cast<int>(a.T), a.order, a.scale, a.scale * kLog2e,
                                           a.dropout);
   return cudaGetLastError();
 }
@@ -1785,7 +1770,7 @@ cudaError_t bwd_tc(const void* dout, const void* q, const void* k, const void* v
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const BwdArgs args{dout, q, k, v, in, lse, delta, fused ? dq_accum : nullptr, dk, dv, BH, T_, scale, dropout, stream,
-                     dkdv_head_group(BH, T_, D, sizeof(T), fused)};
+                     dkdv_order(BH, T_, D, sizeof(T), fused)};
   auto dkdv = [&] { return drop ? launch_bwd_dropout<T, D>(scheme, args) : launch_bwd_scheme<T, D>(scheme, args); };
   err = dkdv();
   if (err != cudaSuccess) return err;
