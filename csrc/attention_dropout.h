@@ -75,5 +75,3 @@ inline Params make_params(double p, int64_t seed0, int64_t seed1) {
 }
 
 }  // namespace minilm_dropout
-
-#undef MINILM_HOST_DEVICE

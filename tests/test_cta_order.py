@@ -7,6 +7,7 @@ compares its map, for every head-group size and phase count of many grids, with 
 """
 import itertools
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROGRAM = r"""
 #include <cstdio>
+#include "attention_dropout.h"  // first, as kernels.h includes it: the two share MINILM_HOST_DEVICE
 #include "cuda/dkdv_order.h"
 // stdin: lines "map heads key_tiles head_group phases" or "default heads T row_bytes l2_bytes"
 int main() {
@@ -40,14 +42,15 @@ int main() {
 
 @pytest.fixture(scope="module")
 def order_program(tmp_path_factory):
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler ({cxx}) to build the test program")
+    cxx = shlex.split(os.environ.get("CXX", "c++"))  # the compiler that builds the extension (e.g. "ccache g++")
+    if not cxx or shutil.which(cxx[0]) is None:
+        pytest.skip(f"no C++ compiler ({' '.join(cxx)}) to build the test program")
     d = tmp_path_factory.mktemp("cta_order")
     (d / "main.cpp").write_text(PROGRAM)
     exe = str(d / "order")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"),
-                    str(d / "main.cpp"), "-o", exe], check=True, capture_output=True, text=True)
+    build = subprocess.run([*cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"),
+                            str(d / "main.cpp"), "-o", exe], capture_output=True, text=True)
+    assert build.returncode == 0, f"the test program did not compile:\n{build.stderr}"
 
     def run(lines):
         out = subprocess.run([exe], input="\n".join(lines) + "\n", check=True, capture_output=True, text=True)

@@ -11,8 +11,8 @@
 // * The L2 cache. Every CTA of a head reads the same Q and dO rows (and the fused schemes add into the same
 //   fp32 dQ rows). CTAs of one head that run close together in time share them in L2; far apart, each
 //   reads them from device memory again.
-// The order: the key tiles split into `phases` ranges (ceil(key_tiles / phases) tiles each, in order, so the
-// last range holds the shortest CTAs); within a range, heads in groups of head_group; within a group, the
+// The order: the key tiles split into ranges of ceil(key_tiles / phases) tiles (so `phases` ranges at most; in
+// order, so the last range holds the shortest CTAs); within a range, heads in groups of head_group; within a group, the
 // range's key tiles in order (longest first), for each key tile the group's heads. That is, the CTAs sorted by
 //     (kt / tiles per phase, bh / head_group, kt, bh).
 // head_group = every head (or one key tile per phase) is the grid's own order, key tile by key tile over all
