@@ -249,15 +249,21 @@ def _starts_after(text: str, sep: str) -> list[int]:
     return starts
 
 
+_MIN_CHARACTER_CUT = 100  # characters of val tail from which _cut may cut inside a word
+
+
 def _cut(text: str, val_fraction: float) -> int | None:
     """Where the val tail of a stripped ``text`` starts: the line start nearest to the wanted fraction, or,
     when that would make either part less than half or more than twice its wanted size (a title line over
-    one long paragraph), the nearest line or word start; None when the text cannot be cut (a single word)."""
+    one long paragraph), the nearest line or word start. Where none fits and the tail would hold 100
+    characters or more (text written without spaces, such as Chinese or Japanese), the character nearest
+    to the fraction. None when the text cannot be cut (a single short word)."""
     n = len(text)
-    target = n * (1.0 - val_fraction)
+    val_size = n * val_fraction
+    target = n - val_size
 
-    def sizes_fit(cut):
-        return 0.5 <= (n - cut) / (n - target) <= 2.0 and 0.5 <= cut / target <= 2.0
+    def sizes_fit(cut):  # (val_size or target is 0 only where val_fraction is within rounding of 0 or 1)
+        return val_size > 0 and target > 0 and 0.5 <= (n - cut) / val_size <= 2.0 and 0.5 <= cut / target <= 2.0
 
     lines = _starts_after(text, "\n")
     best = None
@@ -265,7 +271,9 @@ def _cut(text: str, val_fraction: float) -> int | None:
         if starts:
             best = min(starts, key=lambda s: (abs(s - target), -s))
             if sizes_fit(best):
-                break
+                return best
+    if val_size >= _MIN_CHARACTER_CUT:
+        return max(1, round(target))
     return best
 
 
@@ -463,7 +471,8 @@ def _check_split_sizes(n_train: int, n_val: int, min_tokens: int) -> None:
     for name, n in (("train", n_train), ("val", n_val)):
         if n < min_tokens:
             raise DataError(f"the {name} split has {n} token{'' if n == 1 else 's'}, fewer than block_size + 1 = "
-                            f"{min_tokens}: use more text or a smaller --block_size")
+                            f"{min_tokens}: use more text or a smaller --block_size"
+                            + (" (or a larger --val_fraction)" if name == "val" else ""))
 
 
 def load_tokens(data_dir: str, split: str) -> np.memmap:

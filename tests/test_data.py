@@ -189,6 +189,25 @@ def test_split_cuts_at_a_word_when_no_line_start_is_near_the_fraction():
     assert (train + val).split() == words.split() + ["The", "End"]
 
 
+def test_split_of_text_without_spaces_cuts_between_characters():
+    # Chinese or Japanese in long lines: no line or word start near the fraction, so the cut falls between
+    # two characters (before, a title line's start: 98.5 % validation, or the whole text refused)
+    body = "".join(chr(0x4E00 + i % 2000) for i in range(20000))
+    for text in (body, "标题\n" + body, "长" * 300 + "\n" + body):
+        train, val = D.split_documents([("zh", text)], 0.1)
+        assert 0.09 < len(val) / len(text) < 0.11
+        assert train.strip().replace("\n", "") + val.strip() == text.replace("\n", "")
+    # a tail under 100 characters is not cut inside a word: one short word stays too small to split
+    with pytest.raises(DataError, match="too small to split"):
+        D.split_documents([("t", "中" * 500)], 0.1)
+
+
+def test_split_with_a_val_fraction_within_rounding_of_0_or_1_is_no_crash():
+    for fraction in (1e-17, 0.9999999999999999):
+        train, val = D.split_documents([("t", PLAY)], fraction)
+        assert train.strip() and val.strip()
+
+
 def test_split_of_tiny_inputs():
     train, val = D.split_documents([("t", "first line\nsecond line")], 0.5)
     assert (train.strip(), val.strip()) == ("first line", "second line")
