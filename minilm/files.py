@@ -1,7 +1,8 @@
 """Files that survive a kill. The tokenizer, token files, checkpoints, ELMo features and plots are written
 whole by write_atomic; a log gets one line appended per evaluation, and a resumed run rewrites it (atomically)
 without the lines an interrupted run wrote after its last checkpoint. A kill in the middle of a write can
-leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted.
+leave a hidden `.tmp-*` file beside the target, never half of the target; such a file can be deleted (the
+next run in an out_dir deletes a checkpoint's, see lock_out_dir).
 Here too: how the scripts turn a failed write (os_error_line) or allocation (is_out_of_memory) into one line."""
 import functools
 import io
@@ -126,7 +127,9 @@ def lock_out_dir(out_dir):
     releases_out_dir_locks marks returns, or the process ends, a kill too, so a stale lock never blocks), so
     that a second run started in the same out_dir (or a --resume of a run still going) is refused instead of
     splicing its log and checkpoint with this one's. False when another process holds it; True otherwise (also
-    where the platform or the file system has no flock: then nothing is locked)."""
+    where the platform or the file system has no flock: then nothing is locked). Taking it removes the
+    temporaries of checkpoints that a killed run left (a checkpoint is hundreds of MB; only the lock's holder
+    writes them, so none is in use)."""
     key, path = os.path.realpath(out_dir), os.path.join(out_dir, ".lock")
     if key in _LOCKS:
         try:
@@ -149,6 +152,12 @@ def lock_out_dir(out_dir):
         f.close()
         return True
     _LOCKS[key] = f
+    for name in os.listdir(out_dir):
+        if name.startswith(".tmp-") and name.endswith("-ckpt.pt"):   # write_atomic's name for ckpt.pt
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
     return True
 
 

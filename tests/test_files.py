@@ -121,6 +121,26 @@ def test_an_out_dir_made_again_is_locked_again_and_out_dir_in_use_takes_nothing(
     assert out_dir_in_use(str(empty)) is False and not locked_elsewhere(empty)   # the probe kept nothing
 
 
+def test_taking_an_out_dir_lock_removes_the_checkpoint_temporaries_that_a_killed_run_left(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"the last whole checkpoint")
+    # a run killed in the middle of writing its next checkpoint: write_atomic's temporary stays
+    kill = ("import os, sys; from minilm.files import write_atomic; "
+            "write_atomic(sys.argv[1], lambda f: (f.write(b'half of a checkpoint'), f.flush(), os._exit(9)))")
+    subprocess.run([sys.executable, "-c", kill, str(out / "ckpt.pt")], check=False)
+    (left,) = [p for p in out.iterdir() if p.name != "ckpt.pt"]
+    features = out / ".tmp-x1y2-elmo_features.npz"   # --embed writes without the lock: not the lock's to remove
+    features.write_bytes(b"features being written")
+    assert lock_out_dir(str(out))
+    assert not left.exists() and features.exists()
+    assert (out / "ckpt.pt").read_bytes() == b"the last whole checkpoint"
+    unlock_out_dir(str(out))
+
+
 def test_compile_error_line_skips_blank_lines_and_is_bounded_and_float32s_largest_is_allowed():
     CompileFailure = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
     assert "(real first line)" in compile_error_line(CompileFailure("\n  \nreal first line\nmore"))
