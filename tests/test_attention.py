@@ -446,7 +446,8 @@ def test_bench_rejects_bad_arguments(argv, message, capsys):
     from minilm.bench.__main__ import main
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err   # one line, no usage block
 
 
 def test_bench_rows_and_shape_parsing(capsys):

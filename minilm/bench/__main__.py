@@ -14,9 +14,16 @@ BENCHMARKS = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser, with its errors in one line (without the usage block above them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m minilm.bench", description=__doc__)
+    parser = OneLineErrors(prog="python -m minilm.bench", description=__doc__)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     chosen = None
     for name, (modname, help_text) in BENCHMARKS.items():
@@ -36,7 +43,7 @@ def main(argv=None):
         parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            parser.exit(2, "minilm.bench: --device cuda was asked for, but torch sees no CUDA device\n")
+            parser.exit(2, f"minilm.bench: --device {args.device} was asked for, but torch sees no CUDA device\n")
     from minilm.files import is_out_of_memory, os_error_line
     try:
         chosen.run(args)
