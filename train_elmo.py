@@ -201,6 +201,9 @@ def main(argv):
         return 0
     cfg = {**defaults, **given}
     try:
+        for name in ("out_dir", "embed", "test", "word"):  # e.g. an unset shell variable: not the same as leaving it out
+            if given.get(name) == "":
+                raise UsageError(f"--{name} is empty: give a value, or leave the option out")
         if cfg["embed"] and cfg["test"]:
             raise UsageError("--embed and --test are two different jobs: pass one of them")
         for job, takes in (("embed", ("out_dir", "device", "word")), ("test", ("out_dir", "device", "batch_size",
@@ -807,7 +810,11 @@ def held_out_perplexity(cfg):
         if "corpus_sha256" not in checkpoint:
             raise UsageError(f"{cfg['out_dir']}/ckpt.pt does not record its corpus (an older minilm wrote it): give "
                              "--test a text file")
-        train_text, val_text = split_documents(load_documents(data), fraction)
+        try:
+            train_text, val_text = split_documents(load_documents(data), fraction)
+        except (ValueError, FileNotFoundError) as e:   # DataError: moved, emptied, ...
+            raise UsageError(f"--test val: the run's corpus {data} cannot be read ({e}): give --test a text "
+                             "file") from None
         splits = {"train": sentences_of(train_text), "val": sentences_of(val_text)}   # the order train() hashes
         types, _, _, split_tokens, _ = encode_splits(splits, checkpoint["vocab"])
         if corpus_fingerprint(types, split_tokens) != checkpoint["corpus_sha256"]:
@@ -836,8 +843,9 @@ def held_out_perplexity(cfg):
             total += losses.double().cpu() * (B * T)
             n += B * T
     if n == 0:
-        raise UsageError(f"--test {cfg['test']} is shorter than one batch of --batch_size {B} × --unroll_steps {T} "
-                         "tokens: give more text or smaller values")
+        raise UsageError(f"--test {cfg['test']} fills no batch of --batch_size {B} × --unroll_steps {T} tokens (each "
+                         "row reads sentences of its own, and the pass ends when one row runs out): give more text "
+                         "or smaller values")
     fwd, bwd = (total / n).tolist()
     print(f"--test {cfg['test']}: {len(sentences):,} sentences, {n:,} of the {sum(lengths['test']) - len(sentences):,} "
           f"tokens scored per direction ({B} × {T} per batch, the unfinished last batch left out, as bilm-tf)")
@@ -890,6 +898,9 @@ def embed_file(cfg):
 
 def show_contexts(cfg, sentences, top, bilm):
     """The same word in different sentences: one vector in layer 0, different ones in the top biLM layer."""
+    path = os.path.join(cfg["out_dir"], "elmo_contexts.png")
+    if os.path.isfile(path):
+        os.remove(path)     # an earlier --embed's plot, of another file perhaps: this one's replaces it, or none
     where = {}
     for s, words in enumerate(sentences):
         for t, w in enumerate(words):
@@ -929,7 +940,6 @@ def show_contexts(cfg, sentences, top, bilm):
     ax.set_xlabel("occurrence")
     ax.set_ylabel("occurrence")
     fig.colorbar(im)
-    path = os.path.join(cfg["out_dir"], "elmo_contexts.png")
     from minilm.files import write_atomic
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     print(f"plot: {path}")

@@ -167,6 +167,10 @@ def check_options(cfg):
     for name in ("warmup_iters", "lr_decay_iters", "max_new_tokens", "seed", "top_k"):
         if cfg[name] is not None and cfg[name] < 0:
             raise UserError(f"--{name} must be at least 0, got {cfg[name]}")
+    if cfg["num_samples"] > 10_000:  # each one is printed
+        raise UserError(f"--num_samples must be at most 10,000, got {cfg['num_samples']}")
+    if cfg["max_new_tokens"] > 1_000_000:
+        raise UserError(f"--max_new_tokens must be at most 1,000,000, got {cfg['max_new_tokens']}")
     if cfg["seed"] >= 2**32:  # it seeds torch and numpy with offsets added: keep it well inside 64 bits
         raise UserError(f"--seed must be below 2**32, got {cfg['seed']}")
     if cfg["vocab_size"] < 2:
@@ -294,6 +298,9 @@ def main(argv):
         print(usage())
         return
     cfg = {**DEFAULTS, **given}
+    for name in ("out_dir", "task", "init_from"):  # e.g. an unset shell variable: not the same as leaving it out
+        if given.get(name) == "":
+            raise UserError(f"--{name} is empty: give a value, or leave the option out")
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if cfg["resume"] and cfg["overwrite"]:
@@ -349,7 +356,9 @@ def main(argv):
     try:
         gconf = GPT1Config(**ckpt["model_config"]) if ckpt else fresh_model_config(cfg, preset)
         size = gconf.n_layer * 12 * gconf.n_embd ** 2 + (gconf.vocab_size + gconf.n_ctx) * gconf.n_embd
-        if gconf.n_layer > 10_000 or size > 10**11:  # building even the meta model would take hours
+        if gconf.n_layer > 10_000:  # building even the meta model would take hours
+            raise ValueError(f"--n_layer {gconf.n_layer}: more layers than any machine trains (at most 10,000)")
+        if size > 10**11:
             raise ValueError(f"a model of {gconf.n_layer} layers × {gconf.n_embd} would have about {size:.2g} "
                              "parameters: more than any machine trains (at most 1e11)")
         if cfg["batch_size"] * gconf.n_ctx > 2**31:

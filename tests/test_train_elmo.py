@@ -414,6 +414,21 @@ def test_embed_and_test_refuse_training_options(trained, tmp_path):
     assert "--embed takes only" in usage_error("--out_dir", trained, "--embed", str(text), "--resume", "True")
     assert "--test takes only" in usage_error("--out_dir", trained, "--test", str(text), "--preset", "small")
     assert "--test takes only" in usage_error("--out_dir", trained, "--test", str(text), "--word", "king")
+    for name in ("embed", "test", "word", "out_dir"):   # an unset shell variable, say: not a training run
+        assert usage_error("--out_dir", trained, f"--{name}", "") == \
+            f"--{name} is empty: give a value, or leave the option out"
+
+
+def test_a_second_embed_leaves_no_plot_of_the_first(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, text = tmp_path / "out", tmp_path / "s.txt"
+    shutil.copytree(trained, out)
+    text.write_text("The king loves a play .\nA fool mocks the king .\n", encoding="utf-8")
+    run("--out_dir", str(out), "--embed", str(text), "--device", "cpu")
+    assert (out / "elmo_contexts.png").exists()
+    text.write_text("The king loves a play .\nMy fool mocks nobody .\n", encoding="utf-8")   # no word in both
+    assert "nothing to compare" in run("--out_dir", str(out), "--embed", str(text), "--device", "cpu").stdout
+    assert not (out / "elmo_contexts.png").exists()
 
 
 def test_out_dir_inside_the_corpus_directory_is_refused(corpus, tmp_path):
@@ -623,7 +638,7 @@ def test_test_scores_the_whole_text_as_one_stream_with_the_state_carried(trained
     assert "perplexity" in capsys.readouterr().out
     for args, message in ((["--test", str(tmp_path / "missing.txt")], "no such file or directory"),
                           (["--test", "val", "--embed", str(text)], "pass one of them"),
-                          (["--test", str(text), "--batch_size", "2", "--unroll_steps", "64"], "shorter than one batch"),
+                          (["--test", str(text), "--batch_size", "2", "--unroll_steps", "64"], "fills no batch"),
                           (["--test", str(text), "--batch_size", "64"], "fewer than the --batch_size 64 rows")):
         assert message in usage_error("--out_dir", trained, *args)
     assert "--test needs a trained model" in usage_error("--out_dir", str(tmp_path / "none"), "--test", "val")
@@ -642,6 +657,9 @@ def test_test_val_refuses_a_corpus_changed_since_training_and_a_damaged_record_o
     assert usage_error("--out_dir", str(out), "--test", "val") == (
         f"--test val: {text} has changed since {out}/ckpt.pt was trained on it, so its validation split is no "
         "longer the run's: give --test a text file")
+    text.unlink()                                   # moved away: the run's corpus, not a --data, is named
+    assert usage_error("--out_dir", str(out), "--test", "val").startswith(
+        f"--test val: the run's corpus {text} cannot be read (")
     del ckpt["corpus_sha256"]
     torch.save(ckpt, out / "ckpt.pt")
     assert "does not record its corpus" in usage_error("--out_dir", str(out), "--test", "val")

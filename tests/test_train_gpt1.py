@@ -205,6 +205,10 @@ def _refused(*argv):
     (["--temperature", "0"], "--temperature must be a finite number > 0"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
     (["--max_new_tokens", "-1"], "--max_new_tokens must be at least 0"),
+    (["--num_samples", str(10**22)], "--num_samples must be at most 10,000"),
+    (["--max_new_tokens", str(10**7)], "--max_new_tokens must be at most 1,000,000"),
+    (["--task", ""], "--task is empty: give a value, or leave the option out"),  # an unset shell variable, say
+    (["--task", "classification", "--init_from", ""], "--init_from is empty"),
     (["--start", "\u200b"], "encodes to no tokens"),  # a zero-width space: no word at all
     (["--resume", "True", "--overwrite", "True"], "pass one of them"),
     (["--kernel_sizes", "3"], "--kernel_sizes is an option of LightConv: it needs --arch lightconv"),
@@ -225,7 +229,8 @@ def test_bad_options_are_refused_in_one_line_before_any_work(bad, message, corpu
     assert not out.exists()  # not even the out_dir: nothing was prepared
 
 
-def test_an_out_dir_that_is_a_file_is_refused(corpus, tmp_path):
+def test_an_out_dir_that_is_a_file_or_empty_is_refused(corpus, tmp_path):
+    assert _refused("--data", corpus, "--out_dir", "", *TINY) == "--out_dir is empty: give a value, or leave the option out"
     (tmp_path / "afile").write_text("x")
     assert _refused("--data", corpus, "--out_dir", str(tmp_path / "afile"), *TINY) == \
         f"--out_dir {tmp_path / 'afile'} is a file, not a directory"
