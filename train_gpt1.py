@@ -695,8 +695,9 @@ def sample_from_checkpoint(cfg, ckpt, ckpt_path, device):
     """--sample True: the checkpoint's model and the tokenizer it was trained with (out_dir/data)."""
     data_dir = os.path.join(os.path.dirname(ckpt_path), ckpt.get("data_dir", "data"))
     if not holds_preparation(data_dir, ckpt["data_meta"]):
-        raise UserError(f"--sample True: {data_dir} does not hold the data and tokenizer {ckpt_path} was trained with; "
-                        "--resume True prepares them again")
+        raise UserError(f"--sample True: {data_dir} does not hold the data and tokenizer {ckpt_path} was trained with "
+                        "(moved, deleted or damaged): --resume True prepares them again once what is left of them is "
+                        "deleted (and trains on, if the run has iterations left)")
     model = model_from_checkpoint(ckpt, ckpt_path, "--sample True").to(device)
     sample(cfg, model, data_dir, device)
 
@@ -735,7 +736,7 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        print("train_gpt1.py: interrupted (a run goes on from its last checkpoint with --resume True)", file=sys.stderr)
+        print("train_gpt1.py: interrupted (a run that wrote a checkpoint goes on from it with --resume True)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         message = one_line(e)

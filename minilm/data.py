@@ -425,7 +425,8 @@ def prepare_gpt1(data: str, data_dir: str, vocab_size: int, val_fraction: float 
     taken = [n for n in ("meta.json", *_PREPARED_FILES) if os.path.lexists(os.path.join(data_dir, n))]
     if taken and (old is None or "format" not in old):
         raise DataError(f"{data_dir} holds {', '.join(taken)} but no meta.json of minilm's (or a damaged one): files "
-                        "it did not write are not overwritten; choose another output directory, or delete them")
+                        "it did not write are not overwritten; delete them (a run of this out_dir then prepares them again), or "
+                        "choose another output directory")
 
     train_text, val_text = split_documents(docs, val_fraction)
     if expect is not None and "n_train_chars" in expect and (

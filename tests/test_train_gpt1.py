@@ -221,7 +221,8 @@ def _refused(*argv):
     (["--sample", "True", "--resume", "True"], "pass one of them"),
     (["--warmup_iters", "100", "--lr_decay_iters", "50"], "ends the decay before the warmup ends"),
     (["--batch_size", str(10**12)], "more than any machine holds"),
-    (["--n_layer", str(10**8)], "more than any machine trains"),
+    (["--n_layer", str(10**8)], "--n_layer 100000000: more layers than any machine trains (at most 10,000)"),
+    (["--n_embd", "4000000", "--n_head", "1"], "parameters: more than any machine trains (at most 1e11)"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(bad, message, corpus, tmp_path):
     out = tmp_path / "out"
