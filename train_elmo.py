@@ -326,8 +326,8 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:            # truncated, not a torch file, objects that weights_only refuses, ...
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]   # torch's first sentence
-        raise UsageError(f"cannot read {path} (truncated or not a checkpoint?): {detail}") from None
+        from minilm.files import load_error_line
+        raise UsageError(f"cannot read {path} (truncated or not a checkpoint?): {load_error_line(e)}") from None
     missing = {"model", "optimizer", "config", "vocab", "iter"} - set(checkpoint if isinstance(checkpoint, dict) else {})
     if missing:
         raise UsageError(f"{path} is not a train_elmo.py checkpoint (no {', '.join(sorted(missing))}: "

@@ -66,6 +66,13 @@ def is_out_of_memory(e):
         s in str(e) for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
 
 
+def load_error_line(e):
+    """Why torch.load could not read a file, on one line: the error's first sentence, after the exception's
+    name where the message alone is a bare value (a text file read as a checkpoint: KeyError '101')."""
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return first if " " in first else f"{type(e).__name__} {first}".strip()
+
+
 def compile_error_line(e):
     """The one-line message for a failure of torch.compile (its errors come from torch._dynamo or
     torch._inductor: no working C++ compiler, an unsupported platform, ...), which --compile True turned on;

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError, first_line
-from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
+from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, load_error_line, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
                           save_checkpoint, set_adamw_options, truncate_log, weights_finite)
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
@@ -573,8 +573,7 @@ def load_checkpoint(path, what, kind="any"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, on one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's first sentence
-        raise FinetuneError(f"{what}: cannot read {path} ({first})") from None
+        raise FinetuneError(f"{what}: cannot read {path} ({load_error_line(e)})") from None
     missing = [k for k in _CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_CKPT_KEYS)
     if missing:
         raise FinetuneError(f"{what}: {path} is not a train_gpt1.py checkpoint (it has no {missing[0]!r})")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minilm.files import FLOAT32_MAX, beyond_float32, compile_error_line, lock_out_dir, out_dir_in_use, make_dirs, os_error_line, remove_dirs, truncate_log, unlock_out_dir, write_atomic
+from minilm.files import FLOAT32_MAX, beyond_float32, compile_error_line, load_error_line, lock_out_dir, out_dir_in_use, make_dirs, os_error_line, remove_dirs, truncate_log, unlock_out_dir, write_atomic
 
 
 def _log(path, text):
@@ -139,6 +139,22 @@ def test_taking_an_out_dir_lock_removes_the_checkpoint_temporaries_that_a_killed
     assert not left.exists() and features.exists()
     assert (out / "ckpt.pt").read_bytes() == b"the last whole checkpoint"
     unlock_out_dir(str(out))
+
+
+def test_load_error_line_names_the_exception_where_the_message_is_a_bare_value(tmp_path):
+    import torch
+
+    # a text file read as a checkpoint: the unpickler's KeyError says only the byte it stopped at
+    assert load_error_line(KeyError(101)) == "KeyError 101"
+    assert load_error_line(RuntimeError("")) == "RuntimeError"
+    assert load_error_line(RuntimeError("a sentence. And more.\nline 2")) == "a sentence"
+    half = tmp_path / "half.pt"
+    torch.save({"w": torch.ones(8)}, half)
+    half.write_bytes(half.read_bytes()[:200])           # a write cut short
+    with pytest.raises(Exception) as e:
+        torch.load(half, map_location="cpu", weights_only=True)
+    line = load_error_line(e.value)
+    assert " " in line and "\n" not in line
 
 
 def test_compile_error_line_skips_blank_lines_and_is_bounded_and_float32s_largest_is_allowed():
