@@ -24,16 +24,11 @@ import os
 import unicodedata
 from collections import Counter, defaultdict
 
-from minilm.files import write_atomic
+from minilm.files import first_line, write_atomic
 
 UNK = "<unk>"
 EOW = "</w>"  # end-of-word marker carried by the last symbol of every word
 _MERGES_HEADER = "#version: 0.2"
-
-
-def first_line(e: Exception) -> str:
-    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
 
 
 class DataError(ValueError):

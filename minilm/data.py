@@ -29,8 +29,8 @@ import zipfile
 
 import numpy as np
 
-from minilm.bpe import BPETokenizer, DataError, first_line
-from minilm.files import write_atomic
+from minilm.bpe import BPETokenizer, DataError
+from minilm.files import first_line, write_atomic
 
 __all__ = [
     "DataError", "cache_dir", "load_documents", "split_documents", "prepare_gpt1", "load_tokens",

@@ -66,11 +66,16 @@ def is_out_of_memory(e):
         s in str(e) for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
 
 
+def first_line(e):
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+
+
 def load_error_line(e):
     """Why torch.load could not read a file, on one line: the error's first sentence, after the exception's
     name where the message alone is a bare value (a text file read as a checkpoint: KeyError '101')."""
-    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-    return first if " " in first else f"{type(e).__name__} {first}".strip()
+    first = first_line(e).split(". ")[0]
+    return first if " " in first or first == type(e).__name__ else f"{type(e).__name__} {first}"
 
 
 def compile_error_line(e):

@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.bpe import BPETokenizer, DataError, first_line
-from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, load_error_line, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
+from minilm.bpe import BPETokenizer, DataError
+from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, first_line, load_error_line, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
                           save_checkpoint, set_adamw_options, truncate_log, weights_finite)
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.bpe import first_line
+from minilm.files import first_line
 from minilm.lightconv import LightConvLayer, resolve_kernel_sizes
 from minilm.ops import causal_attention
 from minilm.ops._checks import id_range
