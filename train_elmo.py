@@ -40,7 +40,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from minilm.files import releases_out_dir_locks
+from minilm.files import out_dir_problem, releases_out_dir_locks, state_dict_error_line
 
 # -----------------------------------------------------------------------------------------------
 # defaults (bilm-tf's where they make sense on a laptop; the paper's run: --preset original
@@ -220,6 +220,8 @@ def main(argv):
         checkpoint = None
         if cfg["resume"]:       # the checkpoint's options, then whatever this command line says
             ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+            if out_dir_problem(cfg["out_dir"]):
+                raise UsageError(out_dir_problem(cfg["out_dir"]))
             if not os.path.isfile(ckpt_path):
                 raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
             checkpoint = load_checkpoint(ckpt_path)
@@ -355,7 +357,7 @@ def bilm_from_checkpoint(checkpoint, path):
         model = BiLM(ELMoConfig.from_dict(checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
-        raise UsageError(f"{path}: the model in it does not load ({str(e).strip().splitlines()[0]})") from None
+        raise UsageError(f"{path}: the model in it does not load ({state_dict_error_line(e)})") from None
     return model
 
 
@@ -541,8 +543,8 @@ def train(cfg, checkpoint=None):
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
+    if out_dir_problem(out_dir):
+        raise UsageError(out_dir_problem(out_dir))
     corpus = os.path.realpath(cfg["data"])
     if os.path.isdir(corpus) and os.path.commonpath([corpus, os.path.realpath(out_dir)]) == corpus:
         raise UsageError(f"--out_dir {out_dir} is inside the corpus directory {cfg['data']}: its log and checkpoint "
@@ -762,6 +764,8 @@ def train(cfg, checkpoint=None):
 def trained_bilm(cfg, option):
     """(out_dir's checkpoint, its BiLM on --device), or a one-line error naming the option that needs them."""
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if out_dir_problem(cfg["out_dir"]):
+        raise UsageError(f"--{option}: {out_dir_problem(cfg['out_dir'])}")
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--{option} needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
     check_device(cfg["device"])

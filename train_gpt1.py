@@ -38,10 +38,10 @@ import torch
 
 from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
-from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, compile_error_line, is_out_of_memory, lock_out_dir,
-                          make_dirs, optimizer_state_fits, os_error_line, out_dir_busy, out_dir_in_use,
-                          releases_out_dir_locks, remove_dirs, save_checkpoint, set_adamw_options, torchrun_launch,
-                          truncate_log, unlock_out_dir, write_atomic)
+from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, compile_error_line, first_line, is_out_of_memory,
+                          lock_out_dir, make_dirs, optimizer_state_fits, os_error_line, out_dir_busy, out_dir_in_use,
+                          out_dir_problem, releases_out_dir_locks, remove_dirs, save_checkpoint, set_adamw_options,
+                          torchrun_launch, truncate_log, unlock_out_dir, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -311,6 +311,8 @@ def main(argv):
         raise UserError("--sample True samples from the checkpoint and --resume True trains it on: pass one of them")
 
     # --- the checkpoint to continue or to sample from --------------------------------------------------
+    if not cfg["task"] and out_dir_problem(out_dir):   # fine-tuning checks its own out_dir
+        raise UserError(out_dir_problem(out_dir))
     ckpt = None
     if (cfg["resume"] or cfg["sample"]) and not cfg["task"]:
         what = "--sample True" if cfg["sample"] else "--resume True"
@@ -328,8 +330,6 @@ def main(argv):
     for name in FINETUNE_OPTIONS:
         if name in given:
             raise UserError(f"--{name} is a fine-tuning option: it needs --task")
-    if os.path.isfile(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file, not a directory")
     if ckpt:  # its model and data, then whatever else this command line says
         check_fixed_options(given, ckpt, what)
         if not cfg["sample"]:
@@ -472,8 +472,7 @@ def main(argv):
             if not optimizer_state_fits(optimizer):
                 raise ValueError(OPTIMIZER_STATE_UNFIT)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"--resume True: {ckpt_path} is damaged ({first})") from None
+            raise UserError(f"--resume True: {ckpt_path} is damaged ({first_line(e)})") from None
         iter_num = ckpt["iter_num"]
     raw_model = model
     if cfg["compile"]:

@@ -71,6 +71,26 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
 
 
+def out_dir_problem(out_dir):
+    """Why out_dir cannot hold a run's checkpoint, in one line, or None: it is a file, or its ckpt.pt is not a
+    file (a directory of that name would have --resume find no checkpoint, a new run find one in the way, and
+    --overwrite True train until its first save failed)."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"--out_dir {out_dir} is a file, not a directory"
+    if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
+        return f"{ckpt_path} is a directory, not a checkpoint: move it away (a run keeps its checkpoint there)"
+    return None
+
+
+def state_dict_error_line(e):
+    """Why load_state_dict refused a checkpoint's weights, on one line: torch's first line says only "Error(s) in
+    loading state_dict for GPT1:", so its second, which names the missing, unexpected or misshapen weights,
+    joins it (cut at 300 characters: a list of missing keys can run to thousands)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def load_error_line(e):
     """Why torch.load could not read a file, on one line: the error's first sentence, after the exception's
     name where the message alone is a bare value (a text file read as a checkpoint: KeyError '101')."""

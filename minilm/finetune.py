@@ -51,8 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.bpe import BPETokenizer, DataError
-from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, first_line, load_error_line, lock_out_dir, optimizer_state_fits, out_dir_busy, releases_out_dir_locks,
-                          save_checkpoint, set_adamw_options, truncate_log, weights_finite)
+from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, first_line, load_error_line, lock_out_dir,
+                          optimizer_state_fits, out_dir_busy, out_dir_problem, releases_out_dir_locks, save_checkpoint,
+                          set_adamw_options, state_dict_error_line, truncate_log, weights_finite)
 from minilm.gpt1 import GPT1, GPT1Config, config_from_preset
 from minilm.lightconv import LightweightConv1d
 from minilm.ops._checks import id_range
@@ -609,8 +610,8 @@ def model_from_checkpoint(ckpt, path, what):
     try:
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        first = " ".join(str(e).strip().splitlines()[:2]) or type(e).__name__  # line 2 names the first bad weight
-        raise FinetuneError(f"{what}: the weights in {path} do not fit its model_config ({first})") from None
+        raise FinetuneError(f"{what}: the weights in {path} do not fit its model_config "
+                            f"({state_dict_error_line(e)})") from None
     return model
 
 
@@ -754,6 +755,8 @@ def finetune(options, print_fn=print, ckpt=None):
     ckpt_path = os.path.join(out_dir, CKPT)
     if given.get("resume") and given.get("overwrite"):
         raise FinetuneError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
+    if out_dir_problem(out_dir):
+        raise FinetuneError(out_dir_problem(out_dir))
     if not opts["resume"]:
         ckpt = None
     elif ckpt is None or "task_config" not in ckpt:
@@ -857,8 +860,7 @@ def finetune(options, print_fn=print, ckpt=None):
             if not optimizer_state_fits(optimizer):
                 raise ValueError(OPTIMIZER_STATE_UNFIT)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FinetuneError(f"--resume True: {ckpt_path} is damaged ({first})") from None
+            raise FinetuneError(f"--resume True: {ckpt_path} is damaged ({state_dict_error_line(e)})") from None
         iter_num = ckpt["iter_num"]
     else:
         os.makedirs(out_dir, exist_ok=True)

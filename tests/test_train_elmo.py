@@ -363,6 +363,15 @@ def test_out_dir_under_a_file_is_reported_before_the_data_is_read(tmp_path):
         assert "--out_dir" in message and "missing.txt" not in message
 
 
+def test_a_directory_named_ckpt_pt_is_named_by_every_job(tmp_path):
+    (tmp_path / "out" / "ckpt.pt").mkdir(parents=True)   # not "no checkpoint" for --resume, "holds one" for a new run
+    missing = str(tmp_path / "missing.txt")
+    for job in (["--data", missing], ["--data", missing, "--resume", "True"], ["--data", missing, "--overwrite", "True"],
+                ["--test", "val"], ["--embed", missing]):
+        assert f"{tmp_path / 'out' / 'ckpt.pt'} is a directory, not a checkpoint" in \
+            usage_error("--out_dir", str(tmp_path / "out"), *job), job
+
+
 def test_foreign_or_truncated_checkpoints_are_one_line_errors(trained, tmp_path):
     foreign = tmp_path / "gpt"
     foreign.mkdir()
@@ -383,6 +392,7 @@ def test_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
     nan_weights = {**good["model"]}
     name = next(k for k, t in nan_weights.items() if t.is_floating_point())
     nan_weights[name] = torch.full_like(nan_weights[name], float("nan"))
+    dropped = {k: t for k, t in good["model"].items() if k != name}   # torch's first line names no weight
     nan_state = [[(torch.full_like(m, float("nan")), c) for m, c in layers] for layers in good["lstm_state"]]
     bad_sums = []   # Adagrad's accumulators: NaN, then negative (no run reaches either; the loss would go NaN)
     for bad in (float("nan"), -1.0):
@@ -392,6 +402,7 @@ def test_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
         bad_sums.append(opt)
     for i, (change, message) in enumerate((
             ({"model": nan_weights}, "NaN or infinite weights"),
+            ({"model": dropped}, f'loading state_dict for BiLM: Missing key(s) in state_dict: "{name}"'),
             ({"lstm_state": nan_state}, "its carried LSTM state does not fit the model and --batch_size, or is not finite"),
             ({"optimizer": bad_sums[0]}, "or holds NaN, infinite or negative accumulators"),
             ({"optimizer": bad_sums[1]}, "or holds NaN, infinite or negative accumulators"),

@@ -237,6 +237,13 @@ def test_an_out_dir_that_is_a_file_or_empty_is_refused(corpus, tmp_path):
         f"--out_dir {tmp_path / 'afile'} is a file, not a directory"
 
 
+def test_a_directory_named_ckpt_pt_is_named_whatever_the_run_asks(corpus, tmp_path):
+    (tmp_path / "out" / "ckpt.pt").mkdir(parents=True)   # not "no checkpoint" for --resume, "holds one" for a new run
+    for job in ([], ["--resume", "True"], ["--overwrite", "True"], ["--sample", "True"]):
+        assert _refused("--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY, *job) == \
+            f"{tmp_path / 'out' / 'ckpt.pt'} is a directory, not a checkpoint: move it away (a run keeps its checkpoint there)"
+
+
 def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothing(trained, corpus, tmp_path):
     busy, fresh = tmp_path / "busy", tmp_path / "fresh"   # a run's out_dir, before and after its first checkpoint
     shutil.copytree(trained[0], busy)
@@ -389,10 +396,12 @@ def test_damaged_checkpoint_entries_and_token_files_are_one_line(trained, tmp_pa
     weights = dict(good["model"])
     name = next(k for k, t in weights.items() if t.is_floating_point())
     weights[name] = torch.full_like(weights[name], float("nan"))
+    short = {**good["model"], name: good["model"][name][:1]}   # torch's first line names no weight: the second does
     opt = {**good["optimizer"], "state": {k: {**v, "exp_avg": torch.zeros(3)} for k, v in good["optimizer"]["state"].items()}}
     negative = {**good["optimizer"], "state": {k: {**v, "exp_avg_sq": -1 - v["exp_avg_sq"]}    # a sum of squares < 0
                                                for k, v in good["optimizer"]["state"].items()}}
     for i, (change, message) in enumerate((({"model": weights}, "NaN or infinite weights"),
+                                           ({"model": short}, f"loading state_dict for GPT1: size mismatch for {name}"),
                                            ({"optimizer": negative}, "or holds NaN, infinite or negative accumulators"),
                                            ({"iter_num": -5}, "is damaged (its 'iter_num'"),
                                            ({"rng": {}}, "is damaged (its 'rng'"),
