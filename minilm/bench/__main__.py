@@ -2,6 +2,7 @@
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # name -> (module in minilm.bench that defines add_arguments(parser) and run(args), one-line help)
@@ -33,6 +34,9 @@ def main(argv=None):
             p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
             p.add_argument("--json", action="store_true", help="one JSON object per line")
             chosen.add_arguments(p)
+    for token in argv:   # argparse takes "-1,12,512,64" for an option, and would say that --shapes got no value
+        if re.fullmatch(r"-[0-9.,]*[0-9][0-9.,]*", token) and "," in token:
+            parser.error(f"{token}: sizes must be positive integers")
     args = parser.parse_args(argv)
     import torch
     try:
