@@ -295,6 +295,20 @@ def test_attention_on_gpus_with_less_shared_memory(limit_kb, monkeypatch):
     test_attention_dropout_matches_reference(257, 128, torch.bfloat16)
 
 
+@pytest.mark.parametrize("scheme", ["fused", "split", "split2", "split3", "splitkv", "wide", "wide16", "fusedwide",
+                                    "fusedkv", "fused2d", "split2d"])
+def test_attention_every_backward_scheme_and_forward_layout_on_short_sequences(scheme, monkeypatch):
+    # The defaults run a few of the tilings; the rest are there for measurements (MINILM_ATTN_BWD and _FWD), and
+    # each has its own masked and mask-free loops. T = 1, 37, 64: one query tile, all of it on the diagonal;
+    # 65: a second tile of one row; 300: a partial last key tile. Each forward layout runs beside one scheme.
+    forward = {"fused": "narrow", "split": "narrow2", "wide": "wide", "fused2d": "wide3", "split2d": "wide64"}
+    monkeypatch.setenv("MINILM_ATTN_BWD", scheme)
+    monkeypatch.setenv("MINILM_ATTN_FWD", forward.get(scheme, ""))   # "": the default layout
+    for T in (1, 37, 64, 65, 300):
+        for D, dtype in ((64, torch.bfloat16), (128, torch.float16)):
+            _check_attention(2, 3, T, D, dtype)
+
+
 @pytest.mark.parametrize("group,phases", [("1", "1"), ("4", "2"), ("2", "3"), ("0", "1")])
 def test_attention_backward_in_every_cta_order(group, phases, monkeypatch):
     # The dK/dV kernels take their (batch·head, key tile) from the block index (csrc/cuda/dkdv_order.h; the map

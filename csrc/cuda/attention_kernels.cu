@@ -172,7 +172,7 @@ __device__ __forceinline__ void pipeline_step(bool has_next, LoadNext load_next)
 
 // Runs body(std::true_type{}) where `masked`, else body(std::false_type{}): a loop compiled twice, so that
 // the tiles that need no mask (in the backward kernels all but those on the diagonal and the last query
-// tile) do without the per-element compares. The argument converts to a constant bool.
+// tile) do without the per-element compares. decltype(argument)::value is the constant bool.
 template <typename Body>
 __device__ __forceinline__ void masked_or_not(bool masked, Body body) {
   if (masked) {
@@ -795,6 +795,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
       // Pᵀ, zero where query < key (causal) or query >= T (padding rows of the last tile): masked only where
       // the warp's last key lies after the tile's first query or the tile has rows past T (warp-uniform)
       masked_or_not(q0 < k0 + wk0 + 16 * MTK - 1 || q0 + BR > T_, [&](auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;   // a constant, without --expt-relaxed-constexpr
 #pragma unroll
         for (int mt = 0; mt < MTK; ++mt)
 #pragma unroll
@@ -805,7 +806,7 @@ __global__ void __launch_bounds__(BwdCfg<D, BR_, NW_, MTK>::NT, MINB)
               const int q = q0 + qi;
               const int key = (i < 2 ? key_a : key_b) + mt * 16;
               const float p = exp2f(st[mt][nt][i] * scale_log2 - sLb[qi] * kLog2e);
-              st[mt][nt][i] = (masked && (q < key || q >= T_)) ? 0.f : p;
+              st[mt][nt][i] = (kMasked && (q < key || q >= T_)) ? 0.f : p;
             }
           }
       });
@@ -996,6 +997,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
     // P and dS of the warp's 32 x 32 tile; the causal mask (and the rows past T) only where the warp's tile
     // has a key after its first query or a row past T (warp-uniform)
     masked_or_not(q0 + r1 < k0 + c1 + 31 || q0 + r1 + 31 >= T_, [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;   // a constant, without --expt-relaxed-constexpr
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -1011,7 +1013,7 @@ __global__ void __launch_bounds__(Bwd2dCfg<D>::NT, 1)
           for (int i = 0; i < 4; ++i) {
             const int qi = r1 + mt * 16 + g + (i < 2 ? 0 : 8);  // row of the tile
             const int q = q0 + qi, key = k0 + c1 + nt * 8 + t4 * 2 + (i & 1);
-            p[i] = (masked && (q < key || q >= T_)) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
+            p[i] = (kMasked && (q < key || q >= T_)) ? 0.f : exp2f(s[mt][nt][i] * scale_log2 - lse[mt][i >> 1]);
             if constexpr (DROP) {
               // sP gets the dropped P (scaled at the end, with dV); dS = P ∘ (dP ∘ keep · scale − Delta)
               const bool k = minilm_dropout::kept(bits[i >> 1], key, drop.threshold);
