@@ -1571,8 +1571,9 @@ cudaError_t fwd_tc(const FwdArgs& a) {
 //   wide   : split with the dK/dV kernel in 4 warps x 32 keys (MTK = 2), K/V fragments in registers and
 //            32-query steps: every Q/dO fragment read from shared memory feeds 4 mma instead of 2, so all
 //            four products read 128 bytes of shared memory per mma (split3: 256 to 384). 255 registers,
-//            2 CTAs per SM; about 180 bytes of spills on sm_90 since its Pᵀ loop has a masked and a mask-free
-//            version (84 before that, none before the inputs were read through their strides).
+//            2 CTAs per SM; about 180 bytes of spills on sm_90, with dropout too, since its Pᵀ loop has a
+//            masked and a mask-free version (84 and 60 before that, none before the inputs were read through
+//            their strides).
 //   wide16 : as wide with 16-query steps (fewer live scores, twice the steps)
 //   fusedwide: fused with the wide dK/dV tiling (4 warps x 32 keys, 32-query steps; dQ by atomics)
 //   fusedkv: fused with the K/V fragments in registers (244 registers at D = 64, 255 at D = 128)
