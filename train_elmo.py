@@ -795,6 +795,25 @@ def corpus_fingerprint(types, tokens):
     return hashlib.sha256("\n".join(types).encode() + b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()
 
 
+def fills_a_batch(lengths, rows, steps):
+    """Whether sentences of these lengths fill a first batch of rows × steps in --test's pass (in file order)."""
+    try:
+        SentenceStream(lengths, rows, (0,), test=True).next_batch(steps)
+        return True
+    except StopIteration:
+        return False
+
+
+def largest_filling(fills, limit):
+    """The largest v in [1, limit] for which fills(v), or None: by bisection, since fewer rows, or fewer steps
+    per row, never fill less."""
+    lo, hi = 0, limit              # fills(lo) (or lo = 0), not fills(hi + 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fills(mid) else (lo, mid - 1)
+    return lo or None
+
+
 def held_out_perplexity(cfg):
     """Full-softmax perplexity of out_dir's model on every sentence of --test ("val": the run's own validation
     split), read as bilm-tf's test mode reads it: batch_size rows of unroll_steps tokens, each direction's
@@ -847,9 +866,13 @@ def held_out_perplexity(cfg):
             total += losses.double().cpu() * (B * T)
             n += B * T
     if n == 0:
+        # at least B sentences (above): one step per row always fills a batch; fewer rows may not
+        rows = largest_filling(lambda v: fills_a_batch(lengths["test"], v, T), B)
+        steps = largest_filling(lambda v: fills_a_batch(lengths["test"], B, v), T)
+        fix = (f"--batch_size {rows} or " if rows else "") + f"--unroll_steps {steps}"
         raise UsageError(f"--test {cfg['test']} fills no batch of --batch_size {B} × --unroll_steps {T} tokens (each "
-                         "row reads sentences of its own, and the pass ends when one row runs out): give more text "
-                         "or smaller values")
+                         f"row reads sentences of its own, and the pass ends when one row runs out): {fix} fills one, "
+                         "or give more text")
     fwd, bwd = (total / n).tolist()
     print(f"--test {cfg['test']}: {len(sentences):,} sentences, {n:,} of the {sum(lengths['test']) - len(sentences):,} "
           f"tokens scored per direction ({B} × {T} per batch, the unfinished last batch left out, as bilm-tf)")

@@ -649,7 +649,12 @@ def test_test_scores_the_whole_text_as_one_stream_with_the_state_carried(trained
     assert "perplexity" in capsys.readouterr().out
     for args, message in ((["--test", str(tmp_path / "missing.txt")], "no such file or directory"),
                           (["--test", "val", "--embed", str(text)], "pass one of them"),
-                          (["--test", str(text), "--batch_size", "2", "--unroll_steps", "64"], "fills no batch"),
+                          (["--test", str(text), "--batch_size", "2", "--unroll_steps", "64"],
+                           "fills no batch of --batch_size 2 × --unroll_steps 64 tokens (each row reads sentences of "
+                           "its own, and the pass ends when one row runs out): --unroll_steps 7 fills one"),
+                          (["--test", str(text), "--batch_size", "3", "--unroll_steps", "5"],
+                           "--batch_size 2 or --unroll_steps 3 fills one"),
+                          (["--test", str(text), "--batch_size", "1", "--unroll_steps", "18"], "--unroll_steps 17 fills"),
                           (["--test", str(text), "--batch_size", "64"], "fewer than the --batch_size 64 rows")):
         assert message in usage_error("--out_dir", trained, *args)
     assert "--test needs a trained model" in usage_error("--out_dir", str(tmp_path / "none"), "--test", "val")
