@@ -6,7 +6,7 @@
 # char-CNN diagnostics and timings -> benchmarks (with the picks if their tests passed): attention, the
 # backward's CTA orders (attn-order), the hardware counters of the main attention kernels next to
 # FlashAttention-2's (attn-ncu), char-CNN, where one attention call's time goes (attn-host), GPT-1;
-# attention with dropout last.
+# attention and the GPT-1 step with dropout last.
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 # GPU_CHECK_SKIP names steps not to run (e.g. "diag-char-cnn cnn-determinism perf-char-cnn" when the

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from minilm.bench.common import (Reporter, device_name, peak_mib, seconds, sync, threads_note, time_interleaved,
                                  time_ms)
-from minilm.files import is_out_of_memory
+from minilm.files import is_out_of_memory, write_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SHAPES = [(4, 12, 256, 64), (1, 12, 1024, 64), (1, 4, 4096, 64)]
@@ -197,7 +197,7 @@ def plot(records, path):
     ax.set_title(f"causal attention, {records[0]['dtype']}, {records[0]['device']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def run(args):
