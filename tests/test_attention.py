@@ -278,6 +278,9 @@ def test_empty_inputs():
      ValueError, "one device"),
     (lambda: causal_attention(torch.randn(1, 1, 4, 8), [[1.0]], torch.randn(1, 1, 4, 8)), TypeError, "torch.Tensor"),
     (lambda: causal_attention(*(torch.randn(1, 1, 4, 0),) * 3), ValueError, "head dim"),
+    (lambda: causal_attention(*(torch.randn(1, 1, 4, 8),) * 3, scale="0.5"), TypeError, "scale must be a number"),
+    (lambda: causal_attention(*(torch.randn(1, 1, 4, 8),) * 3, dropout_p="0.1"), TypeError,
+     "dropout_p must be a number, got str '0.1'"),
 ])
 def test_bad_input_python(bad, exc, match):
     with pytest.raises(exc, match=match):

@@ -317,6 +317,16 @@ def test_meta_tensor_among_real_ones_is_refused():
         torch.ops.minilm.char_cnn_backward(out.to("meta"), ids, emb, ws, out, argmax, "relu")
 
 
+def test_meta_tensors_give_the_shapes_of_a_call():
+    # all on meta (e.g. a model built under torch.device("meta")): the fake functions' shapes, no id check
+    emb = torch.empty(20, 4, device="meta", requires_grad=True)
+    ws, bs = [torch.empty(3, 4, 2, device="meta")], [torch.empty(3, device="meta")]
+    out = char_cnn(torch.zeros(5, 10, dtype=torch.int64, device="meta"), emb, ws, bs)
+    assert out.shape == (5, 3) and out.is_meta
+    out.sum().backward()
+    assert emb.grad.shape == (20, 4) and emb.grad.is_meta
+
+
 def test_double_backward_raises_instead_of_a_wrong_answer():
     ids = make_ids(4, 8, vocab=20)
     emb, ws, bs = make_params([(2, 3)], 4, torch.float64, vocab=20)
@@ -350,6 +360,24 @@ def test_nan_propagates():
     out = char_cnn(ids, emb, ws, bs, "tanh")
     torch.testing.assert_close(out, char_cnn_reference(ids, emb, ws, bs, "tanh"), equal_nan=True)
     assert out[2].isnan().all() and not out[[0, 1, 3, 4, 5]].isnan().any()
+
+
+def test_a_nan_output_passes_its_gradient_through_relu_as_torch_does():
+    # torch's relu backward zeroes the gradient where out <= 0 only, so a NaN out (here from a NaN bias) passes
+    # it on; a kernel testing out > 0 instead would drop it silently, and every gradient would stay finite.
+    # Each token repeats one character, so all its windows tie and where the max lies does not matter.
+    ids = torch.arange(5).repeat_interleave(10).view(5, 10)
+    params = make_params([(2, 3), (3, 4)], 4, torch.float64, vocab=20, requires_grad=False)
+    params[2][1][0] = float("nan")
+    grads = []
+    for fn in (char_cnn, char_cnn_reference):
+        emb, ws, bs = (params[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in params[1]],
+                       [b.clone().requires_grad_() for b in params[2]])
+        fn(ids, emb, ws, bs, "relu").sum().backward()
+        grads.append([t.grad for t in (emb, *ws, *bs)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert grads[0][4][0] == 5   # the NaN bias: grad_out 1 from each of the 5 tokens
 
 
 def test_empty_batch():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.ops import causal_attention, causal_attention_reference, char_cnn_reference
+from minilm.ops import causal_attention, causal_attention_reference, char_cnn, char_cnn_reference
 from test_attention_dropout import SEED, check_drops_exactly
 
 pytestmark = [pytest.mark.cuda,
@@ -586,6 +586,26 @@ def test_char_cnn_odd_filters(dtype, cnn_bwd):
     _check_char_cnn(N=37, L=11, V=20, E=5, filters=filters, dtype=dtype, activation="tanh")
     # E = 40 > 32: the slot kernels do not take it, the old ones run
     _check_char_cnn(N=3, L=9, V=7, E=40, filters=[[5, 17], [9, 2]], dtype=dtype, activation="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_char_cnn_nan_output_passes_its_gradient_through_relu(dtype, cnn_bwd):
+    # as on the CPU (tests/test_char_cnn.py): torch's relu backward zeroes only where out <= 0, so the filter
+    # whose bias is NaN gets grad_out from every token; the others' gradients are the CPU op's
+    ids = torch.arange(40).repeat_interleave(12).view(40, 12) % 30   # one character per token: all windows tie
+    emb = torch.randn(30, 16)
+    ws = [torch.randn(f, 16, w) / (16 * w) ** 0.5 for w, f in ((1, 32), (5, 40))]
+    bs = [0.1 * torch.randn(f) for _, f in ((1, 32), (5, 40))]
+    bs[1][3] = float("nan")
+    grads = {}
+    for dev in ("cpu", DEV):
+        leaves = [t.to(dev, dtype, copy=True).requires_grad_() for t in (emb, *ws, *bs)]
+        char_cnn(ids.to(dev), leaves[0], leaves[1:3], leaves[3:], "relu").float().sum().backward()
+        grads[dev] = [t.grad.float().cpu() for t in leaves]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in zip(grads[DEV], grads["cpu"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+    assert grads[DEV][4][3] == 40
 
 
 def test_char_cnn_many_tokens(cnn_bwd):

@@ -16,7 +16,7 @@
 // What it keeps: out and argmax (an int16 per token and filter: t* <= L − w, so L − w <= 32,767 is
 // checked) — nothing else survives the call.
 //
-// What the backward needs: argmax, out (for the activation's derivative: relu: out > 0; tanh:
+// What the backward needs: argmax, out (for the activation's derivative: relu: 0 where out <= 0, else 1; tanh:
 // 1 − out²), the ids, the embedding and the filters. The gradient goes through t* only:
 //   g' = grad_out·act'(out);  dW_f[e,k] += g'·x[t*+k, e];  dx[t*+k, e] += g'·W_f[e,k];  db_f += g'.
 // Since x is a lookup, both are computed from a histogram of g' by character id (see backward_kernel).
@@ -312,8 +312,9 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
           const int t = argmax[row + f];
           TORCH_CHECK(t >= 0 && t < T, "char_cnn_backward: argmax ", t, " is outside [0, ", T, ") for width ", W);
           const acc_t g = acc_t(gout[row + f]), y = acc_t(out[row + f]);
-          // g' = grad_out · act'(out), the gradient at the pre-activation max
-          const acc_t gp = act == Act::Relu ? (y > acc_t(0) ? g : acc_t(0)) : g * (acc_t(1) - y * y);
+          // g' = grad_out · act'(out), the gradient at the pre-activation max (relu: a NaN out passes g,
+          // as torch's relu backward does: zero only where out <= 0)
+          const acc_t gp = act == Act::Relu ? (y <= acc_t(0) ? acc_t(0) : g) : g * (acc_t(1) - y * y);
           // no skip on gp == 0: relu zeroes about half at random, and a mispredicted branch costs
           // more than the w additions of zero it would save
           db[f - f0] += gp;

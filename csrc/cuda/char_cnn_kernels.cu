@@ -14,7 +14,7 @@
 // one thread per (token, filter), same accumulation order.
 //
 // Backward (the max passes the gradient to its argmax only): with g = grad_out · act'(out)
-// (relu: out > 0; tanh: 1 − out²),
+// (relu: 0 where out <= 0, else 1, so a NaN passes as in torch; tanh: 1 − out²),
 //     dW_f[e][w] = Σ_n g[n,f] · x_n[t*+w][e],   db_f = Σ_n g[n,f],   dx_n[t*+w][e] += g[n,f] · W_f[e][w],
 // and d(embedding)[v] = Σ of dx_n[t] over the positions (n, t) whose character is v. The arithmetic is small
 // (per token and filter, E·W multiply-adds for dW and as many for dx: ~6.5 GMAC each for ELMo at 32k tokens);
@@ -202,9 +202,10 @@ __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __
 }
 
 // ---------------------------------------------------------------------------------- backward: common
+// relu: 0 where out <= 0, else 1 -- a NaN out passes the gradient, as torch's relu backward does
 template <typename A>
 __device__ __forceinline__ A act_grad(A y, int act) {
-  return act == 0 ? (y > A(0) ? A(1) : A(0)) : A(1) - y * y;
+  return act == 0 ? (y <= A(0) ? A(0) : A(1)) : A(1) - y * y;
 }
 
 // ------------------------------------------------------------------------------- backward: dW and db

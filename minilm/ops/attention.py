@@ -114,6 +114,9 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0, seed=None):
     makes it reproducible). The same seed gives the same mask: pass a new one to every call (every layer).
     The seed is read when the op is called, so a captured CUDA graph replays the mask of its capture."""
     _check(q, k, v)
+    for name, x in (("scale", scale), ("dropout_p", dropout_p)):
+        if isinstance(x, (str, bytes)):   # float() would take "0.5" as the number
+            raise TypeError(f"causal_attention: {name} must be a number, got {type(x).__name__} {x!r}")
     dropout_p = float(dropout_p)
     _check_dropout(dropout_p, seed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

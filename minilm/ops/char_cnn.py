@@ -104,8 +104,9 @@ def _check(char_ids, embedding, weights, biases, activation):
     if L - w_min > MAX_ARGMAX:
         raise ValueError(f"{name}: argmax is int16, so L - (narrowest width) must be <= {MAX_ARGMAX}; "
                          f"got L = {L} with width {w_min}")
-    # Reading the ids' range needs their values: skipped while torch.compile traces (the C++ glue checks it too).
-    if char_ids.numel() > 0 and not torch.compiler.is_compiling():
+    # Reading the ids' range needs their values: skipped while torch.compile traces and for meta tensors, which
+    # have none (the C++ glue checks it too).
+    if char_ids.numel() > 0 and not torch.compiler.is_compiling() and not char_ids.is_meta:
         lo, hi = id_range(char_ids)
         if lo < 0 or hi >= V:
             raise IndexError(f"{name}: character ids must lie in [0, {V}) (the embedding has {V} rows), "
