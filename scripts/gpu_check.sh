@@ -10,7 +10,9 @@
 # Every step runs even when an earlier one failed; a summary closes the log. With $OUT set, the whole
 # log is also written to $OUT/gpu_check.log. Meant to finish within 7.5 minutes (GPU_CHECK_BUDGET_S).
 # GPU_CHECK_SKIP names steps not to run (e.g. "diag-char-cnn cnn-determinism perf-char-cnn" when the
-# char-CNN kernels have not changed since their last GPU run: the CUDA tests still check them).
+# char-CNN kernels have not changed since their last GPU run: the CUDA tests still check them; "attn-sweep"
+# when the budget must go to the benchmarks and attn-order, which the sweep's 4 minutes would crowd out:
+# tests/test_cuda.py checks every tiling for correctness anyway).
 #   bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
