@@ -835,6 +835,8 @@ def finetune(options, print_fn=print, ckpt=None):
     model = GPT1Classifier(base, tconf).to(device)
 
     B = opts["batch_size"]
+    # Every example once per epoch, the last batch partial; the original's iter_data(truncate=True) drops the
+    # incomplete batch (a different few examples each epoch), which costs a small task file more.
     steps_per_epoch = math.ceil(len(train_seqs) / B)
     total = opts["max_iters"] or opts["epochs"] * steps_per_epoch
     eval_interval = opts["eval_interval"] or steps_per_epoch
@@ -842,7 +844,8 @@ def finetune(options, print_fn=print, ckpt=None):
     # AdamW: weight decay decoupled from the gradient (opt.py: p -= lr·(adam_step + l2·p)) on matrices only.
     # opt.py's lr there carries Adam's bias correction √(1 − β2^t)/(1 − β1^t), so its decay is that
     # factor (0.15–0.45 over the first few hundred updates, → 1 later) times AdamW's. Negligible here: at
-    # the paper's lr and l2 the whole decay is lr·l2 ≈ 6e-7 of each weight per step.
+    # the paper's lr and l2 the whole decay is lr·l2 ≈ 6e-7 of each weight per step. So is ε's place: opt.py
+    # adds its 1e-8 to √v before the bias correction, as if ε were 1e-8/√(1 − β2^t) (3e-7 at t = 1) here.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts["weight_decay"]},

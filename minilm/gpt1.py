@@ -158,7 +158,8 @@ class GPT1(nn.Module):
         self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.positions_embed = nn.Embedding(config.n_ctx, config.n_embd)
         # HF drops the summed embeddings; the TF code dropped entries of the embedding matrix itself (one
-        # mask per step, shared by every occurrence of a token). We follow HF.
+        # mask per step, shared by every occurrence of a token; and since that matrix is also the output
+        # layer, its LM logits were computed with the dropped matrix). We follow HF.
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         # P(u) = softmax(h_n W_eᵀ) (paper eq. 2): the output layer is the token embedding, transposed.
