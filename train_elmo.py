@@ -220,8 +220,8 @@ def main(argv):
         checkpoint = None
         if cfg["resume"]:       # the checkpoint's options, then whatever this command line says
             ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-            if out_dir_problem(cfg["out_dir"]):
-                raise UsageError(out_dir_problem(cfg["out_dir"]))
+            if problem := out_dir_problem(cfg["out_dir"]):   # before "no checkpoint", which it would explain
+                raise UsageError(problem)
             if not os.path.isfile(ckpt_path):
                 raise UsageError(f"--resume True, but there is no checkpoint at {ckpt_path}")
             checkpoint = load_checkpoint(ckpt_path)
@@ -543,8 +543,8 @@ def train(cfg, checkpoint=None):
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
-    if out_dir_problem(out_dir):
-        raise UsageError(out_dir_problem(out_dir))
+    if problem := out_dir_problem(out_dir):
+        raise UsageError(problem)
     corpus = os.path.realpath(cfg["data"])
     if os.path.isdir(corpus) and os.path.commonpath([corpus, os.path.realpath(out_dir)]) == corpus:
         raise UsageError(f"--out_dir {out_dir} is inside the corpus directory {cfg['data']}: its log and checkpoint "
@@ -764,8 +764,8 @@ def train(cfg, checkpoint=None):
 def trained_bilm(cfg, option):
     """(out_dir's checkpoint, its BiLM on --device), or a one-line error naming the option that needs them."""
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if out_dir_problem(cfg["out_dir"]):
-        raise UsageError(f"--{option}: {out_dir_problem(cfg['out_dir'])}")
+    if problem := out_dir_problem(cfg["out_dir"]):
+        raise UsageError(f"--{option}: {problem}")
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--{option} needs a trained model: no checkpoint at {ckpt_path} (train with --out_dir first)")
     check_device(cfg["device"])

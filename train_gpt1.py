@@ -311,8 +311,8 @@ def main(argv):
         raise UserError("--sample True samples from the checkpoint and --resume True trains it on: pass one of them")
 
     # --- the checkpoint to continue or to sample from --------------------------------------------------
-    if not cfg["task"] and out_dir_problem(out_dir):   # fine-tuning checks its own out_dir
-        raise UserError(out_dir_problem(out_dir))
+    if not cfg["task"] and (problem := out_dir_problem(out_dir)):   # fine-tuning checks its own out_dir
+        raise UserError(problem)
     ckpt = None
     if (cfg["resume"] or cfg["sample"]) and not cfg["task"]:
         what = "--sample True" if cfg["sample"] else "--resume True"

@@ -79,7 +79,8 @@ def out_dir_problem(out_dir):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         return f"--out_dir {out_dir} is a file, not a directory"
     if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
-        return f"{ckpt_path} is a directory, not a checkpoint: move it away (a run keeps its checkpoint there)"
+        what = "a directory" if os.path.isdir(ckpt_path) else "not a regular file"
+        return f"{ckpt_path} is {what}, not a checkpoint: move it away (a run keeps its checkpoint there)"
     return None
 
 
@@ -87,7 +88,7 @@ def state_dict_error_line(e):
     """Why load_state_dict refused a checkpoint's weights, on one line: torch's first line says only "Error(s) in
     loading state_dict for GPT1:", so its second, which names the missing, unexpected or misshapen weights,
     joins it (cut at 300 characters: a list of missing keys can run to thousands)."""
-    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]).rstrip(":") or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 

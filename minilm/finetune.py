@@ -755,8 +755,8 @@ def finetune(options, print_fn=print, ckpt=None):
     ckpt_path = os.path.join(out_dir, CKPT)
     if given.get("resume") and given.get("overwrite"):
         raise FinetuneError("--resume True continues the checkpoint and --overwrite True deletes it: pass one of them")
-    if out_dir_problem(out_dir):
-        raise FinetuneError(out_dir_problem(out_dir))
+    if problem := out_dir_problem(out_dir):
+        raise FinetuneError(problem)
     if not opts["resume"]:
         ckpt = None
     elif ckpt is None or "task_config" not in ckpt:

@@ -444,8 +444,8 @@ def test_sources_edited_after_the_build_are_reported(tmp_path, monkeypatch):
     (["elmo", "--preset", "nope"], "invalid choice: 'nope'"),
     (["attention", "--min-time", "nan"], "--min-time: must be a finite number of seconds >= 0, got 'nan'"),
     (["attention", "--min-time", "-1"], "--min-time: must be a finite number of seconds >= 0, got '-1'"),
-    (["attention", "--shapes", "-1,12,512,64"], "-1,12,512,64: sizes must be positive integers"),  # not "no value"
-    (["lightconv", "--seq_lens", "-128,256"], "-128,256: sizes must be positive integers"),
+    (["attention", "--shapes", "-1,12,512,64"], "-1,12,512,64 is negative: sizes and times must be positive"),
+    (["lightconv", "--seq_lens", "-128,256"], "-128,256 is negative"),   # not "expected one argument"
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
     from minilm.bench.__main__ import main

@@ -304,6 +304,8 @@ def test_attention_every_backward_scheme_and_forward_layout_on_short_sequences(s
     forward = {"fused": "narrow", "split": "narrow2", "wide": "wide", "fused2d": "wide3", "split2d": "wide64"}
     monkeypatch.setenv("MINILM_ATTN_BWD", scheme)
     monkeypatch.setenv("MINILM_ATTN_FWD", forward.get(scheme, ""))   # "": the default layout
+    # the split schemes' dQ kernel: the narrow tiling (the default at D = 128) at D = 64 too, beside two of them
+    monkeypatch.setenv("MINILM_ATTN_DQ", "narrow" if scheme in ("split", "split3") else "")
     for T in (1, 37, 64, 65, 300):
         for D, dtype in ((64, torch.bfloat16), (128, torch.float16)):
             _check_attention(2, 3, T, D, dtype)
@@ -586,6 +588,23 @@ def test_char_cnn_odd_filters(dtype, cnn_bwd):
     _check_char_cnn(N=37, L=11, V=20, E=5, filters=filters, dtype=dtype, activation="tanh")
     # E = 40 > 32: the slot kernels do not take it, the old ones run
     _check_char_cnn(N=3, L=9, V=7, E=40, filters=[[5, 17], [9, 2]], dtype=dtype, activation="relu")
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_char_cnn_nan_propagates_as_on_the_cpu(activation):
+    # a NaN among a token's windows makes its max NaN (torch.max's rule), and relu keeps it: both forward kernels
+    # (the fast one, widths <= 7, and the generic one, width 9) give the CPU op's NaNs and values
+    ids = torch.randint(0, 20, (40, 12))
+    ids[ids == 13] = 12
+    ids[[3, 17], 5] = 13                    # tokens 3 and 17 hold the character whose embedding is NaN
+    emb = torch.randn(20, 8)
+    emb[13, 2] = float("nan")
+    ws = [torch.randn(f, 8, w) / (8 * w) ** 0.5 for w, f in ((2, 16), (9, 8))]
+    bs = [0.1 * torch.randn(f) for _, f in ((2, 16), (9, 8))]
+    cpu = char_cnn(ids, emb, ws, bs, activation)
+    gpu = char_cnn(ids.to(DEV), emb.to(DEV), [w.to(DEV) for w in ws], [b.to(DEV) for b in bs], activation)
+    assert cpu[[3, 17]].isnan().all() and not cpu[[0, 1, 2]].isnan().any()
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -239,9 +239,14 @@ def test_an_out_dir_that_is_a_file_or_empty_is_refused(corpus, tmp_path):
 
 def test_a_directory_named_ckpt_pt_is_named_whatever_the_run_asks(corpus, tmp_path):
     (tmp_path / "out" / "ckpt.pt").mkdir(parents=True)   # not "no checkpoint" for --resume, "holds one" for a new run
-    for job in ([], ["--resume", "True"], ["--overwrite", "True"], ["--sample", "True"]):
-        assert _refused("--data", corpus, "--out_dir", str(tmp_path / "out"), *TINY, *job) == \
+    for job in ([], ["--resume", "True"], ["--overwrite", "True"], ["--sample", "True"],
+                ["--task", "classification", "--task_data", str(tmp_path / "none.jsonl")]):   # fine-tuning's own check
+        data = [] if "--task" in job else ["--data", corpus, *TINY]
+        assert _refused(*data, "--out_dir", str(tmp_path / "out"), *job) == \
             f"{tmp_path / 'out' / 'ckpt.pt'} is a directory, not a checkpoint: move it away (a run keeps its checkpoint there)"
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "ckpt.pt")   # reading it would wait for a writer for ever
+    assert "ckpt.pt is not a regular file, not a checkpoint" in _refused("--out_dir", str(tmp_path / "fifo"), "--resume", "True")
 
 
 def test_a_run_in_an_out_dir_that_another_run_uses_is_refused_and_changes_nothing(trained, corpus, tmp_path):

@@ -62,8 +62,14 @@
 namespace minilm_cuda {
 namespace {
 
-__device__ __forceinline__ float act_fwd(float x, int act) { return act == 0 ? fmaxf(x, 0.f) : tanhf(x); }
-__device__ __forceinline__ double act_fwd(double x, int act) { return act == 0 ? (x > 0 ? x : 0.0) : tanh(x); }
+// relu keeps a NaN (fmaxf would turn it into 0), as torch's relu and the CPU kernel do
+__device__ __forceinline__ float act_fwd(float x, int act) { return act == 0 ? (x <= 0.f ? 0.f : x) : tanhf(x); }
+__device__ __forceinline__ double act_fwd(double x, int act) { return act == 0 ? (x <= 0.0 ? 0.0 : x) : tanh(x); }
+
+// Whether window value s replaces the running max: a larger value (the first on ties), or the first NaN,
+// which then stays, as in torch.max and the CPU kernel (NaN inputs give NaN outputs, not a silent max).
+template <typename A>
+__device__ __forceinline__ bool new_max(A s, A best) { return s > best || (s != s && best == best); }
 
 // ------------------------------------------------------------------------------------- forward, fast
 constexpr int kTF = 4;               // filters per lane
@@ -159,7 +165,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
         if (t0 + tt < t_out) {
 #pragma unroll
           for (int f = 0; f < kTF; ++f)
-            if (acc[f][tt] > best[f]) best[f] = acc[f][tt], arg[f] = t0 + tt;
+            if (new_max(acc[f][tt], best[f])) best[f] = acc[f][tt], arg[f] = t0 + tt;
         }
       }
     }
@@ -194,7 +200,7 @@ __global__ void charcnn_fwd_generic(const int64_t* __restrict__ ids, const T* __
     A s = 0;
     for (int e = 0; e < E; ++e)
       for (int w = 0; w < W; ++w) s += static_cast<A>(to_f(wf[e * W + w])) * static_cast<A>(to_f(emb[idn[t + w] * E + e]));
-    if (s > best) best = s, arg = t;
+    if (new_max(s, best)) best = s, arg = t;
   }
   const size_t o = static_cast<size_t>(n) * out_stride + out_off + f;
   out[o] = FromF<T>::cvt(act_fwd(best + static_cast<A>(to_f(bias[f])), act));

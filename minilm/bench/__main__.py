@@ -35,8 +35,8 @@ def main(argv=None):
             p.add_argument("--json", action="store_true", help="one JSON object per line")
             chosen.add_arguments(p)
     for token in argv:   # argparse takes "-1,12,512,64" for an option, and would say that --shapes got no value
-        if re.fullmatch(r"-[0-9.,]*[0-9][0-9.,]*", token) and "," in token:
-            parser.error(f"{token}: sizes must be positive integers")
+        if re.fullmatch(r"-[0-9]+(,-?[0-9]+)+", token):
+            parser.error(f"{token} is negative: sizes and times must be positive")
     args = parser.parse_args(argv)
     import torch
     try:

@@ -197,7 +197,8 @@ def plot(records, path):
     ax.set_title(f"causal attention, {records[0]['dtype']}, {records[0]['device']}")
     ax.legend()
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()   # one matplotlib writes (checked in run)
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
 
 
 def run(args):
