@@ -13,10 +13,12 @@ Training (`stream_losses`, bilm-tf's graph) feeds the two stacks differently: ea
 stream of sentences (the backward one already reversed, so both run left to right), and the LSTM state
 is carried from one batch to the next.
 
-Module names are allennlp's (`char_cnn.i`, `highway.k.carry`, `forward_layers.l.input_linearity`, ...); each
-is commented with the bilm-tf dataset it holds (`char_embed`, `CNN/W_cnn_i`, `CNN_high_k`, `CNN_proj`,
-`RNN_0` forward, `RNN_1` backward), which `load_bilm` reads, transposes and splits. The LSTM cell is TF's
-`LSTMCell(num_proj=..., cell_clip=..., proj_clip=...)` written out.
+Module names are like allennlp's (`char_cnn.i`, `highway.k.carry`, `forward_layers.l.input_linearity`, ...),
+but the weights keep bilm-tf's layout (gates i, j, f, o; the forget bias added at run time), so an allennlp
+state dict does not load as it is. Each is commented with the bilm-tf dataset it holds (`char_embed`,
+`CNN/W_cnn_i`, `CNN_high_k`, `CNN_proj`, `RNN_0` forward, `RNN_1` backward), which `load_bilm` reads,
+transposes and splits. The LSTM cell is TF's `LSTMCell(num_proj=..., cell_clip=..., proj_clip=...)` written
+out.
 
 Why not `nn.LSTM(E, H, num_layers=2, bidirectional=True)`? In a stacked bidirectional LSTM, layer 2
 reads the concatenation [forward; backward] of layer 1, so layer 2's "forward" state at position t
@@ -164,7 +166,8 @@ class ELMoConfig:
         return cls(**d)
 
 
-# The three released bilm-tf models (all: 2048-filter CNN, clips 3/3, skip connections) and a tiny one.
+# The three released bilm-tf models (all: 2048-filter CNN, relu, clips 3/3, skip connections) and a tiny one.
+# load_bilm takes every setting, the activation included, from the model's own options file.
 PRESETS = {
     "tiny": dict(filters=((1, 16), (2, 16), (3, 32), (4, 64), (5, 128)), n_highway=1,
                  lstm_dim=256, projection_dim=64),
@@ -578,7 +581,9 @@ def log_uniform_candidates(V, K, device=None):
     log_range = math.log(V + 1)
     draws = torch.empty(0, dtype=torch.long)
     while True:
-        u = torch.rand(max(K, len(draws)))
+        # in float64, as TF (RandDouble): float32's 24-bit u would make the rare ids of a large vocabulary
+        # (hundreds of thousands of words) up to twice as likely, or half, as the P(k) the correction assumes
+        u = torch.rand(max(K, len(draws)), dtype=torch.float64)
         new = (torch.exp(u * log_range).floor().long() - 1).clamp_(0, V - 1)     # float rounding safety
         draws = torch.cat([draws, new])                                         # the stream so far
         distinct, inverse = torch.unique(draws, return_inverse=True)
