@@ -40,7 +40,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from minilm.files import out_dir_problem, releases_out_dir_locks, state_dict_error_line
+from minilm.files import out_dir_problem, printable_output, releases_out_dir_locks, state_dict_error_line
 
 # -----------------------------------------------------------------------------------------------
 # defaults (bilm-tf's where they make sense on a laptop; the paper's run: --preset original
@@ -572,7 +572,7 @@ def train(cfg, checkpoint=None):
             if not sents:
                 raise UsageError(f"the {split} split of {cfg['data']} has no words (give more text or another "
                                  "--val_fraction)")
-    except (ValueError, UsageError):      # DataError is a ValueError; main() prints it in one line
+    except (ValueError, UsageError, OSError):   # DataError is a ValueError; main() prints each in one line
         if made:
             unlock_out_dir(out_dir)
         remove_dirs(made)                 # no empty out_dir left behind
@@ -977,6 +977,7 @@ _CONFIG_KEYS = [k for k, v in list(globals().items())
                 if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str))]
 
 if __name__ == "__main__":
+    printable_output()
     try:
         sys.exit(main(sys.argv[1:]))
     except UsageError as e:

@@ -40,8 +40,8 @@ from minilm.bpe import BPETokenizer, basic_tokenize
 from minilm.data import DataError, data_spec, holds_preparation, load_tokens, prepare_gpt1
 from minilm.files import (OPTIMIZER_STATE_UNFIT, beyond_float32, compile_error_line, first_line, is_out_of_memory,
                           lock_out_dir, make_dirs, optimizer_state_fits, os_error_line, out_dir_busy, out_dir_in_use,
-                          out_dir_problem, releases_out_dir_locks, remove_dirs, save_checkpoint, set_adamw_options,
-                          torchrun_launch, truncate_log, unlock_out_dir, write_atomic)
+                          out_dir_problem, printable_output, releases_out_dir_locks, remove_dirs, save_checkpoint,
+                          set_adamw_options, torchrun_launch, truncate_log, unlock_out_dir, write_atomic)
 from minilm.finetune import finetune, load_checkpoint, model_from_checkpoint, resolve_device
 from minilm.gpt1 import GPT1, GPT1Config, PRESETS, config_from_preset, gpu_peak_flops
 from minilm.lightconv import resolve_kernel_sizes
@@ -732,6 +732,7 @@ def one_line(e):
 
 
 if __name__ == "__main__":
+    printable_output()
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:

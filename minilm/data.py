@@ -30,7 +30,7 @@ import zipfile
 import numpy as np
 
 from minilm.bpe import BPETokenizer, DataError
-from minilm.files import first_line, write_atomic
+from minilm.files import first_line, printable_output, write_atomic
 
 __all__ = [
     "DataError", "cache_dir", "load_documents", "split_documents", "prepare_gpt1", "load_tokens",
@@ -199,13 +199,25 @@ def _from_path(data: str) -> list[tuple[str, str]]:
         if not text.strip():
             raise DataError(f"{data} is empty: there is no text in it")
         return [(os.path.basename(data), text)]
-    docs = []
-    for root, dirs, files in os.walk(data):
+    if not os.path.isdir(data):
+        raise DataError(f"{data} is neither a file nor a directory (a pipe or a device?): give a text file or a "
+                        "directory of them")
+
+    def unreadable(e):  # os.walk would skip a directory it cannot list, and with it that part of the text
+        raise DataError(f"cannot read the directory {e.filename}: {e.strerror}")
+
+    docs, seen = [], set()   # real paths: a linked directory or file is read once, and a link loop ends
+    for root, dirs, files in os.walk(data, onerror=unreadable, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git and the like
         for name in sorted(files):
             path = os.path.join(root, name)
-            if name.startswith(".") or not os.path.isfile(path):
+            if name.startswith(".") or not os.path.isfile(path) or os.path.realpath(path) in seen:
                 continue
+            seen.add(os.path.realpath(path))
             with open(path, "rb") as f:
                 head = f.read(8192)   # a large binary file (a checkpoint next to the text) is never read whole
                 wide = _utf16_or_32(head)
@@ -227,7 +239,8 @@ def load_documents(data: str = "shakespeare", cache_dir: str | None = None) -> l
 
     A path is a UTF-8 text file, or a directory whose files are all read recursively in sorted
     order (hidden files, empty files and binary files -- a NUL byte in the first 8 KiB -- skipped; a
-    binary file named on its own is an error).
+    binary file named on its own is an error; symbolic links followed, each file read once; a
+    directory that cannot be listed is an error).
     """
     cache = cache_dir or _cache_dir()
     if data == "shakespeare":
@@ -529,4 +542,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    printable_output()
     sys.exit(main())

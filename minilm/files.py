@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import os
+import sys
 import tempfile
 
 import torch
@@ -64,6 +65,15 @@ def is_out_of_memory(e):
     OutOfMemoryError is a RuntimeError saying "out of memory" too), or a size whose byte count overflows."""
     return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
         s in str(e) for s in ("can't allocate memory", "out of memory", "Storage size calculation overflowed"))
+
+
+def printable_output():
+    """Let the script's stdout and stderr print any path: a file name that is not UTF-8 (which Python holds as
+    surrogates) comes out with backslash escapes, where a strict stream (PYTHONIOENCODING=utf-8, most UTF-8
+    locales) would end the run with a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def first_line(e):

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -84,6 +85,41 @@ def test_directory_is_read_recursively_in_sorted_order(tmp_path):
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     docs = D.load_documents(str(tmp_path))
     assert docs == [(os.path.join("a", "c.txt"), "sea"), (os.path.join("a", "z.md"), "zed"), ("b.txt", "bee")]
+
+
+def test_links_are_followed_once_and_what_cannot_be_read_is_named(tmp_path, monkeypatch):
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    _write(corpus / "a.txt", "sea")
+    _write(elsewhere / "b.txt", "bee")
+    (corpus / "linked").symlink_to(elsewhere)              # a linked directory is read (it was skipped)
+    (corpus / "again.txt").symlink_to(corpus / "a.txt")     # a second name for a file: read once
+    (corpus / "loop").symlink_to(corpus)                    # a link loop ends
+    assert D.load_documents(str(corpus)) == [("a.txt", "sea"), (os.path.join("linked", "b.txt"), "bee")]
+    os.mkfifo(tmp_path / "fifo")                            # e.g. --data <(cmd): not "no text files"
+    with pytest.raises(DataError, match="is neither a file nor a directory"):
+        D.load_documents(str(tmp_path / "fifo"))
+    # a directory that cannot be listed (chmod 000; root lists it anyway, hence the stand-in) was left out
+    (corpus / "locked").mkdir()
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataError, match="cannot read the directory .*locked: Permission denied"):
+        D.load_documents(str(corpus))
+
+
+def test_the_scripts_print_a_path_that_is_not_utf8(tmp_path):
+    # a strict stdout (PYTHONIOENCODING=utf-8, most UTF-8 locales) ended the run at the first print of such a path
+    corpus = tmp_path / os.fsdecode(b"caf\xe9")
+    _write(corpus / "a.txt", "the king and the queen rode to the castle .\n" * 200)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-m", "minilm.data", "--data", str(corpus), "--vocab-size", "64", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, errors="replace")
+    assert proc.returncode == 0 and "prepared" in proc.stdout, proc.stderr[-500:]
 
 
 def test_strip_gutenberg():

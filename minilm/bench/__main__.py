@@ -68,4 +68,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from minilm.files import printable_output
+    printable_output()
     sys.exit(main())
