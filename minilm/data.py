@@ -265,12 +265,13 @@ def _starts_after(text: str, sep: str) -> list[int]:
 _MIN_CHARACTER_CUT = 100  # characters of val tail from which _cut may cut inside a word
 
 
-def _cut(text: str, val_fraction: float) -> int | None:
+def _cut(text: str, val_fraction: float, fallback: bool = True) -> int | None:
     """Where the val tail of a stripped ``text`` starts: the line start nearest to the wanted fraction, or,
     when that would make either part less than half or more than twice its wanted size (a title line over
     one long paragraph), the nearest line or word start. Where none fits and the tail would hold 100
     characters or more (text written without spaces, such as Chinese or Japanese), the character nearest
-    to the fraction. None when the text cannot be cut (a single short word)."""
+    to the fraction. Else (a short text) the nearest line or word start all the same, or None without
+    ``fallback``; None too when the text cannot be cut (a single short word)."""
     n = len(text)
     val_size = n * val_fraction
     target = n - val_size
@@ -287,12 +288,35 @@ def _cut(text: str, val_fraction: float) -> int | None:
                 return best
     if val_size >= _MIN_CHARACTER_CUT:
         return max(1, round(target))
-    return best
+    return best if fallback else None
+
+
+def _document_cuts(texts: list[str], val_fraction: float) -> list[int | None]:
+    """Where each stripped text's val tail starts: _cut's place near the fraction where it has one. A text
+    without one (a few words; a line of Chinese shorter than 1,000 characters at 0.1) goes whole to one
+    split instead -- cut 0 (val) or len(text) (train) -- in order, each to val while that keeps about
+    ``val_fraction`` of these texts' characters in val: cut at their nearest line or word start, a corpus
+    of many short files came out 20 to 50 % val, or was refused. Where that leaves a split empty (one or
+    two short texts), they are cut so after all. None: a text that cannot be cut (one word), for train."""
+    cuts = [_cut(text, val_fraction, fallback=False) for text in texts]
+    whole = [i for i, cut in enumerate(cuts) if cut is None]
+    n_all = n_val = 0
+    for i in whole:
+        n_all += len(texts[i])
+        to_val = n_val + len(texts[i]) / 2 < val_fraction * n_all   # nearer the wanted val share with it
+        n_val += len(texts[i]) if to_val else 0
+        cuts[i] = 0 if to_val else len(texts[i])
+    if not (any(cut > 0 for cut in cuts) and any(cut < len(text) for cut, text in zip(cuts, texts))):
+        for i in whole:
+            cuts[i] = _cut(texts[i], val_fraction)
+    return cuts
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float = 0.1) -> tuple[str, str]:
     """(train_text, val_text): the last ``val_fraction`` of each document (cut at a line start, see _cut) is
-    validation, the rest training, so both splits cover every document and never overlap.
+    validation, the rest training, so both splits cover every document and never overlap. Documents too
+    short to cut near that fraction go whole to one split or the other, about ``val_fraction`` of them to
+    validation (see _document_cuts).
 
     A document too small to cut (one word) goes to train only; if no document can be cut, the
     corpus is too small and this raises DataError.
@@ -300,15 +324,12 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float = 0.1) -> t
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     train, val = [], []
-    for _, text in docs:
-        text = text.strip()
-        if not text:
-            continue
-        cut = _cut(text, val_fraction)
-        if cut is None:
-            train.append(text)
-        else:
+    texts = [text for text in (text.strip() for _, text in docs) if text]
+    for text, cut in zip(texts, _document_cuts(texts, val_fraction)):
+        cut = len(text) if cut is None else cut
+        if cut > 0:
             train.append(text[:cut].rstrip())
+        if cut < len(text):
             val.append(text[cut:].lstrip())
     if not train or not val:
         raise DataError("the text is too small to split into train and validation parts (it needs at least two words)")

@@ -421,12 +421,11 @@ def _text_lines(text):
 def shakespeare_lines(docs, val_fraction=0.1):
     """{work: {"train": lines, "val": lines}}: each work cut where minilm.data.split_documents cuts it, so
     a built-in task's validation text is exactly what pre-training (same val_fraction) held out."""
-    from minilm.data import _cut
+    from minilm.data import _document_cuts
 
+    texts = [text.strip() for _, text in docs]
     out = {}
-    for name, text in docs:
-        text = text.strip()
-        cut = _cut(text, val_fraction)
+    for (name, _), text, cut in zip(docs, texts, _document_cuts(texts, val_fraction)):
         if cut is None:
             continue
         out[name] = {"train": _text_lines(text[:cut]), "val": _text_lines(text[cut:])}

@@ -238,6 +238,24 @@ def test_split_of_text_without_spaces_cuts_between_characters():
         D.split_documents([("t", "中" * 500)], 0.1)
 
 
+def test_documents_too_short_to_cut_go_whole_to_one_split_about_val_fraction_of_them():
+    # a directory of many short files: 300 lines of 800 Chinese characters (no cut near 10 %: it was refused
+    # as "too small"), and 200 documents of 3 words (each cut at a word: a third of the text was validation)
+    for docs in ([(f"{i}.txt", "".join(chr(0x4E00 + (7 * i + j) % 3000) for j in range(800))) for i in range(300)],
+                 [(f"{i}.txt", f"w{i} x{i} y{i}") for i in range(200)]):
+        train, val = D.split_documents(docs, 0.1)
+        whole = {text for _, text in docs}
+        assert set(train.split("\n")[:-1]) | set(val.split("\n")[:-1]) == whole   # every one whole, in one split
+        assert 0.09 < len(val) / (len(train) + len(val)) < 0.11
+        assert D.split_documents(docs, 0.1) == (train, val)
+    # beside documents that are cut, the short ones still go whole: the long one's 10 % and theirs
+    long_doc = " ".join(f"w{i}" for i in range(5000))
+    train, val = D.split_documents([("long", long_doc)] + [(f"{i}", f"a{i} b{i}") for i in range(100)], 0.1)
+    lines = set(train.split("\n")) | set(val.split("\n"))
+    assert all(f"a{i} b{i}" in lines for i in range(100)) and long_doc not in lines   # whole, and cut
+    assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
+
+
 def test_split_with_a_val_fraction_within_rounding_of_0_or_1_is_no_crash():
     for fraction in (1e-17, 0.9999999999999999):
         train, val = D.split_documents([("t", PLAY)], fraction)
