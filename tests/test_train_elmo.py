@@ -588,7 +588,8 @@ def test_resume_accepts_the_checkpoints_own_values(trained, corpus, tmp_path, mo
     ("می\u200cخواهم", ["می\u200cخواهم"]),                                        # zero-width non-joiner
     ("👨\u200d👩\u200d👧 ok 👍🏽!", ["👨\u200d👩\u200d👧", "ok", "👍🏽", "!"]),      # ZWJ sequence, skin tone
     ("don’t, o'er ‘it’", ["don’t", ",", "o'er", "‘", "it", "’"]),               # ’ inside a word joins like '
-    ("The King's men, I'll go.", ["The", "King's", "men", ",", "I'll", "go", "."])])
+    ("The King's men, I'll go.", ["The", "King's", "men", ",", "I'll", "go", "."]),
+    ("co\u00adoperate \u200fwith\u2060in\ufeff a\u200bb\x00c", ["cooperate", "within", "a", "bc"])])   # invisible
 def test_tokenize_keeps_marks_joiners_and_inner_apostrophes_inside_words(line, tokens):
     assert train_elmo.tokenize(line) == tokens
 
