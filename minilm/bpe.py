@@ -364,7 +364,7 @@ class BPETokenizer:
             raise DataError(f"{vocab_json} must map tokens to integer ids")
         merges = []
         try:
-            with open(merges_txt, encoding="utf-8") as f:
+            with open(merges_txt, encoding="utf-8-sig") as f:   # a byte-order mark, as some editors write
                 lines = f.read().split("\n")
         except UnicodeDecodeError as e:
             raise DataError(f"{merges_txt} is not UTF-8 (invalid byte at offset {e.start})") from None

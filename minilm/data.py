@@ -191,6 +191,8 @@ def _from_path(data: str) -> list[tuple[str, str]]:
     if os.path.isfile(data):
         with open(data, "rb") as f:
             head = f.read(8192)
+            if _utf16_or_32(head):   # with a byte-order mark, even without NUL bytes (CJK text in UTF-16)
+                raise DataError(f"{data} is {_utf16_or_32(head)} text: save it as UTF-8")
             if _is_binary(head):  # a directory skips such files; one named on its own is an error
                 raise DataError(f"{data} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 or UTF-32 "
                                 "text: save it as UTF-8)")

@@ -238,6 +238,10 @@ def test_from_files_reads_the_original_gpt1_names(tmp_path):
     tok = BPETokenizer.from_files(str(tmp_path / "encoder_bpe_40000.json"), str(tmp_path / "vocab_40000.bpe"))
     assert tok.encode("The the theth") == [8, 8, 7, 3, 1, 5]  # theth: th e t h</w>
     assert tok.decode([8, 8]) == "the the"
+    # a merges file that an editor saved with a byte-order mark: the header is still the header
+    (tmp_path / "vocab_40000.bpe").write_text("\ufeff#version: 0.2\nt h\nth e</w>\n", encoding="utf-8")
+    tok = BPETokenizer.from_files(str(tmp_path / "encoder_bpe_40000.json"), str(tmp_path / "vocab_40000.bpe"))
+    assert tok.encode("The the theth") == [8, 8, 7, 3, 1, 5]
 
 
 def test_from_files_errors(tmp_path):

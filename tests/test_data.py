@@ -54,6 +54,10 @@ def test_a_utf16_or_binary_file_named_on_its_own_is_refused(tmp_path):
     (tmp_path / "d" / "b.txt").write_bytes("the king .\n".encode("utf-16"))
     with pytest.raises(DataError, match=r"b\.txt is UTF-16 text: save it as UTF-8"):
         D.load_documents(str(tmp_path / "d"))
+    # named on its own with a byte-order mark but no NUL byte (Chinese in UTF-16): not "invalid byte 0xff"
+    (tmp_path / "zh.txt").write_bytes("国王在这里".encode("utf-16"))
+    with pytest.raises(DataError, match=r"zh\.txt is UTF-16 text: save it as UTF-8"):
+        D.load_documents(str(tmp_path / "zh.txt"))
 
 
 def test_file_names_that_are_not_utf8_are_read_and_prepared(tmp_path):
