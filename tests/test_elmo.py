@@ -361,14 +361,6 @@ def test_log_uniform_candidates_are_distinct_and_distributed_as_tfs_sequential_s
     assert torch.equal(a[0], b[0]) and a[1] == b[1]                    # a function of the generator's state
 
 
-def test_log_uniform_candidates_draw_u_in_float64_as_tf(monkeypatch):
-    # TF's sampler draws u in double: float32's 24-bit u makes the rare ids of an 800,000-word vocabulary up to
-    # twice as likely, or half, as the P(k) that the logits' correction assumes
-    dtypes, rand = [], torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *a, **kw: dtypes.append(kw.get("dtype")) or rand(*a, **kw))
-    log_uniform_candidates(800_000, 64)
-    assert dtypes and set(dtypes) == {torch.float64}
-
 
 @pytest.mark.parametrize("tries", [9, 6])                         # 6 == K: every draw was new
 def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_removed(monkeypatch, tries):
