@@ -147,8 +147,8 @@ def token_regex():
 def invisible_characters():
     """str.translate's table (built once, in about 0.1 s) for what a reader does not see: the format
     characters (category Cf: soft hyphens, direction marks, word joiners, a byte-order mark inside the text,
-    emoji tag characters) and the control characters but whitespace (NUL) go, so that "co\u00adoperate"
-    stays one word rather than three; the zero-width space U+200B, which separates words in Thai or Khmer,
+    emoji tag characters) and the control characters but whitespace (NUL) go, so that a word with a soft
+    hyphen (U+00AD) stays one word rather than three; the zero-width space U+200B, which separates words in Thai or Khmer,
     becomes a space. The joiners U+200C and U+200D stay: they belong inside words and emoji sequences."""
     table = {}
     for c in range(sys.maxunicode + 1):

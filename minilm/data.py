@@ -297,9 +297,10 @@ def _document_cuts(texts: list[str], val_fraction: float) -> list[int | None]:
     """Where each stripped text's val tail starts: _cut's place near the fraction where it has one. A text
     without one (a few words; a line of Chinese shorter than 1,000 characters at 0.1) goes whole to one
     split instead -- cut 0 (val) or len(text) (train) -- in order, each to val while that keeps about
-    ``val_fraction`` of these texts' characters in val: cut at their nearest line or word start, a corpus
-    of many short files came out 20 to 50 % val, or was refused. Where that leaves a split empty (one or
-    two short texts), they are cut so after all. None: a text that cannot be cut (one word), for train."""
+    ``val_fraction`` of these texts' characters in val. (Cut at its nearest line or word start instead, a
+    folder of many short files came out 20 to 50 % val.) Where that leaves a split empty (one or two short
+    texts), they are cut at their nearest line or word start after all. None: a text that cannot be cut
+    (one word), for train."""
     cuts = [_cut(text, val_fraction, fallback=False) for text in texts]
     whole = [i for i, cut in enumerate(cuts) if cut is None]
     n_all = n_val = 0
