@@ -139,7 +139,7 @@ def token_regex():
                 ranges.append([c, c])
     marks = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
     word = rf"[\w{marks}\u200c\u200d]"
-    symbol = rf"[^\w\s](?:[{marks}\U0001F3FB-\U0001F3FF]|\u200d[^\w\s])*"
+    symbol = rf"[^\w\s](?:[{marks}\U0001F3FB-\U0001F3FF\U000E0020-\U000E007F]|\u200d[^\w\s])*"
     return re.compile(rf"{word}+(?:['’]{word}+)*|[\U0001F1E6-\U0001F1FF]{{2}}|{symbol}")
 
 
@@ -147,13 +147,15 @@ def token_regex():
 def invisible_characters():
     """str.translate's table (built once, in about 0.1 s) for what a reader does not see: the format
     characters (category Cf: soft hyphens, direction marks, word joiners, a byte-order mark inside the text,
-    emoji tag characters) and the control characters but whitespace (NUL) go, so that a word with a soft
+    ...) and the control characters but whitespace (NUL) go, so that a word with a soft
     hyphen (U+00AD) stays one word rather than three; the zero-width space U+200B, which separates words in Thai or Khmer,
-    becomes a space. The joiners U+200C and U+200D stay: they belong inside words and emoji sequences."""
+    becomes a space. The joiners U+200C and U+200D stay, as do the tag characters of subdivision flags
+    (🏴 + tags: Scotland's, England's): they belong inside words and emoji sequences."""
     table = {}
     for c in range(sys.maxunicode + 1):
         category = unicodedata.category(chr(c))
-        if category == "Cf" and c not in (0x200C, 0x200D) or category == "Cc" and not chr(c).isspace():
+        kept = c in (0x200C, 0x200D) or 0xE0020 <= c <= 0xE007F   # joiners; the tags of 🏴 flag sequences
+        if category == "Cf" and not kept or category == "Cc" and not chr(c).isspace():
             table[c] = None
     table[0x200B] = " "
     return table
@@ -857,8 +859,9 @@ def held_out_perplexity(cfg):
         splits = {"train": sentences_of(train_text), "val": sentences_of(val_text)}   # the order train() hashes
         types, _, _, split_tokens, _ = encode_splits(splits, checkpoint["vocab"])
         if corpus_fingerprint(types, split_tokens) != checkpoint["corpus_sha256"]:
-            raise UsageError(f"--test val: {data} has changed since {cfg['out_dir']}/ckpt.pt was trained on it, so "
-                             "its validation split is no longer the run's: give --test a text file")
+            raise UsageError(f"--test val: {data} has changed since {cfg['out_dir']}/ckpt.pt was trained on it (or an "
+                             "older minilm split or tokenized it otherwise), so its validation split is no longer the "
+                             "run's: give --test a text file")
         sentences = splits["val"]
     else:
         sentences = text_sentences(cfg["test"], "test")
@@ -905,6 +908,7 @@ def embed_file(cfg):
     from minilm.files import write_atomic
 
     dev = cfg["device"]
+    cfg = {**cfg, "word": cfg["word"].translate(invisible_characters())}   # as the text's words are read
     _, bilm = trained_bilm(cfg, "embed")
     elmo = ELMo(bilm, dropout=0.0).eval()     # w = 0, γ = 1: the plain average of the layers
     sentences = text_sentences(cfg["embed"], "embed")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -208,18 +209,26 @@ def _from_path(data: str) -> list[tuple[str, str]]:
     def unreadable(e):  # os.walk would skip a directory it cannot list, and with it that part of the text
         raise DataError(f"cannot read the directory {e.filename}: {e.strerror}")
 
-    docs, seen = [], set()   # real paths: a linked directory or file is read once, and a link loop ends
+    def identity(st):
+        return st.st_dev, st.st_ino
+
+    docs, seen = [], set()   # (device, inode): a linked directory or file is read once, and a link loop ends
     for root, dirs, files in os.walk(data, onerror=unreadable, followlinks=True):
-        if os.path.realpath(root) in seen:
+        if identity(os.stat(root)) in seen:
             dirs[:] = []
             continue
-        seen.add(os.path.realpath(root))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git and the like
+        seen.add(identity(os.stat(root)))
+        # skip .git and the like, and a file system's lost+found (only root may list it)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "lost+found")
         for name in sorted(files):
             path = os.path.join(root, name)
-            if name.startswith(".") or not os.path.isfile(path) or os.path.realpath(path) in seen:
+            try:
+                st = os.stat(path)
+            except OSError:   # a dangling link
                 continue
-            seen.add(os.path.realpath(path))
+            if name.startswith(".") or not stat.S_ISREG(st.st_mode) or identity(st) in seen:
+                continue
+            seen.add(identity(st))
             with open(path, "rb") as f:
                 head = f.read(8192)   # a large binary file (a checkpoint next to the text) is never read whole
                 wide = _utf16_or_32(head)
@@ -295,12 +304,13 @@ def _cut(text: str, val_fraction: float, fallback: bool = True) -> int | None:
 
 def _document_cuts(texts: list[str], val_fraction: float) -> list[int | None]:
     """Where each stripped text's val tail starts: _cut's place near the fraction where it has one. A text
-    without one (a few words; a line of Chinese shorter than 1,000 characters at 0.1) goes whole to one
-    split instead -- cut 0 (val) or len(text) (train) -- in order, each to val while that keeps about
-    ``val_fraction`` of these texts' characters in val. (Cut at its nearest line or word start instead, a
-    folder of many short files came out 20 to 50 % val.) Where that leaves a split empty (one or two short
-    texts), they are cut at their nearest line or word start after all. None: a text that cannot be cut
-    (one word), for train."""
+    without one (a few words, one word, a line of Chinese shorter than 1,000 characters at 0.1) goes whole
+    to one split instead -- cut 0 (val) or len(text) (train) -- in order, each to val while that keeps
+    about ``val_fraction`` of these texts' characters in val. (Cut at its nearest line or word start
+    instead, a folder of many short files came out 20 to 50 % val.) Where every text went whole to one
+    split (a few short texts, or a fraction near 0 or 1), the one whose length is nearest the other split's
+    share moves there; a single text is cut at its nearest line or word start after all, or None when it
+    cannot be cut (one word)."""
     cuts = [_cut(text, val_fraction, fallback=False) for text in texts]
     whole = [i for i, cut in enumerate(cuts) if cut is None]
     n_all = n_val = 0
@@ -309,9 +319,14 @@ def _document_cuts(texts: list[str], val_fraction: float) -> list[int | None]:
         to_val = n_val + len(texts[i]) / 2 < val_fraction * n_all   # nearer the wanted val share with it
         n_val += len(texts[i]) if to_val else 0
         cuts[i] = 0 if to_val else len(texts[i])
-    if not (any(cut > 0 for cut in cuts) and any(cut < len(text) for cut, text in zip(cuts, texts))):
-        for i in whole:
-            cuts[i] = _cut(texts[i], val_fraction)
+    has_train = any(cut > 0 for cut in cuts)
+    has_val = any(cut < len(text) for cut, text in zip(cuts, texts))
+    if len(whole) == 1 and not (has_train and has_val):
+        cuts[whole[0]] = _cut(texts[whole[0]], val_fraction)
+    elif len(whole) > 1 and not (has_train and has_val):   # (texts cut near the fraction fill both splits)
+        want = n_all * (val_fraction if has_train else 1 - val_fraction)
+        i = min(whole, key=lambda i: abs(len(texts[i]) - want))
+        cuts[i] = 0 if has_train else len(texts[i])
     return cuts
 
 
@@ -321,8 +336,7 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float = 0.1) -> t
     short to cut near that fraction go whole to one split or the other, about ``val_fraction`` of them to
     validation (see _document_cuts).
 
-    A document too small to cut (one word) goes to train only; if no document can be cut, the
-    corpus is too small and this raises DataError.
+    A corpus of one document too small to cut (one word) is too small, and this raises DataError.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")

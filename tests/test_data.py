@@ -98,12 +98,15 @@ def test_links_are_followed_once_and_what_cannot_be_read_is_named(tmp_path, monk
     (corpus / "linked").symlink_to(elsewhere)              # a linked directory is read (it was skipped)
     (corpus / "again.txt").symlink_to(corpus / "a.txt")     # a second name for a file: read once
     (corpus / "loop").symlink_to(corpus)                    # a link loop ends
+    (corpus / "dangling").symlink_to(tmp_path / "gone.txt")  # a link to nothing is no text
+    _write(corpus / "lost+found" / "x", "fsck's")            # a mount point's: only root may list it
     assert D.load_documents(str(corpus)) == [("a.txt", "sea"), (os.path.join("linked", "b.txt"), "bee")]
     os.mkfifo(tmp_path / "fifo")                            # e.g. --data <(cmd): not "no text files"
     with pytest.raises(DataError, match="is neither a file nor a directory"):
         D.load_documents(str(tmp_path / "fifo"))
     # a directory that cannot be listed (chmod 000; root lists it anyway, hence the stand-in) was left out
     (corpus / "locked").mkdir()
+    assert len(D.load_documents(str(corpus))) == 2
     scandir = os.scandir
 
     def refusing(path="."):
@@ -121,9 +124,10 @@ def test_the_scripts_print_a_path_that_is_not_utf8(tmp_path):
     corpus = tmp_path / os.fsdecode(b"caf\xe9")
     _write(corpus / "a.txt", "the king and the queen rode to the castle .\n" * 200)
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    out = tmp_path / os.fsdecode(b"caf\xe9-out")                     # the line it prints names this
     proc = subprocess.run([sys.executable, "-m", "minilm.data", "--data", str(corpus), "--vocab-size", "64", "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=env, errors="replace")
-    assert proc.returncode == 0 and "prepared" in proc.stdout, proc.stderr[-500:]
+                           str(out)], capture_output=True, text=True, env=env, errors="replace")
+    assert proc.returncode == 0 and "caf\\udce9-out" in proc.stdout and "prepared" in proc.stdout, proc.stderr[-500:]
 
 
 def test_strip_gutenberg():
@@ -249,7 +253,8 @@ def test_documents_too_short_to_cut_go_whole_to_one_split_about_val_fraction_of_
                  [(f"{i}.txt", f"w{i} x{i} y{i}") for i in range(200)]):
         train, val = D.split_documents(docs, 0.1)
         whole = {text for _, text in docs}
-        assert set(train.split("\n")[:-1]) | set(val.split("\n")[:-1]) == whole   # every one whole, in one split
+        train_docs, val_docs = set(train.split("\n")[:-1]), set(val.split("\n")[:-1])
+        assert train_docs | val_docs == whole and not train_docs & val_docs   # every one whole, in one split
         assert 0.09 < len(val) / (len(train) + len(val)) < 0.11
         assert D.split_documents(docs, 0.1) == (train, val)
     # beside documents that are cut, the short ones still go whole: the long one's 10 % and theirs
@@ -258,6 +263,21 @@ def test_documents_too_short_to_cut_go_whole_to_one_split_about_val_fraction_of_
     lines = set(train.split("\n")) | set(val.split("\n"))
     assert all(f"a{i} b{i}" in lines for i in range(100)) and long_doc not in lines   # whole, and cut
     assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
+
+
+def test_a_few_short_documents_give_one_of_them_to_the_empty_split():
+    # 5 documents of 3 words at 0.1, or 50 at 0.01 or 0.99: every one went whole to one split, and then every
+    # one was cut at a word (27 %, 33 %, 67 % validation); now the one nearest the other split's share moves
+    for n, fraction in ((5, 0.1), (50, 0.01), (50, 0.99)):
+        docs = [(f"{i}", f"w{i} x{i} y{i}") for i in range(n)]
+        train, val = D.split_documents(docs, fraction)
+        train_docs, val_docs = set(train.split("\n")[:-1]), set(val.split("\n")[:-1])
+        assert train_docs | val_docs == {text for _, text in docs} and not train_docs & val_docs
+        assert len(val_docs if fraction < 0.5 else train_docs) == 1
+    # one short document is still cut at a word, and one word alone is too small
+    assert D.split_documents([("t", "just three words")], 0.5)[1].strip()
+    with pytest.raises(DataError, match="too small to split"):
+        D.split_documents([("t", "word")], 0.1)
 
 
 def test_split_with_a_val_fraction_within_rounding_of_0_or_1_is_no_crash():

@@ -361,7 +361,6 @@ def test_log_uniform_candidates_are_distinct_and_distributed_as_tfs_sequential_s
     assert torch.equal(a[0], b[0]) and a[1] == b[1]                    # a function of the generator's state
 
 
-
 @pytest.mark.parametrize("tries", [9, 6])                         # 6 == K: every draw was new
 def test_sampled_softmax_loss_is_tfs_with_unique_sampling_and_accidental_hits_removed(monkeypatch, tries):
     V, K = 50, 6

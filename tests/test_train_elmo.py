@@ -244,8 +244,9 @@ def test_help_prints_the_docstring_and_every_option_and_does_nothing_else(tmp_pa
 
 def test_embed_writes_features_and_context_changes_a_words_vector(trained, tmp_path):
     text = tmp_path / "sentences.txt"
-    text.write_text("The king loves a play .\nA fool mocks the king .\nMy lord serves the king .\n", encoding="utf-8")
-    p = run("--out_dir", trained, "--embed", str(text), "--word", "king", "--device", "cpu")
+    text.write_text("The king loves a play .\nA fool mocks the ki\u00adng .\nMy lord serves the king .\n", encoding="utf-8")
+    # a soft hyphen, in the text or in --word, is not part of the word
+    p = run("--out_dir", trained, "--embed", str(text), "--word", "ki\u00adng", "--device", "cpu")
     assert "'king' in 3 contexts" in p.stdout
     f = np.load(os.path.join(trained, "elmo_features.npz"))
     assert int(f["n_sentences"]) == 3
@@ -589,7 +590,9 @@ def test_resume_accepts_the_checkpoints_own_values(trained, corpus, tmp_path, mo
     ("👨\u200d👩\u200d👧 ok 👍🏽!", ["👨\u200d👩\u200d👧", "ok", "👍🏽", "!"]),      # ZWJ sequence, skin tone
     ("don’t, o'er ‘it’", ["don’t", ",", "o'er", "‘", "it", "’"]),               # ’ inside a word joins like '
     ("The King's men, I'll go.", ["The", "King's", "men", ",", "I'll", "go", "."]),
-    ("co\u00adoperate \u200fwith\u2060in\ufeff a\u200bb\x00c", ["cooperate", "within", "a", "bc"])])   # invisible
+    ("co\u00adoperate \u200fwith\u2060in\ufeff a\u200bb\x00c", ["cooperate", "within", "a", "bc"]),   # invisible
+    ("🏴\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F ok",                        # a subdivision flag
+     ["🏴\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F", "ok"])])
 def test_tokenize_keeps_marks_joiners_and_inner_apostrophes_inside_words(line, tokens):
     assert train_elmo.tokenize(line) == tokens
 
@@ -672,8 +675,8 @@ def test_test_val_refuses_a_corpus_changed_since_training_and_a_damaged_record_o
     with open(text, "a", encoding="utf-8") as f:
         f.write("The king fears a new line .\n")
     assert usage_error("--out_dir", str(out), "--test", "val") == (
-        f"--test val: {text} has changed since {out}/ckpt.pt was trained on it, so its validation split is no "
-        "longer the run's: give --test a text file")
+        f"--test val: {text} has changed since {out}/ckpt.pt was trained on it (or an older minilm split or "
+        "tokenized it otherwise), so its validation split is no longer the run's: give --test a text file")
     text.unlink()                                   # moved away: the run's corpus, not a --data, is named
     assert usage_error("--out_dir", str(out), "--test", "val").startswith(
         f"--test val: the run's corpus {text} cannot be read (")
