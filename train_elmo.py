@@ -40,7 +40,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from minilm.files import out_dir_problem, printable_output, releases_out_dir_locks, state_dict_error_line
+from minilm.files import (load_error_line, out_dir_problem, printable_output, releases_out_dir_locks,
+                          state_dict_error_line)
 
 # -----------------------------------------------------------------------------------------------
 # defaults (bilm-tf's where they make sense on a laptop; the paper's run: --preset original
@@ -119,46 +120,51 @@ def parse_args(argv, defaults):
 
 
 @functools.cache
+def unicode_classes():
+    """One pass over every code point (on first use, about 0.1 s) for the two tables tokenize needs: the
+    combining marks (Unicode categories Mn, Mc, Me) as [first, last] runs, and str.translate's table of what
+    a reader does not see (invisible_characters)."""
+    marks, invisible = [], {}
+    for c in range(sys.maxunicode + 1):
+        category = unicodedata.category(chr(c))
+        if category[0] == "M":
+            if marks and marks[-1][1] == c - 1:
+                marks[-1][1] = c
+            else:
+                marks.append([c, c])
+        kept = c in (0x200C, 0x200D) or 0xE0020 <= c <= 0xE007F   # joiners; the tags of 🏴 flag sequences
+        if category == "Cf" and not kept or category == "Cc" and not chr(c).isspace():
+            invisible[c] = None
+    invisible[0x200B] = " "
+    return marks, invisible
+
+
+@functools.cache
 def token_regex():
-    """Words or symbols: the compiled pattern that `tokenize` uses (built once, on first use, in about 0.1 s).
+    """Words or symbols: the compiled pattern that `tokenize` uses (built once, on first use).
 
     A word is a run of word characters: Python's \\w (letters, digits, _) plus what belongs inside a
     word but is not \\w, and re has no class for: the combining marks (Unicode categories Mn, Mc,
     Me: Devanagari vowel signs and viramas, the accents of NFD text) and the zero-width non-joiner
     and joiner U+200C, U+200D. An apostrophe, ' or ’, between word characters stays inside
     ("o'er", "don’t"). A symbol is one other non-space character together with the marks (emoji
-    variation selectors), skin-tone modifiers and ZWJ-joined symbols that follow it, so an emoji
-    sequence like 👨‍👩‍👧 stays one token; two regional indicators make one flag.
+    variation selectors), skin-tone modifiers, flag tags and ZWJ-joined symbols that follow it, so an
+    emoji sequence like 👨‍👩‍👧 stays one token; two regional indicators make one flag.
     """
-    ranges = []                    # the code points of category M*, as [first, last] runs
-    for c in range(sys.maxunicode + 1):
-        if unicodedata.category(chr(c))[0] == "M":
-            if ranges and ranges[-1][1] == c - 1:
-                ranges[-1][1] = c
-            else:
-                ranges.append([c, c])
-    marks = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    marks = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in unicode_classes()[0])
     word = rf"[\w{marks}\u200c\u200d]"
     symbol = rf"[^\w\s](?:[{marks}\U0001F3FB-\U0001F3FF\U000E0020-\U000E007F]|\u200d[^\w\s])*"
     return re.compile(rf"{word}+(?:['’]{word}+)*|[\U0001F1E6-\U0001F1FF]{{2}}|{symbol}")
 
 
-@functools.cache
 def invisible_characters():
-    """str.translate's table (built once, in about 0.1 s) for what a reader does not see: the format
-    characters (category Cf: soft hyphens, direction marks, word joiners, a byte-order mark inside the text,
-    ...) and the control characters but whitespace (NUL) go, so that a word with a soft
-    hyphen (U+00AD) stays one word rather than three; the zero-width space U+200B, which separates words in Thai or Khmer,
-    becomes a space. The joiners U+200C and U+200D stay, as do the tag characters of subdivision flags
-    (🏴 + tags: Scotland's, England's): they belong inside words and emoji sequences."""
-    table = {}
-    for c in range(sys.maxunicode + 1):
-        category = unicodedata.category(chr(c))
-        kept = c in (0x200C, 0x200D) or 0xE0020 <= c <= 0xE007F   # joiners; the tags of 🏴 flag sequences
-        if category == "Cf" and not kept or category == "Cc" and not chr(c).isspace():
-            table[c] = None
-    table[0x200B] = " "
-    return table
+    """str.translate's table of what a reader does not see: the format characters (category Cf: soft hyphens,
+    direction marks, word joiners, a byte-order mark inside the text, ...) and the control characters but
+    whitespace (NUL) go, so that a word with a soft hyphen (U+00AD) stays one word rather than three; the
+    zero-width space U+200B, which separates words in Thai or Khmer, becomes a space. The joiners U+200C and
+    U+200D stay, as do the tag characters of subdivision flags (🏴 + tags: Scotland's, England's): they
+    belong inside words and emoji sequences."""
+    return unicode_classes()[1]
 
 
 def tokenize(line):
@@ -346,7 +352,6 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:            # truncated, not a torch file, objects that weights_only refuses, ...
-        from minilm.files import load_error_line
         raise UsageError(f"cannot read {path} (truncated or not a checkpoint?): {load_error_line(e)}") from None
     missing = {"model", "optimizer", "config", "vocab", "iter"} - set(checkpoint if isinstance(checkpoint, dict) else {})
     if missing:

@@ -192,8 +192,9 @@ def _from_path(data: str) -> list[tuple[str, str]]:
     if os.path.isfile(data):
         with open(data, "rb") as f:
             head = f.read(8192)
-            if _utf16_or_32(head):   # with a byte-order mark, even without NUL bytes (CJK text in UTF-16)
-                raise DataError(f"{data} is {_utf16_or_32(head)} text: save it as UTF-8")
+            wide = _utf16_or_32(head)
+            if wide:   # with a byte-order mark, even without NUL bytes (CJK text in UTF-16)
+                raise DataError(f"{data} is {wide} text: save it as UTF-8")
             if _is_binary(head):  # a directory skips such files; one named on its own is an error
                 raise DataError(f"{data} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 or UTF-32 "
                                 "text: save it as UTF-8)")
@@ -214,10 +215,11 @@ def _from_path(data: str) -> list[tuple[str, str]]:
 
     docs, seen = [], set()   # (device, inode): a linked directory or file is read once, and a link loop ends
     for root, dirs, files in os.walk(data, onerror=unreadable, followlinks=True):
-        if identity(os.stat(root)) in seen:
+        here = identity(os.stat(root))
+        if here in seen:
             dirs[:] = []
             continue
-        seen.add(identity(os.stat(root)))
+        seen.add(here)
         # skip .git and the like, and a file system's lost+found (only root may list it)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "lost+found")
         for name in sorted(files):

@@ -76,9 +76,10 @@ def printable_output():
             stream.reconfigure(errors="backslashreplace")
 
 
-def first_line(e):
-    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+def first_line(e, lines=1):
+    """An exception's message cut to its first line (or first `lines` lines, joined), its type's name when it
+    has none, for one-line errors."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines()[:lines]).rstrip(":") or type(e).__name__
 
 
 def out_dir_problem(out_dir):
@@ -98,7 +99,7 @@ def state_dict_error_line(e):
     """Why load_state_dict refused a checkpoint's weights, on one line: torch's first line says only "Error(s) in
     loading state_dict for GPT1:", so its second, which names the missing, unexpected or misshapen weights,
     joins it (cut at 300 characters: a list of missing keys can run to thousands)."""
-    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]).rstrip(":") or type(e).__name__
+    text = first_line(e, lines=2)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
