@@ -494,7 +494,9 @@ class BiLM(nn.Module):
             if token_index.numel() and not all(0 <= i < len(char_ids) for i in id_range(token_index)):
                 raise ValueError(f"BiLM.stream_losses: token_index must pick one of the {len(char_ids)} rows of char_ids")
             self.check_stream_state(state, token_index.shape[1])
-            x = self.token_embedding(char_ids[None])[0][token_index]          # (U, P) → (2, B, T, P)
+            words = self.token_embedding(char_ids[None])[0]                   # (U, P)
+            # index_select, not words[token_index]: see _sampled_softmax_loss
+            x = words.index_select(0, token_index.reshape(-1)).view(2, B, T, -1)   # (2, B, T, P)
         self._check_targets(targets, "targets")
         if tuple(targets.shape) != (2, B, T):
             raise ValueError(f"BiLM.stream_losses: targets must be (2, B, T) = {(2, B, T)}, like the inputs, got "
@@ -555,9 +557,13 @@ class BiLM(nn.Module):
         def log_expected_count(ids):
             return torch.log(log_uniform_expected_count(ids, V, K, num_tries))                   # fp32
 
+        # rows picked with index_select, not W[targets]: on the CPU, indexing's backward adds a word's repeated
+        # rows with parallel atomics, in an order that changes from run to run, so two runs of one seed drift apart
         W, b = self.softmax.weight, self.softmax.bias
-        true_logits = (h * W[targets]).sum(-1) + b[targets] - log_expected_count(targets)        # (N,)
-        sampled_logits = h @ W[sampled].t() + b[sampled] - log_expected_count(sampled)            # (N, K)
+        W_true, b_true = W.index_select(0, targets), b.index_select(0, targets)                # (N, P), (N,)
+        W_sampled, b_sampled = W.index_select(0, sampled), b.index_select(0, sampled)          # (K, P), (K,)
+        true_logits = (h * W_true).sum(-1) + b_true - log_expected_count(targets)                # (N,)
+        sampled_logits = h @ W_sampled.t() + b_sampled - log_expected_count(sampled)              # (N, K)
         sampled_logits = sampled_logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([true_logits[:, None], sampled_logits], dim=1)                        # (N, 1+K)
         return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -404,6 +404,32 @@ def test_training_uses_the_sampled_softmax_only_when_the_vocabulary_is_larger_th
                                    nn.functional.cross_entropy(small.softmax(h[keep]), targets[keep]))
 
 
+def test_a_training_step_gives_the_same_gradients_every_time_on_several_threads():
+    # A batch's tokens repeat their words (in token_index) and their targets (in the softmax): torch's CPU backward of
+    # an index like words[token_index] adds repeated rows with parallel atomics, in an order that changes from call to
+    # call, and a run of one seed then drifted from itself (and from its own resume) after a few dozen steps. Sizes
+    # past torch's parallel grain (2 · 16 · 40 tokens × 64 wide) so that several threads share that work.
+    torch.manual_seed(0)
+    model = BiLM(tiny_config(vocab_size=3000, n_negative_samples=256, projection_dim=64, lstm_dim=96)).train()
+    words = batch_to_ids([[f"w{i}" for i in range(50)]])[0]                       # (50, 50) distinct words' char ids
+    token_index = torch.randint(0, 50, (2, 16, 40))
+    targets = torch.randint(0, 50, (2, 16, 40))                                     # few ids: every row repeats
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        first = None
+        for _ in range(6):
+            torch.manual_seed(1)                                                   # the same candidates each time
+            model.zero_grad()
+            model.stream_losses(words, targets, token_index=token_index)[0].sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            first = first or grads
+            for n in grads:
+                assert torch.equal(grads[n], first[n]), n
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- ELMo --------------------------------------------------------------------------------------
 
 def test_scalar_mix_starts_as_an_average_and_layer_norm_uses_unmasked_elements():
