@@ -193,6 +193,27 @@ def test_matches_reference_on_several_threads(act):
         torch.set_num_threads(threads)
 
 
+def test_results_are_the_same_on_any_number_of_threads():
+    # The backward adds the embedding gradient's partial sums in a fixed order of fixed groups, never one per
+    # thread: a run resumed on a machine with another number of cores trains on as the uninterrupted run.
+    ids = make_ids(2000, 32, gen=torch.Generator().manual_seed(3))
+    emb, ws, bs = make_params(ELMO_SMALL + [(6, 64), (7, 128)], 16, torch.float32)
+    g = torch.randn(2000, 316, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            results.append(run_with_grads(char_cnn, ids, emb, ws, bs, "relu", g))
+    finally:
+        torch.set_num_threads(threads)
+    (out, grads), rest = results[0], results[1:]
+    for n, (o, gs) in zip((2, 3, 5), rest):
+        assert torch.equal(o, out), f"{n} threads: out"
+        for name, a, b in zip(("embedding", *("weight",) * 7, *("bias",) * 7), gs, grads):
+            assert torch.equal(a, b), f"{n} threads: d{name}"
+
+
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_gradcheck_fp64(act):
     ids = make_ids(4, 8, vocab=6, gen=torch.Generator().manual_seed(1))

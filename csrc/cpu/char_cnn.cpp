@@ -20,8 +20,8 @@
 // 1 − out²), the ids, the embedding and the filters. The gradient goes through t* only:
 //   g' = grad_out·act'(out);  dW_f[e,k] += g'·x[t*+k, e];  dx[t*+k, e] += g'·W_f[e,k];  db_f += g'.
 // Since x is a lookup, both are computed from a histogram of g' by character id (see backward_kernel).
-// Parallel over chunks of filters, race-free; deterministic for a given thread count (partial sums of
-// the embedding gradient are added in a fixed order). fp32, bf16 and fp16 accumulate in fp32; fp64 in fp64.
+// Parallel over chunks of filters, race-free; deterministic on any number of threads (partial sums of
+// the embedding gradient, one per fixed group of chunks, are added in a fixed order). fp32, bf16 and fp16 accumulate in fp32; fp64 in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -264,11 +264,13 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
 // dx), and two small products per chunk of filters (H·emb for dW, Hᵀ·W for dembedding) finish the
 // job. H for a chunk of C filters is C·w × V. Extra memory: a few MiB, whatever N.
 // Parallel over chunks of filters; each chunk owns its dW rows and bias entries (no races), and its
-// dembedding contribution goes into the partial buffer of the range of chunks it belongs to; the
-// partials are summed in range order. The ranges come from at::parallel_for's static split, so the
-// result is the same run after run for a given thread count.
+// dembedding contribution goes into the partial buffer of its group: the chunks in a fixed number of
+// consecutive groups, set by the shapes alone. The partials are summed in group order, so the result is
+// the same run after run and on any number of threads (a resumed run on another machine trains on).
 constexpr int64_t kChunkTaps = 448;       // C·w per chunk: chunks of equal work whatever the width
 constexpr int64_t kHistFloats = 1 << 20;  // at most 4 MiB of histogram per chunk (large V: smaller C)
+constexpr int64_t kGroups = 32;           // partial dembedding buffers: enough groups to share among threads,
+constexpr int64_t kPartialFloats = 1 << 24;  // ... within 64 MiB of them (large V·E: fewer groups)
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at::Tensor& emb_t,
@@ -292,62 +294,65 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
     for (int64_t f0 = 0; f0 < fs.F[i]; f0 += C) chunks.push_back({int64_t(i), f0, std::min(fs.F[i], f0 + C)});
   }
   const int64_t n_chunks = int64_t(chunks.size());
-  std::vector<std::vector<acc_t>> ge_partial(n_chunks);  // indexed by the first chunk of a range
+  const int64_t n_groups = std::max<int64_t>(1, std::min({n_chunks, kGroups, kPartialFloats / (V * E)}));
+  std::vector<std::vector<acc_t>> ge_partial(n_groups);  // group g: chunks [g·n/G, (g+1)·n/G)
 
   // Small problems (fewer than ~64k token-filter pairs) run on the calling thread alone.
-  const int64_t grain = N * Ftot < (int64_t(1) << 16) ? n_chunks : 1;
-  at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t>& ge = ge_partial[begin];
-    ge.assign(V * E, acc_t(0));
+  const int64_t grain = N * Ftot < (int64_t(1) << 16) ? n_groups : 1;
+  at::parallel_for(0, n_groups, grain, [&](int64_t g_begin, int64_t g_end) {
     std::vector<acc_t> H, dw, db;
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t i = chunks[ch].i, f0 = chunks[ch].f0, f1 = chunks[ch].f1;
-      const int64_t W = fs.width[i], T = L - W + 1, C = f1 - f0, off = fs.offset[i];
-      H.assign(C * W * V, acc_t(0));
-      db.assign(C, acc_t(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t row = n * Ftot + off;
-        const int64_t* tok_n = ids + n * L;
-        for (int64_t f = f0; f < f1; ++f) {
-          const int t = argmax[row + f];
-          TORCH_CHECK(t >= 0 && t < T, "char_cnn_backward: argmax ", t, " is outside [0, ", T, ") for width ", W);
-          const acc_t g = acc_t(gout[row + f]), y = acc_t(out[row + f]);
-          // g' = grad_out · act'(out), the gradient at the pre-activation max (relu: a NaN out passes g,
-          // as torch's relu backward does: zero only where out <= 0)
-          const acc_t gp = act == Act::Relu ? (y <= acc_t(0) ? acc_t(0) : g) : g * (acc_t(1) - y * y);
-          // no skip on gp == 0: relu zeroes about half at random, and a mispredicted branch costs
-          // more than the w additions of zero it would save
-          db[f - f0] += gp;
-          acc_t* h = H.data() + (f - f0) * W * V;
-          const int64_t* tok = tok_n + t;
-          for (int64_t k = 0; k < W; ++k) h[k * V + tok[k]] += gp;
-        }
-      }
-      for (int64_t f = f0; f < f1; ++f) grad_b[off + f] = scalar_t(db[f - f0]);
-      // dW [C·w, E] = H [C·w, V] · emb [V, E] and dembedding [V, E] += Hᵀ [V, C·w] · W [C·w, E]. Plain
-      // loops, not BLAS: H is sparse (only the ids that occur), the products are small, and this runs
-      // on the autograd engine's thread, where every BLAS call would start and sync its own threads.
-      dw.assign(C * W * E, acc_t(0));
-      const acc_t* wc = fs.w[i].data() + f0 * W * E;  // this chunk's filters, [C·w, E]
-      for (int64_t r = 0; r < C * W; ++r) {
-        const acc_t* h = H.data() + r * V;
-        acc_t* d = dw.data() + r * E;
-        for (int64_t v = 0; v < V; ++v) {
-          const acc_t hv = h[v];
-          if (hv == acc_t(0)) continue;
-          const acc_t* x = emb.data() + v * E;
-          const acc_t* wr = wc + r * E;
-          acc_t* g = ge.data() + v * E;
-          for (int64_t e = 0; e < E; ++e) {
-            d[e] += hv * x[e];
-            g[e] += hv * wr[e];
+    for (int64_t grp = g_begin; grp < g_end; ++grp) {
+      std::vector<acc_t>& ge = ge_partial[grp];
+      ge.assign(V * E, acc_t(0));
+      for (int64_t ch = grp * n_chunks / n_groups; ch < (grp + 1) * n_chunks / n_groups; ++ch) {
+        const int64_t i = chunks[ch].i, f0 = chunks[ch].f0, f1 = chunks[ch].f1;
+        const int64_t W = fs.width[i], T = L - W + 1, C = f1 - f0, off = fs.offset[i];
+        H.assign(C * W * V, acc_t(0));
+        db.assign(C, acc_t(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t row = n * Ftot + off;
+          const int64_t* tok_n = ids + n * L;
+          for (int64_t f = f0; f < f1; ++f) {
+            const int t = argmax[row + f];
+            TORCH_CHECK(t >= 0 && t < T, "char_cnn_backward: argmax ", t, " is outside [0, ", T, ") for width ", W);
+            const acc_t g = acc_t(gout[row + f]), y = acc_t(out[row + f]);
+            // g' = grad_out · act'(out), the gradient at the pre-activation max (relu: a NaN out passes g,
+            // as torch's relu backward does: zero only where out <= 0)
+            const acc_t gp = act == Act::Relu ? (y <= acc_t(0) ? acc_t(0) : g) : g * (acc_t(1) - y * y);
+            // no skip on gp == 0: relu zeroes about half at random, and a mispredicted branch costs
+            // more than the w additions of zero it would save
+            db[f - f0] += gp;
+            acc_t* h = H.data() + (f - f0) * W * V;
+            const int64_t* tok = tok_n + t;
+            for (int64_t k = 0; k < W; ++k) h[k * V + tok[k]] += gp;
           }
         }
+        for (int64_t f = f0; f < f1; ++f) grad_b[off + f] = scalar_t(db[f - f0]);
+        // dW [C·w, E] = H [C·w, V] · emb [V, E] and dembedding [V, E] += Hᵀ [V, C·w] · W [C·w, E]. Plain
+        // loops, not BLAS: H is sparse (only the ids that occur), the products are small, and this runs
+        // on the autograd engine's thread, where every BLAS call would start and sync its own threads.
+        dw.assign(C * W * E, acc_t(0));
+        const acc_t* wc = fs.w[i].data() + f0 * W * E;  // this chunk's filters, [C·w, E]
+        for (int64_t r = 0; r < C * W; ++r) {
+          const acc_t* h = H.data() + r * V;
+          acc_t* d = dw.data() + r * E;
+          for (int64_t v = 0; v < V; ++v) {
+            const acc_t hv = h[v];
+            if (hv == acc_t(0)) continue;
+            const acc_t* x = emb.data() + v * E;
+            const acc_t* wr = wc + r * E;
+            acc_t* g = ge.data() + v * E;
+            for (int64_t e = 0; e < E; ++e) {
+              d[e] += hv * x[e];
+              g[e] += hv * wr[e];
+            }
+          }
+        }
+        scalar_t* dst = grad_w_t[i].data_ptr<scalar_t>();  // [F, E, w]
+        for (int64_t f = f0; f < f1; ++f)
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t k = 0; k < W; ++k) dst[(f * E + e) * W + k] = scalar_t(dw[((f - f0) * W + k) * E + e]);
       }
-      scalar_t* dst = grad_w_t[i].data_ptr<scalar_t>();  // [F, E, w]
-      for (int64_t f = f0; f < f1; ++f)
-        for (int64_t e = 0; e < E; ++e)
-          for (int64_t k = 0; k < W; ++k) dst[(f * E + e) * W + k] = scalar_t(dw[((f - f0) * W + k) * E + e]);
     }
   });
   std::vector<acc_t> ge(V * E, acc_t(0));
