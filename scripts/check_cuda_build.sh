@@ -70,6 +70,9 @@ assert minilm.__file__.startswith(__import__("os").getcwd()), minilm.__file__
 ops = ["causal_attention", "causal_attention_backward", "char_cnn", "char_cnn_backward"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"minilm::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for: {missing}"
-print("check_cuda_build: CUDA kernels registered for", ", ".join(ops))
+forward_ops = ["causal_attention", "char_cnn"]  # csrc/autocast.cpp: the backward ops need none
+no_autocast = [op for op in forward_ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"minilm::{op}", "AutocastCUDA")]
+assert not no_autocast, f"no AutocastCUDA kernel registered for: {no_autocast}"
+print("check_cuda_build: CUDA kernels registered for", ", ".join(ops), "and autocast's for", ", ".join(forward_ops))
 PY
 echo "check_cuda_build: OK in $((SECONDS - t0)) s"

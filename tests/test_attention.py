@@ -365,6 +365,43 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(w1.grad, w2.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_the_inputs_as_it_casts_sdpas(dtype):
+    # csrc/autocast.cpp: inside torch.autocast, fp32 q, k, v (or a mix with the autocast dtype) are cast to that
+    # dtype before the kernel runs, as SDPA's are; the gradients come back in each input's own dtype.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 45, 16, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, 45, 16)
+    with torch.autocast("cpu", dtype=dtype):
+        out = causal_attention(q, k.to(dtype), v)                 # a mix: k already in the autocast dtype
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == sdpa.dtype == dtype
+    out.backward(g.to(dtype))
+    grads = [t.grad for t in (q, k, v)]
+    assert all(t.dtype == torch.float32 for t in grads)
+    # the same as casting by hand, bit for bit
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    expected = causal_attention(q2.to(dtype), k2.to(dtype), v2.to(dtype))
+    expected.backward(g.to(dtype))
+    assert torch.equal(out, expected)
+    for a, b in zip(grads, (q2.grad, k2.grad, v2.grad)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out, sdpa, atol=2e-2, rtol=2e-2)
+
+
+def test_autocast_under_torch_compile_and_its_limits():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: causal_attention(q, k, v), fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compiled(q, k.bfloat16(), v).dtype == torch.bfloat16
+        # autocast leaves fp64 alone, so fp64 beside fp32 is still a mix the kernels refuse
+        with pytest.raises(TypeError, match="must share one floating dtype"):
+            causal_attention(q.double(), k, v)
+    with pytest.raises(TypeError, match="must share one floating dtype"):   # outside autocast: no casts
+        causal_attention(q.bfloat16(), k, v)
+
+
 def test_reference_matches_sdpa():
     q, k, v = qkv((1, 2, 20, 16), requires_grad=False)
     torch.testing.assert_close(causal_attention_reference(q, k, v),

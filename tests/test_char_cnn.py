@@ -193,6 +193,26 @@ def test_matches_reference_on_several_threads(act):
         torch.set_num_threads(threads)
 
 
+def test_autocast_casts_the_parameters_as_it_casts_a_convolutions():
+    # csrc/autocast.cpp: inside torch.autocast the fp32 embedding, weights and biases are cast to its dtype
+    # (as Conv1d's would be): the same result, bit for bit, as casting them by hand; fp32 gradients.
+    ids = make_ids(50, 20, gen=torch.Generator().manual_seed(5))
+    emb, ws, bs = make_params(ELMO_SMALL, 8, torch.float32)
+    g = torch.randn(50, 124)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = char_cnn(ids, emb, ws[:-1] + [ws[-1].bfloat16()], bs, "relu")       # a mix too
+    grads = torch.autograd.grad(out, [emb, *ws, *bs], g.bfloat16())
+    assert out.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in grads)
+    by_hand = [[t.detach().bfloat16().requires_grad_() for t in ts] for ts in ([emb], ws, bs)]
+    expected = char_cnn(ids, by_hand[0][0], by_hand[1], by_hand[2], "relu")
+    expected_grads = torch.autograd.grad(expected, [t for ts in by_hand for t in ts], g.bfloat16())
+    assert torch.equal(out, expected)
+    for a, b in zip(grads, expected_grads):
+        assert torch.equal(a, b.float())
+    with pytest.raises(TypeError, match="share one floating dtype"):   # outside autocast: no casts
+        char_cnn(ids, emb, ws[:-1] + [ws[-1].bfloat16()], bs, "relu")
+
+
 def test_results_are_the_same_on_any_number_of_threads():
     # The backward adds the embedding gradient's partial sums in a fixed order of fixed groups, never one per
     # thread: a run resumed on a machine with another number of cores trains on as the uninterrupted run.

@@ -716,6 +716,25 @@ def test_char_cnn_opcheck():
     torch.library.opcheck(ops.char_cnn.default, (ids, emb, weights, biases, "tanh"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_ops_under_autocast_equal_casting_by_hand(dtype):
+    # csrc/autocast.cpp's AutocastCUDA kernels: fp32 inputs are cast to the autocast dtype, as SDPA's and a
+    # convolution's are; the results equal those of casting by hand, and the gradients are fp32.
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 200, 64, torch.float32))
+    with torch.autocast("cuda", dtype=dtype):
+        out = causal_attention(q, k, v)
+    assert out.dtype == dtype
+    assert torch.equal(out, causal_attention(q.to(dtype), k.to(dtype), v.to(dtype)))
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    ids, emb, weights, biases = _char_inputs(64, 50, 262, 16, ELMO_FILTERS[:4], torch.float32)
+    with torch.autocast("cuda", dtype=dtype):
+        out = char_cnn(ids, emb, weights, biases, "relu")
+    assert out.dtype == dtype
+    assert torch.equal(out, char_cnn(ids, emb.to(dtype), [w.to(dtype) for w in weights],
+                                     [b.to(dtype) for b in biases], "relu"))
+
+
 # ---------------------------------------------------------------------------------------------- ELMo on a GPU
 def test_elmo_sampled_softmax_step_on_cuda_matches_the_cpu():
     # The sampler draws on the host from torch's CPU generator, so a seeded step samples the same K

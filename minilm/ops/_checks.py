@@ -27,6 +27,14 @@ def check_one_device(op, tensors, seed=None):
         raise ValueError(f"{op}: seed must be a CPU tensor, got one on {seed.device}")
 
 
+def autocast_casts(device, dtypes):
+    """Whether autocast will cast tensors of these dtypes on `device` to one dtype before the op runs
+    (csrc/autocast.cpp): inside an autocast region for the device, when each is fp32, bf16 or fp16 (autocast
+    leaves fp64 alone). Then the op may take them mixed, as torch's own ops do there."""
+    return (device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+            and all(d in (torch.float32, torch.bfloat16, torch.float16) for d in dtypes))
+
+
 def forbid_double_backward(backward_op, op):
     """Register an autograd formula for a backward op that raises: the kernels compute first derivatives
     only, and without one, autograd would treat the backward op as a constant under create_graph=True and

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from minilm.ops._checks import check_one_device, forbid_double_backward, id_range
+from minilm.ops._checks import autocast_casts, check_one_device, forbid_double_backward, id_range
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACTIVATIONS = ("relu", "tanh")
@@ -79,6 +79,7 @@ def _check(char_ids, embedding, weights, biases, activation):
     if V == 0:
         raise ValueError(f"{name}: the embedding has no rows")
     L = char_ids.shape[1]
+    mixed_ok = autocast_casts(embedding.device, [embedding.dtype] + [t.dtype for t in (*weights, *biases)])
     for i, (w, b) in enumerate(zip(weights, biases)):
         if w.dim() != 3:
             raise ValueError(f"{name}: weights[{i}] must be 3-D [F, E, w], got shape {tuple(w.shape)}")
@@ -89,7 +90,7 @@ def _check(char_ids, embedding, weights, biases, activation):
             raise ValueError(f"{name}: weights[{i}] has an empty dimension: shape {tuple(w.shape)}")
         if b.dim() != 1 or b.shape[0] != w.shape[0]:
             raise ValueError(f"{name}: biases[{i}] must have shape [{w.shape[0]}], got {tuple(b.shape)}")
-        if w.dtype != dtype or b.dtype != dtype:
+        if (w.dtype != dtype or b.dtype != dtype) and not mixed_ok:
             raise TypeError(f"{name}: embedding, weights and biases must share one floating dtype; "
                             f"embedding is {dtype}, weights[{i}] {w.dtype}, biases[{i}] {b.dtype}")
         if w.device != embedding.device or b.device != embedding.device:
