@@ -213,12 +213,14 @@ def test_autocast_casts_the_parameters_as_it_casts_a_convolutions():
         char_cnn(ids, emb, ws[:-1] + [ws[-1].bfloat16()], bs, "relu")
 
 
-def test_results_are_the_same_on_any_number_of_threads():
-    # The backward adds the embedding gradient's partial sums in a fixed order of fixed groups, never one per
-    # thread: a run resumed on a machine with another number of cores trains on as the uninterrupted run.
-    ids = make_ids(2000, 32, gen=torch.Generator().manual_seed(3))
-    emb, ws, bs = make_params(ELMO_SMALL + [(6, 64), (7, 128)], 16, torch.float32)
-    g = torch.randn(2000, 316, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("N, L, filters", [(2000, 32, ELMO_SMALL + [(6, 64), (7, 128)]),   # one chunk per group
+                                           (300, 16, ELMO_SMALL + [(7, 2048)])])           # 38 chunks in 32 groups
+def test_results_are_the_same_on_any_number_of_threads(N, L, filters):
+    # The backward adds the embedding gradient's partial sums in a fixed order of fixed groups of chunks, never
+    # one per thread: a run resumed on a machine with another number of cores trains on as the uninterrupted run.
+    ids = make_ids(N, L, gen=torch.Generator().manual_seed(3))
+    emb, ws, bs = make_params(filters, 16, torch.float32)
+    g = torch.randn(N, sum(f for _, f in filters), generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
     try:
         results = []
@@ -228,10 +230,20 @@ def test_results_are_the_same_on_any_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     (out, grads), rest = results[0], results[1:]
+    names = ("embedding", *("weight",) * len(filters), *("bias",) * len(filters))
     for n, (o, gs) in zip((2, 3, 5), rest):
         assert torch.equal(o, out), f"{n} threads: out"
-        for name, a, b in zip(("embedding", *("weight",) * 7, *("bias",) * 7), gs, grads):
+        for name, a, b in zip(names, gs, grads):
             assert torch.equal(a, b), f"{n} threads: d{name}"
+
+
+def test_an_embedding_of_width_zero_gives_zero_gradients():
+    ids = make_ids(3, 8, vocab=5, gen=torch.Generator().manual_seed(0))
+    emb, ws, bs = make_params([(3, 4)], 0, torch.float32, vocab=5)
+    out, grads = run_with_grads(char_cnn, ids, emb, ws, bs, "relu", torch.ones(3, 4))
+    torch.testing.assert_close(out, bs[0].detach().relu().expand(3, 4))
+    assert grads[0].shape == (5, 0) and grads[1].shape == (4, 0, 3)
+    torch.testing.assert_close(grads[2], (bs[0].detach() > 0).float() * 3)
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])

@@ -294,7 +294,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
     for (int64_t f0 = 0; f0 < fs.F[i]; f0 += C) chunks.push_back({int64_t(i), f0, std::min(fs.F[i], f0 + C)});
   }
   const int64_t n_chunks = int64_t(chunks.size());
-  const int64_t n_groups = std::max<int64_t>(1, std::min({n_chunks, kGroups, kPartialFloats / (V * E)}));
+  const int64_t n_groups = std::max<int64_t>(1, std::min({n_chunks, kGroups, kPartialFloats / std::max<int64_t>(1, V * E)}));
   std::vector<std::vector<acc_t>> ge_partial(n_groups);  // group g: chunks [g·n/G, (g+1)·n/G)
 
   // Small problems (fewer than ~64k token-filter pairs) run on the calling thread alone.
