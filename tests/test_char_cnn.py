@@ -237,13 +237,14 @@ def test_results_are_the_same_on_any_number_of_threads(N, L, filters):
             assert torch.equal(a, b), f"{n} threads: d{name}"
 
 
-def test_an_embedding_of_width_zero_gives_zero_gradients():
+def test_an_embedding_of_width_zero_is_refused_in_python_and_in_cpp():
+    # (as on CUDA; the backward once divided by V·E)
     ids = make_ids(3, 8, vocab=5, gen=torch.Generator().manual_seed(0))
     emb, ws, bs = make_params([(3, 4)], 0, torch.float32, vocab=5)
-    out, grads = run_with_grads(char_cnn, ids, emb, ws, bs, "relu", torch.ones(3, 4))
-    torch.testing.assert_close(out, bs[0].detach().relu().expand(3, 4))
-    assert grads[0].shape == (5, 0) and grads[1].shape == (4, 0, 3)
-    torch.testing.assert_close(grads[2], (bs[0].detach() > 0).float() * 3)
+    with pytest.raises(ValueError, match=r"no columns \(E = 0\)"):
+        char_cnn(ids, emb, ws, bs, "relu")
+    with pytest.raises(RuntimeError, match=r"no columns \(E = 0\)"):
+        torch.ops.minilm.char_cnn(ids, emb, ws, bs, "relu")
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])

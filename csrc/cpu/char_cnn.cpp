@@ -56,6 +56,7 @@ void check_inputs(const at::Tensor& ids, const at::Tensor& emb, at::TensorList w
   TORCH_CHECK(at::isFloatingType(emb.scalar_type()), "char_cnn: embedding must be floating, got ", emb.scalar_type());
   TORCH_CHECK(!weights.empty(), "char_cnn: weights must hold at least one filter width");
   TORCH_CHECK(emb.size(0) > 0, "char_cnn: the embedding has no rows");
+  TORCH_CHECK(emb.size(1) > 0, "char_cnn: the embedding has no columns (E = 0)");
   TORCH_CHECK(ids.device() == emb.device(), "char_cnn: char_ids and embedding must be on one device");
   int64_t w_max = 0, w_min = std::numeric_limits<int64_t>::max();
   for (size_t i = 0; i < weights.size(); ++i) {

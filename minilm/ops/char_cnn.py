@@ -78,6 +78,8 @@ def _check(char_ids, embedding, weights, biases, activation):
     V, E = embedding.shape
     if V == 0:
         raise ValueError(f"{name}: the embedding has no rows")
+    if E == 0:
+        raise ValueError(f"{name}: the embedding has no columns (E = 0)")
     L = char_ids.shape[1]
     mixed_ok = autocast_casts(embedding.device, [embedding.dtype] + [t.dtype for t in (*weights, *biases)])
     for i, (w, b) in enumerate(zip(weights, biases)):
