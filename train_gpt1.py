@@ -388,13 +388,13 @@ def main(argv):
         torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
 
-    if cfg["sample"]:
-        if master:
-            sample_from_checkpoint(cfg, ckpt, ckpt_path, device)
-        return
-
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if cfg["sample"]:
+        if master:
+            sample_from_checkpoint(cfg, ckpt, ckpt_path, device, autocast)
+        return
+
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -624,7 +624,7 @@ def main(argv):
     if master:
         plot_losses(log_path, os.path.join(out_dir, "loss.png"))
         if cfg["max_new_tokens"] > 0:
-            sample(cfg, raw_model, data_dir, device)
+            sample(cfg, raw_model, data_dir, device, autocast)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -690,7 +690,7 @@ def plot_losses(log_path, png_path):
     print(f"loss curve: {png_path}", flush=True)
 
 
-def sample_from_checkpoint(cfg, ckpt, ckpt_path, device):
+def sample_from_checkpoint(cfg, ckpt, ckpt_path, device, autocast):
     """--sample True: the checkpoint's model and the tokenizer it was trained with (out_dir/data)."""
     data_dir = os.path.join(os.path.dirname(ckpt_path), ckpt.get("data_dir", "data"))
     if not holds_preparation(data_dir, ckpt["data_meta"]):
@@ -698,11 +698,13 @@ def sample_from_checkpoint(cfg, ckpt, ckpt_path, device):
                         "(moved, deleted or damaged): --resume True prepares them again once what is left of them is "
                         "deleted (and trains on, if the run has iterations left)")
     model = model_from_checkpoint(ckpt, ckpt_path, "--sample True").to(device)
-    sample(cfg, model, data_dir, device)
+    sample(cfg, model, data_dir, device, autocast)
 
 
-def sample(cfg, model, data_dir, device):
-    """Print num_samples continuations of --start (or of the first tokens of the validation text)."""
+def sample(cfg, model, data_dir, device, autocast):
+    """Print num_samples continuations of --start (or of the first tokens of the validation text), the model
+    run in --dtype's precision (autocast) as in training; eager, whatever --compile says (each new length
+    would be a new graph)."""
     tokenizer = BPETokenizer.load(data_dir)
     if cfg["start"]:
         prompt = tokenizer.encode(cfg["start"])  # not empty: check_options made sure
@@ -712,7 +714,8 @@ def sample(cfg, model, data_dir, device):
     model.eval()
     x = torch.tensor([prompt] * cfg["num_samples"], dtype=torch.long, device=device)
     top_k = cfg["top_k"] or None  # 0: no top-k
-    y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=top_k, generator=g)
+    with autocast:
+        y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=top_k, generator=g)
     for row in y.tolist():
         print("-" * 60)
         print(tokenizer.decode(row))

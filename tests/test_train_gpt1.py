@@ -1,4 +1,5 @@
 """train_gpt1.py end to end on a tiny corpus: logging, checkpoints, sampling, resume after SIGKILL, DDP, errors."""
+import contextlib
 import math
 import os
 import random
@@ -609,7 +610,7 @@ def _sample(tmp_path, monkeypatch, capsys, **options):
         return generate(idx, max_new_tokens, **kw)
     monkeypatch.setattr(model, "generate", recording)
     cfg = {"start": "", "seed": 3, "num_samples": 2, "max_new_tokens": 4, "temperature": 0.8, "top_k": 200, **options}
-    train_gpt1.sample(cfg, model, str(out), "cpu")
+    train_gpt1.sample(cfg, model, str(out), "cpu", contextlib.nullcontext())
     return seen, BPETokenizer.load(str(out)), str(out), capsys.readouterr().out
 
 
@@ -629,6 +630,21 @@ def test_sample_without_start_continues_the_first_validation_tokens(tmp_path, mo
     seen, tok, _, printed = _sample(tmp_path / "b", monkeypatch, capsys, start="the king", num_samples=1)
     assert seen["idx"].tolist() == [tok.encode("the king")]
     assert printed.split("-" * 60)[1].strip().startswith("the king")
+
+
+def test_sample_runs_the_model_in_the_dtypes_precision(trained, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    seen, generate = [], GPT1.generate
+
+    def recording(self, *args, **kw):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return generate(self, *args, **kw)
+    monkeypatch.setattr(GPT1, "generate", recording)
+    for dtype in ("bfloat16", "float32"):
+        assert train_gpt1.main(["--sample", "True", "--out_dir", out, "--max_new_tokens", "3", "--dtype", dtype,
+                                "--device", "cpu"]) in (0, None)
+    assert seen == [torch.bfloat16, None]
 
 
 def test_the_loss_plot_leaves_out_records_that_are_not_evaluations(tmp_path):
