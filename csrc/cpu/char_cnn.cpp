@@ -21,7 +21,8 @@
 //   g' = grad_out·act'(out);  dW_f[e,k] += g'·x[t*+k, e];  dx[t*+k, e] += g'·W_f[e,k];  db_f += g'.
 // Since x is a lookup, both are computed from a histogram of g' by character id (see backward_kernel).
 // Parallel over chunks of filters, race-free; deterministic on any number of threads (partial sums of
-// the embedding gradient, one per fixed group of chunks, are added in a fixed order). fp32, bf16 and fp16 accumulate in fp32; fp64 in fp64.
+// the embedding gradient, one per fixed group of chunks, are added in a fixed order). fp32, bf16 and fp16
+// accumulate in fp32; fp64 in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -295,7 +296,8 @@ void backward_kernel(const at::Tensor& grad_out_t, const int64_t* ids, const at:
     for (int64_t f0 = 0; f0 < fs.F[i]; f0 += C) chunks.push_back({int64_t(i), f0, std::min(fs.F[i], f0 + C)});
   }
   const int64_t n_chunks = int64_t(chunks.size());
-  const int64_t n_groups = std::max<int64_t>(1, std::min({n_chunks, kGroups, kPartialFloats / std::max<int64_t>(1, V * E)}));
+  const int64_t n_groups =
+      std::max<int64_t>(1, std::min({n_chunks, kGroups, kPartialFloats / std::max<int64_t>(1, V * E)}));
   std::vector<std::vector<acc_t>> ge_partial(n_groups);  // group g: chunks [g·n/G, (g+1)·n/G)
 
   // Small problems (fewer than ~64k token-filter pairs) run on the calling thread alone.

@@ -86,8 +86,8 @@ def _check(q, k, v):
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError("causal_attention: q, k, v must have the same shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in _FLOAT_DTYPES or (k.dtype != q.dtype or v.dtype != q.dtype) and not autocast_casts(
-            q.device, (q.dtype, k.dtype, v.dtype)):
+    mixed = k.dtype != q.dtype or v.dtype != q.dtype   # allowed where autocast will cast them to one dtype
+    if q.dtype not in _FLOAT_DTYPES or (mixed and not autocast_casts(q.device, (q.dtype, k.dtype, v.dtype))):
         raise TypeError(f"causal_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"causal_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
