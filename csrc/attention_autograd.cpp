@@ -13,6 +13,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "op_handles.h"
+
 #include <optional>
 #include <tuple>
 
@@ -22,25 +24,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                                    double, const std::optional<at::Tensor>&);
-using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&, const at::Tensor&, double, double,
-                                                                  const std::optional<at::Tensor>&);
-
-c10::TypedOperatorHandle<ForwardOp> forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("minilm::causal_attention", "").typed<ForwardOp>();
-  return op;
-}
-
-c10::TypedOperatorHandle<BackwardOp> backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("minilm::causal_attention_backward", "").typed<BackwardOp>();
-  return op;
-}
-
 class CausalAttention : public torch::autograd::Function<CausalAttention> {
  public:
   static constexpr bool is_traceable = true;  // compiled autograd may trace backward() (it is plain op calls)
@@ -48,7 +31,7 @@ class CausalAttention : public torch::autograd::Function<CausalAttention> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the CPU / CUDA kernel
-    auto [out, lse] = forward_op().call(q, k, v, scale, dropout_p, seed);
+    auto [out, lse] = causal_attention_op().call(q, k, v, scale, dropout_p, seed);
     ctx->save_for_backward({q, k, v, out, lse, seed.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -65,8 +48,9 @@ class CausalAttention : public torch::autograd::Function<CausalAttention> {
     const variable_list saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> seed = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     // Through the dispatcher with autograd, so that a double backward reaches CausalAttentionBackward's guard.
-    auto [dq, dk, dv] = backward_op().call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(), seed);
+    auto [dq, dk, dv] = causal_attention_backward_op().call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                            ctx->saved_data["scale"].toDouble(),
+                                                            ctx->saved_data["dropout_p"].toDouble(), seed);
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -80,7 +64,7 @@ class CausalAttentionBackward : public torch::autograd::Function<CausalAttention
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dq, dk, dv] = backward_op().call(grad_out, q, k, v, out, lse, scale, dropout_p, seed);
+    auto [dq, dk, dv] = causal_attention_backward_op().call(grad_out, q, k, v, out, lse, scale, dropout_p, seed);
     return {dq, dk, dv};
   }
 

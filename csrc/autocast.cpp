@@ -8,6 +8,8 @@
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
+#include "op_handles.h"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -23,13 +25,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_autocast(const at::Tensor& q
                                                              const std::optional<at::Tensor>& seed) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("minilm::causal_attention", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, double, double,
-                                                                       const std::optional<at::Tensor>&)>();
-  return op.call(cached_cast(dtype, q, device), cached_cast(dtype, k, device), cached_cast(dtype, v, device), scale,
-                 dropout_p, seed);  // seed: an int64 CPU tensor, never cast
+  return causal_attention_op().call(cached_cast(dtype, q, device), cached_cast(dtype, k, device),
+                                    cached_cast(dtype, v, device), scale, dropout_p, seed);  // seed: int64, never cast
 }
 
 template <c10::DeviceType device>
@@ -38,13 +35,8 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_autocast(const at::Tensor& char_ids,
                                                      c10::string_view activation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("minilm::char_cnn", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       at::TensorList, at::TensorList,
-                                                                       c10::string_view)>();
   const std::vector<at::Tensor> w = cached_cast(dtype, weights, device), b = cached_cast(dtype, biases, device);
-  return op.call(char_ids, cached_cast(dtype, embedding, device), w, b, activation);  // char_ids: int64, never cast
+  return char_cnn_op().call(char_ids, cached_cast(dtype, embedding, device), w, b, activation);  // ids: never cast
 }
 
 }  // namespace

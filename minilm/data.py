@@ -186,20 +186,31 @@ def _utf16_or_32(head: bytes) -> str | None:
     return "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None
 
 
+def _read_text(path: str, corpus_dir: str | None = None) -> str | None:
+    """A file's text, read as UTF-8; its first 8 KiB are looked at first, so a large binary file (a checkpoint
+    next to the text) is never read whole. UTF-16 or UTF-32 text (a byte-order mark, even without NUL bytes:
+    CJK text in UTF-16) is a DataError. A binary file (NUL bytes) is one too when named on its own; in the
+    directory ``corpus_dir`` it gives None, to be skipped (an image or archive lying next to the text)."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+        wide = _utf16_or_32(head)
+        if wide:
+            where = f" (every file of {corpus_dir} is read as UTF-8)" if corpus_dir else ""
+            raise DataError(f"{path} is {wide} text: save it as UTF-8{where}")
+        if _is_binary(head):
+            if corpus_dir:
+                return None
+            raise DataError(f"{path} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 or UTF-32 "
+                            "text: save it as UTF-8)")
+        raw = head + f.read()
+    return decode_utf8(raw, path)
+
+
 def _from_path(data: str) -> list[tuple[str, str]]:
     if not os.path.exists(data):
         raise DataError(f"no such file or directory: {data} (data is 'shakespeare', 'korean' or a path to UTF-8 text)")
     if os.path.isfile(data):
-        with open(data, "rb") as f:
-            head = f.read(8192)
-            wide = _utf16_or_32(head)
-            if wide:   # with a byte-order mark, even without NUL bytes (CJK text in UTF-16)
-                raise DataError(f"{data} is {wide} text: save it as UTF-8")
-            if _is_binary(head):  # a directory skips such files; one named on its own is an error
-                raise DataError(f"{data} is not UTF-8 text: it has NUL bytes (a binary file, or UTF-16 or UTF-32 "
-                                "text: save it as UTF-8)")
-            raw = head + f.read()
-        text = decode_utf8(raw, data)
+        text = _read_text(data)
         if not text.strip():
             raise DataError(f"{data} is empty: there is no text in it")
         return [(os.path.basename(data), text)]
@@ -231,16 +242,8 @@ def _from_path(data: str) -> list[tuple[str, str]]:
             if name.startswith(".") or not stat.S_ISREG(st.st_mode) or identity(st) in seen:
                 continue
             seen.add(identity(st))
-            with open(path, "rb") as f:
-                head = f.read(8192)   # a large binary file (a checkpoint next to the text) is never read whole
-                wide = _utf16_or_32(head)
-                if wide:  # a byte-order mark: text, not to be skipped silently
-                    raise DataError(f"{path} is {wide} text: save it as UTF-8 (every file of {data} is read as UTF-8)")
-                if _is_binary(head):
-                    continue  # an image or archive lying next to the text
-                raw = head + f.read()
-            text = decode_utf8(raw, path)
-            if text.strip():
+            text = _read_text(path, data)
+            if text is not None and text.strip():
                 docs.append((os.path.relpath(path, data), text))
     if not docs:
         raise DataError(f"{data} holds no non-empty text files")
