@@ -35,10 +35,12 @@
 // of balance (1 phase: to 1, for 8%).
 // MINILM_ATTN_HEAD_GROUP and MINILM_ATTN_KEY_PHASES override it (dkdv_order in attention_kernels.cu), and
 // `python scripts/cuda_diagnostics.py attn-order` times the orders on a GPU.
-// Measured (nineteenth session, H100 and H200), fwd+bwd in ms, default against the grid's order:
-//   (4, 16, 4096, 128): 3.812 and 3.813 (H100); 3.756 and 3.730 (H200).
-// The fewer reads did not make the kernel faster: the difference lies within the noise. At head dim 64 the
-// model's ranking held: the grid order (the default there) was fastest, one head at a time up to 10% slower.
+// Measured (nineteenth session, H100 and H200), whole fwd+bwd calls in ms, default against the grid's order:
+//   (4, 16, 4096, 128): 3.812 and 3.813 (H100); 3.756 and 3.730 (H200),
+// about the size of the run-to-run noise, so the model's saving did not show in the time. 4 heads in 1
+// phase were up to 1% faster than both there, one head at a time 3% slower. At head dim 64, one head at a
+// time was up to 10% slower than the grid order (the default there); the 4-head orders ranged from 1% faster
+// to 8% slower.
 #pragma once
 
 #include <cstdint>
